@@ -1,0 +1,350 @@
+//! Object keys of protocol v1, built and parsed.
+//!
+//! ```text
+//! {prefix}/{site}/{vm}/{disk}/g/{generation:020}/d/{offset:020}   data object
+//! {prefix}/{site}/{vm}/{disk}/g/{generation:020}/manifest.json    commit, written last
+//! ```
+
+use crate::names::{DiskId, Name, NameError, Prefix};
+use std::fmt;
+
+pub const MANIFEST_FILE: &str = "manifest.json";
+const DIGITS: usize = 20;
+/// Keys longer than this are rejected before any other parsing (S3's own limit).
+pub const MAX_KEY_LEN: usize = 1024;
+
+/// Why a key is not a pilotlight key. Each variant quotes the key (shortened).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("key {key:?} is not under prefix {prefix:?}")]
+    OutsidePrefix { key: String, prefix: String },
+    #[error("key {key:?} is longer than {MAX_KEY_LEN} bytes")]
+    TooLong { key: String },
+    #[error("key {key:?} does not have the shape site/vm/disk/g/<generation>/(manifest.json|d/<offset>)")]
+    WrongShape { key: String },
+    #[error("key {key:?}: bad {field} name: {source}")]
+    BadName {
+        key: String,
+        field: &'static str,
+        source: NameError,
+    },
+    #[error("key {key:?}: {field} {text:?} must be exactly {DIGITS} decimal digits")]
+    BadDigits {
+        key: String,
+        field: &'static str,
+        text: String,
+    },
+    #[error("key {key:?}: {field} {text:?} does not fit in 64 bits")]
+    Overflow {
+        key: String,
+        field: &'static str,
+        text: String,
+    },
+    #[error("key {key:?}: generation 0 does not exist; generations start at 1")]
+    GenerationZero { key: String },
+}
+
+/// A parsed pilotlight key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ObjectKey {
+    Data {
+        disk: DiskId,
+        generation: u64,
+        offset: u64,
+    },
+    Manifest {
+        disk: DiskId,
+        generation: u64,
+    },
+}
+
+impl ObjectKey {
+    pub fn disk(&self) -> &DiskId {
+        match self {
+            ObjectKey::Data { disk, .. } | ObjectKey::Manifest { disk, .. } => disk,
+        }
+    }
+
+    pub fn generation(&self) -> u64 {
+        match self {
+            ObjectKey::Data { generation, .. } | ObjectKey::Manifest { generation, .. } => {
+                *generation
+            }
+        }
+    }
+
+    /// The full key under `prefix`.
+    pub fn to_key(&self, prefix: &Prefix) -> String {
+        match self {
+            ObjectKey::Data {
+                disk,
+                generation,
+                offset,
+            } => format!(
+                "{}{:020}/d/{:020}",
+                generation_prefix(prefix, disk),
+                generation,
+                offset
+            ),
+            ObjectKey::Manifest { disk, generation } => format!(
+                "{}{:020}/{MANIFEST_FILE}",
+                generation_prefix(prefix, disk),
+                generation
+            ),
+        }
+    }
+
+    /// Parses a full key under `prefix`. Rejects everything that is not exactly a key this
+    /// crate builds: traversal, bad names, wrong padding, non-digits, overflow.
+    pub fn parse(prefix: &Prefix, key: &str) -> Result<Self, KeyError> {
+        let short = || short(key);
+        if key.len() > MAX_KEY_LEN {
+            return Err(KeyError::TooLong { key: short() });
+        }
+        let rest =
+            key.strip_prefix(&prefix.key_start())
+                .ok_or_else(|| KeyError::OutsidePrefix {
+                    key: short(),
+                    prefix: prefix.to_string(),
+                })?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        let (site, vm, disk, gen, tail) = match parts.as_slice() {
+            [s, v, d, "g", g, tail @ ..] => (*s, *v, *d, *g, tail),
+            _ => return Err(KeyError::WrongShape { key: short() }),
+        };
+        let name = |field: &'static str, s: &str| {
+            Name::new(s).map_err(|source| KeyError::BadName {
+                key: short(),
+                field,
+                source,
+            })
+        };
+        let disk = DiskId {
+            site: name("site", site)?,
+            vm: name("vm", vm)?,
+            disk: name("disk", disk)?,
+        };
+        match tail {
+            [MANIFEST_FILE] => {
+                let generation = parse_generation(key, gen)?;
+                Ok(ObjectKey::Manifest { disk, generation })
+            }
+            ["d", off] => {
+                let generation = parse_generation(key, gen)?;
+                let offset = parse_digits(key, "offset", off)?;
+                Ok(ObjectKey::Data {
+                    disk,
+                    generation,
+                    offset,
+                })
+            }
+            _ => Err(KeyError::WrongShape { key: short() }),
+        }
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_key(&Prefix::default()))
+    }
+}
+
+/// `{prefix}/{site}/{vm}/{disk}/`: every key of one disk starts with this.
+pub fn disk_prefix(prefix: &Prefix, disk: &DiskId) -> String {
+    format!(
+        "{}{}/{}/{}/",
+        prefix.key_start(),
+        disk.site,
+        disk.vm,
+        disk.disk
+    )
+}
+
+/// `{prefix}/{site}/{vm}/{disk}/g/`: list under this to find a disk's generations.
+pub fn generation_prefix(prefix: &Prefix, disk: &DiskId) -> String {
+    format!("{}g/", disk_prefix(prefix, disk))
+}
+
+/// `.../g/{generation:020}/`: list under this to find one generation's objects.
+pub fn one_generation_prefix(prefix: &Prefix, disk: &DiskId, generation: u64) -> String {
+    format!("{}{:020}/", generation_prefix(prefix, disk), generation)
+}
+
+fn short(key: &str) -> String {
+    key.chars().take(200).collect()
+}
+
+fn parse_generation(key: &str, text: &str) -> Result<u64, KeyError> {
+    let g = parse_digits(key, "generation", text)?;
+    if g == 0 {
+        return Err(KeyError::GenerationZero { key: short(key) });
+    }
+    Ok(g)
+}
+
+fn parse_digits(key: &str, field: &'static str, text: &str) -> Result<u64, KeyError> {
+    if text.len() != DIGITS || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(KeyError::BadDigits {
+            key: short(key),
+            field,
+            text: short(text),
+        });
+    }
+    text.parse::<u64>().map_err(|_| KeyError::Overflow {
+        key: short(key),
+        field,
+        text: text.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn p(s: &str) -> Prefix {
+        Prefix::new(s).unwrap()
+    }
+
+    fn disk() -> DiskId {
+        DiskId::new("site1", "vm-a", "disk0").unwrap()
+    }
+
+    #[test]
+    fn builds_the_documented_layout() {
+        let k = ObjectKey::Data {
+            disk: disk(),
+            generation: 3,
+            offset: 1048576,
+        };
+        assert_eq!(
+            k.to_key(&p("dr")),
+            "dr/site1/vm-a/disk0/g/00000000000000000003/d/00000000000001048576"
+        );
+        let m = ObjectKey::Manifest {
+            disk: disk(),
+            generation: 3,
+        };
+        assert_eq!(
+            m.to_key(&p("")),
+            "site1/vm-a/disk0/g/00000000000000000003/manifest.json"
+        );
+    }
+
+    #[test]
+    fn rejects_everything_else() {
+        let pre = p("dr");
+        let good = "dr/site1/vm-a/disk0/g/00000000000000000003/d/00000000000001048576";
+        assert!(ObjectKey::parse(&pre, good).is_ok());
+        let bad = [
+            (
+                "other/site1/vm-a/disk0/g/00000000000000000003/manifest.json",
+                "prefix",
+            ),
+            (
+                "drx/site1/vm-a/disk0/g/00000000000000000003/manifest.json",
+                "prefix",
+            ),
+            (
+                "dr/site1/../disk0/g/00000000000000000003/manifest.json",
+                "traversal",
+            ),
+            (
+                "dr/site1/vm-a/./g/00000000000000000003/manifest.json",
+                "dot",
+            ),
+            (
+                "dr/site1//disk0/g/00000000000000000003/manifest.json",
+                "empty",
+            ),
+            ("dr/site1/vm-a/disk0/g/3/manifest.json", "padding"),
+            (
+                "dr/site1/vm-a/disk0/g/000000000000000000003/manifest.json",
+                "padding",
+            ),
+            (
+                "dr/site1/vm-a/disk0/g/0000000000000000000x/manifest.json",
+                "digits",
+            ),
+            (
+                "dr/site1/vm-a/disk0/g/+0000000000000000003/manifest.json",
+                "sign",
+            ),
+            (
+                "dr/site1/vm-a/disk0/g/99999999999999999999/manifest.json",
+                "overflow",
+            ),
+            (
+                "dr/site1/vm-a/disk0/g/00000000000000000000/manifest.json",
+                "gen0",
+            ),
+            (
+                "dr/site1/vm-a/disk0/g/00000000000000000003/manifest.json/",
+                "trailing",
+            ),
+            ("dr/site1/vm-a/disk0/g/00000000000000000003/d/", "no offset"),
+            (
+                "dr/site1/vm-a/disk0/g/00000000000000000003/d/1",
+                "offset padding",
+            ),
+            (
+                "dr/site1/vm-a/disk0/g/00000000000000000003/x/00000000000001048576",
+                "kind",
+            ),
+            (
+                "dr/site1/vm-a/disk0/g/00000000000000000003/manifest.JSON",
+                "case",
+            ),
+            (
+                "dr/site1/vm-a/disk0/h/00000000000000000003/manifest.json",
+                "g",
+            ),
+            ("dr/site1/vm-a/disk0", "short"),
+            ("", "empty"),
+        ];
+        for (key, why) in bad {
+            assert!(ObjectKey::parse(&pre, key).is_err(), "{why}: {key}");
+        }
+        let long = format!("dr/{}", "a/".repeat(600));
+        assert!(matches!(
+            ObjectKey::parse(&pre, &long),
+            Err(KeyError::TooLong { .. })
+        ));
+    }
+
+    fn name_strategy() -> impl Strategy<Value = String> {
+        "[A-Za-z0-9._-]{1,40}".prop_filter("not dots", |s| s != "." && s != "..")
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(site in name_strategy(), vm in name_strategy(), d in name_strategy(),
+                      pre in proptest::collection::vec(name_strategy(), 0..3),
+                      generation in 1u64.., offset: u64, manifest: bool) {
+            let prefix = Prefix::new(&pre.join("/")).unwrap();
+            let disk = DiskId::new(&site, &vm, &d).unwrap();
+            let k = if manifest {
+                ObjectKey::Manifest { disk, generation }
+            } else {
+                ObjectKey::Data { disk, generation, offset }
+            };
+            let s = k.to_key(&prefix);
+            prop_assert_eq!(ObjectKey::parse(&prefix, &s).unwrap(), k);
+        }
+
+        #[test]
+        fn arbitrary_keys_never_panic(s in ".{0,300}") {
+            let _ = ObjectKey::parse(&Prefix::default(), &s);
+            let _ = ObjectKey::parse(&Prefix::new("dr").unwrap(), &s);
+        }
+
+        #[test]
+        fn mutated_keys_reparse_to_the_same_text(key in "[a-z0-9/._-]{0,120}") {
+            // Whatever parses must print back to exactly the input: one key, one meaning.
+            let prefix = Prefix::default();
+            if let Ok(k) = ObjectKey::parse(&prefix, &key) {
+                prop_assert_eq!(k.to_key(&prefix), key);
+            }
+        }
+    }
+}

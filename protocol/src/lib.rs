@@ -1,0 +1,26 @@
+//! pilotlight protocol v1: the contract between sender, receiver and lambdas.
+//!
+//! One place defines the format on S3; everything else uses these types:
+//! - [`names`]: validated names, disk ids and key prefixes;
+//! - [`keys`]: object keys of data objects and manifests, built and parsed;
+//! - [`manifest`]: the commit record of a generation, with validation;
+//! - [`event`]: S3 event notifications (real S3 and the emulator), parsed tolerantly;
+//! - [`extent`]: byte ranges and the alignment rules shared by all parts.
+//!
+//! Nothing here does I/O. Everything that parses untrusted input returns a typed error
+//! and never panics.
+
+pub mod event;
+pub mod extent;
+pub mod keys;
+pub mod manifest;
+pub mod names;
+
+pub use event::{parse_notification, EventError, S3Notification, S3Record};
+pub use extent::{Extent, SECTOR_SIZE, SPLIT_ALIGN};
+pub use keys::{KeyError, ObjectKey};
+pub use manifest::{
+    Consistency, DataObject, Encoding, Manifest, ManifestError, Sha256Hex, DEFAULT_MAX_OBJECT,
+    FORMAT_VERSION, MAX_MANIFEST_BYTES, MAX_OBJECT_LIMIT,
+};
+pub use names::{DiskId, Name, NameError, Prefix};

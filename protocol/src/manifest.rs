@@ -1,0 +1,623 @@
+//! The manifest: the commit record of one generation of one disk.
+//!
+//! Written last, after every data object it lists. A generation exists for the
+//! receiver only once its manifest does. Manifests are untrusted input for the receiver:
+//! [`Manifest::from_json`] parses and validates in one step.
+
+use crate::extent::{Extent, SECTOR_SIZE};
+use crate::keys::ObjectKey;
+use crate::names::DiskId;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Deserializer, Serialize};
+use std::fmt;
+
+/// The manifest format this crate writes and the only one it reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Default largest data object: 8 MiB.
+pub const DEFAULT_MAX_OBJECT: u64 = 8 * 1024 * 1024;
+/// Hard ceiling on any object a manifest may declare, so the receiver's memory stays
+/// bounded by concurrency x this, whatever a manifest says.
+pub const MAX_OBJECT_LIMIT: u64 = 64 * 1024 * 1024;
+/// Largest manifest document accepted (about 300 000 objects).
+pub const MAX_MANIFEST_BYTES: usize = 64 * 1024 * 1024;
+/// Longest source change id accepted (vSphere change ids are ~50 bytes).
+pub const MAX_CHANGE_ID_LEN: usize = 1024;
+
+/// How a data object's bytes are stored on S3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    Raw,
+    Zstd,
+}
+
+/// Whether the source snapshot was quiesced (application) or not (crash).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Consistency {
+    Crash,
+    Application,
+}
+
+/// A SHA-256 digest, written as 64 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Sha256Hex(pub [u8; 32]);
+
+impl Sha256Hex {
+    pub fn parse(s: &str) -> Option<Self> {
+        if s.len() != 64 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).ok()?;
+        Some(Self(out))
+    }
+}
+
+impl fmt::Display for Sha256Hex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for Sha256Hex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Sha256Hex({self})")
+    }
+}
+
+impl Serialize for Sha256Hex {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Sha256Hex {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Sha256Hex::parse(&s).ok_or_else(|| {
+            serde::de::Error::custom("sha256 must be 64 lowercase hexadecimal digits")
+        })
+    }
+}
+
+/// One data object: the decoded bytes of `[offset, offset + length)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataObject {
+    pub offset: u64,
+    pub length: u64,
+    pub encoding: Encoding,
+    /// Bytes of the object as stored on S3 (equals `length` when raw).
+    pub stored_length: u64,
+    /// SHA-256 of the decoded bytes.
+    pub sha256: Sha256Hex,
+}
+
+impl DataObject {
+    pub fn extent(&self) -> Extent {
+        Extent::new(self.offset, self.length)
+    }
+}
+
+/// Manifest format v1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub disk: DiskId,
+    pub generation: u64,
+    /// The generation this one applies on top of; `None` for a full base.
+    pub parent: Option<u64>,
+    pub disk_size: u64,
+    pub max_object: u64,
+    /// Which sender source produced it (`extent-list`, `full`, `spool`, ...).
+    pub source_kind: String,
+    /// The source's change id after this generation (e.g. a vSphere changeId).
+    pub source_change_id: Option<String>,
+    pub snapshot_time: DateTime<Utc>,
+    pub consistency: Consistency,
+    /// Data objects, sorted by offset, non-overlapping.
+    pub objects: Vec<DataObject>,
+    /// Changed ranges that are all zeroes: punched as holes, never uploaded.
+    pub zero_ranges: Vec<Extent>,
+    /// The program that wrote it, e.g. `pilotlight-sender 0.1.0`.
+    pub created_by: String,
+}
+
+/// Why a manifest was rejected. Each says what is wrong and where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    #[error("manifest is {0} bytes, more than the {MAX_MANIFEST_BYTES} allowed")]
+    TooLarge(usize),
+    #[error("manifest is not valid JSON of format v{FORMAT_VERSION}: {0}")]
+    Json(String),
+    #[error("manifest format_version {0} is not supported (this build reads {FORMAT_VERSION}); upgrade the receiver")]
+    UnsupportedVersion(u64),
+    #[error("manifest generation {0} is invalid: generations start at 1")]
+    GenerationZero(u64),
+    #[error("manifest generation {generation} names parent {parent}, which is not older")]
+    ParentNotOlder { generation: u64, parent: u64 },
+    #[error("manifest disk_size {0} is not a positive multiple of {SECTOR_SIZE}")]
+    BadDiskSize(u64),
+    #[error("manifest max_object {0} must be a multiple of {SECTOR_SIZE} between {SECTOR_SIZE} and {MAX_OBJECT_LIMIT}")]
+    BadMaxObject(u64),
+    #[error("manifest {what} {extent} is not aligned to {SECTOR_SIZE}-byte sectors")]
+    Unaligned { what: &'static str, extent: Extent },
+    #[error("manifest {what} {extent} is empty")]
+    Empty { what: &'static str, extent: Extent },
+    #[error("manifest {what} {extent} ends past the disk size {disk_size}")]
+    PastEnd {
+        what: &'static str,
+        extent: Extent,
+        disk_size: u64,
+    },
+    #[error("manifest {what} {extent} is longer than max_object {max_object}")]
+    TooLong {
+        what: &'static str,
+        extent: Extent,
+        max_object: u64,
+    },
+    #[error("manifest {what}s are not sorted or overlap: {previous} then {next}")]
+    Overlap {
+        what: &'static str,
+        previous: Extent,
+        next: Extent,
+    },
+    #[error("manifest zero range {zero} overlaps data object {object}")]
+    ZeroOverlapsData { zero: Extent, object: Extent },
+    #[error("manifest object {extent}: stored_length {stored} is invalid for encoding {encoding:?} (raw must equal length; zstd must be 1..=length)")]
+    BadStoredLength {
+        extent: Extent,
+        stored: u64,
+        encoding: Encoding,
+    },
+    #[error("manifest field {field} is invalid: {why}")]
+    BadField { field: &'static str, why: String },
+    #[error("manifest is for {found} generation {found_generation}, but its key says {expected} generation {expected_generation}")]
+    KeyMismatch {
+        expected: DiskId,
+        expected_generation: u64,
+        found: DiskId,
+        found_generation: u64,
+    },
+}
+
+#[derive(Deserialize)]
+struct VersionProbe {
+    format_version: u64,
+}
+
+impl Manifest {
+    /// Parses and validates a manifest from untrusted bytes.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, ManifestError> {
+        if bytes.len() > MAX_MANIFEST_BYTES {
+            return Err(ManifestError::TooLarge(bytes.len()));
+        }
+        // Read the version first, so a future format gets "unsupported version", not a
+        // confusing complaint about its fields.
+        let probe: VersionProbe =
+            serde_json::from_slice(bytes).map_err(|e| ManifestError::Json(e.to_string()))?;
+        if probe.format_version != u64::from(FORMAT_VERSION) {
+            return Err(ManifestError::UnsupportedVersion(probe.format_version));
+        }
+        let m: Manifest =
+            serde_json::from_slice(bytes).map_err(|e| ManifestError::Json(e.to_string()))?;
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// Serialises the manifest (pretty, for people reading the bucket).
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serialising plain structs of strings and integers cannot fail.
+        serde_json::to_vec_pretty(self).unwrap_or_default()
+    }
+
+    /// Checks every rule of format v1. See the crate docs and design.md.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        if self.format_version != FORMAT_VERSION {
+            return Err(ManifestError::UnsupportedVersion(
+                self.format_version.into(),
+            ));
+        }
+        if self.generation == 0 {
+            return Err(ManifestError::GenerationZero(0));
+        }
+        if let Some(parent) = self.parent {
+            if parent >= self.generation || parent == 0 {
+                return Err(ManifestError::ParentNotOlder {
+                    generation: self.generation,
+                    parent,
+                });
+            }
+        }
+        if self.disk_size == 0 || self.disk_size % SECTOR_SIZE != 0 {
+            return Err(ManifestError::BadDiskSize(self.disk_size));
+        }
+        if self.max_object < SECTOR_SIZE
+            || self.max_object > MAX_OBJECT_LIMIT
+            || self.max_object % SECTOR_SIZE != 0
+        {
+            return Err(ManifestError::BadMaxObject(self.max_object));
+        }
+        if self.source_kind.is_empty() || self.source_kind.len() > 64 {
+            return Err(ManifestError::BadField {
+                field: "source_kind",
+                why: "must be 1 to 64 bytes".into(),
+            });
+        }
+        if let Some(id) = &self.source_change_id {
+            if id.len() > MAX_CHANGE_ID_LEN || id.chars().any(char::is_control) {
+                return Err(ManifestError::BadField {
+                    field: "source_change_id",
+                    why: format!(
+                        "must be at most {MAX_CHANGE_ID_LEN} bytes without control characters"
+                    ),
+                });
+            }
+        }
+        if self.created_by.len() > 256 {
+            return Err(ManifestError::BadField {
+                field: "created_by",
+                why: "must be at most 256 bytes".into(),
+            });
+        }
+        let mut prev: Option<Extent> = None;
+        for o in &self.objects {
+            let e = o.extent();
+            self.check_extent("object", e, Some(self.max_object))?;
+            let stored_ok = match o.encoding {
+                Encoding::Raw => o.stored_length == o.length,
+                Encoding::Zstd => o.stored_length >= 1 && o.stored_length <= o.length,
+            };
+            if !stored_ok {
+                return Err(ManifestError::BadStoredLength {
+                    extent: e,
+                    stored: o.stored_length,
+                    encoding: o.encoding,
+                });
+            }
+            check_order("object", &mut prev, e)?;
+        }
+        let mut prev = None;
+        for &z in &self.zero_ranges {
+            self.check_extent("zero range", z, None)?;
+            check_order("zero range", &mut prev, z)?;
+        }
+        // Both lists are sorted: one merge walk finds any overlap.
+        let (mut i, mut j) = (0, 0);
+        while i < self.objects.len() && j < self.zero_ranges.len() {
+            let o = self.objects[i].extent();
+            let z = self.zero_ranges[j];
+            if o.offset < z.end() && z.offset < o.end() {
+                return Err(ManifestError::ZeroOverlapsData { zero: z, object: o });
+            }
+            if o.end() <= z.offset {
+                i += 1;
+            } else {
+                j += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn check_extent(
+        &self,
+        what: &'static str,
+        e: Extent,
+        max_len: Option<u64>,
+    ) -> Result<(), ManifestError> {
+        if e.length == 0 {
+            return Err(ManifestError::Empty { what, extent: e });
+        }
+        if !e.is_sector_aligned() {
+            return Err(ManifestError::Unaligned { what, extent: e });
+        }
+        match e.checked_end() {
+            Some(end) if end <= self.disk_size => {}
+            _ => {
+                return Err(ManifestError::PastEnd {
+                    what,
+                    extent: e,
+                    disk_size: self.disk_size,
+                })
+            }
+        }
+        if let Some(max_object) = max_len {
+            if e.length > max_object {
+                return Err(ManifestError::TooLong {
+                    what,
+                    extent: e,
+                    max_object,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that this manifest is the one its key names.
+    pub fn check_key(&self, key: &ObjectKey) -> Result<(), ManifestError> {
+        if key.disk() != &self.disk || key.generation() != self.generation {
+            return Err(ManifestError::KeyMismatch {
+                expected: key.disk().clone(),
+                expected_generation: key.generation(),
+                found: self.disk.clone(),
+                found_generation: self.generation,
+            });
+        }
+        Ok(())
+    }
+
+    /// Bytes of changed data the generation carries (decoded).
+    pub fn data_bytes(&self) -> u64 {
+        self.objects.iter().map(|o| o.length).sum()
+    }
+
+    /// Bytes the generation stores on S3.
+    pub fn stored_bytes(&self) -> u64 {
+        self.objects.iter().map(|o| o.stored_length).sum()
+    }
+
+    /// Bytes marked as zero (never uploaded).
+    pub fn zero_bytes(&self) -> u64 {
+        self.zero_ranges.iter().map(|z| z.length).sum()
+    }
+}
+
+fn check_order(
+    what: &'static str,
+    prev: &mut Option<Extent>,
+    next: Extent,
+) -> Result<(), ManifestError> {
+    if let Some(p) = *prev {
+        if next.offset < p.end() {
+            return Err(ManifestError::Overlap {
+                what,
+                previous: p,
+                next,
+            });
+        }
+    }
+    *prev = Some(next);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn obj(offset: u64, length: u64) -> DataObject {
+        DataObject {
+            offset,
+            length,
+            encoding: Encoding::Raw,
+            stored_length: length,
+            sha256: Sha256Hex([7; 32]),
+        }
+    }
+
+    fn manifest() -> Manifest {
+        Manifest {
+            format_version: FORMAT_VERSION,
+            disk: DiskId::new("s", "v", "d").unwrap(),
+            generation: 2,
+            parent: Some(1),
+            disk_size: 64 * MIB,
+            max_object: DEFAULT_MAX_OBJECT,
+            source_kind: "extent-list".into(),
+            source_change_id: Some("52 de 8f/12".into()),
+            snapshot_time: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+            consistency: Consistency::Crash,
+            objects: vec![obj(0, MIB), obj(4 * MIB, 8 * MIB)],
+            zero_ranges: vec![Extent::new(MIB, MIB), Extent::new(60 * MIB, 4 * MIB)],
+            created_by: "test".into(),
+        }
+    }
+
+    fn reject(f: impl FnOnce(&mut Manifest)) -> ManifestError {
+        let mut m = manifest();
+        f(&mut m);
+        let err = m.validate().expect_err("should be rejected");
+        // The same rejection comes through the JSON path.
+        assert_eq!(Manifest::from_json(&m.to_json()).unwrap_err(), err);
+        err
+    }
+
+    #[test]
+    fn valid_round_trips() {
+        let m = manifest();
+        m.validate().unwrap();
+        assert_eq!(Manifest::from_json(&m.to_json()).unwrap(), m);
+        assert_eq!(m.data_bytes(), 9 * MIB);
+        assert_eq!(m.zero_bytes(), 5 * MIB);
+    }
+
+    #[test]
+    fn rejections() {
+        assert!(matches!(
+            reject(|m| m.generation = 0),
+            ManifestError::GenerationZero(_)
+        ));
+        assert!(matches!(
+            reject(|m| m.parent = Some(2)),
+            ManifestError::ParentNotOlder { .. }
+        ));
+        assert!(matches!(
+            reject(|m| m.disk_size = 1000),
+            ManifestError::BadDiskSize(_)
+        ));
+        assert!(matches!(
+            reject(|m| m.max_object = 1 << 30),
+            ManifestError::BadMaxObject(_)
+        ));
+        assert!(matches!(
+            reject(|m| m.objects[0].offset = 100),
+            ManifestError::Unaligned { .. }
+        ));
+        assert!(matches!(
+            reject(|m| m.objects[0].length = 0),
+            ManifestError::Empty { .. }
+        ));
+        assert!(matches!(
+            reject(|m| m.objects[1].offset = 60 * MIB),
+            ManifestError::PastEnd { .. }
+        ));
+        assert!(matches!(
+            reject(|m| m.objects[1].offset = u64::MAX - 511),
+            ManifestError::PastEnd { .. }
+        ));
+        assert!(matches!(
+            reject(|m| {
+                m.objects[1].length = 16 * MIB;
+                m.objects[1].stored_length = 16 * MIB;
+            }),
+            ManifestError::TooLong { .. }
+        ));
+        assert!(matches!(
+            reject(|m| m.objects.swap(0, 1)),
+            ManifestError::Overlap { .. }
+        ));
+        assert!(matches!(
+            reject(|m| m.objects.push(obj(4 * MIB + 512, 512))),
+            ManifestError::Overlap { .. }
+        ));
+        assert!(matches!(
+            reject(|m| m.zero_ranges[0] = Extent::new(MIB / 2, MIB)),
+            ManifestError::ZeroOverlapsData { .. }
+        ));
+        assert!(matches!(
+            reject(|m| m.zero_ranges.reverse()),
+            ManifestError::Overlap { .. }
+        ));
+        assert!(matches!(
+            reject(|m| m.objects[0].stored_length = 5),
+            ManifestError::BadStoredLength { .. }
+        ));
+        assert!(matches!(
+            reject(|m| {
+                m.objects[0].encoding = Encoding::Zstd;
+                m.objects[0].stored_length = 2 * MIB;
+            }),
+            ManifestError::BadStoredLength { .. }
+        ));
+        assert!(matches!(
+            reject(|m| m.source_change_id = Some("a\nb".into())),
+            ManifestError::BadField { .. }
+        ));
+    }
+
+    #[test]
+    fn unknown_version_and_garbage() {
+        let mut v: serde_json::Value = serde_json::from_slice(&manifest().to_json()).unwrap();
+        v["format_version"] = 2.into();
+        let bytes = serde_json::to_vec(&v).unwrap();
+        assert_eq!(
+            Manifest::from_json(&bytes),
+            Err(ManifestError::UnsupportedVersion(2))
+        );
+        v["format_version"] = 1.into();
+        v["surprise"] = 1.into();
+        assert!(matches!(
+            Manifest::from_json(&serde_json::to_vec(&v).unwrap()),
+            Err(ManifestError::Json(_))
+        ));
+        v["surprise"].take();
+        let mut v2 = v.clone();
+        v2.as_object_mut().unwrap().remove("surprise");
+        v2["objects"][0]["sha256"] = "ABC".into();
+        assert!(matches!(
+            Manifest::from_json(&serde_json::to_vec(&v2).unwrap()),
+            Err(ManifestError::Json(_))
+        ));
+        v2["objects"][0]["sha256"] = "7".repeat(64).into();
+        v2["disk"]["vm"] = "..".into();
+        assert!(matches!(
+            Manifest::from_json(&serde_json::to_vec(&v2).unwrap()),
+            Err(ManifestError::Json(_))
+        ));
+        assert!(Manifest::from_json(b"").is_err());
+        assert!(Manifest::from_json(b"{}").is_err());
+        assert!(Manifest::from_json(b"[1,2]").is_err());
+    }
+
+    #[test]
+    fn key_mismatch() {
+        let m = manifest();
+        let other = ObjectKey::Manifest {
+            disk: m.disk.clone(),
+            generation: 3,
+        };
+        assert!(matches!(
+            m.check_key(&other),
+            Err(ManifestError::KeyMismatch { .. })
+        ));
+        let same = ObjectKey::Manifest {
+            disk: m.disk.clone(),
+            generation: 2,
+        };
+        m.check_key(&same).unwrap();
+    }
+
+    /// Builds a random valid manifest from a list of (gap, len, is_zero) sectors.
+    fn arb_manifest() -> impl Strategy<Value = Manifest> {
+        proptest::collection::vec((0u64..64, 1u64..64, any::<bool>()), 0..40).prop_map(|runs| {
+            let mut m = manifest();
+            m.objects.clear();
+            m.zero_ranges.clear();
+            m.max_object = 64 * 512;
+            let mut pos = 0;
+            for (gap, len, zero) in runs {
+                let e = Extent::new((pos + gap) * 512, len * 512);
+                pos += gap + len;
+                if zero {
+                    m.zero_ranges.push(e);
+                } else {
+                    m.objects.push(obj(e.offset, e.length));
+                }
+            }
+            m.disk_size = (pos + 1) * 512;
+            m
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn generated_manifests_validate_and_round_trip(m in arb_manifest()) {
+            m.validate().unwrap();
+            prop_assert_eq!(Manifest::from_json(&m.to_json()).unwrap(), m);
+        }
+
+        #[test]
+        fn shifting_an_extent_by_a_byte_is_rejected(m in arb_manifest(), pick: prop::sample::Index) {
+            prop_assume!(!m.objects.is_empty());
+            let mut m = m;
+            let i = pick.index(m.objects.len());
+            m.objects[i].offset += 1;
+            prop_assert!(m.validate().is_err());
+        }
+
+        #[test]
+        fn shrinking_the_disk_below_an_extent_is_rejected(m in arb_manifest()) {
+            let last = m.objects.iter().map(|o| o.extent().end())
+                .chain(m.zero_ranges.iter().map(|z| z.end())).max();
+            prop_assume!(last.is_some());
+            let mut m = m;
+            m.disk_size = last.unwrap_or(0) - 512;
+            prop_assume!(m.disk_size > 0);
+            prop_assert!(m.validate().is_err());
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Manifest::from_json(&bytes);
+        }
+
+        #[test]
+        fn arbitrary_json_text_never_panics(s in r#"\{"format_version":1,[ -~]{0,200}\}"#) {
+            let _ = Manifest::from_json(s.as_bytes());
+        }
+    }
+}
