@@ -1,1 +1,337 @@
-pub fn x() {}
+//! pilotlight sender: ships the changed extents of one disk to S3 as one generation.
+//!
+//! A run: open and validate the source, pick the generation number from the local state,
+//! upload data objects ([`pipeline`]), then commit with the manifest, written last.
+//! The local state ([`state`]) makes a re-run after a crash reuse the generation and
+//! converge to the same manifest.
+
+pub mod pipeline;
+pub mod source;
+pub mod state;
+pub mod store;
+
+use bytes::Bytes;
+use chrono::{DateTime, SubsecRound, Utc};
+use pilotlight_protocol::{
+    Consistency, DiskId, Manifest, ManifestError, ObjectKey, Prefix, FORMAT_VERSION,
+};
+use pipeline::{Bandwidth, PipelineError, PipelineOptions, Progress};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use source::{OpenSource, SourceError, SourceSpec};
+use state::{Pending, Phase, StateDir, StateError};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use store::{ObjectStore, StoreError};
+
+/// Everything one run needs, resolved from config file, environment and flags.
+#[derive(Debug, Clone)]
+pub struct SendOptions {
+    pub disk: DiskId,
+    pub prefix: Prefix,
+    pub source: SourceSpec,
+    pub max_object: u64,
+    pub zstd_level: Option<i32>,
+    pub concurrency: usize,
+    pub bwlimit: Option<u64>,
+    pub state_dir: PathBuf,
+    pub dry_run: bool,
+    pub change_id: Option<String>,
+    pub snapshot_time: Option<DateTime<Utc>>,
+    pub consistency: Consistency,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("the manifest this run built is invalid, which is a bug in pilotlight-sender: {0}")]
+    BadManifest(#[from] ManifestError),
+    #[error("saved manifest {path} does not match the pending generation {generation}: {why}; move it away and re-run")]
+    PendingManifest {
+        path: String,
+        generation: u64,
+        why: String,
+    },
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub disk: String,
+    pub generation: u64,
+    pub parent: Option<u64>,
+    pub manifest_key: String,
+    pub dry_run: bool,
+    /// True when this run finished a generation an earlier run had started.
+    pub resumed: bool,
+    pub disk_size: u64,
+    pub objects: usize,
+    /// Bytes read from the source.
+    pub bytes_read: u64,
+    /// Decoded bytes in data objects.
+    pub bytes_data: u64,
+    /// Bytes sent (stored sizes, after compression).
+    pub bytes_uploaded: u64,
+    /// Changed bytes that are zero (never uploaded), found by reading or by the allocation map.
+    pub bytes_zero: u64,
+    /// Of those, bytes the allocation map said were holes (never read).
+    pub bytes_holes: u64,
+    pub seconds: f64,
+}
+
+impl Summary {
+    pub fn line(&self) -> String {
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        format!(
+            "{}{} generation {} (parent {}): {} objects, read {:.1} MiB, data {:.1} MiB, uploaded {:.1} MiB, zero {:.1} MiB ({:.1} MiB holes never read), {:.2} s, {:.1} MiB/s read",
+            if self.dry_run { "dry run: " } else { "" },
+            self.disk,
+            self.generation,
+            self.parent.map_or("none".to_string(), |p| p.to_string()),
+            self.objects,
+            mib(self.bytes_read),
+            mib(self.bytes_data),
+            mib(self.bytes_uploaded),
+            mib(self.bytes_zero),
+            mib(self.bytes_holes),
+            self.seconds,
+            mib(self.bytes_read) / self.seconds.max(1e-6),
+        )
+    }
+}
+
+/// Sends one generation. With `dry_run`, reads and encodes everything but uploads
+/// nothing and leaves the state untouched.
+pub async fn send_generation<S: ObjectStore>(
+    opts: &SendOptions,
+    store: &S,
+    progress: &dyn ProgressFactory,
+) -> Result<Summary, SendError> {
+    let started = Instant::now();
+    let lock = if opts.dry_run {
+        None
+    } else {
+        Some(StateDir::open(&opts.state_dir, &opts.disk)?)
+    };
+    let mut st = match &lock {
+        Some(sd) => sd.load(&opts.disk)?,
+        None => state::peek(&opts.state_dir, &opts.disk)?.unwrap_or(state::DiskState {
+            disk: opts.disk.clone(),
+            last_committed: None,
+            last_change_id: None,
+            last_snapshot_time: None,
+            pending: None,
+        }),
+    };
+
+    // A generation whose data is all up but whose manifest may not be: finish it first.
+    if let (Some(sd), Some(p)) = (&lock, st.pending.clone()) {
+        if p.phase == Phase::Committing {
+            finish_commit(opts, store, sd, &mut st, &p).await?;
+        }
+    }
+
+    // Validate all input before anything is uploaded.
+    let source = Arc::new(OpenSource::open(&opts.source)?);
+    let resumed = st.pending.is_some();
+    let (generation, snapshot_time) = match &st.pending {
+        Some(p) => (p.generation, opts.snapshot_time.unwrap_or(p.snapshot_time)),
+        None => (
+            st.last_committed.map_or(1, |g| g + 1),
+            opts.snapshot_time.unwrap_or_else(|| Utc::now().trunc_subsecs(3)),
+        ),
+    };
+    let parent = if source.self_contained {
+        None
+    } else {
+        st.last_committed
+    };
+    if parent.is_none() && !source.self_contained {
+        tracing::warn!(
+            disk = %opts.disk,
+            "first generation from a {} source: it becomes the base, so it must list every allocated extent (e.g. changeId \"*\")",
+            source.kind
+        );
+    }
+    tracing::info!(
+        disk = %opts.disk, generation, ?parent, source = %source.describe(), resumed,
+        to_read = source.to_read.iter().map(|e| e.length).sum::<u64>(),
+        holes = source.known_zero.iter().map(|e| e.length).sum::<u64>(),
+        "sending generation"
+    );
+    if let Some(sd) = &lock {
+        st.pending = Some(Pending {
+            generation,
+            snapshot_time,
+            phase: Phase::Uploading,
+        });
+        sd.save(&st)?;
+    }
+
+    let popts = PipelineOptions {
+        prefix: opts.prefix.clone(),
+        disk: opts.disk.clone(),
+        generation,
+        max_object: opts.max_object,
+        zstd_level: opts.zstd_level,
+        concurrency: opts.concurrency,
+    };
+    let bandwidth = opts.bwlimit.map(|b| Bandwidth::new(b, opts.max_object));
+    let total: u64 = source.to_read.iter().map(|e| e.length).sum();
+    let bar = progress.start(total);
+    let out = pipeline::run(source.clone(), store, &popts, bandwidth.as_ref(), &*bar).await?;
+    drop(bar);
+
+    let mut zero_ranges = out.zero_ranges;
+    zero_ranges.extend(source.known_zero.iter().copied());
+    zero_ranges.sort();
+    let zero_ranges = pilotlight_protocol::extent::coalesce(zero_ranges);
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        disk: opts.disk.clone(),
+        generation,
+        parent,
+        disk_size: source.disk_size,
+        max_object: opts.max_object,
+        source_kind: source.kind.to_string(),
+        source_change_id: opts.change_id.clone(),
+        snapshot_time,
+        consistency: opts.consistency,
+        objects: out.objects,
+        zero_ranges,
+        created_by: concat!("pilotlight-sender ", env!("CARGO_PKG_VERSION")).to_string(),
+    };
+    manifest.validate()?;
+    let manifest_key = ObjectKey::Manifest {
+        disk: opts.disk.clone(),
+        generation,
+    }
+    .to_key(&opts.prefix);
+
+    if let Some(sd) = &lock {
+        // Save the manifest, then say so: a crash from here on re-puts exactly it.
+        sd.write_pending_manifest(&manifest.to_json())?;
+        st.pending = Some(Pending {
+            generation,
+            snapshot_time,
+            phase: Phase::Committing,
+        });
+        sd.save(&st)?;
+        let p = st.pending.clone().unwrap_or(Pending {
+            generation,
+            snapshot_time,
+            phase: Phase::Committing,
+        });
+        finish_commit(opts, store, sd, &mut st, &p).await?;
+    }
+
+    Ok(Summary {
+        disk: opts.disk.to_string(),
+        generation,
+        parent,
+        manifest_key,
+        dry_run: opts.dry_run,
+        resumed,
+        disk_size: manifest.disk_size,
+        objects: manifest.objects.len(),
+        bytes_read: out.bytes_read,
+        bytes_data: manifest.data_bytes(),
+        bytes_uploaded: out.bytes_stored,
+        bytes_zero: manifest.zero_bytes(),
+        bytes_holes: source.known_zero.iter().map(|e| e.length).sum(),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// PUTs the saved manifest of a Committing generation and records the commit.
+async fn finish_commit<S: ObjectStore>(
+    opts: &SendOptions,
+    store: &S,
+    sd: &StateDir,
+    st: &mut state::DiskState,
+    pending: &Pending,
+) -> Result<(), SendError> {
+    let bytes = sd.read_pending_manifest()?;
+    let bad = |why: String| SendError::PendingManifest {
+        path: sd.pending_manifest_path().display().to_string(),
+        generation: pending.generation,
+        why,
+    };
+    let manifest = Manifest::from_json(&bytes).map_err(|e| bad(e.to_string()))?;
+    if manifest.generation != pending.generation || manifest.disk != opts.disk {
+        return Err(bad(format!(
+            "it is {} generation {}",
+            manifest.disk, manifest.generation
+        )));
+    }
+    let key = ObjectKey::Manifest {
+        disk: opts.disk.clone(),
+        generation: pending.generation,
+    }
+    .to_key(&opts.prefix);
+    let sha: [u8; 32] = Sha256::digest(&bytes).into();
+    store.put(&key, Bytes::from(bytes), sha).await?;
+    st.last_committed = Some(pending.generation);
+    st.last_change_id = manifest.source_change_id.clone();
+    st.last_snapshot_time = Some(manifest.snapshot_time);
+    st.pending = None;
+    sd.save(st)?;
+    sd.remove_pending_manifest()?;
+    tracing::info!(key, "committed");
+    Ok(())
+}
+
+/// Makes a progress display for a run of `total` bytes.
+pub trait ProgressFactory: Send + Sync {
+    fn start(&self, total: u64) -> Box<dyn Progress>;
+}
+
+/// No progress display.
+#[derive(Debug, Default)]
+pub struct NoProgress;
+
+impl ProgressFactory for NoProgress {
+    fn start(&self, _total: u64) -> Box<dyn Progress> {
+        Box::new(())
+    }
+}
+
+/// A progress bar on stderr (for a TTY).
+#[derive(Debug, Default)]
+pub struct BarProgress;
+
+impl ProgressFactory for BarProgress {
+    fn start(&self, total: u64) -> Box<dyn Progress> {
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.enable_steady_tick(Duration::from_millis(200));
+        Box::new(FinishOnDrop(bar))
+    }
+}
+
+struct FinishOnDrop(indicatif::ProgressBar);
+
+impl Progress for FinishOnDrop {
+    fn advance(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+}
+
+impl Drop for FinishOnDrop {
+    fn drop(&mut self) {
+        self.0.finish_and_clear();
+    }
+}

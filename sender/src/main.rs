@@ -1,1 +1,413 @@
-fn main() {}
+//! `pilotlight-sender`: ship one disk's changed extents to S3, once or on a schedule.
+
+use anyhow::{bail, Context, Result};
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::BehaviorVersion;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use pilotlight_protocol::{Consistency, DiskId, Prefix, DEFAULT_MAX_OBJECT, MAX_OBJECT_LIMIT, SPLIT_ALIGN};
+use pilotlight_sender::source::SourceSpec;
+use pilotlight_sender::store::{NullStore, S3Store};
+use pilotlight_sender::{send_generation, BarProgress, NoProgress, ProgressFactory, SendOptions};
+use serde::Deserialize;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(name = "pilotlight-sender", version, about = "Ship changed disk extents to S3 as pilotlight generations")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "plain", env = "PILOTLIGHT_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Send one generation (or one every --every).
+    Send(Box<SendArgs>),
+    /// Show the local state of a disk.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Plain,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum SourceKind {
+    /// A changed-extent list (--extents) plus the disk (--disk).
+    ExtentList,
+    /// All allocated extents of --disk (a sparse file or block device).
+    Full,
+    /// A directory of offset-named files (--spool) plus --disk-size.
+    Spool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum Compression {
+    Zstd,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum ConsistencyArg {
+    Crash,
+    Application,
+}
+
+/// Settings of `send`. Each comes from a flag, else its environment variable, else the
+/// TOML config file (same names, kebab-case), else its default.
+#[derive(Args, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct SendArgs {
+    /// TOML config file with any of these settings.
+    #[arg(long, env = "PILOTLIGHT_CONFIG")]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// S3 bucket.
+    #[arg(long, env = "PILOTLIGHT_BUCKET")]
+    bucket: Option<String>,
+    /// Key prefix in the bucket [default: pilotlight].
+    #[arg(long, env = "PILOTLIGHT_PREFIX")]
+    prefix: Option<String>,
+    /// S3-compatible endpoint (the local emulator, MinIO, ...); default: AWS.
+    #[arg(long, env = "PILOTLIGHT_ENDPOINT_URL")]
+    endpoint_url: Option<String>,
+    /// AWS region [default: the AWS default chain, else us-east-1].
+    #[arg(long, env = "AWS_REGION")]
+    region: Option<String>,
+    /// The disk: site/vm/disk.
+    #[arg(long, env = "PILOTLIGHT_DISK_ID")]
+    disk_id: Option<String>,
+    /// Where the changes come from.
+    #[arg(long, value_enum)]
+    source: Option<SourceKind>,
+    /// Disk file or block device (extent-list, full). Opened read-only.
+    #[arg(long)]
+    disk: Option<PathBuf>,
+    /// Changed-extent list: PowerCLI "offset length" text or JSON (extent-list).
+    #[arg(long)]
+    extents: Option<PathBuf>,
+    /// Directory of files named by decimal byte offset (spool).
+    #[arg(long)]
+    spool: Option<PathBuf>,
+    /// Disk size in bytes, e.g. 40GiB (spool).
+    #[arg(long)]
+    disk_size: Option<String>,
+    /// The source's change id after this run (e.g. the vSphere changeId).
+    #[arg(long)]
+    change_id: Option<String>,
+    /// When the source snapshot was taken (RFC 3339) [default: now].
+    #[arg(long)]
+    snapshot_time: Option<String>,
+    /// crash or application (quiesced) [default: crash].
+    #[arg(long, value_enum)]
+    consistency: Option<ConsistencyArg>,
+    /// Largest data object, a multiple of 512KiB [default: 8MiB].
+    #[arg(long)]
+    max_object: Option<String>,
+    /// zstd or none [default: zstd].
+    #[arg(long, value_enum)]
+    compression: Option<Compression>,
+    /// zstd level [default: 3].
+    #[arg(long)]
+    zstd_level: Option<i32>,
+    /// Objects in flight at once [default: 16].
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// Upload bandwidth limit in bytes per second, e.g. 50MiB.
+    #[arg(long)]
+    bwlimit: Option<String>,
+    /// Attempts per S3 request, with exponential backoff [default: 6].
+    #[arg(long)]
+    max_attempts: Option<u32>,
+    /// Local state directory [default: /var/lib/pilotlight/sender].
+    #[arg(long, env = "PILOTLIGHT_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Read, zero-skip and compress, but upload nothing and keep the state.
+    #[arg(long)]
+    #[serde(default)]
+    dry_run: bool,
+    /// Run forever, one generation every DURATION (e.g. 15m).
+    #[arg(long)]
+    every: Option<String>,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    #[serde(default)]
+    json: bool,
+    /// No progress bar even on a terminal.
+    #[arg(long)]
+    #[serde(default)]
+    no_progress: bool,
+}
+
+macro_rules! merge_options {
+    ($a:expr, $b:expr, $($f:ident),*) => { $( if $a.$f.is_none() { $a.$f = $b.$f.take(); } )* };
+}
+
+impl SendArgs {
+    /// Fills every setting not given by flag or environment from the config file.
+    fn with_file(mut self) -> Result<Self> {
+        let Some(path) = self.config.clone() else { return Ok(self) };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let mut file: SendArgs = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("config file {}: {}", path.display(), e.to_string().replace('\n', " ")))?;
+        merge_options!(self, file, bucket, prefix, endpoint_url, region, disk_id, source, disk, extents,
+            spool, disk_size, change_id, snapshot_time, consistency, max_object, compression,
+            zstd_level, concurrency, bwlimit, max_attempts, state_dir, every);
+        self.dry_run |= file.dry_run;
+        self.json |= file.json;
+        self.no_progress |= file.no_progress;
+        Ok(self)
+    }
+}
+
+#[derive(Args, Debug)]
+struct StatusArgs {
+    /// The disk: site/vm/disk.
+    #[arg(long, env = "PILOTLIGHT_DISK_ID")]
+    disk_id: String,
+    /// Local state directory.
+    #[arg(long, env = "PILOTLIGHT_STATE_DIR", default_value = "/var/lib/pilotlight/sender")]
+    state_dir: PathBuf,
+}
+
+fn parse_size(what: &str, s: &str) -> Result<u64> {
+    if let Ok(n) = s.trim().parse::<u64>() {
+        return Ok(n);
+    }
+    s.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| anyhow::anyhow!("{what} {s:?} is not a size (e.g. 8MiB, 1048576): {e}"))
+}
+
+struct Resolved {
+    opts: SendOptions,
+    bucket: String,
+    endpoint_url: Option<String>,
+    region: Option<String>,
+    max_attempts: u32,
+    every: Option<Duration>,
+    json: bool,
+    progress: bool,
+}
+
+fn resolve(a: SendArgs) -> Result<Resolved> {
+    let a = a.with_file()?;
+    let disk_id = a.disk_id.as_deref().context("--disk-id site/vm/disk is required")?;
+    let disk = DiskId::parse(disk_id).with_context(|| format!("--disk-id {disk_id:?}"))?;
+    let prefix_s = a.prefix.as_deref().unwrap_or("pilotlight");
+    let prefix = Prefix::new(prefix_s).with_context(|| format!("--prefix {prefix_s:?}"))?;
+    let bucket = match a.bucket.clone() {
+        Some(b) => b,
+        None if a.dry_run => String::new(),
+        None => bail!("--bucket is required (or PILOTLIGHT_BUCKET)"),
+    };
+    let source = match a.source.context("--source extent-list|full|spool is required")? {
+        SourceKind::ExtentList => SourceSpec::ExtentList {
+            list: a.extents.clone().context("--source extent-list needs --extents FILE")?,
+            disk: a.disk.clone().context("--source extent-list needs --disk FILE")?,
+        },
+        SourceKind::Full => SourceSpec::Full {
+            disk: a.disk.clone().context("--source full needs --disk FILE")?,
+        },
+        SourceKind::Spool => SourceSpec::Spool {
+            dir: a.spool.clone().context("--source spool needs --spool DIR")?,
+            disk_size: parse_size(
+                "--disk-size",
+                a.disk_size.as_deref().context("--source spool needs --disk-size")?,
+            )?,
+        },
+    };
+    let max_object = match &a.max_object {
+        Some(s) => parse_size("--max-object", s)?,
+        None => DEFAULT_MAX_OBJECT,
+    };
+    if max_object == 0 || max_object % SPLIT_ALIGN != 0 || max_object > MAX_OBJECT_LIMIT {
+        bail!("--max-object {max_object} must be a multiple of 512KiB up to {MAX_OBJECT_LIMIT}");
+    }
+    let snapshot_time = match &a.snapshot_time {
+        Some(s) => Some(
+            chrono::DateTime::parse_from_rfc3339(s)
+                .with_context(|| format!("--snapshot-time {s:?} is not RFC 3339"))?
+                .with_timezone(&chrono::Utc),
+        ),
+        None => None,
+    };
+    let zstd_level = match a.compression.unwrap_or(Compression::Zstd) {
+        Compression::Zstd => Some(a.zstd_level.unwrap_or(3)),
+        Compression::None => None,
+    };
+    let bwlimit = a.bwlimit.as_deref().map(|s| parse_size("--bwlimit", s)).transpose()?;
+    if bwlimit == Some(0) {
+        bail!("--bwlimit must be positive");
+    }
+    let every = a
+        .every
+        .as_deref()
+        .map(|s| humantime::parse_duration(s).with_context(|| format!("--every {s:?} is not a duration (e.g. 15m)")))
+        .transpose()?;
+    let concurrency = a.concurrency.unwrap_or(16);
+    if concurrency == 0 || concurrency > 256 {
+        bail!("--concurrency {concurrency} must be 1 to 256");
+    }
+    Ok(Resolved {
+        opts: SendOptions {
+            disk,
+            prefix,
+            source,
+            max_object,
+            zstd_level,
+            concurrency,
+            bwlimit,
+            state_dir: a.state_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/pilotlight/sender")),
+            dry_run: a.dry_run,
+            change_id: a.change_id.clone(),
+            snapshot_time,
+            consistency: match a.consistency.unwrap_or(ConsistencyArg::Crash) {
+                ConsistencyArg::Crash => Consistency::Crash,
+                ConsistencyArg::Application => Consistency::Application,
+            },
+        },
+        bucket,
+        endpoint_url: a.endpoint_url.clone(),
+        region: a.region.clone(),
+        max_attempts: a.max_attempts.unwrap_or(6).max(1),
+        every,
+        json: a.json,
+        progress: !a.no_progress && std::io::stderr().is_terminal(),
+    })
+}
+
+async fn s3_store(r: &Resolved) -> S3Store {
+    // Credentials come only from the AWS default chain (env, profile, IMDS, ...).
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .retry_config(RetryConfig::standard().with_max_attempts(r.max_attempts))
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .operation_attempt_timeout(Duration::from_secs(300))
+                .build(),
+        );
+    if let Some(region) = &r.region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    let shared = loader.load().await;
+    let mut conf = aws_sdk_s3::config::Builder::from(&shared);
+    if shared.region().is_none() {
+        conf = conf.region(aws_config::Region::new("us-east-1"));
+    }
+    if let Some(ep) = &r.endpoint_url {
+        // S3-compatible endpoints and the emulator need path-style addressing.
+        conf = conf.endpoint_url(ep).force_path_style(true);
+    }
+    S3Store {
+        client: aws_sdk_s3::Client::from_conf(conf.build()),
+        bucket: r.bucket.clone(),
+        endpoint: r.endpoint_url.clone().unwrap_or_else(|| "AWS S3".into()),
+    }
+}
+
+async fn send_once(r: &Resolved, store: &S3Store) -> Result<()> {
+    let progress: &dyn ProgressFactory = if r.progress { &BarProgress } else { &NoProgress };
+    let summary = if r.opts.dry_run {
+        send_generation(&r.opts, &NullStore, progress).await?
+    } else {
+        send_generation(&r.opts, store, progress).await?
+    };
+    if r.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        println!("{}", summary.line());
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Status(a) => {
+            let disk = DiskId::parse(&a.disk_id).with_context(|| format!("--disk-id {:?}", a.disk_id))?;
+            match pilotlight_sender::state::peek(&a.state_dir, &disk)? {
+                Some(st) => println!("{}", serde_json::to_string_pretty(&st)?),
+                None => println!("{disk}: no state in {} (nothing sent yet)", a.state_dir.display()),
+            }
+            Ok(())
+        }
+        Command::Send(a) => {
+            let r = resolve(*a)?;
+            let store = s3_store(&r).await;
+            let Some(every) = r.every else {
+                return send_once(&r, &store).await;
+            };
+            // Daemon mode: a failed run is logged and retried at the next tick; a stop
+            // signal cancels the current run, whose state says where to resume.
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let stop = shutdown_signal();
+            tokio::pin!(stop);
+            loop {
+                tokio::select! {
+                    _ = &mut stop => { tracing::info!("stop signal: exiting"); return Ok(()) }
+                    _ = tick.tick() => {}
+                }
+                tokio::select! {
+                    _ = &mut stop => { tracing::info!("stop signal: run cancelled, it resumes next time"); return Ok(()) }
+                    res = send_once(&r, &store) => {
+                        if let Err(e) = res { tracing::error!("run failed: {e:#}"); }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn"));
+    let sub = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Plain => sub.init(),
+        LogFormat::Json => sub.json().init(),
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pilotlight-sender: error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: what failed, on which input, and what to do.
+            eprintln!("pilotlight-sender: error: {}", format!("{e:#}").replace('\n', " "));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
