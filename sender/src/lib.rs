@@ -146,7 +146,8 @@ pub async fn send_generation<S: ObjectStore>(
         Some(p) => (p.generation, opts.snapshot_time.unwrap_or(p.snapshot_time)),
         None => (
             st.last_committed.map_or(1, |g| g + 1),
-            opts.snapshot_time.unwrap_or_else(|| Utc::now().trunc_subsecs(3)),
+            opts.snapshot_time
+                .unwrap_or_else(|| Utc::now().trunc_subsecs(3)),
         ),
     };
     let parent = if source.self_contained {
@@ -333,5 +334,95 @@ impl Progress for FinishOnDrop {
 impl Drop for FinishOnDrop {
     fn drop(&mut self) {
         self.0.finish_and_clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+    use std::os::unix::fs::FileExt;
+
+    fn opts(disk: &std::path::Path, state: &std::path::Path) -> SendOptions {
+        SendOptions {
+            disk: DiskId::parse("s/v/d").unwrap(),
+            prefix: Prefix::new("p").unwrap(),
+            source: SourceSpec::Full { disk: disk.into() },
+            max_object: 1 << 20,
+            zstd_level: Some(3),
+            concurrency: 4,
+            bwlimit: None,
+            state_dir: state.into(),
+            dry_run: false,
+            change_id: Some("c1".into()),
+            snapshot_time: None,
+            consistency: Consistency::Crash,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_manifest_put_is_finished_by_the_next_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let disk = tmp.path().join("d.raw");
+        let f = std::fs::File::create(&disk).unwrap();
+        f.set_len(8 << 20).unwrap();
+        f.write_all_at(&[5u8; 3 << 20], 1 << 20).unwrap();
+        let o = opts(&disk, &tmp.path().join("state"));
+
+        // Three 1 MiB objects go up, then the manifest PUT fails.
+        let failing = MemoryStore {
+            fail_after: Some(3),
+            ..Default::default()
+        };
+        let err = send_generation(&o, &failing, &NoProgress)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SendError::Store(_)), "{err}");
+        let st = state::peek(&o.state_dir, &o.disk).unwrap().unwrap();
+        assert_eq!(st.last_committed, None);
+        assert_eq!(
+            st.pending.as_ref().map(|p| p.phase.clone()),
+            Some(Phase::Committing)
+        );
+
+        // The next run first puts the saved manifest of generation 1, then sends 2.
+        let store = MemoryStore::default();
+        let s = send_generation(&o, &store, &NoProgress).await.unwrap();
+        assert_eq!(s.generation, 2);
+        let objects = store.objects.lock().unwrap();
+        let m1 =
+            Manifest::from_json(&objects["p/s/v/d/g/00000000000000000001/manifest.json"]).unwrap();
+        assert_eq!(m1.generation, 1);
+        assert_eq!(m1.objects.len(), 3);
+        assert!(objects.contains_key("p/s/v/d/g/00000000000000000002/manifest.json"));
+        let st = state::peek(&o.state_dir, &o.disk).unwrap().unwrap();
+        assert_eq!((st.last_committed, st.pending), (Some(2), None));
+        assert_eq!(st.last_change_id.as_deref(), Some("c1"));
+    }
+
+    #[tokio::test]
+    async fn a_failed_upload_leaves_no_manifest_and_the_rerun_reuses_the_generation() {
+        let tmp = tempfile::tempdir().unwrap();
+        let disk = tmp.path().join("d.raw");
+        let f = std::fs::File::create(&disk).unwrap();
+        f.set_len(8 << 20).unwrap();
+        f.write_all_at(&[5u8; 3 << 20], 1 << 20).unwrap();
+        let o = opts(&disk, &tmp.path().join("state"));
+        let failing = MemoryStore {
+            fail_after: Some(1),
+            ..Default::default()
+        };
+        send_generation(&o, &failing, &NoProgress)
+            .await
+            .unwrap_err();
+        assert!(failing
+            .objects
+            .lock()
+            .unwrap()
+            .keys()
+            .all(|k| !k.ends_with("manifest.json")));
+        let store = MemoryStore::default();
+        let s = send_generation(&o, &store, &NoProgress).await.unwrap();
+        assert_eq!((s.generation, s.resumed), (1, true));
     }
 }

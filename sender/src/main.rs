@@ -5,7 +5,9 @@ use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::BehaviorVersion;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use pilotlight_protocol::{Consistency, DiskId, Prefix, DEFAULT_MAX_OBJECT, MAX_OBJECT_LIMIT, SPLIT_ALIGN};
+use pilotlight_protocol::{
+    Consistency, DiskId, Prefix, DEFAULT_MAX_OBJECT, MAX_OBJECT_LIMIT, SPLIT_ALIGN,
+};
 use pilotlight_sender::source::SourceSpec;
 use pilotlight_sender::store::{NullStore, S3Store};
 use pilotlight_sender::{send_generation, BarProgress, NoProgress, ProgressFactory, SendOptions};
@@ -15,10 +17,20 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser, Debug)]
-#[command(name = "pilotlight-sender", version, about = "Ship changed disk extents to S3 as pilotlight generations")]
+#[command(
+    name = "pilotlight-sender",
+    version,
+    about = "Ship changed disk extents to S3 as pilotlight generations"
+)]
 struct Cli {
     /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value = "plain", env = "PILOTLIGHT_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "plain",
+        env = "PILOTLIGHT_LOG_FORMAT"
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -156,14 +168,43 @@ macro_rules! merge_options {
 impl SendArgs {
     /// Fills every setting not given by flag or environment from the config file.
     fn with_file(mut self) -> Result<Self> {
-        let Some(path) = self.config.clone() else { return Ok(self) };
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
-        let mut file: SendArgs = toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("config file {}: {}", path.display(), e.to_string().replace('\n', " ")))?;
-        merge_options!(self, file, bucket, prefix, endpoint_url, region, disk_id, source, disk, extents,
-            spool, disk_size, change_id, snapshot_time, consistency, max_object, compression,
-            zstd_level, concurrency, bwlimit, max_attempts, state_dir, every);
+        let mut file: SendArgs = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "config file {}: {}",
+                path.display(),
+                e.to_string().replace('\n', " ")
+            )
+        })?;
+        merge_options!(
+            self,
+            file,
+            bucket,
+            prefix,
+            endpoint_url,
+            region,
+            disk_id,
+            source,
+            disk,
+            extents,
+            spool,
+            disk_size,
+            change_id,
+            snapshot_time,
+            consistency,
+            max_object,
+            compression,
+            zstd_level,
+            concurrency,
+            bwlimit,
+            max_attempts,
+            state_dir,
+            every
+        );
         self.dry_run |= file.dry_run;
         self.json |= file.json;
         self.no_progress |= file.no_progress;
@@ -177,7 +218,11 @@ struct StatusArgs {
     #[arg(long, env = "PILOTLIGHT_DISK_ID")]
     disk_id: String,
     /// Local state directory.
-    #[arg(long, env = "PILOTLIGHT_STATE_DIR", default_value = "/var/lib/pilotlight/sender")]
+    #[arg(
+        long,
+        env = "PILOTLIGHT_STATE_DIR",
+        default_value = "/var/lib/pilotlight/sender"
+    )]
     state_dir: PathBuf,
 }
 
@@ -204,7 +249,10 @@ struct Resolved {
 
 fn resolve(a: SendArgs) -> Result<Resolved> {
     let a = a.with_file()?;
-    let disk_id = a.disk_id.as_deref().context("--disk-id site/vm/disk is required")?;
+    let disk_id = a
+        .disk_id
+        .as_deref()
+        .context("--disk-id site/vm/disk is required")?;
     let disk = DiskId::parse(disk_id).with_context(|| format!("--disk-id {disk_id:?}"))?;
     let prefix_s = a.prefix.as_deref().unwrap_or("pilotlight");
     let prefix = Prefix::new(prefix_s).with_context(|| format!("--prefix {prefix_s:?}"))?;
@@ -213,19 +261,33 @@ fn resolve(a: SendArgs) -> Result<Resolved> {
         None if a.dry_run => String::new(),
         None => bail!("--bucket is required (or PILOTLIGHT_BUCKET)"),
     };
-    let source = match a.source.context("--source extent-list|full|spool is required")? {
+    let source = match a
+        .source
+        .context("--source extent-list|full|spool is required")?
+    {
         SourceKind::ExtentList => SourceSpec::ExtentList {
-            list: a.extents.clone().context("--source extent-list needs --extents FILE")?,
-            disk: a.disk.clone().context("--source extent-list needs --disk FILE")?,
+            list: a
+                .extents
+                .clone()
+                .context("--source extent-list needs --extents FILE")?,
+            disk: a
+                .disk
+                .clone()
+                .context("--source extent-list needs --disk FILE")?,
         },
         SourceKind::Full => SourceSpec::Full {
             disk: a.disk.clone().context("--source full needs --disk FILE")?,
         },
         SourceKind::Spool => SourceSpec::Spool {
-            dir: a.spool.clone().context("--source spool needs --spool DIR")?,
+            dir: a
+                .spool
+                .clone()
+                .context("--source spool needs --spool DIR")?,
             disk_size: parse_size(
                 "--disk-size",
-                a.disk_size.as_deref().context("--source spool needs --disk-size")?,
+                a.disk_size
+                    .as_deref()
+                    .context("--source spool needs --disk-size")?,
             )?,
         },
     };
@@ -248,14 +310,21 @@ fn resolve(a: SendArgs) -> Result<Resolved> {
         Compression::Zstd => Some(a.zstd_level.unwrap_or(3)),
         Compression::None => None,
     };
-    let bwlimit = a.bwlimit.as_deref().map(|s| parse_size("--bwlimit", s)).transpose()?;
+    let bwlimit = a
+        .bwlimit
+        .as_deref()
+        .map(|s| parse_size("--bwlimit", s))
+        .transpose()?;
     if bwlimit == Some(0) {
         bail!("--bwlimit must be positive");
     }
     let every = a
         .every
         .as_deref()
-        .map(|s| humantime::parse_duration(s).with_context(|| format!("--every {s:?} is not a duration (e.g. 15m)")))
+        .map(|s| {
+            humantime::parse_duration(s)
+                .with_context(|| format!("--every {s:?} is not a duration (e.g. 15m)"))
+        })
         .transpose()?;
     let concurrency = a.concurrency.unwrap_or(16);
     if concurrency == 0 || concurrency > 256 {
@@ -270,7 +339,10 @@ fn resolve(a: SendArgs) -> Result<Resolved> {
             zstd_level,
             concurrency,
             bwlimit,
-            state_dir: a.state_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/pilotlight/sender")),
+            state_dir: a
+                .state_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("/var/lib/pilotlight/sender")),
             dry_run: a.dry_run,
             change_id: a.change_id.clone(),
             snapshot_time,
@@ -319,7 +391,11 @@ async fn s3_store(r: &Resolved) -> S3Store {
 }
 
 async fn send_once(r: &Resolved, store: &S3Store) -> Result<()> {
-    let progress: &dyn ProgressFactory = if r.progress { &BarProgress } else { &NoProgress };
+    let progress: &dyn ProgressFactory = if r.progress {
+        &BarProgress
+    } else {
+        &NoProgress
+    };
     let summary = if r.opts.dry_run {
         send_generation(&r.opts, &NullStore, progress).await?
     } else {
@@ -351,10 +427,14 @@ async fn shutdown_signal() {
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Status(a) => {
-            let disk = DiskId::parse(&a.disk_id).with_context(|| format!("--disk-id {:?}", a.disk_id))?;
+            let disk =
+                DiskId::parse(&a.disk_id).with_context(|| format!("--disk-id {:?}", a.disk_id))?;
             match pilotlight_sender::state::peek(&a.state_dir, &disk)? {
                 Some(st) => println!("{}", serde_json::to_string_pretty(&st)?),
-                None => println!("{disk}: no state in {} (nothing sent yet)", a.state_dir.display()),
+                None => println!(
+                    "{disk}: no state in {} (nothing sent yet)",
+                    a.state_dir.display()
+                ),
             }
             Ok(())
         }
@@ -388,14 +468,21 @@ async fn run(cli: Cli) -> Result<()> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn"));
-    let sub = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn")
+    });
+    let sub = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match cli.log_format {
         LogFormat::Plain => sub.init(),
         LogFormat::Json => sub.json().init(),
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pilotlight-sender: error: cannot start the async runtime: {e}");
@@ -406,7 +493,10 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // One line: what failed, on which input, and what to do.
-            eprintln!("pilotlight-sender: error: {}", format!("{e:#}").replace('\n', " "));
+            eprintln!(
+                "pilotlight-sender: error: {}",
+                format!("{e:#}").replace('\n', " ")
+            );
             std::process::ExitCode::FAILURE
         }
     }

@@ -80,7 +80,9 @@ impl Bandwidth {
         let per_sec = clamp_cells(bytes_per_sec / 1024);
         // The burst must hold the largest object, or it could never pass.
         let burst = clamp_cells((max_object / 1024 + 1).max(u64::from(per_sec.get())));
-        Self(RateLimiter::direct(Quota::per_second(per_sec).allow_burst(burst)))
+        Self(RateLimiter::direct(
+            Quota::per_second(per_sec).allow_burst(burst),
+        ))
     }
 
     async fn wait(&self, bytes: usize) {
@@ -136,7 +138,12 @@ pub async fn run<S: ObjectStore>(
                     .to_key(&opts.prefix);
                     stored += e.body.len() as u64;
                     store.put(&key, e.body, e.body_sha256).await?;
-                    tracing::debug!(key, length = e.object.length, stored = e.object.stored_length, "uploaded");
+                    tracing::debug!(
+                        key,
+                        length = e.object.length,
+                        stored = e.object.stored_length,
+                        "uploaded"
+                    );
                     objects.push(e.object);
                 }
                 progress.advance(chunk.length);
@@ -282,8 +289,13 @@ mod tests {
         let e = encode(Extent::new(0, 65536), compressible.clone(), Some(3)).unwrap();
         assert_eq!(e.object.encoding, Encoding::Zstd);
         assert!(e.object.stored_length < 65536);
-        assert_eq!(zstd::bulk::decompress(&e.body, 65536).unwrap(), compressible);
-        let random: Vec<u8> = (0..65536u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        assert_eq!(
+            zstd::bulk::decompress(&e.body, 65536).unwrap(),
+            compressible
+        );
+        let random: Vec<u8> = (0..65536u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         let e = encode(Extent::new(0, 65536), Bytes::from(random.clone()), Some(3)).unwrap();
         if e.object.encoding == Encoding::Raw {
             assert_eq!(e.body, random);

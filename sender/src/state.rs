@@ -25,7 +25,9 @@ pub enum StateError {
     Corrupt { path: String, why: String },
     #[error("state file {path} has version {found}; this build reads {STATE_VERSION}")]
     Version { path: String, found: u32 },
-    #[error("another pilotlight-sender run holds the lock on {disk} ({path}); wait for it to finish")]
+    #[error(
+        "another pilotlight-sender run holds the lock on {disk} ({path}); wait for it to finish"
+    )]
     Locked { disk: String, path: String },
 }
 
@@ -266,10 +268,17 @@ mod tests {
         sd.save(&st).unwrap();
         let path = sd.path().join("state.json");
         let text = std::fs::read_to_string(&path).unwrap();
-        std::fs::write(&path, text.replace("\"last_committed\": 7", "\"last_committed\": 8")).unwrap();
+        std::fs::write(
+            &path,
+            text.replace("\"last_committed\": 7", "\"last_committed\": 8"),
+        )
+        .unwrap();
         assert!(matches!(sd.load(&disk()), Err(StateError::Corrupt { .. })));
         std::fs::write(&path, b"{\"version\": 9}").unwrap();
-        assert!(matches!(sd.load(&disk()), Err(StateError::Version { found: 9, .. })));
+        assert!(matches!(
+            sd.load(&disk()),
+            Err(StateError::Version { found: 9, .. })
+        ));
         std::fs::write(&path, b"garbage").unwrap();
         assert!(matches!(sd.load(&disk()), Err(StateError::Corrupt { .. })));
     }

@@ -83,13 +83,13 @@ impl S3Store {
             },
             SdkError::ServiceError(se) => match se.err().code() {
                 Some("NoSuchBucket") => StoreError::NoSuchBucket { bucket },
-                Some("AccessDenied") | Some("InvalidAccessKeyId") | Some("SignatureDoesNotMatch") => {
-                    StoreError::AccessDenied {
-                        bucket,
-                        key,
-                        detail: one_line(&DisplayErrorContext(&err).to_string()),
-                    }
-                }
+                Some("AccessDenied")
+                | Some("InvalidAccessKeyId")
+                | Some("SignatureDoesNotMatch") => StoreError::AccessDenied {
+                    bucket,
+                    key,
+                    detail: one_line(&DisplayErrorContext(&err).to_string()),
+                },
                 _ => StoreError::Other {
                     bucket,
                     key,

@@ -1,1 +1,61 @@
-pub fn x() {}
+//! Test helpers for pilotlight's end-to-end tests: the local AWS emulator, the project's
+//! binaries, sample disks, and an independent reassembler of disks from S3.
+//!
+//! Point the tests at real AWS instead of the emulator by setting
+//! `PILOTLIGHT_TEST_REAL_AWS=1` with `PILOTLIGHT_TEST_BUCKET` (never in CI).
+
+pub mod disk;
+pub mod reassemble;
+pub mod stack;
+
+use std::path::PathBuf;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
+
+/// Path of a workspace binary, built beside the test executable
+/// (`cargo build --workspace --bins`, which the README's test command runs first).
+/// `PILOTLIGHT_BIN_DIR` overrides the directory.
+pub fn bin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("PILOTLIGHT_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            // target/<profile>/deps/<test> -> target/<profile>
+            let exe = std::env::current_exe().unwrap_or_default();
+            exe.parent()
+                .and_then(|p| p.parent())
+                .map(PathBuf::from)
+                .unwrap_or_default()
+        });
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: build it first with `cargo build --workspace --bins` (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// Polls `f` until it returns `Some`, or panics after `timeout` with `what`.
+pub async fn poll_until<T, F, Fut>(what: &str, timeout: std::time::Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -81,12 +81,18 @@ mod tests {
         f.write_all_at(&[1u8; 4096], 40 * mib).unwrap();
         let segs = data_segments(&f, Extent::new(0, 64 * mib)).unwrap();
         // Filesystems may allocate more than written, but never miss data.
-        assert!(segs.iter().any(|s| s.offset <= 8 * mib && s.end() >= 8 * mib + 4096));
-        assert!(segs.iter().any(|s| s.offset <= 40 * mib && s.end() >= 40 * mib + 4096));
+        assert!(segs
+            .iter()
+            .any(|s| s.offset <= 8 * mib && s.end() >= 8 * mib + 4096));
+        assert!(segs
+            .iter()
+            .any(|s| s.offset <= 40 * mib && s.end() >= 40 * mib + 4096));
         let covered: u64 = segs.iter().map(|s| s.length).sum();
         assert!(covered < 16 * mib, "most of the file is holes: {segs:?}");
         // A range holding no data yields nothing.
-        assert!(data_segments(&f, Extent::new(16 * mib, 8 * mib)).unwrap().is_empty());
+        assert!(data_segments(&f, Extent::new(16 * mib, 8 * mib))
+            .unwrap()
+            .is_empty());
         let h = holes(Extent::new(0, 64 * mib), &segs);
         let total: u64 = h.iter().map(|e| e.length).sum::<u64>() + covered;
         assert_eq!(total, 64 * mib);

@@ -54,7 +54,9 @@ pub enum ExtentListError {
         extent: Extent,
         previous: Extent,
     },
-    #[error("extent list {path} entry {line}: extent {extent} overlaps the previous extent {previous}")]
+    #[error(
+        "extent list {path} entry {line}: extent {extent} overlaps the previous extent {previous}"
+    )]
     Overlapping {
         path: String,
         line: usize,
@@ -202,7 +204,7 @@ fn validate(path: &str, list: &[(usize, Extent)], disk_size: u64) -> Result<(), 
 mod tests {
     use super::*;
 
-    const FIXTURE: &str = include_str!("../../../../shared/fixtures/powercli-changed-areas.txt");
+    const FIXTURE: &str = include_str!("../../../tests/fixtures/powercli-changed-areas.txt");
     const FIXTURE_DISK: u64 = 42_949_672_960;
 
     fn check(text: &str, disk: u64) -> Result<Vec<Extent>, ExtentListError> {
@@ -225,7 +227,11 @@ mod tests {
     fn accepts_crlf_bom_and_json() {
         let v = check("\u{feff}  0  512 \r\n\r\n  1024 512\r\n", 4096).unwrap();
         assert_eq!(v, vec![Extent::new(0, 512), Extent::new(1024, 512)]);
-        let v = check(r#"[{"offset":0,"length":512},{"offset":1024,"length":512}]"#, 4096).unwrap();
+        let v = check(
+            r#"[{"offset":0,"length":512},{"offset":1024,"length":512}]"#,
+            4096,
+        )
+        .unwrap();
         assert_eq!(v.len(), 2);
         let v = check(
             r#"{"StartOffset":0,"Length":4096,"ChangedArea":[{"Start":512,"Length":1024}]}"#,

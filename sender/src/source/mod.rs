@@ -104,7 +104,14 @@ impl OpenSource {
             }
             SourceSpec::Full { disk } => {
                 let (file, size) = open_disk(disk)?;
-                Self::from_file(spec.kind(), disk, file, size, vec![Extent::new(0, size)], true)
+                Self::from_file(
+                    spec.kind(),
+                    disk,
+                    file,
+                    size,
+                    vec![Extent::new(0, size)],
+                    true,
+                )
             }
             SourceSpec::Spool { dir, disk_size } => open_spool(dir, *disk_size),
         }
@@ -173,8 +180,9 @@ impl OpenSource {
                         return Err(spool_gap(extent));
                     }
                     let n = ((e.end() - pos) as usize).min(buf.len() - filled);
-                    let read = File::open(path)
-                        .and_then(|f| f.read_exact_at(&mut buf[filled..filled + n], pos - e.offset));
+                    let read = File::open(path).and_then(|f| {
+                        f.read_exact_at(&mut buf[filled..filled + n], pos - e.offset)
+                    });
                     read.map_err(|source| SourceError::Read {
                         path: path.display().to_string(),
                         extent,
@@ -208,7 +216,8 @@ fn spool_gap(extent: Extent) -> SourceError {
 fn open_disk(path: &Path) -> Result<(File, u64), SourceError> {
     let p = || path.display().to_string();
     // Read-only, always: the source is never written.
-    let mut file = File::open(path).map_err(|source| SourceError::OpenDisk { path: p(), source })?;
+    let mut file =
+        File::open(path).map_err(|source| SourceError::OpenDisk { path: p(), source })?;
     // Works for regular files and block devices alike.
     let size = file
         .seek(SeekFrom::End(0))
@@ -242,10 +251,17 @@ fn open_spool(dir: &Path, disk_size: u64) -> Result<OpenSource, SourceError> {
             why,
         };
         let name = entry.file_name();
-        let Some(name) = name.to_str().filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) else {
-            return Err(bad("name is not a decimal byte offset; remove or move it".into()));
+        let Some(name) = name
+            .to_str()
+            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            return Err(bad(
+                "name is not a decimal byte offset; remove or move it".into()
+            ));
         };
-        let offset: u64 = name.parse().map_err(|_| bad("offset does not fit in 64 bits".into()))?;
+        let offset: u64 = name
+            .parse()
+            .map_err(|_| bad("offset does not fit in 64 bits".into()))?;
         // Follows symlinks: a dangling link or a directory is an unreadable spool file.
         let meta = std::fs::metadata(&path).map_err(|e| bad(format!("cannot read: {e}")))?;
         if !meta.is_file() {
@@ -257,10 +273,14 @@ fn open_spool(dir: &Path, disk_size: u64) -> Result<OpenSource, SourceError> {
             return Err(bad("file is empty".into()));
         }
         if !e.is_sector_aligned() {
-            return Err(bad(format!("extent {e} is not aligned to {SECTOR_SIZE}-byte sectors")));
+            return Err(bad(format!(
+                "extent {e} is not aligned to {SECTOR_SIZE}-byte sectors"
+            )));
         }
         if e.checked_end().is_none_or(|end| end > disk_size) {
-            return Err(bad(format!("extent {e} ends past the disk size {disk_size}")));
+            return Err(bad(format!(
+                "extent {e} ends past the disk size {disk_size}"
+            )));
         }
         files.push((e, path));
     }
@@ -274,7 +294,12 @@ fn open_spool(dir: &Path, disk_size: u64) -> Result<OpenSource, SourceError> {
         if w[1].0.offset < w[0].0.end() {
             return Err(SourceError::SpoolFile {
                 path: w[1].1.display().to_string(),
-                why: format!("extent {} overlaps {} ({})", w[1].0, w[0].0, w[0].1.display()),
+                why: format!(
+                    "extent {} overlaps {} ({})",
+                    w[1].0,
+                    w[0].0,
+                    w[0].1.display()
+                ),
             });
         }
     }
@@ -303,7 +328,10 @@ mod tests {
             disk_size: 8192,
         })
         .unwrap();
-        assert_eq!(s.to_read, vec![Extent::new(0, 1536), Extent::new(4096, 512)]);
+        assert_eq!(
+            s.to_read,
+            vec![Extent::new(0, 1536), Extent::new(4096, 512)]
+        );
         let mut buf = vec![0u8; 1024];
         s.read_at(256, &mut buf).unwrap();
         assert_eq!(&buf[..256], &[1u8; 256][..]);
@@ -313,11 +341,26 @@ mod tests {
     #[test]
     fn spool_rejections() {
         let cases: Vec<(Box<dyn Fn(&Path)>, &str)> = vec![
-            (Box::new(|d| std::fs::write(d.join("12x"), [0u8; 512]).unwrap()), "decimal"),
-            (Box::new(|d| std::fs::write(d.join("100"), [0u8; 512]).unwrap()), "aligned"),
-            (Box::new(|d| std::fs::write(d.join("0"), [0u8; 100]).unwrap()), "aligned"),
-            (Box::new(|d| std::fs::write(d.join("8192"), [0u8; 512]).unwrap()), "past the disk"),
-            (Box::new(|d| std::fs::create_dir(d.join("512")).unwrap()), "not a regular file"),
+            (
+                Box::new(|d| std::fs::write(d.join("12x"), [0u8; 512]).unwrap()),
+                "decimal",
+            ),
+            (
+                Box::new(|d| std::fs::write(d.join("100"), [0u8; 512]).unwrap()),
+                "aligned",
+            ),
+            (
+                Box::new(|d| std::fs::write(d.join("0"), [0u8; 100]).unwrap()),
+                "aligned",
+            ),
+            (
+                Box::new(|d| std::fs::write(d.join("8192"), [0u8; 512]).unwrap()),
+                "past the disk",
+            ),
+            (
+                Box::new(|d| std::fs::create_dir(d.join("512")).unwrap()),
+                "not a regular file",
+            ),
             (
                 Box::new(|d| std::os::unix::fs::symlink(d.join("missing"), d.join("512")).unwrap()),
                 "cannot read",

@@ -1,0 +1,254 @@
+//! The local AWS stack for tests: a moto server on a free loopback port, with the
+//! pilotlight bucket, queue, dead-letter queue and bucket notification. Each test starts
+//! its own and it stops when dropped.
+
+use aws_config::BehaviorVersion;
+use aws_sdk_s3::types::{
+    Event, FilterRule, FilterRuleName, NotificationConfiguration, NotificationConfigurationFilter,
+    QueueConfiguration, S3KeyFilter,
+};
+use aws_sdk_sqs::types::QueueAttributeName;
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A running moto server with the pilotlight resources.
+#[derive(Debug)]
+pub struct LocalStack {
+    child: Option<Child>,
+    pub endpoint: String,
+    pub bucket: String,
+    pub prefix: String,
+    pub queue_url: String,
+    pub dlq_url: String,
+    pub s3: aws_sdk_s3::Client,
+    pub sqs: aws_sdk_sqs::Client,
+}
+
+/// A loopback port nothing listens on (for "unreachable endpoint" tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind a loopback port")
+}
+
+/// Dummy credentials for the emulator, as environment pairs for child processes.
+pub const EMULATOR_ENV: [(&str, &str); 3] = [
+    ("AWS_ACCESS_KEY_ID", "testing"),
+    ("AWS_SECRET_ACCESS_KEY", "testing"),
+    ("AWS_REGION", "us-east-1"),
+];
+
+impl LocalStack {
+    /// Starts moto from the project virtualenv (`scripts/setup` makes it) and creates
+    /// the resources. Panics with a clear message when it cannot.
+    pub async fn start() -> Self {
+        let moto = crate::repo_root().join(".venv/tools/bin/moto_server");
+        assert!(
+            moto.exists(),
+            "{} is missing: run scripts/setup first",
+            moto.display()
+        );
+        // A free port can be taken between our check and moto's bind: try a few.
+        for attempt in 0..5 {
+            let port = free_port();
+            let mut child = Command::new(&moto)
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn moto_server");
+            let endpoint = format!("http://127.0.0.1:{port}");
+            if wait_ready(&endpoint, &mut child).await {
+                return Self::provision(child, endpoint).await;
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            eprintln!("moto_server did not come up on port {port} (attempt {attempt})");
+        }
+        panic!("moto_server did not start after 5 attempts");
+    }
+
+    async fn provision(child: Child, endpoint: String) -> Self {
+        let (s3, sqs) = clients(&endpoint).await;
+        let bucket = "pilotlight-test".to_string();
+        let prefix = "dr".to_string();
+        s3.create_bucket()
+            .bucket(&bucket)
+            .send()
+            .await
+            .expect("create bucket");
+        let dlq_url = sqs
+            .create_queue()
+            .queue_name("pilotlight-events-dlq")
+            .send()
+            .await
+            .expect("create dlq")
+            .queue_url
+            .unwrap_or_default();
+        let dlq_arn = queue_arn(&sqs, &dlq_url).await;
+        let redrive = format!(r#"{{"deadLetterTargetArn":"{dlq_arn}","maxReceiveCount":"5"}}"#);
+        let queue_url = sqs
+            .create_queue()
+            .queue_name("pilotlight-events")
+            .attributes(QueueAttributeName::RedrivePolicy, redrive)
+            .attributes(QueueAttributeName::VisibilityTimeout, "300")
+            .send()
+            .await
+            .expect("create queue")
+            .queue_url
+            .unwrap_or_default();
+        let arn = queue_arn(&sqs, &queue_url).await;
+        let filter = NotificationConfigurationFilter::builder()
+            .key(
+                S3KeyFilter::builder()
+                    .filter_rules(
+                        FilterRule::builder()
+                            .name(FilterRuleName::Prefix)
+                            .value(format!("{prefix}/"))
+                            .build(),
+                    )
+                    .build(),
+            )
+            .build();
+        let qc = QueueConfiguration::builder()
+            .id("pilotlight")
+            .queue_arn(arn)
+            .events(Event::from("s3:ObjectCreated:*"))
+            .filter(filter)
+            .build()
+            .expect("queue configuration");
+        s3.put_bucket_notification_configuration()
+            .bucket(&bucket)
+            .notification_configuration(
+                NotificationConfiguration::builder()
+                    .queue_configurations(qc)
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("put bucket notification");
+        Self {
+            child: Some(child),
+            endpoint,
+            bucket,
+            prefix,
+            queue_url,
+            dlq_url,
+            s3,
+            sqs,
+        }
+    }
+
+    /// Environment for a child process pointed at this stack.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = EMULATOR_ENV
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        v.push(("PILOTLIGHT_ENDPOINT_URL".into(), self.endpoint.clone()));
+        v.push(("PILOTLIGHT_BUCKET".into(), self.bucket.clone()));
+        v.push(("PILOTLIGHT_PREFIX".into(), self.prefix.clone()));
+        v
+    }
+
+    /// Every key under `prefix`.
+    pub async fn keys(&self, prefix: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut pages = self
+            .s3
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.expect("list objects");
+            out.extend(
+                page.contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(String::from)),
+            );
+        }
+        out
+    }
+
+    /// The manifest keys under `prefix`.
+    pub async fn manifests(&self, prefix: &str) -> Vec<String> {
+        self.keys(prefix)
+            .await
+            .into_iter()
+            .filter(|k| k.ends_with("/manifest.json"))
+            .collect()
+    }
+
+    pub async fn get(&self, key: &str) -> Vec<u8> {
+        self.s3
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("get {key}: {e}"))
+            .body
+            .collect()
+            .await
+            .expect("read body")
+            .to_vec()
+    }
+}
+
+impl Drop for LocalStack {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+async fn wait_ready(endpoint: &str, child: &mut Child) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let addr = endpoint.trim_start_matches("http://").to_string();
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        if tokio::net::TcpStream::connect(&addr).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// SDK clients for an emulator endpoint, with dummy credentials.
+pub async fn clients(endpoint: &str) -> (aws_sdk_s3::Client, aws_sdk_sqs::Client) {
+    let creds = aws_sdk_s3::config::Credentials::new("testing", "testing", None, None, "test");
+    let shared = aws_config::defaults(BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(creds)
+        .endpoint_url(endpoint)
+        .load()
+        .await;
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&shared)
+            .force_path_style(true)
+            .build(),
+    );
+    let sqs = aws_sdk_sqs::Client::new(&shared);
+    (s3, sqs)
+}
+
+async fn queue_arn(sqs: &aws_sdk_sqs::Client, url: &str) -> String {
+    sqs.get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .expect("get queue attributes")
+        .attributes()
+        .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
+        .unwrap_or_default()
+}
