@@ -250,7 +250,8 @@ mod tests {
 
     #[test]
     fn rejections() {
-        let cases: &[(&str, fn(&EventError) -> bool)] = &[
+        type Check = fn(&EventError) -> bool;
+        let cases: &[(&str, Check)] = &[
             ("", |e| matches!(e, EventError::NotJson(_))),
             ("{not json", |e| matches!(e, EventError::NotJson(_))),
             ("[]", |e| matches!(e, EventError::NotS3(_))),

@@ -33,7 +33,7 @@ impl Extent {
     }
 
     pub fn is_sector_aligned(&self) -> bool {
-        self.offset % SECTOR_SIZE == 0 && self.length % SECTOR_SIZE == 0
+        self.offset.is_multiple_of(SECTOR_SIZE) && self.length.is_multiple_of(SECTOR_SIZE)
     }
 }
 
@@ -65,7 +65,7 @@ pub fn coalesce(sorted: impl IntoIterator<Item = Extent>) -> Vec<Extent> {
 /// multiples of `align` (absolute offsets). `max_len` must be a non-zero multiple of
 /// `align`.
 pub fn split(extent: Extent, max_len: u64, align: u64) -> Vec<Extent> {
-    debug_assert!(align > 0 && max_len >= align && max_len % align == 0);
+    debug_assert!(align > 0 && max_len >= align && max_len.is_multiple_of(align));
     let mut out = Vec::new();
     let mut pos = extent.offset;
     let end = extent.end();

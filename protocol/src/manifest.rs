@@ -174,13 +174,8 @@ pub enum ManifestError {
     },
     #[error("manifest field {field} is invalid: {why}")]
     BadField { field: &'static str, why: String },
-    #[error("manifest is for {found} generation {found_generation}, but its key says {expected} generation {expected_generation}")]
-    KeyMismatch {
-        expected: DiskId,
-        expected_generation: u64,
-        found: DiskId,
-        found_generation: u64,
-    },
+    #[error("manifest is for {found}, but its key says {expected}")]
+    KeyMismatch { expected: String, found: String },
 }
 
 #[derive(Deserialize)]
@@ -231,12 +226,12 @@ impl Manifest {
                 });
             }
         }
-        if self.disk_size == 0 || self.disk_size % SECTOR_SIZE != 0 {
+        if self.disk_size == 0 || !self.disk_size.is_multiple_of(SECTOR_SIZE) {
             return Err(ManifestError::BadDiskSize(self.disk_size));
         }
         if self.max_object < SECTOR_SIZE
             || self.max_object > MAX_OBJECT_LIMIT
-            || self.max_object % SECTOR_SIZE != 0
+            || !self.max_object.is_multiple_of(SECTOR_SIZE)
         {
             return Err(ManifestError::BadMaxObject(self.max_object));
         }
@@ -339,10 +334,8 @@ impl Manifest {
     pub fn check_key(&self, key: &ObjectKey) -> Result<(), ManifestError> {
         if key.disk() != &self.disk || key.generation() != self.generation {
             return Err(ManifestError::KeyMismatch {
-                expected: key.disk().clone(),
-                expected_generation: key.generation(),
-                found: self.disk.clone(),
-                found_generation: self.generation,
+                expected: format!("{} generation {}", key.disk(), key.generation()),
+                found: format!("{} generation {}", self.disk, self.generation),
             });
         }
         Ok(())

@@ -25,12 +25,14 @@ pub fn bin(name: &str) -> PathBuf {
     let dir = std::env::var_os("PILOTLIGHT_BIN_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            // target/<profile>/deps/<test> -> target/<profile>
+            // Tests run from target/<profile>/deps/, binaries from target/<profile>/.
             let exe = std::env::current_exe().unwrap_or_default();
-            exe.parent()
-                .and_then(|p| p.parent())
-                .map(PathBuf::from)
-                .unwrap_or_default()
+            let dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+            if dir.ends_with("deps") {
+                dir.parent().map(PathBuf::from).unwrap_or_default()
+            } else {
+                dir
+            }
         });
     let path = dir.join(name);
     assert!(

@@ -1,5 +1,6 @@
 //! End-to-end tests of `pilotlight-sender` against the local AWS emulator: real binary,
 //! real SDK, real sparse files. Each test starts its own moto server.
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
 use pilotlight_protocol::{DiskId, Extent, Manifest, Prefix, SPLIT_ALIGN};
 use pilotlight_tests::disk::{create_sparse, powercli_list, scribble, sha256_file, MIB};

@@ -236,7 +236,7 @@ fn open_spool(dir: &Path, disk_size: u64) -> Result<OpenSource, SourceError> {
         path: dir.display().to_string(),
         source,
     };
-    if disk_size == 0 || disk_size % SECTOR_SIZE != 0 {
+    if disk_size == 0 || !disk_size.is_multiple_of(SECTOR_SIZE) {
         return Err(SourceError::SpoolFile {
             path: dir.display().to_string(),
             why: format!("--disk-size {disk_size} must be a positive multiple of {SECTOR_SIZE}"),
@@ -340,7 +340,8 @@ mod tests {
 
     #[test]
     fn spool_rejections() {
-        let cases: Vec<(Box<dyn Fn(&Path)>, &str)> = vec![
+        type Make = Box<dyn Fn(&Path)>;
+        let cases: Vec<(Make, &str)> = vec![
             (
                 Box::new(|d| std::fs::write(d.join("12x"), [0u8; 512]).unwrap()),
                 "decimal",
