@@ -5,11 +5,10 @@
 //! runs on one disk.
 
 use chrono::{DateTime, Utc};
+use pilotlight_durable::DurableError;
 use pilotlight_protocol::DiskId;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const STATE_VERSION: u32 = 1;
@@ -21,10 +20,8 @@ pub enum StateError {
         path: String,
         source: std::io::Error,
     },
-    #[error("state file {path} is corrupt ({why}); move it away to start over with a new base generation")]
-    Corrupt { path: String, why: String },
-    #[error("state file {path} has version {found}; this build reads {STATE_VERSION}")]
-    Version { path: String, found: u32 },
+    #[error(transparent)]
+    File(#[from] DurableError),
     #[error(
         "another pilotlight-sender run holds the lock on {disk} ({path}); wait for it to finish"
     )]
@@ -56,14 +53,6 @@ pub struct DiskState {
     pub last_change_id: Option<String>,
     pub last_snapshot_time: Option<DateTime<Utc>>,
     pub pending: Option<Pending>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct Envelope {
-    version: u32,
-    /// SHA-256 of the JSON of `state`.
-    checksum: String,
-    state: DiskState,
 }
 
 /// The state directory of one disk, locked for the lifetime of this value.
@@ -115,26 +104,30 @@ impl StateDir {
     }
 
     pub fn load(&self, disk: &DiskId) -> Result<DiskState, StateError> {
-        let path = self.state_path();
-        match std::fs::read(&path) {
-            Ok(bytes) => decode(&path, &bytes),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DiskState {
+        Ok(
+            pilotlight_durable::load(&self.state_path(), STATE_VERSION)?.unwrap_or(DiskState {
                 disk: disk.clone(),
                 last_committed: None,
                 last_change_id: None,
                 last_snapshot_time: None,
                 pending: None,
             }),
-            Err(e) => Err(io(&path, e)),
-        }
+        )
     }
 
     pub fn save(&self, state: &DiskState) -> Result<(), StateError> {
-        write_atomic(&self.state_path(), &encode(state))
+        Ok(pilotlight_durable::save(
+            &self.state_path(),
+            STATE_VERSION,
+            state,
+        )?)
     }
 
     pub fn write_pending_manifest(&self, bytes: &[u8]) -> Result<(), StateError> {
-        write_atomic(&self.pending_manifest_path(), bytes)
+        Ok(pilotlight_durable::write_atomic(
+            &self.pending_manifest_path(),
+            bytes,
+        )?)
     }
 
     pub fn read_pending_manifest(&self) -> Result<Vec<u8>, StateError> {
@@ -159,11 +152,7 @@ pub fn peek(root: &Path, disk: &DiskId) -> Result<Option<DiskState>, StateError>
         .join(disk.vm.as_str())
         .join(disk.disk.as_str())
         .join("state.json");
-    match std::fs::read(&path) {
-        Ok(bytes) => decode(&path, &bytes).map(Some),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io(&path, e)),
-    }
+    Ok(pilotlight_durable::load(&path, STATE_VERSION)?)
 }
 
 fn io(path: &Path, source: std::io::Error) -> StateError {
@@ -171,63 +160,6 @@ fn io(path: &Path, source: std::io::Error) -> StateError {
         path: path.display().to_string(),
         source,
     }
-}
-
-fn checksum(state: &DiskState) -> String {
-    let json = serde_json::to_vec(state).unwrap_or_default();
-    hex::encode(Sha256::digest(json))
-}
-
-fn encode(state: &DiskState) -> Vec<u8> {
-    let env = Envelope {
-        version: STATE_VERSION,
-        checksum: checksum(state),
-        state: state.clone(),
-    };
-    serde_json::to_vec_pretty(&env).unwrap_or_default()
-}
-
-fn decode(path: &Path, bytes: &[u8]) -> Result<DiskState, StateError> {
-    let p = path.display().to_string();
-    #[derive(Deserialize)]
-    struct Probe {
-        version: u32,
-    }
-    let probe: Probe = serde_json::from_slice(bytes).map_err(|e| StateError::Corrupt {
-        path: p.clone(),
-        why: e.to_string(),
-    })?;
-    if probe.version != STATE_VERSION {
-        return Err(StateError::Version {
-            path: p,
-            found: probe.version,
-        });
-    }
-    let env: Envelope = serde_json::from_slice(bytes).map_err(|e| StateError::Corrupt {
-        path: p.clone(),
-        why: e.to_string(),
-    })?;
-    if checksum(&env.state) != env.checksum {
-        return Err(StateError::Corrupt {
-            path: p,
-            why: "checksum mismatch".into(),
-        });
-    }
-    Ok(env.state)
-}
-
-/// Temp file, fsync, rename, fsync the directory.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp).map_err(|e| io(&tmp, e))?;
-    f.write_all(bytes).map_err(|e| io(&tmp, e))?;
-    f.sync_all().map_err(|e| io(&tmp, e))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| io(path, e))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io(dir, e))
 }
 
 #[cfg(test)]
@@ -273,13 +205,14 @@ mod tests {
             text.replace("\"last_committed\": 7", "\"last_committed\": 8"),
         )
         .unwrap();
-        assert!(matches!(sd.load(&disk()), Err(StateError::Corrupt { .. })));
+        let corrupt = |r| matches!(r, Err(StateError::File(DurableError::Corrupt { .. })));
+        assert!(corrupt(sd.load(&disk())));
         std::fs::write(&path, b"{\"version\": 9}").unwrap();
         assert!(matches!(
             sd.load(&disk()),
-            Err(StateError::Version { found: 9, .. })
+            Err(StateError::File(DurableError::Version { found: 9, .. }))
         ));
         std::fs::write(&path, b"garbage").unwrap();
-        assert!(matches!(sd.load(&disk()), Err(StateError::Corrupt { .. })));
+        assert!(corrupt(sd.load(&disk())));
     }
 }
