@@ -1,3 +1,12 @@
-//! pilotlight receiver: applies committed generations into sparse raw images.
+//! pilotlight receiver: applies committed generations into sparse raw images, durably
+//! and idempotently.
 //!
-//! Work in progress (issue 3). The protocol it consumes is in `pilotlight-protocol`.
+//! - [`image`]: sparse raw images (pwrite, hole punching, space reservation);
+//! - [`apply`]: one generation onto one image, verify-then-write;
+//! - [`state`]: what each image holds, saved atomically after fsync;
+//! - [`store`]: reading the bucket.
+
+pub mod apply;
+pub mod image;
+pub mod state;
+pub mod store;

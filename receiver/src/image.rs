@@ -1,0 +1,163 @@
+//! A disk image: a sparse raw file written with pwrite, zero ranges punched as holes.
+//!
+//! Every write is checked against the image size: nothing is ever written outside it.
+//! The [`Image`] trait is the fault-injection seam for tests (disk full, I/O errors).
+
+use nix::fcntl::{fallocate, FallocateFlags};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// What the apply step needs from an image.
+pub trait Image: Send + Sync {
+    fn size(&self) -> io::Result<u64>;
+    /// Grows (sparsely) or shrinks the image.
+    fn set_size(&self, size: u64) -> io::Result<()>;
+    /// Allocates blocks for a range without changing its bytes, so a later write cannot
+    /// fail for lack of space.
+    fn reserve(&self, offset: u64, len: u64) -> io::Result<()>;
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Makes a range read as zeroes, freeing its blocks.
+    fn punch(&self, offset: u64, len: u64) -> io::Result<()>;
+    fn sync(&self) -> io::Result<()>;
+}
+
+/// A sparse raw image file.
+#[derive(Debug)]
+pub struct FileImage {
+    path: PathBuf,
+    file: File,
+}
+
+impl FileImage {
+    /// Opens the image, creating it (empty, sparse) if missing.
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn check(&self, offset: u64, len: u64) -> io::Result<()> {
+        let size = self.size()?;
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "range [{offset}, +{len}) is outside image {} of {size} bytes",
+                    self.path.display()
+                ),
+            )),
+        }
+    }
+}
+
+fn off(v: u64) -> io::Result<i64> {
+    i64::try_from(v).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset beyond i64"))
+}
+
+impl Image for FileImage {
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn set_size(&self, size: u64) -> io::Result<()> {
+        self.file.set_len(size)
+    }
+
+    fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check(offset, len)?;
+        match fallocate(
+            self.file.as_raw_fd(),
+            FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            off(offset)?,
+            off(len)?,
+        ) {
+            Ok(()) => Ok(()),
+            // Filesystems without fallocate: the write itself will report ENOSPC.
+            Err(nix::errno::Errno::EOPNOTSUPP) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.check(offset, data.len() as u64)?;
+        self.file.write_all_at(data, offset)
+    }
+
+    fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check(offset, len)?;
+        let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        match fallocate(self.file.as_raw_fd(), flags, off(offset)?, off(len)?) {
+            Ok(()) => Ok(()),
+            // No hole punching here: write zeroes instead, in bounded pieces.
+            Err(nix::errno::Errno::EOPNOTSUPP) => {
+                let zeroes = vec![0u8; 1 << 20];
+                let mut pos = offset;
+                while pos < offset + len {
+                    let n = (offset + len - pos).min(zeroes.len() as u64) as usize;
+                    self.file.write_all_at(&zeroes[..n], pos)?;
+                    pos += n as u64;
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.file.sync_all()
+    }
+}
+
+/// Bytes the image really occupies on disk (for `status`).
+pub fn allocated_bytes(path: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(path)?.blocks() * 512)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_stay_inside_and_punch_frees() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = FileImage::open(&dir.path().join("i.raw")).unwrap();
+        img.set_size(4 << 20).unwrap();
+        img.write_at(0, &[1u8; 1 << 20]).unwrap();
+        assert!(
+            img.write_at((4 << 20) - 512, &[1u8; 1024]).is_err(),
+            "past the end"
+        );
+        assert!(
+            img.write_at(u64::MAX - 10, &[1u8; 512]).is_err(),
+            "overflow"
+        );
+        assert!(img.punch(3 << 20, 2 << 20).is_err());
+        assert_eq!(
+            img.size().unwrap(),
+            4 << 20,
+            "a refused write does not grow the image"
+        );
+        let before = allocated_bytes(img.path()).unwrap();
+        img.punch(0, 1 << 20).unwrap();
+        assert!(allocated_bytes(img.path()).unwrap() < before);
+        let mut buf = vec![9u8; 4096];
+        img.file.read_exact_at(&mut buf, 0).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+    }
+}

@@ -1,0 +1,71 @@
+//! The receiver's durable state per disk: which generation the image holds.
+//!
+//! Saved only after the image is fsynced, so the state never claims a generation whose
+//! bytes are not on disk.
+
+use chrono::{DateTime, Utc};
+use pilotlight_durable::DurableError;
+use pilotlight_protocol::DiskId;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const STATE_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskState {
+    pub disk: DiskId,
+    /// The generation the image holds completely, if any.
+    pub applied: Option<u64>,
+    pub snapshot_time: Option<DateTime<Utc>>,
+    pub applied_at: Option<DateTime<Utc>>,
+    pub disk_size: u64,
+}
+
+impl DiskState {
+    pub fn new(disk: &DiskId) -> Self {
+        Self {
+            disk: disk.clone(),
+            applied: None,
+            snapshot_time: None,
+            applied_at: None,
+            disk_size: 0,
+        }
+    }
+}
+
+/// Where one disk's files live.
+#[derive(Debug, Clone)]
+pub struct DiskPaths {
+    pub image: PathBuf,
+    pub state: PathBuf,
+    pub staging_dir: PathBuf,
+}
+
+impl DiskPaths {
+    pub fn new(image_dir: &Path, state_dir: &Path, disk: &DiskId) -> Self {
+        let rel = Path::new(disk.site.as_str()).join(disk.vm.as_str());
+        Self {
+            image: image_dir.join(&rel).join(format!("{}.raw", disk.disk)),
+            state: state_dir.join(&rel).join(format!("{}.json", disk.disk)),
+            staging_dir: state_dir.join(&rel).join(format!("{}.staging", disk.disk)),
+        }
+    }
+
+    pub fn create_dirs(&self) -> std::io::Result<()> {
+        for p in [&self.image, &self.state] {
+            if let Some(d) = p.parent() {
+                std::fs::create_dir_all(d)?;
+            }
+        }
+        std::fs::create_dir_all(&self.staging_dir)
+    }
+}
+
+pub fn load(paths: &DiskPaths, disk: &DiskId) -> Result<DiskState, DurableError> {
+    Ok(pilotlight_durable::load(&paths.state, STATE_VERSION)?
+        .unwrap_or_else(|| DiskState::new(disk)))
+}
+
+pub fn save(paths: &DiskPaths, st: &DiskState) -> Result<(), DurableError> {
+    pilotlight_durable::save(&paths.state, STATE_VERSION, st)
+}
