@@ -7,6 +7,8 @@
 //! - [`store`]: reading the bucket.
 
 pub mod apply;
+pub mod engine;
 pub mod image;
+pub mod queue;
 pub mod state;
 pub mod store;

@@ -1,1 +1,368 @@
-fn main() {}
+//! `pilotlight-receiver`: keep sparse raw images up to date from S3 events.
+
+use anyhow::{bail, Context, Result};
+use aws_config::retry::RetryConfig;
+use aws_config::BehaviorVersion;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use pilotlight_protocol::Prefix;
+use pilotlight_receiver::engine::{Engine, EngineConfig};
+use pilotlight_receiver::queue::SqsQueue;
+use pilotlight_receiver::store::S3Source;
+use serde::Deserialize;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "pilotlight-receiver",
+    version,
+    about = "Apply pilotlight generations from S3 into sparse raw images"
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "plain",
+        env = "PILOTLIGHT_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Plain,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run until SIGTERM: SQS events in, generations applied.
+    Run(Settings),
+    /// List the bucket once, apply every generation that can be, and exit.
+    Sync(Settings),
+    /// Per disk: applied generation, snapshot time, lag, pending generations, image.
+    Status {
+        #[command(flatten)]
+        settings: Settings,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// Do not list the bucket for pending generations.
+        #[arg(long)]
+        local: bool,
+    },
+}
+
+/// Each setting: a flag, else its environment variable, else the TOML config file (same
+/// names, kebab-case), else its default.
+#[derive(Args, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct Settings {
+    /// TOML config file with any of these settings.
+    #[arg(long, env = "PILOTLIGHT_RECEIVER_CONFIG")]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// SQS queue URL receiving the bucket's ObjectCreated events.
+    #[arg(long, env = "PILOTLIGHT_QUEUE_URL")]
+    queue_url: Option<String>,
+    /// S3 bucket.
+    #[arg(long, env = "PILOTLIGHT_BUCKET")]
+    bucket: Option<String>,
+    /// Key prefix [default: pilotlight].
+    #[arg(long, env = "PILOTLIGHT_PREFIX")]
+    prefix: Option<String>,
+    /// Endpoint for S3 and SQS (the local emulator); default: AWS.
+    #[arg(long, env = "PILOTLIGHT_ENDPOINT_URL")]
+    endpoint_url: Option<String>,
+    /// AWS region [default: the AWS default chain, else us-east-1].
+    #[arg(long, env = "AWS_REGION")]
+    region: Option<String>,
+    /// Where images live: IMAGE_DIR/site/vm/disk.raw [default: /var/lib/pilotlight/images].
+    #[arg(long, env = "PILOTLIGHT_IMAGE_DIR")]
+    image_dir: Option<PathBuf>,
+    /// Receiver state [default: /var/lib/pilotlight/receiver].
+    #[arg(long, env = "PILOTLIGHT_RECEIVER_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Objects fetched and written at once per disk [default: 8].
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// SQS long-poll wait in seconds, 0 to 20 [default: 20].
+    #[arg(long)]
+    wait_seconds: Option<u64>,
+    /// Seconds messages stay invisible while their generation waits or applies [default: 300].
+    #[arg(long)]
+    visibility_timeout: Option<i32>,
+    /// List the bucket this often for manifests whose events were lost, or "off" [default: 5m].
+    #[arg(long)]
+    reconcile_every: Option<String>,
+}
+
+impl Settings {
+    fn with_file(mut self) -> Result<Self> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let mut f: Settings = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "config file {}: {}",
+                path.display(),
+                e.to_string().replace('\n', " ")
+            )
+        })?;
+        macro_rules! fill { ($($x:ident),*) => { $( if self.$x.is_none() { self.$x = f.$x.take(); } )* } }
+        fill!(
+            queue_url,
+            bucket,
+            prefix,
+            endpoint_url,
+            region,
+            image_dir,
+            state_dir,
+            concurrency,
+            wait_seconds,
+            visibility_timeout,
+            reconcile_every
+        );
+        Ok(self)
+    }
+
+    fn engine_config(&self) -> Result<EngineConfig> {
+        let prefix_s = self.prefix.as_deref().unwrap_or("pilotlight");
+        let reconcile_every = match self.reconcile_every.as_deref().unwrap_or("5m") {
+            "off" | "never" => None,
+            s => Some(humantime::parse_duration(s).with_context(|| {
+                format!("--reconcile-every {s:?} is not a duration (e.g. 5m) or off")
+            })?),
+        };
+        let concurrency = self.concurrency.unwrap_or(8);
+        if concurrency == 0 || concurrency > 64 {
+            bail!("--concurrency {concurrency} must be 1 to 64");
+        }
+        Ok(EngineConfig {
+            bucket: self
+                .bucket
+                .clone()
+                .context("--bucket is required (or PILOTLIGHT_BUCKET)")?,
+            prefix: Prefix::new(prefix_s).with_context(|| format!("--prefix {prefix_s:?}"))?,
+            image_dir: self
+                .image_dir
+                .clone()
+                .unwrap_or_else(|| "/var/lib/pilotlight/images".into()),
+            state_dir: self
+                .state_dir
+                .clone()
+                .unwrap_or_else(|| "/var/lib/pilotlight/receiver".into()),
+            concurrency,
+            wait: Duration::from_secs(self.wait_seconds.unwrap_or(20).min(20)),
+            visibility_secs: self.visibility_timeout.unwrap_or(300).clamp(10, 43_200),
+            reconcile_every,
+        })
+    }
+
+    async fn clients(&self) -> (S3Source, aws_sdk_sqs::Client) {
+        // Credentials come only from the AWS default chain (instance profile on EC2).
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .retry_config(RetryConfig::standard().with_max_attempts(6));
+        if let Some(r) = &self.region {
+            loader = loader.region(aws_config::Region::new(r.clone()));
+        }
+        if let Some(ep) = &self.endpoint_url {
+            loader = loader.endpoint_url(ep);
+        }
+        let shared = loader.load().await;
+        let mut s3 = aws_sdk_s3::config::Builder::from(&shared);
+        let mut sqs = aws_sdk_sqs::config::Builder::from(&shared);
+        if shared.region().is_none() {
+            s3 = s3.region(aws_config::Region::new("us-east-1"));
+            sqs = sqs.region(aws_config::Region::new("us-east-1"));
+        }
+        if self.endpoint_url.is_some() {
+            s3 = s3.force_path_style(true);
+        }
+        (
+            S3Source {
+                client: aws_sdk_s3::Client::from_conf(s3.build()),
+                bucket: self.bucket.clone().unwrap_or_default(),
+            },
+            aws_sdk_sqs::Client::from_conf(sqs.build()),
+        )
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term => {} }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run(s) => {
+            let s = s.with_file()?;
+            let cfg = s.engine_config()?;
+            let queue_url = s
+                .queue_url
+                .clone()
+                .context("--queue-url is required (or PILOTLIGHT_QUEUE_URL)")?;
+            let (src, sqs) = s.clients().await;
+            let mut engine = Engine::new(
+                cfg,
+                src,
+                SqsQueue {
+                    client: sqs,
+                    url: queue_url,
+                },
+            );
+            tracing::info!("receiver started");
+            let stop = shutdown_signal();
+            tokio::pin!(stop);
+            loop {
+                // A stop abandons the current step: nothing is marked applied that is not
+                // fsynced, and messages not deleted come back.
+                tokio::select! {
+                    _ = &mut stop => { tracing::info!("stop signal: exiting; state says where to resume"); return Ok(()) }
+                    r = engine.step() => {
+                        if let Err(e) = r {
+                            tracing::error!("{e}; retrying in 5 s");
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                        }
+                    }
+                }
+            }
+        }
+        Command::Sync(s) => {
+            let s = s.with_file()?;
+            let cfg = s.engine_config()?;
+            let (src, sqs) = s.clients().await;
+            let mut engine = Engine::new(
+                cfg,
+                src,
+                SqsQueue {
+                    client: sqs,
+                    url: String::new(),
+                },
+            );
+            engine.load_known_disks();
+            let n = engine.sync_once().await;
+            for d in engine.status() {
+                println!("{}", serde_json::to_string(&d)?);
+            }
+            tracing::info!(applied = n, "sync done");
+            let stuck: Vec<_> = engine
+                .status()
+                .into_iter()
+                .filter(|d| !d.pending.is_empty())
+                .map(|d| format!("{} {:?}", d.disk, d.pending))
+                .collect();
+            if !stuck.is_empty() {
+                bail!(
+                    "generations not applied (parent missing or apply failed; see the log): {}",
+                    stuck.join(", ")
+                );
+            }
+            Ok(())
+        }
+        Command::Status {
+            settings,
+            json,
+            local,
+        } => {
+            let s = settings.with_file()?;
+            let mut cfg = s.engine_config().or_else(|_| {
+                // Status of local state needs no bucket.
+                let mut s2 = Settings {
+                    bucket: Some(String::new()),
+                    ..Settings::default()
+                };
+                s2.state_dir = s.state_dir.clone();
+                s2.image_dir = s.image_dir.clone();
+                s2.prefix = s.prefix.clone();
+                s2.engine_config()
+            })?;
+            cfg.reconcile_every = None;
+            let remote = !local && !cfg.bucket.is_empty();
+            let (src, sqs) = s.clients().await;
+            let mut engine = Engine::new(
+                cfg,
+                src,
+                SqsQueue {
+                    client: sqs,
+                    url: String::new(),
+                },
+            );
+            engine.load_known_disks();
+            if remote {
+                engine.reconcile().await;
+            }
+            let st = engine.status();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else if st.is_empty() {
+                println!("no disks yet");
+            } else {
+                for d in st {
+                    println!(
+                        "{}: applied {} (snapshot {}, lag {}), pending {:?}, image {} ({} of {} bytes allocated)",
+                        d.disk,
+                        d.applied.map_or("none".into(), |g| g.to_string()),
+                        d.snapshot_time.map_or("-".into(), |t| t.to_rfc3339()),
+                        d.lag_seconds.map_or("-".into(), |l| humantime::format_duration(Duration::from_secs(l.max(0) as u64)).to_string()),
+                        d.pending,
+                        d.image,
+                        d.allocated_bytes,
+                        d.disk_size
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn")
+    });
+    let sub = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match cli.log_format {
+        LogFormat::Plain => sub.init(),
+        LogFormat::Json => sub.json().init(),
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pilotlight-receiver: error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!(
+                "pilotlight-receiver: error: {}",
+                format!("{e:#}").replace('\n', " ")
+            );
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,582 @@
+//! The receiver loop: S3 events from SQS in, generations applied in order per disk.
+//!
+//! Events are at-least-once, unordered, duplicated, late, or lost. The engine keeps, per
+//! disk, the manifests it has seen but not applied and the messages that announced them.
+//! A generation is applied when its parent is the applied one (or it is a base); its
+//! messages are deleted only after the image is fsynced and the state saved. Listing the
+//! bucket (at start and every few minutes) finds manifests whose events were lost.
+//!
+//! Message dispositions: `s3:TestEvent` and data-object events are deleted; manifest
+//! events are deleted once their generation is applied; anything malformed or not ours
+//! (bad JSON, another bucket, a key outside the prefix or not a pilotlight key, an invalid
+//! manifest) is logged and left alone, so the queue's redrive moves it to the
+//! dead-letter queue, where the DLQ alarm makes the misconfiguration visible.
+
+use crate::apply::{apply, ApplyOptions};
+use crate::image::FileImage;
+use crate::queue::{Message, Queue};
+use crate::state::{self, DiskPaths, DiskState};
+use crate::store::ObjectSource;
+use chrono::Utc;
+use pilotlight_protocol::{
+    parse_notification, DiskId, Manifest, ObjectKey, Prefix, S3Notification, MAX_MANIFEST_BYTES,
+};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub bucket: String,
+    pub prefix: Prefix,
+    pub image_dir: PathBuf,
+    pub state_dir: PathBuf,
+    /// Objects fetched and written at once per disk.
+    pub concurrency: usize,
+    /// SQS long-poll wait.
+    pub wait: Duration,
+    /// How long messages stay invisible while their generation waits or applies.
+    pub visibility_secs: i32,
+    /// List the bucket this often to find manifests whose events were lost.
+    pub reconcile_every: Option<Duration>,
+}
+
+/// What to do with one message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Disposition {
+    Delete(&'static str),
+    /// Leave it: malformed or not ours. The reason is logged.
+    Leave(String),
+    /// Manifest events: delete once each generation is applied.
+    Manifests(Vec<(DiskId, u64)>),
+}
+
+/// Classifies a message body without I/O.
+pub fn classify(cfg: &EngineConfig, body: &str) -> Disposition {
+    let n = match parse_notification(body.as_bytes()) {
+        Ok(n) => n,
+        Err(e) => return Disposition::Leave(format!("malformed event: {e}")),
+    };
+    let records = match n {
+        S3Notification::Test { .. } => return Disposition::Delete("s3:TestEvent"),
+        S3Notification::Records(r) => r,
+    };
+    let mut manifests = Vec::new();
+    for r in records {
+        if r.bucket != cfg.bucket {
+            return Disposition::Leave(format!(
+                "event for bucket {:?}, not {:?}: check the bucket notification",
+                r.bucket, cfg.bucket
+            ));
+        }
+        if !r.is_object_created() {
+            continue;
+        }
+        match ObjectKey::parse(&cfg.prefix, &r.key) {
+            Ok(ObjectKey::Manifest { disk, generation }) => manifests.push((disk, generation)),
+            Ok(ObjectKey::Data { .. }) => {}
+            Err(e) => return Disposition::Leave(format!("rejected key: {e}")),
+        }
+    }
+    if manifests.is_empty() {
+        Disposition::Delete("data-object events only")
+    } else {
+        Disposition::Manifests(manifests)
+    }
+}
+
+struct Waiting {
+    receipt: String,
+    extended: Instant,
+}
+
+struct Disk {
+    paths: DiskPaths,
+    state: DiskState,
+    pending: BTreeMap<u64, Arc<Manifest>>,
+    /// Messages to delete once the generation (key) is applied.
+    messages: BTreeMap<u64, Vec<Waiting>>,
+    /// After a failed apply: no retry before this.
+    retry_after: Option<Instant>,
+    failures: u32,
+}
+
+impl Disk {
+    /// The next generation to apply: the one whose parent is applied, else the newest
+    /// base (which needs nothing before it).
+    fn next(&self) -> Option<u64> {
+        let applied = self.state.applied;
+        let above = |g: &u64| applied.is_none_or(|a| *g > a);
+        if let Some((g, _)) = self
+            .pending
+            .iter()
+            .find(|(g, m)| above(g) && m.parent.is_some() && m.parent == applied)
+        {
+            return Some(*g);
+        }
+        self.pending
+            .iter()
+            .rev()
+            .find(|(g, m)| above(g) && m.parent.is_none())
+            .map(|(g, _)| *g)
+    }
+}
+
+/// Per-disk summary for `status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DiskStatus {
+    pub disk: String,
+    pub applied: Option<u64>,
+    pub snapshot_time: Option<chrono::DateTime<Utc>>,
+    pub lag_seconds: Option<i64>,
+    pub pending: Vec<u64>,
+    pub image: String,
+    pub disk_size: u64,
+    pub allocated_bytes: u64,
+}
+
+pub struct Engine<S, Q> {
+    cfg: EngineConfig,
+    src: S,
+    queue: Q,
+    disks: BTreeMap<DiskId, Disk>,
+    last_reconcile: Option<Instant>,
+}
+
+impl<S, Q> std::fmt::Debug for Engine<S, Q> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("cfg", &self.cfg)
+            .field("disks", &self.disks.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: ObjectSource, Q: Queue + Clone + 'static> Engine<S, Q> {
+    pub fn new(cfg: EngineConfig, src: S, queue: Q) -> Self {
+        Self {
+            cfg,
+            src,
+            queue,
+            disks: BTreeMap::new(),
+            last_reconcile: None,
+        }
+    }
+
+    fn disk(&mut self, id: &DiskId) -> Result<&mut Disk, String> {
+        if !self.disks.contains_key(id) {
+            let paths = DiskPaths::new(&self.cfg.image_dir, &self.cfg.state_dir, id);
+            paths
+                .create_dirs()
+                .map_err(|e| format!("cannot create directories for {id}: {e}"))?;
+            let state = state::load(&paths, id).map_err(|e| e.to_string())?;
+            self.disks.insert(
+                id.clone(),
+                Disk {
+                    paths,
+                    state,
+                    pending: BTreeMap::new(),
+                    messages: BTreeMap::new(),
+                    retry_after: None,
+                    failures: 0,
+                },
+            );
+        }
+        self.disks
+            .get_mut(id)
+            .ok_or_else(|| format!("disk {id} vanished"))
+    }
+
+    /// Fetches and validates a manifest and records it as pending. Already applied or
+    /// already pending generations are not fetched again.
+    async fn learn(&mut self, id: &DiskId, generation: u64) -> Result<(), String> {
+        let d = self.disk(id)?;
+        if d.state.applied.is_some_and(|a| generation <= a) || d.pending.contains_key(&generation) {
+            return Ok(());
+        }
+        let key = ObjectKey::Manifest {
+            disk: id.clone(),
+            generation,
+        };
+        let k = key.to_key(&self.cfg.prefix);
+        let bytes = self
+            .src
+            .get(&k, MAX_MANIFEST_BYTES as u64)
+            .await
+            .map_err(|e| e.to_string())?;
+        let m = Manifest::from_json(&bytes).map_err(|e| format!("{k}: {e}"))?;
+        m.check_key(&key).map_err(|e| format!("{k}: {e}"))?;
+        let d = self.disk(id)?;
+        if m.parent.is_some() && m.parent != d.state.applied {
+            tracing::info!(disk = %id, generation, parent = ?m.parent, applied = ?d.state.applied, "manifest waits for its parent");
+        }
+        d.pending.insert(generation, Arc::new(m));
+        Ok(())
+    }
+
+    /// Handles one received message.
+    pub async fn handle(&mut self, msg: &Message) {
+        match classify(&self.cfg, &msg.body) {
+            Disposition::Delete(why) => {
+                tracing::debug!(id = %msg.id, why, "deleting message");
+                self.delete(&msg.receipt).await;
+            }
+            Disposition::Leave(why) => {
+                tracing::warn!(id = %msg.id, receive_count = msg.receive_count, "{why}; message left for the dead-letter queue");
+            }
+            Disposition::Manifests(refs) => {
+                let mut wait_for: Option<(DiskId, u64)> = None;
+                for (id, g) in refs {
+                    if let Err(e) = self.learn(&id, g).await {
+                        tracing::error!(id = %msg.id, disk = %id, generation = g, "manifest rejected: {e}; message left for the dead-letter queue");
+                        return;
+                    }
+                    let applied = self.disks.get(&id).and_then(|d| d.state.applied);
+                    if applied.is_none_or(|a| g > a)
+                        && wait_for.as_ref().is_none_or(|(_, w)| g > *w)
+                    {
+                        wait_for = Some((id, g));
+                    }
+                }
+                match wait_for {
+                    None => {
+                        tracing::debug!(id = %msg.id, "manifest already applied (duplicate or late event)");
+                        self.delete(&msg.receipt).await;
+                    }
+                    Some((id, g)) => {
+                        if let Ok(d) = self.disk(&id) {
+                            d.messages.entry(g).or_default().push(Waiting {
+                                receipt: msg.receipt.clone(),
+                                extended: Instant::now(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn delete(&self, receipt: &str) {
+        if let Err(e) = self.queue.delete(receipt).await {
+            tracing::warn!("{e}; the message will come back and be handled again");
+        }
+    }
+
+    /// Lists the bucket and learns every manifest newer than what is applied.
+    pub async fn reconcile(&mut self) {
+        self.last_reconcile = Some(Instant::now());
+        let keys = match self.src.list(&self.cfg.prefix.key_start()).await {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!("reconcile: {e}");
+                return;
+            }
+        };
+        for k in keys.iter().filter(|k| k.ends_with("/manifest.json")) {
+            match ObjectKey::parse(&self.cfg.prefix, k) {
+                Ok(ObjectKey::Manifest { disk, generation }) => {
+                    if let Err(e) = self.learn(&disk, generation).await {
+                        tracing::warn!(key = %k, "reconcile: manifest rejected: {e}");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("reconcile: {e}"),
+            }
+        }
+    }
+
+    /// Applies every generation that can be applied now; disks in parallel, each disk's
+    /// generations in order. Returns how many generations were applied.
+    pub async fn drive(&mut self) -> usize {
+        let (src, queue, cfg) = (&self.src, &self.queue, &self.cfg);
+        let results = futures::future::join_all(
+            self.disks
+                .iter_mut()
+                .map(|(id, d)| drive_disk(id, d, src, queue, cfg)),
+        )
+        .await;
+        results.into_iter().sum()
+    }
+
+    /// Keeps waiting messages invisible, so a manifest waiting for its parent is not
+    /// redriven to the dead-letter queue.
+    pub async fn keep_waiting_invisible(&mut self) {
+        let half = Duration::from_secs((self.cfg.visibility_secs / 2).max(1) as u64);
+        let mut due = Vec::new();
+        for d in self.disks.values_mut() {
+            for w in d.messages.values_mut().flatten() {
+                if w.extended.elapsed() >= half {
+                    w.extended = Instant::now();
+                    due.push(w.receipt.clone());
+                }
+            }
+        }
+        for r in due {
+            if let Err(e) = self.queue.extend(&r, self.cfg.visibility_secs).await {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+
+    /// Reconciles once and applies everything possible (the `sync` command).
+    pub async fn sync_once(&mut self) -> usize {
+        self.reconcile().await;
+        let mut total = 0;
+        loop {
+            let n = self.drive().await;
+            total += n;
+            if n == 0 {
+                return total;
+            }
+        }
+    }
+
+    /// One loop iteration: receive a batch, handle it, apply what is ready.
+    pub async fn step(&mut self) -> Result<usize, crate::queue::QueueError> {
+        if let Some(every) = self.cfg.reconcile_every {
+            if self.last_reconcile.is_none_or(|t| t.elapsed() >= every) {
+                self.reconcile().await;
+            }
+        }
+        let msgs = self.queue.receive(10, self.cfg.wait).await?;
+        for m in &msgs {
+            self.handle(m).await;
+        }
+        let applied = self.drive().await;
+        self.keep_waiting_invisible().await;
+        Ok(applied)
+    }
+
+    pub fn status(&self) -> Vec<DiskStatus> {
+        self.disks
+            .iter()
+            .map(|(id, d)| disk_status(id, &d.state, &d.paths, d.pending.keys().copied().collect()))
+            .collect()
+    }
+
+    /// Loads every disk that has a state file (for `status`).
+    pub fn load_known_disks(&mut self) {
+        for id in known_disks(&self.cfg.state_dir) {
+            let _ = self.disk(&id);
+        }
+    }
+}
+
+/// Disks with a state file under `state_dir` (`site/vm/disk.json`).
+pub fn known_disks(state_dir: &std::path::Path) -> Vec<DiskId> {
+    let mut out = Vec::new();
+    let dirs = |p: &std::path::Path| -> Vec<(String, PathBuf)> {
+        std::fs::read_dir(p)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for (site, sp) in dirs(state_dir) {
+        for (vm, vp) in dirs(&sp) {
+            for (file, _) in dirs(&vp) {
+                if let Some(disk) = file.strip_suffix(".json") {
+                    if let Ok(id) = DiskId::new(&site, &vm, disk) {
+                        out.push(id);
+                    }
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+pub fn disk_status(
+    id: &DiskId,
+    st: &DiskState,
+    paths: &DiskPaths,
+    pending: Vec<u64>,
+) -> DiskStatus {
+    DiskStatus {
+        disk: id.to_string(),
+        applied: st.applied,
+        snapshot_time: st.snapshot_time,
+        lag_seconds: st.snapshot_time.map(|t| (Utc::now() - t).num_seconds()),
+        pending,
+        image: paths.image.display().to_string(),
+        disk_size: st.disk_size,
+        allocated_bytes: crate::image::allocated_bytes(&paths.image).unwrap_or(0),
+    }
+}
+
+async fn drive_disk<S: ObjectSource, Q: Queue + Clone + 'static>(
+    id: &DiskId,
+    d: &mut Disk,
+    src: &S,
+    queue: &Q,
+    cfg: &EngineConfig,
+) -> usize {
+    let mut applied = 0;
+    if d.retry_after.is_some_and(|t| Instant::now() < t) {
+        return 0;
+    }
+    while let Some(g) = d.next() {
+        let Some(m) = d.pending.get(&g).cloned() else {
+            break;
+        };
+        let image = match FileImage::open(&d.paths.image) {
+            Ok(i) => Arc::new(i),
+            Err(e) => {
+                tracing::error!(disk = %id, "cannot open image {}: {e}", d.paths.image.display());
+                backoff(d);
+                break;
+            }
+        };
+        // Keep this disk's messages invisible while the apply runs.
+        let receipts: Vec<String> = d
+            .messages
+            .values()
+            .flatten()
+            .map(|w| w.receipt.clone())
+            .collect();
+        let keepalive = {
+            let (q, secs) = (queue.clone(), cfg.visibility_secs);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs((secs / 2).max(1) as u64));
+                loop {
+                    tick.tick().await;
+                    for r in &receipts {
+                        let _ = q.extend(r, secs).await;
+                    }
+                }
+            })
+        };
+        let opts = ApplyOptions {
+            concurrency: cfg.concurrency,
+            staging_dir: d.paths.staging_dir.clone(),
+            image_name: d.paths.image.display().to_string(),
+        };
+        tracing::info!(disk = %id, generation = g, parent = ?m.parent, objects = m.objects.len(), "applying");
+        let res = apply(src, &cfg.prefix, &m, image, &opts).await;
+        keepalive.abort();
+        match res {
+            Ok(report) => {
+                let mut st = d.state.clone();
+                st.applied = Some(g);
+                st.snapshot_time = Some(m.snapshot_time);
+                st.applied_at = Some(Utc::now());
+                st.disk_size = m.disk_size;
+                if let Err(e) = state::save(&d.paths, &st) {
+                    tracing::error!(disk = %id, generation = g, "image written but state not saved: {e}; will re-apply");
+                    backoff(d);
+                    break;
+                }
+                d.state = st;
+                d.failures = 0;
+                d.retry_after = None;
+                applied += 1;
+                let lag = (Utc::now() - m.snapshot_time).num_seconds();
+                tracing::info!(
+                    disk = %id, generation = g, objects = report.objects, bytes = report.bytes_written,
+                    zeroed = report.bytes_zeroed, seconds = report.seconds, lag_seconds = lag, "applied"
+                );
+                // Everything at or below g is done: drop it, delete its messages.
+                let keep_pending = d.pending.split_off(&(g + 1));
+                d.pending = keep_pending;
+                let keep_msgs = d.messages.split_off(&(g + 1));
+                let done = std::mem::replace(&mut d.messages, keep_msgs);
+                for w in done.into_values().flatten() {
+                    if let Err(e) = queue.delete(&w.receipt).await {
+                        tracing::warn!("{e}");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(disk = %id, generation = g, transient = e.is_transient(), "apply failed, state unchanged: {e}");
+                if !e.is_transient() {
+                    // The generation itself is bad: forget it so its messages are not
+                    // kept alive; they go to the dead-letter queue.
+                    d.pending.remove(&g);
+                    d.messages.remove(&g);
+                }
+                backoff(d);
+                break;
+            }
+        }
+    }
+    applied
+}
+
+fn backoff(d: &mut Disk) {
+    d.failures += 1;
+    let secs = 2u64.saturating_pow(d.failures.min(8)).min(300);
+    d.retry_after = Some(Instant::now() + Duration::from_secs(secs));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> EngineConfig {
+        EngineConfig {
+            bucket: "b".into(),
+            prefix: Prefix::new("dr").unwrap(),
+            image_dir: "/nonexistent".into(),
+            state_dir: "/nonexistent".into(),
+            concurrency: 1,
+            wait: Duration::from_secs(0),
+            visibility_secs: 60,
+            reconcile_every: None,
+        }
+    }
+
+    fn event(bucket: &str, key: &str) -> String {
+        serde_json::json!({"Records": [{"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
+            "eventTime": "2026-11-23T11:31:26.746", "s3": {"bucket": {"name": bucket}, "object": {"key": key, "size": 1}}}]})
+        .to_string()
+    }
+
+    #[test]
+    fn dispositions() {
+        let c = cfg();
+        let m = "dr%2Fs%2Fv%2Fd%2Fg%2F00000000000000000002%2Fmanifest.json";
+        assert_eq!(
+            classify(&c, &event("b", m)),
+            Disposition::Manifests(vec![(DiskId::new("s", "v", "d").unwrap(), 2)])
+        );
+        assert!(matches!(
+            classify(
+                &c,
+                &event(
+                    "b",
+                    "dr/s/v/d/g/00000000000000000002/d/00000000000000000000"
+                )
+            ),
+            Disposition::Delete(_)
+        ));
+        assert!(matches!(
+            classify(
+                &c,
+                r#"{"Service":"Amazon S3","Event":"s3:TestEvent","Bucket":"b"}"#
+            ),
+            Disposition::Delete(_)
+        ));
+        for (body, why) in [
+            ("{garbage".to_string(), "malformed"),
+            (event("other", m), "bucket"),
+            (
+                event("b", "dr/s/../d/g/00000000000000000002/manifest.json"),
+                "rejected key",
+            ),
+            (event("b", "dr/s/v/d/g/2/manifest.json"), "rejected key"),
+            (
+                event("b", "elsewhere/s/v/d/g/00000000000000000002/manifest.json"),
+                "rejected key",
+            ),
+        ] {
+            match classify(&c, &body) {
+                Disposition::Leave(reason) => assert!(reason.contains(why), "{why}: {reason}"),
+                other => panic!("{why}: {other:?}"),
+            }
+        }
+    }
+}
