@@ -4,6 +4,7 @@
 //! Point the tests at real AWS instead of the emulator by setting
 //! `PILOTLIGHT_TEST_REAL_AWS=1` with `PILOTLIGHT_TEST_BUCKET` (never in CI).
 
+pub mod cli;
 pub mod disk;
 pub mod reassemble;
 pub mod stack;

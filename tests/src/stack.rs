@@ -199,6 +199,118 @@ impl LocalStack {
     }
 }
 
+impl LocalStack {
+    /// A second queue (with its own dead-letter queue after `max_receives`) that tests
+    /// feed by hand, to control order and duplication of events. Returns (url, dlq url).
+    pub async fn extra_queue(
+        &self,
+        name: &str,
+        visibility: u32,
+        max_receives: u32,
+    ) -> (String, String) {
+        let dlq = self
+            .sqs
+            .create_queue()
+            .queue_name(format!("{name}-dlq"))
+            .send()
+            .await
+            .expect("create dlq")
+            .queue_url
+            .unwrap_or_default();
+        let dlq_arn = queue_arn(&self.sqs, &dlq).await;
+        let redrive =
+            format!(r#"{{"deadLetterTargetArn":"{dlq_arn}","maxReceiveCount":"{max_receives}"}}"#);
+        let url = self
+            .sqs
+            .create_queue()
+            .queue_name(name)
+            .attributes(QueueAttributeName::RedrivePolicy, redrive)
+            .attributes(
+                QueueAttributeName::VisibilityTimeout,
+                visibility.to_string(),
+            )
+            .send()
+            .await
+            .expect("create queue")
+            .queue_url
+            .unwrap_or_default();
+        (url, dlq)
+    }
+
+    /// Receives and deletes every message now in `queue`; returns their bodies in order.
+    pub async fn drain(&self, queue: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        loop {
+            let r = self
+                .sqs
+                .receive_message()
+                .queue_url(queue)
+                .max_number_of_messages(10)
+                .send()
+                .await
+                .expect("receive");
+            let msgs = r.messages();
+            if msgs.is_empty() {
+                return out;
+            }
+            for m in msgs {
+                out.push(m.body().unwrap_or_default().to_string());
+                self.sqs
+                    .delete_message()
+                    .queue_url(queue)
+                    .receipt_handle(m.receipt_handle().unwrap_or_default())
+                    .send()
+                    .await
+                    .expect("delete");
+            }
+        }
+    }
+
+    pub async fn send(&self, queue: &str, body: &str) {
+        self.sqs
+            .send_message()
+            .queue_url(queue)
+            .message_body(body)
+            .send()
+            .await
+            .expect("send message");
+    }
+
+    /// (visible, in flight) messages of a queue.
+    pub async fn depth(&self, queue: &str) -> (u64, u64) {
+        let a = self
+            .sqs
+            .get_queue_attributes()
+            .queue_url(queue)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .expect("queue attributes");
+        let get = |n: &QueueAttributeName| {
+            a.attributes()
+                .and_then(|m| m.get(n))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (
+            get(&QueueAttributeName::ApproximateNumberOfMessages),
+            get(&QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+        )
+    }
+
+    pub async fn put(&self, key: &str, body: Vec<u8>) {
+        self.s3
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .body(body.into())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("put {key}: {e}"));
+    }
+}
+
 impl Drop for LocalStack {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {

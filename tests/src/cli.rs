@@ -1,0 +1,74 @@
+//! Running the project's binaries against a local stack.
+
+use crate::bin;
+use crate::stack::LocalStack;
+use pilotlight_protocol::DiskId;
+use std::path::Path;
+use std::process::{Child, Command};
+
+/// `pilotlight-sender send ARGS` pointed at the stack.
+pub fn sender(stack: &LocalStack, args: &[&str]) -> Command {
+    let mut c = Command::new(bin("pilotlight-sender"));
+    c.arg("send")
+        .args(args)
+        .envs(stack.env())
+        .env("RUST_LOG", "warn");
+    c
+}
+
+/// Runs the sender with `--json` and returns its summary; panics with its stderr on failure.
+pub fn send_ok(stack: &LocalStack, args: &[&str]) -> serde_json::Value {
+    let out = sender(stack, args)
+        .arg("--json")
+        .output()
+        .expect("run sender");
+    assert!(
+        out.status.success(),
+        "sender failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON summary on stdout")
+}
+
+/// `pilotlight-receiver SUBCOMMAND` pointed at the stack, with its directories.
+pub fn receiver(stack: &LocalStack, sub: &str, dir: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(bin("pilotlight-receiver"));
+    c.arg(sub)
+        .arg("--image-dir")
+        .arg(dir.join("images"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args(args)
+        .envs(stack.env())
+        .env("RUST_LOG", "info");
+    c
+}
+
+/// A child process killed when dropped.
+#[derive(Debug)]
+pub struct Running(pub Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The generation a receiver's state says its image holds.
+pub fn applied(dir: &Path, disk: &DiskId) -> Option<u64> {
+    let paths =
+        pilotlight_receiver::state::DiskPaths::new(&dir.join("images"), &dir.join("state"), disk);
+    pilotlight_receiver::state::load(&paths, disk)
+        .expect("receiver state readable")
+        .applied
+}
+
+/// The receiver's image of `disk` under `dir`.
+pub fn image_path(dir: &Path, disk: &DiskId) -> std::path::PathBuf {
+    pilotlight_receiver::state::DiskPaths::new(&dir.join("images"), &dir.join("state"), disk).image
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}

@@ -1,0 +1,362 @@
+//! End-to-end tests of `pilotlight-receiver` with the real sender against the local AWS
+//! emulator: events duplicated, reordered, malformed; corrupt objects; SIGKILL.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use pilotlight_protocol::{DiskId, Manifest};
+use pilotlight_tests::cli::{applied, image_path, receiver, s, send_ok, Running};
+use pilotlight_tests::disk::{create_sparse, powercli_list, scribble, sha256_file, MIB};
+use pilotlight_tests::poll_until;
+use pilotlight_tests::stack::LocalStack;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+const SIZE: u64 = 128 * MIB;
+const WAIT: Duration = Duration::from_secs(60);
+
+fn disk_id() -> DiskId {
+    DiskId::parse("site1/vm1/disk0").unwrap()
+}
+
+/// Generation `k` of the test disk: a full base first, then PowerCLI lists of
+/// overlapping extents. Returns the source's SHA-256 after it.
+fn make_generation(stack: &LocalStack, dir: &Path, k: u64) -> [u8; 32] {
+    let disk = dir.join("disk.raw");
+    let f = create_sparse(&disk, SIZE);
+    let w = scribble(&f, SIZE, if k == 1 { 400 } else { 150 }, 1000 + k);
+    drop(f);
+    let state = dir.join("sender-state");
+    let base = [
+        "--disk-id",
+        "site1/vm1/disk0",
+        "--state-dir",
+        s(&state),
+        "--disk",
+        s(&disk),
+    ];
+    let summary = if k == 1 {
+        send_ok(stack, &[&base[..], &["--source", "full"]].concat())
+    } else {
+        let list = dir.join(format!("changes-{k}.txt"));
+        std::fs::write(&list, powercli_list(&w)).unwrap();
+        send_ok(
+            stack,
+            &[
+                &base[..],
+                &["--source", "extent-list", "--extents", s(&list)],
+            ]
+            .concat(),
+        )
+    };
+    assert_eq!(summary["generation"], k);
+    sha256_file(&disk)
+}
+
+async fn wait_applied(dir: &Path, want: u64) {
+    poll_until(&format!("generation {want} applied"), WAIT, || async {
+        (applied(dir, &disk_id()) == Some(want)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicated_and_reordered_events_apply_in_order_byte_identical() {
+    let stack = LocalStack::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    // The bucket notifies stack.queue_url; the test replays those events into its own
+    // queue in the order and multiplicity it wants.
+    let (replay, replay_dlq) = stack.extra_queue("replay", 30, 5).await;
+    let mut expected = Vec::new();
+    let mut events = Vec::new();
+    for k in 1..=5 {
+        expected.push(make_generation(&stack, tmp.path(), k));
+        events.push(stack.drain(&stack.queue_url).await);
+        if k == 4 {
+            // Boundary 4 through the reconcile path: a separate receiver lists and applies.
+            let side = tmp.path().join("side");
+            let out = receiver(&stack, "sync", &side, &[]).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(applied(&side, &disk_id()), Some(4));
+            assert_eq!(
+                sha256_file(&image_path(&side, &disk_id())),
+                expected[3],
+                "boundary 4"
+            );
+        }
+    }
+    assert!(events
+        .iter()
+        .all(|e| e.iter().any(|b| b.contains("manifest.json"))));
+
+    let rx = tmp.path().join("rx");
+    let _receiver = Running(
+        receiver(
+            &stack,
+            "run",
+            &rx,
+            &[
+                "--queue-url",
+                &replay,
+                "--reconcile-every",
+                "off",
+                "--wait-seconds",
+                "1",
+                "--visibility-timeout",
+                "30",
+            ],
+        )
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    let image = image_path(&rx, &disk_id());
+    let inject = |k: usize, manifest: bool| {
+        let events = &events;
+        let stack = &stack;
+        let replay = &replay;
+        async move {
+            for body in events[k - 1]
+                .iter()
+                .filter(|b| b.contains("manifest.json") == manifest)
+            {
+                // Every event twice: at-least-once delivery.
+                stack.send(replay, body).await;
+                stack.send(replay, body).await;
+            }
+        }
+    };
+    for k in 1..=3 {
+        inject(k, false).await;
+        inject(k, true).await;
+        wait_applied(&rx, k as u64).await;
+        assert_eq!(sha256_file(&image), expected[k - 1], "boundary {k}");
+    }
+    // Generation 5 arrives before 4: it waits, nothing is applied.
+    inject(5, false).await;
+    inject(5, true).await;
+    poll_until("generation 5's events received", WAIT, || async {
+        (stack.depth(&replay).await.0 == 0).then_some(())
+    })
+    .await;
+    assert_eq!(applied(&rx, &disk_id()), Some(3), "5 waits for its parent");
+    assert_eq!(sha256_file(&image), expected[2], "image still at 3");
+    // The late generation 4 unblocks both.
+    inject(4, true).await;
+    inject(4, false).await;
+    wait_applied(&rx, 5).await;
+    assert_eq!(sha256_file(&image), expected[4], "boundary 5");
+    // Every message, duplicates included, was deleted; none went to the DLQ.
+    poll_until("replay queue empty", WAIT, || async {
+        (stack.depth(&replay).await == (0, 0)).then_some(())
+    })
+    .await;
+    assert_eq!(stack.depth(&replay_dlq).await, (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_events_and_bad_generations_change_nothing_and_reach_the_dlq() {
+    let stack = LocalStack::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    // Short visibility and two receives before redrive, so the DLQ fills quickly.
+    let (q, dlq) = stack.extra_queue("bad", 2, 2).await;
+    let h1 = make_generation(&stack, tmp.path(), 1);
+    let g1 = stack.drain(&stack.queue_url).await;
+    let rx = tmp.path().join("rx");
+    let _receiver = Running(
+        receiver(
+            &stack,
+            "run",
+            &rx,
+            &[
+                "--queue-url",
+                &q,
+                "--reconcile-every",
+                "off",
+                "--wait-seconds",
+                "1",
+                "--visibility-timeout",
+                "2",
+            ],
+        )
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    for b in &g1 {
+        stack.send(&q, b).await;
+    }
+    wait_applied(&rx, 1).await;
+    let image = image_path(&rx, &disk_id());
+    assert_eq!(sha256_file(&image), h1);
+
+    // Generation 2, with one data object corrupted after upload.
+    make_generation(&stack, tmp.path(), 2);
+    let g2 = stack.drain(&stack.queue_url).await;
+    let m2_key = "dr/site1/vm1/disk0/g/00000000000000000002/manifest.json";
+    let m2 = Manifest::from_json(&stack.get(m2_key).await).unwrap();
+    let victim = format!(
+        "dr/site1/vm1/disk0/g/00000000000000000002/d/{:020}",
+        m2.objects[0].offset
+    );
+    let mut bytes = stack.get(&victim).await;
+    bytes[7] ^= 0xff;
+    stack.put(&victim, bytes).await;
+
+    // Hand-made manifests: an unknown version, an object past the disk, a missing parent.
+    let mut v: serde_json::Value = serde_json::from_slice(&m2.to_json()).unwrap();
+    let put_manifest = |g: u64, v: serde_json::Value| {
+        let stack = &stack;
+        async move {
+            let key = format!("dr/site1/vm1/disk0/g/{g:020}/manifest.json");
+            stack.put(&key, serde_json::to_vec(&v).unwrap()).await;
+            stack.drain(&stack.queue_url).await
+        }
+    };
+    v["generation"] = 3.into();
+    v["format_version"] = 2.into();
+    let e3 = put_manifest(3, v.clone()).await;
+    v["generation"] = 4.into();
+    v["format_version"] = 1.into();
+    v["objects"][0]["offset"] = (SIZE).into();
+    let e4 = put_manifest(4, v.clone()).await;
+    let mut waiting = serde_json::from_slice::<serde_json::Value>(&m2.to_json()).unwrap();
+    waiting["generation"] = 9.into();
+    waiting["parent"] = 8.into();
+    let e9 = put_manifest(9, waiting).await;
+
+    let event = |bucket: &str, key: &str| {
+        serde_json::json!({"Records": [{"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
+            "s3": {"bucket": {"name": bucket}, "object": {"key": key, "size": 1}}}]})
+        .to_string()
+    };
+    let mut bad = vec![
+        "{this is not json".to_string(),
+        event("someone-elses-bucket", m2_key),
+        event(
+            &stack.bucket,
+            "dr/site1/../disk0/g/00000000000000000002/manifest.json",
+        ),
+        event(&stack.bucket, "dr/site1/vm1/disk0/g/2/manifest.json"),
+    ];
+    bad.extend(g2.iter().filter(|b| b.contains("manifest.json")).cloned());
+    bad.extend(
+        e3.iter()
+            .chain(&e4)
+            .filter(|b| b.contains("manifest.json"))
+            .cloned(),
+    );
+    for b in &bad {
+        stack.send(&q, b).await;
+    }
+    for b in e9.iter().filter(|b| b.contains("manifest.json")) {
+        stack.send(&q, b).await;
+    }
+    let dead = poll_until("bad messages redriven to the DLQ", WAIT, || async {
+        let (visible, _) = stack.depth(&dlq).await;
+        (visible as usize >= bad.len()).then_some(visible)
+    })
+    .await;
+    assert_eq!(dead as usize, bad.len(), "exactly the bad messages");
+    // The waiting manifest (parent 8 missing) is kept in flight, not dead-lettered.
+    let (_, in_flight) = stack.depth(&q).await;
+    assert!(in_flight >= 1, "the waiting manifest's message is held");
+    assert_eq!(applied(&rx, &disk_id()), Some(1), "state unchanged");
+    assert_eq!(sha256_file(&image), h1, "image unchanged");
+}
+
+/// Kills the receiver with SIGKILL at random points of its applies, 20 times. After each
+/// kill the state names a generation k, and every 512-byte sector of the image equals
+/// generation k's or k+1's (on its way there, never anything else); the state never
+/// claims more. Finally the image converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_applies_never_corrupts_and_converges() {
+    use rand::Rng;
+    const GENS: u64 = 6;
+    let stack = LocalStack::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let snaps = tmp.path().join("snaps");
+    std::fs::create_dir(&snaps).unwrap();
+    for k in 1..=GENS {
+        make_generation(&stack, tmp.path(), k);
+        std::fs::copy(tmp.path().join("disk.raw"), snaps.join(k.to_string())).unwrap();
+    }
+    let read = |p: &Path| std::fs::read(p).unwrap_or_default();
+    let snapshot = |k: u64| {
+        if k == 0 {
+            vec![0u8; SIZE as usize]
+        } else {
+            read(&snaps.join(k.to_string()))
+        }
+    };
+
+    // How long a full sync takes, to aim the kills inside it.
+    let warm = tmp.path().join("warm");
+    let t0 = std::time::Instant::now();
+    assert!(receiver(&stack, "sync", &warm, &[])
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let full = t0.elapsed();
+    assert_eq!(read(&image_path(&warm, &disk_id())), snapshot(GENS));
+
+    let rx = tmp.path().join("rx");
+    let mut rng = rand::thread_rng();
+    let mut mid_apply_kills = 0;
+    for trial in 0..20 {
+        let mut child = receiver(&stack, "sync", &rx, &[])
+            .stderr(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Wait until an apply is under way (its staging file exists) or the run ends...
+        let staging = rx.join("state/site1/vm1/disk0.staging");
+        let child_ref = &mut child;
+        poll_until("an apply to start", WAIT, || {
+            let started = std::fs::read_dir(&staging)
+                .map(|mut d| d.next().is_some())
+                .unwrap_or(false);
+            let done = child_ref.try_wait().ok().flatten().is_some();
+            async move { (started || done).then_some(()) }
+        })
+        .await;
+        // ...then kill at a random point within about one apply (fault injection).
+        let at = full.mul_f64(rng.gen_range(0.0..1.5) / GENS as f64);
+        tokio::time::sleep(at).await;
+        let _ = child.kill();
+        child.wait().unwrap();
+        let k = applied(&rx, &disk_id()).unwrap_or(0);
+        let img = read(&image_path(&rx, &disk_id()));
+        let (now, next) = (snapshot(k), snapshot((k + 1).min(GENS)));
+        let mut partial = false;
+        // Objects start on sector boundaries: a sector is written whole or not at all.
+        for (i, sector) in img.chunks(512).enumerate() {
+            let a = &now[i * 512..(i * 512 + sector.len()).min(now.len())];
+            let b = &next[i * 512..(i * 512 + sector.len()).min(next.len())];
+            assert!(
+                sector == a || sector == b,
+                "trial {trial}: sector {i} is neither generation {k} nor {}",
+                k + 1
+            );
+            partial |= sector != a;
+        }
+        mid_apply_kills += usize::from(partial);
+        if k == GENS {
+            // Start over so later kills land inside applies again.
+            std::fs::remove_dir_all(&rx).unwrap();
+        }
+    }
+    // Resume to the end.
+    assert!(receiver(&stack, "sync", &rx, &[])
+        .output()
+        .unwrap()
+        .status
+        .success());
+    assert_eq!(applied(&rx, &disk_id()), Some(GENS));
+    assert_eq!(read(&image_path(&rx, &disk_id())), snapshot(GENS));
+    eprintln!("{mid_apply_kills} of 20 kills landed with the image between generations");
+}
