@@ -360,7 +360,7 @@ mod tests {
     fn bytes_for(seed: u8, len: usize) -> Vec<u8> {
         (0..len)
             .map(|i| {
-                if seed % 3 == 0 {
+                if seed.is_multiple_of(3) {
                     seed
                 } else {
                     (i as u8).wrapping_mul(seed) ^ (i >> 9) as u8
@@ -509,7 +509,7 @@ mod tests {
                 prop_assert_eq!(got.len(), model.len());
                 prop_assert!(got == model, "image differs from the model after generation {}", g);
                 // Re-applying the same generation changes nothing (idempotent).
-                if g % 2 == 0 {
+                if g.is_multiple_of(2) {
                     rt.block_on(apply(&src, &prefix(), &m, image.clone(), &opts(dir.path()))).unwrap();
                     prop_assert!(std::fs::read(dir.path().join("img.raw")).unwrap() == model);
                 }

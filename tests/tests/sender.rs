@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
 use pilotlight_protocol::{DiskId, Extent, Manifest, Prefix, SPLIT_ALIGN};
+use pilotlight_tests::cli::{s, send_ok as run_ok, sender};
 use pilotlight_tests::disk::{create_sparse, powercli_list, scribble, sha256_file, MIB};
 use pilotlight_tests::reassemble::{manifests, reassemble};
 use pilotlight_tests::stack::{free_port, LocalStack};
@@ -17,32 +18,6 @@ const SNAP: &str = "2026-11-23T10:00:00Z";
 
 fn disk_id() -> DiskId {
     DiskId::parse("site1/vm1/disk0").unwrap()
-}
-
-fn sender(stack: &LocalStack, args: &[&str]) -> Command {
-    let mut c = Command::new(bin("pilotlight-sender"));
-    c.arg("send")
-        .args(args)
-        .envs(stack.env())
-        .env("RUST_LOG", "warn");
-    c
-}
-
-fn run_ok(stack: &LocalStack, args: &[&str]) -> serde_json::Value {
-    let out = sender(stack, args)
-        .arg("--json")
-        .output()
-        .expect("run sender");
-    assert!(
-        out.status.success(),
-        "sender failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON summary on stdout")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// Every 512 KiB block of every data object holds a non-zero byte: zero blocks are
