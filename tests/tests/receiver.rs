@@ -93,7 +93,7 @@ async fn duplicated_and_reordered_events_apply_in_order_byte_identical() {
         .all(|e| e.iter().any(|b| b.contains("manifest.json"))));
 
     let rx = tmp.path().join("rx");
-    let _receiver = Running(
+    let receiver_proc = Running(
         receiver(
             &stack,
             "run",
@@ -155,6 +155,36 @@ async fn duplicated_and_reordered_events_apply_in_order_byte_identical() {
     })
     .await;
     assert_eq!(stack.depth(&replay_dlq).await, (0, 0));
+
+    // status: applied generation, lag, nothing pending, an allocated sparse image.
+    let out = receiver(&stack, "status", &rx, &["--json"])
+        .output()
+        .unwrap();
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st[0]["disk"], "site1/vm1/disk0");
+    assert_eq!(st[0]["applied"], 5);
+    assert_eq!(st[0]["pending"], serde_json::json!([]));
+    assert_eq!(st[0]["disk_size"], SIZE);
+    assert!(st[0]["lag_seconds"].as_i64().unwrap() >= 0);
+    let allocated = st[0]["allocated_bytes"].as_u64().unwrap();
+    assert!(
+        allocated > 0 && allocated < SIZE,
+        "sparse image: {allocated}"
+    );
+
+    // SIGTERM: the receiver stops promptly and cleanly.
+    let mut rx_proc = receiver_proc;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(rx_proc.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = poll_until("the receiver to exit on SIGTERM", WAIT, || {
+        let r = rx_proc.0.try_wait().unwrap();
+        async move { r }
+    })
+    .await;
+    assert!(status.success(), "clean exit on SIGTERM: {status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
