@@ -86,14 +86,16 @@ impl ObjectSource for S3Source {
             max: max_len,
             got,
         };
-        if let Some(len) = out.content_length() {
+        if let Some(len) = out.content_length {
             if len as u64 > max_len {
                 return Err(too_large(len as u64));
             }
         }
         // Read at most max_len + 1 bytes, whatever the headers said.
         let mut body = out.body;
-        let mut buf = bytes::BytesMut::new();
+        // One allocation of the announced size, capped: no regrowth copies.
+        let hint = out.content_length.unwrap_or(0).clamp(0, max_len as i64) as usize;
+        let mut buf = bytes::BytesMut::with_capacity(hint);
         while let Some(chunk) = body.try_next().await.map_err(|e| other(e.to_string()))? {
             if (buf.len() + chunk.len()) as u64 > max_len {
                 return Err(too_large((buf.len() + chunk.len()) as u64));

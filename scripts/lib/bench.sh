@@ -1,0 +1,66 @@
+# Shared by scripts/bench-*: sourced, not run. Expects $root (the repo) to be set.
+
+now() { date +%s.%N; }
+elapsed() { echo "$(now) - $1" | bc -l; }
+mib() { echo "scale=1; $1 / 1048576" | bc -l; }
+ratio() { echo "scale=2; $1 / $2" | bc -l; }
+min() { echo "if ($1 < $2) $1 else $2" | bc -l; }
+
+# moto keeps objects in memory and slows as it fills: every timed step gets a fresh
+# emulator, so no method pays for another's objects. Sets $aws and the PILOTLIGHT_* env.
+fresh_stack() {
+  "$root/scripts/local-stack" stop >/dev/null 2>&1 || true
+  PILOTLIGHT_BUCKET=bench "$root/scripts/local-stack" start >/dev/null 2>&1
+  # shellcheck disable=SC1091
+  . "$root/.local/stack.env"
+  aws=("$root/.venv/tools/bin/aws" --endpoint-url "$PILOTLIGHT_ENDPOINT_URL")
+}
+
+stop_stack() { "$root/scripts/local-stack" stop >/dev/null 2>&1 || true; }
+
+# Total size of the objects under a prefix of the bench bucket.
+stored() { "${aws[@]}" s3 ls --recursive --summarize "s3://$PILOTLIGHT_BUCKET/$1" | awk '/Total Size:/{print $3}'; }
+
+# The seed's extract step: the changed areas of disk.raw, listed in changes.txt, as
+# offset-named files in delta/, one process, each file fsynced (as its VDDK sample).
+seed_extract() { # work
+  rm -rf "$1/delta"; mkdir "$1/delta"
+  python3 - "$1" <<'PY'
+import os, sys
+work = sys.argv[1]
+fd = os.open(f"{work}/disk.raw", os.O_RDONLY)
+for line in open(f"{work}/changes.txt"):
+    if not line.split():
+        continue
+    off, length = map(int, line.split())
+    with open(f"{work}/delta/{off}", "wb") as out:
+        out.write(os.pread(fd, length, off))
+        os.fsync(out.fileno())
+PY
+}
+
+# A disk of $2 MiB with every other MiB changed (listed in changes.txt). $3 is the mix:
+# "half-zero" (half of the changed MiBs zero, a quarter random, a quarter text) or
+# "data" (half random, half text).
+make_disk() { # work mib mix
+  python3 - "$1" "$2" "$3" <<'PY'
+import random, sys
+work, mib, mix = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+M = 1 << 20
+rng = random.Random(7)
+line = b"2026-11-23 INFO request served in 12 ms path=/api/v1/items id=%08d\n"
+with open(f"{work}/disk.raw", "wb") as d, open(f"{work}/changes.txt", "w") as lst:
+    d.truncate(mib * M)
+    for i in range(mib // 2):
+        off = i * 2 * M
+        kind = i % 4 if mix == "half-zero" else 2 + i % 2
+        if kind in (0, 1):
+            data = bytes(M)
+        elif kind == 2:
+            data = rng.randbytes(M)
+        else:
+            data = b"".join(line % (i * 100000 + j) for j in range(M // len(line) + 1))[:M]
+        d.seek(off); d.write(data)
+        lst.write(f"{off:>15} {M:>15}  \n\n")
+PY
+}
