@@ -3,13 +3,12 @@
 use anyhow::{bail, Context, Result};
 use aws_config::retry::RetryConfig;
 use aws_config::BehaviorVersion;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use pilotlight_protocol::Prefix;
 use pilotlight_receiver::engine::{Engine, EngineConfig};
 use pilotlight_receiver::queue::SqsQueue;
 use pilotlight_receiver::store::S3Source;
 use serde::Deserialize;
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -28,15 +27,9 @@ struct Cli {
         default_value = "plain",
         env = "PILOTLIGHT_LOG_FORMAT"
     )]
-    log_format: LogFormat,
+    log_format: pilotlight_cli::LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Plain,
-    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -196,18 +189,6 @@ impl Settings {
     }
 }
 
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term => {} }
-}
-
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(s) => {
@@ -227,7 +208,7 @@ async fn run(cli: Cli) -> Result<()> {
                 },
             );
             tracing::info!("receiver started");
-            let stop = shutdown_signal();
+            let stop = pilotlight_cli::shutdown_signal();
             tokio::pin!(stop);
             loop {
                 // A stop abandons the current step: nothing is marked applied that is not
@@ -334,35 +315,5 @@ async fn run(cli: Cli) -> Result<()> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn")
-    });
-    let sub = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match cli.log_format {
-        LogFormat::Plain => sub.init(),
-        LogFormat::Json => sub.json().init(),
-    }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("pilotlight-receiver: error: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(run(cli)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!(
-                "pilotlight-receiver: error: {}",
-                format!("{e:#}").replace('\n', " ")
-            );
-            std::process::ExitCode::FAILURE
-        }
-    }
+    pilotlight_cli::run_main("pilotlight-receiver", cli.log_format, run(cli))
 }

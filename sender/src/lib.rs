@@ -360,14 +360,19 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_failed_manifest_put_is_finished_by_the_next_run() {
-        let tmp = tempfile::tempdir().unwrap();
-        let disk = tmp.path().join("d.raw");
+    /// An 8 MiB sparse disk with 3 MiB of data at 1 MiB.
+    fn sample_disk(dir: &std::path::Path) -> std::path::PathBuf {
+        let disk = dir.join("d.raw");
         let f = std::fs::File::create(&disk).unwrap();
         f.set_len(8 << 20).unwrap();
         f.write_all_at(&[5u8; 3 << 20], 1 << 20).unwrap();
-        let o = opts(&disk, &tmp.path().join("state"));
+        disk
+    }
+
+    #[tokio::test]
+    async fn a_failed_manifest_put_is_finished_by_the_next_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let o = opts(&sample_disk(tmp.path()), &tmp.path().join("state"));
 
         // Three 1 MiB objects go up, then the manifest PUT fails.
         let failing = MemoryStore {
@@ -403,11 +408,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_upload_leaves_no_manifest_and_the_rerun_reuses_the_generation() {
         let tmp = tempfile::tempdir().unwrap();
-        let disk = tmp.path().join("d.raw");
-        let f = std::fs::File::create(&disk).unwrap();
-        f.set_len(8 << 20).unwrap();
-        f.write_all_at(&[5u8; 3 << 20], 1 << 20).unwrap();
-        let o = opts(&disk, &tmp.path().join("state"));
+        let o = opts(&sample_disk(tmp.path()), &tmp.path().join("state"));
         let failing = MemoryStore {
             fail_after: Some(1),
             ..Default::default()

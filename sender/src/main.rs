@@ -31,7 +31,7 @@ struct Cli {
         default_value = "plain",
         env = "PILOTLIGHT_LOG_FORMAT"
     )]
-    log_format: LogFormat,
+    log_format: pilotlight_cli::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -42,12 +42,6 @@ enum Command {
     Send(Box<SendArgs>),
     /// Show the local state of a disk.
     Status(StatusArgs),
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Plain,
-    Json,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, Deserialize)]
@@ -409,21 +403,6 @@ async fn send_once(r: &Resolved, store: &S3Store) -> Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term => {},
-    }
-}
-
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Status(a) => {
@@ -448,7 +427,7 @@ async fn run(cli: Cli) -> Result<()> {
             // signal cancels the current run, whose state says where to resume.
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let stop = shutdown_signal();
+            let stop = pilotlight_cli::shutdown_signal();
             tokio::pin!(stop);
             loop {
                 tokio::select! {
@@ -468,36 +447,5 @@ async fn run(cli: Cli) -> Result<()> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn")
-    });
-    let sub = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match cli.log_format {
-        LogFormat::Plain => sub.init(),
-        LogFormat::Json => sub.json().init(),
-    }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("pilotlight-sender: error: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(run(cli)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            // One line: what failed, on which input, and what to do.
-            eprintln!(
-                "pilotlight-sender: error: {}",
-                format!("{e:#}").replace('\n', " ")
-            );
-            std::process::ExitCode::FAILURE
-        }
-    }
+    pilotlight_cli::run_main("pilotlight-sender", cli.log_format, run(cli))
 }

@@ -236,7 +236,8 @@ async fn bad_events_and_bad_generations_change_nothing_and_reach_the_dlq() {
     bytes[7] ^= 0xff;
     stack.put(&victim, bytes).await;
 
-    // Hand-made manifests: an unknown version, an object past the disk, a missing parent.
+    // Hand-made manifests: an unknown version, an object past the disk, an unaligned
+    // offset, overlapping objects, a missing parent.
     let mut v: serde_json::Value = serde_json::from_slice(&m2.to_json()).unwrap();
     let put_manifest = |g: u64, v: serde_json::Value| {
         let stack = &stack;
@@ -253,6 +254,15 @@ async fn bad_events_and_bad_generations_change_nothing_and_reach_the_dlq() {
     v["format_version"] = 1.into();
     v["objects"][0]["offset"] = (SIZE).into();
     let e4 = put_manifest(4, v.clone()).await;
+    let fresh = || serde_json::from_slice::<serde_json::Value>(&m2.to_json()).unwrap();
+    let mut unaligned = fresh();
+    unaligned["generation"] = 5.into();
+    unaligned["objects"][0]["offset"] = (m2.objects[0].offset + 100).into();
+    let e5 = put_manifest(5, unaligned).await;
+    let mut overlapping = fresh();
+    overlapping["generation"] = 6.into();
+    overlapping["objects"][1]["offset"] = m2.objects[0].offset.into();
+    let e6 = put_manifest(6, overlapping).await;
     let mut waiting = serde_json::from_slice::<serde_json::Value>(&m2.to_json()).unwrap();
     waiting["generation"] = 9.into();
     waiting["parent"] = 8.into();
@@ -276,6 +286,8 @@ async fn bad_events_and_bad_generations_change_nothing_and_reach_the_dlq() {
     bad.extend(
         e3.iter()
             .chain(&e4)
+            .chain(&e5)
+            .chain(&e6)
             .filter(|b| b.contains("manifest.json"))
             .cloned(),
     );

@@ -1,0 +1,66 @@
+//! What pilotlight's binaries share: log setup, the async runtime, one-line errors and
+//! stop signals, so every binary behaves the same way.
+
+use std::future::Future;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+/// Log format on stderr.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+/// Sets up logging (level from `RUST_LOG`, default info; colours only on a terminal),
+/// runs `main` on a multi-threaded runtime, and turns an error into one line on stderr,
+/// `NAME: error: what failed, on which input, and what to do`, and a failure exit code.
+pub fn run_main<F>(name: &str, format: LogFormat, main: F) -> ExitCode
+where
+    F: Future<Output = anyhow::Result<()>>,
+{
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn")
+    });
+    let sub = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Plain => sub.init(),
+        LogFormat::Json => sub.json().init(),
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{name}: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(main) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+}
