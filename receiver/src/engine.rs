@@ -87,6 +87,9 @@ pub fn classify(cfg: &EngineConfig, body: &str) -> Disposition {
 }
 
 struct Waiting {
+    /// The SQS message id: a re-delivered message replaces its older receipt handle,
+    /// since only the newest one can delete it or change its visibility.
+    id: String,
     receipt: String,
     extended: Instant,
 }
@@ -246,7 +249,10 @@ impl<S: ObjectSource, Q: Queue + Clone + 'static> Engine<S, Q> {
                     }
                     Some((id, g)) => {
                         if let Ok(d) = self.disk(&id) {
-                            d.messages.entry(g).or_default().push(Waiting {
+                            let waiting = d.messages.entry(g).or_default();
+                            waiting.retain(|w| w.id != msg.id);
+                            waiting.push(Waiting {
+                                id: msg.id.clone(),
                                 receipt: msg.receipt.clone(),
                                 extended: Instant::now(),
                             });
