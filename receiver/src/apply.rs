@@ -90,6 +90,10 @@ pub struct ApplyReport {
     pub bytes_fetched: u64,
     pub bytes_written: u64,
     pub bytes_zeroed: u64,
+    /// Fetching, verifying and staging every object.
+    pub fetch_seconds: f64,
+    /// Reserving, writing, punching and fsyncing the image.
+    pub write_seconds: f64,
     pub seconds: f64,
 }
 
@@ -145,6 +149,7 @@ async fn apply_inner<S: ObjectSource, I: Image + 'static>(
     staging: Arc<File>,
     staging_path: &Path,
 ) -> Result<ApplyReport, ApplyError> {
+    let started = Instant::now();
     let conc = opts.concurrency.max(1);
     // Where each object's stored bytes go in the staging file.
     let mut positions = Vec::with_capacity(m.objects.len());
@@ -209,6 +214,9 @@ async fn apply_inner<S: ObjectSource, I: Image + 'static>(
         .buffer_unordered(conc)
         .try_fold(0u64, |acc, n| async move { Ok(acc + n) })
         .await?;
+
+    let fetch_seconds = started.elapsed().as_secs_f64();
+    let write_started = Instant::now();
 
     // 2. Reserve: size the image, allocate what will be written.
     let img_err = |op: &'static str| {
@@ -287,6 +295,8 @@ async fn apply_inner<S: ObjectSource, I: Image + 'static>(
         bytes_fetched: fetched,
         bytes_written: written,
         bytes_zeroed: zeroed,
+        fetch_seconds,
+        write_seconds: write_started.elapsed().as_secs_f64(),
         seconds: 0.0,
     })
 }

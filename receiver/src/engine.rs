@@ -483,7 +483,7 @@ async fn drive_disk<S: ObjectSource, Q: Queue + Clone + 'static>(
                 let lag = (Utc::now() - m.snapshot_time).num_seconds();
                 tracing::info!(
                     disk = %id, generation = g, objects = report.objects, bytes = report.bytes_written,
-                    zeroed = report.bytes_zeroed, seconds = report.seconds, lag_seconds = lag, "applied"
+                    zeroed = report.bytes_zeroed, fetch_seconds = report.fetch_seconds, write_seconds = report.write_seconds, seconds = report.seconds, lag_seconds = lag, "applied"
                 );
                 // Everything at or below g is done: drop it, delete its messages.
                 let keep_pending = d.pending.split_off(&(g + 1));
