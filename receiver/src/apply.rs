@@ -104,6 +104,10 @@ pub struct ApplyOptions {
     pub staging_dir: PathBuf,
     /// For messages.
     pub image_name: String,
+    /// Objects already fetched for this generation, as files named by offset (see the
+    /// engine's prefetch). Each is verified like a fetched one; one that fails is
+    /// fetched again.
+    pub prefetch_dir: Option<PathBuf>,
 }
 
 /// Applies `m` to `image`. The manifest must already be validated (it is, when it comes
@@ -194,11 +198,22 @@ async fn apply_inner<S: ObjectSource, I: Image + 'static>(
             let o = o.clone();
             let staging_path = staging_path.to_path_buf();
             let write_lock = write_lock.clone();
+            let prefetched = opts
+                .prefetch_dir
+                .as_ref()
+                .map(|d| d.join(format!("{:020}", o.offset)));
             async move {
-                let stored = src.get(&key, o.stored_length).await?;
+                let stored = match read_prefetched(prefetched, &key, &o).await {
+                    Some(b) => b,
+                    None => {
+                        let b = src.get(&key, o.stored_length).await?;
+                        let (key, o, b2) = (key.clone(), o.clone(), b.clone());
+                        tokio::task::spawn_blocking(move || verify(&key, &o, &b2)).await??;
+                        b
+                    }
+                };
                 let n = stored.len() as u64;
                 tokio::task::spawn_blocking(move || {
-                    verify(&key, &o, &stored)?;
                     let _one_writer = write_lock.lock().unwrap_or_else(|p| p.into_inner());
                     staging
                         .write_all_at(&stored, at)
@@ -299,6 +314,29 @@ async fn apply_inner<S: ObjectSource, I: Image + 'static>(
         write_seconds: write_started.elapsed().as_secs_f64(),
         seconds: 0.0,
     })
+}
+
+/// A prefetched copy of an object, if there is one and it verifies.
+async fn read_prefetched(path: Option<PathBuf>, key: &str, o: &DataObject) -> Option<Bytes> {
+    let path = path?;
+    let (key, o) = (key.to_string(), o.clone());
+    tokio::task::spawn_blocking(move || {
+        let meta = std::fs::metadata(&path).ok()?;
+        if meta.len() != o.stored_length {
+            return None;
+        }
+        let b = Bytes::from(std::fs::read(&path).ok()?);
+        match verify(&key, &o, &b) {
+            Ok(_) => Some(b),
+            Err(e) => {
+                tracing::info!(%key, "prefetched copy rejected ({e}); fetching again");
+                None
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 /// Checks one object's stored bytes against the manifest; returns the decoded bytes.
@@ -492,6 +530,7 @@ mod tests {
             concurrency: 4,
             staging_dir: dir.to_path_buf(),
             image_name: "test".into(),
+            prefetch_dir: None,
         }
     }
 
@@ -726,5 +765,97 @@ mod tests {
         assert!(err.to_string().contains("disk full"), "{err}");
         assert!(err.is_transient());
         assert_eq!(std::fs::read(dir.path().join("img.raw")).unwrap(), before);
+    }
+}
+
+#[cfg(test)]
+mod prefetch_tests {
+    use super::*;
+    use crate::image::FileImage;
+    use crate::store::MemorySource;
+    use chrono::DateTime;
+    use pilotlight_protocol::{Consistency, DiskId, Sha256Hex, FORMAT_VERSION};
+
+    fn setup(dir: &Path) -> (MemorySource, Manifest, String, Vec<u8>) {
+        let data = vec![7u8; 4096];
+        let m = Manifest {
+            format_version: FORMAT_VERSION,
+            disk: DiskId::new("s", "v", "d").unwrap(),
+            generation: 1,
+            parent: None,
+            disk_size: 65536,
+            max_object: 65536,
+            source_kind: "test".into(),
+            source_change_id: None,
+            snapshot_time: DateTime::from_timestamp(0, 0).unwrap(),
+            consistency: Consistency::Crash,
+            objects: vec![DataObject {
+                offset: 8192,
+                length: 4096,
+                encoding: Encoding::Raw,
+                stored_length: 4096,
+                sha256: Sha256Hex(Sha256::digest(&data).into()),
+            }],
+            zero_ranges: vec![],
+            created_by: "test".into(),
+        };
+        let key = ObjectKey::Data {
+            disk: m.disk.clone(),
+            generation: 1,
+            offset: 8192,
+        }
+        .to_key(&Prefix::new("p").unwrap());
+        let src = MemorySource::default();
+        src.put(&key, data.clone());
+        std::fs::create_dir_all(dir.join("prefetch")).unwrap();
+        (src, m, key, data)
+    }
+
+    fn opts(dir: &Path) -> ApplyOptions {
+        ApplyOptions {
+            concurrency: 2,
+            staging_dir: dir.to_path_buf(),
+            image_name: "test".into(),
+            prefetch_dir: Some(dir.join("prefetch")),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_prefetched_copy_is_used_and_a_bad_one_is_fetched_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, m, key, data) = setup(dir.path());
+        let prefix = Prefix::new("p").unwrap();
+        let image = Arc::new(FileImage::open(&dir.path().join("img.raw")).unwrap());
+        let copy = dir.path().join("prefetch").join(format!("{:020}", 8192));
+
+        // A good copy is used: the object can be gone from the bucket.
+        std::fs::write(&copy, &data).unwrap();
+        src.objects.lock().unwrap().remove(&key);
+        let r = apply(&src, &prefix, &m, image.clone(), &opts(dir.path()))
+            .await
+            .unwrap();
+        assert_eq!(r.bytes_written, 4096);
+        assert_eq!(
+            &std::fs::read(dir.path().join("img.raw")).unwrap()[8192..12288],
+            &data[..]
+        );
+
+        // A corrupt copy (an older upload, say) is ignored: the object is fetched again.
+        std::fs::write(&copy, vec![9u8; 4096]).unwrap();
+        src.put(&key, data.clone());
+        apply(&src, &prefix, &m, image.clone(), &opts(dir.path()))
+            .await
+            .unwrap();
+        assert_eq!(
+            &std::fs::read(dir.path().join("img.raw")).unwrap()[8192..12288],
+            &data[..]
+        );
+
+        // Both corrupt: the apply fails on the bucket's copy, not on the prefetched one.
+        src.put(&key, vec![9u8; 4096]);
+        let err = apply(&src, &prefix, &m, image, &opts(dir.path()))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ApplyError::Checksum { .. }), "{err}");
     }
 }

@@ -20,6 +20,7 @@ use crate::store::ObjectSource;
 use chrono::Utc;
 use pilotlight_protocol::{
     parse_notification, DiskId, Manifest, ObjectKey, Prefix, S3Notification, MAX_MANIFEST_BYTES,
+    MAX_OBJECT_LIMIT,
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -40,6 +41,9 @@ pub struct EngineConfig {
     pub visibility_secs: i32,
     /// List the bucket this often to find manifests whose events were lost.
     pub reconcile_every: Option<Duration>,
+    /// Fetch data objects as their events arrive, before their manifest: the apply then
+    /// finds them on local disk.
+    pub prefetch: bool,
 }
 
 /// What to do with one message.
@@ -50,6 +54,8 @@ pub enum Disposition {
     Leave(String),
     /// Manifest events: delete once each generation is applied.
     Manifests(Vec<(DiskId, u64)>),
+    /// Data-object events (disk, generation, offset): prefetch, then delete.
+    Data(Vec<(DiskId, u64, u64)>),
 }
 
 /// Classifies a message body without I/O.
@@ -63,6 +69,7 @@ pub fn classify(cfg: &EngineConfig, body: &str) -> Disposition {
         S3Notification::Records(r) => r,
     };
     let mut manifests = Vec::new();
+    let mut data = Vec::new();
     for r in records {
         if r.bucket != cfg.bucket {
             return Disposition::Leave(format!(
@@ -75,14 +82,20 @@ pub fn classify(cfg: &EngineConfig, body: &str) -> Disposition {
         }
         match ObjectKey::parse(&cfg.prefix, &r.key) {
             Ok(ObjectKey::Manifest { disk, generation }) => manifests.push((disk, generation)),
-            Ok(ObjectKey::Data { .. }) => {}
+            Ok(ObjectKey::Data {
+                disk,
+                generation,
+                offset,
+            }) => data.push((disk, generation, offset)),
             Err(e) => return Disposition::Leave(format!("rejected key: {e}")),
         }
     }
-    if manifests.is_empty() {
-        Disposition::Delete("data-object events only")
-    } else {
+    if !manifests.is_empty() {
         Disposition::Manifests(manifests)
+    } else if !data.is_empty() {
+        Disposition::Data(data)
+    } else {
+        Disposition::Delete("no object-created records")
     }
 }
 
@@ -145,6 +158,9 @@ pub struct Engine<S, Q> {
     queue: Q,
     disks: BTreeMap<DiskId, Disk>,
     last_reconcile: Option<Instant>,
+    prefetches: tokio::task::JoinSet<()>,
+    /// Prefetches fetching at once (memory: this many objects at most).
+    prefetch_permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl<S, Q> std::fmt::Debug for Engine<S, Q> {
@@ -156,15 +172,61 @@ impl<S, Q> std::fmt::Debug for Engine<S, Q> {
     }
 }
 
-impl<S: ObjectSource, Q: Queue + Clone + 'static> Engine<S, Q> {
+impl<S: ObjectSource + Clone + 'static, Q: Queue + Clone + 'static> Engine<S, Q> {
     pub fn new(cfg: EngineConfig, src: S, queue: Q) -> Self {
+        let permits = Arc::new(tokio::sync::Semaphore::new(cfg.concurrency.max(1)));
         Self {
             cfg,
             src,
             queue,
             disks: BTreeMap::new(),
             last_reconcile: None,
+            prefetches: tokio::task::JoinSet::new(),
+            prefetch_permits: permits,
         }
+    }
+
+    /// Starts fetching a data object of a generation not applied yet into the disk's
+    /// prefetch directory (temp file, then rename: only complete files appear there).
+    fn prefetch(&mut self, id: &DiskId, generation: u64, offset: u64) -> Result<(), String> {
+        let prefix = self.cfg.prefix.clone();
+        let d = self.disk(id)?;
+        if d.state.applied.is_some_and(|a| generation <= a) {
+            return Ok(());
+        }
+        let dir = prefetch_dir(&d.paths, generation);
+        let path = dir.join(format!("{offset:020}"));
+        if path.exists() {
+            return Ok(());
+        }
+        let key = ObjectKey::Data {
+            disk: id.clone(),
+            generation,
+            offset,
+        }
+        .to_key(&prefix);
+        let (src, permits) = (self.src.clone(), self.prefetch_permits.clone());
+        self.prefetches.spawn(async move {
+            let Ok(_permit) = permits.acquire_owned().await else {
+                return;
+            };
+            let body = match src.get(&key, MAX_OBJECT_LIMIT).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::debug!(%key, "prefetch failed, the apply will fetch it: {e}");
+                    return;
+                }
+            };
+            let tmp = path.with_extension("tmp");
+            let written = std::fs::create_dir_all(&dir)
+                .and_then(|()| std::fs::write(&tmp, &body))
+                .and_then(|()| std::fs::rename(&tmp, &path));
+            if let Err(e) = written {
+                tracing::debug!(%key, "prefetch not stored, the apply will fetch it: {e}");
+                let _ = std::fs::remove_file(&tmp);
+            }
+        });
+        Ok(())
     }
 
     fn disk(&mut self, id: &DiskId) -> Result<&mut Disk, String> {
@@ -223,6 +285,16 @@ impl<S: ObjectSource, Q: Queue + Clone + 'static> Engine<S, Q> {
         match classify(&self.cfg, &msg.body) {
             Disposition::Delete(why) => {
                 tracing::debug!(id = %msg.id, why, "deleting message");
+                self.delete(&msg.receipt).await;
+            }
+            Disposition::Data(refs) => {
+                if self.cfg.prefetch {
+                    for (id, g, offset) in refs {
+                        if let Err(e) = self.prefetch(&id, g, offset) {
+                            tracing::debug!(disk = %id, "no prefetch: {e}");
+                        }
+                    }
+                }
                 self.delete(&msg.receipt).await;
             }
             Disposition::Leave(why) => {
@@ -345,6 +417,8 @@ impl<S: ObjectSource, Q: Queue + Clone + 'static> Engine<S, Q> {
                 self.reconcile().await;
             }
         }
+        // Reap finished prefetches.
+        while self.prefetches.try_join_next().is_some() {}
         let msgs = self.queue.receive(10, self.cfg.wait).await?;
         for m in &msgs {
             self.handle(m).await;
@@ -460,6 +534,7 @@ async fn drive_disk<S: ObjectSource, Q: Queue + Clone + 'static>(
             concurrency: cfg.concurrency,
             staging_dir: d.paths.staging_dir.clone(),
             image_name: d.paths.image.display().to_string(),
+            prefetch_dir: Some(prefetch_dir(&d.paths, g)),
         };
         tracing::info!(disk = %id, generation = g, parent = ?m.parent, objects = m.objects.len(), "applying");
         let res = apply(src, &cfg.prefix, &m, image, &opts).await;
@@ -477,6 +552,7 @@ async fn drive_disk<S: ObjectSource, Q: Queue + Clone + 'static>(
                     break;
                 }
                 d.state = st;
+                remove_prefetched_up_to(&d.paths, g);
                 d.failures = 0;
                 d.retry_after = None;
                 applied += 1;
@@ -512,6 +588,31 @@ async fn drive_disk<S: ObjectSource, Q: Queue + Clone + 'static>(
     applied
 }
 
+/// Where prefetched objects of one generation wait for their manifest.
+fn prefetch_dir(paths: &DiskPaths, generation: u64) -> PathBuf {
+    paths
+        .staging_dir
+        .join("prefetch")
+        .join(format!("g{generation:020}"))
+}
+
+/// Drops prefetched objects of generations up to `applied`: they are not needed again.
+fn remove_prefetched_up_to(paths: &DiskPaths, applied: u64) {
+    let Ok(entries) = std::fs::read_dir(paths.staging_dir.join("prefetch")) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let g = name
+            .to_str()
+            .and_then(|n| n.strip_prefix('g'))
+            .and_then(|n| n.parse::<u64>().ok());
+        if g.is_some_and(|g| g <= applied) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 fn backoff(d: &mut Disk) {
     d.failures += 1;
     let secs = 2u64.saturating_pow(d.failures.min(8)).min(300);
@@ -532,6 +633,7 @@ mod tests {
             wait: Duration::from_secs(0),
             visibility_secs: 60,
             reconcile_every: None,
+            prefetch: true,
         }
     }
 
@@ -549,16 +651,16 @@ mod tests {
             classify(&c, &event("b", m)),
             Disposition::Manifests(vec![(DiskId::new("s", "v", "d").unwrap(), 2)])
         );
-        assert!(matches!(
+        assert_eq!(
             classify(
                 &c,
                 &event(
                     "b",
-                    "dr/s/v/d/g/00000000000000000002/d/00000000000000000000"
+                    "dr/s/v/d/g/00000000000000000002/d/00000000000000000512"
                 )
             ),
-            Disposition::Delete(_)
-        ));
+            Disposition::Data(vec![(DiskId::new("s", "v", "d").unwrap(), 2, 512)])
+        );
         assert!(matches!(
             classify(
                 &c,

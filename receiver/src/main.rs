@@ -93,6 +93,10 @@ struct Settings {
     /// List the bucket this often for manifests whose events were lost, or "off" [default: 5m].
     #[arg(long)]
     reconcile_every: Option<String>,
+    /// Do not fetch data objects before their manifest arrives.
+    #[arg(long)]
+    #[serde(default)]
+    no_prefetch: bool,
 }
 
 impl Settings {
@@ -123,6 +127,7 @@ impl Settings {
             visibility_timeout,
             reconcile_every
         );
+        self.no_prefetch |= f.no_prefetch;
         Ok(self)
     }
 
@@ -156,7 +161,20 @@ impl Settings {
             wait: Duration::from_secs(self.wait_seconds.unwrap_or(20).min(20)),
             visibility_secs: self.visibility_timeout.unwrap_or(300).clamp(10, 43_200),
             reconcile_every,
+            prefetch: !self.no_prefetch,
         })
+    }
+
+    async fn engine(&self, cfg: EngineConfig, queue_url: String) -> Engine<S3Source, SqsQueue> {
+        let (src, sqs) = self.clients().await;
+        Engine::new(
+            cfg,
+            src,
+            SqsQueue {
+                client: sqs,
+                url: queue_url,
+            },
+        )
     }
 
     async fn clients(&self) -> (S3Source, aws_sdk_sqs::Client) {
@@ -198,15 +216,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .queue_url
                 .clone()
                 .context("--queue-url is required (or PILOTLIGHT_QUEUE_URL)")?;
-            let (src, sqs) = s.clients().await;
-            let mut engine = Engine::new(
-                cfg,
-                src,
-                SqsQueue {
-                    client: sqs,
-                    url: queue_url,
-                },
-            );
+            let mut engine = s.engine(cfg, queue_url).await;
             tracing::info!("receiver started");
             let stop = pilotlight_cli::shutdown_signal();
             tokio::pin!(stop);
@@ -227,15 +237,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Sync(s) => {
             let s = s.with_file()?;
             let cfg = s.engine_config()?;
-            let (src, sqs) = s.clients().await;
-            let mut engine = Engine::new(
-                cfg,
-                src,
-                SqsQueue {
-                    client: sqs,
-                    url: String::new(),
-                },
-            );
+            // sync reads no queue: it lists the bucket.
+            let mut engine = s.engine(cfg, String::new()).await;
             engine.load_known_disks();
             let n = engine.sync_once().await;
             for d in engine.status() {
@@ -261,29 +264,13 @@ async fn run(cli: Cli) -> Result<()> {
             json,
             local,
         } => {
-            let s = settings.with_file()?;
-            let mut cfg = s.engine_config().or_else(|_| {
-                // Status of local state needs no bucket.
-                let mut s2 = Settings {
-                    bucket: Some(String::new()),
-                    ..Settings::default()
-                };
-                s2.state_dir = s.state_dir.clone();
-                s2.image_dir = s.image_dir.clone();
-                s2.prefix = s.prefix.clone();
-                s2.engine_config()
-            })?;
+            let mut s = settings.with_file()?;
+            // Without a bucket, status shows the local state only.
+            let remote = !local && s.bucket.is_some();
+            s.bucket.get_or_insert_with(String::new);
+            let mut cfg = s.engine_config()?;
             cfg.reconcile_every = None;
-            let remote = !local && !cfg.bucket.is_empty();
-            let (src, sqs) = s.clients().await;
-            let mut engine = Engine::new(
-                cfg,
-                src,
-                SqsQueue {
-                    client: sqs,
-                    url: String::new(),
-                },
-            );
+            let mut engine = s.engine(cfg, String::new()).await;
             engine.load_known_disks();
             if remote {
                 engine.reconcile().await;
