@@ -24,6 +24,7 @@ use pilotlight_protocol::{
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -116,6 +117,9 @@ struct Disk {
     /// After a failed apply: no retry before this.
     retry_after: Option<Instant>,
     failures: u32,
+    /// The generation being (or last) applied: queued prefetches at or below it give
+    /// up, since the apply fetches what it does not find.
+    prefetch_floor: Arc<AtomicU64>,
 }
 
 impl Disk {
@@ -205,11 +209,15 @@ impl<S: ObjectSource + Clone + 'static, Q: Queue + Clone + 'static> Engine<S, Q>
             offset,
         }
         .to_key(&prefix);
+        let floor = d.prefetch_floor.clone();
         let (src, permits) = (self.src.clone(), self.prefetch_permits.clone());
         self.prefetches.spawn(async move {
             let Ok(_permit) = permits.acquire_owned().await else {
                 return;
             };
+            if floor.load(Ordering::Relaxed) >= generation {
+                return;
+            }
             let body = match src.get(&key, MAX_OBJECT_LIMIT).await {
                 Ok(b) => b,
                 Err(e) => {
@@ -245,6 +253,7 @@ impl<S: ObjectSource + Clone + 'static, Q: Queue + Clone + 'static> Engine<S, Q>
                     messages: BTreeMap::new(),
                     retry_after: None,
                     failures: 0,
+                    prefetch_floor: Arc::new(AtomicU64::new(0)),
                 },
             );
         }
@@ -537,6 +546,7 @@ async fn drive_disk<S: ObjectSource, Q: Queue + Clone + 'static>(
             prefetch_dir: Some(prefetch_dir(&d.paths, g)),
         };
         tracing::info!(disk = %id, generation = g, parent = ?m.parent, objects = m.objects.len(), "applying");
+        d.prefetch_floor.fetch_max(g, Ordering::Relaxed);
         let res = apply(src, &cfg.prefix, &m, image, &opts).await;
         keepalive.abort();
         match res {
