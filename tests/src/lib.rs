@@ -1,8 +1,9 @@
 //! Test helpers for pilotlight's end-to-end tests: the local AWS emulator, the project's
 //! binaries, sample disks, and an independent reassembler of disks from S3.
 //!
-//! Point the tests at real AWS instead of the emulator by setting
-//! `PILOTLIGHT_TEST_REAL_AWS=1` with `PILOTLIGHT_TEST_BUCKET` (never in CI).
+//! Every test starts its own emulator through [`stack::LocalStack`]; running them against
+//! real AWS (design.md asks for it, env-gated, never in CI) is not wired up yet:
+//! `LocalStack` is the one place to add it.
 
 pub mod cli;
 pub mod disk;
