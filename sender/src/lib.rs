@@ -220,18 +220,14 @@ pub async fn send_generation<S: ObjectStore>(
     if let Some(sd) = &lock {
         // Save the manifest, then say so: a crash from here on re-puts exactly it.
         sd.write_pending_manifest(&manifest.to_json())?;
-        st.pending = Some(Pending {
+        let committing = Pending {
             generation,
             snapshot_time,
             phase: Phase::Committing,
-        });
+        };
+        st.pending = Some(committing.clone());
         sd.save(&st)?;
-        let p = st.pending.clone().unwrap_or(Pending {
-            generation,
-            snapshot_time,
-            phase: Phase::Committing,
-        });
-        finish_commit(opts, store, sd, &mut st, &p).await?;
+        finish_commit(opts, store, sd, &mut st, &committing).await?;
     }
 
     Ok(Summary {
