@@ -155,23 +155,12 @@ impl LocalStack {
 
     /// Every key under `prefix`.
     pub async fn keys(&self, prefix: &str) -> Vec<String> {
-        let mut out = Vec::new();
-        let mut pages = self
-            .s3
-            .list_objects_v2()
-            .bucket(&self.bucket)
-            .prefix(prefix)
-            .into_paginator()
-            .send();
-        while let Some(page) = pages.next().await {
-            let page = page.expect("list objects");
-            out.extend(
-                page.contents()
-                    .iter()
-                    .filter_map(|o| o.key().map(String::from)),
-            );
-        }
-        out
+        use pilotlight_receiver::store::{ObjectSource, S3Source};
+        let src = S3Source {
+            client: self.s3.clone(),
+            bucket: self.bucket.clone(),
+        };
+        src.list(prefix).await.expect("list objects")
     }
 
     /// The manifest keys under `prefix`.
