@@ -107,6 +107,7 @@ async fn duplicated_and_reordered_events_apply_in_order_byte_identical() {
                 "1",
                 "--visibility-timeout",
                 "30",
+                "--prefetch",
             ],
         )
         .stderr(Stdio::null())
