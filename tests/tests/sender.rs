@@ -490,3 +490,59 @@ async fn spool_source_with_config_file_and_dry_run_and_lock() {
     .await;
     assert_eq!(std::fs::read(&image).unwrap(), expect);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_runs_on_a_schedule_and_stops_cleanly_on_sigterm() {
+    let stack = LocalStack::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = tmp.path().join("disk.raw");
+    let f = create_sparse(&disk, 8 * MIB);
+    f.write_all_at(&[3u8; 65536], MIB).unwrap();
+    drop(f);
+    let state = tmp.path().join("state");
+    let mut child = sender(
+        &stack,
+        &[
+            "--disk-id",
+            "site1/vm1/disk0",
+            "--source",
+            "full",
+            "--disk",
+            s(&disk),
+            "--state-dir",
+            s(&state),
+            "--every",
+            "1s",
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    // Three ticks, three committed generations.
+    poll_until(
+        "three scheduled generations",
+        Duration::from_secs(60),
+        || async { (stack.manifests(&stack.prefix).await.len() >= 3).then_some(()) },
+    )
+    .await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = poll_until(
+        "the sender to exit on SIGTERM",
+        Duration::from_secs(30),
+        || {
+            let r = child.try_wait().unwrap();
+            async move { r }
+        },
+    )
+    .await;
+    assert!(status.success(), "clean exit: {status}");
+    let st = pilotlight_sender::state::peek(&state, &disk_id())
+        .unwrap()
+        .unwrap();
+    assert!(st.last_committed.unwrap() >= 3);
+}
