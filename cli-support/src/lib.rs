@@ -12,6 +12,20 @@ pub enum LogFormat {
     Json,
 }
 
+/// The global `--log-format` flag every binary takes (flatten it into the CLI).
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct LogArgs {
+    /// Log format on stderr.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "plain",
+        env = "PILOTLIGHT_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
+}
+
 /// Sets up logging (level from `RUST_LOG`, default info; colours only on a terminal),
 /// runs `main` on a multi-threaded runtime, and turns an error into one line on stderr,
 /// `NAME: error: what failed, on which input, and what to do`, and a failure exit code.

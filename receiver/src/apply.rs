@@ -203,17 +203,17 @@ async fn apply_inner<S: ObjectSource, I: Image + 'static>(
                 .as_ref()
                 .map(|d| d.join(format!("{:020}", o.offset)));
             async move {
-                let stored = match read_prefetched(prefetched, &key, &o).await {
-                    Some(b) => b,
-                    None => {
-                        let b = src.get(&key, o.stored_length).await?;
-                        let (key, o, b2) = (key.clone(), o.clone(), b.clone());
-                        tokio::task::spawn_blocking(move || verify(&key, &o, &b2)).await??;
-                        b
-                    }
+                // A verified prefetched copy, else the bucket's (verified below, in the
+                // same blocking task that stages it).
+                let (stored, verified) = match read_prefetched(prefetched, &key, &o).await {
+                    Some(b) => (b, true),
+                    None => (src.get(&key, o.stored_length).await?, false),
                 };
                 let n = stored.len() as u64;
                 tokio::task::spawn_blocking(move || {
+                    if !verified {
+                        verify(&key, &o, &stored)?;
+                    }
                     let _one_writer = write_lock.lock().unwrap_or_else(|p| p.into_inner());
                     staging
                         .write_all_at(&stored, at)

@@ -19,15 +19,8 @@ use std::time::Duration;
     about = "Apply pilotlight generations from S3 into sparse raw images"
 )]
 struct Cli {
-    /// Log format on stderr.
-    #[arg(
-        long,
-        global = true,
-        value_enum,
-        default_value = "plain",
-        env = "PILOTLIGHT_LOG_FORMAT"
-    )]
-    log_format: pilotlight_cli::LogFormat,
+    #[command(flatten)]
+    log: pilotlight_cli::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -304,5 +297,5 @@ async fn run(cli: Cli) -> Result<()> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    pilotlight_cli::run_main("pilotlight-receiver", cli.log_format, run(cli))
+    pilotlight_cli::run_main("pilotlight-receiver", cli.log.log_format, run(cli))
 }

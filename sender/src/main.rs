@@ -23,15 +23,8 @@ use std::time::Duration;
     about = "Ship changed disk extents to S3 as pilotlight generations"
 )]
 struct Cli {
-    /// Log format on stderr.
-    #[arg(
-        long,
-        global = true,
-        value_enum,
-        default_value = "plain",
-        env = "PILOTLIGHT_LOG_FORMAT"
-    )]
-    log_format: pilotlight_cli::LogFormat,
+    #[command(flatten)]
+    log: pilotlight_cli::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -447,5 +440,5 @@ async fn run(cli: Cli) -> Result<()> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    pilotlight_cli::run_main("pilotlight-sender", cli.log_format, run(cli))
+    pilotlight_cli::run_main("pilotlight-sender", cli.log.log_format, run(cli))
 }

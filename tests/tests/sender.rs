@@ -16,6 +16,29 @@ use std::time::Duration;
 const DISK_SIZE: u64 = 256 * MIB;
 const SNAP: &str = "2026-11-23T10:00:00Z";
 
+/// `--disk-id site1/vm1/disk0 --source full --disk DISK --state-dir STATE`.
+fn full_args<'a>(disk: &'a Path, state: &'a Path) -> [&'a str; 8] {
+    let id = "site1/vm1/disk0";
+    [
+        "--disk-id",
+        id,
+        "--source",
+        "full",
+        "--disk",
+        s(disk),
+        "--state-dir",
+        s(state),
+    ]
+}
+
+/// The same with `--source extent-list --extents LIST`.
+fn list_args<'a>(list: &'a Path, disk: &'a Path, state: &'a Path) -> Vec<&'a str> {
+    let mut v = full_args(disk, state).to_vec();
+    v[3] = "extent-list";
+    v.extend(["--extents", s(list)]);
+    v
+}
+
 fn disk_id() -> DiskId {
     DiskId::parse("site1/vm1/disk0").unwrap()
 }
@@ -67,19 +90,7 @@ async fn full_then_incremental_reassemble_byte_identical() {
     let sha_before = sha256_file(&disk);
     let mtime_before = std::fs::metadata(&disk).unwrap().modified().unwrap();
 
-    let g1 = run_ok(
-        &stack,
-        &[
-            "--disk-id",
-            "site1/vm1/disk0",
-            "--source",
-            "full",
-            "--disk",
-            s(&disk),
-            "--state-dir",
-            s(&state),
-        ],
-    );
+    let g1 = run_ok(&stack, &full_args(&disk, &state));
     assert_eq!(g1["generation"], 1);
     assert_eq!(g1["parent"], serde_json::Value::Null);
     // The source is opened read-only and never written.
@@ -116,19 +127,10 @@ async fn full_then_incremental_reassemble_byte_identical() {
     let g2 = run_ok(
         &stack,
         &[
-            "--disk-id",
-            "site1/vm1/disk0",
-            "--source",
-            "extent-list",
-            "--extents",
-            s(&list),
-            "--disk",
-            s(&disk),
-            "--state-dir",
-            s(&state),
-            "--change-id",
-            "52 3c/7",
-        ],
+            &list_args(&list, &disk, &state)[..],
+            &["--change-id", "52 3c/7"],
+        ]
+        .concat(),
     );
     assert_eq!(g2["generation"], 2);
     assert_eq!(g2["parent"], 1);
@@ -392,21 +394,8 @@ async fn powercli_fixture_on_a_sparse_40_gib_disk_reads_only_data() {
         f.write_all_at(&vec![0xA5u8; MIB as usize], off).unwrap();
     }
     drop(f);
-    let g = run_ok(
-        &stack,
-        &[
-            "--disk-id",
-            "site1/vm1/disk0",
-            "--source",
-            "extent-list",
-            "--extents",
-            s(&fixture),
-            "--disk",
-            s(&disk),
-            "--state-dir",
-            s(&tmp.path().join("state")),
-        ],
-    );
+    let state = tmp.path().join("state");
+    let g = run_ok(&stack, &list_args(&fixture, &disk, &state));
     let holes = g["bytes_holes"].as_u64().unwrap();
     let read = g["bytes_read"].as_u64().unwrap();
     assert!(
@@ -502,18 +491,7 @@ async fn every_runs_on_a_schedule_and_stops_cleanly_on_sigterm() {
     let state = tmp.path().join("state");
     let mut child = sender(
         &stack,
-        &[
-            "--disk-id",
-            "site1/vm1/disk0",
-            "--source",
-            "full",
-            "--disk",
-            s(&disk),
-            "--state-dir",
-            s(&state),
-            "--every",
-            "1s",
-        ],
+        &[&full_args(&disk, &state)[..], &["--every", "1s"]].concat(),
     )
     .stdout(Stdio::null())
     .stderr(Stdio::null())
