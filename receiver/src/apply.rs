@@ -155,12 +155,13 @@ async fn apply_inner<S: ObjectSource, I: Image + 'static>(
 ) -> Result<ApplyReport, ApplyError> {
     let started = Instant::now();
     let conc = opts.concurrency.max(1);
-    // Where each object's stored bytes go in the staging file.
+    // Where each object's decoded bytes go in the staging file: staged decoded, the
+    // write step is a kernel copy (copy_file_range) with nothing left to decode.
     let mut positions = Vec::with_capacity(m.objects.len());
     let mut pos = 0u64;
     for o in &m.objects {
         positions.push(pos);
-        pos += o.stored_length;
+        pos += o.length;
     }
     // Allocate the staging file whole: writes into allocated blocks are much faster than
     // into holes, and a full disk fails here, before the image is touched.
@@ -205,18 +206,20 @@ async fn apply_inner<S: ObjectSource, I: Image + 'static>(
             async move {
                 // A verified prefetched copy, else the bucket's (verified below, in the
                 // same blocking task that stages it).
-                let (stored, verified) = match read_prefetched(prefetched, &key, &o).await {
-                    Some(b) => (b, true),
-                    None => (src.get(&key, o.stored_length).await?, false),
+                let (stored, decoded) = match read_prefetched(prefetched, &key, &o).await {
+                    Some(data) => (None, Some(data)),
+                    None => (Some(src.get(&key, o.stored_length).await?), None),
                 };
-                let n = stored.len() as u64;
+                let n = o.stored_length;
                 tokio::task::spawn_blocking(move || {
-                    if !verified {
-                        verify(&key, &o, &stored)?;
-                    }
+                    let data = match (decoded, stored) {
+                        (Some(data), _) => data,
+                        (None, Some(stored)) => verify(&key, &o, &stored)?,
+                        (None, None) => unreachable!("one of the two is set"),
+                    };
                     let _one_writer = write_lock.lock().unwrap_or_else(|p| p.into_inner());
                     staging
-                        .write_all_at(&stored, at)
+                        .write_all_at(&data, at)
                         .map_err(|source| ApplyError::Staging {
                             path: staging_path.display().to_string(),
                             source,
@@ -252,40 +255,27 @@ async fn apply_inner<S: ObjectSource, I: Image + 'static>(
             .map_err(img_err("reserve space"))?;
     }
 
-    // 3. Write.
-    let written: u64 = futures::stream::iter(m.objects.iter().zip(positions.iter().copied()))
-        .map(|(o, at)| {
-            let (image, staging, o, key) = (image.clone(), staging.clone(), o.clone(), key_of(o));
-            let name = opts.image_name.clone();
-            let staging_path = staging_path.to_path_buf();
-            let write_lock = write_lock.clone();
-            async move {
-                tokio::task::spawn_blocking(move || {
-                    let mut stored = vec![0u8; o.stored_length as usize];
-                    staging.read_exact_at(&mut stored, at).map_err(|source| {
-                        ApplyError::Staging {
-                            path: staging_path.display().to_string(),
-                            source,
-                        }
+    // 3. Write: verified and decoded in step 1, so only a copy, in offset order, by
+    // one task (one writer per file, see above).
+    let written: u64 = {
+        let (image, staging, objects) = (image.clone(), staging.clone(), m.objects.clone());
+        let name = opts.image_name.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut written = 0;
+            for (o, at) in objects.iter().zip(positions) {
+                image
+                    .copy_from(&staging, at, o.offset, o.length)
+                    .map_err(|source| ApplyError::Image {
+                        image: name.clone(),
+                        op: "write",
+                        source,
                     })?;
-                    // Verified in step 1: only decode (hashing again would cost a pass).
-                    let data = decode(&key, &o, Bytes::from(stored))?;
-                    let _one_writer = write_lock.lock().unwrap_or_else(|p| p.into_inner());
-                    image
-                        .write_at(o.offset, &data)
-                        .map_err(|source| ApplyError::Image {
-                            image: name,
-                            op: "write",
-                            source,
-                        })?;
-                    Ok::<u64, ApplyError>(o.length)
-                })
-                .await?
+                written += o.length;
             }
+            Ok::<u64, ApplyError>(written)
         })
-        .buffer_unordered(conc)
-        .try_fold(0u64, |acc, n| async move { Ok(acc + n) })
-        .await?;
+        .await??
+    };
 
     // A base describes the whole disk: whatever it does not write reads as zero.
     // An increment zeroes exactly its zero ranges.
@@ -316,7 +306,7 @@ async fn apply_inner<S: ObjectSource, I: Image + 'static>(
     })
 }
 
-/// A prefetched copy of an object, if there is one and it verifies.
+/// The decoded bytes of a prefetched copy of an object, if there is one and it verifies.
 async fn read_prefetched(path: Option<PathBuf>, key: &str, o: &DataObject) -> Option<Bytes> {
     let path = path?;
     let (key, o) = (key.to_string(), o.clone());
@@ -327,7 +317,7 @@ async fn read_prefetched(path: Option<PathBuf>, key: &str, o: &DataObject) -> Op
         }
         let b = Bytes::from(std::fs::read(&path).ok()?);
         match verify(&key, &o, &b) {
-            Ok(_) => Some(b),
+            Ok(data) => Some(data),
             Err(e) => {
                 tracing::info!(%key, "prefetched copy rejected ({e}); fetching again");
                 None
