@@ -3,12 +3,18 @@
 //! ```text
 //! {prefix}/{site}/{vm}/{disk}/g/{generation:020}/d/{offset:020}   data object
 //! {prefix}/{site}/{vm}/{disk}/g/{generation:020}/manifest.json    commit, written last
+//! {prefix}/{site}/{vm}/{disk}/x/{export-id}/request.json          export request (DR)
+//! {prefix}/{site}/{vm}/{disk}/x/{export-id}/image.raw             the exported image
+//! {prefix}/{site}/{vm}/{disk}/x/{export-id}/result.json           the export's outcome
 //! ```
 
 use crate::names::{DiskId, Name, NameError, Prefix};
 use std::fmt;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
+pub const EXPORT_REQUEST_FILE: &str = "request.json";
+pub const EXPORT_IMAGE_FILE: &str = "image.raw";
+pub const EXPORT_RESULT_FILE: &str = "result.json";
 const DIGITS: usize = 20;
 /// Keys longer than this are rejected before any other parsing (S3's own limit).
 pub const MAX_KEY_LEN: usize = 1024;
@@ -20,7 +26,7 @@ pub enum KeyError {
     OutsidePrefix { key: String, prefix: String },
     #[error("key {key:?} is longer than {MAX_KEY_LEN} bytes")]
     TooLong { key: String },
-    #[error("key {key:?} does not have the shape site/vm/disk/g/<generation>/(manifest.json|d/<offset>)")]
+    #[error("key {key:?} does not have the shape site/vm/disk/g/<generation>/(manifest.json|d/<offset>) or site/vm/disk/x/<export-id>/(request.json|image.raw|result.json)")]
     WrongShape { key: String },
     #[error("key {key:?}: bad {field} name: {source}")]
     BadName {
@@ -56,20 +62,41 @@ pub enum ObjectKey {
         disk: DiskId,
         generation: u64,
     },
+    /// A request to export the disk's image (written by the DR Lambda).
+    ExportRequest {
+        disk: DiskId,
+        id: Name,
+    },
+    /// An exported image (written by the receiver).
+    ExportImage {
+        disk: DiskId,
+        id: Name,
+    },
+    /// An export's outcome (written by the receiver, last).
+    ExportResult {
+        disk: DiskId,
+        id: Name,
+    },
 }
 
 impl ObjectKey {
     pub fn disk(&self) -> &DiskId {
         match self {
-            ObjectKey::Data { disk, .. } | ObjectKey::Manifest { disk, .. } => disk,
+            ObjectKey::Data { disk, .. }
+            | ObjectKey::Manifest { disk, .. }
+            | ObjectKey::ExportRequest { disk, .. }
+            | ObjectKey::ExportImage { disk, .. }
+            | ObjectKey::ExportResult { disk, .. } => disk,
         }
     }
 
-    pub fn generation(&self) -> u64 {
+    /// The generation of a data object or manifest.
+    pub fn generation(&self) -> Option<u64> {
         match self {
             ObjectKey::Data { generation, .. } | ObjectKey::Manifest { generation, .. } => {
-                *generation
+                Some(*generation)
             }
+            _ => None,
         }
     }
 
@@ -91,6 +118,15 @@ impl ObjectKey {
                 generation_prefix(prefix, disk),
                 generation
             ),
+            ObjectKey::ExportRequest { disk, id } => {
+                format!("{}{id}/{EXPORT_REQUEST_FILE}", export_prefix(prefix, disk))
+            }
+            ObjectKey::ExportImage { disk, id } => {
+                format!("{}{id}/{EXPORT_IMAGE_FILE}", export_prefix(prefix, disk))
+            }
+            ObjectKey::ExportResult { disk, id } => {
+                format!("{}{id}/{EXPORT_RESULT_FILE}", export_prefix(prefix, disk))
+            }
         }
     }
 
@@ -108,8 +144,8 @@ impl ObjectKey {
                     prefix: prefix.to_string(),
                 })?;
         let parts: Vec<&str> = rest.split('/').collect();
-        let (site, vm, disk, gen, tail) = match parts.as_slice() {
-            [s, v, d, "g", g, tail @ ..] => (*s, *v, *d, *g, tail),
+        let (site, vm, disk, kind, gen, tail) = match parts.as_slice() {
+            [s, v, d, kind @ ("g" | "x"), g, tail @ ..] => (*s, *v, *d, *kind, *g, tail),
             _ => return Err(KeyError::WrongShape { key: short() }),
         };
         let name = |field: &'static str, s: &str| {
@@ -124,6 +160,15 @@ impl ObjectKey {
             vm: name("vm", vm)?,
             disk: name("disk", disk)?,
         };
+        if kind == "x" {
+            let id = name("export id", gen)?;
+            return match tail {
+                [EXPORT_REQUEST_FILE] => Ok(ObjectKey::ExportRequest { disk, id }),
+                [EXPORT_IMAGE_FILE] => Ok(ObjectKey::ExportImage { disk, id }),
+                [EXPORT_RESULT_FILE] => Ok(ObjectKey::ExportResult { disk, id }),
+                _ => Err(KeyError::WrongShape { key: short() }),
+            };
+        }
         match tail {
             [MANIFEST_FILE] => {
                 let generation = parse_generation(key, gen)?;
@@ -163,6 +208,11 @@ pub fn disk_prefix(prefix: &Prefix, disk: &DiskId) -> String {
 /// `{prefix}/{site}/{vm}/{disk}/g/`: list under this to find a disk's generations.
 pub fn generation_prefix(prefix: &Prefix, disk: &DiskId) -> String {
     format!("{}g/", disk_prefix(prefix, disk))
+}
+
+/// `{prefix}/{site}/{vm}/{disk}/x/`: a disk's exports.
+pub fn export_prefix(prefix: &Prefix, disk: &DiskId) -> String {
+    format!("{}x/", disk_prefix(prefix, disk))
 }
 
 /// `.../g/{generation:020}/`: list under this to find one generation's objects.
@@ -208,6 +258,39 @@ mod tests {
 
     fn disk() -> DiskId {
         DiskId::new("site1", "vm-a", "disk0").unwrap()
+    }
+
+    #[test]
+    fn export_keys_round_trip_and_reject_bad_ids() {
+        let id = Name::new("run-1.disk0").unwrap();
+        for k in [
+            ObjectKey::ExportRequest {
+                disk: disk(),
+                id: id.clone(),
+            },
+            ObjectKey::ExportImage {
+                disk: disk(),
+                id: id.clone(),
+            },
+            ObjectKey::ExportResult {
+                disk: disk(),
+                id: id.clone(),
+            },
+        ] {
+            let s = k.to_key(&p("dr"));
+            assert!(s.starts_with("dr/site1/vm-a/disk0/x/run-1.disk0/"), "{s}");
+            assert_eq!(ObjectKey::parse(&p("dr"), &s).unwrap(), k);
+            assert_eq!(k.generation(), None);
+        }
+        for bad in [
+            "dr/site1/vm-a/disk0/x/../request.json",
+            "dr/site1/vm-a/disk0/x/a b/request.json",
+            "dr/site1/vm-a/disk0/x/id/other.json",
+            "dr/site1/vm-a/disk0/x/id/d/00000000000000000000",
+            "dr/site1/vm-a/disk0/x/request.json",
+        ] {
+            assert!(ObjectKey::parse(&p("dr"), bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! - [`names`]: validated names, disk ids and key prefixes;
 //! - [`keys`]: object keys of data objects and manifests, built and parsed;
 //! - [`manifest`]: the commit record of a generation, with validation;
+//! - [`export`]: export requests and results (DR Lambda <-> receiver);
 //! - [`event`]: S3 event notifications (real S3 and the emulator), parsed tolerantly;
 //! - [`extent`]: byte ranges and the alignment rules shared by all parts.
 //!
@@ -11,12 +12,17 @@
 //! and never panics.
 
 pub mod event;
+pub mod export;
 pub mod extent;
 pub mod keys;
 pub mod manifest;
 pub mod names;
 
 pub use event::{parse_notification, EventError, S3Notification, S3Record};
+pub use export::{
+    ExportDocError, ExportFormat, ExportRequest, ExportResult, ExportStatus, EXPORT_VERSION,
+    MAX_EXPORT_DOC_BYTES,
+};
 pub use extent::{Extent, SECTOR_SIZE, SPLIT_ALIGN};
 pub use keys::{KeyError, ObjectKey};
 pub use manifest::{

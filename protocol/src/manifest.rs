@@ -332,9 +332,12 @@ impl Manifest {
 
     /// Checks that this manifest is the one its key names.
     pub fn check_key(&self, key: &ObjectKey) -> Result<(), ManifestError> {
-        if key.disk() != &self.disk || key.generation() != self.generation {
+        if key.disk() != &self.disk || key.generation() != Some(self.generation) {
             return Err(ManifestError::KeyMismatch {
-                expected: format!("{} generation {}", key.disk(), key.generation()),
+                expected: match key.generation() {
+                    Some(g) => format!("{} generation {g}", key.disk()),
+                    None => format!("{} (not a manifest key)", key.disk()),
+                },
                 found: format!("{} generation {}", self.disk, self.generation),
             });
         }

@@ -11,15 +11,22 @@
 //! (bad JSON, another bucket, a key outside the prefix or not a pilotlight key, an invalid
 //! manifest) is logged and left alone, so the queue's redrive moves it to the
 //! dead-letter queue, where the DLQ alarm makes the misconfiguration visible.
+//!
+//! Export requests (`x/{id}/request.json`, written by the DR Lambda) wait until the
+//! image holds exactly the requested generation; the export runs on the disk's own turn,
+//! before any newer generation is applied, so it is never half-applied. Its outcome goes
+//! to `x/{id}/result.json`; the request's messages are deleted after that.
 
 use crate::apply::{apply, ApplyOptions};
+use crate::export::{export_image, ExportOptions};
 use crate::image::FileImage;
 use crate::queue::{Message, Queue};
 use crate::state::{self, DiskPaths, DiskState};
-use crate::store::ObjectSource;
+use crate::store::{ObjectSink, ObjectSource};
 use chrono::Utc;
 use pilotlight_protocol::{
-    parse_notification, DiskId, Manifest, ObjectKey, Prefix, S3Notification, MAX_MANIFEST_BYTES,
+    parse_notification, DiskId, ExportRequest, ExportResult, ExportStatus, Manifest, Name,
+    ObjectKey, Prefix, S3Notification, EXPORT_VERSION, MAX_EXPORT_DOC_BYTES, MAX_MANIFEST_BYTES,
     MAX_OBJECT_LIMIT,
 };
 use std::collections::BTreeMap;
@@ -57,6 +64,8 @@ pub enum Disposition {
     Manifests(Vec<(DiskId, u64)>),
     /// Data-object events (disk, generation, offset): prefetch, then delete.
     Data(Vec<(DiskId, u64, u64)>),
+    /// Export requests: delete once each is answered.
+    Exports(Vec<(DiskId, Name)>),
 }
 
 /// Classifies a message body without I/O.
@@ -71,6 +80,7 @@ pub fn classify(cfg: &EngineConfig, body: &str) -> Disposition {
     };
     let mut manifests = Vec::new();
     let mut data = Vec::new();
+    let mut exports = Vec::new();
     for r in records {
         if r.bucket != cfg.bucket {
             return Disposition::Leave(format!(
@@ -88,10 +98,15 @@ pub fn classify(cfg: &EngineConfig, body: &str) -> Disposition {
                 generation,
                 offset,
             }) => data.push((disk, generation, offset)),
+            Ok(ObjectKey::ExportRequest { disk, id }) => exports.push((disk, id)),
+            // What a receiver's export writes comes back as events too.
+            Ok(ObjectKey::ExportImage { .. } | ObjectKey::ExportResult { .. }) => {}
             Err(e) => return Disposition::Leave(format!("rejected key: {e}")),
         }
     }
-    if !manifests.is_empty() {
+    if !exports.is_empty() {
+        Disposition::Exports(exports)
+    } else if !manifests.is_empty() {
         Disposition::Manifests(manifests)
     } else if !data.is_empty() {
         Disposition::Data(data)
@@ -108,8 +123,15 @@ struct Waiting {
     extended: Instant,
 }
 
+struct PendingExport {
+    req: ExportRequest,
+    messages: Vec<Waiting>,
+}
+
 struct Disk {
     paths: DiskPaths,
+    /// Export requests not answered yet, by id.
+    exports: BTreeMap<Name, PendingExport>,
     state: DiskState,
     pending: BTreeMap<u64, Arc<Manifest>>,
     /// Messages to delete once the generation (key) is applied.
@@ -176,7 +198,7 @@ impl<S, Q> std::fmt::Debug for Engine<S, Q> {
     }
 }
 
-impl<S: ObjectSource + Clone + 'static, Q: Queue + Clone + 'static> Engine<S, Q> {
+impl<S: ObjectSource + ObjectSink + Clone + 'static, Q: Queue + Clone + 'static> Engine<S, Q> {
     pub fn new(cfg: EngineConfig, src: S, queue: Q) -> Self {
         let permits = Arc::new(tokio::sync::Semaphore::new(cfg.concurrency.max(1)));
         Self {
@@ -248,6 +270,7 @@ impl<S: ObjectSource + Clone + 'static, Q: Queue + Clone + 'static> Engine<S, Q>
                 id.clone(),
                 Disk {
                     paths,
+                    exports: BTreeMap::new(),
                     state,
                     pending: BTreeMap::new(),
                     messages: BTreeMap::new(),
@@ -289,6 +312,94 @@ impl<S: ObjectSource + Clone + 'static, Q: Queue + Clone + 'static> Engine<S, Q>
         Ok(())
     }
 
+    /// Takes up an export request. Returns whether it now waits (its message is kept
+    /// until it is answered); a request already answered, or one answered at once with a
+    /// failure, does not wait.
+    async fn learn_export(&mut self, disk: &DiskId, id: &Name, msg: Option<&Message>) -> bool {
+        let prefix = self.cfg.prefix.clone();
+        let waiting = msg.map(|m| Waiting {
+            id: m.id.clone(),
+            receipt: m.receipt.clone(),
+            extended: Instant::now(),
+        });
+        let d = match self.disk(disk) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(%disk, export = %id, "{e}");
+                return true;
+            }
+        };
+        if let Some(p) = d.exports.get_mut(id) {
+            if let Some(w) = waiting {
+                p.messages.retain(|m| m.id != w.id);
+                p.messages.push(w);
+            }
+            return true;
+        }
+        let result_key = ObjectKey::ExportResult {
+            disk: disk.clone(),
+            id: id.clone(),
+        }
+        .to_key(&prefix);
+        if self
+            .src
+            .get(&result_key, MAX_EXPORT_DOC_BYTES as u64)
+            .await
+            .is_ok()
+        {
+            tracing::debug!(%disk, export = %id, "export already answered");
+            return false;
+        }
+        let req_key = ObjectKey::ExportRequest {
+            disk: disk.clone(),
+            id: id.clone(),
+        }
+        .to_key(&prefix);
+        let req = match self.src.get(&req_key, MAX_EXPORT_DOC_BYTES as u64).await {
+            Ok(b) => ExportRequest::from_json(&b, id).map_err(|e| format!("{req_key}: {e}")),
+            Err(e) => Err(e.to_string()),
+        };
+        let req = match req {
+            Ok(r) => r,
+            Err(e) => {
+                self.answer_failed(disk, id, None, format!("export request refused: {e}"))
+                    .await;
+                return false;
+            }
+        };
+        let applied = self.disks.get(disk).and_then(|d| d.state.applied);
+        if applied.is_some_and(|a| a > req.generation) {
+            let why = superseded(req.generation, applied);
+            self.answer_failed(disk, id, applied, why).await;
+            return false;
+        }
+        if let Err(e) = self.learn(disk, req.generation).await {
+            let why = format!(
+                "generation {} is not available for {disk}: {e}",
+                req.generation
+            );
+            self.answer_failed(disk, id, applied, why).await;
+            return false;
+        }
+        tracing::info!(%disk, export = %id, generation = req.generation, run = ?req.run_id, "export requested; it runs when the image holds that generation");
+        if let Ok(d) = self.disk(disk) {
+            d.exports.insert(
+                id.clone(),
+                PendingExport {
+                    req,
+                    messages: waiting.into_iter().collect(),
+                },
+            );
+        }
+        true
+    }
+
+    async fn answer_failed(&self, disk: &DiskId, id: &Name, generation: Option<u64>, why: String) {
+        tracing::error!(%disk, export = %id, "export failed: {why}");
+        let r = failed_result(id, generation, why, 0.0);
+        write_result(&self.src, &self.cfg.prefix, disk, &r).await;
+    }
+
     /// Handles one received message.
     pub async fn handle(&mut self, msg: &Message) {
         match classify(&self.cfg, &msg.body) {
@@ -308,6 +419,15 @@ impl<S: ObjectSource + Clone + 'static, Q: Queue + Clone + 'static> Engine<S, Q>
             }
             Disposition::Leave(why) => {
                 tracing::warn!(id = %msg.id, receive_count = msg.receive_count, "{why}; message left for the dead-letter queue");
+            }
+            Disposition::Exports(refs) => {
+                let mut keep = false;
+                for (disk, id) in refs {
+                    keep |= self.learn_export(&disk, &id, Some(msg)).await;
+                }
+                if !keep {
+                    self.delete(&msg.receipt).await;
+                }
             }
             Disposition::Manifests(refs) => {
                 let mut wait_for: Option<(DiskId, u64)> = None;
@@ -360,6 +480,20 @@ impl<S: ObjectSource + Clone + 'static, Q: Queue + Clone + 'static> Engine<S, Q>
                 return;
             }
         };
+        let answered: std::collections::BTreeSet<&str> = keys
+            .iter()
+            .filter_map(|k| k.strip_suffix(pilotlight_protocol::keys::EXPORT_RESULT_FILE))
+            .collect();
+        for k in keys.iter().filter(|k| k.ends_with("/request.json")) {
+            let dir = k.trim_end_matches(pilotlight_protocol::keys::EXPORT_REQUEST_FILE);
+            if answered.contains(dir) {
+                continue;
+            }
+            if let Ok(ObjectKey::ExportRequest { disk, id }) = ObjectKey::parse(&self.cfg.prefix, k)
+            {
+                self.learn_export(&disk, &id, None).await;
+            }
+        }
         for k in keys.iter().filter(|k| k.ends_with("/manifest.json")) {
             match ObjectKey::parse(&self.cfg.prefix, k) {
                 Ok(ObjectKey::Manifest { disk, generation }) => {
@@ -392,7 +526,8 @@ impl<S: ObjectSource + Clone + 'static, Q: Queue + Clone + 'static> Engine<S, Q>
         let half = Duration::from_secs((self.cfg.visibility_secs / 2).max(1) as u64);
         let mut due = Vec::new();
         for d in self.disks.values_mut() {
-            for w in d.messages.values_mut().flatten() {
+            let exports = d.exports.values_mut().flat_map(|p| p.messages.iter_mut());
+            for w in d.messages.values_mut().flatten().chain(exports) {
                 if w.extended.elapsed() >= half {
                     w.extended = Instant::now();
                     due.push(w.receipt.clone());
@@ -497,7 +632,7 @@ pub fn disk_status(
     }
 }
 
-async fn drive_disk<S: ObjectSource, Q: Queue + Clone + 'static>(
+async fn drive_disk<S: ObjectSource + ObjectSink, Q: Queue + Clone + 'static>(
     id: &DiskId,
     d: &mut Disk,
     src: &S,
@@ -508,7 +643,12 @@ async fn drive_disk<S: ObjectSource, Q: Queue + Clone + 'static>(
     if d.retry_after.is_some_and(|t| Instant::now() < t) {
         return 0;
     }
-    while let Some(g) = d.next() {
+    loop {
+        // Exports at this boundary run before anything newer is applied.
+        run_exports(id, d, src, queue, cfg).await;
+        let Some(g) = d.next() else {
+            break;
+        };
         let Some(m) = d.pending.get(&g).cloned() else {
             break;
         };
@@ -596,6 +736,149 @@ async fn drive_disk<S: ObjectSource, Q: Queue + Clone + 'static>(
         }
     }
     applied
+}
+
+fn superseded(wanted: u64, applied: Option<u64>) -> String {
+    format!(
+        "generation {wanted} is no longer available: the image already holds generation {} \
+         (the receiver keeps only the newest applied generation); ask for that one or the latest",
+        applied.map_or("none".into(), |a| a.to_string())
+    )
+}
+
+fn failed_result(id: &Name, generation: Option<u64>, why: String, seconds: f64) -> ExportResult {
+    ExportResult {
+        version: EXPORT_VERSION,
+        id: id.clone(),
+        status: ExportStatus::Failed,
+        generation,
+        image_key: None,
+        size: None,
+        sha256: None,
+        reason: Some(why),
+        seconds,
+        finished_at: Utc::now(),
+    }
+}
+
+/// Writes an export's outcome. A failure to write it is logged: the request stays
+/// unanswered, so listing finds it again and the export is retried.
+async fn write_result<S: ObjectSink>(
+    src: &S,
+    prefix: &Prefix,
+    disk: &DiskId,
+    r: &ExportResult,
+) -> bool {
+    let key = ObjectKey::ExportResult {
+        disk: disk.clone(),
+        id: r.id.clone(),
+    }
+    .to_key(prefix);
+    let body = match serde_json::to_vec_pretty(r) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(%key, "cannot encode export result: {e}");
+            return false;
+        }
+    };
+    match src.put(&key, body.into()).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(%key, "export result not written: {e}");
+            false
+        }
+    }
+}
+
+/// Runs the exports that want the generation the image holds now; fails those that want
+/// an older one.
+async fn run_exports<S: ObjectSource + ObjectSink, Q: Queue + Clone + 'static>(
+    id: &DiskId,
+    d: &mut Disk,
+    src: &S,
+    queue: &Q,
+    cfg: &EngineConfig,
+) {
+    let applied = d.state.applied;
+    let ready: Vec<Name> = d
+        .exports
+        .iter()
+        .filter(|(_, p)| applied.is_some_and(|a| p.req.generation <= a))
+        .map(|(n, _)| n.clone())
+        .collect();
+    for name in ready {
+        let Some(p) = d.exports.get(&name) else {
+            continue;
+        };
+        let g = p.req.generation;
+        let result = if applied != Some(g) {
+            failed_result(&name, applied, superseded(g, applied), 0.0)
+        } else {
+            let key = ObjectKey::ExportImage {
+                disk: id.clone(),
+                id: name.clone(),
+            }
+            .to_key(&cfg.prefix);
+            let receipts: Vec<String> = p.messages.iter().map(|w| w.receipt.clone()).collect();
+            let keepalive = {
+                let (q, secs) = (queue.clone(), cfg.visibility_secs);
+                tokio::spawn(async move {
+                    let mut tick =
+                        tokio::time::interval(Duration::from_secs((secs / 2).max(1) as u64));
+                    loop {
+                        tick.tick().await;
+                        for r in &receipts {
+                            let _ = q.extend(r, secs).await;
+                        }
+                    }
+                })
+            };
+            tracing::info!(disk = %id, export = %name, generation = g, %key, "exporting");
+            let opts = ExportOptions {
+                concurrency: cfg.concurrency.clamp(1, 8),
+                ..ExportOptions::default()
+            };
+            let started = Instant::now();
+            let res = export_image(src, &d.paths.image, &key, &opts).await;
+            keepalive.abort();
+            match res {
+                Ok(r) => {
+                    tracing::info!(disk = %id, export = %name, generation = g, bytes = r.size, parts = r.parts, seconds = r.seconds, "exported");
+                    ExportResult {
+                        version: EXPORT_VERSION,
+                        id: name.clone(),
+                        status: ExportStatus::Done,
+                        generation: Some(g),
+                        image_key: Some(key),
+                        size: Some(r.size),
+                        sha256: Some(r.sha256),
+                        reason: None,
+                        seconds: r.seconds,
+                        finished_at: Utc::now(),
+                    }
+                }
+                Err(e) => failed_result(
+                    &name,
+                    applied,
+                    format!("export of generation {g} failed: {e}"),
+                    started.elapsed().as_secs_f64(),
+                ),
+            }
+        };
+        if result.status == ExportStatus::Failed {
+            tracing::error!(disk = %id, export = %name, "export failed: {}", result.reason.as_deref().unwrap_or(""));
+        }
+        if !write_result(src, &cfg.prefix, id, &result).await {
+            continue;
+        }
+        if let Some(p) = d.exports.remove(&name) {
+            for w in p.messages {
+                if let Err(e) = queue.delete(&w.receipt).await {
+                    tracing::warn!("{e}");
+                }
+            }
+        }
+    }
 }
 
 /// Where prefetched objects of one generation wait for their manifest.

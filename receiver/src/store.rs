@@ -179,3 +179,219 @@ impl ObjectSource for MemorySource {
             .collect())
     }
 }
+
+/// Why a write to the bucket failed.
+#[derive(Debug, thiserror::Error)]
+#[error("writing s3://{bucket}/{key} failed ({op}): {detail}")]
+pub struct PutError {
+    pub bucket: String,
+    pub key: String,
+    pub op: &'static str,
+    pub detail: String,
+}
+
+/// Writes objects, whole or in parts: what an export needs.
+pub trait ObjectSink: Send + Sync {
+    fn put(&self, key: &str, body: Bytes) -> impl Future<Output = Result<(), PutError>> + Send;
+    /// Starts a multipart upload; returns its id.
+    fn create_multipart(&self, key: &str) -> impl Future<Output = Result<String, PutError>> + Send;
+    /// Uploads part `number` (from 1); returns its ETag.
+    fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        body: Bytes,
+    ) -> impl Future<Output = Result<String, PutError>> + Send;
+    fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: Vec<(i32, String)>,
+    ) -> impl Future<Output = Result<(), PutError>> + Send;
+    fn abort_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+    ) -> impl Future<Output = Result<(), PutError>> + Send;
+}
+
+impl S3Source {
+    fn put_err<E: std::error::Error + 'static, R: std::fmt::Debug>(
+        &self,
+        key: &str,
+        op: &'static str,
+        e: &SdkError<E, R>,
+    ) -> PutError {
+        PutError {
+            bucket: self.bucket.clone(),
+            key: key.to_string(),
+            op,
+            detail: detail(e),
+        }
+    }
+}
+
+impl ObjectSink for S3Source {
+    async fn put(&self, key: &str, body: Bytes) -> Result<(), PutError> {
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .body(body.into())
+            .send()
+            .await
+            .map_err(|e| self.put_err(key, "put", &e))?;
+        Ok(())
+    }
+
+    async fn create_multipart(&self, key: &str) -> Result<String, PutError> {
+        let out = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| self.put_err(key, "create multipart upload", &e))?;
+        out.upload_id.ok_or_else(|| PutError {
+            bucket: self.bucket.clone(),
+            key: key.to_string(),
+            op: "create multipart upload",
+            detail: "no upload id in the answer".into(),
+        })
+    }
+
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        body: Bytes,
+    ) -> Result<String, PutError> {
+        let out = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(number)
+            .body(body.into())
+            .send()
+            .await
+            .map_err(|e| self.put_err(key, "upload part", &e))?;
+        Ok(out.e_tag.unwrap_or_default())
+    }
+
+    async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: Vec<(i32, String)>,
+    ) -> Result<(), PutError> {
+        use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+        let parts = parts
+            .into_iter()
+            .map(|(n, etag)| CompletedPart::builder().part_number(n).e_tag(etag).build())
+            .collect();
+        self.client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| self.put_err(key, "complete multipart upload", &e))?;
+        Ok(())
+    }
+
+    async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), PutError> {
+        self.client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .send()
+            .await
+            .map_err(|e| self.put_err(key, "abort multipart upload", &e))?;
+        Ok(())
+    }
+}
+
+/// Multipart uploads in progress in a [`MemorySource`]: (key, id) -> parts.
+type Uploads = std::collections::BTreeMap<(String, String), std::collections::BTreeMap<i32, Bytes>>;
+
+static MEMORY_UPLOADS: std::sync::Mutex<Uploads> = std::sync::Mutex::new(Uploads::new());
+
+impl ObjectSink for MemorySource {
+    async fn put(&self, key: &str, body: Bytes) -> Result<(), PutError> {
+        MemorySource::put(self, key, body);
+        Ok(())
+    }
+
+    async fn create_multipart(&self, key: &str) -> Result<String, PutError> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .to_string();
+        MEMORY_UPLOADS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((key.to_string(), id.clone()), Default::default());
+        Ok(id)
+    }
+
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        body: Bytes,
+    ) -> Result<String, PutError> {
+        let mut up = MEMORY_UPLOADS.lock().unwrap_or_else(|p| p.into_inner());
+        let parts = up
+            .get_mut(&(key.to_string(), upload_id.to_string()))
+            .ok_or_else(|| PutError {
+                bucket: "memory".into(),
+                key: key.into(),
+                op: "upload part",
+                detail: "no such upload".into(),
+            })?;
+        parts.insert(number, body);
+        Ok(format!("etag-{number}"))
+    }
+
+    async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: Vec<(i32, String)>,
+    ) -> Result<(), PutError> {
+        let stored = MEMORY_UPLOADS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(key.to_string(), upload_id.to_string()))
+            .unwrap_or_default();
+        let mut body = bytes::BytesMut::new();
+        for (n, _) in &parts {
+            if let Some(b) = stored.get(n) {
+                body.extend_from_slice(b);
+            }
+        }
+        MemorySource::put(self, key, body.freeze());
+        Ok(())
+    }
+
+    async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), PutError> {
+        MEMORY_UPLOADS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(key.to_string(), upload_id.to_string()));
+        Ok(())
+    }
+}

@@ -1,0 +1,349 @@
+//! `pilotlight-dr`: declare a disaster (or run a drill), follow it, clean a drill up.
+//! Invokes the DR Lambda (`--function`), or runs the same handler here.
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use pilotlight_cli::LogArgs;
+use pilotlight_dr::config::DrSettings;
+use pilotlight_dr::model::{Phase, Run};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pilotlight-dr",
+    version,
+    about = "One-click DR: replicated disks to a running EC2 instance"
+)]
+struct Cli {
+    /// Invoke this DR Lambda function instead of running the handler here.
+    #[arg(long, global = true, env = "PILOTLIGHT_DR_FUNCTION")]
+    function: Option<String>,
+    /// Print the run record(s) as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(flatten)]
+    settings: DrSettings,
+    #[command(flatten)]
+    log: LogArgs,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Start a DR run (or a drill): export, import, launch. Prints the run id at once.
+    Start(Box<StartArgs>),
+    /// Advance and show one run, or every unfinished one.
+    Status {
+        run_id: Option<String>,
+        /// Keep polling until the run is done or failed.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        poll: PollArgs,
+    },
+    /// Remove what a drill created: instances, AMI, snapshots, exported objects.
+    Cleanup { run_id: String },
+}
+
+#[derive(Debug, clap::Args)]
+struct PollArgs {
+    /// Poll this often with --wait.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    poll_every: Duration,
+    /// Give up waiting after this long (the run goes on).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    wait_timeout: Duration,
+}
+
+#[derive(Debug, clap::Args)]
+struct StartArgs {
+    /// The whole request as a JSON file (the Lambda's input); the flags below are ignored.
+    #[arg(long)]
+    request: Option<PathBuf>,
+    #[arg(long, required_unless_present = "request")]
+    site: Option<String>,
+    #[arg(long, required_unless_present = "request")]
+    vm: Option<String>,
+    /// A disk of the VM; repeat, boot disk first.
+    #[arg(long = "disk", required_unless_present = "request")]
+    disks: Vec<String>,
+    /// Recover this generation instead of the latest.
+    #[arg(long)]
+    generation: Option<u64>,
+    #[arg(long, default_value = "t3.medium")]
+    instance_type: String,
+    #[arg(long)]
+    subnet: Option<String>,
+    /// Repeat for several.
+    #[arg(long = "security-group")]
+    security_groups: Vec<String>,
+    #[arg(long)]
+    private_ip: Option<String>,
+    /// KEY=VALUE; repeat for several.
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// legacy-bios, uefi or uefi-preferred.
+    #[arg(long)]
+    boot_mode: Option<String>,
+    /// AWS or BYOL.
+    #[arg(long)]
+    license_type: Option<String>,
+    /// A drill: instances tagged as such, in the drill subnet, removable by `cleanup`.
+    #[arg(long)]
+    drill: bool,
+    /// Validate and resolve only.
+    #[arg(long)]
+    dry_run: bool,
+    /// Keep polling until the run is done or failed.
+    #[arg(long)]
+    wait: bool,
+    #[command(flatten)]
+    poll: PollArgs,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    pilotlight_cli::run_main("pilotlight-dr", cli.log.log_format, run(cli))
+}
+
+fn start_request(a: &StartArgs) -> anyhow::Result<Value> {
+    if let Some(path) = &a.request {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read request file {}", path.display()))?;
+        let mut v: Value = serde_json::from_str(&text)
+            .with_context(|| format!("request file {} is not JSON", path.display()))?;
+        v["action"] = json!("start");
+        return Ok(v);
+    }
+    let mut tags = BTreeMap::new();
+    for t in &a.tags {
+        let Some((k, v)) = t.split_once('=') else {
+            bail!("--tag {t:?}: expected KEY=VALUE");
+        };
+        tags.insert(k.to_string(), v.to_string());
+    }
+    Ok(json!({
+        "action": "start",
+        "site": a.site,
+        "vm": a.vm,
+        "disks": a.disks,
+        "recovery_point": match a.generation { Some(g) => json!({"generation": g}), None => json!("latest") },
+        "launch": {
+            "instance_type": a.instance_type,
+            "subnet_id": a.subnet,
+            "security_group_ids": a.security_groups,
+            "private_ip": a.private_ip,
+            "tags": tags,
+            "boot_mode": a.boot_mode,
+            "license_type": a.license_type,
+        },
+        "drill": a.drill,
+        "dry_run": a.dry_run,
+    }))
+}
+
+/// Runs one request: through the Lambda, or here.
+async fn call(cli: &Cli, event: Value) -> anyhow::Result<Value> {
+    if let Some(function) = &cli.function {
+        let shared = cli.settings.sdk_config().await;
+        let client = aws_sdk_lambda::Client::new(&shared);
+        let out = client
+            .invoke()
+            .function_name(function)
+            .payload(aws_sdk_lambda::primitives::Blob::new(serde_json::to_vec(
+                &event,
+            )?))
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", aws_sdk_lambda::error::DisplayErrorContext(&e)))
+            .with_context(|| format!("invoking Lambda function {function}"))?;
+        let payload = out.payload.map(|p| p.into_inner()).unwrap_or_default();
+        let v: Value = serde_json::from_slice(&payload)
+            .with_context(|| format!("Lambda function {function} answered with no JSON"))?;
+        if let Some(err) = out.function_error {
+            bail!(
+                "Lambda function {function} failed ({err}): {}",
+                v.get("errorMessage").and_then(Value::as_str).unwrap_or("")
+            );
+        }
+        Ok(v)
+    } else {
+        let env = cli.settings.env().await?;
+        Ok(pilotlight_dr::handle(&env, event).await?)
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.cmd {
+        Cmd::Start(a) => {
+            let v = call(&cli, start_request(a)?).await?;
+            let run: Run = serde_json::from_value(v).context("unexpected answer to start")?;
+            show(&cli, &run);
+            if a.wait && !run.phase.is_final() {
+                wait(&cli, &run.run_id, &a.poll).await?;
+            } else if run.phase == Phase::Failed {
+                bail!(
+                    "DR run {} failed: {}",
+                    run.run_id,
+                    run.reason.unwrap_or_default()
+                );
+            }
+        }
+        Cmd::Status {
+            run_id,
+            wait: w,
+            poll,
+        } => match (run_id, w) {
+            (Some(id), true) => wait(&cli, id, poll).await?,
+            _ => {
+                let v = call(&cli, json!({"action": "status", "run_id": run_id})).await?;
+                let runs: Vec<Run> =
+                    serde_json::from_value(v).context("unexpected answer to status")?;
+                if cli.json {
+                    println!("{}", serde_json::to_string_pretty(&runs)?);
+                } else if runs.is_empty() {
+                    println!("no unfinished DR runs");
+                }
+                if !cli.json {
+                    for r in &runs {
+                        show(&cli, r);
+                    }
+                }
+            }
+        },
+        Cmd::Cleanup { run_id } => {
+            let v = call(&cli, json!({"action": "cleanup", "run_id": run_id})).await?;
+            let run: Run = serde_json::from_value(v).context("unexpected answer to cleanup")?;
+            show(&cli, &run);
+            if run.phase != Phase::CleanedUp {
+                bail!(
+                    "cleanup of {run_id} is incomplete: {}",
+                    run.reason.unwrap_or_default()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Polls a run until it is final, printing each change of phase or progress.
+async fn wait(cli: &Cli, run_id: &str, poll: &PollArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut last = String::new();
+    loop {
+        let v = call(cli, json!({"action": "status", "run_id": run_id})).await?;
+        let mut runs: Vec<Run> =
+            serde_json::from_value(v).context("unexpected answer to status")?;
+        let run = runs.pop().with_context(|| format!("no DR run {run_id}"))?;
+        let line = progress_line(&run);
+        if line != last && !cli.json {
+            eprintln!("[{:>6.1}s] {line}", started.elapsed().as_secs_f64());
+            last = line;
+        }
+        if run.phase.is_final() {
+            show(cli, &run);
+            if run.phase == Phase::Failed {
+                bail!("DR run {run_id} failed: {}", run.reason.unwrap_or_default());
+            }
+            return Ok(());
+        }
+        if started.elapsed() > poll.wait_timeout {
+            bail!(
+                "DR run {run_id} still {:?} after {}; it goes on: `pilotlight-dr status {run_id}`",
+                run.phase,
+                humantime::format_duration(poll.wait_timeout)
+            );
+        }
+        tokio::time::sleep(poll.poll_every).await;
+    }
+}
+
+fn progress_line(run: &Run) -> String {
+    match (&run.phase, &run.import) {
+        (Phase::Importing, Some(i)) => format!(
+            "importing: {} {}{}",
+            i.status,
+            i.status_message.as_deref().unwrap_or(""),
+            i.progress_percent
+                .map(|p| format!(" {p}%"))
+                .unwrap_or_default()
+        ),
+        (Phase::Exporting, _) => format!(
+            "exporting: {}/{} disks exported",
+            run.disks.iter().filter(|d| d.image_key.is_some()).count(),
+            run.disks.len()
+        ),
+        (p, _) => format!("{p:?}").to_lowercase(),
+    }
+}
+
+fn show(cli: &Cli, run: &Run) {
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(run).unwrap_or_default());
+        return;
+    }
+    let now = chrono::Utc::now();
+    println!(
+        "run {}{}: {} ({:.1} s)",
+        run.run_id,
+        if run.drill { " [drill]" } else { "" },
+        format!("{:?}", run.phase).to_lowercase(),
+        run.total_seconds(now)
+    );
+    if let Some(r) = &run.reason {
+        println!("  {r}");
+    }
+    for d in &run.disks {
+        match (&d.image_key, d.size) {
+            (Some(k), Some(size)) => println!(
+                "  disk {} generation {}: exported to {k} ({size} bytes, sha256 {})",
+                d.disk,
+                d.generation,
+                d.sha256.as_deref().unwrap_or("?")
+            ),
+            _ => println!(
+                "  disk {} generation {}: export requested",
+                d.disk, d.generation
+            ),
+        }
+    }
+    if let Some(i) = &run.import {
+        println!(
+            "  import task {}: {} {}",
+            i.task_id,
+            i.status,
+            i.status_message.as_deref().unwrap_or("")
+        );
+    }
+    if let Some(img) = &run.image_id {
+        println!("  AMI {img}; snapshots {}", run.snapshot_ids.join(", "));
+    }
+    for i in &run.instance_ids {
+        println!("  instance {i}");
+    }
+    if !run.phases.is_empty() {
+        let parts: Vec<String> = run
+            .phases
+            .iter()
+            .map(|p| {
+                let secs = p
+                    .seconds
+                    .unwrap_or_else(|| (now - p.started_at).num_milliseconds() as f64 / 1000.0);
+                format!("{} {secs:.1} s", format!("{:?}", p.phase).to_lowercase())
+            })
+            .collect();
+        println!(
+            "  time: {}; total {:.1} s",
+            parts.join(", "),
+            run.total_seconds(now)
+        );
+    }
+    for r in &run.removed {
+        println!("  removed {} {}", r.kind, r.id);
+    }
+}

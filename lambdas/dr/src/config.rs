@@ -1,0 +1,168 @@
+//! Settings (environment variables, or flags of the CLI) and the AWS clients.
+
+use crate::api::{Ec2Api, Ec2Error, ImportRequest, ImportTask, LaunchRequest, S3Store, SdkEc2};
+use crate::handler::{DrConfig, DrEnv};
+use crate::sim::SimulatedImport;
+use aws_config::BehaviorVersion;
+use pilotlight_protocol::Prefix;
+use std::time::Duration;
+
+/// One definition for both: the Lambda reads these from its environment, the CLI also
+/// takes them as flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DrSettings {
+    /// The replication bucket.
+    #[arg(long, env = "PILOTLIGHT_BUCKET")]
+    pub bucket: Option<String>,
+    /// The replication prefix.
+    #[arg(long, env = "PILOTLIGHT_PREFIX", default_value = "pilotlight")]
+    pub prefix: String,
+    /// Where DR run records are kept (outside the replication prefix).
+    #[arg(
+        long,
+        env = "PILOTLIGHT_DR_RUNS_PREFIX",
+        default_value = "pilotlight-dr/runs/"
+    )]
+    pub runs_prefix: String,
+    /// The VM Import service role.
+    #[arg(long, env = "PILOTLIGHT_DR_VMIMPORT_ROLE", default_value = "vmimport")]
+    pub vmimport_role: String,
+    /// How long the receiver may take to export.
+    #[arg(long, env = "PILOTLIGHT_DR_EXPORT_TIMEOUT", default_value = "6h", value_parser = humantime::parse_duration)]
+    pub export_timeout: Duration,
+    /// How long EC2 may take to import.
+    #[arg(long, env = "PILOTLIGHT_DR_IMPORT_TIMEOUT", default_value = "12h", value_parser = humantime::parse_duration)]
+    pub import_timeout: Duration,
+    /// Drills launch into this subnet (instead of the request's).
+    #[arg(long, env = "PILOTLIGHT_DR_DRILL_SUBNET")]
+    pub drill_subnet: Option<String>,
+    /// Drills get these security groups (comma-separated).
+    #[arg(
+        long,
+        env = "PILOTLIGHT_DR_DRILL_SECURITY_GROUPS",
+        value_delimiter = ','
+    )]
+    pub drill_security_groups: Vec<String>,
+    /// AWS endpoint URL (the local emulator).
+    #[arg(long, env = "PILOTLIGHT_ENDPOINT_URL")]
+    pub endpoint_url: Option<String>,
+    #[arg(long, env = "AWS_REGION")]
+    pub region: Option<String>,
+    /// EMULATOR ONLY: simulate EC2 image import, which the emulator lacks. The value
+    /// `ok` completes; any other value is the failure's StatusMessage.
+    #[arg(long, env = "PILOTLIGHT_DR_SIMULATE_IMPORT")]
+    pub simulate_import: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("no bucket: set PILOTLIGHT_BUCKET (or --bucket)")]
+    NoBucket,
+    #[error("PILOTLIGHT_PREFIX {0:?}: {1}")]
+    Prefix(String, String),
+    #[error("PILOTLIGHT_DR_RUNS_PREFIX {0:?} must end with '/' and not be under the replication prefix {1:?}")]
+    RunsPrefix(String, String),
+}
+
+impl DrSettings {
+    pub fn dr_config(&self) -> Result<DrConfig, ConfigError> {
+        let prefix = Prefix::new(&self.prefix)
+            .map_err(|e| ConfigError::Prefix(self.prefix.clone(), e.to_string()))?;
+        if !self.runs_prefix.ends_with('/') || self.runs_prefix.starts_with(&prefix.key_start()) {
+            return Err(ConfigError::RunsPrefix(
+                self.runs_prefix.clone(),
+                prefix.to_string(),
+            ));
+        }
+        let bucket = self.bucket.as_deref().ok_or(ConfigError::NoBucket)?;
+        let mut c = DrConfig::new(bucket, prefix);
+        c.runs_prefix = self.runs_prefix.clone();
+        c.vmimport_role = self.vmimport_role.clone();
+        c.export_timeout = self.export_timeout;
+        c.import_timeout = self.import_timeout;
+        c.drill_subnet_id = self.drill_subnet.clone();
+        c.drill_security_group_ids = self.drill_security_groups.clone();
+        Ok(c)
+    }
+
+    /// The SDK's shared config: credentials from the default chain only.
+    pub async fn sdk_config(&self) -> aws_config::SdkConfig {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest());
+        if let Some(r) = &self.region {
+            loader = loader.region(aws_config::Region::new(r.clone()));
+        } else if self.endpoint_url.is_some() {
+            loader = loader.region(aws_config::Region::new("us-east-1"));
+        }
+        if let Some(ep) = &self.endpoint_url {
+            loader = loader.endpoint_url(ep);
+        }
+        loader.load().await
+    }
+
+    /// The handler's environment: clients for the bucket and EC2.
+    pub async fn env(&self) -> Result<DrEnv<S3Store, AnyEc2>, ConfigError> {
+        let cfg = self.dr_config()?;
+        let shared = self.sdk_config().await;
+        let mut s3 = aws_sdk_s3::config::Builder::from(&shared);
+        if self.endpoint_url.is_some() {
+            s3 = s3.force_path_style(true);
+        }
+        let store = S3Store {
+            client: aws_sdk_s3::Client::from_conf(s3.build()),
+            bucket: cfg.bucket.clone(),
+        };
+        let sdk = SdkEc2 {
+            client: aws_sdk_ec2::Client::new(&shared),
+        };
+        let ec2 = match &self.simulate_import {
+            None => AnyEc2::Sdk(sdk),
+            Some(mode) => AnyEc2::Simulated(SimulatedImport {
+                inner: sdk,
+                store: store.clone(),
+                prefix: format!(
+                    "{}simulated-imports/",
+                    cfg.runs_prefix.trim_end_matches("runs/")
+                ),
+                fail: (mode != "ok" && !mode.is_empty()).then(|| mode.clone()),
+            }),
+        };
+        Ok(DrEnv { store, ec2, cfg })
+    }
+}
+
+/// The real EC2, or the same with a simulated import (emulator only).
+#[derive(Debug, Clone)]
+pub enum AnyEc2 {
+    Sdk(SdkEc2),
+    Simulated(SimulatedImport<SdkEc2, S3Store>),
+}
+
+macro_rules! both {
+    ($self:ident, $e:ident => $call:expr) => {
+        match $self {
+            AnyEc2::Sdk($e) => $call,
+            AnyEc2::Simulated($e) => $call,
+        }
+    };
+}
+
+impl Ec2Api for AnyEc2 {
+    async fn import_image(&self, req: &ImportRequest) -> Result<String, Ec2Error> {
+        both!(self, e => e.import_image(req).await)
+    }
+    async fn describe_import_image_task(&self, id: &str) -> Result<ImportTask, Ec2Error> {
+        both!(self, e => e.describe_import_image_task(id).await)
+    }
+    async fn run_instance(&self, req: &LaunchRequest) -> Result<String, Ec2Error> {
+        both!(self, e => e.run_instance(req).await)
+    }
+    async fn terminate_instances(&self, ids: &[String]) -> Result<(), Ec2Error> {
+        both!(self, e => e.terminate_instances(ids).await)
+    }
+    async fn deregister_image(&self, id: &str) -> Result<(), Ec2Error> {
+        both!(self, e => e.deregister_image(id).await)
+    }
+    async fn delete_snapshot(&self, id: &str) -> Result<(), Ec2Error> {
+        both!(self, e => e.delete_snapshot(id).await)
+    }
+}

@@ -1,0 +1,839 @@
+//! The DR flow: start a run, advance it phase by phase, clean up a drill.
+//!
+//! A run lives in the bucket as JSON (`{runs_prefix}/{run_id}.json`); every call reads
+//! it, does one step, and writes it back, so the Lambda keeps no state between
+//! invocations and any invocation (the schedule, `dr status`, a retry) can advance it.
+//!
+//! ```text
+//! start ─► exporting ─► importing (%) ─► launching ─► done
+//!             │             │                │
+//!             └─────────────┴────────────────┴──► failed (reason; what was created)
+//! done|failed (drill) ─► cleanup ─► cleaned_up
+//! ```
+
+use crate::api::{Ec2Api, ImportRequest, LaunchRequest, ObjectStore, StoreError};
+use crate::model::{
+    DrRequest, ImportProgress, Phase, RecoveryPoint, Run, RunDisk, StartRequest, TAG_DRILL, TAG_RUN,
+};
+use chrono::{DateTime, Utc};
+use pilotlight_protocol::keys::{disk_prefix, generation_prefix};
+use pilotlight_protocol::{
+    DiskId, ExportFormat, ExportRequest, ExportResult, ExportStatus, Name, ObjectKey, Prefix,
+    EXPORT_VERSION,
+};
+use serde_json::Value;
+use std::time::Duration;
+
+/// Settings of the DR function (environment variables in the Lambda).
+#[derive(Debug, Clone)]
+pub struct DrConfig {
+    pub bucket: String,
+    /// The replication prefix (the receiver's).
+    pub prefix: Prefix,
+    /// Where run records live; outside the replication prefix, so the receiver's
+    /// notification never carries them.
+    pub runs_prefix: String,
+    /// The service role ImportImage uses (`vmimport`).
+    pub vmimport_role: String,
+    /// How long the receiver may take to export before the run fails.
+    pub export_timeout: Duration,
+    /// How long EC2 may take to import before the run fails.
+    pub import_timeout: Duration,
+    /// Drills launch here instead of the request's subnet and security groups.
+    pub drill_subnet_id: Option<String>,
+    pub drill_security_group_ids: Vec<String>,
+}
+
+impl DrConfig {
+    pub fn new(bucket: &str, prefix: Prefix) -> Self {
+        Self {
+            bucket: bucket.into(),
+            prefix,
+            runs_prefix: "pilotlight-dr/runs/".into(),
+            vmimport_role: "vmimport".into(),
+            export_timeout: Duration::from_secs(6 * 3600),
+            import_timeout: Duration::from_secs(12 * 3600),
+            drill_subnet_id: None,
+            drill_security_group_ids: Vec::new(),
+        }
+    }
+
+    fn run_key(&self, run_id: &str) -> String {
+        format!("{}{run_id}.json", self.runs_prefix)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DrError {
+    #[error("invalid request: {0}")]
+    BadRequest(String),
+    #[error("no DR run {0:?} (runs are listed by `dr status`)")]
+    NoSuchRun(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("run record {key} is unreadable: {detail}")]
+    BadRun { key: String, detail: String },
+}
+
+/// Everything a handler call needs.
+#[derive(Debug)]
+pub struct DrEnv<S, E> {
+    pub store: S,
+    pub ec2: E,
+    pub cfg: DrConfig,
+}
+
+/// The Lambda's entry: a DR request, or the EventBridge schedule (which advances every
+/// unfinished run).
+pub async fn handle<S: ObjectStore, E: Ec2Api>(
+    env: &DrEnv<S, E>,
+    event: Value,
+) -> Result<Value, DrError> {
+    if is_scheduled(&event) {
+        let runs = status(env, None).await?;
+        return Ok(
+            serde_json::json!({ "advanced": runs.iter().map(|r| &r.run_id).collect::<Vec<_>>() }),
+        );
+    }
+    let action = event.get("action").and_then(Value::as_str).unwrap_or("");
+    if action == "start" {
+        // A start is recorded even when it is invalid: the run says why it failed.
+        let run = start(env, event).await?;
+        return to_json(&run);
+    }
+    let req: DrRequest = serde_json::from_value(event).map_err(|e| {
+        DrError::BadRequest(format!(
+            "{e} (expected {{\"action\": \"start\" | \"status\" | \"cleanup\", ...}})"
+        ))
+    })?;
+    match req {
+        DrRequest::Start(_) => Err(DrError::BadRequest("unreachable start".into())),
+        DrRequest::Status { run_id } => to_json(&status(env, run_id.as_deref()).await?),
+        DrRequest::Cleanup { run_id } => to_json(&cleanup(env, &run_id).await?),
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<Value, DrError> {
+    serde_json::to_value(v).map_err(|e| DrError::BadRequest(e.to_string()))
+}
+
+/// An EventBridge scheduled event (`aws_lambda_events`' type).
+fn is_scheduled(event: &Value) -> bool {
+    event.get("detail-type").is_some()
+        && serde_json::from_value::<aws_lambda_events::event::eventbridge::EventBridgeEvent>(
+            event.clone(),
+        )
+        .is_ok_and(|e| e.source == "aws.events" || e.detail_type == "Scheduled Event")
+}
+
+fn new_run_id(now: DateTime<Utc>, request: &Value) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(request.to_string());
+    h.update(now.timestamp_nanos_opt().unwrap_or(0).to_le_bytes());
+    h.update(std::process::id().to_le_bytes());
+    let tag = hex::encode(&h.finalize()[..4]);
+    format!("dr-{}-{tag}", now.format("%Y%m%dt%H%M%S"))
+}
+
+async fn save<S: ObjectStore, E>(env: &DrEnv<S, E>, run: &Run) -> Result<(), DrError> {
+    let body = serde_json::to_vec_pretty(run).map_err(|e| DrError::BadRun {
+        key: env.cfg.run_key(&run.run_id),
+        detail: e.to_string(),
+    })?;
+    env.store
+        .put(&env.cfg.run_key(&run.run_id), body.into())
+        .await?;
+    Ok(())
+}
+
+async fn load<S: ObjectStore, E>(env: &DrEnv<S, E>, run_id: &str) -> Result<Run, DrError> {
+    if Name::new(run_id).is_err() {
+        return Err(DrError::NoSuchRun(run_id.into()));
+    }
+    let key = env.cfg.run_key(run_id);
+    let body = env
+        .store
+        .get(&key)
+        .await?
+        .ok_or_else(|| DrError::NoSuchRun(run_id.into()))?;
+    serde_json::from_slice(&body).map_err(|e| DrError::BadRun {
+        key,
+        detail: e.to_string(),
+    })
+}
+
+/// Starts a run: validates, resolves each disk's generation, asks the receiver for the
+/// exports, records the run. Returns at once; [`advance`] does the rest. An invalid
+/// request still gets a run record, `failed` with the reason.
+pub async fn start<S: ObjectStore, E: Ec2Api>(
+    env: &DrEnv<S, E>,
+    request: Value,
+) -> Result<Run, DrError> {
+    let now = Utc::now();
+    let mut run = Run::new(new_run_id(now, &request), request.clone(), now);
+    run.enter(Phase::Exporting, now);
+    let plan = match serde_json::from_value::<DrRequest>(request) {
+        Ok(DrRequest::Start(req)) => match validate(&env.cfg, &req) {
+            Ok(()) => resolve(env, &req).await,
+            Err(e) => Err(e),
+        },
+        Ok(_) => Err("not a start request".into()),
+        Err(e) => Err(format!("the request is not valid: {e}")),
+    };
+    let disks = match plan {
+        Ok(d) => d,
+        Err(why) => {
+            run.fail(why, Utc::now());
+            if !run.dry_run {
+                save(env, &run).await?;
+            }
+            return Ok(run);
+        }
+    };
+    for (i, (disk, generation)) in disks.iter().enumerate() {
+        run.disks.push(RunDisk {
+            disk: disk.to_string(),
+            generation: *generation,
+            export_id: format!("{}.d{i}", run.run_id),
+            image_key: None,
+            size: None,
+            sha256: None,
+        });
+    }
+    if run.dry_run {
+        run.reason = Some("dry run: validated and resolved; nothing requested".into());
+        run.enter(Phase::Planned, Utc::now());
+        return Ok(run);
+    }
+    // Record the run before asking for anything, so whatever follows is tracked.
+    save(env, &run).await?;
+    for (d, (disk, generation)) in run.disks.clone().iter().zip(&disks) {
+        let id = Name::new(&d.export_id).map_err(|e| DrError::BadRequest(e.to_string()))?;
+        let req = ExportRequest {
+            version: EXPORT_VERSION,
+            id: id.clone(),
+            generation: *generation,
+            format: ExportFormat::Raw,
+            run_id: Some(run.run_id.clone()),
+            requested_at: Utc::now(),
+        };
+        let key = ObjectKey::ExportRequest {
+            disk: disk.clone(),
+            id,
+        }
+        .to_key(&env.cfg.prefix);
+        let body =
+            serde_json::to_vec_pretty(&req).map_err(|e| DrError::BadRequest(e.to_string()))?;
+        if let Err(e) = env.store.put(&key, body.into()).await {
+            run.fail(
+                format!("cannot request the export of {disk}: {e}"),
+                Utc::now(),
+            );
+            save(env, &run).await?;
+            return Ok(run);
+        }
+        run.record("s3-object", key, Utc::now());
+    }
+    run.updated_at = Utc::now();
+    save(env, &run).await?;
+    tracing::info!(run = %run.run_id, disks = run.disks.len(), drill = run.drill, "DR run started");
+    Ok(run)
+}
+
+fn valid_id(s: &str, prefix: &str) -> bool {
+    s.strip_prefix(prefix)
+        .is_some_and(|h| (8..=17).contains(&h.len()) && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Checks a start request without I/O. Each error says which field and why.
+pub fn validate(cfg: &DrConfig, req: &StartRequest) -> Result<(), String> {
+    let name = |what: &str, s: &str| {
+        Name::new(s)
+            .map(|_| ())
+            .map_err(|e| format!("{what} {s:?}: {e}"))
+    };
+    name("site", &req.site)?;
+    name("vm", &req.vm)?;
+    if req.disks.is_empty() {
+        return Err("disks: at least one disk is needed (the boot disk first)".into());
+    }
+    if req.disks.len() > 21 {
+        return Err(format!(
+            "disks: {} given; ImportImage takes at most 21",
+            req.disks.len()
+        ));
+    }
+    for (i, d) in req.disks.iter().enumerate() {
+        name("disk", d)?;
+        if req.disks[..i].contains(d) {
+            return Err(format!("disks: {d:?} is listed twice"));
+        }
+    }
+    if req.recovery_point == RecoveryPoint::Generation(0) {
+        return Err("recovery_point: generations start at 1".into());
+    }
+    let l = &req.launch;
+    let it = &l.instance_type;
+    let ok_type = it.split_once('.').is_some_and(|(family, size)| {
+        !family.is_empty()
+            && !size.is_empty()
+            && family
+                .bytes()
+                .next()
+                .is_some_and(|b| b.is_ascii_lowercase())
+            && family
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && size
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    });
+    if !ok_type {
+        return Err(format!(
+            "launch.instance_type {it:?} is not an EC2 instance type (like \"t3.medium\")"
+        ));
+    }
+    if let Some(s) = &l.subnet_id {
+        if !valid_id(s, "subnet-") {
+            return Err(format!(
+                "launch.subnet_id {s:?} is not a subnet id (subnet-0123abcd...)"
+            ));
+        }
+    }
+    if l.security_group_ids.len() > 16 {
+        return Err("launch.security_group_ids: at most 16".into());
+    }
+    for g in &l.security_group_ids {
+        if !valid_id(g, "sg-") {
+            return Err(format!(
+                "launch.security_group_ids: {g:?} is not a security group id (sg-0123abcd...)"
+            ));
+        }
+    }
+    let subnet = if req.drill {
+        cfg.drill_subnet_id.as_ref().or(l.subnet_id.as_ref())
+    } else {
+        l.subnet_id.as_ref()
+    };
+    if l.private_ip.is_some() && subnet.is_none() {
+        return Err(
+            "launch.private_ip needs launch.subnet_id (the address must be in that subnet)".into(),
+        );
+    }
+    if l.tags.len() > 40 {
+        return Err(format!(
+            "launch.tags: {} given; at most 40 (pilotlight adds its own)",
+            l.tags.len()
+        ));
+    }
+    for (k, v) in &l.tags {
+        let lower = k.to_ascii_lowercase();
+        if k.is_empty() || k.chars().count() > 128 {
+            return Err(format!(
+                "launch.tags: key {k:?} must be 1 to 128 characters"
+            ));
+        }
+        if lower.starts_with("aws:") || lower.starts_with("pilotlight:") {
+            return Err(format!(
+                "launch.tags: key {k:?} uses a reserved prefix (aws:, pilotlight:)"
+            ));
+        }
+        if v.chars().count() > 256 {
+            return Err(format!(
+                "launch.tags: the value of {k:?} is longer than 256 characters"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Each disk and the generation to recover, checked against what is in the bucket.
+async fn resolve<S: ObjectStore, E>(
+    env: &DrEnv<S, E>,
+    req: &StartRequest,
+) -> Result<Vec<(DiskId, u64)>, String> {
+    let p = &env.cfg.prefix;
+    let b = &env.cfg.bucket;
+    let vm_prefix = format!("{}{}/{}/", p.key_start(), req.site, req.vm);
+    let vm_keys = env
+        .store
+        .list(&vm_prefix)
+        .await
+        .map_err(|e| e.to_string())?;
+    if vm_keys.is_empty() {
+        return Err(format!(
+            "unknown VM {}/{}: nothing is replicated under s3://{b}/{vm_prefix} (check the site and VM names; `pilotlight-receiver status` lists the disks)",
+            req.site, req.vm
+        ));
+    }
+    let mut out = Vec::new();
+    for d in &req.disks {
+        let disk = DiskId::new(&req.site, &req.vm, d).map_err(|e| e.to_string())?;
+        let gp = generation_prefix(p, &disk);
+        let keys: Vec<&String> = vm_keys.iter().filter(|k| k.starts_with(&gp)).collect();
+        if keys.is_empty()
+            && !vm_keys
+                .iter()
+                .any(|k| k.starts_with(&disk_prefix(p, &disk)))
+        {
+            return Err(format!(
+                "unknown disk {disk}: nothing is replicated under s3://{b}/{gp}"
+            ));
+        }
+        let mut committed: Vec<u64> = keys
+            .iter()
+            .filter_map(|k| match ObjectKey::parse(p, k) {
+                Ok(ObjectKey::Manifest { generation, .. }) => Some(generation),
+                _ => None,
+            })
+            .collect();
+        committed.sort_unstable();
+        let Some(&latest) = committed.last() else {
+            return Err(format!(
+                "nothing committed yet for {disk}: its first generation is still uploading (no manifest under s3://{b}/{gp}); wait for the sender's first run to finish"
+            ));
+        };
+        let generation = match req.recovery_point {
+            RecoveryPoint::Latest => latest,
+            RecoveryPoint::Generation(g) if committed.contains(&g) => g,
+            RecoveryPoint::Generation(g) => {
+                return Err(format!(
+                    "generation {g} is not available for {disk}: committed generations are {} to {latest}",
+                    committed[0]
+                ))
+            }
+        };
+        out.push((disk, generation));
+    }
+    Ok(out)
+}
+
+/// Advances one run by what can be done now, and saves it if it changed.
+pub async fn advance<S: ObjectStore, E: Ec2Api>(
+    env: &DrEnv<S, E>,
+    run: &mut Run,
+) -> Result<(), DrError> {
+    let before = run.clone();
+    match run.phase {
+        Phase::Exporting => exporting(env, run).await?,
+        Phase::Importing => importing(env, run).await,
+        Phase::Launching => launching(env, run).await,
+        _ => {}
+    }
+    if *run != before {
+        run.updated_at = Utc::now();
+        save(env, run).await?;
+    }
+    Ok(())
+}
+
+async fn exporting<S: ObjectStore, E: Ec2Api>(
+    env: &DrEnv<S, E>,
+    run: &mut Run,
+) -> Result<(), DrError> {
+    let p = &env.cfg.prefix;
+    for i in 0..run.disks.len() {
+        if run.disks[i].image_key.is_some() {
+            continue;
+        }
+        let d = run.disks[i].clone();
+        let (Ok(disk), Ok(id)) = (DiskId::parse(&d.disk), Name::new(&d.export_id)) else {
+            run.fail(
+                format!("run record names a bad disk {:?}", d.disk),
+                Utc::now(),
+            );
+            return Ok(());
+        };
+        let key = ObjectKey::ExportResult {
+            disk,
+            id: id.clone(),
+        }
+        .to_key(p);
+        let Some(body) = env.store.get(&key).await? else {
+            continue;
+        };
+        let r = match ExportResult::from_json(&body, &id) {
+            Ok(r) => r,
+            Err(e) => {
+                run.fail(
+                    format!("the receiver's export result {key} is invalid: {e}"),
+                    Utc::now(),
+                );
+                return Ok(());
+            }
+        };
+        match (r.status, r.image_key) {
+            (ExportStatus::Done, Some(image_key)) if r.generation == Some(d.generation) => {
+                run.record("s3-object", image_key.clone(), Utc::now());
+                let disk = &mut run.disks[i];
+                disk.image_key = Some(image_key);
+                disk.size = r.size;
+                disk.sha256 = r.sha256.map(|s| s.to_string());
+            }
+            (ExportStatus::Done, _) => {
+                run.fail(
+                    format!(
+                        "the receiver exported {} at generation {:?}, not the requested {}",
+                        d.disk, r.generation, d.generation
+                    ),
+                    Utc::now(),
+                );
+                return Ok(());
+            }
+            (ExportStatus::Failed, _) => {
+                run.fail(
+                    format!(
+                        "export of {} failed: {}",
+                        d.disk,
+                        r.reason.unwrap_or_else(|| "no reason given".into())
+                    ),
+                    Utc::now(),
+                );
+                return Ok(());
+            }
+        }
+    }
+    let now = Utc::now();
+    if run.disks.iter().any(|d| d.image_key.is_none()) {
+        let waited = (now - run.phase_started()).to_std().unwrap_or_default();
+        if waited > env.cfg.export_timeout {
+            let missing: Vec<String> = run
+                .disks
+                .iter()
+                .filter(|d| d.image_key.is_none())
+                .map(|d| format!("{} (generation {})", d.disk, d.generation))
+                .collect();
+            run.fail(
+                format!(
+                    "export timeout: the receiver did not export {} within {}: it may not have applied that generation yet, or not be running (check `pilotlight-receiver status` and its logs)",
+                    missing.join(", "),
+                    humantime::format_duration(env.cfg.export_timeout)
+                ),
+                now,
+            );
+        }
+        return Ok(());
+    }
+    let (vm, first) = (
+        run.disks[0]
+            .disk
+            .rsplit_once('/')
+            .map_or("", |(v, _)| v)
+            .to_string(),
+        run.disks[0].disk.clone(),
+    );
+    let start: StartRequest = match serde_json::from_value(run.request.clone()) {
+        Ok(DrRequest::Start(s)) => s,
+        _ => {
+            run.fail("run record lost its request", now);
+            return Ok(());
+        }
+    };
+    let req = ImportRequest {
+        disks: run
+            .disks
+            .iter()
+            .map(|d| {
+                (
+                    env.cfg.bucket.clone(),
+                    d.image_key.clone().unwrap_or_default(),
+                )
+            })
+            .collect(),
+        role_name: env.cfg.vmimport_role.clone(),
+        boot_mode: start.launch.boot_mode,
+        license_type: start.launch.license_type,
+        description: format!("pilotlight {} {vm} from {first}", run.run_id),
+        tags: run_tags(run, &start),
+    };
+    match env.ec2.import_image(&req).await {
+        Ok(task_id) => {
+            run.record("import-image-task", task_id.clone(), now);
+            run.import = Some(ImportProgress {
+                task_id,
+                status: "active".into(),
+                status_message: Some("pending".into()),
+                progress_percent: Some(0),
+            });
+            run.enter(Phase::Importing, now);
+        }
+        Err(e) => run.fail(format!("EC2 image import could not start: {e}"), now),
+    }
+    Ok(())
+}
+
+fn run_tags(run: &Run, start: &StartRequest) -> Vec<(String, String)> {
+    let mut tags: Vec<(String, String)> = start
+        .launch
+        .tags
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    tags.push((TAG_RUN.into(), run.run_id.clone()));
+    if run.drill {
+        tags.push((TAG_DRILL.into(), "true".into()));
+    }
+    tags
+}
+
+async fn importing<S: ObjectStore, E: Ec2Api>(env: &DrEnv<S, E>, run: &mut Run) {
+    let Some(task_id) = run.import.as_ref().map(|i| i.task_id.clone()) else {
+        run.fail("run record lost its import task", Utc::now());
+        return;
+    };
+    let t = match env.ec2.describe_import_image_task(&task_id).await {
+        Ok(t) => t,
+        Err(e) => {
+            // Transient: the next call tries again, until the import timeout.
+            run.reason = Some(format!("could not read import task {task_id}: {e}"));
+            check_import_timeout(env, run);
+            return;
+        }
+    };
+    let now = Utc::now();
+    run.import = Some(ImportProgress {
+        task_id: task_id.clone(),
+        status: t.status.clone(),
+        status_message: t.status_message.clone(),
+        progress_percent: t.progress,
+    });
+    match t.status.as_str() {
+        "completed" => {
+            let Some(image) = t.image_id else {
+                run.fail(
+                    format!("import task {task_id} completed without an AMI id"),
+                    now,
+                );
+                return;
+            };
+            run.record("image", image.clone(), now);
+            for s in &t.snapshot_ids {
+                run.record("snapshot", s.clone(), now);
+            }
+            run.image_id = Some(image);
+            run.snapshot_ids = t.snapshot_ids;
+            run.reason = None;
+            run.enter(Phase::Launching, now);
+            launching(env, run).await;
+        }
+        "deleted" | "deleting" => run.fail(
+            format!(
+                "EC2 image import task {task_id} failed: {}",
+                t.status_message
+                    .unwrap_or_else(|| "no status message".into())
+            ),
+            now,
+        ),
+        _ => {
+            run.reason = None;
+            check_import_timeout(env, run);
+        }
+    }
+}
+
+fn check_import_timeout<S, E>(env: &DrEnv<S, E>, run: &mut Run) {
+    let now = Utc::now();
+    let waited = (now - run.phase_started()).to_std().unwrap_or_default();
+    if waited > env.cfg.import_timeout {
+        run.fail(
+            format!(
+                "import timeout: EC2 did not finish importing within {}",
+                humantime::format_duration(env.cfg.import_timeout)
+            ),
+            now,
+        );
+    }
+}
+
+async fn launching<S: ObjectStore, E: Ec2Api>(env: &DrEnv<S, E>, run: &mut Run) {
+    let now = Utc::now();
+    let start: StartRequest = match serde_json::from_value(run.request.clone()) {
+        Ok(DrRequest::Start(s)) => s,
+        _ => {
+            run.fail("run record lost its request", now);
+            return;
+        }
+    };
+    let Some(image_id) = run.image_id.clone() else {
+        run.fail("run record lost its AMI id", now);
+        return;
+    };
+    if !run.instance_ids.is_empty() {
+        run.enter(Phase::Done, now);
+        return;
+    }
+    let (subnet_id, security_group_ids) = if run.drill && env.cfg.drill_subnet_id.is_some() {
+        (
+            env.cfg.drill_subnet_id.clone(),
+            env.cfg.drill_security_group_ids.clone(),
+        )
+    } else {
+        (
+            start.launch.subnet_id.clone(),
+            start.launch.security_group_ids.clone(),
+        )
+    };
+    let mut tags = run_tags(run, &start);
+    if !tags.iter().any(|(k, _)| k == "Name") {
+        tags.push((
+            "Name".into(),
+            format!("{} (pilotlight {})", start.vm, run.run_id),
+        ));
+    }
+    let req = LaunchRequest {
+        image_id,
+        instance_type: start.launch.instance_type.clone(),
+        subnet_id,
+        security_group_ids,
+        private_ip: start.launch.private_ip.map(|ip| ip.to_string()),
+        tags,
+    };
+    match env.ec2.run_instance(&req).await {
+        Ok(id) => {
+            run.record("instance", id.clone(), Utc::now());
+            run.instance_ids.push(id);
+            run.enter(Phase::Done, Utc::now());
+            tracing::info!(run = %run.run_id, instance = ?run.instance_ids, "DR run done");
+        }
+        Err(e) => run.fail(
+            format!(
+                "launching the instance failed (the AMI {} is kept): {e}",
+                req.image_id
+            ),
+            Utc::now(),
+        ),
+    }
+}
+
+/// Advances and returns one run, or every run not finished yet (newest first).
+pub async fn status<S: ObjectStore, E: Ec2Api>(
+    env: &DrEnv<S, E>,
+    run_id: Option<&str>,
+) -> Result<Vec<Run>, DrError> {
+    let ids: Vec<String> = match run_id {
+        Some(id) => vec![id.to_string()],
+        None => env
+            .store
+            .list(&env.cfg.runs_prefix)
+            .await?
+            .iter()
+            .filter_map(|k| k.strip_prefix(&env.cfg.runs_prefix))
+            .filter_map(|k| k.strip_suffix(".json"))
+            .filter(|k| !k.contains('/'))
+            .map(String::from)
+            .collect(),
+    };
+    let mut out = Vec::new();
+    for id in ids {
+        let mut run = load(env, &id).await?;
+        if run_id.is_none() && run.phase.is_final() {
+            continue;
+        }
+        advance(env, &mut run).await?;
+        out.push(run);
+    }
+    out.sort_by_key(|r| std::cmp::Reverse(r.created_at));
+    Ok(out)
+}
+
+/// Removes what a drill made: its instances, AMI, snapshots and exported objects.
+/// Refused for a run that is not a drill or has not finished.
+pub async fn cleanup<S: ObjectStore, E: Ec2Api>(
+    env: &DrEnv<S, E>,
+    run_id: &str,
+) -> Result<Run, DrError> {
+    let mut run = load(env, run_id).await?;
+    if !run.drill {
+        return Err(DrError::Refused(format!(
+            "run {run_id} is not a drill: cleanup only removes drills (a real recovery's instances are yours to keep)"
+        )));
+    }
+    match run.phase {
+        Phase::Done | Phase::Failed => {}
+        Phase::CleanedUp => return Ok(run),
+        p => {
+            return Err(DrError::Refused(format!(
+            "run {run_id} is still {p:?}; wait until it is done or failed (`dr status {run_id}`)"
+        )))
+        }
+    }
+    let now = Utc::now();
+    let mut problems = Vec::new();
+    let created = run.created.clone();
+    let of = |kind: &str| -> Vec<String> {
+        created
+            .iter()
+            .filter(|c| c.kind == kind)
+            .map(|c| c.id.clone())
+            .collect()
+    };
+    let mut removed = Vec::new();
+    let instances = of("instance");
+    match env.ec2.terminate_instances(&instances).await {
+        Ok(()) => removed.extend(instances.iter().map(|i| ("instance", i.clone()))),
+        Err(e) => problems.push(e.to_string()),
+    }
+    for image in of("image") {
+        match env.ec2.deregister_image(&image).await {
+            Ok(()) => removed.push(("image", image)),
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    for snap in of("snapshot") {
+        match env.ec2.delete_snapshot(&snap).await {
+            Ok(()) => removed.push(("snapshot", snap)),
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    // The exported images, and the requests and results beside them.
+    for d in &run.disks {
+        let (Ok(disk), Ok(id)) = (DiskId::parse(&d.disk), Name::new(&d.export_id)) else {
+            continue;
+        };
+        for key in [
+            ObjectKey::ExportImage {
+                disk: disk.clone(),
+                id: id.clone(),
+            },
+            ObjectKey::ExportResult {
+                disk: disk.clone(),
+                id: id.clone(),
+            },
+            ObjectKey::ExportRequest { disk, id },
+        ] {
+            let key = key.to_key(&env.cfg.prefix);
+            if env.store.size(&key).await?.is_none() {
+                continue;
+            }
+            match env.store.delete(&key).await {
+                Ok(()) => removed.push(("s3-object", key)),
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+    }
+    for (kind, id) in removed {
+        run.removed.push(crate::model::Created {
+            kind: kind.into(),
+            id,
+            at: now,
+        });
+    }
+    if problems.is_empty() {
+        run.reason = Some(format!(
+            "drill cleaned up: {} resources removed",
+            run.removed.len()
+        ));
+        run.enter(Phase::CleanedUp, Utc::now());
+    } else {
+        run.reason = Some(format!(
+            "cleanup incomplete (run it again): {}",
+            problems.join("; ")
+        ));
+    }
+    run.updated_at = Utc::now();
+    save(env, &run).await?;
+    Ok(run)
+}

@@ -1,0 +1,295 @@
+//! The DR Lambda's input and its run record (kept in S3 as JSON).
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+pub const RUN_VERSION: u32 = 1;
+/// Tag put on everything a run launches.
+pub const TAG_RUN: &str = "pilotlight:dr-run";
+/// Tag put on everything a drill launches (`true`).
+pub const TAG_DRILL: &str = "pilotlight:drill";
+
+/// What the Lambda is asked to do (`{"action": "start", ...}`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DrRequest {
+    /// Declare a disaster (or start a drill): export, import, launch.
+    Start(StartRequest),
+    /// Advance one run (or every unfinished run) and report it.
+    Status { run_id: Option<String> },
+    /// Remove what a drill made: instances, AMI, snapshots, exported objects.
+    Cleanup { run_id: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartRequest {
+    pub site: String,
+    pub vm: String,
+    /// The VM's disks, boot disk first.
+    pub disks: Vec<String>,
+    #[serde(default)]
+    pub recovery_point: RecoveryPoint,
+    pub launch: LaunchSettings,
+    #[serde(default)]
+    pub drill: bool,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// `"latest"` or `{"generation": N}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecoveryPoint {
+    /// The newest committed generation of each disk.
+    #[default]
+    Latest,
+    Generation(u64),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchSettings {
+    pub instance_type: String,
+    pub subnet_id: Option<String>,
+    #[serde(default)]
+    pub security_group_ids: Vec<String>,
+    pub private_ip: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    pub boot_mode: Option<BootMode>,
+    pub license_type: Option<LicenseType>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BootMode {
+    LegacyBios,
+    Uefi,
+    UefiPreferred,
+}
+
+impl BootMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BootMode::LegacyBios => "legacy-bios",
+            BootMode::Uefi => "uefi",
+            BootMode::UefiPreferred => "uefi-preferred",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum LicenseType {
+    Aws,
+    Byol,
+}
+
+impl LicenseType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LicenseType::Aws => "AWS",
+            LicenseType::Byol => "BYOL",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// A dry run: validated and resolved, nothing requested or created.
+    Planned,
+    Exporting,
+    Importing,
+    Launching,
+    Done,
+    Failed,
+    /// A drill whose resources were removed.
+    CleanedUp,
+}
+
+impl Phase {
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            Phase::Planned | Phase::Done | Phase::Failed | Phase::CleanedUp
+        )
+    }
+}
+
+/// One disk of a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunDisk {
+    /// `site/vm/disk`.
+    pub disk: String,
+    pub generation: u64,
+    pub export_id: String,
+    /// Set when the receiver reported the export done.
+    pub image_key: Option<String>,
+    pub size: Option<u64>,
+    pub sha256: Option<String>,
+}
+
+/// Something the run created in AWS (what a cleanup removes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Created {
+    /// `s3-object`, `import-image-task`, `image`, `snapshot`, `instance`.
+    pub kind: String,
+    pub id: String,
+    pub at: DateTime<Utc>,
+}
+
+/// Time spent in one phase.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhaseTime {
+    pub phase: Phase,
+    pub started_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+    pub seconds: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImportProgress {
+    pub task_id: String,
+    pub status: String,
+    pub status_message: Option<String>,
+    pub progress_percent: Option<u32>,
+}
+
+/// A DR run, as kept in `s3://{bucket}/{runs_prefix}/{run_id}.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Run {
+    pub version: u32,
+    pub run_id: String,
+    /// The input as given (kept even when it was invalid).
+    pub request: serde_json::Value,
+    pub drill: bool,
+    pub dry_run: bool,
+    pub phase: Phase,
+    /// Why the run failed, or what the last step found.
+    pub reason: Option<String>,
+    pub disks: Vec<RunDisk>,
+    pub import: Option<ImportProgress>,
+    pub image_id: Option<String>,
+    pub snapshot_ids: Vec<String>,
+    pub instance_ids: Vec<String>,
+    /// Every resource the run created, in order.
+    pub created: Vec<Created>,
+    /// Every resource a cleanup removed.
+    pub removed: Vec<Created>,
+    pub phases: Vec<PhaseTime>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Run {
+    pub fn new(run_id: String, request: serde_json::Value, now: DateTime<Utc>) -> Self {
+        let flag = |k: &str| request.get(k).and_then(|v| v.as_bool()).unwrap_or(false);
+        Self {
+            version: RUN_VERSION,
+            drill: flag("drill"),
+            dry_run: flag("dry_run"),
+            run_id,
+            request,
+            phase: Phase::Exporting,
+            reason: None,
+            disks: Vec::new(),
+            import: None,
+            image_id: None,
+            snapshot_ids: Vec::new(),
+            instance_ids: Vec::new(),
+            created: Vec::new(),
+            removed: Vec::new(),
+            phases: Vec::new(),
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    /// Moves to `phase`, closing the current phase's timer.
+    pub fn enter(&mut self, phase: Phase, now: DateTime<Utc>) {
+        if let Some(last) = self.phases.last_mut() {
+            if last.ended_at.is_none() {
+                last.ended_at = Some(now);
+                last.seconds = Some((now - last.started_at).num_milliseconds() as f64 / 1000.0);
+            }
+        }
+        self.phase = phase;
+        if !phase.is_final() {
+            self.phases.push(PhaseTime {
+                phase,
+                started_at: now,
+                ended_at: None,
+                seconds: None,
+            });
+        }
+        self.updated_at = now;
+    }
+
+    pub fn fail(&mut self, reason: impl Into<String>, now: DateTime<Utc>) {
+        self.reason = Some(reason.into());
+        self.enter(Phase::Failed, now);
+    }
+
+    pub fn record(&mut self, kind: &str, id: impl Into<String>, now: DateTime<Utc>) {
+        self.created.push(Created {
+            kind: kind.into(),
+            id: id.into(),
+            at: now,
+        });
+    }
+
+    /// When the current phase began.
+    pub fn phase_started(&self) -> DateTime<Utc> {
+        self.phases.last().map_or(self.created_at, |p| p.started_at)
+    }
+
+    /// Seconds from the start to now (or to the end).
+    pub fn total_seconds(&self, now: DateTime<Utc>) -> f64 {
+        let end = if self.phase.is_final() {
+            self.updated_at
+        } else {
+            now
+        };
+        (end - self.created_at).num_milliseconds() as f64 / 1000.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_from_the_documented_json() {
+        let r: DrRequest =
+            serde_json::from_str(include_str!("../tests/fixtures/start.json")).unwrap();
+        let DrRequest::Start(s) = r else {
+            panic!("not a start")
+        };
+        assert_eq!(s.disks, ["disk0"]);
+        assert_eq!(s.recovery_point, RecoveryPoint::Latest);
+        assert_eq!(s.launch.boot_mode, Some(BootMode::Uefi));
+        let r: DrRequest = serde_json::from_str(r#"{"action":"status","run_id":null}"#).unwrap();
+        assert!(matches!(r, DrRequest::Status { run_id: None }));
+        let g: RecoveryPoint = serde_json::from_str(r#"{"generation": 4}"#).unwrap();
+        assert_eq!(g, RecoveryPoint::Generation(4));
+        assert!(serde_json::from_str::<DrRequest>(r#"{"action":"explode"}"#).is_err());
+    }
+
+    #[test]
+    fn phases_are_timed() {
+        let t0 = Utc::now();
+        let mut run = Run::new("r".into(), serde_json::json!({"drill": true}), t0);
+        assert!(run.drill);
+        run.enter(Phase::Exporting, t0);
+        run.enter(Phase::Importing, t0 + chrono::Duration::seconds(3));
+        run.enter(Phase::Done, t0 + chrono::Duration::seconds(10));
+        assert_eq!(run.phases.len(), 2);
+        assert_eq!(run.phases[0].seconds, Some(3.0));
+        assert_eq!(run.phases[1].seconds, Some(7.0));
+        assert_eq!(run.total_seconds(t0), 10.0);
+    }
+}

@@ -1,0 +1,475 @@
+//! The DR handler against in-memory fakes: the bucket in memory, EC2 in memory with a
+//! simulated image import walking the documented task states. (The end-to-end test in
+//! `tests/` runs the same flow through the SDK against the emulator.)
+#![allow(clippy::unwrap_used)]
+
+use bytes::Bytes;
+use pilotlight_dr::api::ObjectStore;
+use pilotlight_dr::handler::{advance, cleanup, start, status, DrConfig, DrEnv, DrError};
+use pilotlight_dr::model::{Phase, Run};
+use pilotlight_dr::sim::{MemoryEc2, MemoryStore, SimulatedImport};
+use pilotlight_protocol::{
+    DiskId, ExportRequest, ExportResult, ExportStatus, Name, ObjectKey, Prefix, Sha256Hex,
+    EXPORT_VERSION,
+};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+type Env<'a> = DrEnv<&'a MemoryStore, SimulatedImport<MemoryEc2, &'a MemoryStore>>;
+
+fn env<'a>(store: &'a MemoryStore, fail: Option<&str>) -> Env<'a> {
+    let mut cfg = DrConfig::new("memory", Prefix::new("dr").unwrap());
+    cfg.drill_subnet_id = Some("subnet-0d1e2f3a".into());
+    cfg.drill_security_group_ids = vec!["sg-0abc1234".into()];
+    DrEnv {
+        store,
+        ec2: SimulatedImport {
+            inner: MemoryEc2::default(),
+            store,
+            prefix: "pilotlight-dr/simulated-imports/".into(),
+            fail: fail.map(String::from),
+        },
+        cfg,
+    }
+}
+
+fn disk() -> DiskId {
+    DiskId::parse("site1/vm1/disk0").unwrap()
+}
+
+/// A replicated disk: generations 1..=n committed (manifest keys are what `start` reads).
+fn replicated(store: &MemoryStore, n: u64) {
+    let p = Prefix::new("dr").unwrap();
+    for g in 1..=n {
+        let m = ObjectKey::Manifest {
+            disk: disk(),
+            generation: g,
+        }
+        .to_key(&p);
+        store
+            .objects
+            .lock()
+            .unwrap()
+            .insert(m, Bytes::from_static(b"{}"));
+        let d = ObjectKey::Data {
+            disk: disk(),
+            generation: g,
+            offset: 0,
+        }
+        .to_key(&p);
+        store
+            .objects
+            .lock()
+            .unwrap()
+            .insert(d, Bytes::from_static(b"x"));
+    }
+}
+
+fn request() -> Value {
+    serde_json::from_str(include_str!("fixtures/start.json")).unwrap()
+}
+
+/// What the receiver does on an export request: answer with the result.
+async fn receiver_answers(store: &MemoryStore, run: &Run, ok: bool) {
+    let p = Prefix::new("dr").unwrap();
+    for d in &run.disks {
+        let id = Name::new(&d.export_id).unwrap();
+        let disk = DiskId::parse(&d.disk).unwrap();
+        let req_key = ObjectKey::ExportRequest {
+            disk: disk.clone(),
+            id: id.clone(),
+        }
+        .to_key(&p);
+        let req: ExportRequest =
+            ExportRequest::from_json(&store.get(&req_key).await.unwrap().unwrap(), &id).unwrap();
+        let image_key = ObjectKey::ExportImage {
+            disk: disk.clone(),
+            id: id.clone(),
+        }
+        .to_key(&p);
+        store
+            .put(&image_key, Bytes::from(vec![7u8; 4096]))
+            .await
+            .unwrap();
+        let r = ExportResult {
+            version: EXPORT_VERSION,
+            id: id.clone(),
+            status: if ok {
+                ExportStatus::Done
+            } else {
+                ExportStatus::Failed
+            },
+            generation: Some(req.generation),
+            image_key: ok.then(|| image_key.clone()),
+            size: ok.then_some(4096),
+            sha256: ok.then_some(Sha256Hex([1; 32])),
+            reason: (!ok).then(|| "disk full on the receiver".into()),
+            seconds: 0.1,
+            finished_at: chrono::Utc::now(),
+        };
+        let key = ObjectKey::ExportResult { disk, id }.to_key(&p);
+        store
+            .put(&key, serde_json::to_vec(&r).unwrap().into())
+            .await
+            .unwrap();
+    }
+}
+
+async fn advance_until_final(env: &Env<'_>, run: &mut Run) -> Vec<String> {
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        advance(env, run).await.unwrap();
+        if let Some(i) = &run.import {
+            seen.push(format!(
+                "{} {:?} {:?}",
+                i.status, i.status_message, i.progress_percent
+            ));
+        }
+        if run.phase.is_final() {
+            return seen;
+        }
+    }
+    panic!("run did not finish: {run:?}");
+}
+
+#[tokio::test]
+async fn a_drill_runs_to_done_and_cleanup_removes_exactly_what_it_made() {
+    let store = MemoryStore::default();
+    replicated(&store, 3);
+    let env = env(&store, None);
+    // Something the drill did not make: it must survive the cleanup.
+    store
+        .put(
+            "dr/site1/vm1/disk0/x/other/image.raw",
+            Bytes::from_static(b"keep"),
+        )
+        .await
+        .unwrap();
+
+    let mut run = start(&env, request()).await.unwrap();
+    assert_eq!(run.phase, Phase::Exporting, "{:?}", run.reason);
+    assert_eq!(run.disks[0].generation, 3, "latest");
+    // Nothing happens until the receiver answers.
+    advance(&env, &mut run).await.unwrap();
+    assert_eq!(run.phase, Phase::Exporting);
+    receiver_answers(&store, &run, true).await;
+    let seen = advance_until_final(&env, &mut run).await;
+    assert_eq!(run.phase, Phase::Done, "{:?}", run.reason);
+    assert!(
+        seen.iter()
+            .any(|s| s.contains("converting") && s.contains("28")),
+        "{seen:?}"
+    );
+    assert!(seen.last().unwrap().starts_with("completed"), "{seen:?}");
+    let phases: Vec<Phase> = run.phases.iter().map(|p| p.phase).collect();
+    assert_eq!(
+        phases,
+        [Phase::Exporting, Phase::Importing, Phase::Launching]
+    );
+    assert!(run.phases.iter().all(|p| p.seconds.is_some()));
+
+    // The launch: drill subnet and groups, the request's tags plus ours.
+    let ec2 = env.ec2.inner.snapshot();
+    let (id, launched) = ec2.instances.iter().next().unwrap();
+    assert_eq!(&run.instance_ids, std::slice::from_ref(id));
+    assert_eq!(launched.subnet_id.as_deref(), Some("subnet-0d1e2f3a"));
+    assert_eq!(launched.security_group_ids, ["sg-0abc1234"]);
+    assert_eq!(launched.instance_type, "t3.medium");
+    for tag in [
+        ("team", "ops"),
+        ("pilotlight:drill", "true"),
+        ("Name", "vm1-recovered"),
+    ] {
+        assert!(
+            launched.tags.contains(&(tag.0.into(), tag.1.into())),
+            "{tag:?}"
+        );
+    }
+    assert!(launched
+        .tags
+        .contains(&("pilotlight:dr-run".into(), run.run_id.clone())));
+
+    // The record in the bucket is what was returned.
+    let stored: Run = serde_json::from_slice(
+        &store
+            .get(&format!("pilotlight-dr/runs/{}.json", run.run_id))
+            .await
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(stored, run);
+
+    let cleaned = cleanup(&env, &run.run_id).await.unwrap();
+    assert_eq!(cleaned.phase, Phase::CleanedUp, "{:?}", cleaned.reason);
+    let ec2 = env.ec2.inner.snapshot();
+    assert_eq!(ec2.terminated, run.instance_ids);
+    assert!(ec2.images.is_empty() && ec2.snapshots.is_empty());
+    let left = store.list("dr/site1/vm1/disk0/x/").await.unwrap();
+    assert_eq!(
+        left,
+        ["dr/site1/vm1/disk0/x/other/image.raw"],
+        "only the drill's exports go"
+    );
+    let kinds: Vec<&str> = cleaned.removed.iter().map(|r| r.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "instance",
+            "image",
+            "snapshot",
+            "s3-object",
+            "s3-object",
+            "s3-object"
+        ]
+    );
+}
+
+async fn failed_start(store: &MemoryStore, edit: impl FnOnce(&mut Value)) -> Run {
+    let env = env(store, None);
+    let mut req = request();
+    edit(&mut req);
+    let run = start(&env, req).await.unwrap();
+    assert_eq!(run.phase, Phase::Failed);
+    // Recorded, with the reason.
+    let stored = store
+        .get(&format!("pilotlight-dr/runs/{}.json", run.run_id))
+        .await
+        .unwrap();
+    assert!(stored.is_some(), "a failed start is recorded");
+    assert!(
+        store
+            .list("dr/site1/vm1/disk0/x/")
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing requested"
+    );
+    run
+}
+
+#[tokio::test]
+async fn bad_starts_fail_with_a_clear_reason_and_request_nothing() {
+    let store = MemoryStore::default();
+    replicated(&store, 2);
+    type Edit = Box<dyn FnOnce(&mut Value)>;
+    let cases: Vec<(&str, Edit)> = vec![
+        (
+            "unknown VM site1/nope",
+            Box::new(|r| r["vm"] = json!("nope")),
+        ),
+        (
+            "unknown disk site1/vm1/disk9",
+            Box::new(|r| r["disks"] = json!(["disk9"])),
+        ),
+        (
+            "generation 7 is not available",
+            Box::new(|r| r["recovery_point"] = json!({"generation": 7})),
+        ),
+        (
+            "instance_type",
+            Box::new(|r| r["launch"]["instance_type"] = json!("huge")),
+        ),
+        (
+            "subnet_id",
+            Box::new(|r| r["launch"]["subnet_id"] = json!("subnet-xyz")),
+        ),
+        (
+            "security group",
+            Box::new(|r| r["launch"]["security_group_ids"] = json!(["default"])),
+        ),
+        (
+            "reserved prefix",
+            Box::new(|r| r["launch"]["tags"] = json!({"aws:x": "y"})),
+        ),
+        (
+            "private_ip needs",
+            Box::new(|r| {
+                r["drill"] = json!(false);
+                r["launch"]["private_ip"] = json!("10.0.0.5")
+            }),
+        ),
+        (
+            "not valid",
+            Box::new(|r| r["launch"]["private_ip"] = json!("10.0.0.999")),
+        ),
+        (
+            "not valid",
+            Box::new(|r| r["launch"]["boot_mode"] = json!("floppy")),
+        ),
+        (
+            "listed twice",
+            Box::new(|r| r["disks"] = json!(["disk0", "disk0"])),
+        ),
+        ("vm \"../x\"", Box::new(|r| r["vm"] = json!("../x"))),
+    ];
+    for (want, edit) in cases {
+        let run = failed_start(&store, edit).await;
+        let reason = run.reason.unwrap();
+        assert!(reason.contains(want), "{want}: {reason}");
+    }
+}
+
+#[tokio::test]
+async fn nothing_committed_yet_is_its_own_reason() {
+    let store = MemoryStore::default();
+    let p = Prefix::new("dr").unwrap();
+    let d = ObjectKey::Data {
+        disk: disk(),
+        generation: 1,
+        offset: 0,
+    }
+    .to_key(&p);
+    store.put(&d, Bytes::from_static(b"x")).await.unwrap();
+    let run = failed_start(&store, |_| {}).await;
+    assert!(run.reason.unwrap().contains("nothing committed yet"));
+}
+
+#[tokio::test]
+async fn a_dry_run_resolves_and_writes_nothing() {
+    let store = MemoryStore::default();
+    replicated(&store, 2);
+    let env = env(&store, None);
+    let mut req = request();
+    req["dry_run"] = json!(true);
+    req["recovery_point"] = json!({"generation": 1});
+    let before = store.list("").await.unwrap();
+    let run = start(&env, req).await.unwrap();
+    assert_eq!(run.phase, Phase::Planned);
+    assert_eq!(run.disks[0].generation, 1);
+    assert_eq!(store.list("").await.unwrap(), before);
+}
+
+#[tokio::test]
+async fn export_timeout_and_export_failure_fail_the_run() {
+    let store = MemoryStore::default();
+    replicated(&store, 1);
+    let mut env = env(&store, None);
+    env.cfg.export_timeout = Duration::ZERO;
+    let mut run = start(&env, request()).await.unwrap();
+    advance(&env, &mut run).await.unwrap();
+    assert_eq!(run.phase, Phase::Failed);
+    let reason = run.reason.clone().unwrap();
+    assert!(
+        reason.contains("export timeout") && reason.contains("site1/vm1/disk0 (generation 1)"),
+        "{reason}"
+    );
+    assert_eq!(
+        run.created.len(),
+        1,
+        "the export request is on record: {:?}",
+        run.created
+    );
+
+    env.cfg.export_timeout = Duration::from_secs(3600);
+    let mut run = start(&env, request()).await.unwrap();
+    receiver_answers(&store, &run, false).await;
+    advance(&env, &mut run).await.unwrap();
+    assert_eq!(run.phase, Phase::Failed);
+    assert!(run.reason.unwrap().contains("disk full on the receiver"));
+}
+
+#[tokio::test]
+async fn a_failed_import_task_fails_the_run_with_its_status_message() {
+    let store = MemoryStore::default();
+    replicated(&store, 1);
+    let env = env(
+        &store,
+        Some("ClientError: Unsupported kernel version 2.6.18"),
+    );
+    let mut run = start(&env, request()).await.unwrap();
+    receiver_answers(&store, &run, true).await;
+    advance_until_final(&env, &mut run).await;
+    assert_eq!(run.phase, Phase::Failed);
+    let reason = run.reason.clone().unwrap();
+    assert!(reason.contains("Unsupported kernel version"), "{reason}");
+    let kinds: Vec<&str> = run.created.iter().map(|c| c.kind.as_str()).collect();
+    assert_eq!(kinds, ["s3-object", "s3-object", "import-image-task"]);
+    assert!(env.ec2.inner.snapshot().instances.is_empty());
+    // A failed drill can be cleaned up too: its exports go.
+    let cleaned = cleanup(&env, &run.run_id).await.unwrap();
+    assert_eq!(cleaned.phase, Phase::CleanedUp);
+    assert!(store
+        .list("dr/site1/vm1/disk0/x/")
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test]
+async fn a_failed_launch_keeps_the_ami_on_record() {
+    let store = MemoryStore::default();
+    replicated(&store, 1);
+    let mut env = env(&store, None);
+    env.cfg.drill_subnet_id = Some("subnet-00000000".into());
+    let mut run = start(&env, request()).await.unwrap();
+    receiver_answers(&store, &run, true).await;
+    advance_until_final(&env, &mut run).await;
+    assert_eq!(run.phase, Phase::Failed);
+    assert!(
+        run.reason
+            .clone()
+            .unwrap()
+            .contains("InvalidSubnetID.NotFound"),
+        "{:?}",
+        run.reason
+    );
+    assert!(run.created.iter().any(|c| c.kind == "image"));
+}
+
+#[tokio::test]
+async fn cleanup_refuses_real_recoveries_and_unfinished_runs() {
+    let store = MemoryStore::default();
+    replicated(&store, 1);
+    let env = env(&store, None);
+    let run = start(&env, request()).await.unwrap();
+    let e = cleanup(&env, &run.run_id).await.unwrap_err();
+    assert!(
+        matches!(e, DrError::Refused(_)) && e.to_string().contains("wait"),
+        "{e}"
+    );
+    let mut req = request();
+    req["drill"] = json!(false);
+    let real = start(&env, req).await.unwrap();
+    let e = cleanup(&env, &real.run_id).await.unwrap_err();
+    assert!(e.to_string().contains("not a drill"), "{e}");
+    assert!(matches!(
+        cleanup(&env, "nope").await,
+        Err(DrError::NoSuchRun(_))
+    ));
+    assert!(matches!(
+        cleanup(&env, "../etc").await,
+        Err(DrError::NoSuchRun(_))
+    ));
+}
+
+#[tokio::test]
+async fn the_lambda_entry_takes_requests_and_the_schedule() {
+    let store = MemoryStore::default();
+    replicated(&store, 1);
+    let env = env(&store, None);
+    let v = pilotlight_dr::handle(&env, request()).await.unwrap();
+    let run: Run = serde_json::from_value(v).unwrap();
+    assert_eq!(run.phase, Phase::Exporting);
+    receiver_answers(&store, &run, true).await;
+    // The schedule advances every unfinished run, one step each time.
+    let scheduled: Value = serde_json::from_str(include_str!("fixtures/scheduled.json")).unwrap();
+    let v = pilotlight_dr::handle(&env, scheduled).await.unwrap();
+    assert_eq!(v["advanced"], json!([run.run_id]));
+    let status_req: Value = serde_json::from_str(include_str!("fixtures/status.json")).unwrap();
+    let runs: Vec<Run> =
+        serde_json::from_value(pilotlight_dr::handle(&env, status_req).await.unwrap()).unwrap();
+    assert_eq!(runs[0].phase, Phase::Importing);
+    for bad in [
+        json!({"action": "explode"}),
+        json!({"hello": 1}),
+        json!([1, 2]),
+    ] {
+        let e = pilotlight_dr::handle(&env, bad.clone()).await.unwrap_err();
+        assert!(matches!(e, DrError::BadRequest(_)), "{bad}: {e}");
+    }
+    // Finished runs are not listed by a bare status.
+    let mut run = runs[0].clone();
+    advance_until_final(&env, &mut run).await;
+    assert!(status(&env, None).await.unwrap().is_empty());
+}
