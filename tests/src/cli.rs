@@ -44,6 +44,18 @@ pub fn receiver(stack: &LocalStack, sub: &str, dir: &Path, args: &[&str]) -> Com
     c
 }
 
+/// `pilotlight-dr ARGS` pointed at the stack, running the handler locally with the
+/// simulated EC2 image import (`simulate`: `ok` or a failure's StatusMessage), since the
+/// emulator has no ImportImage.
+pub fn dr(stack: &LocalStack, simulate: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(bin("pilotlight-dr"));
+    c.args(args)
+        .envs(stack.env())
+        .env("PILOTLIGHT_DR_SIMULATE_IMPORT", simulate)
+        .env("RUST_LOG", "warn");
+    c
+}
+
 /// A child process killed when dropped.
 #[derive(Debug)]
 pub struct Running(pub Child);

@@ -153,6 +153,18 @@ impl LocalStack {
         v
     }
 
+    /// An EC2 client on the emulator.
+    pub async fn ec2(&self) -> aws_sdk_ec2::Client {
+        let creds = aws_sdk_s3::config::Credentials::new("testing", "testing", None, None, "test");
+        let shared = aws_config::defaults(BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .credentials_provider(creds)
+            .endpoint_url(&self.endpoint)
+            .load()
+            .await;
+        aws_sdk_ec2::Client::new(&shared)
+    }
+
     /// Every key under `prefix`.
     pub async fn keys(&self, prefix: &str) -> Vec<String> {
         use pilotlight_receiver::store::{ObjectSource, S3Source};

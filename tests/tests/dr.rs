@@ -1,0 +1,411 @@
+//! One-click DR end to end against the emulator: the real sender, receiver and
+//! `pilotlight-dr` binaries; S3, SQS and EC2 (RunInstances, images, snapshots, tags)
+//! through the SDK; only the EC2 image import is simulated (the emulator lacks it).
+#![allow(clippy::unwrap_used)]
+
+use aws_sdk_ec2::types::Filter;
+use pilotlight_protocol::{DiskId, ExportResult, ExportStatus, Name, ObjectKey, Prefix};
+use pilotlight_tests::cli::{applied, dr, receiver, s, send_ok, Running};
+use pilotlight_tests::disk::{create_sparse, powercli_list, scribble, sha256_file, MIB};
+use pilotlight_tests::poll_until;
+use pilotlight_tests::stack::LocalStack;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::path::Path;
+use std::time::Duration;
+
+const SIZE: u64 = 64 * MIB;
+const WAIT: Duration = Duration::from_secs(90);
+
+fn disk_id() -> DiskId {
+    DiskId::parse("site1/vm1/disk0").unwrap()
+}
+
+/// Replicates generation `k` of the test disk; returns the source's SHA-256.
+fn replicate(stack: &LocalStack, dir: &Path, k: u64) -> [u8; 32] {
+    let disk = dir.join("disk.raw");
+    let f = create_sparse(&disk, SIZE);
+    let w = scribble(&f, SIZE, 60, 77 + k);
+    drop(f);
+    let mut args = vec![
+        "--disk-id".to_string(),
+        "site1/vm1/disk0".into(),
+        "--state-dir".into(),
+        s(&dir.join("sender-state")).into(),
+        "--disk".into(),
+        s(&disk).into(),
+    ];
+    if k == 1 {
+        args.extend(["--source".into(), "full".into()]);
+    } else {
+        let list = dir.join(format!("changes-{k}.txt"));
+        std::fs::write(&list, powercli_list(&w)).unwrap();
+        args.extend([
+            "--source".into(),
+            "extent-list".into(),
+            "--extents".into(),
+            s(&list).into(),
+        ]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert_eq!(send_ok(stack, &args)["generation"], k);
+    sha256_file(&disk)
+}
+
+fn dr_json(stack: &LocalStack, simulate: &str, args: &[&str]) -> Value {
+    let out = dr(stack, simulate, &[&["--json"], args].concat())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pilotlight-dr {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+async fn instance_state(ec2: &aws_sdk_ec2::Client, id: &str) -> String {
+    let out = ec2
+        .describe_instances()
+        .instance_ids(id)
+        .send()
+        .await
+        .unwrap();
+    let i = &out.reservations()[0].instances()[0];
+    i.state()
+        .and_then(|s| s.name())
+        .map(|n| n.as_str().to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drill_recovers_the_replicated_disk_and_cleanup_removes_only_its_resources() {
+    let stack = LocalStack::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let ec2 = stack.ec2().await;
+    // The network the recovered VM goes into.
+    let vpc = ec2
+        .create_vpc()
+        .cidr_block("10.20.0.0/16")
+        .send()
+        .await
+        .unwrap();
+    let vpc_id = vpc.vpc().unwrap().vpc_id().unwrap().to_string();
+    let subnet = ec2
+        .create_subnet()
+        .vpc_id(&vpc_id)
+        .cidr_block("10.20.1.0/24")
+        .availability_zone("us-east-1a")
+        .send()
+        .await
+        .unwrap();
+    let subnet_id = subnet.subnet().unwrap().subnet_id().unwrap().to_string();
+    let sg = ec2
+        .create_security_group()
+        .group_name("dr")
+        .description("dr")
+        .vpc_id(&vpc_id)
+        .send()
+        .await
+        .unwrap();
+    let sg_id = sg.group_id().unwrap().to_string();
+    // An instance the drill did not make: cleanup must leave it alone.
+    let bystander = ec2
+        .run_instances()
+        .image_id("ami-12c6146b")
+        .min_count(1)
+        .max_count(1)
+        .send()
+        .await
+        .unwrap();
+    let bystander = bystander.instances()[0].instance_id().unwrap().to_string();
+
+    replicate(&stack, tmp.path(), 1);
+    let want = replicate(&stack, tmp.path(), 2);
+    let rx = tmp.path().join("rx");
+    let _receiver = Running(
+        receiver(
+            &stack,
+            "run",
+            &rx,
+            &["--queue-url", &stack.queue_url, "--reconcile-every", "2s"],
+        )
+        .stderr(std::fs::File::create(tmp.path().join("receiver.log")).unwrap())
+        .spawn()
+        .unwrap(),
+    );
+    poll_until("generation 2 applied", WAIT, || async {
+        (applied(&rx, &disk_id()) == Some(2)).then_some(())
+    })
+    .await;
+
+    let start = dr_json(
+        &stack,
+        "ok",
+        &[
+            "start",
+            "--site",
+            "site1",
+            "--vm",
+            "vm1",
+            "--disk",
+            "disk0",
+            "--drill",
+            "--instance-type",
+            "m5.large",
+            "--subnet",
+            &subnet_id,
+            "--security-group",
+            &sg_id,
+            "--private-ip",
+            "10.20.1.50",
+            "--tag",
+            "Name=vm1-drill",
+            "--tag",
+            "owner=ops",
+            "--boot-mode",
+            "uefi",
+            "--license-type",
+            "BYOL",
+        ],
+    );
+    assert_eq!(start["phase"], "exporting", "{start}");
+    let run_id = start["run_id"].as_str().unwrap().to_string();
+    assert_eq!(start["disks"][0]["generation"], 2);
+
+    // `status --wait` polls until done.
+    let out = dr(
+        &stack,
+        "ok",
+        &[
+            "status",
+            &run_id,
+            "--wait",
+            "--poll-every",
+            "200ms",
+            "--wait-timeout",
+            "90s",
+        ],
+    )
+    .output()
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let progress = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        out.status.success(),
+        "{text}\n{progress}\n{}",
+        std::fs::read_to_string(tmp.path().join("receiver.log")).unwrap()
+    );
+    assert!(
+        progress.contains("importing: active converting 28%"),
+        "{progress}"
+    );
+    assert!(
+        text.contains(": done") && text.contains("time: exporting"),
+        "{text}"
+    );
+    let run = &dr_json(&stack, "ok", &["status", &run_id])[0];
+    assert_eq!(run["phase"], "done");
+
+    // The export is the source at generation 2, byte for byte.
+    let image_key = run["disks"][0]["image_key"].as_str().unwrap();
+    let exported = stack.get(image_key).await;
+    assert_eq!(exported.len() as u64, SIZE);
+    assert_eq!(
+        <[u8; 32]>::from(Sha256::digest(&exported)),
+        want,
+        "exported image differs from the source"
+    );
+    assert_eq!(run["disks"][0]["sha256"], hex::encode(want));
+
+    // The instance, as asked.
+    let instance_id = run["instance_ids"][0].as_str().unwrap().to_string();
+    let out = ec2
+        .describe_instances()
+        .instance_ids(&instance_id)
+        .send()
+        .await
+        .unwrap();
+    let i = &out.reservations()[0].instances()[0];
+    assert_eq!(i.image_id(), run["image_id"].as_str());
+    assert_eq!(i.instance_type().unwrap().as_str(), "m5.large");
+    assert_eq!(i.subnet_id(), Some(subnet_id.as_str()));
+    assert_eq!(i.private_ip_address(), Some("10.20.1.50"));
+    assert!(i
+        .security_groups()
+        .iter()
+        .any(|g| g.group_id() == Some(sg_id.as_str())));
+    let tags: Vec<(String, String)> = i
+        .tags()
+        .iter()
+        .map(|t| (t.key().unwrap().into(), t.value().unwrap().into()))
+        .collect();
+    for (k, v) in [
+        ("Name", "vm1-drill"),
+        ("owner", "ops"),
+        ("pilotlight:drill", "true"),
+        ("pilotlight:dr-run", run_id.as_str()),
+    ] {
+        assert!(tags.contains(&(k.into(), v.into())), "{k}={v} in {tags:?}");
+    }
+    let image_id = run["image_id"].as_str().unwrap().to_string();
+    let snapshot_id = run["snapshot_ids"][0].as_str().unwrap().to_string();
+
+    // Cleanup: exactly the drill's instance, AMI, snapshot and exported objects.
+    let cleaned = dr_json(&stack, "ok", &["cleanup", &run_id]);
+    assert_eq!(cleaned["phase"], "cleaned_up", "{cleaned}");
+    assert_eq!(instance_state(&ec2, &instance_id).await, "terminated");
+    assert_eq!(instance_state(&ec2, &bystander).await, "running");
+    let images = ec2.describe_images().image_ids(&image_id).send().await;
+    assert!(
+        images.map(|o| o.images().is_empty()).unwrap_or(true),
+        "AMI deregistered"
+    );
+    let snaps = ec2
+        .describe_snapshots()
+        .filters(
+            Filter::builder()
+                .name("snapshot-id")
+                .values(&snapshot_id)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(snaps.snapshots().is_empty(), "snapshot deleted");
+    let exports = stack
+        .keys(&format!("{}/site1/vm1/disk0/x/", stack.prefix))
+        .await;
+    assert!(exports.is_empty(), "exports removed: {exports:?}");
+    assert_eq!(
+        stack.manifests(&format!("{}/", stack.prefix)).await.len(),
+        2,
+        "replication untouched"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_dr_starts_and_export_requests_fail_clearly() {
+    let stack = LocalStack::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    replicate(&stack, tmp.path(), 1);
+    replicate(&stack, tmp.path(), 2);
+    let fail = |args: &[&str]| {
+        let out = dr(&stack, "ok", args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(
+            err.lines()
+                .filter(|l| l.contains("pilotlight-dr: error:"))
+                .count(),
+            1,
+            "{err}"
+        );
+        err
+    };
+    let base = ["start", "--site", "site1", "--vm", "vm1"];
+    let err = fail(&[&base[..], &["--disk", "nope"]].concat());
+    assert!(err.contains("unknown disk site1/vm1/nope"), "{err}");
+    let err = fail(&[
+        "start", "--site", "site1", "--vm", "ghost", "--disk", "disk0",
+    ]);
+    assert!(err.contains("unknown VM site1/ghost"), "{err}");
+    let err = fail(&[&base[..], &["--disk", "disk0", "--generation", "9"]].concat());
+    assert!(err.contains("generation 9 is not available"), "{err}");
+    let err = fail(&[&base[..], &["--disk", "disk0", "--instance-type", "big"]].concat());
+    assert!(err.contains("instance_type"), "{err}");
+
+    // A failed import: the run fails with EC2's StatusMessage, on record.
+    let rx = tmp.path().join("rx");
+    let start = dr_json(
+        &stack,
+        "ClientError: Unsupported kernel version",
+        &[&base[..], &["--disk", "disk0", "--drill"]].concat(),
+    );
+    let run_id = start["run_id"].as_str().unwrap();
+    let sync = receiver(&stack, "sync", &rx, &[]).output().unwrap();
+    assert!(
+        sync.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sync.stderr)
+    );
+    let out = dr(
+        &stack,
+        "ClientError: Unsupported kernel version",
+        &[
+            "status",
+            run_id,
+            "--wait",
+            "--poll-every",
+            "100ms",
+            "--wait-timeout",
+            "60s",
+        ],
+    )
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("Unsupported kernel version"),
+        "{err}"
+    );
+
+    // Export requests the receiver refuses, each answered with a reason.
+    let p = Prefix::new(&stack.prefix).unwrap();
+    let put_req = |id: &str, body: Vec<u8>| {
+        let key = ObjectKey::ExportRequest {
+            disk: disk_id(),
+            id: Name::new(id).unwrap(),
+        }
+        .to_key(&p);
+        let s3 = &stack;
+        async move { s3.put(&key, body).await }
+    };
+    let req = |id: &str, g: u64| {
+        serde_json::to_vec(&serde_json::json!({"version": 1, "id": id, "generation": g, "format": "raw", "run_id": null, "requested_at": "2026-11-23T00:00:00Z"})).unwrap()
+    };
+    put_req("old", req("old", 1)).await;
+    put_req("future", req("future", 9)).await;
+    put_req("garbage", b"{not json".to_vec()).await;
+    put_req("mismatch", req("other-id", 2)).await;
+    let sync = receiver(&stack, "sync", &rx, &[]).output().unwrap();
+    assert!(
+        sync.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sync.stderr)
+    );
+    for (id, why) in [
+        ("old", "no longer available"),
+        ("future", "generation 9 is not available"),
+        ("garbage", "not valid JSON"),
+        ("mismatch", "names id"),
+    ] {
+        let name = Name::new(id).unwrap();
+        let key = ObjectKey::ExportResult {
+            disk: disk_id(),
+            id: name.clone(),
+        }
+        .to_key(&p);
+        let r = ExportResult::from_json(&stack.get(&key).await, &name).unwrap();
+        assert_eq!(r.status, ExportStatus::Failed, "{id}");
+        assert!(
+            r.reason.as_deref().unwrap_or("").contains(why),
+            "{id}: {:?}",
+            r.reason
+        );
+        let image = ObjectKey::ExportImage {
+            disk: disk_id(),
+            id: name,
+        }
+        .to_key(&p);
+        assert!(
+            stack.keys(&image).await.is_empty(),
+            "{id}: no image exported"
+        );
+    }
+    assert_eq!(
+        applied(&rx, &disk_id()),
+        Some(2),
+        "replication state unchanged"
+    );
+}
