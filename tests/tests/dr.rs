@@ -409,3 +409,122 @@ async fn bad_dr_starts_and_export_requests_fail_clearly() {
         "replication state unchanged"
     );
 }
+
+/// The built Lambda binary (the `bootstrap` of the deployment zip), served by
+/// cargo-lambda's local Lambda runtime emulator (`cargo lambda watch --only-lambda-apis`:
+/// the emulator does not build or start the function; the test starts the binary
+/// pointed at it) and driven with `cargo lambda invoke` and the JSON fixtures: start, the
+/// EventBridge schedule, status, cleanup, and a bad request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lambda_binary_runs_the_flow_under_cargo_lambda() {
+    use pilotlight_tests::cli::Running;
+    use std::process::Command;
+    let root = pilotlight_tests::repo_root();
+    let cargo_lambda = root.join(".venv/lambda/bin/cargo-lambda");
+    assert!(
+        cargo_lambda.exists(),
+        "cargo-lambda missing: run scripts/setup"
+    );
+    let stack = LocalStack::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    replicate(&stack, tmp.path(), 1);
+
+    let port = pilotlight_tests::stack::free_port().to_string();
+    // Every cargo-lambda call under a deadline: an invoke nobody serves waits forever.
+    let lambda = |args: &[&str]| {
+        let mut c = Command::new("timeout");
+        c.arg("60")
+            .arg(&cargo_lambda)
+            .arg("lambda")
+            .args(args)
+            .args(["-A", "127.0.0.1", "-P", &port])
+            .current_dir(&root);
+        c
+    };
+    let _emulator = Running(
+        lambda(&["watch", "--only-lambda-apis"])
+            .stdout(std::fs::File::create(tmp.path().join("watch.log")).unwrap())
+            .stderr(std::fs::File::create(tmp.path().join("watch.err")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    // The function's runtime client gives up if the emulator is not listening yet.
+    poll_until(
+        "the Lambda emulator listens",
+        Duration::from_secs(60),
+        || {
+            let up = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_ok();
+            async move { up.then_some(()) }
+        },
+    )
+    .await;
+    // The variables the emulator asks the function to run with (`_`: the function name
+    // it serves when it does not start the function itself).
+    let mut function = Running(
+        Command::new(pilotlight_tests::bin("pilotlight-dr-lambda"))
+            .envs(stack.env())
+            .env("PILOTLIGHT_DR_SIMULATE_IMPORT", "ok")
+            .env("AWS_LAMBDA_FUNCTION_NAME", "_")
+            .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
+            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
+            .env(
+                "AWS_LAMBDA_RUNTIME_API",
+                format!("http://127.0.0.1:{port}/.rt"),
+            )
+            .stdout(std::fs::File::create(tmp.path().join("function.log")).unwrap())
+            .stderr(std::fs::File::create(tmp.path().join("function.err")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let invoke = |data: &str| {
+        let how = if data.starts_with('{') {
+            "--data-ascii"
+        } else {
+            "--data-file"
+        };
+        let out = lambda(&["invoke", how, data]).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let fixture = |name: &str| {
+        root.join("lambdas/dr/tests/fixtures")
+            .join(name)
+            .display()
+            .to_string()
+    };
+    // Poll until the emulator and the function are up.
+    let (ok, started) = invoke(&fixture("start.json"));
+    assert!(ok, "{started} (function: {:?})", function.0.try_wait());
+    let run: Value =
+        serde_json::from_str(started.trim()).unwrap_or_else(|e| panic!("{e}: {started}"));
+    assert_eq!(run["phase"], "exporting", "{run}");
+    let run_id = run["run_id"].as_str().unwrap().to_string();
+
+    let rx = tmp.path().join("rx");
+    let sync = receiver(&stack, "sync", &rx, &[]).output().unwrap();
+    assert!(
+        sync.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sync.stderr)
+    );
+    let (ok, out) = invoke(&fixture("scheduled.json"));
+    assert!(
+        ok && out.contains(&run_id),
+        "the schedule advances the run: {out}"
+    );
+    let status = format!(r#"{{"action": "status", "run_id": "{run_id}"}}"#);
+    let done: Value = poll_until("the run is done", WAIT, || {
+        let (ok, out) = invoke(&status);
+        let v: Value = serde_json::from_str(out.trim()).unwrap_or(Value::Null);
+        async move { (ok && v[0]["phase"] == "done").then(|| v[0].clone()) }
+    })
+    .await;
+    assert_eq!(done["instance_ids"].as_array().unwrap().len(), 1);
+    let (ok, out) = invoke(&format!(r#"{{"action": "cleanup", "run_id": "{run_id}"}}"#));
+    assert!(ok && out.contains("cleaned_up"), "{out}");
+    let (ok, out) = invoke(r#"{"action": "explode"}"#);
+    assert!(!ok && out.contains("invalid request"), "{out}");
+}
