@@ -1,10 +1,13 @@
 //! The demo behind `scripts/demo`: a sample disk replicated end to end through the local
 //! AWS emulator: sender -> S3 -> SQS -> receiver -> sparse image, checked with `cmp` at
-//! each generation.
+//! each generation; then a one-click DR drill (`pilotlight-dr start --drill`): the
+//! receiver exports the image, an EC2 image import (simulated: the emulator has none)
+//! makes an AMI, an instance is launched in the emulator's EC2, and the drill is cleaned
+//! up.
 
 use anyhow::{bail, Context, Result};
 use pilotlight_protocol::DiskId;
-use pilotlight_tests::cli::{applied, image_path, receiver, send_ok, Running};
+use pilotlight_tests::cli::{applied, dr, image_path, receiver, send_ok, Running};
 use pilotlight_tests::disk::{create_sparse, powercli_list, scribble, MIB};
 use pilotlight_tests::repo_root;
 use pilotlight_tests::stack::LocalStack;
@@ -145,6 +148,69 @@ async fn main() -> Result<()> {
         "== receiver status\n   {}",
         String::from_utf8_lossy(&status.stdout).trim()
     );
+    println!(
+        "== DR drill: pilotlight-dr start --site site1 --vm web-01 --disk disk0 --drill --wait"
+    );
+    println!("   (EC2 image import is simulated: the emulator has none; export, S3, RunInstances and cleanup are real calls)");
+    let drill = dr(
+        &stack,
+        "ok",
+        &[
+            "start",
+            "--site",
+            "site1",
+            "--vm",
+            "web-01",
+            "--disk",
+            "disk0",
+            "--drill",
+            "--instance-type",
+            "t3.small",
+            "--tag",
+            "Name=web-01-drill",
+            "--wait",
+            "--poll-every",
+            "500ms",
+            "--wait-timeout",
+            "120s",
+        ],
+    )
+    .stderr(Stdio::inherit())
+    .output()
+    .context("run pilotlight-dr")?;
+    let shown = String::from_utf8_lossy(&drill.stdout).to_string();
+    if !drill.status.success() {
+        bail!("the DR drill failed:\n{shown}");
+    }
+    // The last block is the finished run.
+    let last = shown.rfind("run ").map_or(shown.as_str(), |i| &shown[i..]);
+    for line in last.lines() {
+        println!("   {line}");
+    }
+    let run_id = last
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    let source_sha = hex::encode(pilotlight_tests::disk::sha256_file(&disk));
+    if !last.contains(&format!("sha256 {source_sha}")) {
+        bail!("the exported image's SHA-256 is not the source's ({source_sha})");
+    }
+    println!("   the exported image's SHA-256 is the source disk's: byte-identical");
+    let cleaned = dr(&stack, "ok", &["cleanup", &run_id]).output()?;
+    if !cleaned.status.success() {
+        bail!(
+            "drill cleanup failed: {}",
+            String::from_utf8_lossy(&cleaned.stderr)
+        );
+    }
+    println!(
+        "== drill cleanup: pilotlight-dr cleanup {run_id}: {} resources removed",
+        String::from_utf8_lossy(&cleaned.stdout)
+            .matches("removed ")
+            .count()
+    );
+
     println!("== summary");
     println!("   generation   changed MiB   uploaded MiB   send s   commit-to-applied s");
     for (g, data, up, send, lag) in rows {
