@@ -76,26 +76,33 @@ pub enum ExportDocError {
     GenerationZero,
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ExportDocError> {
+/// Parses a document (size-capped) and checks its version and id against its key's.
+fn parse<T: for<'de> Deserialize<'de>>(
+    bytes: &[u8],
+    id: &Name,
+    head: impl Fn(&T) -> (u32, &Name),
+) -> Result<T, ExportDocError> {
     if bytes.len() > MAX_EXPORT_DOC_BYTES {
         return Err(ExportDocError::TooLarge(bytes.len()));
     }
-    serde_json::from_slice(bytes).map_err(|e| ExportDocError::Json(e.to_string()))
+    let doc: T = serde_json::from_slice(bytes).map_err(|e| ExportDocError::Json(e.to_string()))?;
+    let (version, found) = head(&doc);
+    if version != EXPORT_VERSION {
+        return Err(ExportDocError::UnsupportedVersion(version));
+    }
+    if found != id {
+        return Err(ExportDocError::IdMismatch {
+            expected: id.to_string(),
+            found: found.to_string(),
+        });
+    }
+    Ok(doc)
 }
 
 impl ExportRequest {
     /// Parses and checks a request read from the key naming `id`.
     pub fn from_json(bytes: &[u8], id: &Name) -> Result<Self, ExportDocError> {
-        let r: Self = parse(bytes)?;
-        if r.version != EXPORT_VERSION {
-            return Err(ExportDocError::UnsupportedVersion(r.version));
-        }
-        if &r.id != id {
-            return Err(ExportDocError::IdMismatch {
-                expected: id.to_string(),
-                found: r.id.to_string(),
-            });
-        }
+        let r: Self = parse(bytes, id, |r: &Self| (r.version, &r.id))?;
         if r.generation == 0 {
             return Err(ExportDocError::GenerationZero);
         }
@@ -106,17 +113,7 @@ impl ExportRequest {
 impl ExportResult {
     /// Parses and checks a result read from the key naming `id`.
     pub fn from_json(bytes: &[u8], id: &Name) -> Result<Self, ExportDocError> {
-        let r: Self = parse(bytes)?;
-        if r.version != EXPORT_VERSION {
-            return Err(ExportDocError::UnsupportedVersion(r.version));
-        }
-        if &r.id != id {
-            return Err(ExportDocError::IdMismatch {
-                expected: id.to_string(),
-                found: r.id.to_string(),
-            });
-        }
-        Ok(r)
+        parse(bytes, id, |r: &Self| (r.version, &r.id))
     }
 }
 
