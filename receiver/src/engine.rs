@@ -81,6 +81,7 @@ pub fn classify(cfg: &EngineConfig, body: &str) -> Disposition {
     let mut manifests = Vec::new();
     let mut data = Vec::new();
     let mut exports = Vec::new();
+    let mut export_outputs = 0;
     for r in records {
         if r.bucket != cfg.bucket {
             return Disposition::Leave(format!(
@@ -100,7 +101,9 @@ pub fn classify(cfg: &EngineConfig, body: &str) -> Disposition {
             }) => data.push((disk, generation, offset)),
             Ok(ObjectKey::ExportRequest { disk, id }) => exports.push((disk, id)),
             // What a receiver's export writes comes back as events too.
-            Ok(ObjectKey::ExportImage { .. } | ObjectKey::ExportResult { .. }) => {}
+            Ok(ObjectKey::ExportImage { .. } | ObjectKey::ExportResult { .. }) => {
+                export_outputs += 1
+            }
             Err(e) => return Disposition::Leave(format!("rejected key: {e}")),
         }
     }
@@ -110,6 +113,8 @@ pub fn classify(cfg: &EngineConfig, body: &str) -> Disposition {
         Disposition::Manifests(manifests)
     } else if !data.is_empty() {
         Disposition::Data(data)
+    } else if export_outputs > 0 {
+        Disposition::Delete("export output written by a receiver")
     } else {
         Disposition::Delete("no object-created records")
     }
@@ -961,6 +966,19 @@ mod tests {
             ),
             Disposition::Delete(_)
         ));
+        assert_eq!(
+            classify(&c, &event("b", "dr/s/v/d/x/run-1.d0/request.json")),
+            Disposition::Exports(vec![(
+                DiskId::new("s", "v", "d").unwrap(),
+                Name::new("run-1.d0").unwrap()
+            )])
+        );
+        for output in ["image.raw", "result.json"] {
+            assert_eq!(
+                classify(&c, &event("b", &format!("dr/s/v/d/x/run-1.d0/{output}"))),
+                Disposition::Delete("export output written by a receiver")
+            );
+        }
         for (body, why) in [
             ("{garbage".to_string(), "malformed"),
             (event("other", m), "bucket"),
@@ -969,6 +987,8 @@ mod tests {
                 "rejected key",
             ),
             (event("b", "dr/s/v/d/g/2/manifest.json"), "rejected key"),
+            (event("b", "dr/s/v/d/x/../request.json"), "rejected key"),
+            (event("b", "dr/s/v/d/x/id/other.json"), "rejected key"),
             (
                 event("b", "elsewhere/s/v/d/g/00000000000000000002/manifest.json"),
                 "rejected key",
