@@ -362,6 +362,11 @@ impl<S: ObjectSource + ObjectSink + Clone + 'static, Q: Queue + Clone + 'static>
         .to_key(&prefix);
         let req = match self.src.get(&req_key, MAX_EXPORT_DOC_BYTES as u64).await {
             Ok(b) => ExportRequest::from_json(&b, id).map_err(|e| format!("{req_key}: {e}")),
+            // Transient: keep the message; it comes back and is tried again.
+            Err(e @ crate::store::FetchError::Other { .. }) => {
+                tracing::warn!(%disk, export = %id, "{e}; will retry");
+                return true;
+            }
             Err(e) => Err(e.to_string()),
         };
         let req = match req {
