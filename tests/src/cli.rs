@@ -84,3 +84,47 @@ pub fn image_path(dir: &Path, disk: &DiskId) -> std::path::PathBuf {
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
 }
+
+/// Writes generation `k` of the disk `site1/vm1/disk0` in `dir` and sends it: `count`
+/// random extents (seeded by `seed`) into a sparse `size`-byte file; generation 1 as a
+/// full base, later ones as PowerCLI lists of what was written (overlapping earlier
+/// ones). Returns the source's SHA-256 after it.
+pub fn send_generation(
+    stack: &LocalStack,
+    dir: &Path,
+    size: u64,
+    count: usize,
+    seed: u64,
+    k: u64,
+) -> [u8; 32] {
+    use crate::disk::{create_sparse, powercli_list, scribble, sha256_file};
+    let disk = dir.join("disk.raw");
+    let f = create_sparse(&disk, size);
+    let w = scribble(&f, size, count, seed);
+    drop(f);
+    let state = dir.join("sender-state");
+    let base = [
+        "--disk-id",
+        "site1/vm1/disk0",
+        "--state-dir",
+        s(&state),
+        "--disk",
+        s(&disk),
+    ];
+    let list = dir.join(format!("changes-{k}.txt"));
+    let summary = if k == 1 {
+        send_ok(stack, &[&base[..], &["--source", "full"]].concat())
+    } else {
+        std::fs::write(&list, powercli_list(&w)).expect("write the changed-area list");
+        send_ok(
+            stack,
+            &[
+                &base[..],
+                &["--source", "extent-list", "--extents", s(&list)],
+            ]
+            .concat(),
+        )
+    };
+    assert_eq!(summary["generation"], k, "sender committed generation {k}");
+    sha256_file(&disk)
+}

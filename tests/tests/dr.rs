@@ -5,8 +5,8 @@
 
 use aws_sdk_ec2::types::Filter;
 use pilotlight_protocol::{DiskId, ExportResult, ExportStatus, Name, ObjectKey, Prefix};
-use pilotlight_tests::cli::{applied, dr, receiver, s, send_ok, Running};
-use pilotlight_tests::disk::{create_sparse, powercli_list, scribble, sha256_file, MIB};
+use pilotlight_tests::cli::{applied, dr, receiver, send_generation, Running};
+use pilotlight_tests::disk::MIB;
 use pilotlight_tests::poll_until;
 use pilotlight_tests::stack::LocalStack;
 use serde_json::Value;
@@ -23,33 +23,7 @@ fn disk_id() -> DiskId {
 
 /// Replicates generation `k` of the test disk; returns the source's SHA-256.
 fn replicate(stack: &LocalStack, dir: &Path, k: u64) -> [u8; 32] {
-    let disk = dir.join("disk.raw");
-    let f = create_sparse(&disk, SIZE);
-    let w = scribble(&f, SIZE, 60, 77 + k);
-    drop(f);
-    let mut args = vec![
-        "--disk-id".to_string(),
-        "site1/vm1/disk0".into(),
-        "--state-dir".into(),
-        s(&dir.join("sender-state")).into(),
-        "--disk".into(),
-        s(&disk).into(),
-    ];
-    if k == 1 {
-        args.extend(["--source".into(), "full".into()]);
-    } else {
-        let list = dir.join(format!("changes-{k}.txt"));
-        std::fs::write(&list, powercli_list(&w)).unwrap();
-        args.extend([
-            "--source".into(),
-            "extent-list".into(),
-            "--extents".into(),
-            s(&list).into(),
-        ]);
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    assert_eq!(send_ok(stack, &args)["generation"], k);
-    sha256_file(&disk)
+    send_generation(stack, dir, SIZE, 60, 77 + k, k)
 }
 
 fn dr_json(stack: &LocalStack, simulate: &str, args: &[&str]) -> Value {

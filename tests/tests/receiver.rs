@@ -3,8 +3,8 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use pilotlight_protocol::{DiskId, Manifest};
-use pilotlight_tests::cli::{applied, image_path, receiver, s, send_ok, Running};
-use pilotlight_tests::disk::{create_sparse, powercli_list, scribble, sha256_file, MIB};
+use pilotlight_tests::cli::{applied, image_path, receiver, send_generation, Running};
+use pilotlight_tests::disk::{sha256_file, MIB};
 use pilotlight_tests::poll_until;
 use pilotlight_tests::stack::LocalStack;
 use std::path::Path;
@@ -21,35 +21,14 @@ fn disk_id() -> DiskId {
 /// Generation `k` of the test disk: a full base first, then PowerCLI lists of
 /// overlapping extents. Returns the source's SHA-256 after it.
 fn make_generation(stack: &LocalStack, dir: &Path, k: u64) -> [u8; 32] {
-    let disk = dir.join("disk.raw");
-    let f = create_sparse(&disk, SIZE);
-    let w = scribble(&f, SIZE, if k == 1 { 400 } else { 150 }, 1000 + k);
-    drop(f);
-    let state = dir.join("sender-state");
-    let base = [
-        "--disk-id",
-        "site1/vm1/disk0",
-        "--state-dir",
-        s(&state),
-        "--disk",
-        s(&disk),
-    ];
-    let summary = if k == 1 {
-        send_ok(stack, &[&base[..], &["--source", "full"]].concat())
-    } else {
-        let list = dir.join(format!("changes-{k}.txt"));
-        std::fs::write(&list, powercli_list(&w)).unwrap();
-        send_ok(
-            stack,
-            &[
-                &base[..],
-                &["--source", "extent-list", "--extents", s(&list)],
-            ]
-            .concat(),
-        )
-    };
-    assert_eq!(summary["generation"], k);
-    sha256_file(&disk)
+    send_generation(
+        stack,
+        dir,
+        SIZE,
+        if k == 1 { 400 } else { 150 },
+        1000 + k,
+        k,
+    )
 }
 
 async fn wait_applied(dir: &Path, want: u64) {
