@@ -525,12 +525,8 @@ async fn exporting<S: ObjectStore, E: Ec2Api>(
             .to_string(),
         run.disks[0].disk.clone(),
     );
-    let start: StartRequest = match serde_json::from_value(run.request.clone()) {
-        Ok(DrRequest::Start(s)) => s,
-        _ => {
-            run.fail("run record lost its request", now);
-            return Ok(());
-        }
+    let Some(start) = start_request(run, now) else {
+        return Ok(());
     };
     let req = ImportRequest {
         disks: run
@@ -563,6 +559,17 @@ async fn exporting<S: ObjectStore, E: Ec2Api>(
         Err(e) => run.fail(format!("EC2 image import could not start: {e}"), now),
     }
     Ok(())
+}
+
+/// The start request a run was made from; a run whose record lost it fails.
+fn start_request(run: &mut Run, now: DateTime<Utc>) -> Option<StartRequest> {
+    match serde_json::from_value(run.request.clone()) {
+        Ok(DrRequest::Start(s)) => Some(s),
+        _ => {
+            run.fail("run record lost its request", now);
+            None
+        }
+    }
 }
 
 fn run_tags(run: &Run, start: &StartRequest) -> Vec<(String, String)> {
@@ -650,12 +657,8 @@ fn check_import_timeout<S, E>(env: &DrEnv<S, E>, run: &mut Run) {
 
 async fn launching<S: ObjectStore, E: Ec2Api>(env: &DrEnv<S, E>, run: &mut Run) {
     let now = Utc::now();
-    let start: StartRequest = match serde_json::from_value(run.request.clone()) {
-        Ok(DrRequest::Start(s)) => s,
-        _ => {
-            run.fail("run record lost its request", now);
-            return;
-        }
+    let Some(start) = start_request(run, now) else {
+        return;
     };
     let Some(image_id) = run.image_id.clone() else {
         run.fail("run record lost its AMI id", now);
