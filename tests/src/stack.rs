@@ -301,12 +301,12 @@ impl LocalStack {
     }
 
     pub async fn put(&self, key: &str, body: Vec<u8>) {
-        self.s3
-            .put_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .body(body.into())
-            .send()
+        use pilotlight_receiver::store::{ObjectSink, S3Source};
+        let sink = S3Source {
+            client: self.s3.clone(),
+            bucket: self.bucket.clone(),
+        };
+        sink.put(key, body.into())
             .await
             .unwrap_or_else(|e| panic!("put {key}: {e}"));
     }
