@@ -1,0 +1,253 @@
+# One-click DR: the Lambda, its schedule, and the VM Import service role.
+
+data "aws_iam_policy_document" "vm_import_role_trust" {
+  statement {
+    actions = ["sts:AssumeRole"]
+    principals {
+      type        = "Service"
+      identifiers = ["vmie.amazonaws.com"]
+    }
+    condition {
+      test     = "StringEquals"
+      variable = "sts:Externalid"
+      values   = ["vmimport"]
+    }
+  }
+}
+
+resource "aws_iam_role" "vm_import_role" {
+  name_prefix        = "${var.name}-vmimport-"
+  description        = "VM Import service role (EC2 ImportImage reads the exported disk)"
+  assume_role_policy = data.aws_iam_policy_document.vm_import_role_trust.json
+}
+
+data "aws_iam_policy_document" "vm_import_role" {
+  #checkov:skip=CKV_AWS_356:ec2:Describe* on "*" is the documented vmimport policy; VM Import's Describe calls are not listed, and Describe calls only read.
+  statement {
+    sid       = "ReadExports"
+    actions   = ["s3:GetBucketLocation", "s3:ListBucket"]
+    resources = [aws_s3_bucket.data_bucket.arn]
+  }
+  statement {
+    sid       = "ReadExportObjects"
+    actions   = ["s3:GetObject"]
+    resources = ["${aws_s3_bucket.data_bucket.arn}/${var.prefix}/*/x/*"]
+  }
+  # The documented vmimport policy, scoped to this region's snapshots and images.
+  statement {
+    sid       = "ImportedSnapshots"
+    actions   = ["ec2:ModifySnapshotAttribute", "ec2:CopySnapshot"]
+    resources = ["arn:${local.partition}:ec2:${local.region}::snapshot/*"]
+  }
+  statement {
+    sid     = "RegisterImportedImage"
+    actions = ["ec2:RegisterImage"]
+    resources = [
+      "arn:${local.partition}:ec2:${local.region}::image/*",
+      "arn:${local.partition}:ec2:${local.region}::snapshot/*",
+    ]
+  }
+  statement {
+    sid       = "DescribeForImport"
+    actions   = ["ec2:Describe*"] # no resource-level permissions
+    resources = ["*"]
+  }
+}
+
+resource "aws_iam_role_policy" "vm_import_role" {
+  name   = "vmimport"
+  role   = aws_iam_role.vm_import_role.id
+  policy = data.aws_iam_policy_document.vm_import_role.json
+}
+
+data "aws_iam_policy_document" "dr_function_role_trust" {
+  statement {
+    actions = ["sts:AssumeRole"]
+    principals {
+      type        = "Service"
+      identifiers = ["lambda.amazonaws.com"]
+    }
+  }
+}
+
+resource "aws_iam_role" "dr_function_role" {
+  name_prefix        = "${var.name}-dr-"
+  description        = "pilotlight one-click DR Lambda"
+  assume_role_policy = data.aws_iam_policy_document.dr_function_role_trust.json
+}
+
+data "aws_iam_policy_document" "dr_function_role" {
+  #checkov:skip=CKV_AWS_111:ec2:ImportImage on "*" - its outputs (AMI, snapshots) do not exist before the call to be named; every other write is scoped by ARN or tag.
+  #checkov:skip=CKV_AWS_356:ec2:ImportImage and ec2:DescribeImportImageTasks on "*" - the latter has no resource-level permissions, the former creates resources that cannot be named in advance.
+  statement {
+    sid       = "Logs"
+    actions   = ["logs:CreateLogStream", "logs:PutLogEvents"]
+    resources = ["${aws_cloudwatch_log_group.dr_function_log_group.arn}:*"]
+  }
+  statement {
+    sid     = "ReadManifestsAndRuns"
+    actions = ["s3:GetObject"]
+    resources = [
+      "${aws_s3_bucket.data_bucket.arn}/${var.prefix}/*",
+      "${aws_s3_bucket.data_bucket.arn}/pilotlight-dr/*",
+    ]
+  }
+  statement {
+    sid       = "ListManifestsAndRuns"
+    actions   = ["s3:ListBucket"]
+    resources = [aws_s3_bucket.data_bucket.arn]
+    condition {
+      test     = "StringLike"
+      variable = "s3:prefix"
+      values   = ["${var.prefix}/*", "pilotlight-dr/*"]
+    }
+  }
+  statement {
+    sid     = "RequestExportsAndRecordRuns"
+    actions = ["s3:PutObject"]
+    resources = [
+      "${aws_s3_bucket.data_bucket.arn}/${var.prefix}/*/x/*",
+      "${aws_s3_bucket.data_bucket.arn}/pilotlight-dr/*",
+    ]
+  }
+  statement {
+    sid       = "CleanUpExports"
+    actions   = ["s3:DeleteObject"]
+    resources = ["${aws_s3_bucket.data_bucket.arn}/${var.prefix}/*/x/*"]
+  }
+  statement {
+    sid = "ImportImages"
+    # Neither call supports resource-level permissions.
+    actions   = ["ec2:ImportImage", "ec2:DescribeImportImageTasks"]
+    resources = ["*"]
+  }
+  statement {
+    sid       = "PassVmImportRole"
+    actions   = ["iam:PassRole"]
+    resources = [aws_iam_role.vm_import_role.arn]
+  }
+  statement {
+    sid       = "LaunchTaggedInstances"
+    actions   = ["ec2:RunInstances"]
+    resources = ["arn:${local.partition}:ec2:${local.region}:${local.account}:instance/*"]
+    condition {
+      test     = "Null"
+      variable = "aws:RequestTag/pilotlight:dr-run"
+      values   = ["false"]
+    }
+  }
+  statement {
+    sid     = "LaunchWithResources"
+    actions = ["ec2:RunInstances"]
+    resources = [
+      "arn:${local.partition}:ec2:${local.region}::image/*",
+      "arn:${local.partition}:ec2:${local.region}:${local.account}:subnet/*",
+      "arn:${local.partition}:ec2:${local.region}:${local.account}:network-interface/*",
+      "arn:${local.partition}:ec2:${local.region}:${local.account}:security-group/*",
+      "arn:${local.partition}:ec2:${local.region}:${local.account}:volume/*",
+    ]
+  }
+  statement {
+    sid     = "TagOnCreate"
+    actions = ["ec2:CreateTags"]
+    resources = [
+      "arn:${local.partition}:ec2:${local.region}:${local.account}:instance/*",
+      "arn:${local.partition}:ec2:${local.region}:${local.account}:volume/*",
+      "arn:${local.partition}:ec2:${local.region}:${local.account}:import-image-task/*",
+    ]
+    condition {
+      test     = "StringEquals"
+      variable = "ec2:CreateAction"
+      values   = ["RunInstances", "ImportImage"]
+    }
+  }
+  statement {
+    sid       = "CleanUpOwnInstances"
+    actions   = ["ec2:TerminateInstances"]
+    resources = ["arn:${local.partition}:ec2:${local.region}:${local.account}:instance/*"]
+    condition {
+      test     = "Null"
+      variable = "aws:ResourceTag/pilotlight:dr-run"
+      values   = ["false"]
+    }
+  }
+  statement {
+    sid = "CleanUpImportedImages"
+    # Imported AMIs and snapshots carry no tags the condition could test.
+    actions = ["ec2:DeregisterImage", "ec2:DeleteSnapshot"]
+    resources = [
+      "arn:${local.partition}:ec2:${local.region}::image/*",
+      "arn:${local.partition}:ec2:${local.region}::snapshot/*",
+    ]
+  }
+}
+
+resource "aws_iam_role_policy" "dr_function_role" {
+  name   = "dr"
+  role   = aws_iam_role.dr_function_role.id
+  policy = data.aws_iam_policy_document.dr_function_role.json
+}
+
+resource "aws_cloudwatch_log_group" "dr_function_log_group" {
+  #checkov:skip=CKV_AWS_158:Encrypted with kms_key_arn when one is given; CloudWatch Logs encrypts at rest otherwise.
+  name              = "/aws/lambda/${var.name}-dr"
+  retention_in_days = 365
+  kms_key_id        = local.use_kms ? var.kms_key_arn : null
+}
+
+resource "aws_lambda_function" "dr_function" {
+  #checkov:skip=CKV_AWS_117:It calls only AWS APIs; a VPC would add NAT or endpoints and no isolation.
+  #checkov:skip=CKV_AWS_116:The schedule retries every minute and runs are recorded in S3; a DLQ of schedule events holds nothing to redo.
+  #checkov:skip=CKV_AWS_173:Its environment holds names and durations, no secrets.
+  #checkov:skip=CKV_AWS_272:Code signing needs an AWS Signer profile the user owns; scripts/package prints the zip's SHA-256 instead.
+  function_name                  = "${var.name}-dr"
+  description                    = "pilotlight one-click DR (start, status, cleanup; the schedule advances runs)"
+  runtime                        = "provided.al2023"
+  handler                        = "bootstrap"
+  architectures                  = ["x86_64"]
+  memory_size                    = 256
+  timeout                        = 60
+  reserved_concurrent_executions = 5
+  role                           = aws_iam_role.dr_function_role.arn
+  s3_bucket                      = var.artifact_bucket
+  s3_key                         = var.dr_lambda_artifact_key
+  logging_config {
+    log_format = "Text"
+    log_group  = aws_cloudwatch_log_group.dr_function_log_group.name
+  }
+  tracing_config {
+    mode = "Active"
+  }
+  environment {
+    variables = merge(
+      {
+        PILOTLIGHT_BUCKET           = aws_s3_bucket.data_bucket.id
+        PILOTLIGHT_PREFIX           = var.prefix
+        PILOTLIGHT_DR_VMIMPORT_ROLE = aws_iam_role.vm_import_role.name
+        RUST_LOG                    = "info"
+      },
+      var.drill_subnet_id != "" ? { PILOTLIGHT_DR_DRILL_SUBNET = var.drill_subnet_id } : {},
+      var.drill_security_group_ids != "" ? { PILOTLIGHT_DR_DRILL_SECURITY_GROUPS = var.drill_security_group_ids } : {},
+    )
+  }
+}
+
+resource "aws_cloudwatch_event_rule" "dr_schedule" {
+  name_prefix         = "${var.name}-dr-"
+  description         = "Advance unfinished pilotlight DR runs (export, import, launch)"
+  schedule_expression = "rate(1 minute)"
+  state               = "ENABLED"
+}
+
+resource "aws_cloudwatch_event_target" "dr_schedule" {
+  rule      = aws_cloudwatch_event_rule.dr_schedule.name
+  target_id = "dr"
+  arn       = aws_lambda_function.dr_function.arn
+}
+
+resource "aws_lambda_permission" "dr_schedule_permission" {
+  action        = "lambda:InvokeFunction"
+  function_name = aws_lambda_function.dr_function.function_name
+  principal     = "events.amazonaws.com"
+  source_arn    = aws_cloudwatch_event_rule.dr_schedule.arn
+}

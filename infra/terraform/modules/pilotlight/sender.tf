@@ -1,0 +1,92 @@
+# The sender's identity: it may only write under its own site prefix.
+
+data "aws_iam_policy_document" "sender_policy" {
+  statement {
+    sid       = "UploadGenerations"
+    actions   = ["s3:PutObject"]
+    resources = ["${aws_s3_bucket.data_bucket.arn}/${var.prefix}/${var.sender_site}/*"]
+  }
+}
+
+resource "aws_iam_policy" "sender_policy" {
+  name_prefix = "${var.name}-sender-"
+  description = "pilotlight sender - write replicated objects under its own site prefix, nothing else"
+  policy      = data.aws_iam_policy_document.sender_policy.json
+}
+
+data "aws_iam_policy_document" "sender_role_trust" {
+  statement {
+    actions = ["sts:AssumeRole"]
+    principals {
+      type        = "AWS"
+      identifiers = [var.sender_trusted_principal_arn != "" ? var.sender_trusted_principal_arn : "arn:${local.partition}:iam::${local.account}:root"]
+    }
+  }
+}
+
+resource "aws_iam_role" "sender_role" {
+  name_prefix          = "${var.name}-sender-"
+  description          = "pilotlight sender (assume it from on-premises, e.g. with IAM Roles Anywhere or an IAM user)"
+  max_session_duration = 43200
+  assume_role_policy   = data.aws_iam_policy_document.sender_role_trust.json
+}
+
+resource "aws_iam_role_policy_attachment" "sender_role" {
+  role       = aws_iam_role.sender_role.name
+  policy_arn = aws_iam_policy.sender_policy.arn
+}
+
+# ---- the customer key, when there is one ------------------------------------------------
+# Policies of their own (not conditional statements) so each principal's list stays plain.
+
+data "aws_iam_policy_document" "kms_use_policy" {
+  statement {
+    sid       = "UseBucketKey"
+    actions   = ["kms:Decrypt", "kms:GenerateDataKey"]
+    resources = [local.use_kms ? var.kms_key_arn : "*"]
+  }
+}
+
+resource "aws_iam_policy" "kms_use_policy" {
+  count       = local.use_kms ? 1 : 0
+  name_prefix = "${var.name}-kms-use-"
+  description = "pilotlight - encrypt and decrypt replicated objects with the customer KMS key"
+  policy      = data.aws_iam_policy_document.kms_use_policy.json
+}
+
+resource "aws_iam_role_policy_attachment" "kms_use_policy" {
+  for_each = local.use_kms ? {
+    receiver  = aws_iam_role.receiver_role.name
+    dr        = aws_iam_role.dr_function_role.name
+    vm_import = aws_iam_role.vm_import_role.name
+    sender    = aws_iam_role.sender_role.name
+  } : {}
+  role       = each.value
+  policy_arn = aws_iam_policy.kms_use_policy[0].arn
+}
+
+data "aws_iam_policy_document" "kms_volume_policy" {
+  statement {
+    sid       = "AttachEncryptedVolume"
+    actions   = ["kms:CreateGrant", "kms:DescribeKey"]
+    resources = [local.use_kms ? var.kms_key_arn : "*"]
+    condition {
+      test     = "Bool"
+      variable = "kms:GrantIsForAWSResource"
+      values   = ["true"]
+    }
+  }
+}
+
+resource "aws_iam_policy" "kms_volume_policy" {
+  count       = local.use_kms ? 1 : 0
+  name_prefix = "${var.name}-kms-volume-"
+  description = "pilotlight receiver - attach the image volume encrypted with the customer KMS key"
+  policy      = data.aws_iam_policy_document.kms_volume_policy.json
+}
+
+resource "aws_iam_role_policy_attachment" "kms_volume_policy" {
+  count      = local.use_kms ? 1 : 0
+  role       = aws_iam_role.receiver_role.name
+  policy_arn = aws_iam_policy.kms_volume_policy[0].arn
+}

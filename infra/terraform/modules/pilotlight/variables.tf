@@ -1,0 +1,144 @@
+# The CloudFormation template's parameters, in snake_case (infra/tests checks the two
+# lists match). Terraform-only: `name` (CloudFormation uses the stack name).
+# CloudFormation-only: ReceiverAvailabilityZone (read here from the subnet).
+
+variable "name" {
+  description = "Name of this deployment; prefixes resource names (the CloudFormation stack name)."
+  type        = string
+  default     = "pilotlight"
+  validation {
+    condition     = can(regex("^[A-Za-z][A-Za-z0-9-]{0,39}$", var.name))
+    error_message = "name: letters, digits and dashes, at most 40, starting with a letter."
+  }
+}
+
+variable "prefix" {
+  description = "Key prefix of the replicated disks (one path segment, no slashes)."
+  type        = string
+  default     = "pilotlight"
+  validation {
+    condition     = can(regex("^[A-Za-z0-9._-]{1,128}$", var.prefix))
+    error_message = "prefix: 1-128 of A-Z a-z 0-9 . _ - (no slashes)."
+  }
+}
+
+variable "bucket_name" {
+  description = "Replication bucket name; empty means pilotlight-ACCOUNT-REGION."
+  type        = string
+  default     = ""
+}
+
+variable "kms_key_arn" {
+  description = "Customer managed KMS key for the bucket, the image volume and the alert topic (SSE-KMS); empty means SSE-S3 and AWS managed EBS encryption."
+  type        = string
+  default     = ""
+}
+
+variable "retention_days" {
+  description = "Replicated objects older than this expire. Must exceed the sender's longest interval between runs: DR reads the newest manifest from the bucket."
+  type        = number
+  default     = 30
+}
+
+variable "noncurrent_version_days" {
+  description = "Overwritten or deleted object versions are kept this long (versioning guards against a compromised sender)."
+  type        = number
+  default     = 7
+}
+
+variable "max_receive_count" {
+  description = "Receives before an event message moves to the dead-letter queue."
+  type        = number
+  default     = 5
+}
+
+variable "visibility_timeout" {
+  description = "Seconds an event stays invisible while the receiver applies (it extends this for long applies)."
+  type        = number
+  default     = 300
+}
+
+variable "artifact_bucket" {
+  description = "Bucket holding the packaged receiver and Lambda (scripts/package)."
+  type        = string
+}
+
+variable "receiver_artifact_key" {
+  description = "Key of the receiver zip (binary and systemd unit)."
+  type        = string
+  default     = "pilotlight/pilotlight-receiver-x86_64.zip"
+}
+
+variable "dr_lambda_artifact_key" {
+  description = "Key of the DR Lambda zip (bootstrap)."
+  type        = string
+  default     = "pilotlight/pilotlight-dr-lambda-x86_64.zip"
+}
+
+variable "receiver_vpc_id" {
+  description = "VPC of the receiver."
+  type        = string
+}
+
+variable "receiver_subnet_id" {
+  description = "Subnet of the receiver: private, with a route to S3 and SQS (gateway endpoint for S3, NAT or interface endpoints for SQS, SSM and EC2)."
+  type        = string
+}
+
+variable "receiver_instance_type" {
+  description = "Receiver instance type (decode and SHA-256 are CPU-bound; EBS throughput matters)."
+  type        = string
+  default     = "m6i.large"
+}
+
+variable "receiver_ami" {
+  description = "SSM parameter holding the Amazon Linux 2023 AMI."
+  type        = string
+  default     = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
+}
+
+variable "image_volume_size" {
+  description = "GiB of the gp3 volume that holds the sparse images (at least the protected disks' allocated bytes)."
+  type        = number
+  default     = 500
+}
+
+variable "sender_site" {
+  description = "The sender's site; it may write only under prefix/sender_site/."
+  type        = string
+  default     = "site1"
+  validation {
+    condition     = can(regex("^[A-Za-z0-9._-]{1,128}$", var.sender_site))
+    error_message = "sender_site: 1-128 of A-Z a-z 0-9 . _ -."
+  }
+}
+
+variable "sender_trusted_principal_arn" {
+  description = "Who may assume the sender role (an IAM user or role ARN); empty means principals of this account that are granted sts:AssumeRole on it."
+  type        = string
+  default     = ""
+}
+
+variable "drill_subnet_id" {
+  description = "Subnet that DR drills launch into (isolated from production); empty means the request's."
+  type        = string
+  default     = ""
+}
+
+variable "drill_security_group_ids" {
+  description = "Comma-separated security groups for drills; empty means the request's."
+  type        = string
+  default     = ""
+}
+
+variable "alert_email" {
+  description = "Email subscribed to the alert topic (confirm the subscription mail); empty means none."
+  type        = string
+  default     = ""
+}
+
+variable "lag_alarm_seconds" {
+  description = "Alarm when the oldest unprocessed event is older than this (replication lag)."
+  type        = number
+  default     = 3600
+}
