@@ -1,7 +1,9 @@
 # Alerts: rejected events, replication lag, DR Lambda errors.
 
+# No SSE without a customer key: CloudWatch alarms cannot publish to a topic encrypted
+# with the AWS managed key (with kms_key_arn, its key policy must admit
+# cloudwatch.amazonaws.com).
 resource "aws_sns_topic" "alert_topic" {
-  #checkov:skip=CKV_AWS_26:CloudWatch alarms cannot publish to a topic encrypted with the AWS managed key; with kms_key_arn set the topic uses that key (its key policy must admit cloudwatch.amazonaws.com).
   name_prefix       = "${var.name}-alerts-"
   display_name      = "pilotlight alerts"
   kms_master_key_id = local.use_kms ? var.kms_key_arn : null

@@ -189,7 +189,6 @@ resource "aws_iam_role_policy" "dr_function_role" {
 }
 
 resource "aws_cloudwatch_log_group" "dr_function_log_group" {
-  #checkov:skip=CKV_AWS_158:Encrypted with kms_key_arn when one is given; CloudWatch Logs encrypts at rest otherwise.
   name              = "/aws/lambda/${var.name}-dr"
   retention_in_days = 365
   kms_key_id        = local.use_kms ? var.kms_key_arn : null

@@ -18,7 +18,6 @@ locals {
 resource "aws_s3_bucket" "data_bucket" {
   #checkov:skip=CKV_AWS_18:Access logging needs a separate log bucket owned by the account's logging setup; enable it there (CloudTrail data events cover object-level audit).
   #checkov:skip=CKV_AWS_144:Cross-region replication is the user's choice of a second region; the receiver holds the working copy.
-  #checkov:skip=CKV_AWS_145:SSE-KMS with a customer key is a variable (kms_key_arn); SSE-S3 is the documented default.
   bucket = local.bucket_name
   lifecycle {
     prevent_destroy = true
@@ -120,14 +119,12 @@ resource "aws_s3_bucket_policy" "data_bucket_policy" {
 # ---- event queue ----------------------------------------------------------------------
 
 resource "aws_sqs_queue" "events_dead_letter_queue" {
-  #checkov:skip=CKV_AWS_27:Encrypted with SSE-SQS (sqs_managed_sse_enabled), which this check does not recognise.
   name_prefix               = "${var.name}-events-dlq-"
   sqs_managed_sse_enabled   = true
   message_retention_seconds = 1209600
 }
 
 resource "aws_sqs_queue" "events_queue" {
-  #checkov:skip=CKV_AWS_27:Encrypted with SSE-SQS (sqs_managed_sse_enabled), which this check does not recognise; a KMS key would need a key policy for S3 notifications.
   # SQS-managed SSE: S3 notifications cannot reach a queue encrypted with the AWS
   # managed KMS key, and a customer key would need a key policy for S3.
   name_prefix                = "${var.name}-events-"
