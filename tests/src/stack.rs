@@ -44,6 +44,37 @@ impl LocalStack {
     /// Starts moto from the project virtualenv (`scripts/setup` makes it) and creates
     /// the resources. Panics with a clear message when it cannot.
     pub async fn start() -> Self {
+        let (child, endpoint) = Self::start_server().await;
+        Self::provision(child, endpoint).await
+    }
+
+    /// Starts moto with nothing in it: the bucket, prefix and queue fields are empty
+    /// until [`LocalStack::use_deployed`] fills them (the infrastructure test deploys
+    /// its own with CloudFormation).
+    pub async fn start_empty() -> Self {
+        let (child, endpoint) = Self::start_server().await;
+        let (s3, sqs) = clients(&endpoint).await;
+        Self {
+            child: Some(child),
+            endpoint,
+            bucket: String::new(),
+            prefix: String::new(),
+            queue_url: String::new(),
+            dlq_url: String::new(),
+            s3,
+            sqs,
+        }
+    }
+
+    /// Points the helpers at resources made some other way.
+    pub fn use_deployed(&mut self, bucket: &str, prefix: &str, queue_url: &str, dlq_url: &str) {
+        self.bucket = bucket.to_string();
+        self.prefix = prefix.to_string();
+        self.queue_url = queue_url.to_string();
+        self.dlq_url = dlq_url.to_string();
+    }
+
+    async fn start_server() -> (Child, String) {
         let moto = crate::repo_root().join(".venv/tools/bin/moto_server");
         assert!(
             moto.exists(),
@@ -61,7 +92,7 @@ impl LocalStack {
                 .expect("spawn moto_server");
             let endpoint = format!("http://127.0.0.1:{port}");
             if wait_ready(&endpoint, &mut child).await {
-                return Self::provision(child, endpoint).await;
+                return (child, endpoint);
             }
             let _ = child.kill();
             let _ = child.wait();
@@ -100,35 +131,7 @@ impl LocalStack {
             .queue_url
             .unwrap_or_default();
         let arn = queue_arn(&sqs, &queue_url).await;
-        let filter = NotificationConfigurationFilter::builder()
-            .key(
-                S3KeyFilter::builder()
-                    .filter_rules(
-                        FilterRule::builder()
-                            .name(FilterRuleName::Prefix)
-                            .value(format!("{prefix}/"))
-                            .build(),
-                    )
-                    .build(),
-            )
-            .build();
-        let qc = QueueConfiguration::builder()
-            .id("pilotlight")
-            .queue_arn(arn)
-            .events(Event::from("s3:ObjectCreated:*"))
-            .filter(filter)
-            .build()
-            .expect("queue configuration");
-        s3.put_bucket_notification_configuration()
-            .bucket(&bucket)
-            .notification_configuration(
-                NotificationConfiguration::builder()
-                    .queue_configurations(qc)
-                    .build(),
-            )
-            .send()
-            .await
-            .expect("put bucket notification");
+        notify_queue(&s3, &bucket, &prefix, &arn).await;
         Self {
             child: Some(child),
             endpoint,
@@ -300,6 +303,30 @@ impl LocalStack {
         )
     }
 
+    /// The AWS CLI from the project virtualenv against this emulator, `--output json`,
+    /// for services the test kit has no SDK client for (CloudFormation, IAM, SSM,
+    /// Lambda). Panics with its stderr when it fails; `null` for empty output.
+    pub fn aws_cli(&self, args: &[&str]) -> serde_json::Value {
+        let aws = crate::repo_root().join(".venv/tools/bin/aws");
+        let out = Command::new(&aws)
+            .args(["--endpoint-url", &self.endpoint, "--output", "json"])
+            .args(args)
+            .envs(EMULATOR_ENV)
+            .env("AWS_DEFAULT_REGION", "us-east-1")
+            .output()
+            .unwrap_or_else(|e| panic!("run {}: {e} (run scripts/setup first)", aws.display()));
+        assert!(
+            out.status.success(),
+            "aws {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if out.stdout.iter().all(u8::is_ascii_whitespace) {
+            return serde_json::Value::Null;
+        }
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("aws {args:?}: output is not JSON: {e}"))
+    }
+
     pub async fn put(&self, key: &str, body: Vec<u8>) {
         use pilotlight_receiver::store::{ObjectSink, S3Source};
         let sink = S3Source {
@@ -354,7 +381,41 @@ pub async fn clients(endpoint: &str) -> (aws_sdk_s3::Client, aws_sdk_sqs::Client
     (s3, sqs)
 }
 
-async fn queue_arn(sqs: &aws_sdk_sqs::Client, url: &str) -> String {
+/// The bucket's ObjectCreated notification under `{prefix}/` to the queue `queue_arn`.
+pub async fn notify_queue(s3: &aws_sdk_s3::Client, bucket: &str, prefix: &str, queue_arn: &str) {
+    let filter = NotificationConfigurationFilter::builder()
+        .key(
+            S3KeyFilter::builder()
+                .filter_rules(
+                    FilterRule::builder()
+                        .name(FilterRuleName::Prefix)
+                        .value(format!("{prefix}/"))
+                        .build(),
+                )
+                .build(),
+        )
+        .build();
+    let qc = QueueConfiguration::builder()
+        .id("pilotlight")
+        .queue_arn(queue_arn)
+        .events(Event::from("s3:ObjectCreated:*"))
+        .filter(filter)
+        .build()
+        .expect("queue configuration");
+    s3.put_bucket_notification_configuration()
+        .bucket(bucket)
+        .notification_configuration(
+            NotificationConfiguration::builder()
+                .queue_configurations(qc)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("put bucket notification");
+}
+
+/// The ARN of the queue at `url`.
+pub async fn queue_arn(sqs: &aws_sdk_sqs::Client, url: &str) -> String {
     sqs.get_queue_attributes()
         .queue_url(url)
         .attribute_names(QueueAttributeName::QueueArn)
