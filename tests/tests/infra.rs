@@ -330,6 +330,25 @@ async fn the_cloudformation_stack_deploys_and_the_sender_replicates_through_it()
         !user_data.contains("${"),
         "unsubstituted variable:\n{user_data}"
     );
+    // The config file the user data writes is one the receiver accepts (unknown keys
+    // are errors): `status --local` loads it (directories overridden by flags).
+    let toml = user_data
+        .split("<<EOF\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\nEOF").next())
+        .expect("user data writes receiver.toml with a heredoc");
+    let config = tmp.path().join("receiver.toml");
+    std::fs::write(&config, toml).unwrap();
+    let out = receiver(&stack, "status", &tmp.path().join("cfg"), &["--local"])
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the receiver rejects the user data's config:\n{toml}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let instances = ec2
         .describe_instances()
         .filters(
