@@ -280,7 +280,7 @@ async fn the_cloudformation_stack_deploys_and_the_sender_replicates_through_it()
 
     // Receiver: launch template (AL2023 AMI from SSM, IMDSv2 required, user data that
     // attaches the volume, installs the artifact and enables the unit), one running
-    // instance from the group, the encrypted gp3 image volume in the subnet's zone.
+    // instance from the group, the image volume in the subnet's zone.
     let ec2 = stack.ec2().await;
     let lt_id = d.physical_id(&stack, "ReceiverLaunchTemplate");
     let lt = ec2
