@@ -146,9 +146,14 @@ async fn misbehave(mut s: UnixStream, how: Misbehave) {
             return;
         }
         Misbehave::DataOutsideRequest => {
-            s.write_all(&data_chunk(REPLY_FLAG_DONE, h, o + 512, &vec![1u8; l as usize]))
-                .await
-                .unwrap();
+            s.write_all(&data_chunk(
+                REPLY_FLAG_DONE,
+                h,
+                o + 512,
+                &vec![1u8; l as usize],
+            ))
+            .await
+            .unwrap();
         }
         Misbehave::ErrorChunkThenFine => {
             let msg = b"disk on fire";
@@ -162,9 +167,14 @@ async fn misbehave(mut s: UnixStream, how: Misbehave) {
             answer_read(&mut s, h, o, l).await;
         }
         Misbehave::ShortRead => {
-            s.write_all(&data_chunk(REPLY_FLAG_DONE, h, o, &vec![1u8; l as usize / 2]))
-                .await
-                .unwrap();
+            s.write_all(&data_chunk(
+                REPLY_FLAG_DONE,
+                h,
+                o,
+                &vec![1u8; l as usize / 2],
+            ))
+            .await
+            .unwrap();
         }
         Misbehave::Silent => {}
         Misbehave::UnknownContext => {
@@ -226,9 +236,18 @@ async fn malformed_replies_are_clear_errors_and_close_the_connection() {
         (Misbehave::BadReplyMagic, "bad magic 0xdeadbeef"),
         (Misbehave::WrongHandle, "which no request in flight has"),
         (Misbehave::OversizedChunk, "at most"),
-        (Misbehave::TruncatedHeader, "closed the connection in a structured reply"),
-        (Misbehave::DisconnectMidRead, "closed the connection in the middle of read data"),
-        (Misbehave::DataOutsideRequest, "outside the request [4096, 8192)"),
+        (
+            Misbehave::TruncatedHeader,
+            "closed the connection in a structured reply",
+        ),
+        (
+            Misbehave::DisconnectMidRead,
+            "closed the connection in the middle of read data",
+        ),
+        (
+            Misbehave::DataOutsideRequest,
+            "outside the request [4096, 8192)",
+        ),
         (Misbehave::ShortRead, "after 2048 bytes"),
     ] {
         let (e, c, _dir) = read_err(how).await;
@@ -266,13 +285,19 @@ async fn a_server_error_fails_only_its_request() {
 async fn a_silent_server_times_out() {
     let (e, _c, _dir) = read_err(Misbehave::Silent).await;
     assert!(matches!(e, NbdError::Timeout { secs: 2, .. }), "{e}");
-    assert!(e.to_string().contains("READ of 4096 bytes at offset 4096"), "{e}");
+    assert!(
+        e.to_string().contains("READ of 4096 bytes at offset 4096"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
 async fn bad_block_status_replies() {
     for (how, want) in [
-        (Misbehave::UnknownContext, "meta context id 77, which was not negotiated"),
+        (
+            Misbehave::UnknownContext,
+            "meta context id 77, which was not negotiated",
+        ),
         (Misbehave::ZeroLengthDescriptor, "descriptor of length 0"),
     ] {
         let (c, _dir) = client(how, &["base:allocation"]).await;
@@ -306,8 +331,14 @@ async fn a_disconnect_fails_every_request_in_flight() {
 async fn handshake_failures() {
     let dir = tempfile::tempdir().unwrap();
     for (greeting, want) in [
-        (b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec(), "not an NBD server"),
-        (NBDMAGIC.to_be_bytes()[..5].to_vec(), "closed the connection"),
+        (
+            b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec(),
+            "not an NBD server",
+        ),
+        (
+            NBDMAGIC.to_be_bytes()[..5].to_vec(),
+            "closed the connection",
+        ),
         (
             [NBDMAGIC.to_be_bytes(), OLDSTYLE_MAGIC.to_be_bytes()].concat(),
             "oldstyle",

@@ -140,7 +140,7 @@ pub async fn send_generation<S: ObjectStore>(
     }
 
     // Validate all input before anything is uploaded.
-    let source = Arc::new(OpenSource::open(&opts.source)?);
+    let source = Arc::new(OpenSource::open_async(&opts.source).await?);
     let resumed = st.pending.is_some();
     let (generation, snapshot_time) = match &st.pending {
         Some(p) => (p.generation, opts.snapshot_time.unwrap_or(p.snapshot_time)),

@@ -46,6 +46,9 @@ enum SourceKind {
     Full,
     /// A directory of offset-named files (--spool) plus --disk-size.
     Spool,
+    /// An NBD export (--nbd URI): with --bitmap NAME the qemu dirty bitmap's areas,
+    /// else every allocated byte.
+    Nbd,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, Deserialize)]
@@ -101,6 +104,13 @@ struct SendArgs {
     /// Disk size in bytes, e.g. 40GiB (spool).
     #[arg(long)]
     disk_size: Option<String>,
+    /// NBD export: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (nbd).
+    #[arg(long)]
+    nbd: Option<String>,
+    /// qemu dirty bitmap to read changes from (nbd; qemu-nbd -B NAME); without it, a
+    /// full generation of every allocated byte.
+    #[arg(long)]
+    bitmap: Option<String>,
     /// The source's change id after this run (e.g. the vSphere changeId).
     #[arg(long)]
     change_id: Option<String>,
@@ -180,6 +190,8 @@ impl SendArgs {
             extents,
             spool,
             disk_size,
+            nbd,
+            bitmap,
             change_id,
             snapshot_time,
             consistency,
@@ -250,7 +262,7 @@ fn resolve(a: SendArgs) -> Result<Resolved> {
     };
     let source = match a
         .source
-        .context("--source extent-list|full|spool is required")?
+        .context("--source extent-list|full|spool|nbd is required")?
     {
         SourceKind::ExtentList => SourceSpec::ExtentList {
             list: a
@@ -264,6 +276,12 @@ fn resolve(a: SendArgs) -> Result<Resolved> {
         },
         SourceKind::Full => SourceSpec::Full {
             disk: a.disk.clone().context("--source full needs --disk FILE")?,
+        },
+        SourceKind::Nbd => SourceSpec::Nbd {
+            uri: a.nbd.clone().context(
+                "--source nbd needs --nbd nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH",
+            )?,
+            bitmap: a.bitmap.clone(),
         },
         SourceKind::Spool => SourceSpec::Spool {
             dir: a
@@ -331,7 +349,12 @@ fn resolve(a: SendArgs) -> Result<Resolved> {
                 .clone()
                 .unwrap_or_else(|| PathBuf::from("/var/lib/pilotlight/sender")),
             dry_run: a.dry_run,
-            change_id: a.change_id.clone(),
+            // A bitmap names the change set it holds: record it unless told otherwise.
+            change_id: a.change_id.clone().or_else(|| {
+                matches!(a.source, Some(SourceKind::Nbd))
+                    .then(|| a.bitmap.as_ref().map(|b| format!("qemu-dirty-bitmap:{b}")))
+                    .flatten()
+            }),
             snapshot_time,
             consistency: match a.consistency.unwrap_or(ConsistencyArg::Crash) {
                 ConsistencyArg::Crash => Consistency::Crash,

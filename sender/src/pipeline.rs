@@ -121,9 +121,9 @@ pub async fn run<S: ObjectStore>(
             let source = source.clone();
             async move {
                 let level = opts.zstd_level;
+                let buf = source.read_chunk(chunk).await?;
                 let (encoded, zeros) =
-                    tokio::task::spawn_blocking(move || read_and_encode(&source, chunk, level))
-                        .await??;
+                    tokio::task::spawn_blocking(move || encode_chunk(chunk, buf, level)).await??;
                 let mut objects = Vec::with_capacity(encoded.len());
                 let mut stored = 0;
                 for e in encoded {
@@ -168,14 +168,12 @@ pub async fn run<S: ObjectStore>(
     Ok(out)
 }
 
-/// Reads one chunk and cuts it into objects and zero ranges. Blocking.
-fn read_and_encode(
-    source: &OpenSource,
+/// Cuts one chunk's bytes into objects and zero ranges. Blocking (CPU-bound).
+fn encode_chunk(
     chunk: Extent,
+    buf: Vec<u8>,
     zstd_level: Option<i32>,
 ) -> Result<(Vec<Encoded>, Vec<Extent>), PipelineError> {
-    let mut buf = vec![0u8; chunk.length as usize];
-    source.read_at(chunk.offset, &mut buf)?;
     let buf = Bytes::from(buf);
     let mut objects = Vec::new();
     let mut zeros = Vec::new();

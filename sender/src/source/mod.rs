@@ -6,6 +6,7 @@
 
 pub mod alloc;
 pub mod extent_list;
+pub mod nbd;
 
 use pilotlight_protocol::extent::coalesce;
 use pilotlight_protocol::{Extent, SECTOR_SIZE};
@@ -27,6 +28,9 @@ pub enum SourceSpec {
     /// A directory of files named by decimal byte offset (`delta/<offset>`), as the
     /// seed's modified vixDiskLibSample writes them.
     Spool { dir: PathBuf, disk_size: u64 },
+    /// An NBD export (`nbd://host:port/export`, `nbd+unix:///export?socket=PATH`): with a
+    /// qemu dirty bitmap, what it marks; without, every allocated byte.
+    Nbd { uri: String, bitmap: Option<String> },
 }
 
 impl SourceSpec {
@@ -35,6 +39,7 @@ impl SourceSpec {
             SourceSpec::ExtentList { .. } => "extent-list",
             SourceSpec::Full { .. } => "full",
             SourceSpec::Spool { .. } => "spool",
+            SourceSpec::Nbd { .. } => "nbd",
         }
     }
 }
@@ -43,6 +48,12 @@ impl SourceSpec {
 pub enum SourceError {
     #[error(transparent)]
     ExtentList(#[from] ExtentListError),
+    #[error(transparent)]
+    NbdUri(#[from] pilotlight_nbd::UriError),
+    #[error(transparent)]
+    Nbd(#[from] pilotlight_nbd::NbdError),
+    #[error("{kind} source must be opened with OpenSource::open_async")]
+    NeedsAsync { kind: &'static str },
     #[error("cannot open disk {path}: {source}")]
     OpenDisk {
         path: String,
@@ -90,13 +101,32 @@ pub struct OpenSource {
 
 #[derive(Debug)]
 enum Reader {
-    File { path: PathBuf, file: File },
-    Spool { files: Vec<(Extent, PathBuf)> },
+    File {
+        path: PathBuf,
+        file: File,
+    },
+    Spool {
+        files: Vec<(Extent, PathBuf)>,
+    },
+    Nbd {
+        uri: String,
+        client: pilotlight_nbd::Client,
+    },
 }
 
 impl OpenSource {
+    /// Opens any source (NBD sources connect and ask the server for their maps).
+    pub async fn open_async(spec: &SourceSpec) -> Result<Self, SourceError> {
+        match spec {
+            SourceSpec::Nbd { uri, bitmap } => nbd::open(uri, bitmap.as_deref()).await,
+            other => Self::open(other),
+        }
+    }
+
+    /// Opens a file-based source.
     pub fn open(spec: &SourceSpec) -> Result<Self, SourceError> {
         match spec {
+            SourceSpec::Nbd { .. } => Err(SourceError::NeedsAsync { kind: spec.kind() }),
             SourceSpec::ExtentList { list, disk } => {
                 let (file, size) = open_disk(disk)?;
                 let extents = extent_list::read_extent_list(list, size)?;
@@ -155,10 +185,33 @@ impl OpenSource {
         })
     }
 
+    /// Reads `chunk`: files from a blocking task, NBD with requests in flight together.
+    pub async fn read_chunk(
+        self: &std::sync::Arc<Self>,
+        chunk: Extent,
+    ) -> Result<Vec<u8>, SourceError> {
+        if let Reader::Nbd { client, .. } = &self.reader {
+            return Ok(client.read(chunk.offset, chunk.length as usize).await?);
+        }
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; chunk.length as usize];
+            me.read_at(chunk.offset, &mut buf).map(|()| buf)
+        })
+        .await
+        .map_err(|e| SourceError::Read {
+            path: self.describe(),
+            extent: chunk,
+            source: std::io::Error::other(e),
+        })?
+    }
+
     /// Reads exactly `buf.len()` bytes at `offset`. Blocking: call from a blocking task.
+    /// (NBD sources read with [`OpenSource::read_chunk`].)
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
         let extent = Extent::new(offset, buf.len() as u64);
         match &self.reader {
+            Reader::Nbd { .. } => Err(SourceError::NeedsAsync { kind: self.kind }),
             Reader::File { path, file } => {
                 file.read_exact_at(buf, offset)
                     .map_err(|source| SourceError::Read {
@@ -201,6 +254,7 @@ impl OpenSource {
         match &self.reader {
             Reader::File { path, .. } => path.display().to_string(),
             Reader::Spool { files } => format!("{} spool files", files.len()),
+            Reader::Nbd { uri, .. } => uri.clone(),
         }
     }
 }

@@ -1,0 +1,276 @@
+//! NBD source end to end: a qcow2 image with persistent dirty bitmaps, served by
+//! qemu-nbd through `scripts/qemu-bitmap-send` (bitmap rotation), the real sender to the
+//! emulator, the real receiver applying from SQS; after every round the receiver's image
+//! equals the qcow2 image per `qemu-img compare` (an independent reader).
+#![allow(clippy::unwrap_used)]
+
+use pilotlight_protocol::DiskId;
+use pilotlight_tests::cli::{applied, image_path, receiver, s, Running};
+use pilotlight_tests::stack::{free_port, LocalStack};
+use pilotlight_tests::{bin, poll_until, repo_root};
+use serde_json::Value;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+const MIB: u64 = 1 << 20;
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `qemu-io` writes: (pattern or None for a zero write, offset, length).
+fn writes(image: &Path, w: &[(Option<u8>, u64, u64)]) {
+    let mut args = vec!["-f".to_string(), "qcow2".to_string()];
+    for (p, o, l) in w {
+        args.push("-c".into());
+        args.push(match p {
+            Some(p) => format!("write -P {p:#x} {o} {l}"),
+            None => format!("write -z {o} {l}"),
+        });
+    }
+    args.push(s(image).into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run("qemu-io", &args);
+}
+
+/// The pilotlight-N bitmaps of the image.
+fn bitmaps(image: &Path) -> Vec<String> {
+    let info: Value =
+        serde_json::from_str(&run("qemu-img", &["info", "--output=json", s(image)])).unwrap();
+    info["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|b| b["name"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// One run of the rotation script; the sender's JSON summary on success.
+fn rotate(
+    stack: &LocalStack,
+    dir: &Path,
+    image: &Path,
+    extra_env: &[(&str, String)],
+) -> Result<Value, String> {
+    let state = dir.join("sender-state");
+    let out = Command::new(repo_root().join("scripts/qemu-bitmap-send"))
+        .arg(image)
+        .args(["--disk-id", "site1/vm1/disk0", "--state-dir", s(&state)])
+        .args(["--json", "--no-progress", "--max-attempts", "1"])
+        .envs(stack.env())
+        .env("PILOTLIGHT_SENDER", bin("pilotlight-sender"))
+        .env("RUST_LOG", "warn")
+        .envs(extra_env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(serde_json::from_slice(&out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Waits for generation `k`, then `qemu-img compare`s the receiver's raw image with the
+/// qcow2 image.
+async fn converged(rx: &Path, image: &Path, k: u64) {
+    let disk = DiskId::parse("site1/vm1/disk0").unwrap();
+    poll_until(
+        &format!("generation {k} applied"),
+        Duration::from_secs(60),
+        || async { (applied(rx, &disk) == Some(k)).then_some(()) },
+    )
+    .await;
+    let raw = image_path(rx, &disk);
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "qcow2", s(&raw), s(image)])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "generation {k}: image differs from the source: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn qcow2_bitmaps_through_qemu_nbd_replicate_exactly_across_rotations() {
+    let stack = LocalStack::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("vm.qcow2");
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", s(&image), "64M"],
+    );
+    // Some data before replication starts.
+    writes(
+        &image,
+        &[
+            (Some(0x11), 0, MIB),
+            (Some(0x22), 10 * MIB, 3 * MIB),
+            (Some(0x33), 63 * MIB, MIB),
+        ],
+    );
+    let rx = tmp.path().join("rx");
+    let _receiver = Running(
+        receiver(
+            &stack,
+            "run",
+            &rx,
+            &["--queue-url", &stack.queue_url, "--reconcile-every", "2s"],
+        )
+        .stderr(std::fs::File::create(tmp.path().join("receiver.log")).unwrap())
+        .spawn()
+        .unwrap(),
+    );
+
+    // Round 1: no bitmap yet: a full generation; pilotlight-1 starts recording.
+    let g1 = rotate(&stack, tmp.path(), &image, &[]).unwrap();
+    assert_eq!(g1["generation"], 1);
+    assert!(
+        g1["bytes_read"].as_u64().unwrap() <= 6 * MIB,
+        "holes not read: {g1}"
+    );
+    assert_eq!(bitmaps(&image), ["pilotlight-1"]);
+    converged(&rx, &image, 1).await;
+
+    // Rounds 2-3: overlapping writes, new data, a zeroed range; only what the bitmap
+    // marks is read.
+    let rounds: [&[(Option<u8>, u64, u64)]; 2] = [
+        &[
+            (Some(0x44), 512 * 1024, MIB),
+            (Some(0x55), 30 * MIB + 4096, 8192),
+            (None, 10 * MIB, MIB),
+        ],
+        &[(Some(0x66), 0, 64 * 1024), (Some(0x77), 40 * MIB, 2 * MIB)],
+    ];
+    for (i, w) in rounds.iter().enumerate() {
+        let k = i as u64 + 2;
+        writes(&image, w);
+        let g = rotate(&stack, tmp.path(), &image, &[]).unwrap();
+        assert_eq!(g["generation"], k);
+        assert!(
+            g["bytes_read"].as_u64().unwrap() <= 3 * MIB,
+            "only dirty areas: {g}"
+        );
+        assert_eq!(bitmaps(&image), [format!("pilotlight-{k}")]);
+        converged(&rx, &image, k).await;
+    }
+    let manifest: Value = serde_json::from_slice(
+        &stack
+            .get("dr/site1/vm1/disk0/g/00000000000000000002/manifest.json")
+            .await,
+    )
+    .unwrap();
+    assert_eq!(manifest["parent"], 1, "{manifest}");
+    assert_eq!(
+        manifest["source_change_id"],
+        "qemu-dirty-bitmap:pilotlight-1"
+    );
+    assert_eq!(manifest["source_kind"], "nbd");
+
+    // A failed run (S3 unreachable) keeps the old bitmap: the writes before it and the
+    // writes after it all arrive with the next run.
+    writes(&image, &[(Some(0x88), 20 * MIB, MIB)]);
+    let unreachable = format!("http://127.0.0.1:{}", free_port());
+    let err = rotate(
+        &stack,
+        tmp.path(),
+        &image,
+        &[("PILOTLIGHT_ENDPOINT_URL", unreachable)],
+    )
+    .unwrap_err();
+    assert!(err.contains("nothing is lost"), "{err}");
+    assert_eq!(bitmaps(&image), ["pilotlight-3"], "the old bitmap stays");
+    writes(&image, &[(Some(0x99), 50 * MIB, MIB)]);
+    let g = rotate(&stack, tmp.path(), &image, &[]).unwrap();
+    assert_eq!(g["generation"], 4);
+    assert_eq!(bitmaps(&image), ["pilotlight-4"]);
+    converged(&rx, &image, 4).await;
+
+    // A run that died between commit and cleanup left two bitmaps: the oldest is kept.
+    run("qemu-img", &["bitmap", "--add", s(&image), "pilotlight-5"]);
+    writes(&image, &[(Some(0xaa), 5 * MIB, MIB)]);
+    let g = rotate(&stack, tmp.path(), &image, &[]).unwrap();
+    assert_eq!(g["generation"], 5);
+    assert_eq!(bitmaps(&image), ["pilotlight-5"]);
+    converged(&rx, &image, 5).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nbd_source_errors_are_clear() {
+    let stack = LocalStack::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let send = |args: &[&str]| {
+        let out = Command::new(bin("pilotlight-sender"))
+            .args([
+                "send",
+                "--disk-id",
+                "site1/vm1/disk0",
+                "--state-dir",
+                s(&state),
+            ])
+            .args(["--source", "nbd", "--max-attempts", "1", "--no-progress"])
+            .args(args)
+            .envs(stack.env())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = send(&[]);
+    assert!(e.contains("--source nbd needs --nbd"), "{e}");
+    let e = send(&["--nbd", "http://x/y"]);
+    assert!(e.contains("scheme must be nbd"), "{e}");
+    let e = send(&["--nbd", &format!("nbd://127.0.0.1:{}/disk", free_port())]);
+    assert!(e.contains("cannot connect to nbd://127.0.0.1"), "{e}");
+
+    // A served image without the asked bitmap.
+    let image = tmp.path().join("d.qcow2");
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", s(&image), "8M"],
+    );
+    let socket = tmp.path().join("q.sock");
+    let _server = Running(
+        Command::new("qemu-nbd")
+            .args([
+                "--read-only",
+                "--persistent",
+                "-x",
+                "disk",
+                "-f",
+                "qcow2",
+                "-k",
+            ])
+            .arg(&socket)
+            .arg(&image)
+            .spawn()
+            .unwrap(),
+    );
+    poll_until("qemu-nbd listening", Duration::from_secs(20), || async {
+        std::os::unix::net::UnixStream::connect(&socket)
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    let uri = format!("nbd+unix:///disk?socket={}", socket.display());
+    let e = send(&["--nbd", &uri, "--bitmap", "nope"]);
+    assert!(
+        e.contains("qemu:dirty-bitmap:nope") && e.contains("qemu-nbd -B nope"),
+        "{e}"
+    );
+    let e = send(&["--nbd", &uri.replace("///disk", "///other")]);
+    assert!(e.contains("export \"other\" does not exist"), "{e}");
+    // Nothing was committed by any of these.
+    assert!(stack.manifests("dr/").await.is_empty());
+}
