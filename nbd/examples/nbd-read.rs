@@ -10,7 +10,10 @@ use std::time::Instant;
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let uri = NbdUri::parse(args.get(1).ok_or("usage: nbd-read URI [CONNECTIONS [REQUEST_BYTES [IN_FLIGHT]]]")?)?;
+    let uri = NbdUri::parse(
+        args.get(1)
+            .ok_or("usage: nbd-read URI [CONNECTIONS [REQUEST_BYTES [IN_FLIGHT]]]")?,
+    )?;
     let connections: usize = args.get(2).map_or(Ok(1), |s| s.parse())?;
     let request: u64 = args.get(3).map_or(Ok(4 << 20), |s| s.parse())?;
     let in_flight: usize = args.get(4).map_or(Ok(8), |s| s.parse())?;

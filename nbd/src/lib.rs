@@ -272,8 +272,9 @@ impl Client {
     }
 
     async fn read_one(&self, offset: u64, length: u32) -> Result<Vec<u8>, NbdError> {
+        // Not zeroed: data chunks fill it in order (the usual case) without a memset.
         let state = State::Read {
-            buf: vec![0u8; length as usize],
+            buf: Vec::with_capacity(length as usize),
             covered: 0,
         };
         match self.request(CMD_READ, 0, offset, length, state).await? {
@@ -814,6 +815,19 @@ async fn reply_loop(mut r: Reader, shared: Arc<Shared>) {
     }
 }
 
+/// Appends bytes from `r` to `buf` until it is `len` long, without zeroing first.
+async fn fill_to(r: &mut Reader, buf: &mut Vec<u8>, len: usize) -> std::io::Result<()> {
+    buf.reserve(len.saturating_sub(buf.len()));
+    while buf.len() < len {
+        let want = len - buf.len();
+        let n = (&mut *r).take(want as u64).read_buf(buf).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(())
+}
+
 fn io_why(e: std::io::Error, during: &str) -> String {
     if e.kind() == std::io::ErrorKind::UnexpectedEof {
         format!("the server closed the connection {during}")
@@ -879,7 +893,7 @@ async fn simple_reply(r: &mut Reader, shared: &Shared) -> Result<(), String> {
     }
     let done = match &mut p.state {
         State::Read { buf, .. } => {
-            r.read_exact(buf)
+            fill_to(r, buf, p.length as usize)
                 .await
                 .map_err(|e| io_why(e, "in the middle of read data"))?;
             Done::Read(std::mem::take(buf))
@@ -932,14 +946,27 @@ async fn structured_chunk(r: &mut Reader, shared: &Shared) -> Result<(), String>
                     "read chunk of {n} bytes at offset {offset} outside the request [{req_start}, {req_end})"
                 ));
             }
-            let at = (offset - req_start) as usize;
-            let dst = &mut buf[at..at + n as usize];
-            if kind == REPLY_TYPE_OFFSET_DATA {
-                r.read_exact(dst)
+            let (at, n_us) = ((offset - req_start) as usize, n as usize);
+            if at > buf.len() {
+                buf.resize(at, 0); // a later piece first: the gap is filled by others
+            }
+            if kind == REPLY_TYPE_OFFSET_HOLE {
+                if at + n_us > buf.len() {
+                    buf.resize(at + n_us, 0);
+                }
+                buf[at..at + n_us].fill(0);
+            } else if at == buf.len() {
+                fill_to(r, buf, at + n_us)
                     .await
                     .map_err(|e| io_why(e, "in the middle of read data"))?;
             } else {
-                dst.fill(0);
+                // An earlier piece after a later one: overwrite in place.
+                if at + n_us > buf.len() {
+                    buf.resize(at + n_us, 0);
+                }
+                r.read_exact(&mut buf[at..at + n_us])
+                    .await
+                    .map_err(|e| io_why(e, "in the middle of read data"))?;
             }
             *covered += n;
         }

@@ -24,6 +24,8 @@ enum Misbehave {
     UnknownContext,
     ZeroLengthDescriptor,
     CloseWithTwoInFlight,
+    /// Valid, unusual: a read answered as a hole, then the last part, then the middle.
+    PiecesOutOfOrder,
 }
 
 async fn opt_reply(s: &mut UnixStream, opt: u32, t: u32, data: &[u8]) {
@@ -177,6 +179,22 @@ async fn misbehave(mut s: UnixStream, how: Misbehave) {
             .unwrap();
         }
         Misbehave::Silent => {}
+        Misbehave::PiecesOutOfOrder => {
+            let q = u64::from(l / 4);
+            let data =
+                |from: u64, n: u64| -> Vec<u8> { (from..from + n).map(|i| i as u8).collect() };
+            let mut hole = o.to_be_bytes().to_vec();
+            hole.extend_from_slice(&(q as u32).to_be_bytes());
+            s.write_all(&chunk(0, REPLY_TYPE_OFFSET_HOLE, h, &hole))
+                .await
+                .unwrap();
+            s.write_all(&data_chunk(0, h, o + 3 * q, &data(o + 3 * q, q)))
+                .await
+                .unwrap();
+            s.write_all(&data_chunk(REPLY_FLAG_DONE, h, o + q, &data(o + q, 2 * q)))
+                .await
+                .unwrap();
+        }
         Misbehave::UnknownContext => {
             let mut p = 77u32.to_be_bytes().to_vec();
             p.extend_from_slice(&l.to_be_bytes());
@@ -279,6 +297,16 @@ async fn a_server_error_fails_only_its_request() {
     let ok = c.read(8192, 512).await.unwrap();
     assert_eq!(ok[0], 0, "(8192 as u8)");
     assert_eq!(ok[1], 1);
+}
+
+#[tokio::test]
+async fn read_pieces_in_any_order_and_holes_assemble() {
+    let (c, _dir) = client(Misbehave::PiecesOutOfOrder, &[]).await;
+    let got = c.read(4096, 4096).await.unwrap();
+    let want: Vec<u8> = (4096u64..8192)
+        .map(|i| if i < 4096 + 1024 { 0 } else { i as u8 })
+        .collect();
+    assert_eq!(got, want);
 }
 
 #[tokio::test]
