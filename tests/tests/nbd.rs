@@ -274,3 +274,67 @@ async fn nbd_source_errors_are_clear() {
     // Nothing was committed by any of these.
     assert!(stack.manifests("dr/").await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_generation_from_nbdkit_serving_a_sparse_file() {
+    use pilotlight_tests::disk::{create_sparse, scribble, sha256_file};
+    let stack = LocalStack::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = tmp.path().join("disk.raw");
+    let f = create_sparse(&disk, 48 * MIB);
+    scribble(&f, 48 * MIB, 40, 9);
+    drop(f);
+    let socket = tmp.path().join("nbdkit.sock");
+    let _server = Running(
+        Command::new("nbdkit")
+            .args(["--foreground", "--readonly", "--exportname", "disk", "-U"])
+            .arg(&socket)
+            .args(["file", s(&disk)])
+            .spawn()
+            .unwrap(),
+    );
+    poll_until("nbdkit listening", Duration::from_secs(20), || async {
+        std::os::unix::net::UnixStream::connect(&socket)
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    let state = tmp.path().join("state");
+    let uri = format!("nbd+unix:///disk?socket={}", socket.display());
+    let out = Command::new(bin("pilotlight-sender"))
+        .args([
+            "send",
+            "--disk-id",
+            "site1/vm1/disk0",
+            "--state-dir",
+            s(&state),
+        ])
+        .args(["--source", "nbd", "--nbd", &uri, "--json", "--no-progress"])
+        .envs(stack.env())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // nbdkit reports the file's holes (base:allocation): they are zero ranges, not read.
+    let (read, holes) = (
+        summary["bytes_read"].as_u64().unwrap(),
+        summary["bytes_holes"].as_u64().unwrap(),
+    );
+    use std::os::unix::fs::MetadataExt;
+    let allocated = std::fs::metadata(&disk).unwrap().blocks() * 512;
+    assert!(holes > 0 && read + holes == 48 * MIB, "{summary}");
+    assert!(
+        read <= allocated,
+        "read {read} > allocated {allocated}: {summary}"
+    );
+    let rx = tmp.path().join("rx");
+    let status = receiver(&stack, "sync", &rx, &[]).status().unwrap();
+    assert!(status.success());
+    let d = DiskId::parse("site1/vm1/disk0").unwrap();
+    assert_eq!(applied(&rx, &d), Some(1));
+    assert_eq!(sha256_file(&image_path(&rx, &d)), sha256_file(&disk));
+}
