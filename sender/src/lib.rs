@@ -9,6 +9,7 @@ pub mod pipeline;
 pub mod source;
 pub mod state;
 pub mod store;
+pub mod vsphere;
 
 use bytes::Bytes;
 use chrono::{DateTime, SubsecRound, Utc};

@@ -33,8 +33,62 @@ struct Cli {
 enum Command {
     /// Send one generation (or one every --every).
     Send(Box<SendArgs>),
+    /// Protect a VMware VM: snapshot, QueryChangedDiskAreas, read through nbdkit vddk,
+    /// one generation per disk, snapshot removed on every exit path.
+    Vsphere(Box<VsphereArgs>),
     /// Show the local state of a disk.
     Status(StatusArgs),
+}
+
+/// Settings of `vsphere` (plus the S3 and tuning settings of `send`; its --source,
+/// --disk and --disk-id are decided per disk here).
+#[derive(Args, Debug)]
+struct VsphereArgs {
+    /// vCenter or ESXi SDK URL, e.g. https://vcenter.example.com/sdk.
+    #[arg(long, env = "PILOTLIGHT_VSPHERE_URL")]
+    server: String,
+    #[arg(long, env = "PILOTLIGHT_VSPHERE_USER")]
+    user: String,
+    /// File holding the password (else PILOTLIGHT_VSPHERE_PASSWORD).
+    #[arg(long, env = "PILOTLIGHT_VSPHERE_PASSWORD_FILE")]
+    password_file: Option<PathBuf>,
+    /// SHA-256 (or SHA-1) thumbprint of the server certificate (self-signed vCenters).
+    #[arg(long, env = "PILOTLIGHT_VSPHERE_THUMBPRINT")]
+    thumbprint: Option<String>,
+    /// Accept any server certificate (labs only).
+    #[arg(long)]
+    insecure: bool,
+    /// The VM: its name or MoRef id (vm-42).
+    #[arg(long)]
+    vm: String,
+    /// Site part of the disks' ids (SITE/VM/disk-KEY).
+    #[arg(long)]
+    site: String,
+    /// VM part of the disks' ids [default: the VM's name].
+    #[arg(long)]
+    vm_id: Option<String>,
+    /// Turn changed-block tracking on if it is off.
+    #[arg(long)]
+    enable_cbt: bool,
+    /// Quiesce the guest (VMware Tools) for application consistency; falls back to a
+    /// crash-consistent snapshot if quiescing fails.
+    #[arg(long)]
+    quiesce: bool,
+    /// The data path command; placeholders {socket} {server} {user} {password_file}
+    /// {thumbprint} {libdir} {vm} {snapshot} {file} {key}.
+    #[arg(long, default_value = pilotlight_sender::vsphere::VDDK_COMMAND)]
+    nbd_command: String,
+    /// VDDK's directory (the vddk plugin's libdir).
+    #[arg(long, default_value = "/opt/vmware-vix-disklib-distrib")]
+    vddk_libdir: String,
+    /// Thumbprint for VDDK [default: --thumbprint].
+    #[arg(long)]
+    vddk_thumbprint: Option<String>,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    report_json: bool,
+    #[command(flatten)]
+    send: SendArgs,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, Deserialize)]
@@ -235,31 +289,13 @@ fn parse_size(what: &str, s: &str) -> Result<u64> {
         .map_err(|e| anyhow::anyhow!("{what} {s:?} is not a size (e.g. 8MiB, 1048576): {e}"))
 }
 
-struct Resolved {
-    opts: SendOptions,
-    bucket: String,
-    endpoint_url: Option<String>,
-    region: Option<String>,
-    max_attempts: u32,
-    every: Option<Duration>,
-    json: bool,
-    progress: bool,
-}
-
-fn resolve(a: SendArgs) -> Result<Resolved> {
-    let a = a.with_file()?;
+/// The disk and source from the flags of `send`.
+fn resolve_source(a: &SendArgs) -> Result<(DiskId, SourceSpec)> {
     let disk_id = a
         .disk_id
         .as_deref()
         .context("--disk-id site/vm/disk is required")?;
     let disk = DiskId::parse(disk_id).with_context(|| format!("--disk-id {disk_id:?}"))?;
-    let prefix_s = a.prefix.as_deref().unwrap_or("pilotlight");
-    let prefix = Prefix::new(prefix_s).with_context(|| format!("--prefix {prefix_s:?}"))?;
-    let bucket = match a.bucket.clone() {
-        Some(b) => b,
-        None if a.dry_run => String::new(),
-        None => bail!("--bucket is required (or PILOTLIGHT_BUCKET)"),
-    };
     let source = match a
         .source
         .context("--source extent-list|full|spool|nbd is required")?
@@ -295,6 +331,38 @@ fn resolve(a: SendArgs) -> Result<Resolved> {
                     .context("--source spool needs --disk-size")?,
             )?,
         },
+    };
+    Ok((disk, source))
+}
+
+struct Resolved {
+    opts: SendOptions,
+    bucket: String,
+    endpoint_url: Option<String>,
+    region: Option<String>,
+    max_attempts: u32,
+    every: Option<Duration>,
+    json: bool,
+    progress: bool,
+}
+
+fn resolve(a: SendArgs) -> Result<Resolved> {
+    resolve_with(a, None)
+}
+
+/// `fixed`: the disk and source, when the caller decides them (the vSphere source).
+fn resolve_with(a: SendArgs, fixed: Option<(DiskId, SourceSpec)>) -> Result<Resolved> {
+    let a = a.with_file()?;
+    let (disk, source) = match fixed {
+        Some(f) => f,
+        None => resolve_source(&a)?,
+    };
+    let prefix_s = a.prefix.as_deref().unwrap_or("pilotlight");
+    let prefix = Prefix::new(prefix_s).with_context(|| format!("--prefix {prefix_s:?}"))?;
+    let bucket = match a.bucket.clone() {
+        Some(b) => b,
+        None if a.dry_run => String::new(),
+        None => bail!("--bucket is required (or PILOTLIGHT_BUCKET)"),
     };
     let max_object = match &a.max_object {
         Some(s) => parse_size("--max-object", s)?,
@@ -430,6 +498,85 @@ async fn run(cli: Cli) -> Result<()> {
                     "{disk}: no state in {} (nothing sent yet)",
                     a.state_dir.display()
                 ),
+            }
+            Ok(())
+        }
+        Command::Vsphere(v) => {
+            let v = *v;
+            let password = match &v.password_file {
+                Some(p) => std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read --password-file {}", p.display()))?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_string(),
+                None => std::env::var("PILOTLIGHT_VSPHERE_PASSWORD").context(
+                    "no password: give --password-file FILE or set PILOTLIGHT_VSPHERE_PASSWORD",
+                )?,
+            };
+            let vm_id = v.vm_id.clone().unwrap_or_else(|| v.vm.clone());
+            let placeholder =
+                DiskId::parse(&format!("{}/{vm_id}/disk-0", v.site)).with_context(|| {
+                    format!(
+                        "--site {:?} / VM id {vm_id:?}: names are [A-Za-z0-9._-]; give --vm-id",
+                        v.site
+                    )
+                })?;
+            let source = SourceSpec::NbdChanged {
+                uri: String::new(),
+                changed: Vec::new(),
+                full: true,
+            };
+            let r = resolve_with(v.send.with_file()?, Some((placeholder, source)))?;
+            let store = s3_store(&r).await;
+            let run = pilotlight_sender::vsphere::VsphereRun {
+                connect: pilotlight_vsphere::ConnectOptions {
+                    url: v.server.clone(),
+                    user: v.user.clone(),
+                    password,
+                    thumbprint: v.thumbprint.clone(),
+                    insecure: v.insecure,
+                    timeout: Duration::from_secs(120),
+                },
+                vm: v.vm.clone(),
+                site: v.site.clone(),
+                vm_id,
+                enable_cbt: v.enable_cbt,
+                quiesce: v.quiesce,
+                nbd_command: v.nbd_command.clone(),
+                vddk_libdir: v.vddk_libdir.clone(),
+                vddk_thumbprint: v
+                    .vddk_thumbprint
+                    .clone()
+                    .or(v.thumbprint.clone())
+                    .unwrap_or_default(),
+                send: r.opts.clone(),
+            };
+            let progress: &dyn ProgressFactory = if r.progress {
+                &BarProgress
+            } else {
+                &NoProgress
+            };
+            let stop = pilotlight_cli::shutdown_signal();
+            let report = if r.opts.dry_run {
+                pilotlight_sender::vsphere::protect_vm(&run, &NullStore, progress, stop).await?
+            } else {
+                pilotlight_sender::vsphere::protect_vm(&run, &store, progress, stop).await?
+            };
+            if v.report_json || r.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                for d in &report.disks {
+                    println!(
+                        "{} ({}{}): {}",
+                        d.disk,
+                        if d.full { "full" } else { "changes" },
+                        if d.reset { ", after a CBT reset" } else { "" },
+                        d.summary.line()
+                    );
+                }
+                println!(
+                    "VM {}: snapshot {} ({:?}) removed",
+                    report.vm, report.snapshot, report.consistency
+                );
             }
             Ok(())
         }

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod disk;
 pub mod reassemble;
 pub mod stack;
+pub mod vcsim;
 
 use std::path::PathBuf;
 

@@ -124,6 +124,9 @@ pub struct Session {
     opts: ConnectOptions,
     pub content: ServiceContent,
     logins: std::sync::atomic::AtomicU32,
+    /// The session cookie (`vmware_soap_session`), kept by hand so a re-login can start
+    /// a fresh session.
+    cookie: std::sync::Mutex<Option<String>>,
 }
 
 fn normalize_thumbprint(t: &str) -> String {
@@ -140,7 +143,6 @@ impl Session {
     /// Connects, reads the service content and logs in.
     pub async fn connect(opts: ConnectOptions) -> Result<Self, VsError> {
         let http = reqwest::Client::builder()
-            .cookie_store(true)
             .tls_info(true)
             .danger_accept_invalid_certs(opts.insecure || opts.thumbprint.is_some())
             .timeout(opts.timeout)
@@ -160,10 +162,13 @@ impl Session {
                 api_version: String::new(),
             },
             logins: 0.into(),
+            cookie: std::sync::Mutex::new(None),
         };
         let si = MoRef::new("ServiceInstance", "ServiceInstance");
         let r = s.post("RetrieveServiceContent", &si, "").await?;
-        let rv = r.child("returnval").ok_or_else(|| shape("RetrieveServiceContent", "no returnval"))?;
+        let rv = r
+            .child("returnval")
+            .ok_or_else(|| shape("RetrieveServiceContent", "no returnval"))?;
         let mo = |name: &str| {
             rv.child(name)
                 .and_then(MoRef::from_node)
@@ -186,12 +191,15 @@ impl Session {
     }
 
     async fn login(&self) -> Result<(), VsError> {
+        // A new session, not the expired one.
+        *self.cookie.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let body = format!(
             "<userName>{}</userName><password>{}</password>",
             esc(&self.opts.user),
             esc(&self.opts.password)
         );
-        self.post("Login", &self.content.session_manager, &body).await?;
+        self.post("Login", &self.content.session_manager, &body)
+            .await?;
         self.logins
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
@@ -227,18 +235,32 @@ impl Session {
             this.xml("_this")
         );
         let url = &self.opts.url;
-        let resp = self
+        let mut req = self
             .http
             .post(url)
             .header("Content-Type", "text/xml; charset=utf-8")
             .header("SOAPAction", "urn:vim25/6.7")
-            .body(body)
-            .send()
-            .await
-            .map_err(|source| VsError::Http {
-                url: url.clone(),
-                source,
-            })?;
+            .body(body);
+        let cookie = self
+            .cookie
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(c) = cookie {
+            req = req.header("Cookie", c);
+        }
+        let resp = req.send().await.map_err(|source| VsError::Http {
+            url: url.clone(),
+            source,
+        })?;
+        for v in resp.headers().get_all("set-cookie") {
+            if let Some(pair) = v.to_str().ok().and_then(|v| v.split(';').next()) {
+                if pair.trim_start().starts_with("vmware_soap_session=") {
+                    *self.cookie.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(pair.trim().to_string());
+                }
+            }
+        }
         if let Some(want) = &self.opts.thumbprint {
             let der = resp
                 .extensions()
@@ -317,7 +339,11 @@ impl Session {
             obj.xml("obj")
         );
         let r = self
-            .call("RetrievePropertiesEx", &self.content.property_collector, &args)
+            .call(
+                "RetrievePropertiesEx",
+                &self.content.property_collector,
+                &args,
+            )
             .await?;
         let mut out = HashMap::new();
         if let Some(o) = r.at("returnval/objects") {
@@ -349,10 +375,18 @@ impl Session {
         );
         let mut out = Vec::new();
         let mut r = self
-            .call("RetrievePropertiesEx", &self.content.property_collector, &args)
+            .call(
+                "RetrievePropertiesEx",
+                &self.content.property_collector,
+                &args,
+            )
             .await?;
         loop {
-            for o in r.at("returnval").map(|x| x.children("objects").collect::<Vec<_>>()).unwrap_or_default() {
+            for o in r
+                .at("returnval")
+                .map(|x| x.children("objects").collect::<Vec<_>>())
+                .unwrap_or_default()
+            {
                 let (Some(mo), Some(name)) = (
                     o.child("obj").and_then(MoRef::from_node),
                     o.child("propSet").and_then(|p| p.text_at("val")),
@@ -515,7 +549,10 @@ pub fn parse_disks(devices: &Node) -> Vec<Disk> {
                     .map(|k| k * 1024)
             })
             .unwrap_or(0);
-        let disk_mode = backing.text_at("diskMode").unwrap_or("persistent").to_string();
+        let disk_mode = backing
+            .text_at("diskMode")
+            .unwrap_or("persistent")
+            .to_string();
         let rdm = backing.xsi_type() == Some("VirtualDiskRawDiskMappingVer1BackingInfo");
         let skip = if disk_mode.starts_with("independent") {
             Some(format!(
@@ -581,7 +618,10 @@ impl Session {
             parse_snapshots(&roots, &mut snapshots);
         }
         Ok(VmInfo {
-            name: p.get("name").map(|n| n.text.trim().to_string()).unwrap_or_default(),
+            name: p
+                .get("name")
+                .map(|n| n.text.trim().to_string())
+                .unwrap_or_default(),
             cbt_enabled: p
                 .get("config.changeTrackingEnabled")
                 .is_some_and(|n| n.text.trim() == "true"),
@@ -591,7 +631,12 @@ impl Session {
                 .unwrap_or_default(),
             disabled_methods: p
                 .get("disabledMethod")
-                .map(|n| n.children.iter().map(|c| c.text.trim().to_string()).collect())
+                .map(|n| {
+                    n.children
+                        .iter()
+                        .map(|c| c.text.trim().to_string())
+                        .collect()
+                })
                 .unwrap_or_default(),
             snapshots,
         })

@@ -41,7 +41,9 @@ impl Node {
                     }
                 }
                 Ok(Event::End(_)) => {
-                    let n = stack.pop().ok_or_else(|| XmlError("unbalanced end tag".into()))?;
+                    let n = stack
+                        .pop()
+                        .ok_or_else(|| XmlError("unbalanced end tag".into()))?;
                     match stack.last_mut() {
                         Some(parent) => parent.children.push(n),
                         None => return Err(XmlError("unbalanced end tag".into())),
@@ -61,7 +63,9 @@ impl Node {
                 Ok(_) => {}
             }
         }
-        let root = stack.pop().ok_or_else(|| XmlError("empty document".into()))?;
+        let root = stack
+            .pop()
+            .ok_or_else(|| XmlError("empty document".into()))?;
         if !stack.is_empty() {
             return Err(XmlError("unclosed element".into()));
         }

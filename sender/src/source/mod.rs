@@ -31,6 +31,14 @@ pub enum SourceSpec {
     /// An NBD export (`nbd://host:port/export`, `nbd+unix:///export?socket=PATH`): with a
     /// qemu dirty bitmap, what it marks; without, every allocated byte.
     Nbd { uri: String, bitmap: Option<String> },
+    /// An NBD export whose changed areas are known from elsewhere (vSphere
+    /// `QueryChangedDiskAreas`). `full`: the areas are every allocated byte of the disk
+    /// (changeId `*`), so the generation describes the whole disk and the rest is zero.
+    NbdChanged {
+        uri: String,
+        changed: Vec<Extent>,
+        full: bool,
+    },
 }
 
 impl SourceSpec {
@@ -40,6 +48,7 @@ impl SourceSpec {
             SourceSpec::Full { .. } => "full",
             SourceSpec::Spool { .. } => "spool",
             SourceSpec::Nbd { .. } => "nbd",
+            SourceSpec::NbdChanged { .. } => "vsphere-nbd",
         }
     }
 }
@@ -119,6 +128,9 @@ impl OpenSource {
     pub async fn open_async(spec: &SourceSpec) -> Result<Self, SourceError> {
         match spec {
             SourceSpec::Nbd { uri, bitmap } => nbd::open(uri, bitmap.as_deref()).await,
+            SourceSpec::NbdChanged { uri, changed, full } => {
+                nbd::open_changed(uri, changed, *full).await
+            }
             other => Self::open(other),
         }
     }
@@ -126,7 +138,9 @@ impl OpenSource {
     /// Opens a file-based source.
     pub fn open(spec: &SourceSpec) -> Result<Self, SourceError> {
         match spec {
-            SourceSpec::Nbd { .. } => Err(SourceError::NeedsAsync { kind: spec.kind() }),
+            SourceSpec::Nbd { .. } | SourceSpec::NbdChanged { .. } => {
+                Err(SourceError::NeedsAsync { kind: spec.kind() })
+            }
             SourceSpec::ExtentList { list, disk } => {
                 let (file, size) = open_disk(disk)?;
                 let extents = extent_list::read_extent_list(list, size)?;

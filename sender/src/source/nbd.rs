@@ -17,7 +17,7 @@ pub fn bitmap_context(name: &str) -> String {
     format!("qemu:dirty-bitmap:{name}")
 }
 
-pub async fn open(uri: &str, bitmap: Option<&str>) -> Result<OpenSource, SourceError> {
+async fn connect(uri: &str, bitmap: Option<&str>) -> Result<(Client, u64), SourceError> {
     let parsed = NbdUri::parse(uri)?;
     let mut contexts = vec![ALLOCATION.to_string()];
     if let Some(b) = bitmap {
@@ -38,6 +38,70 @@ pub async fn open(uri: &str, bitmap: Option<&str>) -> Result<OpenSource, SourceE
             size,
         });
     }
+    Ok((client, size))
+}
+
+/// The export's areas that hold data (not reported zero), whole sectors.
+async fn nonzero(client: &Client, size: u64) -> Result<Vec<Extent>, SourceError> {
+    Ok(coalesce(
+        client
+            .block_status(ALLOCATION, 0, size)
+            .await?
+            .into_iter()
+            .filter(|s| s.flags & STATE_ZERO == 0)
+            .map(|s| sector_out(Extent::new(s.offset, s.length), size)),
+    ))
+}
+
+/// An export whose changed areas come from elsewhere (vSphere CBT). With `full`, the
+/// areas are all the disk holds: everything else becomes zero ranges.
+pub async fn open_changed(
+    uri: &str,
+    changed: &[Extent],
+    full: bool,
+) -> Result<OpenSource, SourceError> {
+    let (client, size) = connect(uri, None).await?;
+    let mut listed = Vec::with_capacity(changed.len());
+    for e in changed {
+        match e.checked_end() {
+            Some(end) if end <= size => listed.push(sector_out(*e, size)),
+            _ => {
+                return Err(SourceError::Read {
+                    path: uri.into(),
+                    extent: *e,
+                    source: std::io::Error::other(format!(
+                        "changed area past the end of the {size}-byte disk"
+                    )),
+                })
+            }
+        }
+    }
+    listed.sort();
+    let listed = coalesce(listed);
+    let data = nonzero(&client, size).await?;
+    let (to_read, known_zero) = if full {
+        // Unlisted areas are unallocated on the source: zero.
+        let (read, _) = split_by_data(&listed, &data);
+        let zero = super::alloc::holes(Extent::new(0, size), &read);
+        (read, zero)
+    } else {
+        split_by_data(&listed, &data)
+    };
+    Ok(OpenSource {
+        kind: "vsphere-nbd",
+        disk_size: size,
+        to_read,
+        known_zero,
+        self_contained: full,
+        reader: Reader::Nbd {
+            uri: uri.to_string(),
+            client,
+        },
+    })
+}
+
+pub async fn open(uri: &str, bitmap: Option<&str>) -> Result<OpenSource, SourceError> {
+    let (client, size) = connect(uri, bitmap).await?;
     let changed = match bitmap {
         Some(b) => coalesce(
             client
@@ -49,15 +113,8 @@ pub async fn open(uri: &str, bitmap: Option<&str>) -> Result<OpenSource, SourceE
         ),
         None => vec![Extent::new(0, size)],
     };
-    let nonzero: Vec<Extent> = coalesce(
-        client
-            .block_status(ALLOCATION, 0, size)
-            .await?
-            .into_iter()
-            .filter(|s| s.flags & STATE_ZERO == 0)
-            .map(|s| sector_out(Extent::new(s.offset, s.length), size)),
-    );
-    let (to_read, known_zero) = split_by_data(&changed, &nonzero);
+    let data = nonzero(&client, size).await?;
+    let (to_read, known_zero) = split_by_data(&changed, &data);
     Ok(OpenSource {
         kind: "nbd",
         disk_size: size,
