@@ -262,6 +262,7 @@ async fn protect_in_session<S: ObjectStore>(
     let work = copy_disks(run, session, store, progress, &vm, &snapshot, consistency);
     let outcome = tokio::select! {
         r = work => r,
+        _ = keepalive(session) => unreachable_keepalive(),
         _ = stop => Err(VsphereError::Stopped),
     };
     // Every exit path: the snapshot goes.
@@ -372,6 +373,21 @@ async fn copy_disks<S: ObjectStore>(
         });
     }
     Ok(out)
+}
+
+/// Copies can outlast vCenter's idle session timeout (30 min by default): touch the
+/// session every 5 minutes. (An expired session is also renewed on the next call.)
+async fn keepalive(session: &Session) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(300)).await;
+        if let Err(e) = session.keepalive().await {
+            tracing::warn!("vSphere keepalive failed: {e}");
+        }
+    }
+}
+
+fn unreachable_keepalive() -> Result<Vec<DiskReport>, VsphereError> {
+    Err(VsphereError::Name("internal: keepalive ended".into()))
 }
 
 /// The NBD server for one disk of the snapshot, stopped when dropped.
