@@ -72,6 +72,8 @@ pub struct Script {
     pub expire_session_at: Option<String>,
     /// Hold `QueryChangedDiskAreas` answers this long.
     pub delay: Duration,
+    /// Disk sizes by device key: areas are clipped to the disk asked about.
+    pub capacities: std::collections::HashMap<i32, u64>,
 }
 
 /// What went through the proxy.
@@ -283,11 +285,20 @@ impl SoapProxy {
                 "Error caused by file /vmfs/volumes/ds/vm/disk1-ctk.vmdk",
             );
         }
-        let areas = if change_id == "*" {
+        let key: i32 = between(body, "<deviceKey>", "</deviceKey>")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let cap = script.capacities.get(&key).copied().unwrap_or(u64::MAX);
+        let areas: Vec<(u64, u64)> = if change_id == "*" {
             &script.allocated
         } else {
             &script.changed
-        };
+        }
+        .iter()
+        .filter(|(s, _)| *s < cap)
+        .map(|(s, l)| (*s, (*l).min(cap - s)))
+        .collect();
+        let areas = &areas;
         // Pages of `page_bytes` from `start`; the last page runs to the last area.
         let end_all = areas.iter().map(|(s, l)| s + l).max().unwrap_or(start);
         let page = if script.page_bytes == 0 {

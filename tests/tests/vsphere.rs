@@ -55,7 +55,8 @@ struct Env {
     vcsim: Vcsim,
     proxy: SoapProxy,
     dir: tempfile::TempDir,
-    key: i32,
+    /// The VM's disks: (device key, capacity); vcsim's own plus one the test adds.
+    disks: Vec<(i32, u64)>,
 }
 
 impl Env {
@@ -66,11 +67,24 @@ impl Env {
         let dir = tempfile::tempdir().unwrap();
         let s = session(&vcsim.url).await;
         let vm = s.find_vm(VM).await.unwrap();
+        // A second disk: one run must send both from one snapshot.
+        s.run_task(
+            "ReconfigVM_Task",
+            &vm,
+            r#"<spec><deviceChange><operation>add</operation><fileOperation>create</fileOperation><device xsi:type="VirtualDisk"><key>-1</key><backing xsi:type="VirtualDiskFlatVer2BackingInfo"><fileName></fileName><diskMode>persistent</diskMode><thinProvisioned>true</thinProvisioned></backing><controllerKey>202</controllerKey><unitNumber>1</unitNumber><capacityInKB>512</capacityInKB></device></deviceChange></spec>"#,
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
         let info = s.vm_info(&vm).await.unwrap();
-        let disk = &info.disks[0];
-        // The VM's disk, as the data path serves it.
-        let f = std::fs::File::create(dir.path().join(format!("disk-{}.raw", disk.key))).unwrap();
-        f.set_len(disk.capacity).unwrap();
+        let disks: Vec<(i32, u64)> = info.disks.iter().map(|d| (d.key, d.capacity)).collect();
+        assert_eq!(disks.len(), 2, "{info:?}");
+        // The VM's disks, as the data path serves them.
+        for (key, cap) in &disks {
+            let f = std::fs::File::create(dir.path().join(format!("disk-{key}.raw"))).unwrap();
+            f.set_len(*cap).unwrap();
+        }
+        proxy.script.lock().unwrap().capacities = disks.iter().copied().collect();
         s.logout().await;
         std::fs::write(dir.path().join("password"), "pass\n").unwrap();
         Self {
@@ -78,20 +92,32 @@ impl Env {
             vcsim,
             proxy,
             dir,
-            key: disk.key,
+            disks,
         }
     }
 
-    fn disk_file(&self) -> std::path::PathBuf {
-        self.dir.path().join(format!("disk-{}.raw", self.key))
+    fn disk_file(&self, key: i32) -> std::path::PathBuf {
+        self.dir.path().join(format!("disk-{key}.raw"))
     }
 
+    /// The big disk's key (the one the byte counts below are about).
+    fn key(&self) -> i32 {
+        self.disks.iter().max_by_key(|(_, c)| *c).unwrap().0
+    }
+
+    /// Writes to every disk (clipped to its size), as the scripted areas say.
     fn write(&self, offset: u64, len: u64, byte: u8) {
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(self.disk_file())
-            .unwrap();
-        f.write_all_at(&vec![byte; len as usize], offset).unwrap();
+        for (key, cap) in &self.disks {
+            if offset >= *cap {
+                continue;
+            }
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(self.disk_file(*key))
+                .unwrap();
+            f.write_all_at(&vec![byte; len.min(cap - offset) as usize], offset)
+                .unwrap();
+        }
     }
 
     fn command(&self, extra: &[&str]) -> Command {
@@ -135,23 +161,37 @@ impl Env {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
-    /// The receiver applies everything; its image must equal the disk file.
+    /// The receiver applies everything; each image must equal its disk file.
     fn receiver_converges(&self, generation: u64) {
         let rx = self.dir.path().join("rx");
         let st = receiver(&self.stack, "sync", &rx, &[]).status().unwrap();
         assert!(st.success());
-        let disk = DiskId::parse(&format!("site1/vm0/disk-{}", self.key)).unwrap();
-        assert_eq!(applied(&rx, &disk), Some(generation));
-        assert_eq!(
-            sha256_file(&image_path(&rx, &disk)),
-            sha256_file(&self.disk_file()),
-            "generation {generation}: image differs from the VM's disk"
-        );
+        for (key, _) in &self.disks {
+            let disk = DiskId::parse(&format!("site1/vm0/disk-{key}")).unwrap();
+            assert_eq!(applied(&rx, &disk), Some(generation), "{disk}");
+            assert_eq!(
+                sha256_file(&image_path(&rx, &disk)),
+                sha256_file(&self.disk_file(*key)),
+                "generation {generation}: image of {disk} differs from the VM's disk"
+            );
+        }
     }
 
     fn script(&self) -> std::sync::MutexGuard<'_, pilotlight_tests::vcsim::Script> {
         self.proxy.script.lock().unwrap()
     }
+}
+
+/// The report of the big disk; and every disk of the VM went in this run.
+fn big<'a>(r: &'a Value, env: &Env) -> &'a Value {
+    let disks = r["disks"].as_array().unwrap();
+    assert_eq!(
+        disks.len(),
+        env.disks.len(),
+        "one run sends every disk: {r}"
+    );
+    let name = format!("site1/vm0/disk-{}", env.key());
+    disks.iter().find(|d| d["disk"] == name.as_str()).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -204,7 +244,7 @@ async fn snapshot_lifecycle_cbt_paging_relogin_reset_and_errors() {
     );
     assert_eq!(r["cbt_enabled_now"], true);
     assert_eq!(r["logins"], 2, "re-logged in after NotAuthenticated: {r}");
-    let d = &r["disks"][0];
+    let d = big(&r, &env);
     assert_eq!(d["full"], true);
     assert_eq!(d["from_change_id"], "*");
     assert_eq!(d["summary"]["generation"], 1);
@@ -216,8 +256,9 @@ async fn snapshot_lifecycle_cbt_paging_relogin_reset_and_errors() {
     );
     {
         let seen = env.proxy.seen.lock().unwrap();
-        // Three pages (the last one empty); the first call met the expired session.
-        assert_eq!(seen.start_offsets, [0, 512 * KIB, 896 * KIB]);
+        // The 1 MiB disk in three pages (the last one empty; the first call met the
+        // expired session), then the 512 KiB disk in two.
+        assert_eq!(seen.start_offsets, [0, 512 * KIB, 896 * KIB, 0, 256 * KIB]);
         assert_eq!(seen.methods.iter().filter(|m| *m == "Login").count(), 2);
     }
     assert_eq!(
@@ -230,7 +271,7 @@ async fn snapshot_lifecycle_cbt_paging_relogin_reset_and_errors() {
         &env.stack
             .get(&format!(
                 "dr/site1/vm0/disk-{}/g/00000000000000000001/manifest.json",
-                env.key
+                env.key()
             ))
             .await,
     )
@@ -244,7 +285,7 @@ async fn snapshot_lifecycle_cbt_paging_relogin_reset_and_errors() {
     env.write(512 * KIB, 64 * KIB, 0x44);
     env.script().changed = vec![(64 * KIB, 64 * KIB), (512 * KIB, 64 * KIB)];
     let r = env.run_ok(&[]);
-    let d = &r["disks"][0];
+    let d = big(&r, &env);
     assert_eq!(d["full"], false);
     assert_eq!(d["from_change_id"], saved.as_str());
     assert_eq!(d["summary"]["parent"], 1);
@@ -264,7 +305,7 @@ async fn snapshot_lifecycle_cbt_paging_relogin_reset_and_errors() {
         ];
     }
     let r = env.run_ok(&[]);
-    let d = &r["disks"][0];
+    let d = big(&r, &env);
     assert_eq!(d["reset"], true);
     assert_eq!(d["full"], true);
     assert_eq!(
@@ -291,14 +332,14 @@ async fn snapshot_lifecycle_cbt_paging_relogin_reset_and_errors() {
         pilotlight_sender::vsphere::load_change_ids(&env.dir.path().join("state"), "site1", "vm0")
             .unwrap();
     assert_eq!(
-        ids.disks[&format!("disk-{}", env.key)],
+        ids.disks[&format!("disk-{}", env.key())],
         saved,
         "not advanced by a failed run"
     );
 
     // The next run sends from the kept changeId: nothing is lost.
     let r = env.run_ok(&[]);
-    assert_eq!(r["disks"][0]["from_change_id"], saved.as_str());
+    assert_eq!(big(&r, &env)["from_change_id"], saved.as_str());
     env.receiver_converges(4);
 }
 
