@@ -25,6 +25,23 @@ fn run(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Starts an NBD server command and waits (polling, with a deadline) until it accepts
+/// connections on `socket`.
+async fn serve_unix(mut cmd: Command, socket: &Path) -> Running {
+    let server = Running(cmd.spawn().unwrap());
+    poll_until(
+        "the NBD server listening",
+        Duration::from_secs(20),
+        || async {
+            std::os::unix::net::UnixStream::connect(socket)
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await;
+    server
+}
+
 /// `qemu-io` writes: (pattern or None for a zero write, offset, length).
 fn writes(image: &Path, w: &[(Option<u8>, u64, u64)]) {
     let mut args = vec!["-f".to_string(), "qcow2".to_string()];
@@ -241,28 +258,20 @@ async fn nbd_source_errors_are_clear() {
         &["create", "-q", "-f", "qcow2", s(&image), "8M"],
     );
     let socket = tmp.path().join("q.sock");
-    let _server = Running(
-        Command::new("qemu-nbd")
-            .args([
-                "--read-only",
-                "--persistent",
-                "-x",
-                "disk",
-                "-f",
-                "qcow2",
-                "-k",
-            ])
-            .arg(&socket)
-            .arg(&image)
-            .spawn()
-            .unwrap(),
-    );
-    poll_until("qemu-nbd listening", Duration::from_secs(20), || async {
-        std::os::unix::net::UnixStream::connect(&socket)
-            .ok()
-            .map(|_| ())
-    })
-    .await;
+    let mut qemu_nbd = Command::new("qemu-nbd");
+    qemu_nbd
+        .args([
+            "--read-only",
+            "--persistent",
+            "-x",
+            "disk",
+            "-f",
+            "qcow2",
+            "-k",
+        ])
+        .arg(&socket)
+        .arg(&image);
+    let _server = serve_unix(qemu_nbd, &socket).await;
     let uri = format!("nbd+unix:///disk?socket={}", socket.display());
     let e = send(&["--nbd", &uri, "--bitmap", "nope"]);
     assert!(
@@ -285,20 +294,12 @@ async fn a_full_generation_from_nbdkit_serving_a_sparse_file() {
     scribble(&f, 48 * MIB, 40, 9);
     drop(f);
     let socket = tmp.path().join("nbdkit.sock");
-    let _server = Running(
-        Command::new("nbdkit")
-            .args(["--foreground", "--readonly", "--exportname", "disk", "-U"])
-            .arg(&socket)
-            .args(["file", s(&disk)])
-            .spawn()
-            .unwrap(),
-    );
-    poll_until("nbdkit listening", Duration::from_secs(20), || async {
-        std::os::unix::net::UnixStream::connect(&socket)
-            .ok()
-            .map(|_| ())
-    })
-    .await;
+    let mut nbdkit = Command::new("nbdkit");
+    nbdkit
+        .args(["--foreground", "--readonly", "--exportname", "disk", "-U"])
+        .arg(&socket)
+        .args(["file", s(&disk)]);
+    let _server = serve_unix(nbdkit, &socket).await;
     let state = tmp.path().join("state");
     let uri = format!("nbd+unix:///disk?socket={}", socket.display());
     let out = Command::new(bin("pilotlight-sender"))
