@@ -555,7 +555,18 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 &NoProgress
             };
-            let stop = pilotlight_cli::shutdown_signal();
+            // Listen for signals from now on (a signal during the snapshot task must
+            // still lead to its removal), not from the first poll of the copy phase.
+            let (signalled, stop) = tokio::sync::oneshot::channel::<()>();
+            tokio::spawn(async move {
+                pilotlight_cli::shutdown_signal().await;
+                let _ = signalled.send(());
+            });
+            let stop = async move {
+                if stop.await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            };
             let report = if r.opts.dry_run {
                 pilotlight_sender::vsphere::protect_vm(&run, &NullStore, progress, stop).await?
             } else {
