@@ -44,6 +44,28 @@ pub fn receiver(stack: &LocalStack, sub: &str, dir: &Path, args: &[&str]) -> Com
     c
 }
 
+/// `pilotlight-receiver run` on `queue`, reconciling every `reconcile_every`, its log in
+/// `log`; killed when the result is dropped.
+pub fn running_receiver(
+    stack: &LocalStack,
+    dir: &Path,
+    queue: &str,
+    reconcile_every: &str,
+    log: &Path,
+) -> Running {
+    Running(
+        receiver(
+            stack,
+            "run",
+            dir,
+            &["--queue-url", queue, "--reconcile-every", reconcile_every],
+        )
+        .stderr(std::fs::File::create(log).expect("create the receiver log"))
+        .spawn()
+        .expect("start pilotlight-receiver"),
+    )
+}
+
 /// `pilotlight-dr ARGS` pointed at the stack, running the handler locally with the
 /// simulated EC2 image import (`simulate`: `ok` or a failure's StatusMessage), since the
 /// emulator has no ImportImage.

@@ -5,7 +5,7 @@
 
 use aws_sdk_ec2::types::Filter;
 use pilotlight_protocol::{DiskId, ExportResult, ExportStatus, Name, ObjectKey, Prefix};
-use pilotlight_tests::cli::{applied, dr, receiver, send_generation, Running};
+use pilotlight_tests::cli::{applied, dr, receiver, running_receiver, send_generation};
 use pilotlight_tests::disk::MIB;
 use pilotlight_tests::poll_until;
 use pilotlight_tests::stack::LocalStack;
@@ -97,16 +97,12 @@ async fn a_drill_recovers_the_replicated_disk_and_cleanup_removes_only_its_resou
     replicate(&stack, tmp.path(), 1);
     let want = replicate(&stack, tmp.path(), 2);
     let rx = tmp.path().join("rx");
-    let _receiver = Running(
-        receiver(
-            &stack,
-            "run",
-            &rx,
-            &["--queue-url", &stack.queue_url, "--reconcile-every", "2s"],
-        )
-        .stderr(std::fs::File::create(tmp.path().join("receiver.log")).unwrap())
-        .spawn()
-        .unwrap(),
+    let _receiver = running_receiver(
+        &stack,
+        &rx,
+        &stack.queue_url,
+        "2s",
+        &tmp.path().join("receiver.log"),
     );
     poll_until("generation 2 applied", WAIT, || async {
         (applied(&rx, &disk_id()) == Some(2)).then_some(())

@@ -16,7 +16,7 @@
 
 use base64::Engine;
 use pilotlight_protocol::DiskId;
-use pilotlight_tests::cli::{applied, image_path, receiver, send_generation, Running};
+use pilotlight_tests::cli::{applied, image_path, receiver, running_receiver, send_generation};
 use pilotlight_tests::disk::{sha256_file, MIB};
 use pilotlight_tests::poll_until;
 use pilotlight_tests::stack::{notify_queue, queue_arn, LocalStack};
@@ -464,16 +464,12 @@ async fn the_cloudformation_stack_deploys_and_the_sender_replicates_through_it()
     stack.use_deployed(&bucket, &prefix, &queue_url, &dlq_url);
     let disk = DiskId::parse("site1/vm1/disk0").unwrap();
     let rx = tmp.path().join("rx");
-    let _receiver = Running(
-        receiver(
-            &stack,
-            "run",
-            &rx,
-            &["--queue-url", &queue_url, "--reconcile-every", "1h"],
-        )
-        .stderr(std::fs::File::create(tmp.path().join("receiver.log")).unwrap())
-        .spawn()
-        .unwrap(),
+    let _receiver = running_receiver(
+        &stack,
+        &rx,
+        &queue_url,
+        "1h",
+        &tmp.path().join("receiver.log"),
     );
     let mut want = [0u8; 32];
     for k in 1..=2 {

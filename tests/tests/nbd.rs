@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use pilotlight_protocol::DiskId;
-use pilotlight_tests::cli::{applied, image_path, receiver, s, Running};
+use pilotlight_tests::cli::{applied, image_path, receiver, running_receiver, s, Running};
 use pilotlight_tests::stack::{free_port, LocalStack};
 use pilotlight_tests::{bin, poll_until, repo_root};
 use serde_json::Value;
@@ -137,16 +137,12 @@ async fn qcow2_bitmaps_through_qemu_nbd_replicate_exactly_across_rotations() {
         ],
     );
     let rx = tmp.path().join("rx");
-    let _receiver = Running(
-        receiver(
-            &stack,
-            "run",
-            &rx,
-            &["--queue-url", &stack.queue_url, "--reconcile-every", "2s"],
-        )
-        .stderr(std::fs::File::create(tmp.path().join("receiver.log")).unwrap())
-        .spawn()
-        .unwrap(),
+    let _receiver = running_receiver(
+        &stack,
+        &rx,
+        &stack.queue_url,
+        "2s",
+        &tmp.path().join("receiver.log"),
     );
 
     // Round 1: no bitmap yet: a full generation; pilotlight-1 starts recording.
