@@ -382,12 +382,6 @@ impl Client {
         state: State,
     ) -> Result<Done, NbdError> {
         let s = &self.shared;
-        if let Some(why) = lock(&s.dead).clone() {
-            return Err(NbdError::Closed {
-                uri: s.uri.clone(),
-                what: why,
-            });
-        }
         let handle = s.next_handle.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         lock(&s.pending).insert(
@@ -401,7 +395,7 @@ impl Client {
                 done: tx,
             },
         );
-        // The reader may have died between the check above and the insert.
+        // Checked after the insert: a reader that dies now still fails this request.
         if let Some(why) = lock(&s.dead).clone() {
             lock(&s.pending).remove(&handle);
             return Err(NbdError::Closed {

@@ -28,40 +28,31 @@ pub fn tool(name: &str) -> bool {
         .is_ok()
 }
 
-/// Waits (polling, with a deadline) until `socket` accepts connections.
-fn wait_socket(socket: &Path, child: &mut Child) {
+/// Waits (polling, with a deadline) until `connects` succeeds; fails if the server exits.
+fn wait_listening(what: &str, child: &mut Child, connects: impl Fn() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-            return;
-        }
+    while !connects() {
         if let Ok(Some(status)) = child.try_wait() {
             panic!("NBD server exited early: {status}");
         }
         assert!(
             Instant::now() < deadline,
-            "NBD server never listened on {}",
-            socket.display()
+            "NBD server never listened on {what}"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
+fn wait_socket(socket: &Path, child: &mut Child) {
+    wait_listening(&socket.display().to_string(), child, || {
+        std::os::unix::net::UnixStream::connect(socket).is_ok()
+    });
+}
+
 fn wait_tcp(port: u16, child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("NBD server exited early: {status}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "NBD server never listened on port {port}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_listening(&format!("port {port}"), child, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
 }
 
 pub fn free_port() -> u16 {
