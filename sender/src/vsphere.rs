@@ -302,16 +302,13 @@ async fn copy_disks<S: ObjectStore>(
         .collect();
     let state_dir = &run.send.state_dir;
     let mut ids = load_change_ids(state_dir, &run.site, &run.vm_id)?;
-    let password_file = tempfile::NamedTempFile::new().map_err(|e| VsphereError::DataPath {
-        file: "password file".into(),
-        why: e.to_string(),
-    })?;
-    std::fs::write(password_file.path(), &run.connect.password).map_err(|e| {
-        VsphereError::DataPath {
+    // VDDK reads the password from a file (`password=+FILE`): a private temp file.
+    let password_file = tempfile::NamedTempFile::new()
+        .and_then(|f| std::fs::write(f.path(), &run.connect.password).map(|()| f))
+        .map_err(|e| VsphereError::DataPath {
             file: "password file".into(),
             why: e.to_string(),
-        }
-    })?;
+        })?;
     let mut out = Vec::new();
     for disk in disks {
         let disk_name = format!("disk-{}", disk.key);

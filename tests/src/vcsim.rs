@@ -4,7 +4,6 @@
 //! ids in disk backings, an injected `NotAuthenticated` (session expiry), and a delay to
 //! stop runs in the middle.
 
-use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -299,7 +298,7 @@ impl SoapProxy {
         .map(|(s, l)| (*s, (*l).min(cap - s)))
         .collect();
         let areas = &areas;
-        // Pages of `page_bytes` from `start`; the last page runs to the last area.
+        // Pages of `page_bytes` from `start`; a page covers up to the end of its last area.
         let end_all = areas.iter().map(|(s, l)| s + l).max().unwrap_or(start);
         let page = if script.page_bytes == 0 {
             u64::MAX
@@ -307,26 +306,29 @@ impl SoapProxy {
             script.page_bytes
         };
         let page_end = start.saturating_add(page).min(end_all.max(start));
-        let mut inner = VecDeque::new();
-        for (s, l) in areas.iter().filter(|(s, _)| *s >= start && *s < page_end) {
-            inner.push_back(format!(
-                "<changedArea><start>{s}</start><length>{l}</length></changedArea>"
-            ));
-        }
-        // A page covers up to the end of its last area.
-        let covered = areas
+        let in_page: Vec<(u64, u64)> = areas
             .iter()
+            .copied()
             .filter(|(s, _)| *s >= start && *s < page_end)
+            .collect();
+        let covered = in_page
+            .iter()
             .map(|(s, l)| s + l)
             .max()
             .unwrap_or(page_end)
             .max(page_end);
+        let inner: String = in_page
+            .iter()
+            .map(|(s, l)| {
+                format!("<changedArea><start>{s}</start><length>{l}</length></changedArea>")
+            })
+            .collect();
         let length = covered - start;
         (
             200,
             envelope(&format!(
                 r#"<QueryChangedDiskAreasResponse xmlns="urn:vim25"><returnval><startOffset>{start}</startOffset><length>{length}</length>{}</returnval></QueryChangedDiskAreasResponse>"#,
-                inner.into_iter().collect::<String>()
+                inner
             )),
         )
     }
