@@ -88,6 +88,8 @@ pub struct ApplyReport {
     pub generation: u64,
     pub objects: usize,
     pub bytes_fetched: u64,
+    /// Objects taken from verified prefetched copies (not fetched, not staged).
+    pub objects_prefetched: usize,
     pub bytes_written: u64,
     pub bytes_zeroed: u64,
     /// Fetching, verifying and staging every object.
@@ -155,13 +157,27 @@ async fn apply_inner<S: ObjectSource, I: Image + 'static>(
 ) -> Result<ApplyReport, ApplyError> {
     let started = Instant::now();
     let conc = opts.concurrency.max(1);
-    // Where each object's decoded bytes go in the staging file: staged decoded, the
-    // write step is a kernel copy (copy_file_range) with nothing left to decode.
+    // An object with a verified prefetched copy is neither fetched nor staged: the
+    // write step copies straight from that copy.
+    let local: Vec<Option<PathBuf>> = m
+        .objects
+        .iter()
+        .map(|o| {
+            opts.prefetch_dir
+                .as_deref()
+                .and_then(|d| verified_prefetched(d, o))
+        })
+        .collect();
+    let prefetched = local.iter().filter(|l| l.is_some()).count();
+    // Where each other object's decoded bytes go in the staging file: staged decoded,
+    // the write step is a kernel copy (copy_file_range) with nothing left to decode.
     let mut positions = Vec::with_capacity(m.objects.len());
     let mut pos = 0u64;
-    for o in &m.objects {
+    for (o, l) in m.objects.iter().zip(&local) {
         positions.push(pos);
-        pos += o.length;
+        if l.is_none() {
+            pos += o.length;
+        }
     }
     // Allocate the staging file whole: writes into allocated blocks are much faster than
     // into holes, and a full disk fails here, before the image is touched.
@@ -191,32 +207,26 @@ async fn apply_inner<S: ObjectSource, I: Image + 'static>(
         .to_key(prefix)
     };
 
-    // 1. Verify and stage.
-    let fetched: u64 = futures::stream::iter(m.objects.iter().zip(positions.iter().copied()))
+    // 1. Verify and stage what has no verified prefetched copy.
+    let to_fetch = m
+        .objects
+        .iter()
+        .zip(positions.iter().copied())
+        .zip(&local)
+        .filter(|(_, l)| l.is_none())
+        .map(|(p, _)| p);
+    let fetched: u64 = futures::stream::iter(to_fetch)
         .map(|(o, at)| {
             let key = key_of(o);
             let staging = staging.clone();
             let o = o.clone();
             let staging_path = staging_path.to_path_buf();
             let write_lock = write_lock.clone();
-            let prefetched = opts
-                .prefetch_dir
-                .as_ref()
-                .map(|d| d.join(format!("{:020}", o.offset)));
             async move {
-                // A verified prefetched copy, else the bucket's (verified below, in the
-                // same blocking task that stages it).
-                let (stored, decoded) = match read_prefetched(prefetched, &key, &o).await {
-                    Some(data) => (None, Some(data)),
-                    None => (Some(src.get(&key, o.stored_length).await?), None),
-                };
+                let stored = src.get(&key, o.stored_length).await?;
                 let n = o.stored_length;
                 tokio::task::spawn_blocking(move || {
-                    let data = match (decoded, stored) {
-                        (Some(data), _) => data,
-                        (None, Some(stored)) => verify(&key, &o, &stored)?,
-                        (None, None) => unreachable!("one of the two is set"),
-                    };
+                    let data = verify(&key, &o, &stored)?;
                     let _one_writer = write_lock.lock().unwrap_or_else(|p| p.into_inner());
                     staging
                         .write_all_at(&data, at)
@@ -262,14 +272,20 @@ async fn apply_inner<S: ObjectSource, I: Image + 'static>(
         let name = opts.image_name.clone();
         tokio::task::spawn_blocking(move || {
             let mut written = 0;
-            for (o, at) in objects.iter().zip(positions) {
-                image
-                    .copy_from(&staging, at, o.offset, o.length)
-                    .map_err(|source| ApplyError::Image {
-                        image: name.clone(),
-                        op: "write",
-                        source,
-                    })?;
+            for ((o, at), local) in objects.iter().zip(positions).zip(local) {
+                let copied = match local {
+                    // Verified when prefetched; a copy gone since fails the apply (it is
+                    // retried, and then fetches the object).
+                    Some(path) => {
+                        File::open(&path).and_then(|f| image.copy_from(&f, 0, o.offset, o.length))
+                    }
+                    None => image.copy_from(&staging, at, o.offset, o.length),
+                };
+                copied.map_err(|source| ApplyError::Image {
+                    image: name.clone(),
+                    op: "write",
+                    source,
+                })?;
                 written += o.length;
             }
             Ok::<u64, ApplyError>(written)
@@ -298,6 +314,7 @@ async fn apply_inner<S: ObjectSource, I: Image + 'static>(
         generation: m.generation,
         objects: m.objects.len(),
         bytes_fetched: fetched,
+        objects_prefetched: prefetched,
         bytes_written: written,
         bytes_zeroed: zeroed,
         fetch_seconds,
@@ -306,27 +323,46 @@ async fn apply_inner<S: ObjectSource, I: Image + 'static>(
     })
 }
 
-/// The decoded bytes of a prefetched copy of an object, if there is one and it verifies.
-async fn read_prefetched(path: Option<PathBuf>, key: &str, o: &DataObject) -> Option<Bytes> {
-    let path = path?;
-    let (key, o) = (key.to_string(), o.clone());
-    tokio::task::spawn_blocking(move || {
-        let meta = std::fs::metadata(&path).ok()?;
-        if meta.len() != o.stored_length {
-            return None;
+/// A prefetched copy of an object, named by the offset and the SHA-256 of what it holds
+/// (see [`store_prefetched`]), if one holds exactly the manifest's bytes.
+fn verified_prefetched(dir: &Path, o: &DataObject) -> Option<PathBuf> {
+    let path = dir.join(prefetched_name(o.offset, &o.sha256.to_string()));
+    let meta = std::fs::metadata(&path).ok()?;
+    (meta.is_file() && meta.len() == o.length).then_some(path)
+}
+
+fn prefetched_name(offset: u64, sha256_hex: &str) -> String {
+    format!("{offset:020}.{sha256_hex}")
+}
+
+/// Stores a data object fetched before its manifest: its decoded bytes, in a file named
+/// by offset and their SHA-256 (temp file, then rename: only complete files appear).
+///
+/// The encoding is in the manifest, not known yet: a zstd frame that states its size
+/// (the sender's do) is decoded, anything else kept as is. The name carries the hash of
+/// what the file holds, so the apply uses it only when that equals the manifest's
+/// SHA-256 of the object's bytes: a wrong guess, another upload of the same offset, or
+/// a bomb is simply not used. Returns the file's path.
+pub fn store_prefetched(dir: &Path, offset: u64, stored: &[u8]) -> std::io::Result<PathBuf> {
+    let decoded = match zstd::zstd_safe::get_frame_content_size(stored) {
+        Ok(Some(n)) if n <= pilotlight_protocol::MAX_OBJECT_LIMIT => {
+            zstd::bulk::decompress(stored, n as usize).ok()
         }
-        let b = Bytes::from(std::fs::read(&path).ok()?);
-        match verify(&key, &o, &b) {
-            Ok(data) => Some(data),
-            Err(e) => {
-                tracing::info!(%key, "prefetched copy rejected ({e}); fetching again");
-                None
-            }
-        }
-    })
-    .await
-    .ok()
-    .flatten()
+        _ => None,
+    };
+    let data = decoded.as_deref().unwrap_or(stored);
+    let sha = pilotlight_protocol::Sha256Hex(Sha256::digest(data).into()).to_string();
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(prefetched_name(offset, &sha));
+    // Unique: two fetches of one object (a duplicated event) must not share a temp file.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!("{offset:020}.{}-{n}.tmp", std::process::id()));
+    let written = std::fs::write(&tmp, data).and_then(|()| std::fs::rename(&tmp, &path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map(|()| path)
 }
 
 /// Checks one object's stored bytes against the manifest; returns the decoded bytes.
@@ -570,7 +606,21 @@ mod tests {
                 if i == 0 { spec.base = true; }
                 let g = i as u64 + 1;
                 let m = build(&src, g, &spec, applied, &mut model);
-                rt.block_on(apply(&src, &prefix(), &m, image.clone(), &opts(dir.path()))).unwrap();
+                // Some objects arrive prefetched (the engine's path), some as stale copies
+                // of the same offset that must not be used, the rest from the bucket.
+                let mut o = opts(dir.path());
+                let pf = dir.path().join(format!("prefetch-{g}"));
+                o.prefetch_dir = Some(pf.clone());
+                for (j, obj) in m.objects.iter().enumerate() {
+                    let key = ObjectKey::Data { disk: m.disk.clone(), generation: g, offset: obj.offset }.to_key(&prefix());
+                    let mut stored = src.objects.lock().unwrap()[&key].to_vec();
+                    match (g + j as u64) % 3 {
+                        0 => {}
+                        1 => { store_prefetched(&pf, obj.offset, &stored).unwrap(); }
+                        _ => { stored[0] ^= 1; store_prefetched(&pf, obj.offset, &stored).unwrap(); }
+                    }
+                }
+                rt.block_on(apply(&src, &prefix(), &m, image.clone(), &o)).unwrap();
                 applied = Some(g);
                 let got = std::fs::read(dir.path().join("img.raw")).unwrap();
                 prop_assert_eq!(got.len(), model.len());
@@ -816,36 +866,65 @@ mod prefetch_tests {
         let (src, m, key, data) = setup(dir.path());
         let prefix = Prefix::new("p").unwrap();
         let image = Arc::new(FileImage::open(&dir.path().join("img.raw")).unwrap());
-        let copy = dir.path().join("prefetch").join(format!("{:020}", 8192));
+        let pf = dir.path().join("prefetch");
 
-        // A good copy is used: the object can be gone from the bucket.
-        std::fs::write(&copy, &data).unwrap();
+        // A good copy is used, neither fetched nor staged: the object can be gone.
+        store_prefetched(&pf, 8192, &data).unwrap();
         src.objects.lock().unwrap().remove(&key);
         let r = apply(&src, &prefix, &m, image.clone(), &opts(dir.path()))
             .await
             .unwrap();
-        assert_eq!(r.bytes_written, 4096);
+        assert_eq!(
+            (r.bytes_written, r.objects_prefetched, r.bytes_fetched),
+            (4096, 1, 0)
+        );
         assert_eq!(
             &std::fs::read(dir.path().join("img.raw")).unwrap()[8192..12288],
             &data[..]
         );
 
-        // A corrupt copy (an older upload, say) is ignored: the object is fetched again.
-        std::fs::write(&copy, vec![9u8; 4096]).unwrap();
+        // Another upload of the same offset (other bytes) is not the manifest's: the
+        // object is fetched.
+        std::fs::remove_dir_all(&pf).unwrap();
+        store_prefetched(&pf, 8192, &[9u8; 4096]).unwrap();
         src.put(&key, data.clone());
-        apply(&src, &prefix, &m, image.clone(), &opts(dir.path()))
+        let r = apply(&src, &prefix, &m, image.clone(), &opts(dir.path()))
             .await
             .unwrap();
-        assert_eq!(
-            &std::fs::read(dir.path().join("img.raw")).unwrap()[8192..12288],
-            &data[..]
-        );
+        assert_eq!((r.objects_prefetched, r.bytes_fetched), (0, 4096));
 
-        // Both corrupt: the apply fails on the bucket's copy, not on the prefetched one.
+        // Then the bucket's copy is verified as ever: corrupt, the apply fails.
         src.put(&key, vec![9u8; 4096]);
         let err = apply(&src, &prefix, &m, image, &opts(dir.path()))
             .await
             .unwrap_err();
         assert!(matches!(err, ApplyError::Checksum { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_prefetched_zstd_frame_is_stored_decoded_and_anything_else_as_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = b"pilotlight ".repeat(1000);
+        let sha = |b: &[u8]| Sha256Hex(Sha256::digest(b).into()).to_string();
+
+        let frame = zstd::bulk::compress(&data, 3).unwrap();
+        let p = store_prefetched(dir.path(), 0, &frame).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), data);
+        assert!(p.ends_with(format!("{:020}.{}", 0, sha(&data))));
+
+        // Not a frame, or a broken one: kept as is (the apply then fetches the object).
+        let p = store_prefetched(dir.path(), 512, &data).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), data);
+        let mut broken = frame.clone();
+        broken.truncate(frame.len() - 1);
+        let p = store_prefetched(dir.path(), 1024, &broken).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), broken);
+        // Only complete files: no temp file left behind.
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
+        assert_eq!(names.len(), 3);
     }
 }

@@ -17,7 +17,7 @@
 //! before any newer generation is applied, so it is never half-applied. Its outcome goes
 //! to `x/{id}/result.json`; the request's messages are deleted after that.
 
-use crate::apply::{apply, ApplyOptions};
+use crate::apply::{apply, store_prefetched, ApplyOptions};
 use crate::export::{export_image, ExportOptions};
 use crate::image::FileImage;
 use crate::queue::{Message, Queue};
@@ -147,6 +147,8 @@ struct Disk {
     /// The generation being (or last) applied: queued prefetches at or below it give
     /// up, since the apply fetches what it does not find.
     prefetch_floor: Arc<AtomicU64>,
+    /// Objects (generation, offset) prefetched or being prefetched.
+    prefetched: std::collections::BTreeSet<(u64, u64)>,
 }
 
 impl Disk {
@@ -225,11 +227,11 @@ impl<S: ObjectSource + ObjectSink + Clone + 'static, Q: Queue + Clone + 'static>
         if d.state.applied.is_some_and(|a| generation <= a) {
             return Ok(());
         }
-        let dir = prefetch_dir(&d.paths, generation);
-        let path = dir.join(format!("{offset:020}"));
-        if path.exists() {
+        // Once per object (events are duplicated); forgotten when its generation applies.
+        if !d.prefetched.insert((generation, offset)) {
             return Ok(());
         }
+        let dir = prefetch_dir(&d.paths, generation);
         let key = ObjectKey::Data {
             disk: id.clone(),
             generation,
@@ -252,13 +254,14 @@ impl<S: ObjectSource + ObjectSink + Clone + 'static, Q: Queue + Clone + 'static>
                     return;
                 }
             };
-            let tmp = path.with_extension("tmp");
-            let written = std::fs::create_dir_all(&dir)
-                .and_then(|()| std::fs::write(&tmp, &body))
-                .and_then(|()| std::fs::rename(&tmp, &path));
-            if let Err(e) = written {
-                tracing::debug!(%key, "prefetch not stored, the apply will fetch it: {e}");
-                let _ = std::fs::remove_file(&tmp);
+            // Decoding and hashing here, while the sender still uploads, is what makes
+            // the apply a plain copy once the manifest arrives.
+            match tokio::task::spawn_blocking(move || store_prefetched(&dir, offset, &body)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(%key, "prefetch not stored, the apply will fetch it: {e}")
+                }
+                Err(e) => tracing::debug!(%key, "prefetch task failed: {e}"),
             }
         });
         Ok(())
@@ -282,6 +285,7 @@ impl<S: ObjectSource + ObjectSink + Clone + 'static, Q: Queue + Clone + 'static>
                     retry_after: None,
                     failures: 0,
                     prefetch_floor: Arc::new(AtomicU64::new(0)),
+                    prefetched: Default::default(),
                 },
             );
         }
@@ -713,13 +717,14 @@ async fn drive_disk<S: ObjectSource + ObjectSink, Q: Queue + Clone + 'static>(
                 }
                 d.state = st;
                 remove_prefetched_up_to(&d.paths, g);
+                d.prefetched = d.prefetched.split_off(&(g + 1, 0));
                 d.failures = 0;
                 d.retry_after = None;
                 applied += 1;
                 let lag = (Utc::now() - m.snapshot_time).num_seconds();
                 tracing::info!(
                     disk = %id, generation = g, objects = report.objects, bytes = report.bytes_written,
-                    zeroed = report.bytes_zeroed, fetch_seconds = report.fetch_seconds, write_seconds = report.write_seconds, seconds = report.seconds, lag_seconds = lag, "applied"
+                    zeroed = report.bytes_zeroed, prefetched = report.objects_prefetched, fetch_seconds = report.fetch_seconds, write_seconds = report.write_seconds, seconds = report.seconds, lag_seconds = lag, "applied"
                 );
                 // Everything at or below g is done: drop it, delete its messages.
                 let keep_pending = d.pending.split_off(&(g + 1));

@@ -89,7 +89,7 @@ async fn duplicated_and_reordered_events_apply_in_order_byte_identical() {
                 "--prefetch",
             ],
         )
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(tmp.path().join("receiver.log")).unwrap())
         .spawn()
         .unwrap(),
     );
@@ -124,11 +124,41 @@ async fn duplicated_and_reordered_events_apply_in_order_byte_identical() {
     .await;
     assert_eq!(applied(&rx, &disk_id()), Some(3), "5 waits for its parent");
     assert_eq!(sha256_file(&image), expected[2], "image still at 3");
+    // Meanwhile its data objects were prefetched, decoded and hashed, one file each.
+    let objects5 = events[4]
+        .iter()
+        .filter(|b| !b.contains("manifest.json"))
+        .count();
+    let prefetched5 = rx
+        .join("state/site1/vm1/disk0.staging/prefetch")
+        .join(format!("g{:020}", 5));
+    poll_until("generation 5's objects prefetched", WAIT, || async {
+        let n = std::fs::read_dir(&prefetched5)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| !e.file_name().to_string_lossy().ends_with(".tmp"))
+                    .count()
+            })
+            .unwrap_or(0);
+        (n == objects5).then_some(())
+    })
+    .await;
     // The late generation 4 unblocks both.
     inject(4, true).await;
     inject(4, false).await;
     wait_applied(&rx, 5).await;
     assert_eq!(sha256_file(&image), expected[4], "boundary 5");
+    // ... and generation 5 was written from those copies, none fetched again.
+    let log = std::fs::read_to_string(tmp.path().join("receiver.log")).unwrap();
+    let applied5 = log
+        .lines()
+        .find(|l| l.contains("engine: applied ") && l.contains("generation=5 "))
+        .unwrap_or_else(|| panic!("no apply of generation 5 in the log:\n{log}"));
+    assert!(
+        applied5.contains(&format!("prefetched={objects5} ")),
+        "{objects5} objects from prefetched copies: {applied5}"
+    );
+    assert!(!prefetched5.exists(), "copies removed once applied");
     // Every message, duplicates included, was deleted; none went to the DLQ.
     poll_until("replay queue empty", WAIT, || async {
         (stack.depth(&replay).await == (0, 0)).then_some(())
