@@ -192,6 +192,8 @@ pub struct Engine<S, Q> {
     disks: BTreeMap<DiskId, Disk>,
     last_reconcile: Option<Instant>,
     prefetches: tokio::task::JoinSet<()>,
+    /// Handled messages to delete (`flush_deletes`).
+    to_delete: Vec<String>,
     /// Prefetches fetching at once (memory: this many objects at most).
     prefetch_permits: Arc<tokio::sync::Semaphore>,
 }
@@ -215,6 +217,7 @@ impl<S: ObjectSource + ObjectSink + Clone + 'static, Q: Queue + Clone + 'static>
             disks: BTreeMap::new(),
             last_reconcile: None,
             prefetches: tokio::task::JoinSet::new(),
+            to_delete: Vec::new(),
             prefetch_permits: permits,
         }
     }
@@ -414,12 +417,12 @@ impl<S: ObjectSource + ObjectSink + Clone + 'static, Q: Queue + Clone + 'static>
         write_result(&self.src, &self.cfg.prefix, disk, &r).await;
     }
 
-    /// Handles one received message.
-    pub async fn handle(&mut self, msg: &Message) {
+    /// Handles one received message; what it deletes waits for `flush_deletes`.
+    async fn handle(&mut self, msg: &Message) {
         match classify(&self.cfg, &msg.body) {
             Disposition::Delete(why) => {
                 tracing::debug!(id = %msg.id, why, "deleting message");
-                self.delete(&msg.receipt).await;
+                self.delete(&msg.receipt);
             }
             Disposition::Data(refs) => {
                 if self.cfg.prefetch {
@@ -429,7 +432,7 @@ impl<S: ObjectSource + ObjectSink + Clone + 'static, Q: Queue + Clone + 'static>
                         }
                     }
                 }
-                self.delete(&msg.receipt).await;
+                self.delete(&msg.receipt);
             }
             Disposition::Leave(why) => {
                 tracing::warn!(id = %msg.id, receive_count = msg.receive_count, "{why}; message left for the dead-letter queue");
@@ -440,7 +443,7 @@ impl<S: ObjectSource + ObjectSink + Clone + 'static, Q: Queue + Clone + 'static>
                     keep |= self.learn_export(&disk, &id, Some(msg)).await;
                 }
                 if !keep {
-                    self.delete(&msg.receipt).await;
+                    self.delete(&msg.receipt);
                 }
             }
             Disposition::Manifests(refs) => {
@@ -460,7 +463,7 @@ impl<S: ObjectSource + ObjectSink + Clone + 'static, Q: Queue + Clone + 'static>
                 match wait_for {
                     None => {
                         tracing::debug!(id = %msg.id, "manifest already applied (duplicate or late event)");
-                        self.delete(&msg.receipt).await;
+                        self.delete(&msg.receipt);
                     }
                     Some((id, g)) => {
                         if let Ok(d) = self.disk(&id) {
@@ -478,9 +481,26 @@ impl<S: ObjectSource + ObjectSink + Clone + 'static, Q: Queue + Clone + 'static>
         }
     }
 
-    async fn delete(&self, receipt: &str) {
-        if let Err(e) = self.queue.delete(receipt).await {
-            tracing::warn!("{e}; the message will come back and be handled again");
+    /// Deletes a handled message, with the others of its batch (see `flush_deletes`).
+    fn delete(&mut self, receipt: &str) {
+        self.to_delete.push(receipt.to_string());
+    }
+
+    /// Deletes the handled messages, ten per request: one request per message made
+    /// deleting, not applying, the receiver's pace for data-object events.
+    async fn flush_deletes(&mut self) {
+        let receipts = std::mem::take(&mut self.to_delete);
+        for batch in receipts.chunks(10) {
+            match self.queue.delete_batch(batch).await {
+                Ok(failed) => {
+                    for why in failed {
+                        tracing::warn!("cannot delete a message ({why}); it will come back and be handled again");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("{e}; the messages will come back and be handled again")
+                }
+            }
         }
     }
 
@@ -581,6 +601,7 @@ impl<S: ObjectSource + ObjectSink + Clone + 'static, Q: Queue + Clone + 'static>
         for m in &msgs {
             self.handle(m).await;
         }
+        self.flush_deletes().await;
         let applied = self.drive().await;
         self.keep_waiting_invisible().await;
         Ok(applied)

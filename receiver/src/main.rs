@@ -86,12 +86,11 @@ struct Settings {
     /// List the bucket this often for manifests whose events were lost, or "off" [default: 5m].
     #[arg(long)]
     reconcile_every: Option<String>,
-    /// Fetch data objects as their events arrive, before the manifest. Off by default:
-    /// against the local emulator it measured slower (it competes with the sender's
-    /// uploads); not yet measured against real S3.
-    #[arg(long)]
-    #[serde(default)]
-    prefetch: bool,
+    /// Fetch, decode and hash data objects as their events arrive, so that applying a
+    /// generation once its manifest arrives is a local copy; `--prefetch=false` fetches
+    /// everything at apply time instead [default: true].
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    prefetch: Option<bool>,
 }
 
 impl Settings {
@@ -120,9 +119,9 @@ impl Settings {
             concurrency,
             wait_seconds,
             visibility_timeout,
-            reconcile_every
+            reconcile_every,
+            prefetch
         );
-        self.prefetch |= f.prefetch;
         Ok(self)
     }
 
@@ -156,7 +155,7 @@ impl Settings {
             wait: Duration::from_secs(self.wait_seconds.unwrap_or(20).min(20)),
             visibility_secs: self.visibility_timeout.unwrap_or(300).clamp(10, 43_200),
             reconcile_every,
-            prefetch: self.prefetch,
+            prefetch: self.prefetch.unwrap_or(true),
         })
     }
 

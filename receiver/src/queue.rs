@@ -28,6 +28,12 @@ pub trait Queue: Send + Sync {
         wait: Duration,
     ) -> impl Future<Output = Result<Vec<Message>, QueueError>> + Send;
     fn delete(&self, receipt: &str) -> impl Future<Output = Result<(), QueueError>> + Send;
+    /// Deletes up to 10 messages in one request; returns why each one it could not
+    /// delete was refused.
+    fn delete_batch(
+        &self,
+        receipts: &[String],
+    ) -> impl Future<Output = Result<Vec<String>, QueueError>> + Send;
     /// Keeps a message invisible for `secs` more seconds (a long apply, a waiting manifest).
     fn extend(
         &self,
@@ -95,6 +101,34 @@ impl Queue for SqsQueue {
             .await
             .map(|_| ())
             .map_err(|e| self.err("delete", e))
+    }
+
+    async fn delete_batch(&self, receipts: &[String]) -> Result<Vec<String>, QueueError> {
+        // Entry ids only need to be unique within the request: the index.
+        let entries = receipts
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                aws_sdk_sqs::types::DeleteMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(r)
+                    .build()
+                    .map_err(|e| self.err("delete batch", e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let out = self
+            .client
+            .delete_message_batch()
+            .queue_url(&self.url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .map_err(|e| self.err("delete batch", e))?;
+        Ok(out
+            .failed()
+            .iter()
+            .map(|f| format!("{}: {}", f.code(), f.message().unwrap_or_default()))
+            .collect())
     }
 
     async fn extend(&self, receipt: &str, secs: i32) -> Result<(), QueueError> {
