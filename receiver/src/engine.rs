@@ -490,18 +490,7 @@ impl<S: ObjectSource + ObjectSink + Clone + 'static, Q: Queue + Clone + 'static>
     /// deleting, not applying, the receiver's pace for data-object events.
     async fn flush_deletes(&mut self) {
         let receipts = std::mem::take(&mut self.to_delete);
-        for batch in receipts.chunks(10) {
-            match self.queue.delete_batch(batch).await {
-                Ok(failed) => {
-                    for why in failed {
-                        tracing::warn!("cannot delete a message ({why}); it will come back and be handled again");
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!("{e}; the messages will come back and be handled again")
-                }
-            }
-        }
+        delete_messages(&self.queue, &receipts).await;
     }
 
     /// Lists the bucket and learns every manifest newer than what is applied.
@@ -752,11 +741,9 @@ async fn drive_disk<S: ObjectSource + ObjectSink, Q: Queue + Clone + 'static>(
                 d.pending = keep_pending;
                 let keep_msgs = d.messages.split_off(&(g + 1));
                 let done = std::mem::replace(&mut d.messages, keep_msgs);
-                for w in done.into_values().flatten() {
-                    if let Err(e) = queue.delete(&w.receipt).await {
-                        tracing::warn!("{e}");
-                    }
-                }
+                let receipts: Vec<String> =
+                    done.into_values().flatten().map(|w| w.receipt).collect();
+                delete_messages(queue, &receipts).await;
             }
             Err(e) => {
                 tracing::error!(disk = %id, generation = g, transient = e.is_transient(), "apply failed, state unchanged: {e}");
@@ -908,11 +895,25 @@ async fn run_exports<S: ObjectSource + ObjectSink, Q: Queue + Clone + 'static>(
             continue;
         }
         if let Some(p) = d.exports.remove(&name) {
-            for w in p.messages {
-                if let Err(e) = queue.delete(&w.receipt).await {
-                    tracing::warn!("{e}");
+            let receipts: Vec<String> = p.messages.into_iter().map(|w| w.receipt).collect();
+            delete_messages(queue, &receipts).await;
+        }
+    }
+}
+
+/// Deletes handled messages, ten per request. One that cannot be deleted comes back and
+/// is handled again (every handling is idempotent).
+async fn delete_messages<Q: Queue>(queue: &Q, receipts: &[String]) {
+    for batch in receipts.chunks(10) {
+        match queue.delete_batch(batch).await {
+            Ok(failed) => {
+                for why in failed {
+                    tracing::warn!(
+                        "cannot delete a message ({why}); it will come back and be handled again"
+                    );
                 }
             }
+            Err(e) => tracing::warn!("{e}; the messages will come back and be handled again"),
         }
     }
 }

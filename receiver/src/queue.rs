@@ -27,7 +27,6 @@ pub trait Queue: Send + Sync {
         max: i32,
         wait: Duration,
     ) -> impl Future<Output = Result<Vec<Message>, QueueError>> + Send;
-    fn delete(&self, receipt: &str) -> impl Future<Output = Result<(), QueueError>> + Send;
     /// Deletes up to 10 messages in one request; returns why each one it could not
     /// delete was refused.
     fn delete_batch(
@@ -90,17 +89,6 @@ impl Queue for SqsQueue {
                     .unwrap_or(1),
             })
             .collect())
-    }
-
-    async fn delete(&self, receipt: &str) -> Result<(), QueueError> {
-        self.client
-            .delete_message()
-            .queue_url(&self.url)
-            .receipt_handle(receipt)
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| self.err("delete", e))
     }
 
     async fn delete_batch(&self, receipts: &[String]) -> Result<Vec<String>, QueueError> {
