@@ -1,11 +1,13 @@
 //! Applying one generation to an image.
 //!
-//! 1. Verify: fetch every data object (bounded concurrency), check stored length, decode,
-//!    check decoded length and SHA-256; stage the stored bytes in a local file. Nothing
+//! 1. Verify: every data object without a verified prefetched copy (see
+//!    [`store_prefetched`]) is fetched (bounded concurrency): check stored length, decode,
+//!    check decoded length and SHA-256; stage the decoded bytes in a local file. Nothing
 //!    touches the image until every object has passed.
 //! 2. Reserve: size the image and allocate the object ranges, so a full disk fails here,
 //!    before any byte of the image changes.
-//! 3. Write: pwrite each object at its offset, punch zero ranges (for a base, everything
+//! 3. Write: copy each object from its prefetched copy or the staging file to its offset
+//!    (copy_file_range), punch zero ranges (for a base, everything
 //!    the generation does not write), fsync.
 //!
 //! The caller persists "applied N" only after this returns. A crash anywhere leaves the
@@ -157,28 +159,31 @@ async fn apply_inner<S: ObjectSource, I: Image + 'static>(
 ) -> Result<ApplyReport, ApplyError> {
     let started = Instant::now();
     let conc = opts.concurrency.max(1);
-    // An object with a verified prefetched copy is neither fetched nor staged: the
-    // write step copies straight from that copy.
-    let local: Vec<Option<PathBuf>> = m
+    // Where each object's bytes come from in the write step: a verified prefetched copy
+    // (neither fetched nor staged), else its place in the staging file (staged decoded,
+    // so the write step is a kernel copy with nothing left to decode).
+    let mut pos = 0u64;
+    let sources: Vec<Source> = m
         .objects
         .iter()
         .map(|o| {
-            opts.prefetch_dir
+            match opts
+                .prefetch_dir
                 .as_deref()
                 .and_then(|d| verified_prefetched(d, o))
+            {
+                Some(path) => Source::Prefetched(path),
+                None => {
+                    pos += o.length;
+                    Source::Staged(pos - o.length)
+                }
+            }
         })
         .collect();
-    let prefetched = local.iter().filter(|l| l.is_some()).count();
-    // Where each other object's decoded bytes go in the staging file: staged decoded,
-    // the write step is a kernel copy (copy_file_range) with nothing left to decode.
-    let mut positions = Vec::with_capacity(m.objects.len());
-    let mut pos = 0u64;
-    for (o, l) in m.objects.iter().zip(&local) {
-        positions.push(pos);
-        if l.is_none() {
-            pos += o.length;
-        }
-    }
+    let prefetched = sources
+        .iter()
+        .filter(|s| matches!(s, Source::Prefetched(_)))
+        .count();
     // Allocate the staging file whole: writes into allocated blocks are much faster than
     // into holes, and a full disk fails here, before the image is touched.
     if pos > 0 {
@@ -208,13 +213,10 @@ async fn apply_inner<S: ObjectSource, I: Image + 'static>(
     };
 
     // 1. Verify and stage what has no verified prefetched copy.
-    let to_fetch = m
-        .objects
-        .iter()
-        .zip(positions.iter().copied())
-        .zip(&local)
-        .filter(|(_, l)| l.is_none())
-        .map(|(p, _)| p);
+    let to_fetch = m.objects.iter().zip(&sources).filter_map(|(o, s)| match s {
+        Source::Staged(at) => Some((o, *at)),
+        Source::Prefetched(_) => None,
+    });
     let fetched: u64 = futures::stream::iter(to_fetch)
         .map(|(o, at)| {
             let key = key_of(o);
@@ -272,14 +274,14 @@ async fn apply_inner<S: ObjectSource, I: Image + 'static>(
         let name = opts.image_name.clone();
         tokio::task::spawn_blocking(move || {
             let mut written = 0;
-            for ((o, at), local) in objects.iter().zip(positions).zip(local) {
-                let copied = match local {
+            for (o, source) in objects.iter().zip(sources) {
+                let copied = match source {
                     // Verified when prefetched; a copy gone since fails the apply (it is
                     // retried, and then fetches the object).
-                    Some(path) => {
+                    Source::Prefetched(path) => {
                         File::open(&path).and_then(|f| image.copy_from(&f, 0, o.offset, o.length))
                     }
-                    None => image.copy_from(&staging, at, o.offset, o.length),
+                    Source::Staged(at) => image.copy_from(&staging, at, o.offset, o.length),
                 };
                 copied.map_err(|source| ApplyError::Image {
                     image: name.clone(),
@@ -321,6 +323,14 @@ async fn apply_inner<S: ObjectSource, I: Image + 'static>(
         write_seconds: write_started.elapsed().as_secs_f64(),
         seconds: 0.0,
     })
+}
+
+/// Where the write step takes an object's decoded bytes from.
+enum Source {
+    /// A verified prefetched copy, whole.
+    Prefetched(PathBuf),
+    /// The staging file, at this position.
+    Staged(u64),
 }
 
 /// A prefetched copy of an object, named by the offset and the SHA-256 of what it holds
