@@ -75,6 +75,8 @@ impl LocalStack {
     }
 
     async fn start_server() -> (Child, String) {
+        // The launcher runs the venv's moto server without its per-request access log.
+        let launcher = crate::repo_root().join("scripts/moto-server");
         let moto = crate::repo_root().join(".venv/tools/bin/moto_server");
         assert!(
             moto.exists(),
@@ -84,7 +86,7 @@ impl LocalStack {
         // A free port can be taken between our check and moto's bind: try a few.
         for attempt in 0..5 {
             let port = free_port();
-            let mut child = Command::new(&moto)
+            let mut child = Command::new(&launcher)
                 .args(["-H", "127.0.0.1", "-p", &port.to_string()])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
