@@ -3,7 +3,7 @@
 now() { date +%s.%N; }
 elapsed() { echo "$(now) - $1" | bc -l; }
 mib() { echo "scale=1; $1 / 1048576" | bc -l; }
-ratio() { echo "scale=2; $1 / $2" | bc -l; }
+ratio() { printf "%.2f" "$(echo "scale=4; $1 / $2" | bc -l)"; }
 min() { echo "if ($1 < $2) $1 else $2" | bc -l; }
 
 # moto keeps objects in memory and slows as it fills: every timed step gets a fresh
