@@ -24,6 +24,7 @@ use crate::queue::{Message, Queue};
 use crate::state::{self, DiskPaths, DiskState};
 use crate::store::{ObjectSink, ObjectSource};
 use chrono::Utc;
+use pilotlight_protocol::keys::{EXPORT_REQUEST_FILE, EXPORT_RESULT_FILE, MANIFEST_FILE};
 use pilotlight_protocol::{
     parse_notification, DiskId, ExportRequest, ExportResult, ExportStatus, Manifest, Name,
     ObjectKey, Prefix, S3Notification, EXPORT_VERSION, MAX_EXPORT_DOC_BYTES, MAX_MANIFEST_BYTES,
@@ -496,7 +497,11 @@ impl<S: ObjectSource + ObjectSink + Clone + 'static, Q: Queue + Clone + 'static>
     /// Lists the bucket and learns every manifest newer than what is applied.
     pub async fn reconcile(&mut self) {
         self.last_reconcile = Some(Instant::now());
-        let keys = match self.src.list(&self.cfg.prefix.key_start()).await {
+        let keys = match self
+            .src
+            .list(&self.cfg.prefix.key_start(), is_control_key)
+            .await
+        {
             Ok(k) => k,
             Err(e) => {
                 tracing::warn!("reconcile: {e}");
@@ -505,10 +510,10 @@ impl<S: ObjectSource + ObjectSink + Clone + 'static, Q: Queue + Clone + 'static>
         };
         let answered: std::collections::BTreeSet<&str> = keys
             .iter()
-            .filter_map(|k| k.strip_suffix(pilotlight_protocol::keys::EXPORT_RESULT_FILE))
+            .filter_map(|k| k.strip_suffix(EXPORT_RESULT_FILE))
             .collect();
-        for k in keys.iter().filter(|k| k.ends_with("/request.json")) {
-            let dir = k.trim_end_matches(pilotlight_protocol::keys::EXPORT_REQUEST_FILE);
+        for k in keys.iter().filter(|k| k.ends_with(EXPORT_REQUEST_FILE)) {
+            let dir = k.trim_end_matches(EXPORT_REQUEST_FILE);
             if answered.contains(dir) {
                 continue;
             }
@@ -517,7 +522,7 @@ impl<S: ObjectSource + ObjectSink + Clone + 'static, Q: Queue + Clone + 'static>
                 self.learn_export(&disk, &id, None).await;
             }
         }
-        for k in keys.iter().filter(|k| k.ends_with("/manifest.json")) {
+        for k in keys.iter().filter(|k| k.ends_with(MANIFEST_FILE)) {
             match ObjectKey::parse(&self.cfg.prefix, k) {
                 Ok(ObjectKey::Manifest { disk, generation }) => {
                     if let Err(e) = self.learn(&disk, generation).await {
@@ -918,6 +923,14 @@ async fn delete_messages<Q: Queue>(queue: &Q, receipts: &[String]) {
     }
 }
 
+/// The keys reconcile reads: manifests and export requests and results, never the data
+/// objects, which are most of a bucket (parsing each key checks it properly).
+fn is_control_key(key: &str) -> bool {
+    [MANIFEST_FILE, EXPORT_REQUEST_FILE, EXPORT_RESULT_FILE]
+        .iter()
+        .any(|f| key.strip_suffix(f).is_some_and(|k| k.ends_with('/')))
+}
+
 /// Where prefetched objects of one generation wait for their manifest.
 fn prefetch_dir(paths: &DiskPaths, generation: u64) -> PathBuf {
     paths
@@ -971,6 +984,23 @@ mod tests {
         serde_json::json!({"Records": [{"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
             "eventTime": "2026-11-23T11:31:26.746", "s3": {"bucket": {"name": bucket}, "object": {"key": key, "size": 1}}}]})
         .to_string()
+    }
+
+    #[test]
+    fn reconcile_keeps_only_control_keys() {
+        let g = "dr/s/v/d/g/00000000000000000002/";
+        assert!(is_control_key(&format!("{g}manifest.json")));
+        assert!(is_control_key("dr/s/v/d/x/run1/request.json"));
+        assert!(is_control_key("dr/s/v/d/x/run1/result.json"));
+        assert!(!is_control_key(&format!("{g}d/00000000000000000512")));
+        assert!(!is_control_key("dr/s/v/d/x/run1/image.raw"));
+        assert!(!is_control_key(&format!("{g}xmanifest.json")));
+        // The reconcile path end to end on the in-memory store: data objects are not listed.
+        let src = crate::store::MemorySource::default();
+        src.put(&format!("{g}manifest.json"), b"{}".to_vec());
+        src.put(&format!("{g}d/00000000000000000512"), vec![1; 512]);
+        let keys = futures::executor::block_on(src.list("dr/", is_control_key)).unwrap();
+        assert_eq!(keys, vec![format!("{g}manifest.json")]);
     }
 
     #[test]

@@ -31,8 +31,13 @@ pub trait ObjectSource: Send + Sync {
         key: &str,
         max_len: u64,
     ) -> impl Future<Output = Result<Bytes, FetchError>> + Send;
-    /// Every key under `prefix`, in order.
-    fn list(&self, prefix: &str) -> impl Future<Output = Result<Vec<String>, FetchError>> + Send;
+    /// The keys under `prefix` that `keep` accepts, in order. Filtering page by page keeps
+    /// memory to what is kept (manifests, say), not every data object in the bucket.
+    fn list(
+        &self,
+        prefix: &str,
+        keep: fn(&str) -> bool,
+    ) -> impl Future<Output = Result<Vec<String>, FetchError>> + Send;
     fn bucket(&self) -> &str;
 }
 
@@ -105,7 +110,7 @@ impl ObjectSource for S3Source {
         Ok(buf.freeze())
     }
 
-    async fn list(&self, prefix: &str) -> Result<Vec<String>, FetchError> {
+    async fn list(&self, prefix: &str, keep: fn(&str) -> bool) -> Result<Vec<String>, FetchError> {
         let mut out = Vec::new();
         let mut pages = self
             .client
@@ -123,7 +128,9 @@ impl ObjectSource for S3Source {
             out.extend(
                 page.contents()
                     .iter()
-                    .filter_map(|o| o.key().map(String::from)),
+                    .filter_map(|o| o.key())
+                    .filter(|k| keep(k))
+                    .map(String::from),
             );
         }
         Ok(out)
@@ -170,11 +177,11 @@ impl ObjectSource for MemorySource {
         Ok(b)
     }
 
-    async fn list(&self, prefix: &str) -> Result<Vec<String>, FetchError> {
+    async fn list(&self, prefix: &str, keep: fn(&str) -> bool) -> Result<Vec<String>, FetchError> {
         let objects = self.objects.lock().unwrap_or_else(|p| p.into_inner());
         Ok(objects
             .keys()
-            .filter(|k| k.starts_with(prefix))
+            .filter(|k| k.starts_with(prefix) && keep(k))
             .cloned()
             .collect())
     }

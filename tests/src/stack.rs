@@ -177,7 +177,7 @@ impl LocalStack {
             client: self.s3.clone(),
             bucket: self.bucket.clone(),
         };
-        src.list(prefix).await.expect("list objects")
+        src.list(prefix, |_| true).await.expect("list objects")
     }
 
     /// The manifest keys under `prefix`.
