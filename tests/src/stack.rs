@@ -172,21 +172,22 @@ impl LocalStack {
 
     /// Every key under `prefix`.
     pub async fn keys(&self, prefix: &str) -> Vec<String> {
+        self.list(prefix, |_| true).await
+    }
+
+    /// The manifest keys under `prefix`.
+    pub async fn manifests(&self, prefix: &str) -> Vec<String> {
+        self.list(prefix, |k| k.ends_with("/manifest.json")).await
+    }
+
+    /// The keys under `prefix` that `keep` accepts, through the receiver's S3 listing.
+    async fn list(&self, prefix: &str, keep: fn(&str) -> bool) -> Vec<String> {
         use pilotlight_receiver::store::{ObjectSource, S3Source};
         let src = S3Source {
             client: self.s3.clone(),
             bucket: self.bucket.clone(),
         };
-        src.list(prefix, |_| true).await.expect("list objects")
-    }
-
-    /// The manifest keys under `prefix`.
-    pub async fn manifests(&self, prefix: &str) -> Vec<String> {
-        self.keys(prefix)
-            .await
-            .into_iter()
-            .filter(|k| k.ends_with("/manifest.json"))
-            .collect()
+        src.list(prefix, keep).await.expect("list objects")
     }
 
     pub async fn get(&self, key: &str) -> Vec<u8> {
