@@ -15,9 +15,9 @@
 //! by concurrency x 2 x max_object, whatever the disk or generation size.
 
 use crate::image::Image;
-use crate::store::{FetchError, ObjectSource};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
+use pilotlight_cloud::{CloudError, ObjectStore};
 use pilotlight_protocol::{DataObject, Encoding, Extent, Manifest, ObjectKey, Prefix};
 use sha2::{Digest, Sha256};
 use std::fs::File;
@@ -29,7 +29,7 @@ use std::time::Instant;
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     #[error(transparent)]
-    Fetch(#[from] FetchError),
+    Fetch(#[from] CloudError),
     #[error("object {key}: stored length is {got} bytes, the manifest says {expected}")]
     StoredLength {
         key: String,
@@ -74,13 +74,11 @@ impl ApplyError {
     /// disk space). A missing object is not: the sender writes the manifest only after
     /// all its objects, so one gone missing will not come back by itself.
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            ApplyError::Fetch(FetchError::Other { .. })
-                | ApplyError::Image { .. }
-                | ApplyError::Staging { .. }
-                | ApplyError::Task(_)
-        )
+        match self {
+            ApplyError::Fetch(e) => e.is_transient(),
+            ApplyError::Image { .. } | ApplyError::Staging { .. } | ApplyError::Task(_) => true,
+            _ => false,
+        }
     }
 }
 
@@ -116,7 +114,7 @@ pub struct ApplyOptions {
 
 /// Applies `m` to `image`. The manifest must already be validated (it is, when it comes
 /// from `Manifest::from_json`) and its parent must be what the image holds.
-pub async fn apply<S: ObjectSource, I: Image + 'static>(
+pub async fn apply<S: ObjectStore, I: Image + 'static>(
     src: &S,
     prefix: &Prefix,
     m: &Manifest,
@@ -148,7 +146,7 @@ pub async fn apply<S: ObjectSource, I: Image + 'static>(
     Ok(report)
 }
 
-async fn apply_inner<S: ObjectSource, I: Image + 'static>(
+async fn apply_inner<S: ObjectStore, I: Image + 'static>(
     src: &S,
     prefix: &Prefix,
     m: &Manifest,
@@ -437,8 +435,8 @@ fn gaps(size: u64, objects: &[DataObject]) -> Vec<Extent> {
 mod tests {
     use super::*;
     use crate::image::FileImage;
-    use crate::store::MemorySource;
     use chrono::DateTime;
+    use pilotlight_cloud::MemoryStore;
     use pilotlight_protocol::{Consistency, DiskId, Sha256Hex, FORMAT_VERSION};
     use proptest::prelude::*;
 
@@ -483,7 +481,7 @@ mod tests {
 
     /// Builds generation `g`, uploads its objects into `src`, and applies it to `model`.
     fn build(
-        src: &MemorySource,
+        src: &MemoryStore,
         g: u64,
         spec: &Gen,
         parent: Option<u64>,
@@ -536,7 +534,7 @@ mod tests {
                     stored_length: stored.len() as u64,
                     sha256: sha,
                 });
-                src.put(
+                src.insert(
                     &ObjectKey::Data {
                         disk: disk(),
                         generation: g,
@@ -608,7 +606,7 @@ mod tests {
             let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
             let dir = tempfile::tempdir().unwrap();
             let image = Arc::new(FileImage::open(&dir.path().join("img.raw")).unwrap());
-            let src = MemorySource::default();
+            let src = MemoryStore::default();
             let mut model = Vec::new();
             let mut applied = None;
             for (i, spec) in gens.iter().enumerate() {
@@ -623,7 +621,7 @@ mod tests {
                 o.prefetch_dir = Some(pf.clone());
                 for (j, obj) in m.objects.iter().enumerate() {
                     let key = ObjectKey::Data { disk: m.disk.clone(), generation: g, offset: obj.offset }.to_key(&prefix());
-                    let mut stored = src.objects.lock().unwrap()[&key].to_vec();
+                    let mut stored = src.object(&key).unwrap().to_vec();
                     match (g + j as u64) % 3 {
                         0 => {}
                         1 => { store_prefetched(&pf, obj.offset, &stored).unwrap(); }
@@ -647,13 +645,13 @@ mod tests {
     /// A base and one increment in memory, plus the image after the base.
     async fn setup() -> (
         tempfile::TempDir,
-        MemorySource,
+        pilotlight_cloud::MemoryStore,
         Arc<FileImage>,
         Manifest,
         Vec<u8>,
     ) {
         let dir = tempfile::tempdir().unwrap();
-        let src = MemorySource::default();
+        let src = MemoryStore::default();
         let image = Arc::new(FileImage::open(&dir.path().join("img.raw")).unwrap());
         let mut model = Vec::new();
         let base = Gen {
@@ -705,7 +703,7 @@ mod tests {
 
     async fn expect_rejected(
         dir: &tempfile::TempDir,
-        src: &MemorySource,
+        src: &MemoryStore,
         image: Arc<FileImage>,
         m: &Manifest,
         before: &[u8],
@@ -743,9 +741,9 @@ mod tests {
         let (dir, src, image, m, before) = setup().await;
         // The second object is raw: flip a byte.
         let k = key(&m, 1);
-        let mut b = src.objects.lock().unwrap()[&k].to_vec();
+        let mut b = src.object(&k).unwrap().to_vec();
         b[100] ^= 1;
-        src.put(&k, b);
+        src.insert(&k, b);
         expect_rejected(&dir, &src, image, &m, &before, "SHA-256").await;
     }
 
@@ -753,15 +751,15 @@ mod tests {
     async fn short_and_long_objects_are_rejected() {
         let (dir, src, image, m, before) = setup().await;
         let k = key(&m, 1);
-        let good = src.objects.lock().unwrap()[&k].clone();
-        src.put(&k, good.slice(..good.len() - 512));
+        let good = src.object(&k).unwrap();
+        src.insert(&k, good.slice(..good.len() - 512));
         expect_rejected(&dir, &src, image.clone(), &m, &before, "stored length").await;
         let mut long = good.to_vec();
         long.extend_from_slice(&[0u8; 512]);
-        src.put(&k, long);
+        src.insert(&k, long);
         expect_rejected(&dir, &src, image.clone(), &m, &before, "more than").await;
-        src.put(&k, good);
-        src.objects.lock().unwrap().remove(&key(&m, 0));
+        src.insert(&k, good);
+        src.remove(&key(&m, 0));
         expect_rejected(&dir, &src, image, &m, &before, "does not exist").await;
     }
 
@@ -822,11 +820,11 @@ mod tests {
 mod prefetch_tests {
     use super::*;
     use crate::image::FileImage;
-    use crate::store::MemorySource;
     use chrono::DateTime;
+    use pilotlight_cloud::MemoryStore;
     use pilotlight_protocol::{Consistency, DiskId, Sha256Hex, FORMAT_VERSION};
 
-    fn setup(dir: &Path) -> (MemorySource, Manifest, String, Vec<u8>) {
+    fn setup(dir: &Path) -> (MemoryStore, Manifest, String, Vec<u8>) {
         let data = vec![7u8; 4096];
         let m = Manifest {
             format_version: FORMAT_VERSION,
@@ -855,8 +853,8 @@ mod prefetch_tests {
             offset: 8192,
         }
         .to_key(&Prefix::new("p").unwrap());
-        let src = MemorySource::default();
-        src.put(&key, data.clone());
+        let src = MemoryStore::default();
+        src.insert(&key, data.clone());
         std::fs::create_dir_all(dir.join("prefetch")).unwrap();
         (src, m, key, data)
     }
@@ -880,7 +878,7 @@ mod prefetch_tests {
 
         // A good copy is used, neither fetched nor staged: the object can be gone.
         store_prefetched(&pf, 8192, &data).unwrap();
-        src.objects.lock().unwrap().remove(&key);
+        src.remove(&key);
         let r = apply(&src, &prefix, &m, image.clone(), &opts(dir.path()))
             .await
             .unwrap();
@@ -897,14 +895,14 @@ mod prefetch_tests {
         // object is fetched.
         std::fs::remove_dir_all(&pf).unwrap();
         store_prefetched(&pf, 8192, &[9u8; 4096]).unwrap();
-        src.put(&key, data.clone());
+        src.insert(&key, data.clone());
         let r = apply(&src, &prefix, &m, image.clone(), &opts(dir.path()))
             .await
             .unwrap();
         assert_eq!((r.objects_prefetched, r.bytes_fetched), (0, 4096));
 
         // Then the bucket's copy is verified as ever: corrupt, the apply fails.
-        src.put(&key, vec![9u8; 4096]);
+        src.insert(&key, vec![9u8; 4096]);
         let err = apply(&src, &prefix, &m, image, &opts(dir.path()))
             .await
             .unwrap_err();

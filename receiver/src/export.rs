@@ -4,9 +4,9 @@
 //! The caller (the engine) guarantees the image sits at a generation boundary: exports
 //! run on the disk's own task, between applies, never during one.
 
-use crate::store::{ObjectSink, PutError};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
+use pilotlight_cloud::{CloudError, ObjectStore, PutOptions};
 use pilotlight_protocol::Sha256Hex;
 use sha2::{Digest, Sha256};
 use std::fs::File;
@@ -28,7 +28,7 @@ pub enum ExportError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Put(#[from] PutError),
+    Put(#[from] CloudError),
     #[error("export task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -67,7 +67,7 @@ pub fn part_size_for(size: u64, wanted: u64) -> u64 {
 }
 
 /// Uploads the image at `path` to `key`.
-pub async fn export_image<K: ObjectSink>(
+pub async fn export_image<K: ObjectStore>(
     sink: &K,
     path: &Path,
     key: &str,
@@ -100,7 +100,7 @@ pub async fn export_image<K: ObjectSink>(
     if count == 1 {
         let body = read_part(0).await?;
         hasher.update(&body);
-        sink.put(key, body).await?;
+        sink.put(key, body, PutOptions::default()).await?;
     } else {
         let upload_id = sink.create_multipart(key).await?;
         let uploaded: Result<Vec<(i32, String)>, ExportError> = {
@@ -151,7 +151,7 @@ pub async fn export_image<K: ObjectSink>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{MemorySource, ObjectSource};
+    use pilotlight_cloud::{MemoryStore, ObjectStore};
 
     #[test]
     fn part_sizes_respect_s3_limits() {
@@ -168,7 +168,7 @@ mod tests {
     #[tokio::test]
     async fn exports_small_and_multipart_images_byte_for_byte() {
         let dir = tempfile::tempdir().unwrap();
-        let store = MemorySource::default();
+        let store = MemoryStore::default();
         for (name, size) in [("small", 3u64 << 20), ("big", (23 << 20) + 4096)] {
             let path = dir.path().join(name);
             let data: Vec<u8> = (0..size).map(|i| (i * 7 % 253) as u8).collect();
@@ -188,7 +188,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_missing_image_is_a_clear_error() {
-        let store = MemorySource::default();
+        let store = MemoryStore::default();
         let e = export_image(
             &store,
             Path::new("/nonexistent/x.raw"),

@@ -1,15 +1,16 @@
 //! `pilotlight-receiver`: keep sparse raw images up to date from S3 events.
 
 use anyhow::{bail, Context, Result};
-use aws_config::retry::RetryConfig;
-use aws_config::BehaviorVersion;
 use clap::{Args, Parser, Subcommand};
+use pilotlight_cloud::s3::SdkS3;
+use pilotlight_cloud::sqs::SqsQueue;
+use pilotlight_cloud::AwsSettings;
+use pilotlight_cloud::MemoryQueue;
 use pilotlight_protocol::Prefix;
-use pilotlight_receiver::engine::{Engine, EngineConfig};
-use pilotlight_receiver::queue::SqsQueue;
-use pilotlight_receiver::store::S3Source;
+use pilotlight_receiver::engine::{local_status, Engine, EngineConfig};
 use serde::Deserialize;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Parser, Debug)]
@@ -68,6 +69,10 @@ struct Settings {
     /// AWS region [default: the AWS default chain, else us-east-1].
     #[arg(long, env = "AWS_REGION")]
     region: Option<String>,
+    /// Attempts per S3 or SQS request, the first included (standard retry with
+    /// exponential back-off); after them a manifest is held and read again later [default: 6].
+    #[arg(long)]
+    max_attempts: Option<u32>,
     /// Where images live: IMAGE_DIR/site/vm/disk.raw [default: /var/lib/pilotlight/images].
     #[arg(long, env = "PILOTLIGHT_IMAGE_DIR")]
     image_dir: Option<PathBuf>,
@@ -114,6 +119,7 @@ impl Settings {
             prefix,
             endpoint_url,
             region,
+            max_attempts,
             image_dir,
             state_dir,
             concurrency,
@@ -143,61 +149,49 @@ impl Settings {
                 .clone()
                 .context("--bucket is required (or PILOTLIGHT_BUCKET)")?,
             prefix: Prefix::new(prefix_s).with_context(|| format!("--prefix {prefix_s:?}"))?,
-            image_dir: self
-                .image_dir
-                .clone()
-                .unwrap_or_else(|| "/var/lib/pilotlight/images".into()),
-            state_dir: self
-                .state_dir
-                .clone()
-                .unwrap_or_else(|| "/var/lib/pilotlight/receiver".into()),
+            image_dir: self.image_dir(),
+            state_dir: self.state_dir(),
             concurrency,
             wait: Duration::from_secs(self.wait_seconds.unwrap_or(20).min(20)),
             visibility_secs: self.visibility_timeout.unwrap_or(300).clamp(10, 43_200),
             reconcile_every,
             prefetch: self.prefetch.unwrap_or(true),
+            retry_base: Duration::from_secs(1),
         })
     }
 
-    async fn engine(&self, cfg: EngineConfig, queue_url: String) -> Engine<S3Source, SqsQueue> {
-        let (src, sqs) = self.clients().await;
-        Engine::new(
-            cfg,
-            src,
-            SqsQueue {
-                client: sqs,
-                url: queue_url,
-            },
-        )
+    async fn aws(&self) -> pilotlight_cloud::Aws {
+        // Credentials come only from the AWS default chain (instance profile on EC2).
+        AwsSettings::new(self.region.clone(), self.endpoint_url.clone())
+            .max_attempts(self.max_attempts.unwrap_or(6))
+            .load()
+            .await
     }
 
-    async fn clients(&self) -> (S3Source, aws_sdk_sqs::Client) {
-        // Credentials come only from the AWS default chain (instance profile on EC2).
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .retry_config(RetryConfig::standard().with_max_attempts(6));
-        if let Some(r) = &self.region {
-            loader = loader.region(aws_config::Region::new(r.clone()));
-        }
-        if let Some(ep) = &self.endpoint_url {
-            loader = loader.endpoint_url(ep);
-        }
-        let shared = loader.load().await;
-        let mut s3 = aws_sdk_s3::config::Builder::from(&shared);
-        let mut sqs = aws_sdk_sqs::config::Builder::from(&shared);
-        if shared.region().is_none() {
-            s3 = s3.region(aws_config::Region::new("us-east-1"));
-            sqs = sqs.region(aws_config::Region::new("us-east-1"));
-        }
-        if self.endpoint_url.is_some() {
-            s3 = s3.force_path_style(true);
-        }
-        (
-            S3Source {
-                client: aws_sdk_s3::Client::from_conf(s3.build()),
-                bucket: self.bucket.clone().unwrap_or_default(),
-            },
-            aws_sdk_sqs::Client::from_conf(sqs.build()),
-        )
+    /// The engine of `run`: the bucket and the queue through the SDK.
+    async fn engine(&self, cfg: EngineConfig, queue_url: String) -> Engine<SdkS3, SqsQueue> {
+        let aws = self.aws().await;
+        let bucket = aws.s3(cfg.bucket.clone());
+        Engine::new(cfg, bucket, aws.sqs(queue_url))
+    }
+
+    /// The engine of `sync` and `status`, which list the bucket and read no queue: an
+    /// empty in-memory queue stands in for it, so nothing is ever sent to SQS.
+    async fn listing_engine(&self, cfg: EngineConfig) -> Engine<SdkS3, Arc<MemoryQueue>> {
+        let bucket = self.aws().await.s3(cfg.bucket.clone());
+        Engine::new(cfg, bucket, Arc::new(MemoryQueue::default()))
+    }
+
+    fn image_dir(&self) -> PathBuf {
+        self.image_dir
+            .clone()
+            .unwrap_or_else(|| "/var/lib/pilotlight/images".into())
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| "/var/lib/pilotlight/receiver".into())
     }
 }
 
@@ -231,8 +225,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Sync(s) => {
             let s = s.with_file()?;
             let cfg = s.engine_config()?;
-            // sync reads no queue: it lists the bucket.
-            let mut engine = s.engine(cfg, String::new()).await;
+            let mut engine = s.listing_engine(cfg).await;
             engine.load_known_disks();
             let n = engine.sync_once().await;
             for d in engine.status() {
@@ -258,18 +251,19 @@ async fn run(cli: Cli) -> Result<()> {
             json,
             local,
         } => {
-            let mut s = settings.with_file()?;
-            // Without a bucket, status shows the local state only.
-            let remote = !local && s.bucket.is_some();
-            s.bucket.get_or_insert_with(String::new);
-            let mut cfg = s.engine_config()?;
-            cfg.reconcile_every = None;
-            let mut engine = s.engine(cfg, String::new()).await;
-            engine.load_known_disks();
-            if remote {
+            let s = settings.with_file()?;
+            // Without a bucket (or with --local), status shows the local state only and
+            // makes no AWS call.
+            let st = if !local && s.bucket.is_some() {
+                let mut cfg = s.engine_config()?;
+                cfg.reconcile_every = None;
+                let mut engine = s.listing_engine(cfg).await;
+                engine.load_known_disks();
                 engine.reconcile().await;
-            }
-            let st = engine.status();
+                engine.status()
+            } else {
+                local_status(&s.image_dir(), &s.state_dir())
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
             } else if st.is_empty() {

@@ -8,11 +8,11 @@
 pub mod pipeline;
 pub mod source;
 pub mod state;
-pub mod store;
 pub mod vsphere;
 
 use bytes::Bytes;
 use chrono::{DateTime, SubsecRound, Utc};
+use pilotlight_cloud::{CloudError, ObjectStore, PutOptions};
 use pilotlight_protocol::{
     Consistency, DiskId, Manifest, ManifestError, ObjectKey, Prefix, FORMAT_VERSION,
 };
@@ -24,7 +24,6 @@ use state::{Pending, Phase, StateDir, StateError};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use store::{ObjectStore, StoreError};
 
 /// Everything one run needs, resolved from config file, environment and flags.
 #[derive(Debug, Clone)]
@@ -50,7 +49,7 @@ pub enum SendError {
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(#[from] CloudError),
     #[error(transparent)]
     State(#[from] StateError),
     #[error("the manifest this run built is invalid, which is a bug in pilotlight-sender: {0}")]
@@ -276,7 +275,9 @@ async fn finish_commit<S: ObjectStore>(
     }
     .to_key(&opts.prefix);
     let sha: [u8; 32] = Sha256::digest(&bytes).into();
-    store.put(&key, Bytes::from(bytes), sha).await?;
+    store
+        .put(&key, Bytes::from(bytes), PutOptions::checksum(sha))
+        .await?;
     st.last_committed = Some(pending.generation);
     st.last_change_id = manifest.source_change_id.clone();
     st.last_snapshot_time = Some(manifest.snapshot_time);
@@ -337,7 +338,7 @@ impl Drop for FinishOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::MemoryStore;
+    use pilotlight_cloud::{Fault, MemoryStore};
     use std::os::unix::fs::FileExt;
 
     fn opts(disk: &std::path::Path, state: &std::path::Path) -> SendOptions {
@@ -372,10 +373,8 @@ mod tests {
         let o = opts(&sample_disk(tmp.path()), &tmp.path().join("state"));
 
         // Three 1 MiB objects go up, then the manifest PUT fails.
-        let failing = MemoryStore {
-            fail_after: Some(3),
-            ..Default::default()
-        };
+        let failing = MemoryStore::default();
+        failing.faults.add(Fault::on("PutObject").after(3).always());
         let err = send_generation(&o, &failing, &NoProgress)
             .await
             .unwrap_err();
@@ -391,7 +390,7 @@ mod tests {
         let store = MemoryStore::default();
         let s = send_generation(&o, &store, &NoProgress).await.unwrap();
         assert_eq!(s.generation, 2);
-        let objects = store.objects.lock().unwrap();
+        let objects = store.objects();
         let m1 =
             Manifest::from_json(&objects["p/s/v/d/g/00000000000000000001/manifest.json"]).unwrap();
         assert_eq!(m1.generation, 1);
@@ -406,19 +405,12 @@ mod tests {
     async fn a_failed_upload_leaves_no_manifest_and_the_rerun_reuses_the_generation() {
         let tmp = tempfile::tempdir().unwrap();
         let o = opts(&sample_disk(tmp.path()), &tmp.path().join("state"));
-        let failing = MemoryStore {
-            fail_after: Some(1),
-            ..Default::default()
-        };
+        let failing = MemoryStore::default();
+        failing.faults.add(Fault::on("PutObject").after(1).always());
         send_generation(&o, &failing, &NoProgress)
             .await
             .unwrap_err();
-        assert!(failing
-            .objects
-            .lock()
-            .unwrap()
-            .keys()
-            .all(|k| !k.ends_with("manifest.json")));
+        assert!(failing.keys().iter().all(|k| !k.ends_with("manifest.json")));
         let store = MemoryStore::default();
         let s = send_generation(&o, &store, &NoProgress).await.unwrap();
         assert_eq!((s.generation, s.resumed), (1, true));

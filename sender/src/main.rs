@@ -1,15 +1,13 @@
 //! `pilotlight-sender`: ship one disk's changed extents to S3, once or on a schedule.
 
 use anyhow::{bail, Context, Result};
-use aws_config::retry::RetryConfig;
-use aws_config::timeout::TimeoutConfig;
-use aws_config::BehaviorVersion;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use pilotlight_cloud::s3::LazyS3;
+use pilotlight_cloud::{AwsSettings, MemoryStore};
 use pilotlight_protocol::{
     Consistency, DiskId, Prefix, DEFAULT_MAX_OBJECT, MAX_OBJECT_LIMIT, SPLIT_ALIGN,
 };
 use pilotlight_sender::source::SourceSpec;
-use pilotlight_sender::store::{NullStore, S3Store};
 use pilotlight_sender::{send_generation, BarProgress, NoProgress, ProgressFactory, SendOptions};
 use serde::Deserialize;
 use std::io::IsTerminal;
@@ -439,43 +437,22 @@ fn resolve_with(a: SendArgs, fixed: Option<(DiskId, SourceSpec)>) -> Result<Reso
     })
 }
 
-async fn s3_store(r: &Resolved) -> S3Store {
-    // Credentials come only from the AWS default chain (env, profile, IMDS, ...).
-    let mut loader = aws_config::defaults(BehaviorVersion::latest())
-        .retry_config(RetryConfig::standard().with_max_attempts(r.max_attempts))
-        .timeout_config(
-            TimeoutConfig::builder()
-                .connect_timeout(Duration::from_secs(10))
-                .operation_attempt_timeout(Duration::from_secs(300))
-                .build(),
-        );
-    if let Some(region) = &r.region {
-        loader = loader.region(aws_config::Region::new(region.clone()));
-    }
-    let shared = loader.load().await;
-    let mut conf = aws_sdk_s3::config::Builder::from(&shared);
-    if shared.region().is_none() {
-        conf = conf.region(aws_config::Region::new("us-east-1"));
-    }
-    if let Some(ep) = &r.endpoint_url {
-        // S3-compatible endpoints and the emulator need path-style addressing.
-        conf = conf.endpoint_url(ep).force_path_style(true);
-    }
-    S3Store {
-        client: aws_sdk_s3::Client::from_conf(conf.build()),
-        bucket: r.bucket.clone(),
-        endpoint: r.endpoint_url.clone().unwrap_or_else(|| "AWS S3".into()),
-    }
+/// The bucket through the SDK, configured on its first request (credentials from the AWS
+/// default chain only: environment, profile, instance role).
+fn s3_store(r: &Resolved) -> LazyS3 {
+    let settings =
+        AwsSettings::new(r.region.clone(), r.endpoint_url.clone()).max_attempts(r.max_attempts);
+    LazyS3::new(settings, r.bucket.clone())
 }
 
-async fn send_once(r: &Resolved, store: &S3Store) -> Result<()> {
+async fn send_once(r: &Resolved, store: &LazyS3) -> Result<()> {
     let progress: &dyn ProgressFactory = if r.progress {
         &BarProgress
     } else {
         &NoProgress
     };
     let summary = if r.opts.dry_run {
-        send_generation(&r.opts, &NullStore, progress).await?
+        send_generation(&r.opts, &MemoryStore::discarding(), progress).await?
     } else {
         send_generation(&r.opts, store, progress).await?
     };
@@ -526,7 +503,7 @@ async fn run(cli: Cli) -> Result<()> {
                 full: true,
             };
             let r = resolve_with(v.send.with_file()?, Some((placeholder, source)))?;
-            let store = s3_store(&r).await;
+            let store = s3_store(&r);
             let run = pilotlight_sender::vsphere::VsphereRun {
                 connect: pilotlight_vsphere::ConnectOptions {
                     url: v.server.clone(),
@@ -568,7 +545,13 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             };
             let report = if r.opts.dry_run {
-                pilotlight_sender::vsphere::protect_vm(&run, &NullStore, progress, stop).await?
+                pilotlight_sender::vsphere::protect_vm(
+                    &run,
+                    &MemoryStore::discarding(),
+                    progress,
+                    stop,
+                )
+                .await?
             } else {
                 pilotlight_sender::vsphere::protect_vm(&run, &store, progress, stop).await?
             };
@@ -593,7 +576,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Send(a) => {
             let r = resolve(*a)?;
-            let store = s3_store(&r).await;
+            let store = s3_store(&r);
             let Some(every) = r.every else {
                 return send_once(&r, &store).await;
             };

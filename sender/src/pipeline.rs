@@ -7,10 +7,10 @@
 //! are in flight, so memory stays bounded by concurrency x max_object x 2.
 
 use crate::source::{OpenSource, SourceError};
-use crate::store::{ObjectStore, StoreError};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use pilotlight_cloud::{CloudError, ObjectStore, PutOptions};
 use pilotlight_protocol::extent::{coalesce, split};
 use pilotlight_protocol::{
     DataObject, DiskId, Encoding, Extent, ObjectKey, Prefix, Sha256Hex, SPLIT_ALIGN,
@@ -24,7 +24,7 @@ pub enum PipelineError {
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(#[from] CloudError),
     #[error("compression of {extent} failed: {source}")]
     Compress {
         extent: Extent,
@@ -137,7 +137,9 @@ pub async fn run<S: ObjectStore>(
                     }
                     .to_key(&opts.prefix);
                     stored += e.body.len() as u64;
-                    store.put(&key, e.body, e.body_sha256).await?;
+                    store
+                        .put(&key, e.body, PutOptions::checksum(e.body_sha256))
+                        .await?;
                     tracing::debug!(
                         key,
                         length = e.object.length,

@@ -10,8 +10,8 @@
 //! removed on every exit path: success, error, and a stop signal.
 
 use crate::source::SourceSpec;
-use crate::store::ObjectStore;
 use crate::{send_generation, ProgressFactory, SendError, SendOptions, Summary};
+use pilotlight_cloud::ObjectStore;
 use pilotlight_protocol::{Consistency, DiskId, Extent};
 use pilotlight_vsphere::{ConnectOptions, Disk, MoRef, Session, VsError};
 use serde::{Deserialize, Serialize};

@@ -2,7 +2,6 @@
 //! pilotlight bucket, queue, dead-letter queue and bucket notification. Each test starts
 //! its own and it stops when dropped.
 
-use aws_config::BehaviorVersion;
 use aws_sdk_s3::types::{
     Event, FilterRule, FilterRuleName, NotificationConfiguration, NotificationConfigurationFilter,
     QueueConfiguration, S3KeyFilter,
@@ -160,14 +159,12 @@ impl LocalStack {
 
     /// An EC2 client on the emulator.
     pub async fn ec2(&self) -> aws_sdk_ec2::Client {
-        let creds = aws_sdk_s3::config::Credentials::new("testing", "testing", None, None, "test");
-        let shared = aws_config::defaults(BehaviorVersion::latest())
-            .region(aws_config::Region::new("us-east-1"))
-            .credentials_provider(creds)
-            .endpoint_url(&self.endpoint)
-            .load()
-            .await;
-        aws_sdk_ec2::Client::new(&shared)
+        emulator(&self.endpoint).await.ec2_client()
+    }
+
+    /// The bucket through pilotlight's S3 access layer.
+    pub fn bucket(&self) -> pilotlight_cloud::s3::SdkS3 {
+        pilotlight_cloud::s3::SdkS3::new(self.s3.clone(), self.bucket.clone())
     }
 
     /// Every key under `prefix`.
@@ -182,12 +179,11 @@ impl LocalStack {
 
     /// The keys under `prefix` that `keep` accepts, through the receiver's S3 listing.
     async fn list(&self, prefix: &str, keep: fn(&str) -> bool) -> Vec<String> {
-        use pilotlight_receiver::store::{ObjectSource, S3Source};
-        let src = S3Source {
-            client: self.s3.clone(),
-            bucket: self.bucket.clone(),
-        };
-        src.list(prefix, keep).await.expect("list objects")
+        use pilotlight_cloud::ObjectStore;
+        self.bucket()
+            .list(prefix, keep)
+            .await
+            .expect("list objects")
     }
 
     pub async fn get(&self, key: &str) -> Vec<u8> {
@@ -331,12 +327,9 @@ impl LocalStack {
     }
 
     pub async fn put(&self, key: &str, body: Vec<u8>) {
-        use pilotlight_receiver::store::{ObjectSink, S3Source};
-        let sink = S3Source {
-            client: self.s3.clone(),
-            bucket: self.bucket.clone(),
-        };
-        sink.put(key, body.into())
+        use pilotlight_cloud::{ObjectStore, PutOptions};
+        self.bucket()
+            .put(key, body.into(), PutOptions::default())
             .await
             .unwrap_or_else(|e| panic!("put {key}: {e}"));
     }
@@ -366,22 +359,19 @@ async fn wait_ready(endpoint: &str, child: &mut Child) -> bool {
     false
 }
 
+/// The SDK configured for an emulator endpoint with dummy credentials, through the same
+/// builder the binaries use.
+pub async fn emulator(endpoint: &str) -> pilotlight_cloud::Aws {
+    let mut settings =
+        pilotlight_cloud::AwsSettings::new(Some("us-east-1".into()), Some(endpoint.into()));
+    settings.static_credentials = Some(("testing".into(), "testing".into()));
+    settings.load().await
+}
+
 /// SDK clients for an emulator endpoint, with dummy credentials.
 pub async fn clients(endpoint: &str) -> (aws_sdk_s3::Client, aws_sdk_sqs::Client) {
-    let creds = aws_sdk_s3::config::Credentials::new("testing", "testing", None, None, "test");
-    let shared = aws_config::defaults(BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(creds)
-        .endpoint_url(endpoint)
-        .load()
-        .await;
-    let s3 = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&shared)
-            .force_path_style(true)
-            .build(),
-    );
-    let sqs = aws_sdk_sqs::Client::new(&shared);
-    (s3, sqs)
+    let aws = emulator(endpoint).await;
+    (aws.s3_client(), aws.sqs_client())
 }
 
 /// The bucket's ObjectCreated notification under `{prefix}/` to the queue `queue_arn`.

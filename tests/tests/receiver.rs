@@ -412,3 +412,63 @@ async fn sigkill_during_applies_never_corrupts_and_converges() {
     assert_eq!(read(&image_path(&rx, &disk_id())), snapshot(GENS));
     eprintln!("{mid_apply_kills} of 20 kills landed with the image between generations");
 }
+
+/// The bucket stops answering reads of manifests for a while (a proxy in front of the
+/// emulator closes those connections unanswered): the SDK's retries run out, the receiver
+/// holds the message, reads the manifest again after a back-off and applies it. The
+/// message never goes to the dead-letter queue; the image equals the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_unreadable_for_a_while_is_retried_and_applied_not_dead_lettered() {
+    use pilotlight_tests::proxy::FaultProxy;
+    let stack = LocalStack::start().await;
+    let proxy = FaultProxy::start(&stack.endpoint).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let rx = tmp.path().join("rx");
+    let log = tmp.path().join("receiver.log");
+    let _receiver = Running(
+        receiver(
+            &stack,
+            "run",
+            &rx,
+            &[
+                "--queue-url",
+                &stack.queue_url,
+                "--endpoint-url",
+                &proxy.endpoint,
+                "--reconcile-every",
+                "off",
+                "--wait-seconds",
+                "1",
+                "--max-attempts",
+                "2",
+            ],
+        )
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap(),
+    );
+    let first = make_generation(&stack, tmp.path(), 1);
+    wait_applied(&rx, 1).await;
+    assert_eq!(sha256_file(&image_path(&rx, &disk_id())), first);
+    // Five reads of generation 2's manifest get no answer: more than one receive's
+    // worth of SDK attempts (2), so the engine's own retry has to do the rest.
+    proxy.fail_next(
+        "GET /pilotlight-test/dr/site1/vm1/disk0/g/00000000000000000002/manifest.json",
+        5,
+    );
+    let second = make_generation(&stack, tmp.path(), 2);
+    wait_applied(&rx, 2).await;
+    assert_eq!(proxy.failed(), 5, "every planned failure was hit");
+    assert_eq!(sha256_file(&image_path(&rx, &disk_id())), second);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("held and read again later"),
+        "the engine held the message: {text}"
+    );
+    assert!(!text.contains("rejected"), "nothing was rejected: {text}");
+    assert_eq!(
+        stack.depth(&stack.dlq_url).await,
+        (0, 0),
+        "nothing dead-lettered"
+    );
+}

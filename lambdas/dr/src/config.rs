@@ -1,9 +1,10 @@
 //! Settings (environment variables, or flags of the CLI) and the AWS clients.
 
-use crate::api::{Ec2Api, Ec2Error, ImportRequest, ImportTask, LaunchRequest, S3Store, SdkEc2};
 use crate::handler::{DrConfig, DrEnv};
 use crate::sim::SimulatedImport;
-use aws_config::BehaviorVersion;
+use pilotlight_cloud::ec2::{Ec2Api, ImportRequest, ImportTask, LaunchRequest, SdkEc2};
+use pilotlight_cloud::s3::SdkS3;
+use pilotlight_cloud::{Aws, AwsSettings, CloudError};
 use pilotlight_protocol::Prefix;
 use std::time::Duration;
 
@@ -85,35 +86,20 @@ impl DrSettings {
         Ok(c)
     }
 
-    /// The SDK's shared config: credentials from the default chain only.
-    pub async fn sdk_config(&self) -> aws_config::SdkConfig {
-        let mut loader = aws_config::defaults(BehaviorVersion::latest());
-        if let Some(r) = &self.region {
-            loader = loader.region(aws_config::Region::new(r.clone()));
-        } else if self.endpoint_url.is_some() {
-            loader = loader.region(aws_config::Region::new("us-east-1"));
-        }
-        if let Some(ep) = &self.endpoint_url {
-            loader = loader.endpoint_url(ep);
-        }
-        loader.load().await
+    /// The SDK's configuration (pilotlight's one builder): credentials from the default
+    /// chain only.
+    pub async fn aws(&self) -> Aws {
+        AwsSettings::new(self.region.clone(), self.endpoint_url.clone())
+            .load()
+            .await
     }
 
     /// The handler's environment: clients for the bucket and EC2.
-    pub async fn env(&self) -> Result<DrEnv<S3Store, AnyEc2>, ConfigError> {
+    pub async fn env(&self) -> Result<DrEnv<SdkS3, AnyEc2>, ConfigError> {
         let cfg = self.dr_config()?;
-        let shared = self.sdk_config().await;
-        let mut s3 = aws_sdk_s3::config::Builder::from(&shared);
-        if self.endpoint_url.is_some() {
-            s3 = s3.force_path_style(true);
-        }
-        let store = S3Store {
-            client: aws_sdk_s3::Client::from_conf(s3.build()),
-            bucket: cfg.bucket.clone(),
-        };
-        let sdk = SdkEc2 {
-            client: aws_sdk_ec2::Client::new(&shared),
-        };
+        let aws = self.aws().await;
+        let store = aws.s3(cfg.bucket.clone());
+        let sdk = aws.ec2();
         let ec2 = match &self.simulate_import {
             None => AnyEc2::Sdk(sdk),
             Some(mode) => AnyEc2::Simulated(SimulatedImport {
@@ -134,7 +120,7 @@ impl DrSettings {
 #[derive(Debug, Clone)]
 pub enum AnyEc2 {
     Sdk(SdkEc2),
-    Simulated(SimulatedImport<SdkEc2, S3Store>),
+    Simulated(SimulatedImport<SdkEc2, SdkS3>),
 }
 
 macro_rules! both {
@@ -147,22 +133,22 @@ macro_rules! both {
 }
 
 impl Ec2Api for AnyEc2 {
-    async fn import_image(&self, req: &ImportRequest) -> Result<String, Ec2Error> {
+    async fn import_image(&self, req: &ImportRequest) -> Result<String, CloudError> {
         both!(self, e => e.import_image(req).await)
     }
-    async fn describe_import_image_task(&self, id: &str) -> Result<ImportTask, Ec2Error> {
+    async fn describe_import_image_task(&self, id: &str) -> Result<ImportTask, CloudError> {
         both!(self, e => e.describe_import_image_task(id).await)
     }
-    async fn run_instance(&self, req: &LaunchRequest) -> Result<String, Ec2Error> {
+    async fn run_instance(&self, req: &LaunchRequest) -> Result<String, CloudError> {
         both!(self, e => e.run_instance(req).await)
     }
-    async fn terminate_instances(&self, ids: &[String]) -> Result<(), Ec2Error> {
+    async fn terminate_instances(&self, ids: &[String]) -> Result<(), CloudError> {
         both!(self, e => e.terminate_instances(ids).await)
     }
-    async fn deregister_image(&self, id: &str) -> Result<(), Ec2Error> {
+    async fn deregister_image(&self, id: &str) -> Result<(), CloudError> {
         both!(self, e => e.deregister_image(id).await)
     }
-    async fn delete_snapshot(&self, id: &str) -> Result<(), Ec2Error> {
+    async fn delete_snapshot(&self, id: &str) -> Result<(), CloudError> {
         both!(self, e => e.delete_snapshot(id).await)
     }
 }

@@ -11,18 +11,22 @@
 //! done|failed (drill) ─► cleanup ─► cleaned_up
 //! ```
 
-use crate::api::{Ec2Api, ImportRequest, LaunchRequest, ObjectStore, StoreError};
 use crate::model::{
     DrRequest, ImportProgress, Phase, RecoveryPoint, Run, RunDisk, StartRequest, TAG_DRILL, TAG_RUN,
 };
 use chrono::{DateTime, Utc};
+use pilotlight_cloud::ec2::{Ec2Api, ImportRequest, LaunchRequest};
+use pilotlight_cloud::{CloudError, ObjectStore, PutOptions};
 use pilotlight_protocol::keys::{disk_prefix, generation_prefix};
 use pilotlight_protocol::{
     DiskId, ExportFormat, ExportRequest, ExportResult, ExportStatus, Name, ObjectKey, Prefix,
-    EXPORT_VERSION,
+    EXPORT_VERSION, MAX_EXPORT_DOC_BYTES,
 };
 use serde_json::Value;
 use std::time::Duration;
+
+/// Run records are small JSON documents; a larger one is not ours.
+const MAX_RUN_RECORD: u64 = 4 << 20;
 
 /// Settings of the DR function (environment variables in the Lambda).
 #[derive(Debug, Clone)]
@@ -72,7 +76,7 @@ pub enum DrError {
     #[error("{0}")]
     Refused(String),
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(#[from] CloudError),
     #[error("run record {key} is unreadable: {detail}")]
     BadRun { key: String, detail: String },
 }
@@ -144,7 +148,11 @@ async fn save<S: ObjectStore, E>(env: &DrEnv<S, E>, run: &Run) -> Result<(), DrE
         detail: e.to_string(),
     })?;
     env.store
-        .put(&env.cfg.run_key(&run.run_id), body.into())
+        .put(
+            &env.cfg.run_key(&run.run_id),
+            body.into(),
+            PutOptions::json(),
+        )
         .await?;
     Ok(())
 }
@@ -156,7 +164,7 @@ async fn load<S: ObjectStore, E>(env: &DrEnv<S, E>, run_id: &str) -> Result<Run,
     let key = env.cfg.run_key(run_id);
     let body = env
         .store
-        .get(&key)
+        .get_if_exists(&key, MAX_RUN_RECORD)
         .await?
         .ok_or_else(|| DrError::NoSuchRun(run_id.into()))?;
     serde_json::from_slice(&body).map_err(|e| DrError::BadRun {
@@ -177,7 +185,13 @@ pub async fn start<S: ObjectStore, E: Ec2Api>(
     run.enter(Phase::Exporting, now);
     let plan = match serde_json::from_value::<DrRequest>(request) {
         Ok(DrRequest::Start(req)) => match validate(&env.cfg, &req) {
-            Ok(()) => resolve(env, &req).await,
+            Ok(()) => match resolve(env, &req).await {
+                Ok(plan) => plan,
+                // The bucket failed for now: no run is recorded as failed for that; the
+                // caller (the CLI, or whoever invoked) tries again.
+                Err(e) if e.is_transient() => return Err(DrError::Store(e)),
+                Err(e) => Err(e.to_string()),
+            },
             Err(e) => Err(e),
         },
         Ok(_) => Err("not a start request".into()),
@@ -227,7 +241,7 @@ pub async fn start<S: ObjectStore, E: Ec2Api>(
         .to_key(&env.cfg.prefix);
         let body =
             serde_json::to_vec_pretty(&req).map_err(|e| DrError::BadRequest(e.to_string()))?;
-        if let Err(e) = env.store.put(&key, body.into()).await {
+        if let Err(e) = env.store.put(&key, body.into(), PutOptions::json()).await {
             run.fail(
                 format!("cannot request the export of {disk}: {e}"),
                 Utc::now(),
@@ -350,19 +364,26 @@ pub fn validate(cfg: &DrConfig, req: &StartRequest) -> Result<(), String> {
     Ok(())
 }
 
-/// Each disk and the generation to recover, checked against what is in the bucket.
+/// Each disk and the generation to recover, checked against what is in the bucket; the
+/// outer error is the bucket failing, the inner one a request that cannot be served.
 async fn resolve<S: ObjectStore, E>(
     env: &DrEnv<S, E>,
     req: &StartRequest,
+) -> Result<Result<Vec<(DiskId, u64)>, String>, CloudError> {
+    let p = &env.cfg.prefix;
+    let vm_prefix = format!("{}{}/{}/", p.key_start(), req.site, req.vm);
+    let vm_keys = env.store.list(&vm_prefix, |_| true).await?;
+    Ok(plan(env, req, &vm_prefix, &vm_keys))
+}
+
+fn plan<S, E>(
+    env: &DrEnv<S, E>,
+    req: &StartRequest,
+    vm_prefix: &str,
+    vm_keys: &[String],
 ) -> Result<Vec<(DiskId, u64)>, String> {
     let p = &env.cfg.prefix;
     let b = &env.cfg.bucket;
-    let vm_prefix = format!("{}{}/{}/", p.key_start(), req.site, req.vm);
-    let vm_keys = env
-        .store
-        .list(&vm_prefix)
-        .await
-        .map_err(|e| e.to_string())?;
     if vm_keys.is_empty() {
         return Err(format!(
             "unknown VM {}/{}: nothing is replicated under s3://{b}/{vm_prefix} (check the site and VM names; `pilotlight-receiver status` lists the disks)",
@@ -452,7 +473,11 @@ async fn exporting<S: ObjectStore, E: Ec2Api>(
             id: id.clone(),
         }
         .to_key(p);
-        let Some(body) = env.store.get(&key).await? else {
+        let Some(body) = env
+            .store
+            .get_if_exists(&key, MAX_EXPORT_DOC_BYTES as u64)
+            .await?
+        else {
             continue;
         };
         let r = match ExportResult::from_json(&body, &id) {
@@ -540,8 +565,8 @@ async fn exporting<S: ObjectStore, E: Ec2Api>(
             })
             .collect(),
         role_name: env.cfg.vmimport_role.clone(),
-        boot_mode: start.launch.boot_mode,
-        license_type: start.launch.license_type,
+        boot_mode: start.launch.boot_mode.map(|b| b.as_str().to_string()),
+        license_type: start.launch.license_type.map(|l| l.as_str().to_string()),
         description: format!("pilotlight {} {vm} from {first}", run.run_id),
         tags: run_tags(run, &start),
     };
@@ -720,7 +745,7 @@ pub async fn status<S: ObjectStore, E: Ec2Api>(
         Some(id) => vec![id.to_string()],
         None => env
             .store
-            .list(&env.cfg.runs_prefix)
+            .list(&env.cfg.runs_prefix, |_| true)
             .await?
             .iter()
             .filter_map(|k| k.strip_prefix(&env.cfg.runs_prefix))
@@ -808,7 +833,7 @@ pub async fn cleanup<S: ObjectStore, E: Ec2Api>(
             ObjectKey::ExportRequest { disk, id },
         ] {
             let key = key.to_key(&env.cfg.prefix);
-            if env.store.size(&key).await?.is_none() {
+            if env.store.head(&key).await?.is_none() {
                 continue;
             }
             match env.store.delete(&key).await {

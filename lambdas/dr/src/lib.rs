@@ -2,11 +2,12 @@
 //!
 //! - [`model`]: the request and the run record (JSON in S3);
 //! - [`handler`]: start, advance (exporting → importing → launching → done), cleanup;
-//! - [`api`]: the narrow `ObjectStore` and `Ec2Api` traits, for the AWS SDK clients;
-//! - [`sim`]: a simulated EC2 image import (the emulator has none) and in-memory fakes;
+//! - [`sim`]: a simulated EC2 image import (EMULATOR ONLY: the emulator has none);
+//!
+//! The bucket and EC2 are reached through `pilotlight-cloud`'s `ObjectStore` and `Ec2Api`
+//! (the SDK, or the in-memory twins in tests).
 //! - [`config`]: settings shared by the Lambda and the CLI, and client setup.
 
-pub mod api;
 pub mod config;
 pub mod handler;
 pub mod model;

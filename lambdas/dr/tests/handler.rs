@@ -4,10 +4,11 @@
 #![allow(clippy::unwrap_used)]
 
 use bytes::Bytes;
-use pilotlight_dr::api::ObjectStore;
+use pilotlight_cloud::ec2::MemoryEc2;
+use pilotlight_cloud::{MemoryStore, ObjectStore, PutOptions};
 use pilotlight_dr::handler::{advance, cleanup, start, status, DrConfig, DrEnv, DrError};
 use pilotlight_dr::model::{Phase, Run};
-use pilotlight_dr::sim::{MemoryEc2, MemoryStore, SimulatedImport};
+use pilotlight_dr::sim::SimulatedImport;
 use pilotlight_protocol::{
     DiskId, ExportRequest, ExportResult, ExportStatus, Name, ObjectKey, Prefix, Sha256Hex,
     EXPORT_VERSION,
@@ -46,22 +47,14 @@ fn replicated(store: &MemoryStore, n: u64) {
             generation: g,
         }
         .to_key(&p);
-        store
-            .objects
-            .lock()
-            .unwrap()
-            .insert(m, Bytes::from_static(b"{}"));
+        store.insert(&m, Bytes::from_static(b"{}"));
         let d = ObjectKey::Data {
             disk: disk(),
             generation: g,
             offset: 0,
         }
         .to_key(&p);
-        store
-            .objects
-            .lock()
-            .unwrap()
-            .insert(d, Bytes::from_static(b"x"));
+        store.insert(&d, Bytes::from_static(b"x"));
     }
 }
 
@@ -81,14 +74,18 @@ async fn receiver_answers(store: &MemoryStore, run: &Run, ok: bool) {
         }
         .to_key(&p);
         let req: ExportRequest =
-            ExportRequest::from_json(&store.get(&req_key).await.unwrap().unwrap(), &id).unwrap();
+            ExportRequest::from_json(&store.get(&req_key, 1 << 20).await.unwrap(), &id).unwrap();
         let image_key = ObjectKey::ExportImage {
             disk: disk.clone(),
             id: id.clone(),
         }
         .to_key(&p);
         store
-            .put(&image_key, Bytes::from(vec![7u8; 4096]))
+            .put(
+                &image_key,
+                Bytes::from(vec![7u8; 4096]),
+                PutOptions::default(),
+            )
             .await
             .unwrap();
         let r = ExportResult {
@@ -109,7 +106,11 @@ async fn receiver_answers(store: &MemoryStore, run: &Run, ok: bool) {
         };
         let key = ObjectKey::ExportResult { disk, id }.to_key(&p);
         store
-            .put(&key, serde_json::to_vec(&r).unwrap().into())
+            .put(
+                &key,
+                serde_json::to_vec(&r).unwrap().into(),
+                PutOptions::json(),
+            )
             .await
             .unwrap();
     }
@@ -142,6 +143,7 @@ async fn a_drill_runs_to_done_and_cleanup_removes_exactly_what_it_made() {
         .put(
             "dr/site1/vm1/disk0/x/other/image.raw",
             Bytes::from_static(b"keep"),
+            PutOptions::default(),
         )
         .await
         .unwrap();
@@ -192,9 +194,8 @@ async fn a_drill_runs_to_done_and_cleanup_removes_exactly_what_it_made() {
     // The record in the bucket is what was returned.
     let stored: Run = serde_json::from_slice(
         &store
-            .get(&format!("pilotlight-dr/runs/{}.json", run.run_id))
+            .get(&format!("pilotlight-dr/runs/{}.json", run.run_id), 1 << 20)
             .await
-            .unwrap()
             .unwrap(),
     )
     .unwrap();
@@ -205,7 +206,7 @@ async fn a_drill_runs_to_done_and_cleanup_removes_exactly_what_it_made() {
     let ec2 = env.ec2.inner.snapshot();
     assert_eq!(ec2.terminated, run.instance_ids);
     assert!(ec2.images.is_empty() && ec2.snapshots.is_empty());
-    let left = store.list("dr/site1/vm1/disk0/x/").await.unwrap();
+    let left = store.list("dr/site1/vm1/disk0/x/", |_| true).await.unwrap();
     assert_eq!(
         left,
         ["dr/site1/vm1/disk0/x/other/image.raw"],
@@ -233,13 +234,13 @@ async fn failed_start(store: &MemoryStore, edit: impl FnOnce(&mut Value)) -> Run
     assert_eq!(run.phase, Phase::Failed);
     // Recorded, with the reason.
     let stored = store
-        .get(&format!("pilotlight-dr/runs/{}.json", run.run_id))
+        .head(&format!("pilotlight-dr/runs/{}.json", run.run_id))
         .await
         .unwrap();
     assert!(stored.is_some(), "a failed start is recorded");
     assert!(
         store
-            .list("dr/site1/vm1/disk0/x/")
+            .list("dr/site1/vm1/disk0/x/", |_| true)
             .await
             .unwrap()
             .is_empty(),
@@ -320,7 +321,10 @@ async fn nothing_committed_yet_is_its_own_reason() {
         offset: 0,
     }
     .to_key(&p);
-    store.put(&d, Bytes::from_static(b"x")).await.unwrap();
+    store
+        .put(&d, Bytes::from_static(b"x"), PutOptions::default())
+        .await
+        .unwrap();
     let run = failed_start(&store, |_| {}).await;
     assert!(run.reason.unwrap().contains("nothing committed yet"));
 }
@@ -333,11 +337,11 @@ async fn a_dry_run_resolves_and_writes_nothing() {
     let mut req = request();
     req["dry_run"] = json!(true);
     req["recovery_point"] = json!({"generation": 1});
-    let before = store.list("").await.unwrap();
+    let before = store.list("", |_| true).await.unwrap();
     let run = start(&env, req).await.unwrap();
     assert_eq!(run.phase, Phase::Planned);
     assert_eq!(run.disks[0].generation, 1);
-    assert_eq!(store.list("").await.unwrap(), before);
+    assert_eq!(store.list("", |_| true).await.unwrap(), before);
 }
 
 #[tokio::test]
@@ -390,7 +394,7 @@ async fn a_failed_import_task_fails_the_run_with_its_status_message() {
     let cleaned = cleanup(&env, &run.run_id).await.unwrap();
     assert_eq!(cleaned.phase, Phase::CleanedUp);
     assert!(store
-        .list("dr/site1/vm1/disk0/x/")
+        .list("dr/site1/vm1/disk0/x/", |_| true)
         .await
         .unwrap()
         .is_empty());

@@ -11,7 +11,8 @@
 //! and deletes its snapshots. Costs money while it runs.
 #![allow(clippy::unwrap_used)]
 
-use pilotlight_dr::api::{Ec2Api, ImportRequest, SdkEc2};
+use pilotlight_cloud::ec2::{Ec2Api, ImportRequest};
+use pilotlight_cloud::AwsSettings;
 use std::time::Duration;
 
 #[tokio::test]
@@ -26,10 +27,7 @@ async fn import_image_on_real_aws() {
         .strip_prefix("s3://")
         .and_then(|r| r.split_once('/'))
         .expect("PILOTLIGHT_REAL_AWS_IMPORT must be s3://bucket/key");
-    let shared = aws_config::load_from_env().await;
-    let ec2 = SdkEc2 {
-        client: aws_sdk_ec2::Client::new(&shared),
-    };
+    let ec2 = AwsSettings::default().load().await.ec2();
     let task = ec2
         .import_image(&ImportRequest {
             disks: vec![(bucket.into(), key.into())],

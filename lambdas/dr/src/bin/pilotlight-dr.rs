@@ -150,7 +150,7 @@ fn start_request(a: &StartArgs) -> anyhow::Result<Value> {
 /// Runs one request: through the Lambda, or here.
 async fn call(cli: &Cli, event: Value) -> anyhow::Result<Value> {
     if let Some(function) = &cli.function {
-        let shared = cli.settings.sdk_config().await;
+        let shared = cli.settings.aws().await.sdk;
         let client = aws_sdk_lambda::Client::new(&shared);
         let out = client
             .invoke()

@@ -1,0 +1,183 @@
+//! The one way every pilotlight binary (and the test kit) configures the AWS SDK:
+//! region, endpoint URL (the local emulator or an S3-compatible server, with path-style
+//! addressing), standard retries with a maximum number of attempts, connect/read/attempt
+//! timeouts, and credentials from the AWS default chain only (environment, profile,
+//! container or instance role): never from pilotlight's own flags or files.
+
+use aws_config::meta::region::RegionProviderChain;
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use std::time::Duration;
+
+/// Where no region is configured anywhere.
+pub const FALLBACK_REGION: &str = "us-east-1";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AwsSettings {
+    /// Explicit region; else `AWS_REGION`/`AWS_DEFAULT_REGION`, the profile, and (against
+    /// AWS only) the instance metadata; else [`FALLBACK_REGION`].
+    pub region: Option<String>,
+    /// One endpoint for every service (the local emulator); `None` is AWS.
+    pub endpoint_url: Option<String>,
+    /// Attempts per call, the first included (standard retry mode: exponential back-off
+    /// with jitter on throttling, 5xx, timeouts and connection errors).
+    pub max_attempts: u32,
+    pub connect_timeout: Duration,
+    /// Longest silence while reading an answer (above SQS's 20 s long poll).
+    pub read_timeout: Duration,
+    /// Longest single attempt (an 8 MiB PUT on a slow link fits).
+    pub attempt_timeout: Duration,
+    /// Fixed (access key id, secret) instead of the default chain: for the test kit
+    /// against the emulator only; no binary sets it.
+    pub static_credentials: Option<(String, String)>,
+}
+
+impl Default for AwsSettings {
+    fn default() -> Self {
+        AwsSettings {
+            region: None,
+            endpoint_url: None,
+            max_attempts: 6,
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(60),
+            attempt_timeout: Duration::from_secs(300),
+            static_credentials: None,
+        }
+    }
+}
+
+impl AwsSettings {
+    pub fn new(region: Option<String>, endpoint_url: Option<String>) -> Self {
+        AwsSettings {
+            region,
+            endpoint_url,
+            ..Default::default()
+        }
+    }
+
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n.max(1);
+        self
+    }
+
+    /// Loads the SDK's shared configuration. Call it where a client is first needed, so
+    /// a command that fails on its own input never resolves a region or credentials.
+    pub async fn load(&self) -> Aws {
+        let explicit = self.region.clone().map(Region::new);
+        // Against an endpoint (the emulator, MinIO) the instance metadata service is never
+        // asked: it is not there, and asking costs a timeout and a warning.
+        let region = if self.endpoint_url.is_some() {
+            RegionProviderChain::first_try(explicit)
+                .or_else(aws_config::environment::region::EnvironmentVariableRegionProvider::new())
+                .or_else(aws_config::profile::ProfileFileRegionProvider::new())
+                .region()
+                .await
+        } else {
+            RegionProviderChain::first_try(explicit)
+                .or_default_provider()
+                .region()
+                .await
+        };
+        let region = match region {
+            Some(r) => r,
+            None => {
+                if self.endpoint_url.is_none() {
+                    tracing::warn!(
+                        "no AWS region set (--region, AWS_REGION, a profile, or instance metadata on EC2): using {FALLBACK_REGION}"
+                    );
+                }
+                Region::new(FALLBACK_REGION)
+            }
+        };
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .region(region)
+            .retry_config(RetryConfig::standard().with_max_attempts(self.max_attempts))
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(self.connect_timeout)
+                    .read_timeout(self.read_timeout)
+                    .operation_attempt_timeout(self.attempt_timeout)
+                    .build(),
+            );
+        if let Some(ep) = &self.endpoint_url {
+            loader = loader.endpoint_url(ep);
+        }
+        if let Some((id, secret)) = &self.static_credentials {
+            loader = loader.credentials_provider(aws_credential_types::Credentials::new(
+                id.clone(),
+                secret.clone(),
+                None,
+                None,
+                "pilotlight-static",
+            ));
+        }
+        Aws {
+            sdk: loader.load().await,
+            settings: self.clone(),
+        }
+    }
+}
+
+/// The loaded configuration; makes every service's client the same way.
+#[derive(Debug, Clone)]
+pub struct Aws {
+    pub sdk: SdkConfig,
+    pub settings: AwsSettings,
+}
+
+impl Aws {
+    pub fn region(&self) -> &str {
+        self.sdk.region().map_or(FALLBACK_REGION, |r| r.as_ref())
+    }
+
+    /// Where S3 requests go, for messages.
+    pub fn endpoint_name(&self) -> String {
+        self.settings
+            .endpoint_url
+            .clone()
+            .unwrap_or_else(|| format!("AWS ({})", self.region()))
+    }
+
+    #[cfg(feature = "s3")]
+    pub fn s3_client(&self) -> aws_sdk_s3::Client {
+        let mut conf = aws_sdk_s3::config::Builder::from(&self.sdk);
+        if self.settings.endpoint_url.is_some() {
+            // S3-compatible endpoints and the emulator need path-style addressing.
+            conf = conf.force_path_style(true);
+        }
+        aws_sdk_s3::Client::from_conf(conf.build())
+    }
+
+    /// The bucket, through the SDK.
+    #[cfg(feature = "s3")]
+    pub fn s3(&self, bucket: impl Into<String>) -> crate::s3::SdkS3 {
+        crate::s3::SdkS3::new(self.s3_client(), bucket)
+    }
+
+    #[cfg(feature = "sqs")]
+    pub fn sqs_client(&self) -> aws_sdk_sqs::Client {
+        aws_sdk_sqs::Client::new(&self.sdk)
+    }
+
+    /// The queue, through the SDK.
+    #[cfg(feature = "sqs")]
+    pub fn sqs(&self, url: impl Into<String>) -> crate::sqs::SqsQueue {
+        crate::sqs::SqsQueue {
+            client: self.sqs_client(),
+            url: url.into(),
+        }
+    }
+
+    #[cfg(feature = "ec2")]
+    pub fn ec2_client(&self) -> aws_sdk_ec2::Client {
+        aws_sdk_ec2::Client::new(&self.sdk)
+    }
+
+    #[cfg(feature = "ec2")]
+    pub fn ec2(&self) -> crate::ec2::SdkEc2 {
+        crate::ec2::SdkEc2 {
+            client: self.ec2_client(),
+        }
+    }
+}

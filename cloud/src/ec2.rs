@@ -1,0 +1,355 @@
+//! EC2 as the DR flow uses it: one trait ([`Ec2Api`]), implemented for the AWS SDK's
+//! client ([`SdkEc2`], feature `ec2`) and in memory ([`MemoryEc2`]).
+
+use crate::error::{CloudError, ErrorKind};
+use crate::fault::{lock, Faults};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Mutex;
+
+fn ec2_error(
+    op: &'static str,
+    kind: ErrorKind,
+    code: Option<&str>,
+    detail: impl Into<String>,
+) -> CloudError {
+    let mut e = CloudError::new("EC2", op, "", kind, detail);
+    e.code = code.map(String::from);
+    e
+}
+
+/// An `ec2:ImportImage` call: the disks as S3 objects, boot disk first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportRequest {
+    pub disks: Vec<(String, String)>,
+    pub role_name: String,
+    /// `legacy-bios`, `uefi`, `uefi-preferred`.
+    pub boot_mode: Option<String>,
+    /// `AWS`, `BYOL`.
+    pub license_type: Option<String>,
+    pub description: String,
+    pub tags: Vec<(String, String)>,
+}
+
+/// An import task as `DescribeImportImageTasks` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ImportTask {
+    pub task_id: String,
+    /// `active`, `completed`, `deleting`, `deleted`.
+    pub status: String,
+    pub status_message: Option<String>,
+    pub progress: Option<u32>,
+    pub image_id: Option<String>,
+    pub snapshot_ids: Vec<String>,
+}
+
+/// One instance to launch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchRequest {
+    pub image_id: String,
+    pub instance_type: String,
+    pub subnet_id: Option<String>,
+    pub security_group_ids: Vec<String>,
+    pub private_ip: Option<String>,
+    pub tags: Vec<(String, String)>,
+}
+
+/// The EC2 calls of the DR flow.
+pub trait Ec2Api: Send + Sync {
+    fn import_image(
+        &self,
+        req: &ImportRequest,
+    ) -> impl Future<Output = Result<String, CloudError>> + Send;
+    fn describe_import_image_task(
+        &self,
+        task_id: &str,
+    ) -> impl Future<Output = Result<ImportTask, CloudError>> + Send;
+    /// Launches one instance; returns its id.
+    fn run_instance(
+        &self,
+        req: &LaunchRequest,
+    ) -> impl Future<Output = Result<String, CloudError>> + Send;
+    fn terminate_instances(
+        &self,
+        ids: &[String],
+    ) -> impl Future<Output = Result<(), CloudError>> + Send;
+    fn deregister_image(&self, id: &str) -> impl Future<Output = Result<(), CloudError>> + Send;
+    fn delete_snapshot(&self, id: &str) -> impl Future<Output = Result<(), CloudError>> + Send;
+}
+
+/// What [`MemoryEc2`] holds.
+#[derive(Debug, Default, Clone)]
+pub struct MemoryEc2State {
+    pub instances: BTreeMap<String, LaunchRequest>,
+    pub terminated: Vec<String>,
+    pub images: BTreeMap<String, String>,
+    pub snapshots: Vec<String>,
+    pub calls: Vec<String>,
+}
+
+/// EC2 in memory (unit tests). Like the emulator, it has no `ImportImage`: wrap it in
+/// the DR crate's `SimulatedImport`. A launch into subnet `subnet-00000000` fails, as an unknown
+/// subnet does.
+#[derive(Debug, Default)]
+pub struct MemoryEc2 {
+    pub state: Mutex<MemoryEc2State>,
+    pub faults: Faults,
+}
+
+impl MemoryEc2 {
+    pub fn snapshot(&self) -> MemoryEc2State {
+        lock(&self.state).clone()
+    }
+    /// Records a call and runs it on the state, unless a fault fails it.
+    pub fn call<T>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&mut MemoryEc2State) -> T,
+    ) -> Result<T, CloudError> {
+        self.faults.check("EC2", op, "")?;
+        let mut s = lock(&self.state);
+        s.calls.push(op.into());
+        Ok(f(&mut s))
+    }
+
+    /// A snapshot (what CreateSnapshot makes); returns its id.
+    pub fn create_snapshot(&self) -> Result<String, CloudError> {
+        self.call("CreateSnapshot", |s| {
+            let id = format!("snap-{:017x}", s.snapshots.len() + 1);
+            s.snapshots.push(id.clone());
+            id
+        })
+    }
+
+    /// An AMI (what RegisterImage makes); returns its id.
+    pub fn register_image(&self, name: &str, snapshot: &str) -> Result<String, CloudError> {
+        self.call("RegisterImage", |s| {
+            let id = format!("ami-{:017x}", s.images.len() + 1);
+            s.images.insert(id.clone(), format!("{name} {snapshot}"));
+            id
+        })
+    }
+}
+
+impl Ec2Api for MemoryEc2 {
+    async fn import_image(&self, _req: &ImportRequest) -> Result<String, CloudError> {
+        Err(ec2_error(
+            "ImportImage",
+            ErrorKind::Invalid,
+            None,
+            "not implemented in memory: wrap it in the DR crate's SimulatedImport",
+        ))
+    }
+    async fn describe_import_image_task(&self, _id: &str) -> Result<ImportTask, CloudError> {
+        Err(ec2_error(
+            "DescribeImportImageTasks",
+            ErrorKind::Invalid,
+            None,
+            "not implemented in memory",
+        ))
+    }
+    async fn run_instance(&self, req: &LaunchRequest) -> Result<String, CloudError> {
+        if req.subnet_id.as_deref() == Some("subnet-00000000") {
+            return Err(ec2_error(
+                "RunInstances",
+                ErrorKind::NotFound,
+                Some("InvalidSubnetID.NotFound"),
+                "The subnet ID 'subnet-00000000' does not exist",
+            ));
+        }
+        self.call("RunInstances", |s| {
+            let id = format!("i-{:017x}", s.instances.len() + 1);
+            s.instances.insert(id.clone(), req.clone());
+            id
+        })
+    }
+    async fn terminate_instances(&self, ids: &[String]) -> Result<(), CloudError> {
+        self.call("TerminateInstances", |s| {
+            s.terminated.extend(ids.iter().cloned())
+        })
+    }
+    async fn deregister_image(&self, id: &str) -> Result<(), CloudError> {
+        self.call("DeregisterImage", |s| {
+            s.images.remove(id);
+        })
+    }
+    async fn delete_snapshot(&self, id: &str) -> Result<(), CloudError> {
+        self.call("DeleteSnapshot", |s| s.snapshots.retain(|x| x != id))
+    }
+}
+
+#[cfg(feature = "ec2")]
+pub use sdk::SdkEc2;
+
+#[cfg(feature = "ec2")]
+mod sdk {
+    use super::*;
+    use crate::error::from_sdk;
+    use aws_sdk_ec2::config::http::HttpResponse;
+    use aws_sdk_ec2::error::SdkError;
+
+    fn ec2_err<E: std::error::Error + aws_sdk_ec2::error::ProvideErrorMetadata + 'static>(
+        op: &'static str,
+        e: &SdkError<E, HttpResponse>,
+    ) -> CloudError {
+        from_sdk("EC2", op, "", e)
+    }
+
+    /// EC2 through the AWS SDK.
+    #[derive(Debug, Clone)]
+    pub struct SdkEc2 {
+        pub client: aws_sdk_ec2::Client,
+    }
+
+    fn ec2_tags(tags: &[(String, String)]) -> Vec<aws_sdk_ec2::types::Tag> {
+        tags.iter()
+            .map(|(k, v)| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build())
+            .collect()
+    }
+
+    fn tag_spec(
+        kind: aws_sdk_ec2::types::ResourceType,
+        tags: &[(String, String)],
+    ) -> aws_sdk_ec2::types::TagSpecification {
+        aws_sdk_ec2::types::TagSpecification::builder()
+            .resource_type(kind)
+            .set_tags(Some(ec2_tags(tags)))
+            .build()
+    }
+
+    impl Ec2Api for SdkEc2 {
+        async fn import_image(&self, req: &ImportRequest) -> Result<String, CloudError> {
+            use aws_sdk_ec2::types::{
+                BootModeValues, ImageDiskContainer, ResourceType, UserBucket,
+            };
+            let containers = req
+                .disks
+                .iter()
+                .map(|(bucket, key)| {
+                    ImageDiskContainer::builder()
+                        .format("RAW")
+                        .user_bucket(UserBucket::builder().s3_bucket(bucket).s3_key(key).build())
+                        .build()
+                })
+                .collect();
+            let out = self
+                .client
+                .import_image()
+                .set_disk_containers(Some(containers))
+                .role_name(&req.role_name)
+                .description(&req.description)
+                .set_boot_mode(req.boot_mode.as_deref().map(BootModeValues::from))
+                .set_license_type(req.license_type.clone())
+                .tag_specifications(tag_spec(ResourceType::ImportImageTask, &req.tags))
+                .send()
+                .await
+                .map_err(|e| ec2_err("ImportImage", &e))?;
+            out.import_task_id.ok_or_else(|| {
+                ec2_error(
+                    "ImportImage",
+                    ErrorKind::Invalid,
+                    None,
+                    "no ImportTaskId in the answer",
+                )
+            })
+        }
+
+        async fn describe_import_image_task(
+            &self,
+            task_id: &str,
+        ) -> Result<ImportTask, CloudError> {
+            let out = self
+                .client
+                .describe_import_image_tasks()
+                .import_task_ids(task_id)
+                .send()
+                .await
+                .map_err(|e| ec2_err("DescribeImportImageTasks", &e))?;
+            let t = out.import_image_tasks().first().ok_or_else(|| {
+                ec2_error(
+                    "DescribeImportImageTasks",
+                    ErrorKind::Invalid,
+                    None,
+                    format!("import task {task_id} not found"),
+                )
+            })?;
+            Ok(ImportTask {
+                task_id: task_id.into(),
+                status: t.status().unwrap_or("unknown").into(),
+                status_message: t.status_message().map(String::from),
+                progress: t.progress().and_then(|p| p.parse().ok()),
+                image_id: t.image_id().map(String::from),
+                snapshot_ids: t
+                    .snapshot_details()
+                    .iter()
+                    .filter_map(|s| s.snapshot_id().map(String::from))
+                    .collect(),
+            })
+        }
+
+        async fn run_instance(&self, req: &LaunchRequest) -> Result<String, CloudError> {
+            use aws_sdk_ec2::types::{InstanceType, ResourceType};
+            let out = self
+                .client
+                .run_instances()
+                .image_id(&req.image_id)
+                .instance_type(InstanceType::from(req.instance_type.as_str()))
+                .min_count(1)
+                .max_count(1)
+                .set_subnet_id(req.subnet_id.clone())
+                .set_security_group_ids(
+                    (!req.security_group_ids.is_empty()).then(|| req.security_group_ids.clone()),
+                )
+                .set_private_ip_address(req.private_ip.clone())
+                .tag_specifications(tag_spec(ResourceType::Instance, &req.tags))
+                .tag_specifications(tag_spec(ResourceType::Volume, &req.tags))
+                .send()
+                .await
+                .map_err(|e| ec2_err("RunInstances", &e))?;
+            out.instances()
+                .first()
+                .and_then(|i| i.instance_id().map(String::from))
+                .ok_or_else(|| {
+                    ec2_error(
+                        "RunInstances",
+                        ErrorKind::Invalid,
+                        None,
+                        "no instance in the answer",
+                    )
+                })
+        }
+
+        async fn terminate_instances(&self, ids: &[String]) -> Result<(), CloudError> {
+            if ids.is_empty() {
+                return Ok(());
+            }
+            self.client
+                .terminate_instances()
+                .set_instance_ids(Some(ids.to_vec()))
+                .send()
+                .await
+                .map_err(|e| ec2_err("TerminateInstances", &e))?;
+            Ok(())
+        }
+
+        async fn deregister_image(&self, id: &str) -> Result<(), CloudError> {
+            self.client
+                .deregister_image()
+                .image_id(id)
+                .send()
+                .await
+                .map_err(|e| ec2_err("DeregisterImage", &e))?;
+            Ok(())
+        }
+
+        async fn delete_snapshot(&self, id: &str) -> Result<(), CloudError> {
+            self.client
+                .delete_snapshot()
+                .snapshot_id(id)
+                .send()
+                .await
+                .map_err(|e| ec2_err("DeleteSnapshot", &e))?;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! pilotlight's one AWS access layer.
+//!
+//! - [`s3::ObjectStore`], [`sqs::Queue`], [`ec2::Ec2Api`]: narrow traits, one per service,
+//!   as pilotlight's code uses them;
+//! - each implemented once for the AWS SDK for Rust (`SdkS3`, `SqsQueue`, `SdkEc2`, behind
+//!   the features `s3`, `sqs`, `ec2`, so a crate compiles only the SDK crates it needs) and
+//!   once in memory (`MemoryStore`, `MemoryQueue`, `MemoryEc2`) with fault injection
+//!   ([`fault`]): the logic above is tested at unit speed, the end-to-end tests still go
+//!   through the SDK to the emulator;
+//! - one error type, [`CloudError`], that says whether trying again later can help;
+//! - one SDK configuration builder, [`config::AwsSettings`], for every binary and the test kit.
+
+pub mod config;
+pub mod ec2;
+pub mod error;
+pub mod fault;
+pub mod s3;
+pub mod sqs;
+
+pub use config::{Aws, AwsSettings};
+pub use error::{CloudError, ErrorKind};
+pub use fault::{Fault, Faults};
+pub use s3::{MemoryStore, ObjectStore, PutOptions};
+pub use sqs::{MemoryQueue, Message, Queue};

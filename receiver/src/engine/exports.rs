@@ -1,0 +1,256 @@
+//! Export requests (`x/{id}/request.json`, written by the DR Lambda): each waits until
+//! the image holds exactly the requested generation and runs on the disk's own turn,
+//! before anything newer is applied, so it is never half-applied. Its outcome goes to
+//! `x/{id}/result.json`; the request's messages are deleted after that.
+
+use super::disk::Disk;
+use super::lifetime::{delete_messages, hold, Held, KeepAlive};
+use super::{Engine, EngineConfig};
+use crate::export::{export_image, ExportOptions};
+use chrono::Utc;
+use pilotlight_cloud::{Message, ObjectStore, PutOptions, Queue};
+use pilotlight_protocol::{
+    DiskId, ExportRequest, ExportResult, ExportStatus, Name, ObjectKey, Prefix, EXPORT_VERSION,
+    MAX_EXPORT_DOC_BYTES,
+};
+use std::time::Instant;
+
+#[derive(Debug)]
+pub struct PendingExport {
+    pub req: ExportRequest,
+    pub messages: Vec<Held>,
+}
+
+impl<S: ObjectStore + Clone + 'static, Q: Queue + Clone + 'static> Engine<S, Q> {
+    /// Takes up an export request. Returns whether its message must be kept (it waits to
+    /// be answered, or could not be read for now); a request already answered, or one
+    /// answered at once with a failure, does not wait.
+    pub(super) async fn learn_export(
+        &mut self,
+        disk: &DiskId,
+        id: &Name,
+        msg: Option<&Message>,
+    ) -> bool {
+        let prefix = self.cfg.prefix.clone();
+        let d = match self.disk(disk) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(%disk, export = %id, "{e}");
+                return true;
+            }
+        };
+        if let Some(p) = d.exports.get_mut(id) {
+            if let Some(m) = msg {
+                hold(&mut p.messages, m);
+            }
+            return true;
+        }
+        let result_key = ObjectKey::ExportResult {
+            disk: disk.clone(),
+            id: id.clone(),
+        }
+        .to_key(&prefix);
+        match self
+            .src
+            .get_if_exists(&result_key, MAX_EXPORT_DOC_BYTES as u64)
+            .await
+        {
+            Ok(Some(_)) => {
+                tracing::debug!(%disk, export = %id, "export already answered");
+                return false;
+            }
+            Ok(None) => {}
+            Err(e) if e.is_transient() => {
+                tracing::warn!(%disk, export = %id, "{e}; will retry");
+                return true;
+            }
+            // Not readable for another reason: answer it (again); the answer is the same.
+            Err(e) => tracing::debug!(%disk, export = %id, "result not readable: {e}"),
+        }
+        let req_key = ObjectKey::ExportRequest {
+            disk: disk.clone(),
+            id: id.clone(),
+        }
+        .to_key(&prefix);
+        let req = match self.src.get(&req_key, MAX_EXPORT_DOC_BYTES as u64).await {
+            Ok(b) => ExportRequest::from_json(&b, id).map_err(|e| format!("{req_key}: {e}")),
+            // Transient: keep the message; it comes back and is tried again.
+            Err(e) if e.is_transient() => {
+                tracing::warn!(%disk, export = %id, "{e}; will retry");
+                return true;
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        let req = match req {
+            Ok(r) => r,
+            Err(e) => {
+                self.answer_failed(disk, id, None, format!("export request refused: {e}"))
+                    .await;
+                return false;
+            }
+        };
+        let applied = self.disks.get(disk).and_then(|d| d.state.applied);
+        if applied.is_some_and(|a| a > req.generation) {
+            let why = superseded(req.generation, applied);
+            self.answer_failed(disk, id, applied, why).await;
+            return false;
+        }
+        if let Err(e) = self.learn(disk, req.generation).await {
+            if e.is_transient() {
+                tracing::warn!(%disk, export = %id, "{e}; will retry");
+                return true;
+            }
+            let why = format!(
+                "generation {} is not available for {disk}: {e}",
+                req.generation
+            );
+            self.answer_failed(disk, id, applied, why).await;
+            return false;
+        }
+        tracing::info!(%disk, export = %id, generation = req.generation, run = ?req.run_id, "export requested; it runs when the image holds that generation");
+        if let Ok(d) = self.disk(disk) {
+            d.exports.insert(
+                id.clone(),
+                PendingExport {
+                    req,
+                    messages: msg.map(Held::new).into_iter().collect(),
+                },
+            );
+        }
+        true
+    }
+
+    async fn answer_failed(&self, disk: &DiskId, id: &Name, generation: Option<u64>, why: String) {
+        tracing::error!(%disk, export = %id, "export failed: {why}");
+        let r = failed_result(id, generation, why, 0.0);
+        write_result(&self.src, &self.cfg.prefix, disk, &r).await;
+    }
+}
+
+fn superseded(wanted: u64, applied: Option<u64>) -> String {
+    format!(
+        "generation {wanted} is no longer available: the image already holds generation {} \
+         (the receiver keeps only the newest applied generation); ask for that one or the latest",
+        applied.map_or("none".into(), |a| a.to_string())
+    )
+}
+
+fn failed_result(id: &Name, generation: Option<u64>, why: String, seconds: f64) -> ExportResult {
+    ExportResult {
+        version: EXPORT_VERSION,
+        id: id.clone(),
+        status: ExportStatus::Failed,
+        generation,
+        image_key: None,
+        size: None,
+        sha256: None,
+        reason: Some(why),
+        seconds,
+        finished_at: Utc::now(),
+    }
+}
+
+/// Writes an export's outcome. A failure to write it is logged: the request stays
+/// unanswered, so listing finds it again and the export is retried.
+async fn write_result<S: ObjectStore>(
+    src: &S,
+    prefix: &Prefix,
+    disk: &DiskId,
+    r: &ExportResult,
+) -> bool {
+    let key = ObjectKey::ExportResult {
+        disk: disk.clone(),
+        id: r.id.clone(),
+    }
+    .to_key(prefix);
+    let body = match serde_json::to_vec_pretty(r) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(%key, "cannot encode export result: {e}");
+            return false;
+        }
+    };
+    match src.put(&key, body.into(), PutOptions::json()).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(%key, "export result not written: {e}");
+            false
+        }
+    }
+}
+
+/// Runs the exports that want the generation the image holds now; fails those that want
+/// an older one.
+pub async fn run_exports<S: ObjectStore, Q: Queue + Clone + 'static>(
+    id: &DiskId,
+    d: &mut Disk,
+    src: &S,
+    queue: &Q,
+    cfg: &EngineConfig,
+) {
+    let applied = d.state.applied;
+    let ready: Vec<Name> = d
+        .exports
+        .iter()
+        .filter(|(_, p)| applied.is_some_and(|a| p.req.generation <= a))
+        .map(|(n, _)| n.clone())
+        .collect();
+    for name in ready {
+        let Some(p) = d.exports.get(&name) else {
+            continue;
+        };
+        let g = p.req.generation;
+        let result = if applied != Some(g) {
+            failed_result(&name, applied, superseded(g, applied), 0.0)
+        } else {
+            let key = ObjectKey::ExportImage {
+                disk: id.clone(),
+                id: name.clone(),
+            }
+            .to_key(&cfg.prefix);
+            let receipts: Vec<String> = p.messages.iter().map(|w| w.receipt.clone()).collect();
+            let keepalive = KeepAlive::start(queue, receipts, cfg.visibility_secs);
+            tracing::info!(disk = %id, export = %name, generation = g, %key, "exporting");
+            let opts = ExportOptions {
+                concurrency: cfg.concurrency.clamp(1, 8),
+                ..ExportOptions::default()
+            };
+            let started = Instant::now();
+            let res = export_image(src, &d.paths.image, &key, &opts).await;
+            drop(keepalive);
+            match res {
+                Ok(r) => {
+                    tracing::info!(disk = %id, export = %name, generation = g, bytes = r.size, parts = r.parts, seconds = r.seconds, "exported");
+                    ExportResult {
+                        version: EXPORT_VERSION,
+                        id: name.clone(),
+                        status: ExportStatus::Done,
+                        generation: Some(g),
+                        image_key: Some(key),
+                        size: Some(r.size),
+                        sha256: Some(r.sha256),
+                        reason: None,
+                        seconds: r.seconds,
+                        finished_at: Utc::now(),
+                    }
+                }
+                Err(e) => failed_result(
+                    &name,
+                    applied,
+                    format!("export of generation {g} failed: {e}"),
+                    started.elapsed().as_secs_f64(),
+                ),
+            }
+        };
+        if result.status == ExportStatus::Failed {
+            tracing::error!(disk = %id, export = %name, "export failed: {}", result.reason.as_deref().unwrap_or(""));
+        }
+        if !write_result(src, &cfg.prefix, id, &result).await {
+            continue;
+        }
+        if let Some(p) = d.exports.remove(&name) {
+            let receipts: Vec<String> = p.messages.into_iter().map(|w| w.receipt).collect();
+            delete_messages(queue, &receipts).await;
+        }
+    }
+}

@@ -1,0 +1,442 @@
+//! The receiver loop: S3 events from SQS in, generations applied in order per disk.
+//!
+//! Events are at-least-once, unordered, duplicated, late, or lost. The engine keeps, per
+//! disk, the manifests it has seen but not applied and the messages that announced them.
+//! A generation is applied when its parent is the applied one (or it is a base); its
+//! messages are deleted only after the image is fsynced and the state saved. Listing the
+//! bucket (at start and every few minutes) finds manifests whose events were lost.
+//!
+//! Message dispositions ([`classify`]): `s3:TestEvent` and data-object events are
+//! deleted; manifest events are deleted once their generation is applied; anything
+//! malformed or not ours (bad JSON, another bucket, a key outside the prefix or not a
+//! pilotlight key, an invalid manifest) is logged and left alone, so the queue's redrive
+//! moves it to the dead-letter queue, where the DLQ alarm makes it visible. A manifest
+//! the bucket could not serve for now (throttling, 5xx, timeout) is not a rejection: its
+//! message is held and the manifest read again after a back-off.
+//!
+//! The jobs, one file each: [`classify`] (what a message is), [`disk`] (per-disk order
+//! and the apply), [`prefetch`], [`exports`], [`lifetime`] (holding, extending and
+//! deleting messages).
+
+pub mod classify;
+pub mod disk;
+pub mod exports;
+pub mod lifetime;
+pub mod prefetch;
+
+pub use classify::{classify, is_control_key, Disposition};
+pub use disk::LearnError;
+
+use crate::state::{DiskPaths, DiskState};
+use chrono::Utc;
+use disk::{drive_disk, read_manifest, Disk};
+use lifetime::{delete_messages, extend_due, hold};
+use pilotlight_cloud::{CloudError, Message, ObjectStore, Queue};
+use pilotlight_protocol::keys::{EXPORT_REQUEST_FILE, EXPORT_RESULT_FILE, MANIFEST_FILE};
+use pilotlight_protocol::{DiskId, ObjectKey, Prefix};
+use prefetch::Prefetcher;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub bucket: String,
+    pub prefix: Prefix,
+    pub image_dir: PathBuf,
+    pub state_dir: PathBuf,
+    /// Objects fetched and written at once per disk.
+    pub concurrency: usize,
+    /// SQS long-poll wait.
+    pub wait: Duration,
+    /// How long messages stay invisible while their generation waits or applies.
+    pub visibility_secs: i32,
+    /// List the bucket this often to find manifests whose events were lost.
+    pub reconcile_every: Option<Duration>,
+    /// Fetch data objects as their events arrive, before their manifest: the apply then
+    /// finds them on local disk.
+    pub prefetch: bool,
+    /// First back-off after a failure (a transient read, a failed apply); it doubles
+    /// with each failure in a row, up to 5 minutes.
+    pub retry_base: Duration,
+}
+
+/// Per-disk summary for `status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DiskStatus {
+    pub disk: String,
+    pub applied: Option<u64>,
+    pub snapshot_time: Option<chrono::DateTime<Utc>>,
+    pub lag_seconds: Option<i64>,
+    pub pending: Vec<u64>,
+    pub image: String,
+    pub disk_size: u64,
+    pub allocated_bytes: u64,
+}
+
+pub struct Engine<S, Q> {
+    cfg: EngineConfig,
+    src: S,
+    queue: Q,
+    disks: BTreeMap<DiskId, Disk>,
+    last_reconcile: Option<Instant>,
+    prefetcher: Prefetcher,
+    /// Handled messages to delete (`flush_deletes`).
+    to_delete: Vec<String>,
+}
+
+impl<S, Q> std::fmt::Debug for Engine<S, Q> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("cfg", &self.cfg)
+            .field("disks", &self.disks.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: ObjectStore + Clone + 'static, Q: Queue + Clone + 'static> Engine<S, Q> {
+    pub fn new(cfg: EngineConfig, src: S, queue: Q) -> Self {
+        let prefetcher = Prefetcher::new(cfg.concurrency);
+        Self {
+            cfg,
+            src,
+            queue,
+            disks: BTreeMap::new(),
+            last_reconcile: None,
+            prefetcher,
+            to_delete: Vec::new(),
+        }
+    }
+
+    fn disk(&mut self, id: &DiskId) -> Result<&mut Disk, LearnError> {
+        if !self.disks.contains_key(id) {
+            let d = Disk::open(&self.cfg, id)?;
+            self.disks.insert(id.clone(), d);
+        }
+        self.disks.get_mut(id).ok_or_else(|| LearnError::Local {
+            disk: id.to_string(),
+            detail: "vanished".into(),
+        })
+    }
+
+    /// Fetches and validates a manifest and records it as pending. Already applied or
+    /// already pending generations are not fetched again.
+    async fn learn(&mut self, id: &DiskId, generation: u64) -> Result<(), LearnError> {
+        let d = self.disk(id)?;
+        if d.is_applied(generation) || d.pending.contains_key(&generation) {
+            return Ok(());
+        }
+        let res = read_manifest(&self.src, &self.cfg.prefix, id, generation).await;
+        let base = self.cfg.retry_base;
+        let d = self.disk(id)?;
+        let m = match res {
+            Ok(m) => m,
+            Err(e) => {
+                if e.is_transient() {
+                    d.read_later(generation, base);
+                } else {
+                    d.unread.remove(&generation);
+                }
+                return Err(e);
+            }
+        };
+        d.unread.remove(&generation);
+        if m.parent.is_some() && m.parent != d.state.applied {
+            tracing::info!(disk = %id, generation, parent = ?m.parent, applied = ?d.state.applied, "manifest waits for its parent");
+        }
+        d.pending.insert(generation, Arc::new(m));
+        Ok(())
+    }
+
+    /// Reads again the manifests a transient failure left unread, once their back-off
+    /// has passed (`force`: now). Returns how many it read.
+    async fn retry_unread(&mut self, force: bool) -> usize {
+        let now = Instant::now();
+        let due: Vec<(DiskId, u64)> = self
+            .disks
+            .iter()
+            .flat_map(|(id, d)| {
+                d.unread
+                    .iter()
+                    .filter(move |(_, (at, _))| force || *at <= now)
+                    .map(move |(g, _)| (id.clone(), *g))
+            })
+            .collect();
+        let mut read = 0;
+        for (id, g) in due {
+            match self.learn(&id, g).await {
+                Ok(()) => read += 1,
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(disk = %id, generation = g, "manifest still unreadable, will retry: {e}")
+                }
+                Err(e) => {
+                    tracing::error!(disk = %id, generation = g, "manifest rejected: {e}; its messages are left for the dead-letter queue");
+                    if let Some(d) = self.disks.get_mut(&id) {
+                        d.messages.remove(&g);
+                    }
+                }
+            }
+        }
+        read
+    }
+
+    /// Handles one received message; what it deletes waits for `flush_deletes`.
+    async fn handle(&mut self, msg: &Message) {
+        match classify(&self.cfg, &msg.body) {
+            Disposition::Delete(why) => {
+                tracing::debug!(id = %msg.id, why, "deleting message");
+                self.delete(&msg.receipt);
+            }
+            Disposition::Data(refs) => {
+                if self.cfg.prefetch {
+                    for (id, g, offset) in refs {
+                        if let Err(e) = self.disk(&id) {
+                            tracing::debug!(disk = %id, "no prefetch: {e}");
+                            continue;
+                        }
+                        if let Some(d) = self.disks.get_mut(&id) {
+                            self.prefetcher
+                                .start(&self.src, &self.cfg.prefix, &id, d, g, offset);
+                        }
+                    }
+                }
+                self.delete(&msg.receipt);
+            }
+            Disposition::Leave(why) => {
+                tracing::warn!(id = %msg.id, receive_count = msg.receive_count, "{why}; message left for the dead-letter queue");
+            }
+            Disposition::Exports(refs) => {
+                let mut keep = false;
+                for (disk, id) in refs {
+                    keep |= self.learn_export(&disk, &id, Some(msg)).await;
+                }
+                if !keep {
+                    self.delete(&msg.receipt);
+                }
+            }
+            Disposition::Manifests(refs) => {
+                // The message is deleted when the newest generation it names is applied.
+                let mut wait_for: Option<(DiskId, u64)> = None;
+                for (id, g) in refs {
+                    if let Err(e) = self.learn(&id, g).await {
+                        if e.is_transient() {
+                            tracing::warn!(id = %msg.id, disk = %id, generation = g, "manifest not readable for now, held and read again later: {e}");
+                        } else {
+                            tracing::error!(id = %msg.id, disk = %id, generation = g, "manifest rejected: {e}; message left for the dead-letter queue");
+                            return;
+                        }
+                    }
+                    let applied = self.disks.get(&id).and_then(|d| d.state.applied);
+                    if applied.is_none_or(|a| g > a)
+                        && wait_for.as_ref().is_none_or(|(_, w)| g > *w)
+                    {
+                        wait_for = Some((id, g));
+                    }
+                }
+                match wait_for {
+                    None => {
+                        tracing::debug!(id = %msg.id, "manifest already applied (duplicate or late event)");
+                        self.delete(&msg.receipt);
+                    }
+                    Some((id, g)) => {
+                        if let Ok(d) = self.disk(&id) {
+                            hold(d.messages.entry(g).or_default(), msg);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Deletes a handled message, with the others of its batch (see `flush_deletes`).
+    fn delete(&mut self, receipt: &str) {
+        self.to_delete.push(receipt.to_string());
+    }
+
+    /// Deletes the handled messages, ten per request: one request per message made
+    /// deleting, not applying, the receiver's pace for data-object events.
+    async fn flush_deletes(&mut self) {
+        let receipts = std::mem::take(&mut self.to_delete);
+        delete_messages(&self.queue, &receipts).await;
+    }
+
+    /// Lists the bucket and learns every manifest newer than what is applied.
+    pub async fn reconcile(&mut self) {
+        self.last_reconcile = Some(Instant::now());
+        let keys = match self
+            .src
+            .list(&self.cfg.prefix.key_start(), is_control_key)
+            .await
+        {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!("reconcile: {e}");
+                return;
+            }
+        };
+        let answered: std::collections::BTreeSet<&str> = keys
+            .iter()
+            .filter_map(|k| k.strip_suffix(EXPORT_RESULT_FILE))
+            .collect();
+        for k in keys.iter().filter(|k| k.ends_with(EXPORT_REQUEST_FILE)) {
+            let dir = k.trim_end_matches(EXPORT_REQUEST_FILE);
+            if answered.contains(dir) {
+                continue;
+            }
+            if let Ok(ObjectKey::ExportRequest { disk, id }) = ObjectKey::parse(&self.cfg.prefix, k)
+            {
+                self.learn_export(&disk, &id, None).await;
+            }
+        }
+        for k in keys.iter().filter(|k| k.ends_with(MANIFEST_FILE)) {
+            match ObjectKey::parse(&self.cfg.prefix, k) {
+                Ok(ObjectKey::Manifest { disk, generation }) => {
+                    if let Err(e) = self.learn(&disk, generation).await {
+                        tracing::warn!(key = %k, transient = e.is_transient(), "reconcile: manifest not taken up: {e}");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("reconcile: {e}"),
+            }
+        }
+    }
+
+    /// Applies every generation that can be applied now; disks in parallel, each disk's
+    /// generations in order. Returns how many generations were applied.
+    pub async fn drive(&mut self) -> usize {
+        let (src, queue, cfg) = (&self.src, &self.queue, &self.cfg);
+        let results = futures::future::join_all(
+            self.disks
+                .iter_mut()
+                .map(|(id, d)| drive_disk(id, d, src, queue, cfg)),
+        )
+        .await;
+        results.into_iter().sum()
+    }
+
+    /// Keeps held messages invisible, so a manifest waiting for its parent (or for the
+    /// bucket) is not redriven to the dead-letter queue.
+    pub async fn keep_waiting_invisible(&mut self) {
+        let secs = self.cfg.visibility_secs;
+        let held = self.disks.values_mut().flat_map(|d| d.held_mut());
+        extend_due(&self.queue, held, secs).await;
+    }
+
+    /// Reconciles once and applies everything possible (the `sync` command). Manifests
+    /// the bucket failed to serve are read again a few times first.
+    pub async fn sync_once(&mut self) -> usize {
+        self.reconcile().await;
+        let mut total = 0;
+        let mut retries = 0;
+        loop {
+            let n = self.drive().await;
+            total += n;
+            if n > 0 {
+                continue;
+            }
+            let unread = self.disks.values().any(|d| !d.unread.is_empty());
+            if !unread || retries >= 5 {
+                return total;
+            }
+            retries += 1;
+            tokio::time::sleep(Duration::from_secs(1 << retries)).await;
+            self.retry_unread(true).await;
+        }
+    }
+
+    /// One loop iteration: receive a batch, handle it, apply what is ready.
+    pub async fn step(&mut self) -> Result<usize, CloudError> {
+        if let Some(every) = self.cfg.reconcile_every {
+            if self.last_reconcile.is_none_or(|t| t.elapsed() >= every) {
+                self.reconcile().await;
+            }
+        }
+        self.prefetcher.reap();
+        self.retry_unread(false).await;
+        let msgs = self.queue.receive(10, self.cfg.wait).await?;
+        for m in &msgs {
+            self.handle(m).await;
+        }
+        self.flush_deletes().await;
+        let applied = self.drive().await;
+        self.keep_waiting_invisible().await;
+        Ok(applied)
+    }
+
+    pub fn status(&self) -> Vec<DiskStatus> {
+        self.disks
+            .iter()
+            .map(|(id, d)| disk_status(id, &d.state, &d.paths, d.pending.keys().copied().collect()))
+            .collect()
+    }
+
+    /// Loads every disk that has a state file (for `status`).
+    pub fn load_known_disks(&mut self) {
+        for id in known_disks(&self.cfg.state_dir) {
+            let _ = self.disk(&id);
+        }
+    }
+}
+
+/// Disks with a state file under `state_dir` (`site/vm/disk.json`).
+pub fn known_disks(state_dir: &std::path::Path) -> Vec<DiskId> {
+    let mut out = Vec::new();
+    let dirs = |p: &std::path::Path| -> Vec<(String, PathBuf)> {
+        std::fs::read_dir(p)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for (site, sp) in dirs(state_dir) {
+        for (vm, vp) in dirs(&sp) {
+            for (file, _) in dirs(&vp) {
+                if let Some(disk) = file.strip_suffix(".json") {
+                    if let Ok(id) = DiskId::new(&site, &vm, disk) {
+                        out.push(id);
+                    }
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Every known disk's status from local state alone (no bucket, no queue).
+pub fn local_status(image_dir: &std::path::Path, state_dir: &std::path::Path) -> Vec<DiskStatus> {
+    known_disks(state_dir)
+        .into_iter()
+        .filter_map(|id| {
+            let paths = DiskPaths::new(image_dir, state_dir, &id);
+            match crate::state::load(&paths, &id) {
+                Ok(st) => Some(disk_status(&id, &st, &paths, Vec::new())),
+                Err(e) => {
+                    tracing::warn!(disk = %id, "{e}");
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+pub fn disk_status(
+    id: &DiskId,
+    st: &DiskState,
+    paths: &DiskPaths,
+    pending: Vec<u64>,
+) -> DiskStatus {
+    DiskStatus {
+        disk: id.to_string(),
+        applied: st.applied,
+        snapshot_time: st.snapshot_time,
+        lag_seconds: st.snapshot_time.map(|t| (Utc::now() - t).num_seconds()),
+        pending,
+        image: paths.image.display().to_string(),
+        disk_size: st.disk_size,
+        allocated_bytes: crate::image::allocated_bytes(&paths.image).unwrap_or(0),
+    }
+}
