@@ -34,7 +34,9 @@ where
     F: Future<Output = anyhow::Result<()>>,
 {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn")
+        // The SDK's own warnings (an instance-metadata lookup refused off EC2, with a dump
+        // of the HTTP answer) are noise: pilotlight says what it needs in one line.
+        tracing_subscriber::EnvFilter::new("info,aws_config=error,aws_smithy_runtime=error")
     });
     let sub = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -57,10 +59,28 @@ where
     match rt.block_on(main) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("{name}: error: {}", format!("{e:#}").replace('\n', " "));
+            eprintln!("{name}: error: {}", error_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, each cause named once: many errors already
+/// print their source in their own message (`cannot open disk X: No such file ...`), so
+/// a cause whose text is already there is not repeated.
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out.replace('\n', " ")
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
@@ -76,5 +96,28 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {},
         _ = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot open disk /x: {source}")]
+    struct Open {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn each_cause_is_named_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let e = anyhow::Error::new(Open { source: io }).context("send failed");
+        assert_eq!(
+            error_line(&e),
+            "send failed: cannot open disk /x: No such file or directory"
+        );
+        let plain = anyhow::anyhow!("first\nline").context("outer");
+        assert_eq!(error_line(&plain), "outer: first line");
     }
 }

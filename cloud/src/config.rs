@@ -152,7 +152,7 @@ impl Aws {
     /// The bucket, through the SDK.
     #[cfg(feature = "s3")]
     pub fn s3(&self, bucket: impl Into<String>) -> crate::s3::SdkS3 {
-        crate::s3::SdkS3::new(self.s3_client(), bucket)
+        crate::s3::SdkS3::new(self.s3_client(), bucket).with_endpoint(self.endpoint_name())
     }
 
     #[cfg(feature = "sqs")]

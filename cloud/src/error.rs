@@ -43,12 +43,12 @@ impl ErrorKind {
     fn what(self) -> &'static str {
         match self {
             ErrorKind::NotFound => "not found",
-            ErrorKind::NoSuchBucket => "no such bucket",
+            ErrorKind::NoSuchBucket => "the bucket does not exist",
             ErrorKind::AccessDenied => "access denied",
             ErrorKind::PreconditionFailed => "precondition failed",
             ErrorKind::TooLarge => "too large",
             ErrorKind::Throttled => "throttled",
-            ErrorKind::Unreachable => "no answer from the endpoint",
+            ErrorKind::Unreachable => "cannot reach the endpoint",
             ErrorKind::ServerError => "service error",
             ErrorKind::Invalid => "request refused",
         }
@@ -211,7 +211,7 @@ where
     E: aws_smithy_types::error::metadata::ProvideErrorMetadata + std::error::Error + 'static,
 {
     use aws_smithy_runtime_api::client::result::SdkError;
-    let detail = one_line(&aws_smithy_types::error::display::DisplayErrorContext(e).to_string());
+    let detail = causes(e);
     let (kind, code) = match e {
         SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
             (ErrorKind::Unreachable, None)
@@ -232,6 +232,23 @@ where
         code,
         detail,
     }
+}
+
+/// An error and its sources by their Display only (no Debug dumps), each said once.
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = String::new();
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !out.contains(&t) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&t);
+        }
+        cur = c.source();
+    }
+    one_line(&out)
 }
 
 /// Collapses whitespace: one error, one log line.

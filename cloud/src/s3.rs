@@ -471,6 +471,8 @@ mod sdk {
     pub struct SdkS3 {
         pub client: aws_sdk_s3::Client,
         pub bucket: String,
+        /// Where requests go, named in "cannot reach" errors.
+        pub endpoint: String,
     }
 
     impl SdkS3 {
@@ -478,7 +480,13 @@ mod sdk {
             SdkS3 {
                 client,
                 bucket: bucket.into(),
+                endpoint: "AWS S3".into(),
             }
+        }
+
+        pub fn with_endpoint(mut self, endpoint: impl Into<String>) -> Self {
+            self.endpoint = endpoint.into();
+            self
         }
 
         fn err<E>(
@@ -490,7 +498,11 @@ mod sdk {
         where
             E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
         {
-            from_sdk("S3", op, s3_resource(&self.bucket, key), e)
+            let mut e = from_sdk("S3", op, s3_resource(&self.bucket, key), e);
+            if e.kind == ErrorKind::Unreachable {
+                e.detail = format!("{}: {}", self.endpoint, e.detail);
+            }
+            e
         }
 
         /// Reads a body, refusing more than `max_len` bytes whatever the headers said.

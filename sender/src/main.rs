@@ -594,7 +594,7 @@ async fn run(cli: Cli) -> Result<()> {
                 tokio::select! {
                     _ = &mut stop => { tracing::info!("stop signal: run cancelled, it resumes next time"); return Ok(()) }
                     res = send_once(&r, &store) => {
-                        if let Err(e) = res { tracing::error!("run failed: {e:#}"); }
+                        if let Err(e) = res { tracing::error!("run failed: {}", pilotlight_cli::error_line(&e)); }
                     }
                 }
             }

@@ -152,7 +152,7 @@ async fn duplicated_and_reordered_events_apply_in_order_byte_identical() {
     let log = std::fs::read_to_string(tmp.path().join("receiver.log")).unwrap();
     let applied5 = log
         .lines()
-        .find(|l| l.contains("engine: applied ") && l.contains("generation=5 "))
+        .find(|l| l.contains(" applied disk=") && l.contains("generation=5 "))
         .unwrap_or_else(|| panic!("no apply of generation 5 in the log:\n{log}"));
     assert!(
         applied5.contains(&format!("prefetched={objects5} ")),
@@ -222,7 +222,7 @@ async fn bad_events_and_bad_generations_change_nothing_and_reach_the_dlq() {
                 "2",
             ],
         )
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(tmp.path().join("receiver.log")).unwrap())
         .spawn()
         .unwrap(),
     );
@@ -312,7 +312,12 @@ async fn bad_events_and_bad_generations_change_nothing_and_reach_the_dlq() {
         (visible as usize >= bad.len()).then_some(visible)
     })
     .await;
-    assert_eq!(dead as usize, bad.len(), "exactly the bad messages");
+    assert_eq!(
+        dead as usize,
+        bad.len(),
+        "exactly the bad messages; receiver log:\n{}",
+        std::fs::read_to_string(tmp.path().join("receiver.log")).unwrap_or_default()
+    );
     // The waiting manifest (parent 8 missing) is kept in flight, not dead-lettered.
     let (_, in_flight) = stack.depth(&q).await;
     assert!(in_flight >= 1, "the waiting manifest's message is held");

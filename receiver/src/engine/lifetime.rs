@@ -40,8 +40,8 @@ impl KeepAlive {
     pub fn start<Q: Queue + Clone + 'static>(queue: &Q, receipts: Vec<String>, secs: i32) -> Self {
         let q = queue.clone();
         KeepAlive(tokio::spawn(async move {
+            // The first tick is immediate: the work may start long after the last extension.
             let mut tick = tokio::time::interval(Duration::from_secs((secs / 2).max(1) as u64));
-            tick.tick().await;
             loop {
                 tick.tick().await;
                 for r in &receipts {
