@@ -8,7 +8,7 @@ use pilotlight_cloud::AwsSettings;
 use pilotlight_cloud::MemoryQueue;
 use pilotlight_protocol::Prefix;
 use pilotlight_receiver::engine::{local_status, Engine, EngineConfig};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,7 +47,7 @@ enum Command {
 
 /// Each setting: a flag, else its environment variable, else the TOML config file (same
 /// names, kebab-case), else its default.
-#[derive(Args, Debug, Default, Deserialize)]
+#[derive(Args, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct Settings {
     /// TOML config file with any of these settings.
@@ -99,36 +99,9 @@ struct Settings {
 }
 
 impl Settings {
-    fn with_file(mut self) -> Result<Self> {
-        let Some(path) = self.config.clone() else {
-            return Ok(self);
-        };
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read config file {}", path.display()))?;
-        let mut f: Settings = toml::from_str(&text).map_err(|e| {
-            anyhow::anyhow!(
-                "config file {}: {}",
-                path.display(),
-                e.to_string().replace('\n', " ")
-            )
-        })?;
-        macro_rules! fill { ($($x:ident),*) => { $( if self.$x.is_none() { self.$x = f.$x.take(); } )* } }
-        fill!(
-            queue_url,
-            bucket,
-            prefix,
-            endpoint_url,
-            region,
-            max_attempts,
-            image_dir,
-            state_dir,
-            concurrency,
-            wait_seconds,
-            visibility_timeout,
-            reconcile_every,
-            prefetch
-        );
-        Ok(self)
+    fn with_file(self) -> Result<Self> {
+        let file = self.config.clone();
+        pilotlight_cli::with_config_file(self, file.as_deref())
     }
 
     fn engine_config(&self) -> Result<EngineConfig> {

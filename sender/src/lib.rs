@@ -25,18 +25,25 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Everything one run needs, resolved from config file, environment and flags.
+/// Where and how every disk of a run is uploaded, resolved from config file,
+/// environment and flags.
 #[derive(Debug, Clone)]
-pub struct SendOptions {
-    pub disk: DiskId,
+pub struct UploadSettings {
     pub prefix: Prefix,
-    pub source: SourceSpec,
     pub max_object: u64,
     pub zstd_level: Option<i32>,
     pub concurrency: usize,
     pub bwlimit: Option<u64>,
     pub state_dir: PathBuf,
     pub dry_run: bool,
+}
+
+/// One disk to send: which disk, where its bytes come from, and what its manifest says
+/// of the source.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub disk: DiskId,
+    pub source: SourceSpec,
     pub change_id: Option<String>,
     pub snapshot_time: Option<DateTime<Utc>>,
     pub consistency: Consistency,
@@ -111,20 +118,21 @@ impl Summary {
 /// Sends one generation. With `dry_run`, reads and encodes everything but uploads
 /// nothing and leaves the state untouched.
 pub async fn send_generation<S: ObjectStore>(
-    opts: &SendOptions,
+    up: &UploadSettings,
+    target: &Target,
     store: &S,
     progress: &dyn ProgressFactory,
 ) -> Result<Summary, SendError> {
     let started = Instant::now();
-    let lock = if opts.dry_run {
+    let lock = if up.dry_run {
         None
     } else {
-        Some(StateDir::open(&opts.state_dir, &opts.disk)?)
+        Some(StateDir::open(&up.state_dir, &target.disk)?)
     };
     let mut st = match &lock {
-        Some(sd) => sd.load(&opts.disk)?,
-        None => state::peek(&opts.state_dir, &opts.disk)?.unwrap_or(state::DiskState {
-            disk: opts.disk.clone(),
+        Some(sd) => sd.load(&target.disk)?,
+        None => state::peek(&up.state_dir, &target.disk)?.unwrap_or(state::DiskState {
+            disk: target.disk.clone(),
             last_committed: None,
             last_change_id: None,
             last_snapshot_time: None,
@@ -135,18 +143,22 @@ pub async fn send_generation<S: ObjectStore>(
     // A generation whose data is all up but whose manifest may not be: finish it first.
     if let (Some(sd), Some(p)) = (&lock, st.pending.clone()) {
         if p.phase == Phase::Committing {
-            finish_commit(opts, store, sd, &mut st, &p).await?;
+            finish_commit(up, target, store, sd, &mut st, &p).await?;
         }
     }
 
     // Validate all input before anything is uploaded.
-    let source = Arc::new(OpenSource::open_async(&opts.source).await?);
+    let source = Arc::new(OpenSource::open_async(&target.source).await?);
     let resumed = st.pending.is_some();
     let (generation, snapshot_time) = match &st.pending {
-        Some(p) => (p.generation, opts.snapshot_time.unwrap_or(p.snapshot_time)),
+        Some(p) => (
+            p.generation,
+            target.snapshot_time.unwrap_or(p.snapshot_time),
+        ),
         None => (
             st.last_committed.map_or(1, |g| g + 1),
-            opts.snapshot_time
+            target
+                .snapshot_time
                 .unwrap_or_else(|| Utc::now().trunc_subsecs(3)),
         ),
     };
@@ -157,13 +169,13 @@ pub async fn send_generation<S: ObjectStore>(
     };
     if parent.is_none() && !source.self_contained {
         tracing::warn!(
-            disk = %opts.disk,
+            disk = %target.disk,
             "first generation from a {} source: it becomes the base, so it must list every allocated extent (e.g. changeId \"*\")",
             source.kind
         );
     }
     tracing::info!(
-        disk = %opts.disk, generation, ?parent, source = %source.describe(), resumed,
+        disk = %target.disk, generation, ?parent, source = %source.describe(), resumed,
         to_read = source.to_read.iter().map(|e| e.length).sum::<u64>(),
         holes = source.known_zero.iter().map(|e| e.length).sum::<u64>(),
         "sending generation"
@@ -178,14 +190,14 @@ pub async fn send_generation<S: ObjectStore>(
     }
 
     let popts = PipelineOptions {
-        prefix: opts.prefix.clone(),
-        disk: opts.disk.clone(),
+        prefix: up.prefix.clone(),
+        disk: target.disk.clone(),
         generation,
-        max_object: opts.max_object,
-        zstd_level: opts.zstd_level,
-        concurrency: opts.concurrency,
+        max_object: up.max_object,
+        zstd_level: up.zstd_level,
+        concurrency: up.concurrency,
     };
-    let bandwidth = opts.bwlimit.map(|b| Bandwidth::new(b, opts.max_object));
+    let bandwidth = up.bwlimit.map(|b| Bandwidth::new(b, up.max_object));
     let total: u64 = source.to_read.iter().map(|e| e.length).sum();
     let bar = progress.start(total);
     let out = pipeline::run(source.clone(), store, &popts, bandwidth.as_ref(), &*bar).await?;
@@ -197,25 +209,25 @@ pub async fn send_generation<S: ObjectStore>(
     let zero_ranges = pilotlight_protocol::extent::coalesce(zero_ranges);
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
-        disk: opts.disk.clone(),
+        disk: target.disk.clone(),
         generation,
         parent,
         disk_size: source.disk_size,
-        max_object: opts.max_object,
+        max_object: up.max_object,
         source_kind: source.kind.to_string(),
-        source_change_id: opts.change_id.clone(),
+        source_change_id: target.change_id.clone(),
         snapshot_time,
-        consistency: opts.consistency,
+        consistency: target.consistency,
         objects: out.objects,
         zero_ranges,
         created_by: concat!("pilotlight-sender ", env!("CARGO_PKG_VERSION")).to_string(),
     };
     manifest.validate()?;
     let manifest_key = ObjectKey::Manifest {
-        disk: opts.disk.clone(),
+        disk: target.disk.clone(),
         generation,
     }
-    .to_key(&opts.prefix);
+    .to_key(&up.prefix);
 
     if let Some(sd) = &lock {
         // Save the manifest, then say so: a crash from here on re-puts exactly it.
@@ -227,15 +239,15 @@ pub async fn send_generation<S: ObjectStore>(
         };
         st.pending = Some(committing.clone());
         sd.save(&st)?;
-        finish_commit(opts, store, sd, &mut st, &committing).await?;
+        finish_commit(up, target, store, sd, &mut st, &committing).await?;
     }
 
     Ok(Summary {
-        disk: opts.disk.to_string(),
+        disk: target.disk.to_string(),
         generation,
         parent,
         manifest_key,
-        dry_run: opts.dry_run,
+        dry_run: up.dry_run,
         resumed,
         disk_size: manifest.disk_size,
         objects: manifest.objects.len(),
@@ -250,7 +262,8 @@ pub async fn send_generation<S: ObjectStore>(
 
 /// PUTs the saved manifest of a Committing generation and records the commit.
 async fn finish_commit<S: ObjectStore>(
-    opts: &SendOptions,
+    up: &UploadSettings,
+    target: &Target,
     store: &S,
     sd: &StateDir,
     st: &mut state::DiskState,
@@ -263,17 +276,17 @@ async fn finish_commit<S: ObjectStore>(
         why,
     };
     let manifest = Manifest::from_json(&bytes).map_err(|e| bad(e.to_string()))?;
-    if manifest.generation != pending.generation || manifest.disk != opts.disk {
+    if manifest.generation != pending.generation || manifest.disk != target.disk {
         return Err(bad(format!(
             "it is {} generation {}",
             manifest.disk, manifest.generation
         )));
     }
     let key = ObjectKey::Manifest {
-        disk: opts.disk.clone(),
+        disk: target.disk.clone(),
         generation: pending.generation,
     }
-    .to_key(&opts.prefix);
+    .to_key(&up.prefix);
     let sha: [u8; 32] = Sha256::digest(&bytes).into();
     store
         .put(&key, Bytes::from(bytes), PutOptions::checksum(sha))
@@ -341,21 +354,25 @@ mod tests {
     use pilotlight_cloud::{Fault, MemoryStore};
     use std::os::unix::fs::FileExt;
 
-    fn opts(disk: &std::path::Path, state: &std::path::Path) -> SendOptions {
-        SendOptions {
-            disk: DiskId::parse("s/v/d").unwrap(),
-            prefix: Prefix::new("p").unwrap(),
-            source: SourceSpec::Full { disk: disk.into() },
-            max_object: 1 << 20,
-            zstd_level: Some(3),
-            concurrency: 4,
-            bwlimit: None,
-            state_dir: state.into(),
-            dry_run: false,
-            change_id: Some("c1".into()),
-            snapshot_time: None,
-            consistency: Consistency::Crash,
-        }
+    fn opts(disk: &std::path::Path, state: &std::path::Path) -> (UploadSettings, Target) {
+        (
+            UploadSettings {
+                prefix: Prefix::new("p").unwrap(),
+                max_object: 1 << 20,
+                zstd_level: Some(3),
+                concurrency: 4,
+                bwlimit: None,
+                state_dir: state.into(),
+                dry_run: false,
+            },
+            Target {
+                disk: DiskId::parse("s/v/d").unwrap(),
+                source: SourceSpec::Full { disk: disk.into() },
+                change_id: Some("c1".into()),
+                snapshot_time: None,
+                consistency: Consistency::Crash,
+            },
+        )
     }
 
     /// An 8 MiB sparse disk with 3 MiB of data at 1 MiB.
@@ -370,16 +387,16 @@ mod tests {
     #[tokio::test]
     async fn a_failed_manifest_put_is_finished_by_the_next_run() {
         let tmp = tempfile::tempdir().unwrap();
-        let o = opts(&sample_disk(tmp.path()), &tmp.path().join("state"));
+        let (o, t) = opts(&sample_disk(tmp.path()), &tmp.path().join("state"));
 
         // Three 1 MiB objects go up, then the manifest PUT fails.
         let failing = MemoryStore::default();
         failing.faults.add(Fault::on("PutObject").after(3).always());
-        let err = send_generation(&o, &failing, &NoProgress)
+        let err = send_generation(&o, &t, &failing, &NoProgress)
             .await
             .unwrap_err();
         assert!(matches!(err, SendError::Store(_)), "{err}");
-        let st = state::peek(&o.state_dir, &o.disk).unwrap().unwrap();
+        let st = state::peek(&o.state_dir, &t.disk).unwrap().unwrap();
         assert_eq!(st.last_committed, None);
         assert_eq!(
             st.pending.as_ref().map(|p| p.phase.clone()),
@@ -388,7 +405,7 @@ mod tests {
 
         // The next run first puts the saved manifest of generation 1, then sends 2.
         let store = MemoryStore::default();
-        let s = send_generation(&o, &store, &NoProgress).await.unwrap();
+        let s = send_generation(&o, &t, &store, &NoProgress).await.unwrap();
         assert_eq!(s.generation, 2);
         let objects = store.objects();
         let m1 =
@@ -396,7 +413,7 @@ mod tests {
         assert_eq!(m1.generation, 1);
         assert_eq!(m1.objects.len(), 3);
         assert!(objects.contains_key("p/s/v/d/g/00000000000000000002/manifest.json"));
-        let st = state::peek(&o.state_dir, &o.disk).unwrap().unwrap();
+        let st = state::peek(&o.state_dir, &t.disk).unwrap().unwrap();
         assert_eq!((st.last_committed, st.pending), (Some(2), None));
         assert_eq!(st.last_change_id.as_deref(), Some("c1"));
     }
@@ -404,15 +421,15 @@ mod tests {
     #[tokio::test]
     async fn a_failed_upload_leaves_no_manifest_and_the_rerun_reuses_the_generation() {
         let tmp = tempfile::tempdir().unwrap();
-        let o = opts(&sample_disk(tmp.path()), &tmp.path().join("state"));
+        let (o, t) = opts(&sample_disk(tmp.path()), &tmp.path().join("state"));
         let failing = MemoryStore::default();
         failing.faults.add(Fault::on("PutObject").after(1).always());
-        send_generation(&o, &failing, &NoProgress)
+        send_generation(&o, &t, &failing, &NoProgress)
             .await
             .unwrap_err();
         assert!(failing.keys().iter().all(|k| !k.ends_with("manifest.json")));
         let store = MemoryStore::default();
-        let s = send_generation(&o, &store, &NoProgress).await.unwrap();
+        let s = send_generation(&o, &t, &store, &NoProgress).await.unwrap();
         assert_eq!((s.generation, s.resumed), (1, true));
     }
 }

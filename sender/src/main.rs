@@ -8,8 +8,10 @@ use pilotlight_protocol::{
     Consistency, DiskId, Prefix, DEFAULT_MAX_OBJECT, MAX_OBJECT_LIMIT, SPLIT_ALIGN,
 };
 use pilotlight_sender::source::SourceSpec;
-use pilotlight_sender::{send_generation, BarProgress, NoProgress, ProgressFactory, SendOptions};
-use serde::Deserialize;
+use pilotlight_sender::{
+    send_generation, BarProgress, NoProgress, ProgressFactory, Target, UploadSettings,
+};
+use serde::{Deserialize, Serialize};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -89,7 +91,7 @@ struct VsphereArgs {
     send: SendArgs,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum, Deserialize)]
+#[derive(Debug, Clone, Copy, ValueEnum, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 enum SourceKind {
     /// A changed-extent list (--extents) plus the disk (--disk).
@@ -103,14 +105,14 @@ enum SourceKind {
     Nbd,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum, Deserialize)]
+#[derive(Debug, Clone, Copy, ValueEnum, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 enum Compression {
     Zstd,
     None,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum, Deserialize)]
+#[derive(Debug, Clone, Copy, ValueEnum, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 enum ConsistencyArg {
     Crash,
@@ -119,7 +121,7 @@ enum ConsistencyArg {
 
 /// Settings of `send`. Each comes from a flag, else its environment variable, else the
 /// TOML config file (same names, kebab-case), else its default.
-#[derive(Args, Debug, Default, Deserialize)]
+#[derive(Args, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct SendArgs {
     /// TOML config file with any of these settings.
@@ -210,56 +212,11 @@ struct SendArgs {
     no_progress: bool,
 }
 
-macro_rules! merge_options {
-    ($a:expr, $b:expr, $($f:ident),*) => { $( if $a.$f.is_none() { $a.$f = $b.$f.take(); } )* };
-}
-
 impl SendArgs {
     /// Fills every setting not given by flag or environment from the config file.
-    fn with_file(mut self) -> Result<Self> {
-        let Some(path) = self.config.clone() else {
-            return Ok(self);
-        };
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read config file {}", path.display()))?;
-        let mut file: SendArgs = toml::from_str(&text).map_err(|e| {
-            anyhow::anyhow!(
-                "config file {}: {}",
-                path.display(),
-                e.to_string().replace('\n', " ")
-            )
-        })?;
-        merge_options!(
-            self,
-            file,
-            bucket,
-            prefix,
-            endpoint_url,
-            region,
-            disk_id,
-            source,
-            disk,
-            extents,
-            spool,
-            disk_size,
-            nbd,
-            bitmap,
-            change_id,
-            snapshot_time,
-            consistency,
-            max_object,
-            compression,
-            zstd_level,
-            concurrency,
-            bwlimit,
-            max_attempts,
-            state_dir,
-            every
-        );
-        self.dry_run |= file.dry_run;
-        self.json |= file.json;
-        self.no_progress |= file.no_progress;
-        Ok(self)
+    fn with_file(self) -> Result<Self> {
+        let file = self.config.clone();
+        pilotlight_cli::with_config_file(self, file.as_deref())
     }
 }
 
@@ -334,7 +291,9 @@ fn resolve_source(a: &SendArgs) -> Result<(DiskId, SourceSpec)> {
 }
 
 struct Resolved {
-    opts: SendOptions,
+    upload: UploadSettings,
+    /// The disk to send (`send`); `None` where the source decides the disks (vSphere).
+    target: Option<Target>,
     bucket: String,
     endpoint_url: Option<String>,
     region: Option<String>,
@@ -344,16 +303,14 @@ struct Resolved {
     progress: bool,
 }
 
-fn resolve(a: SendArgs) -> Result<Resolved> {
-    resolve_with(a, None)
-}
-
-/// `fixed`: the disk and source, when the caller decides them (the vSphere source).
-fn resolve_with(a: SendArgs, fixed: Option<(DiskId, SourceSpec)>) -> Result<Resolved> {
+/// The run's settings; with `with_target`, also the one disk to send and its source
+/// (`send`), which the vSphere source decides for itself.
+fn resolve(a: SendArgs, with_target: bool) -> Result<Resolved> {
     let a = a.with_file()?;
-    let (disk, source) = match fixed {
-        Some(f) => f,
-        None => resolve_source(&a)?,
+    let disk_source = if with_target {
+        Some(resolve_source(&a)?)
+    } else {
+        None
     };
     let prefix_s = a.prefix.as_deref().unwrap_or("pilotlight");
     let prefix = Prefix::new(prefix_s).with_context(|| format!("--prefix {prefix_s:?}"))?;
@@ -401,11 +358,24 @@ fn resolve_with(a: SendArgs, fixed: Option<(DiskId, SourceSpec)>) -> Result<Reso
     if concurrency == 0 || concurrency > 256 {
         bail!("--concurrency {concurrency} must be 1 to 256");
     }
+    let target = disk_source.map(|(disk, source)| Target {
+        disk,
+        source,
+        // A bitmap names the change set it holds: record it unless told otherwise.
+        change_id: a.change_id.clone().or_else(|| {
+            matches!(a.source, Some(SourceKind::Nbd))
+                .then(|| a.bitmap.as_ref().map(|b| format!("qemu-dirty-bitmap:{b}")))
+                .flatten()
+        }),
+        snapshot_time,
+        consistency: match a.consistency.unwrap_or(ConsistencyArg::Crash) {
+            ConsistencyArg::Crash => Consistency::Crash,
+            ConsistencyArg::Application => Consistency::Application,
+        },
+    });
     Ok(Resolved {
-        opts: SendOptions {
-            disk,
+        upload: UploadSettings {
             prefix,
-            source,
             max_object,
             zstd_level,
             concurrency,
@@ -415,18 +385,8 @@ fn resolve_with(a: SendArgs, fixed: Option<(DiskId, SourceSpec)>) -> Result<Reso
                 .clone()
                 .unwrap_or_else(|| PathBuf::from("/var/lib/pilotlight/sender")),
             dry_run: a.dry_run,
-            // A bitmap names the change set it holds: record it unless told otherwise.
-            change_id: a.change_id.clone().or_else(|| {
-                matches!(a.source, Some(SourceKind::Nbd))
-                    .then(|| a.bitmap.as_ref().map(|b| format!("qemu-dirty-bitmap:{b}")))
-                    .flatten()
-            }),
-            snapshot_time,
-            consistency: match a.consistency.unwrap_or(ConsistencyArg::Crash) {
-                ConsistencyArg::Crash => Consistency::Crash,
-                ConsistencyArg::Application => Consistency::Application,
-            },
         },
+        target,
         bucket,
         endpoint_url: a.endpoint_url.clone(),
         region: a.region.clone(),
@@ -445,16 +405,16 @@ fn s3_store(r: &Resolved) -> LazyS3 {
     LazyS3::new(settings, r.bucket.clone())
 }
 
-async fn send_once(r: &Resolved, store: &LazyS3) -> Result<()> {
+async fn send_once(r: &Resolved, target: &Target, store: &LazyS3) -> Result<()> {
     let progress: &dyn ProgressFactory = if r.progress {
         &BarProgress
     } else {
         &NoProgress
     };
-    let summary = if r.opts.dry_run {
-        send_generation(&r.opts, &MemoryStore::discarding(), progress).await?
+    let summary = if r.upload.dry_run {
+        send_generation(&r.upload, target, &MemoryStore::discarding(), progress).await?
     } else {
-        send_generation(&r.opts, store, progress).await?
+        send_generation(&r.upload, target, store, progress).await?
     };
     if r.json {
         println!("{}", serde_json::to_string(&summary)?);
@@ -490,19 +450,13 @@ async fn run(cli: Cli) -> Result<()> {
                 )?,
             };
             let vm_id = v.vm_id.clone().unwrap_or_else(|| v.vm.clone());
-            let placeholder =
-                DiskId::parse(&format!("{}/{vm_id}/disk-0", v.site)).with_context(|| {
-                    format!(
-                        "--site {:?} / VM id {vm_id:?}: names are [A-Za-z0-9._-]; give --vm-id",
-                        v.site
-                    )
+            // Each disk's id is site/vm-id/disk-KEY: check the names now, not mid-run.
+            for (what, name) in [("--site", &v.site), ("VM id", &vm_id)] {
+                pilotlight_protocol::Name::new(name).with_context(|| {
+                    format!("{what} {name:?}: names are [A-Za-z0-9._-]; give --vm-id")
                 })?;
-            let source = SourceSpec::NbdChanged {
-                uri: String::new(),
-                changed: Vec::new(),
-                full: true,
-            };
-            let r = resolve_with(v.send.with_file()?, Some((placeholder, source)))?;
+            }
+            let r = resolve(v.send.with_file()?, false)?;
             let store = s3_store(&r);
             let run = pilotlight_sender::vsphere::VsphereRun {
                 connect: pilotlight_vsphere::ConnectOptions {
@@ -525,7 +479,7 @@ async fn run(cli: Cli) -> Result<()> {
                     .clone()
                     .or(v.thumbprint.clone())
                     .unwrap_or_default(),
-                send: r.opts.clone(),
+                upload: r.upload.clone(),
             };
             let progress: &dyn ProgressFactory = if r.progress {
                 &BarProgress
@@ -544,7 +498,7 @@ async fn run(cli: Cli) -> Result<()> {
                     std::future::pending::<()>().await;
                 }
             };
-            let report = if r.opts.dry_run {
+            let report = if r.upload.dry_run {
                 pilotlight_sender::vsphere::protect_vm(
                     &run,
                     &MemoryStore::discarding(),
@@ -575,10 +529,11 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Send(a) => {
-            let r = resolve(*a)?;
+            let r = resolve(*a, true)?;
+            let target = r.target.clone().context("no disk to send")?;
             let store = s3_store(&r);
             let Some(every) = r.every else {
-                return send_once(&r, &store).await;
+                return send_once(&r, &target, &store).await;
             };
             // Daemon mode: a failed run is logged and retried at the next tick; a stop
             // signal cancels the current run, whose state says where to resume.
@@ -593,7 +548,7 @@ async fn run(cli: Cli) -> Result<()> {
                 }
                 tokio::select! {
                     _ = &mut stop => { tracing::info!("stop signal: run cancelled, it resumes next time"); return Ok(()) }
-                    res = send_once(&r, &store) => {
+                    res = send_once(&r, &target, &store) => {
                         if let Err(e) = res { tracing::error!("run failed: {}", pilotlight_cli::error_line(&e)); }
                     }
                 }

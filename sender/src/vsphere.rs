@@ -10,7 +10,7 @@
 //! removed on every exit path: success, error, and a stop signal.
 
 use crate::source::SourceSpec;
-use crate::{send_generation, ProgressFactory, SendError, SendOptions, Summary};
+use crate::{send_generation, ProgressFactory, SendError, Summary, Target, UploadSettings};
 use pilotlight_cloud::ObjectStore;
 use pilotlight_protocol::{Consistency, DiskId, Extent};
 use pilotlight_vsphere::{ConnectOptions, Disk, MoRef, Session, VsError};
@@ -54,7 +54,7 @@ pub enum VsphereError {
     Name(String),
 }
 
-/// What a run needs besides the per-disk send settings.
+/// What a run needs; each disk's [`Target`] is built from what vSphere says of it.
 #[derive(Debug, Clone)]
 pub struct VsphereRun {
     pub connect: ConnectOptions,
@@ -70,9 +70,8 @@ pub struct VsphereRun {
     pub nbd_command: String,
     pub vddk_libdir: String,
     pub vddk_thumbprint: String,
-    /// Template for every disk's send (its `disk`, `source`, `change_id`, time and
-    /// consistency are filled in per disk).
-    pub send: SendOptions,
+    /// How every disk is uploaded.
+    pub upload: UploadSettings,
 }
 
 /// What happened, for the summary.
@@ -300,7 +299,7 @@ async fn copy_disks<S: ObjectStore>(
         .into_iter()
         .filter(|d| d.skip.is_none())
         .collect();
-    let state_dir = &run.send.state_dir;
+    let state_dir = &run.upload.state_dir;
     let mut ids = load_change_ids(state_dir, &run.site, &run.vm_id)?;
     // VDDK reads the password from a file (`password=+FILE`): a private temp file.
     let password_file = tempfile::NamedTempFile::new()
@@ -335,20 +334,21 @@ async fn copy_disks<S: ObjectStore>(
         let full = from == "*" || reset;
         let changed: Vec<Extent> = areas.iter().map(|(o, l)| Extent::new(*o, *l)).collect();
         let server = DataPath::start(run, vm, snapshot, &disk, password_file.path()).await?;
-        let mut opts = run.send.clone();
-        opts.disk = id.clone();
-        opts.source = SourceSpec::NbdChanged {
-            uri: server.uri.clone(),
-            changed,
-            full,
+        let target = Target {
+            disk: id.clone(),
+            source: SourceSpec::NbdChanged {
+                uri: server.uri.clone(),
+                changed,
+                full,
+            },
+            change_id: disk.change_id.clone(),
+            snapshot_time: Some(snap_time),
+            consistency,
         };
-        opts.change_id = disk.change_id.clone();
-        opts.snapshot_time = Some(snap_time);
-        opts.consistency = consistency;
-        let summary = send_generation(&opts, store, progress).await?;
+        let summary = send_generation(&run.upload, &target, store, progress).await?;
         drop(server);
         // Committed: only now does the next run start from this snapshot's changeId.
-        if !opts.dry_run {
+        if !run.upload.dry_run {
             match &disk.change_id {
                 Some(c) => {
                     ids.disks.insert(disk_name.clone(), c.clone());
