@@ -29,6 +29,9 @@ pub struct ImportRequest {
     pub license_type: Option<String>,
     pub description: String,
     pub tags: Vec<(String, String)>,
+    /// Idempotency token (EC2 `ClientToken`, at most 64 ASCII characters): a retried or
+    /// repeated call with the same token starts no second import.
+    pub client_token: String,
 }
 
 /// An import task as `DescribeImportImageTasks` reports it.
@@ -52,6 +55,10 @@ pub struct LaunchRequest {
     pub security_group_ids: Vec<String>,
     pub private_ip: Option<String>,
     pub tags: Vec<(String, String)>,
+    /// Idempotency token (EC2 `ClientToken`, at most 64 ASCII characters): the same token
+    /// with the same parameters returns the instance already launched; with other
+    /// parameters EC2 answers `IdempotentParameterMismatch`.
+    pub client_token: String,
 }
 
 /// The EC2 calls of the DR flow.
@@ -85,6 +92,8 @@ pub struct MemoryEc2State {
     pub images: BTreeMap<String, String>,
     pub snapshots: Vec<String>,
     pub calls: Vec<String>,
+    /// RunInstances client tokens and the instance each launched.
+    pub launch_tokens: BTreeMap<String, String>,
 }
 
 /// EC2 in memory (unit tests). Like the emulator, it has no `ImportImage`: wrap it in
@@ -157,11 +166,33 @@ impl Ec2Api for MemoryEc2 {
                 "The subnet ID 'subnet-00000000' does not exist",
             ));
         }
+        if req.client_token.is_empty() || req.client_token.len() > 64 {
+            return Err(ec2_error(
+                "RunInstances",
+                ErrorKind::Invalid,
+                Some("InvalidParameterValue"),
+                "ClientToken must be 1 to 64 ASCII characters",
+            ));
+        }
         self.call("RunInstances", |s| {
+            // As EC2 documents: the same token and parameters return the first launch.
+            if let Some(id) = s.launch_tokens.get(&req.client_token) {
+                return if s.instances.get(id) == Some(req) {
+                    Ok(id.clone())
+                } else {
+                    Err(ec2_error(
+                        "RunInstances",
+                        ErrorKind::Invalid,
+                        Some("IdempotentParameterMismatch"),
+                        "the client token was used with other parameters",
+                    ))
+                };
+            }
             let id = format!("i-{:017x}", s.instances.len() + 1);
             s.instances.insert(id.clone(), req.clone());
-            id
-        })
+            s.launch_tokens.insert(req.client_token.clone(), id.clone());
+            Ok(id)
+        })?
     }
     async fn terminate_instances(&self, ids: &[String]) -> Result<(), CloudError> {
         self.call("TerminateInstances", |s| {
@@ -241,6 +272,7 @@ mod sdk {
                 .set_boot_mode(req.boot_mode.as_deref().map(BootModeValues::from))
                 .set_license_type(req.license_type.clone())
                 .tag_specifications(tag_spec(ResourceType::ImportImageTask, &req.tags))
+                .client_token(&req.client_token)
                 .send()
                 .await
                 .map_err(|e| ec2_err("ImportImage", &e))?;
@@ -301,6 +333,7 @@ mod sdk {
                     (!req.security_group_ids.is_empty()).then(|| req.security_group_ids.clone()),
                 )
                 .set_private_ip_address(req.private_ip.clone())
+                .client_token(&req.client_token)
                 .tag_specifications(tag_spec(ResourceType::Instance, &req.tags))
                 .tag_specifications(tag_spec(ResourceType::Volume, &req.tags))
                 .send()
@@ -351,5 +384,51 @@ mod sdk {
                 .map_err(|e| ec2_err("DeleteSnapshot", &e))?;
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::executor::block_on;
+
+    fn launch(token: &str, kind: &str) -> LaunchRequest {
+        LaunchRequest {
+            image_id: "ami-1".into(),
+            instance_type: kind.into(),
+            subnet_id: None,
+            security_group_ids: vec![],
+            private_ip: None,
+            tags: vec![],
+            client_token: token.into(),
+        }
+    }
+
+    #[test]
+    fn a_repeated_launch_with_its_token_starts_no_second_instance() {
+        let ec2 = MemoryEc2::default();
+        block_on(async {
+            let a = ec2
+                .run_instance(&launch("run-1-launch", "t3.micro"))
+                .await
+                .unwrap();
+            let b = ec2
+                .run_instance(&launch("run-1-launch", "t3.micro"))
+                .await
+                .unwrap();
+            assert_eq!(a, b);
+            assert_eq!(ec2.snapshot().instances.len(), 1);
+            let e = ec2
+                .run_instance(&launch("run-1-launch", "m5.large"))
+                .await
+                .unwrap_err();
+            assert_eq!(e.code.as_deref(), Some("IdempotentParameterMismatch"));
+            assert!(ec2.run_instance(&launch("", "t3.micro")).await.is_err());
+            let c = ec2
+                .run_instance(&launch("run-2-launch", "t3.micro"))
+                .await
+                .unwrap();
+            assert_ne!(a, c);
+        });
     }
 }

@@ -569,6 +569,8 @@ async fn exporting<S: ObjectStore, E: Ec2Api>(
         license_type: start.launch.license_type.map(|l| l.as_str().to_string()),
         description: format!("pilotlight {} {vm} from {first}", run.run_id),
         tags: run_tags(run, &start),
+        // One import per run, however often this step runs.
+        client_token: format!("{}-import", run.run_id),
     };
     match env.ec2.import_image(&req).await {
         Ok(task_id) => {
@@ -718,6 +720,9 @@ async fn launching<S: ObjectStore, E: Ec2Api>(env: &DrEnv<S, E>, run: &mut Run) 
         security_group_ids,
         private_ip: start.launch.private_ip.map(|ip| ip.to_string()),
         tags,
+        // One launch per run, however often this step runs (a timeout after the call,
+        // two advancers): EC2 returns the first launch for the same token.
+        client_token: format!("{}-launch", run.run_id),
     };
     match env.ec2.run_instance(&req).await {
         Ok(id) => {

@@ -120,14 +120,24 @@ impl<E: Ec2Api + SimBackend, S: ObjectStore> Ec2Api for SimulatedImport<E, S> {
                 }
             }
         }
-        let n = self
+        // The task id follows from the client token: the same token finds the same task,
+        // as EC2's idempotent ImportImage does.
+        let task_id = {
+            use sha2::Digest;
+            let h = sha2::Sha256::digest(req.client_token.as_bytes());
+            format!("import-ami-{}", hex::encode(&h[..8]))
+        };
+        if self
             .store
-            .list(&self.prefix, |_| true)
+            .head(&self.key(&task_id))
             .await
             .map_err(|e| store_err("ImportImage", e))?
-            .len();
+            .is_some()
+        {
+            return Ok(task_id);
+        }
         let t = SimTask {
-            task_id: format!("import-ami-{:017x}", 0x0123_4567_0000_0000u64 + n as u64),
+            task_id,
             polls: 0,
             disks: req.disks.clone(),
             sizes,

@@ -477,3 +477,49 @@ async fn the_lambda_entry_takes_requests_and_the_schedule() {
     advance_until_final(&env, &mut run).await;
     assert!(status(&env, None).await.unwrap().is_empty());
 }
+
+/// Two advancers on one run (the schedule and a CLI `status`, or a retry after a Lambda
+/// timeout that came after the EC2 call but before the save): each EC2 create call carries
+/// a token derived from the run and step, so the repeated import finds the same task and
+/// the repeated launch the same instance.
+#[tokio::test]
+async fn a_step_repeated_by_a_second_advancer_creates_nothing_twice() {
+    let store = MemoryStore::default();
+    replicated(&store, 3);
+    let env = env(&store, None);
+    let mut run = start(&env, request()).await.unwrap();
+    receiver_answers(&store, &run, true).await;
+    // The import starts twice from the same exporting record.
+    let mut stale = run.clone();
+    advance(&env, &mut run).await.unwrap();
+    advance(&env, &mut stale).await.unwrap();
+    assert_eq!(run.phase, Phase::Importing, "{:?}", run.reason);
+    let task = run.import.as_ref().unwrap().task_id.clone();
+    assert_eq!(
+        stale.import.as_ref().unwrap().task_id,
+        task,
+        "one import task"
+    );
+    let tasks = store
+        .list("pilotlight-dr/simulated-imports/", |_| true)
+        .await
+        .unwrap();
+    assert_eq!(tasks.len(), 1, "{tasks:?}");
+    // The step that completes the import launches the instance; it runs twice from the
+    // same importing record.
+    let mut stale = run.clone();
+    for _ in 0..20 {
+        if run.phase != Phase::Importing {
+            break;
+        }
+        stale = run.clone();
+        advance(&env, &mut run).await.unwrap();
+    }
+    assert_eq!(run.phase, Phase::Done, "{:?}", run.reason);
+    assert_eq!(stale.phase, Phase::Importing);
+    advance(&env, &mut stale).await.unwrap();
+    assert_eq!(stale.phase, Phase::Done, "{:?}", stale.reason);
+    assert_eq!(run.instance_ids.len(), 1);
+    assert_eq!(run.instance_ids, stale.instance_ids, "the same instance");
+    assert_eq!(env.ec2.inner.snapshot().instances.len(), 1, "one instance");
+}

@@ -36,6 +36,7 @@ async fn import_image_on_real_aws() {
             license_type: None,
             description: "pilotlight real-AWS import test".into(),
             tags: vec![("pilotlight:test".into(), "true".into())],
+            client_token: format!("pilotlight-real-aws-{}", std::process::id()),
         })
         .await
         .unwrap();
