@@ -22,11 +22,11 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_default()
 }
 
-/// Path of a workspace binary, built beside the test executable. A binary older than
-/// any source file of the workspace is rebuilt first (`cargo build --workspace --bins`),
-/// so a test never runs yesterday's binary against today's code; `scripts/test` builds
-/// them up front, so this costs nothing there. `PILOTLIGHT_BIN_DIR` overrides the
-/// directory (and the check: binaries from elsewhere are taken as they are).
+/// Path of a workspace binary, built beside the test executable (`cargo build --workspace
+/// --bins`, which `scripts/test` runs first). A binary older than any source file it was
+/// built from (cargo's own dep-info, `<bin>.d`, lists them) fails the test with a clear
+/// message instead of testing yesterday's code. `PILOTLIGHT_BIN_DIR` overrides the
+/// directory (binaries from elsewhere are taken as they are).
 pub fn bin(name: &str) -> PathBuf {
     if let Some(dir) = std::env::var_os("PILOTLIGHT_BIN_DIR") {
         return existing(PathBuf::from(dir).join(name));
@@ -37,13 +37,15 @@ pub fn bin(name: &str) -> PathBuf {
     if dir.ends_with("deps") {
         dir = dir.parent().map(PathBuf::from).unwrap_or_default();
     }
-    let path = dir.join(name);
-    if is_stale(&path) {
-        // Cargo leaves a binary whose inputs did not change as it is: after this build
-        // it is current even if its file time stays old.
-        rebuild(&dir);
+    let path = existing(dir.join(name));
+    if let Some(src) = newer_source(&path) {
+        panic!(
+            "{} is older than {}: rebuild with `cargo build --workspace --bins` (scripts/test does) so the test runs today's code",
+            path.display(),
+            src.display()
+        );
     }
-    existing(path)
+    path
 }
 
 fn existing(path: PathBuf) -> PathBuf {
@@ -55,64 +57,20 @@ fn existing(path: PathBuf) -> PathBuf {
     path
 }
 
-/// True when `bin` is missing or older than a source file (`*.rs`, `Cargo.toml`,
-/// `Cargo.lock`) of the workspace, integration tests (`<crate>/tests/`) aside.
-pub fn is_stale(bin: &std::path::Path) -> bool {
-    let Ok(built) = std::fs::metadata(bin).and_then(|m| m.modified()) else {
-        return true;
-    };
-    newest_source(&repo_root()).is_some_and(|t| t > built)
-}
-
-fn newest_source(dir: &std::path::Path) -> Option<std::time::SystemTime> {
-    let mut newest = None;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            let Ok(ft) = e.file_type() else { continue };
-            if ft.is_dir() {
-                let integration_tests = name == "tests" && d != dir;
-                if !name.starts_with('.')
-                    && name != "target"
-                    && name != "node_modules"
-                    && !integration_tests
-                {
-                    stack.push(e.path());
-                }
-            } else if name.ends_with(".rs") || name == "Cargo.toml" || name == "Cargo.lock" {
-                if let Ok(t) = e.metadata().and_then(|m| m.modified()) {
-                    newest = newest.max(Some(t));
-                }
-            }
-        }
-    }
-    newest
-}
-
-/// Builds the workspace's binaries into the profile directory `dir` (once per test
-/// process; cargo's own lock serializes concurrent tests).
-fn rebuild(dir: &std::path::Path) {
-    static BUILT: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
-    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
-    if *built {
-        return;
-    }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = std::process::Command::new(cargo);
-    cmd.current_dir(repo_root())
-        .args(["build", "--workspace", "--bins", "--quiet"]);
-    if dir.file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
-    }
-    eprintln!("test kit: binaries older than the sources; rebuilding them first");
-    let status = cmd.status().expect("run cargo build");
-    assert!(status.success(), "cargo build --workspace --bins failed");
-    *built = true;
+/// A source file of `bin` (from cargo's dep-info `<bin>.d` beside it) newer than `bin`.
+pub fn newer_source(bin: &std::path::Path) -> Option<PathBuf> {
+    let built = std::fs::metadata(bin).and_then(|m| m.modified()).ok()?;
+    let dep_info = std::fs::read_to_string(bin.with_extension("d")).ok()?;
+    // `target: dep dep ...`; spaces inside paths are escaped as `\ `.
+    let deps = dep_info.split_once(": ").map_or("", |(_, d)| d);
+    deps.replace("\\ ", "\u{0}")
+        .split_whitespace()
+        .map(|p| PathBuf::from(p.replace('\u{0}', " ")))
+        .find(|p| {
+            std::fs::metadata(p)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t > built)
+        })
 }
 
 /// Polls `f` until it returns `Some`, or panics after `timeout` with `what`.
@@ -131,5 +89,41 @@ where
             "timed out after {timeout:?} waiting for {what}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_binary_older_than_a_source_it_lists_is_stale() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (bin, src) = (dir.path().join("tool"), dir.path().join("my src.rs"));
+        let at = |p: &std::path::Path, secs: u64| {
+            let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+            std::fs::File::options()
+                .write(true)
+                .open(p)
+                .and_then(|f| f.set_modified(t))
+                .expect("set time");
+        };
+        std::fs::write(&src, "fn main() {}").expect("write");
+        std::fs::write(&bin, "binary").expect("write");
+        at(&src, 1_000);
+        at(&bin, 2_000);
+        let escaped = src.display().to_string().replace(' ', "\\ ");
+        std::fs::write(
+            dir.path().join("tool.d"),
+            format!("{}: {escaped}\n", bin.display()),
+        )
+        .expect("write");
+        assert_eq!(newer_source(&bin), None, "built after its source");
+        at(&src, 3_000);
+        assert_eq!(
+            newer_source(&bin),
+            Some(src),
+            "source edited after the build"
+        );
     }
 }
