@@ -69,18 +69,8 @@ where
 /// print their source in their own message (`cannot open disk X: No such file ...`), so
 /// a cause whose text is already there is not repeated.
 pub fn error_line(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if out.contains(&text) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&text);
-    }
-    out.replace('\n', " ")
+    let e: &(dyn std::error::Error + 'static) = e.as_ref();
+    pilotlight_cloud::error::causes(e)
 }
 
 /// Settings from a flag, else its environment variable (clap reads both), else the TOML

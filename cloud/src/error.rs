@@ -235,7 +235,7 @@ where
 }
 
 /// An error and its sources by their Display only (no Debug dumps), each said once.
-fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+pub fn causes(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = String::new();
     let mut cur = Some(e);
     while let Some(c) = cur {
