@@ -29,9 +29,41 @@ pub struct ImportRequest {
     pub license_type: Option<String>,
     pub description: String,
     pub tags: Vec<(String, String)>,
+    /// Encrypt the imported snapshots (EBS default key unless `kms_key_id`).
+    pub encrypted: bool,
+    /// A customer KMS key for them; EC2 refuses it without `encrypted`.
+    pub kms_key_id: Option<String>,
     /// Idempotency token (EC2 `ClientToken`, at most 64 ASCII characters): a retried or
     /// repeated call with the same token starts no second import.
     pub client_token: String,
+}
+
+impl ImportRequest {
+    /// What EC2 checks of the request itself before it starts a task (ImportImage API
+    /// reference: "If a KmsKeyId is specified, the Encrypted flag must also be set";
+    /// ClientToken up to 64 ASCII characters).
+    pub fn check(&self) -> Result<(), CloudError> {
+        if self.kms_key_id.is_some() && !self.encrypted {
+            return Err(ec2_error(
+                "ImportImage",
+                ErrorKind::Invalid,
+                Some("InvalidParameter"),
+                "KmsKeyId requires Encrypted",
+            ));
+        }
+        if self.client_token.is_empty()
+            || self.client_token.len() > 64
+            || !self.client_token.is_ascii()
+        {
+            return Err(ec2_error(
+                "ImportImage",
+                ErrorKind::Invalid,
+                Some("InvalidParameterValue"),
+                "ClientToken must be 1 to 64 ASCII characters",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// An import task as `DescribeImportImageTasks` reports it.
@@ -82,6 +114,12 @@ pub trait Ec2Api: Send + Sync {
     ) -> impl Future<Output = Result<(), CloudError>> + Send;
     fn deregister_image(&self, id: &str) -> impl Future<Output = Result<(), CloudError>> + Send;
     fn delete_snapshot(&self, id: &str) -> impl Future<Output = Result<(), CloudError>> + Send;
+    /// Adds tags to existing resources (AMIs, snapshots); tags already there are replaced.
+    fn create_tags(
+        &self,
+        ids: &[String],
+        tags: &[(String, String)],
+    ) -> impl Future<Output = Result<(), CloudError>> + Send;
 }
 
 /// What [`MemoryEc2`] holds.
@@ -94,6 +132,8 @@ pub struct MemoryEc2State {
     pub calls: Vec<String>,
     /// RunInstances client tokens and the instance each launched.
     pub launch_tokens: BTreeMap<String, String>,
+    /// Tags added by CreateTags, by resource id.
+    pub tags: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// EC2 in memory (unit tests). Like the emulator, it has no `ImportImage`: wrap it in
@@ -207,6 +247,18 @@ impl Ec2Api for MemoryEc2 {
     async fn delete_snapshot(&self, id: &str) -> Result<(), CloudError> {
         self.call("DeleteSnapshot", |s| s.snapshots.retain(|x| x != id))
     }
+    async fn create_tags(
+        &self,
+        ids: &[String],
+        tags: &[(String, String)],
+    ) -> Result<(), CloudError> {
+        self.call("CreateTags", |s| {
+            for id in ids {
+                let t = s.tags.entry(id.clone()).or_default();
+                t.extend(tags.iter().cloned());
+            }
+        })
+    }
 }
 
 #[cfg(feature = "ec2")]
@@ -272,6 +324,8 @@ mod sdk {
                 .set_boot_mode(req.boot_mode.as_deref().map(BootModeValues::from))
                 .set_license_type(req.license_type.clone())
                 .tag_specifications(tag_spec(ResourceType::ImportImageTask, &req.tags))
+                .encrypted(req.encrypted)
+                .set_kms_key_id(req.kms_key_id.clone())
                 .client_token(&req.client_token)
                 .send()
                 .await
@@ -384,6 +438,24 @@ mod sdk {
                 .map_err(|e| ec2_err("DeleteSnapshot", &e))?;
             Ok(())
         }
+
+        async fn create_tags(
+            &self,
+            ids: &[String],
+            tags: &[(String, String)],
+        ) -> Result<(), CloudError> {
+            if ids.is_empty() {
+                return Ok(());
+            }
+            self.client
+                .create_tags()
+                .set_resources(Some(ids.to_vec()))
+                .set_tags(Some(ec2_tags(tags)))
+                .send()
+                .await
+                .map_err(|e| ec2_err("CreateTags", &e))?;
+            Ok(())
+        }
     }
 }
 
@@ -402,6 +474,36 @@ mod tests {
             tags: vec![],
             client_token: token.into(),
         }
+    }
+
+    #[test]
+    fn an_import_request_is_checked_as_ec2_does() {
+        let ok = ImportRequest {
+            disks: vec![("b".into(), "k".into())],
+            role_name: "vmimport".into(),
+            boot_mode: None,
+            license_type: None,
+            description: String::new(),
+            tags: vec![],
+            encrypted: true,
+            kms_key_id: Some("arn:aws:kms:us-east-1:1:key/k".into()),
+            client_token: "run-1-import".into(),
+        };
+        ok.check().unwrap();
+        let no_flag = ImportRequest {
+            encrypted: false,
+            ..ok.clone()
+        };
+        assert!(no_flag
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("Encrypted"));
+        let long = ImportRequest {
+            client_token: "x".repeat(65),
+            ..ok
+        };
+        assert!(long.check().is_err());
     }
 
     #[test]

@@ -129,6 +129,11 @@ impl CloudError {
         self
     }
 
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = detail.into();
+        self
+    }
+
     pub fn is_transient(&self) -> bool {
         self.kind.is_transient()
     }

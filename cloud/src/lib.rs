@@ -20,5 +20,5 @@ pub mod sqs;
 pub use config::{Aws, AwsSettings};
 pub use error::{CloudError, ErrorKind};
 pub use fault::{Fault, Faults};
-pub use s3::{MemoryStore, ObjectStore, PutOptions};
+pub use s3::{MemoryStore, ObjectStore, PutOptions, Versioned};
 pub use sqs::{MemoryQueue, Message, Queue};

@@ -13,14 +13,25 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// How a PUT is made.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct PutOptions {
     /// SHA-256 of the body: sent as `x-amz-checksum-sha256`, so S3 verifies the bytes.
     pub sha256: Option<[u8; 32]>,
     /// `If-None-Match: *`: refuse (412, [`ErrorKind::PreconditionFailed`]) when the key
     /// exists, so nothing committed is overwritten.
     pub if_none_match: bool,
+    /// `If-Match: <etag>`: write only over this version of the object (412 when it
+    /// changed since it was read, [`ErrorKind::NotFound`] when it is gone), so two writers
+    /// that read the same version cannot both write.
+    pub if_match: Option<String>,
     pub content_type: Option<&'static str>,
+}
+
+/// An object and the ETag of the version read ([`ObjectStore::get_versioned`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    pub body: Bytes,
+    pub etag: String,
 }
 
 impl PutOptions {
@@ -38,6 +49,10 @@ impl PutOptions {
     }
     pub fn create_only(mut self) -> Self {
         self.if_none_match = true;
+        self
+    }
+    pub fn replacing(mut self, etag: impl Into<String>) -> Self {
+        self.if_match = Some(etag.into());
         self
     }
 }
@@ -74,12 +89,21 @@ pub trait ObjectStore: Send + Sync {
         keep: fn(&str) -> bool,
     ) -> impl Future<Output = Result<Vec<String>, CloudError>> + Send;
 
+    /// Writes the object; returns the new version's ETag when the store gives one.
     fn put(
         &self,
         key: &str,
         body: Bytes,
         opts: PutOptions,
-    ) -> impl Future<Output = Result<(), CloudError>> + Send;
+    ) -> impl Future<Output = Result<Option<String>, CloudError>> + Send;
+
+    /// The object and its ETag, or `None` when it does not exist (see
+    /// [`ObjectStore::get_if_exists`] for how "does not exist" is known).
+    fn get_versioned(
+        &self,
+        key: &str,
+        max_len: u64,
+    ) -> impl Future<Output = Result<Option<Versioned>, CloudError>> + Send;
 
     fn delete(&self, key: &str) -> impl Future<Output = Result<(), CloudError>> + Send;
 
@@ -111,7 +135,12 @@ pub trait ObjectStore: Send + Sync {
         upload_id: &str,
     ) -> impl Future<Output = Result<(), CloudError>> + Send;
 
-    /// The object, or `None` when S3 says it does not exist.
+    /// The object, or `None` when it does not exist. S3 answers a missing key with 403
+    /// AccessDenied, not 404, to a caller without `s3:ListBucket` on the bucket (and a
+    /// ListBucket grant conditioned on `s3:prefix` does not count: a GET carries no
+    /// prefix). So a denial is checked by listing the key as a prefix, which such a grant
+    /// allows: absent from the listing, the key does not exist; listed, the denial is
+    /// real and returned.
     fn get_if_exists(
         &self,
         key: &str,
@@ -121,9 +150,37 @@ pub trait ObjectStore: Send + Sync {
             match self.get(key, max_len).await {
                 Ok(b) => Ok(Some(b)),
                 Err(e) if e.is_not_found() => Ok(None),
+                Err(e) if e.kind == ErrorKind::AccessDenied => {
+                    if exists_by_listing(self, key, e.clone()).await? {
+                        Err(e)
+                    } else {
+                        Ok(None)
+                    }
+                }
                 Err(e) => Err(e),
             }
         }
+    }
+}
+
+/// Whether `key` exists, by listing it as a prefix: the check behind a 403 that may only
+/// mean "missing" ([`ObjectStore::get_if_exists`]). A listing that is denied too says
+/// nothing: the first denial is returned, with what the caller needs to grant.
+async fn exists_by_listing<S: ObjectStore + ?Sized>(
+    store: &S,
+    key: &str,
+    denied: CloudError,
+) -> Result<bool, CloudError> {
+    match store.list(key, |_| true).await {
+        Ok(keys) => Ok(keys.iter().any(|k| k == key)),
+        Err(l) if l.kind == ErrorKind::AccessDenied => {
+            let detail = format!(
+                "{}; and listing it was denied too: grant s3:ListBucket on the bucket for this prefix, so a missing key can be told from a denied one",
+                denied.detail
+            );
+            Err(denied.with_detail(detail))
+        }
+        Err(l) => Err(l),
     }
 }
 
@@ -135,7 +192,8 @@ macro_rules! forward_store {
             fn get_range(&self, key: &str, start: u64, len: u64) -> impl Future<Output = Result<Bytes, CloudError>> + Send { (**self).get_range(key, start, len) }
             fn head(&self, key: &str) -> impl Future<Output = Result<Option<u64>, CloudError>> + Send { (**self).head(key) }
             fn list(&self, prefix: &str, keep: fn(&str) -> bool) -> impl Future<Output = Result<Vec<String>, CloudError>> + Send { (**self).list(prefix, keep) }
-            fn put(&self, key: &str, body: Bytes, opts: PutOptions) -> impl Future<Output = Result<(), CloudError>> + Send { (**self).put(key, body, opts) }
+            fn put(&self, key: &str, body: Bytes, opts: PutOptions) -> impl Future<Output = Result<Option<String>, CloudError>> + Send { (**self).put(key, body, opts) }
+            fn get_versioned(&self, key: &str, max_len: u64) -> impl Future<Output = Result<Option<Versioned>, CloudError>> + Send { (**self).get_versioned(key, max_len) }
             fn delete(&self, key: &str) -> impl Future<Output = Result<(), CloudError>> + Send { (**self).delete(key) }
             fn create_multipart(&self, key: &str) -> impl Future<Output = Result<String, CloudError>> + Send { (**self).create_multipart(key) }
             fn upload_part(&self, key: &str, upload_id: &str, number: i32, body: Bytes) -> impl Future<Output = Result<String, CloudError>> + Send { (**self).upload_part(key, upload_id, number, body) }
@@ -164,6 +222,8 @@ pub struct MemoryStore {
     uploads: Mutex<BTreeMap<String, Upload>>,
     next_upload: AtomicU64,
     discard: bool,
+    /// Answer a missing key as S3 does to a caller without `s3:ListBucket`.
+    missing_is_denied: std::sync::atomic::AtomicBool,
     pub faults: Faults,
 }
 
@@ -181,6 +241,7 @@ impl MemoryStore {
             uploads: Mutex::new(BTreeMap::new()),
             next_upload: AtomicU64::new(1),
             discard: false,
+            missing_is_denied: std::sync::atomic::AtomicBool::new(false),
             faults: Faults::default(),
         }
     }
@@ -191,6 +252,20 @@ impl MemoryStore {
             discard: true,
             ..MemoryStore::new("dry-run")
         }
+    }
+
+    /// From now on, a GET or HEAD of a missing key is 403 AccessDenied, as S3 answers a
+    /// caller without `s3:ListBucket` (listing still works: the prefix-conditioned grant
+    /// pilotlight's roles have).
+    pub fn deny_missing_keys(&self, on: bool) {
+        self.missing_is_denied.store(on, Ordering::Relaxed);
+    }
+
+    /// The ETag this store gives an object's bytes (S3's is their MD5 for a single PUT;
+    /// here a SHA-256 prefix: equally a function of the bytes).
+    pub fn etag_of(body: &[u8]) -> String {
+        use sha2::Digest;
+        format!("\"{}\"", hex(&sha2::Sha256::digest(body)[..16]))
     }
 
     /// Writes an object directly (test setup; no faults, no conditions).
@@ -236,6 +311,15 @@ impl MemoryStore {
     }
 
     fn not_found(&self, op: &'static str, key: &str) -> CloudError {
+        if self.missing_is_denied.load(Ordering::Relaxed) {
+            return self.err(
+                op,
+                key,
+                ErrorKind::AccessDenied,
+                "AccessDenied",
+                "Access Denied",
+            );
+        }
         self.err(
             op,
             key,
@@ -282,7 +366,27 @@ impl ObjectStore for MemoryStore {
 
     async fn head(&self, key: &str) -> Result<Option<u64>, CloudError> {
         self.check("HeadObject", key)?;
-        Ok(self.object(key).map(|b| b.len() as u64))
+        match self.object(key) {
+            Some(b) => Ok(Some(b.len() as u64)),
+            None if self.missing_is_denied.load(Ordering::Relaxed) => {
+                Err(self.not_found("HeadObject", key))
+            }
+            None => Ok(None),
+        }
+    }
+
+    async fn get_versioned(
+        &self,
+        key: &str,
+        max_len: u64,
+    ) -> Result<Option<Versioned>, CloudError> {
+        Ok(self
+            .get_if_exists(key, max_len)
+            .await?
+            .map(|body| Versioned {
+                etag: Self::etag_of(&body),
+                body,
+            }))
     }
 
     async fn list(&self, prefix: &str, keep: fn(&str) -> bool) -> Result<Vec<String>, CloudError> {
@@ -295,7 +399,12 @@ impl ObjectStore for MemoryStore {
             .collect())
     }
 
-    async fn put(&self, key: &str, body: Bytes, opts: PutOptions) -> Result<(), CloudError> {
+    async fn put(
+        &self,
+        key: &str,
+        body: Bytes,
+        opts: PutOptions,
+    ) -> Result<Option<String>, CloudError> {
         self.check("PutObject", key)?;
         if let Some(sum) = opts.sha256 {
             use sha2::Digest;
@@ -310,17 +419,37 @@ impl ObjectStore for MemoryStore {
             }
         }
         let mut objects = lock(&self.objects);
-        if opts.if_none_match && objects.contains_key(key) {
-            return Err(self.err(
+        let precondition_failed = || {
+            self.err(
                 "PutObject",
                 key,
                 ErrorKind::PreconditionFailed,
                 "PreconditionFailed",
                 "At least one of the pre-conditions you specified did not hold",
-            ));
+            )
+        };
+        if opts.if_none_match && objects.contains_key(key) {
+            return Err(precondition_failed());
         }
+        if let Some(want) = &opts.if_match {
+            // S3: If-Match on a missing key is 404 NoSuchKey; on another version, 412.
+            match objects.get(key) {
+                None => {
+                    return Err(self.err(
+                        "PutObject",
+                        key,
+                        ErrorKind::NotFound,
+                        "NoSuchKey",
+                        "The specified key does not exist.",
+                    ))
+                }
+                Some(b) if Self::etag_of(b) != *want => return Err(precondition_failed()),
+                Some(_) => {}
+            }
+        }
+        let etag = Self::etag_of(&body);
         objects.insert(key.into(), if self.discard { Bytes::new() } else { body });
-        Ok(())
+        Ok(Some(etag))
     }
 
     async fn delete(&self, key: &str) -> Result<(), CloudError> {
@@ -590,6 +719,11 @@ mod sdk {
                     let e = self.err("HeadObject", key, &e);
                     if e.is_not_found() {
                         Ok(None)
+                    } else if e.kind == ErrorKind::AccessDenied
+                        && !super::exists_by_listing(self, key, e.clone()).await?
+                    {
+                        // 403 for a missing key to a caller without ListBucket.
+                        Ok(None)
                     } else {
                         Err(e)
                     }
@@ -623,7 +757,12 @@ mod sdk {
             Ok(out)
         }
 
-        async fn put(&self, key: &str, body: Bytes, opts: PutOptions) -> Result<(), CloudError> {
+        async fn put(
+            &self,
+            key: &str,
+            body: Bytes,
+            opts: PutOptions,
+        ) -> Result<Option<String>, CloudError> {
             let mut req = self
                 .client
                 .put_object()
@@ -636,14 +775,50 @@ mod sdk {
             if opts.if_none_match {
                 req = req.if_none_match("*");
             }
+            if let Some(etag) = opts.if_match {
+                req = req.if_match(etag);
+            }
             if let Some(ct) = opts.content_type {
                 req = req.content_type(ct);
             }
-            req.body(ByteStream::from(body))
+            let out = req
+                .body(ByteStream::from(body))
                 .send()
                 .await
                 .map_err(|e| self.err("PutObject", key, &e))?;
-            Ok(())
+            Ok(out.e_tag)
+        }
+
+        async fn get_versioned(
+            &self,
+            key: &str,
+            max_len: u64,
+        ) -> Result<Option<Versioned>, CloudError> {
+            let out = match self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send()
+                .await
+            {
+                Ok(out) => out,
+                Err(e) => {
+                    let e = self.err("GetObject", key, &e);
+                    if e.is_not_found() {
+                        return Ok(None);
+                    }
+                    if e.kind == ErrorKind::AccessDenied
+                        && !super::exists_by_listing(self, key, e.clone()).await?
+                    {
+                        return Ok(None);
+                    }
+                    return Err(e);
+                }
+            };
+            let etag = out.e_tag.clone().unwrap_or_default();
+            let body = self.read_capped(key, out, max_len).await?;
+            Ok(Some(Versioned { body, etag }))
         }
 
         async fn delete(&self, key: &str) -> Result<(), CloudError> {
@@ -840,6 +1015,86 @@ mod tests {
     }
 
     #[test]
+    fn conditional_writes_let_one_of_two_writers_of_a_version_win() {
+        let s = MemoryStore::new("b");
+        block_on(async {
+            let v1 = s
+                .put(
+                    "r",
+                    Bytes::from_static(b"v1"),
+                    PutOptions::default().create_only(),
+                )
+                .await
+                .unwrap()
+                .unwrap();
+            let read = s.get_versioned("r", 9).await.unwrap().unwrap();
+            assert_eq!(read.etag, v1);
+            // Two writers read v1; the first wins, the second is refused (412).
+            s.put(
+                "r",
+                Bytes::from_static(b"a"),
+                PutOptions::default().replacing(&v1),
+            )
+            .await
+            .unwrap();
+            let e = s
+                .put(
+                    "r",
+                    Bytes::from_static(b"b"),
+                    PutOptions::default().replacing(&v1),
+                )
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind, ErrorKind::PreconditionFailed);
+            assert_eq!(s.object("r").unwrap(), Bytes::from_static(b"a"));
+            // If-Match on a missing key: 404, as S3.
+            let e = s
+                .put(
+                    "gone",
+                    Bytes::from_static(b"x"),
+                    PutOptions::default().replacing(&v1),
+                )
+                .await
+                .unwrap_err();
+            assert!(e.is_not_found(), "{e}");
+            assert_eq!(s.get_versioned("gone", 9).await.unwrap(), None);
+        });
+    }
+
+    #[test]
+    fn a_403_for_a_missing_key_is_told_from_a_real_denial_by_listing() {
+        let s = MemoryStore::new("b");
+        s.insert("p/here", Bytes::from_static(b"x"));
+        s.deny_missing_keys(true);
+        block_on(async {
+            // Missing: S3 says 403 to a caller without ListBucket; the listing says absent.
+            assert_eq!(
+                s.get("p/missing", 9).await.unwrap_err().kind,
+                ErrorKind::AccessDenied
+            );
+            assert_eq!(s.get_if_exists("p/missing", 9).await.unwrap(), None);
+            assert_eq!(s.get_versioned("p/missing", 9).await.unwrap(), None);
+            // A key that is listed but denied is a real denial (a planted one here).
+            s.faults.add(
+                Fault::on("GetObject")
+                    .resource_contains("p/here")
+                    .kind(ErrorKind::AccessDenied, Some("AccessDenied")),
+            );
+            let e = s.get_if_exists("p/here", 9).await.unwrap_err();
+            assert_eq!(e.kind, ErrorKind::AccessDenied);
+            // Listing denied too: an error that says what to grant, never "absent".
+            s.faults.add(
+                Fault::on("ListObjectsV2")
+                    .always()
+                    .kind(ErrorKind::AccessDenied, Some("AccessDenied")),
+            );
+            let e = s.get_if_exists("p/missing", 9).await.unwrap_err();
+            assert_eq!(e.kind, ErrorKind::AccessDenied);
+            assert!(e.to_string().contains("s3:ListBucket"), "{e}");
+        });
+    }
+
+    #[test]
     fn discarding_store_keeps_no_bytes() {
         let s = MemoryStore::discarding();
         block_on(s.put("k", Bytes::from(vec![1u8; 1 << 20]), PutOptions::default())).unwrap();
@@ -900,8 +1155,20 @@ mod lazy {
         ) -> Result<Vec<String>, CloudError> {
             self.get().await.list(prefix, keep).await
         }
-        async fn put(&self, key: &str, body: Bytes, opts: PutOptions) -> Result<(), CloudError> {
+        async fn put(
+            &self,
+            key: &str,
+            body: Bytes,
+            opts: PutOptions,
+        ) -> Result<Option<String>, CloudError> {
             self.get().await.put(key, body, opts).await
+        }
+        async fn get_versioned(
+            &self,
+            key: &str,
+            max_len: u64,
+        ) -> Result<Option<Versioned>, CloudError> {
+            self.get().await.get_versioned(key, max_len).await
         }
         async fn delete(&self, key: &str) -> Result<(), CloudError> {
             self.get().await.delete(key).await

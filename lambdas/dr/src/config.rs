@@ -44,6 +44,10 @@ pub struct DrSettings {
         value_delimiter = ','
     )]
     pub drill_security_groups: Vec<String>,
+    /// Customer KMS key for the imported snapshots (the stack's key); without it they are
+    /// encrypted with the account's EBS default key.
+    #[arg(long, env = "PILOTLIGHT_DR_KMS_KEY")]
+    pub kms_key: Option<String>,
     /// AWS endpoint URL (the local emulator).
     #[arg(long, env = "PILOTLIGHT_ENDPOINT_URL")]
     pub endpoint_url: Option<String>,
@@ -83,6 +87,7 @@ impl DrSettings {
         c.import_timeout = self.import_timeout;
         c.drill_subnet_id = self.drill_subnet.clone();
         c.drill_security_group_ids = self.drill_security_groups.clone();
+        c.kms_key_id = self.kms_key.clone().filter(|k| !k.is_empty());
         Ok(c)
     }
 
@@ -150,5 +155,12 @@ impl Ec2Api for AnyEc2 {
     }
     async fn delete_snapshot(&self, id: &str) -> Result<(), CloudError> {
         both!(self, e => e.delete_snapshot(id).await)
+    }
+    async fn create_tags(
+        &self,
+        ids: &[String],
+        tags: &[(String, String)],
+    ) -> Result<(), CloudError> {
+        both!(self, e => e.create_tags(ids, tags).await)
     }
 }

@@ -12,11 +12,12 @@
 //! ```
 
 use crate::model::{
-    DrRequest, ImportProgress, Phase, RecoveryPoint, Run, RunDisk, StartRequest, TAG_DRILL, TAG_RUN,
+    Claim, DrRequest, ImportProgress, Phase, RecoveryPoint, Run, RunDisk, StartRequest, TAG_DRILL,
+    TAG_RUN,
 };
 use chrono::{DateTime, Utc};
 use pilotlight_cloud::ec2::{Ec2Api, ImportRequest, LaunchRequest};
-use pilotlight_cloud::{CloudError, ObjectStore, PutOptions};
+use pilotlight_cloud::{CloudError, ErrorKind, ObjectStore, PutOptions};
 use pilotlight_protocol::keys::{disk_prefix, generation_prefix};
 use pilotlight_protocol::{
     DiskId, ExportFormat, ExportRequest, ExportResult, ExportStatus, Name, ObjectKey, Prefix,
@@ -27,6 +28,13 @@ use std::time::Duration;
 
 /// Run records are small JSON documents; a larger one is not ours.
 const MAX_RUN_RECORD: u64 = 4 << 20;
+
+/// How long a step that creates something (ImportImage, RunInstances) belongs to the
+/// caller that claimed it. Another caller finding it claimed leaves it alone until then
+/// (the claimer is most likely still calling), then makes the call itself with the same
+/// client token: a claimer that died costs a delay, never a second import or instance.
+/// Well above the Lambda's 60 s timeout.
+pub const CLAIM_LEASE: Duration = Duration::from_secs(300);
 
 /// Settings of the DR function (environment variables in the Lambda).
 #[derive(Debug, Clone)]
@@ -46,6 +54,8 @@ pub struct DrConfig {
     /// Drills launch here instead of the request's subnet and security groups.
     pub drill_subnet_id: Option<String>,
     pub drill_security_group_ids: Vec<String>,
+    /// Customer KMS key for imported snapshots; `None`: the account's EBS default key.
+    pub kms_key_id: Option<String>,
 }
 
 impl DrConfig {
@@ -59,6 +69,7 @@ impl DrConfig {
             import_timeout: Duration::from_secs(12 * 3600),
             drill_subnet_id: None,
             drill_security_group_ids: Vec::new(),
+            kms_key_id: None,
         }
     }
 
@@ -79,6 +90,10 @@ pub enum DrError {
     Store(#[from] CloudError),
     #[error("run record {key} is unreadable: {detail}")]
     BadRun { key: String, detail: String },
+    #[error(
+        "run {0} was changed by another caller since it was read; read it again (`dr status {0}`)"
+    )]
+    Conflict(String),
 }
 
 /// Everything a handler call needs.
@@ -142,18 +157,34 @@ fn new_run_id(now: DateTime<Utc>, request: &Value) -> String {
     format!("dr-{}-{tag}", now.format("%Y%m%dt%H%M%S"))
 }
 
-async fn save<S: ObjectStore, E>(env: &DrEnv<S, E>, run: &Run) -> Result<(), DrError> {
+/// Saves the run over exactly the version it was read as (`If-Match`), or as a new
+/// record (`If-None-Match: *`): a caller that lost a race gets [`DrError::Conflict`] and
+/// has changed nothing.
+async fn save<S: ObjectStore, E>(env: &DrEnv<S, E>, run: &mut Run) -> Result<(), DrError> {
+    let key = env.cfg.run_key(&run.run_id);
     let body = serde_json::to_vec_pretty(run).map_err(|e| DrError::BadRun {
-        key: env.cfg.run_key(&run.run_id),
+        key: key.clone(),
         detail: e.to_string(),
     })?;
-    env.store
-        .put(
-            &env.cfg.run_key(&run.run_id),
-            body.into(),
-            PutOptions::json(),
-        )
-        .await?;
+    let opts = match &run.etag.0 {
+        Some(etag) => PutOptions::json().replacing(etag.clone()),
+        None => PutOptions::json().create_only(),
+    };
+    match env.store.put(&key, body.into(), opts).await {
+        Ok(Some(etag)) => run.etag.0 = Some(etag),
+        Ok(None) => {
+            // A store that names no version: read it back to learn it.
+            run.etag = load(env, &run.run_id).await?.etag;
+        }
+        // 412: another version was saved; 404 on If-Match: the record is gone.
+        Err(e)
+            if e.kind == ErrorKind::PreconditionFailed
+                || (run.etag.0.is_some() && e.is_not_found()) =>
+        {
+            return Err(DrError::Conflict(run.run_id.clone()))
+        }
+        Err(e) => return Err(e.into()),
+    }
     Ok(())
 }
 
@@ -162,15 +193,17 @@ async fn load<S: ObjectStore, E>(env: &DrEnv<S, E>, run_id: &str) -> Result<Run,
         return Err(DrError::NoSuchRun(run_id.into()));
     }
     let key = env.cfg.run_key(run_id);
-    let body = env
+    let found = env
         .store
-        .get_if_exists(&key, MAX_RUN_RECORD)
+        .get_versioned(&key, MAX_RUN_RECORD)
         .await?
         .ok_or_else(|| DrError::NoSuchRun(run_id.into()))?;
-    serde_json::from_slice(&body).map_err(|e| DrError::BadRun {
+    let mut run: Run = serde_json::from_slice(&found.body).map_err(|e| DrError::BadRun {
         key,
         detail: e.to_string(),
-    })
+    })?;
+    run.etag.0 = Some(found.etag);
+    Ok(run)
 }
 
 /// Starts a run: validates, resolves each disk's generation, asks the receiver for the
@@ -202,7 +235,7 @@ pub async fn start<S: ObjectStore, E: Ec2Api>(
         Err(why) => {
             run.fail(why, Utc::now());
             if !run.dry_run {
-                save(env, &run).await?;
+                save(env, &mut run).await?;
             }
             return Ok(run);
         }
@@ -223,7 +256,7 @@ pub async fn start<S: ObjectStore, E: Ec2Api>(
         return Ok(run);
     }
     // Record the run before asking for anything, so whatever follows is tracked.
-    save(env, &run).await?;
+    save(env, &mut run).await?;
     for (d, (disk, generation)) in run.disks.clone().iter().zip(&disks) {
         let id = Name::new(&d.export_id).map_err(|e| DrError::BadRequest(e.to_string()))?;
         let req = ExportRequest {
@@ -246,13 +279,13 @@ pub async fn start<S: ObjectStore, E: Ec2Api>(
                 format!("cannot request the export of {disk}: {e}"),
                 Utc::now(),
             );
-            save(env, &run).await?;
+            save(env, &mut run).await?;
             return Ok(run);
         }
         run.record("s3-object", key, Utc::now());
     }
     run.updated_at = Utc::now();
-    save(env, &run).await?;
+    save(env, &mut run).await?;
     tracing::info!(run = %run.run_id, disks = run.disks.len(), drill = run.drill, "DR run started");
     Ok(run)
 }
@@ -432,23 +465,65 @@ fn plan<S, E>(
     Ok(out)
 }
 
-/// Advances one run by what can be done now, and saves it if it changed.
+/// Advances one run by what can be done now, saving after each step.
+///
+/// Any number of callers may advance one run at once (the schedule, `dr status`, a retry).
+/// Every save is made `If-Match` on the version read; a caller that loses a save reloads
+/// the run and stops, having created nothing. A step that creates something in EC2 is
+/// claimed first: the claim ([`Claim`], until [`CLAIM_LEASE`]) is saved, and only the
+/// caller whose save succeeded makes the call, in the same invocation. The call carries a
+/// client token from the run and step, so when a claimer dies after the call and before
+/// saving its outcome, the caller that takes the expired claim gets from EC2 what the
+/// first call made.
 pub async fn advance<S: ObjectStore, E: Ec2Api>(
     env: &DrEnv<S, E>,
     run: &mut Run,
 ) -> Result<(), DrError> {
-    let before = run.clone();
-    match run.phase {
-        Phase::Exporting => exporting(env, run).await?,
-        Phase::Importing => importing(env, run).await,
-        Phase::Launching => launching(env, run).await,
-        _ => {}
-    }
-    if *run != before {
+    let mut claimed_here = false;
+    // At most: claim the import, start it; claim the launch, launch.
+    for _ in 0..6 {
+        let before = run.clone();
+        match run.phase {
+            Phase::Exporting => exporting(env, run).await?,
+            Phase::Importing => importing(env, run, claimed_here).await,
+            Phase::Launching => launching(env, run, claimed_here).await,
+            _ => {}
+        }
+        if *run == before {
+            break;
+        }
         run.updated_at = Utc::now();
-        save(env, run).await?;
+        match save(env, run).await {
+            Ok(()) => {}
+            Err(DrError::Conflict(_)) => {
+                tracing::info!(run = %run.run_id, "another caller advanced the run; reloading");
+                *run = load(env, &run.run_id).await?;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+        // A claim this save made is this caller's to act on at once; anything else
+        // (progress of a running import) waits for the next call.
+        claimed_here = run.claim.is_some() && run.claim != before.claim;
+        if !claimed_here && run.phase == before.phase {
+            break;
+        }
     }
     Ok(())
+}
+
+/// Claims `step` for this caller, unless another caller's claim still holds; returns
+/// whether it claimed. The caller returns after claiming: `advance` saves the claim,
+/// and makes the call only if that save wins.
+fn claim(run: &mut Run, step: &str, now: DateTime<Utc>) -> bool {
+    if run.claim.as_ref().is_some_and(|c| c.holds(now)) {
+        return false;
+    }
+    run.claim = Some(Claim {
+        step: step.into(),
+        until: now + chrono::Duration::from_std(CLAIM_LEASE).unwrap_or_default(),
+    });
+    true
 }
 
 async fn exporting<S: ObjectStore, E: Ec2Api>(
@@ -490,7 +565,23 @@ async fn exporting<S: ObjectStore, E: Ec2Api>(
                 return Ok(());
             }
         };
+        let expected = ObjectKey::ExportImage {
+            disk: DiskId::parse(&d.disk).expect("parsed above"),
+            id: id.clone(),
+        }
+        .to_key(p);
         match (r.status, r.image_key) {
+            // Only the key this run asked the receiver to write: a result naming another
+            // object (anyone's, anywhere in the bucket) is not imported.
+            (ExportStatus::Done, Some(image_key)) if image_key != expected => {
+                run.fail(
+                    format!(
+                        "the export result {key} names {image_key}, not the image this run asked for ({expected}); nothing was imported"
+                    ),
+                    Utc::now(),
+                );
+                return Ok(());
+            }
             (ExportStatus::Done, Some(image_key)) if r.generation == Some(d.generation) => {
                 run.record("s3-object", image_key.clone(), Utc::now());
                 let disk = &mut run.disks[i];
@@ -542,6 +633,16 @@ async fn exporting<S: ObjectStore, E: Ec2Api>(
         }
         return Ok(());
     }
+    // Every disk is exported: on to the import, claimed (saved before the call).
+    run.reason = None;
+    run.enter(Phase::Importing, now);
+    claim(run, "import", now);
+    Ok(())
+}
+
+/// Starts the run's import (the claimed step of `Importing` without a task).
+async fn start_import<S: ObjectStore, E: Ec2Api>(env: &DrEnv<S, E>, run: &mut Run) {
+    let now = Utc::now();
     let (vm, first) = (
         run.disks[0]
             .disk
@@ -551,7 +652,7 @@ async fn exporting<S: ObjectStore, E: Ec2Api>(
         run.disks[0].disk.clone(),
     );
     let Some(start) = start_request(run, now) else {
-        return Ok(());
+        return;
     };
     let req = ImportRequest {
         disks: run
@@ -569,6 +670,9 @@ async fn exporting<S: ObjectStore, E: Ec2Api>(
         license_type: start.launch.license_type.map(|l| l.as_str().to_string()),
         description: format!("pilotlight {} {vm} from {first}", run.run_id),
         tags: run_tags(run, &start),
+        // Always encrypted: with the stack's key, else the account's EBS default key.
+        encrypted: true,
+        kms_key_id: env.cfg.kms_key_id.clone(),
         // One import per run, however often this step runs.
         client_token: format!("{}-import", run.run_id),
     };
@@ -581,11 +685,13 @@ async fn exporting<S: ObjectStore, E: Ec2Api>(
                 status_message: Some("pending".into()),
                 progress_percent: Some(0),
             });
-            run.enter(Phase::Importing, now);
+        }
+        Err(e) if e.is_transient() => {
+            run.reason = Some(format!("EC2 image import could not start yet: {e}"));
+            check_import_timeout(env, run);
         }
         Err(e) => run.fail(format!("EC2 image import could not start: {e}"), now),
     }
-    Ok(())
 }
 
 /// The start request a run was made from; a run whose record lost it fails.
@@ -613,9 +719,18 @@ fn run_tags(run: &Run, start: &StartRequest) -> Vec<(String, String)> {
     tags
 }
 
-async fn importing<S: ObjectStore, E: Ec2Api>(env: &DrEnv<S, E>, run: &mut Run) {
+async fn importing<S: ObjectStore, E: Ec2Api>(
+    env: &DrEnv<S, E>,
+    run: &mut Run,
+    claimed_here: bool,
+) {
     let Some(task_id) = run.import.as_ref().map(|i| i.task_id.clone()) else {
-        run.fail("run record lost its import task", Utc::now());
+        if claimed_here {
+            start_import(env, run).await;
+            run.claim = None;
+        } else {
+            claim(run, "import", Utc::now());
+        }
         return;
     };
     let t = match env.ec2.describe_import_image_task(&task_id).await {
@@ -643,6 +758,19 @@ async fn importing<S: ObjectStore, E: Ec2Api>(env: &DrEnv<S, E>, run: &mut Run) 
                 );
                 return;
             };
+            // ImportImage tags only its task: tag what it made, so cleanup (whose
+            // permission is conditioned on this tag) may remove it, and nothing else.
+            let mut ids = vec![image.clone()];
+            ids.extend(t.snapshot_ids.iter().cloned());
+            let mut tags = vec![(TAG_RUN.to_string(), run.run_id.clone())];
+            if run.drill {
+                tags.push((TAG_DRILL.into(), "true".into()));
+            }
+            if let Err(e) = env.ec2.create_tags(&ids, &tags).await {
+                // Retried by the next call; the import stays complete.
+                run.reason = Some(format!("could not tag the imported AMI {image}: {e}"));
+                return;
+            }
             run.record("image", image.clone(), now);
             for s in &t.snapshot_ids {
                 run.record("snapshot", s.clone(), now);
@@ -650,8 +778,9 @@ async fn importing<S: ObjectStore, E: Ec2Api>(env: &DrEnv<S, E>, run: &mut Run) 
             run.image_id = Some(image);
             run.snapshot_ids = t.snapshot_ids;
             run.reason = None;
+            // On to the launch, claimed (saved before the call).
             run.enter(Phase::Launching, now);
-            launching(env, run).await;
+            claim(run, "launch", now);
         }
         "deleted" | "deleting" => run.fail(
             format!(
@@ -682,8 +811,16 @@ fn check_import_timeout<S, E>(env: &DrEnv<S, E>, run: &mut Run) {
     }
 }
 
-async fn launching<S: ObjectStore, E: Ec2Api>(env: &DrEnv<S, E>, run: &mut Run) {
+async fn launching<S: ObjectStore, E: Ec2Api>(
+    env: &DrEnv<S, E>,
+    run: &mut Run,
+    claimed_here: bool,
+) {
     let now = Utc::now();
+    if run.instance_ids.is_empty() && !claimed_here {
+        claim(run, "launch", now);
+        return;
+    }
     let Some(start) = start_request(run, now) else {
         return;
     };
@@ -724,12 +861,21 @@ async fn launching<S: ObjectStore, E: Ec2Api>(env: &DrEnv<S, E>, run: &mut Run) 
         // two advancers): EC2 returns the first launch for the same token.
         client_token: format!("{}-launch", run.run_id),
     };
-    match env.ec2.run_instance(&req).await {
+    let result = env.ec2.run_instance(&req).await;
+    run.claim = None;
+    match result {
         Ok(id) => {
             run.record("instance", id.clone(), Utc::now());
             run.instance_ids.push(id);
             run.enter(Phase::Done, Utc::now());
             tracing::info!(run = %run.run_id, instance = ?run.instance_ids, "DR run done");
+        }
+        // Throttled, unreachable, EC2 failing: the claim is released and the next call
+        // launches (same token: if this one did launch, EC2 answers with it).
+        Err(e) if e.is_transient() => {
+            run.reason = Some(format!(
+                "launching the instance failed for now, retried: {e}"
+            ));
         }
         Err(e) => run.fail(
             format!(
@@ -761,11 +907,28 @@ pub async fn status<S: ObjectStore, E: Ec2Api>(
     };
     let mut out = Vec::new();
     for id in ids {
-        let mut run = load(env, &id).await?;
-        if run_id.is_none() && run.phase.is_final() {
+        if let Some(one) = run_id {
+            let mut run = load(env, one).await?;
+            advance(env, &mut run).await?;
+            out.push(run);
             continue;
         }
-        advance(env, &mut run).await?;
+        // Every unfinished run: one that cannot be read or advanced now is reported
+        // and skipped, never a reason to leave the others waiting.
+        let mut run = match load(env, &id).await {
+            Ok(run) => run,
+            Err(e) => {
+                tracing::warn!(run = %id, error = %e, "cannot read the run record; skipped");
+                continue;
+            }
+        };
+        if run.phase.is_final() {
+            continue;
+        }
+        if let Err(e) = advance(env, &mut run).await {
+            tracing::warn!(run = %id, error = %e, "cannot advance the run now; the next call tries again");
+            run.reason = Some(format!("not advanced this time: {e}"));
+        }
         out.push(run);
     }
     out.sort_by_key(|r| std::cmp::Reverse(r.created_at));
@@ -867,6 +1030,6 @@ pub async fn cleanup<S: ObjectStore, E: Ec2Api>(
         ));
     }
     run.updated_at = Utc::now();
-    save(env, &run).await?;
+    save(env, &mut run).await?;
     Ok(run)
 }

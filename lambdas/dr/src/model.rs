@@ -183,6 +183,40 @@ pub struct Run {
     pub phases: Vec<PhaseTime>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// A creating EC2 call (`import`, `launch`) some caller is making: saved before the
+    /// call, cleared when its outcome is saved (see `handler::advance`).
+    #[serde(default)]
+    pub claim: Option<Claim>,
+    /// The ETag of the stored version this was read from (or last saved as): the next
+    /// save is made `If-Match` on it, so of two callers holding one version only one
+    /// saves. Not part of the record.
+    #[serde(skip)]
+    pub etag: Etag,
+}
+
+/// A step claimed by one caller until `until`: others leave it alone until then.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    pub step: String,
+    pub until: DateTime<Utc>,
+}
+
+impl Claim {
+    /// Whether another caller must still leave the step alone at `now`.
+    pub fn holds(&self, now: DateTime<Utc>) -> bool {
+        now < self.until
+    }
+}
+
+/// The stored version a [`Run`] was read as. Not part of the record: two runs that say
+/// the same are equal whichever version each was read from.
+#[derive(Debug, Clone, Default)]
+pub struct Etag(pub Option<String>);
+
+impl PartialEq for Etag {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 impl Run {
@@ -206,6 +240,8 @@ impl Run {
             phases: Vec::new(),
             created_at: now,
             updated_at: now,
+            claim: None,
+            etag: Etag(None),
         }
     }
 
@@ -231,6 +267,7 @@ impl Run {
 
     pub fn fail(&mut self, reason: impl Into<String>, now: DateTime<Utc>) {
         self.reason = Some(reason.into());
+        self.claim = None;
         self.enter(Phase::Failed, now);
     }
 

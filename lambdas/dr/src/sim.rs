@@ -49,6 +49,11 @@ struct SimTask {
     disks: Vec<(String, String)>,
     sizes: Vec<u64>,
     boot_mode: Option<String>,
+    /// What the import was asked to encrypt with (recorded for tests).
+    #[serde(default)]
+    encrypted: bool,
+    #[serde(default)]
+    kms_key_id: Option<String>,
     fail: Option<String>,
     image_id: Option<String>,
     snapshot_ids: Vec<String>,
@@ -86,13 +91,15 @@ impl<E: Ec2Api + SimBackend, S: ObjectStore> SimulatedImport<E, S> {
         self.store
             .put(&self.key(&t.task_id), body.into(), PutOptions::json())
             .await
+            .map(|_| ())
             .map_err(|e| store_err("simulate", e))
     }
 }
 
 impl<E: Ec2Api + SimBackend, S: ObjectStore> Ec2Api for SimulatedImport<E, S> {
     async fn import_image(&self, req: &ImportRequest) -> Result<String, CloudError> {
-        // What the real call checks first: disks present and readable.
+        // What the real call checks first: the request, then disks present and readable.
+        req.check()?;
         if req.disks.is_empty() {
             return Err(sim_err("ImportImage", "no disk containers"));
         }
@@ -142,6 +149,8 @@ impl<E: Ec2Api + SimBackend, S: ObjectStore> Ec2Api for SimulatedImport<E, S> {
             disks: req.disks.clone(),
             sizes,
             boot_mode: req.boot_mode.clone(),
+            encrypted: req.encrypted,
+            kms_key_id: req.kms_key_id.clone(),
             fail: self.fail.clone(),
             image_id: None,
             snapshot_ids: Vec::new(),
@@ -222,6 +231,13 @@ impl<E: Ec2Api + SimBackend, S: ObjectStore> Ec2Api for SimulatedImport<E, S> {
 
     async fn delete_snapshot(&self, id: &str) -> Result<(), CloudError> {
         self.inner.delete_snapshot(id).await
+    }
+    async fn create_tags(
+        &self,
+        ids: &[String],
+        tags: &[(String, String)],
+    ) -> Result<(), CloudError> {
+        self.inner.create_tags(ids, tags).await
     }
 }
 

@@ -5,7 +5,7 @@
 
 use bytes::Bytes;
 use pilotlight_cloud::ec2::MemoryEc2;
-use pilotlight_cloud::{MemoryStore, ObjectStore, PutOptions};
+use pilotlight_cloud::{ErrorKind, Fault, MemoryStore, ObjectStore, PutOptions};
 use pilotlight_dr::handler::{advance, cleanup, start, status, DrConfig, DrEnv, DrError};
 use pilotlight_dr::model::{Phase, Run};
 use pilotlight_dr::sim::SimulatedImport;
@@ -522,4 +522,220 @@ async fn a_step_repeated_by_a_second_advancer_creates_nothing_twice() {
     assert_eq!(run.instance_ids.len(), 1);
     assert_eq!(run.instance_ids, stale.instance_ids, "the same instance");
     assert_eq!(env.ec2.inner.snapshot().instances.len(), 1, "one instance");
+}
+
+/// How many times EC2 was asked to launch (not how many instances exist: the token
+/// would hide a second call).
+fn launches(env: &Env<'_>) -> usize {
+    let calls = env.ec2.inner.snapshot().calls;
+    calls.iter().filter(|c| *c == "RunInstances").count()
+}
+
+fn run_key(run: &Run) -> String {
+    format!("pilotlight-dr/runs/{}.json", run.run_id)
+}
+
+#[tokio::test]
+async fn two_advancers_racing_on_one_run_make_one_import_one_instance_and_one_record() {
+    let store = MemoryStore::default();
+    replicated(&store, 2);
+    let env = env(&store, None);
+    let mut a = start(&env, request()).await.unwrap();
+    receiver_answers(&store, &a, true).await;
+    // Two callers (the schedule and `dr status`) holding the same version, every step.
+    let mut b = a.clone();
+    for _ in 0..20 {
+        let (ra, rb) = tokio::join!(advance(&env, &mut a), advance(&env, &mut b));
+        ra.unwrap();
+        rb.unwrap();
+        if a.phase.is_final() && b.phase.is_final() {
+            break;
+        }
+        // Whoever lost a race holds the winner's version now; both go again.
+        if a.updated_at > b.updated_at {
+            b = a.clone();
+        } else {
+            a = b.clone();
+        }
+    }
+    assert_eq!(a.phase, Phase::Done, "{:?}", a.reason);
+    assert_eq!(launches(&env), 1, "one RunInstances call");
+    assert_eq!(env.ec2.inner.snapshot().instances.len(), 1);
+    let tasks = store
+        .list("pilotlight-dr/simulated-imports/", |_| true)
+        .await
+        .unwrap();
+    assert_eq!(tasks.len(), 1, "one import task: {tasks:?}");
+    let stored: Run =
+        serde_json::from_slice(&store.get(&run_key(&a), 1 << 20).await.unwrap()).unwrap();
+    assert_eq!(stored, a, "one consistent record");
+    assert_eq!(stored.instance_ids.len(), 1);
+    assert_eq!(
+        stored
+            .created
+            .iter()
+            .filter(|c| c.kind == "instance")
+            .count(),
+        1
+    );
+    assert!(stored.claim.is_none(), "no claim left behind");
+}
+
+#[tokio::test]
+async fn a_claimed_launch_waits_for_its_claimer_and_is_taken_over_when_the_claim_expires() {
+    let store = MemoryStore::default();
+    replicated(&store, 1);
+    let env = env(&store, None);
+    let mut run = start(&env, request()).await.unwrap();
+    receiver_answers(&store, &run, true).await;
+    // Up to the launch, which fails for now: the claim is released, the run waits.
+    env.ec2
+        .inner
+        .faults
+        .add(Fault::on("RunInstances").throttle());
+    for _ in 0..20 {
+        advance(&env, &mut run).await.unwrap();
+        if run.phase == Phase::Launching {
+            break;
+        }
+    }
+    assert_eq!(run.phase, Phase::Launching, "{:?}", run.reason);
+    assert!(run.claim.is_none(), "a failed call releases its claim");
+    assert!(
+        run.reason.as_deref().unwrap_or("").contains("retried"),
+        "{:?}",
+        run.reason
+    );
+    env.ec2.inner.faults.clear();
+
+    // Another caller claimed it and is (as far as anyone knows) still calling.
+    let mut record: Value =
+        serde_json::from_slice(&store.get(&run_key(&run), 1 << 20).await.unwrap()).unwrap();
+    let until = chrono::Utc::now() + chrono::Duration::seconds(120);
+    record["claim"] = json!({"step": "launch", "until": until});
+    store.insert(&run_key(&run), serde_json::to_vec(&record).unwrap());
+    let mut seen = status(&env, Some(&run.run_id)).await.unwrap().remove(0);
+    assert_eq!(seen.phase, Phase::Launching);
+    let before = launches(&env);
+    advance(&env, &mut seen).await.unwrap();
+    assert_eq!(launches(&env), before, "a held claim is left alone");
+
+    // The claimer died: once the claim expires, the next caller launches.
+    record["claim"] =
+        json!({"step": "launch", "until": chrono::Utc::now() - chrono::Duration::seconds(1)});
+    store.insert(&run_key(&run), serde_json::to_vec(&record).unwrap());
+    let done = status(&env, Some(&run.run_id)).await.unwrap().remove(0);
+    assert_eq!(done.phase, Phase::Done, "{:?}", done.reason);
+    assert_eq!(env.ec2.inner.snapshot().instances.len(), 1);
+}
+
+#[tokio::test]
+async fn a_missing_export_result_answered_403_keeps_the_run_waiting_until_the_export_timeout() {
+    // The DR role's ListBucket is conditioned on s3:prefix, so S3 answers its GET of a
+    // result the receiver has not written yet with 403, not 404.
+    let store = MemoryStore::default();
+    replicated(&store, 1);
+    store.deny_missing_keys(true);
+    let mut env = env(&store, None);
+    let mut run = start(&env, request()).await.unwrap();
+    for _ in 0..3 {
+        advance(&env, &mut run).await.unwrap();
+        assert_eq!(run.phase, Phase::Exporting, "{:?}", run.reason);
+    }
+    // Scheduled calls keep going (a bare status lists it, no error).
+    let runs = status(&env, None).await.unwrap();
+    assert_eq!(runs.len(), 1);
+    // The receiver never answers: the timeout fails the run, with the reason.
+    env.cfg.export_timeout = Duration::ZERO;
+    advance(&env, &mut run).await.unwrap();
+    assert_eq!(run.phase, Phase::Failed);
+    assert!(
+        run.reason.as_deref().unwrap().contains("export timeout"),
+        "{:?}",
+        run.reason
+    );
+
+    // A real denial (the listing is denied too) is an error, never "not yet".
+    env.cfg.export_timeout = Duration::from_secs(3600);
+    let mut run = start(&env, request()).await.unwrap();
+    store.faults.add(
+        Fault::on("ListObjectsV2")
+            .always()
+            .kind(ErrorKind::AccessDenied, Some("AccessDenied")),
+    );
+    let e = advance(&env, &mut run).await.unwrap_err();
+    assert!(e.to_string().contains("s3:ListBucket"), "{e}");
+    assert_eq!(run.phase, Phase::Exporting);
+}
+
+#[tokio::test]
+async fn an_export_result_naming_another_object_is_not_imported() {
+    let store = MemoryStore::default();
+    replicated(&store, 1);
+    let env = env(&store, None);
+    let mut run = start(&env, request()).await.unwrap();
+    receiver_answers(&store, &run, true).await;
+    // Someone rewrites the result to point at an object of their choosing.
+    let p = Prefix::new("dr").unwrap();
+    let id = Name::new(&run.disks[0].export_id).unwrap();
+    let key = ObjectKey::ExportResult { disk: disk(), id }.to_key(&p);
+    let mut r: Value = serde_json::from_slice(&store.get(&key, 1 << 20).await.unwrap()).unwrap();
+    r["image_key"] = json!("dr/site1/vm1/disk0/x/other/image.raw");
+    store.insert(&key, serde_json::to_vec(&r).unwrap());
+    advance(&env, &mut run).await.unwrap();
+    assert_eq!(run.phase, Phase::Failed);
+    assert!(
+        run.reason
+            .as_deref()
+            .unwrap()
+            .contains("not the image this run asked for"),
+        "{:?}",
+        run.reason
+    );
+    let tasks = store
+        .list("pilotlight-dr/simulated-imports/", |_| true)
+        .await
+        .unwrap();
+    assert!(tasks.is_empty(), "nothing imported");
+}
+
+#[tokio::test]
+async fn imports_are_encrypted_with_the_stack_key_and_what_they_make_is_tagged_for_cleanup() {
+    let store = MemoryStore::default();
+    replicated(&store, 1);
+    let mut env = env(&store, None);
+    env.cfg.kms_key_id =
+        Some("arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab".into());
+    let mut run = start(&env, request()).await.unwrap();
+    receiver_answers(&store, &run, true).await;
+    advance_until_final(&env, &mut run).await;
+    assert_eq!(run.phase, Phase::Done, "{:?}", run.reason);
+    let task: Value = serde_json::from_slice(
+        &store
+            .get(
+                &format!(
+                    "pilotlight-dr/simulated-imports/{}.json",
+                    run.import.as_ref().unwrap().task_id
+                ),
+                1 << 20,
+            )
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(task["encrypted"], json!(true));
+    assert_eq!(task["kms_key_id"], json!(env.cfg.kms_key_id));
+    // The AMI and its snapshots carry the run's tag (cleanup's permission requires it).
+    let ec2 = env.ec2.inner.snapshot();
+    let mut made = vec![run.image_id.clone().unwrap()];
+    made.extend(run.snapshot_ids.clone());
+    for id in made {
+        let tags = ec2.tags.get(&id).unwrap_or_else(|| panic!("{id} untagged"));
+        assert_eq!(tags.get("pilotlight:dr-run"), Some(&run.run_id), "{id}");
+        assert_eq!(
+            tags.get("pilotlight:drill").map(String::as_str),
+            Some("true"),
+            "{id}"
+        );
+    }
 }

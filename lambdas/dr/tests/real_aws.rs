@@ -36,6 +36,8 @@ async fn import_image_on_real_aws() {
             license_type: None,
             description: "pilotlight real-AWS import test".into(),
             tags: vec![("pilotlight:test".into(), "true".into())],
+            encrypted: true,
+            kms_key_id: std::env::var("PILOTLIGHT_DR_KMS_KEY").ok(),
             client_token: format!("pilotlight-real-aws-{}", std::process::id()),
         })
         .await

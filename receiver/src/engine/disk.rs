@@ -9,7 +9,7 @@ use crate::apply::{apply, ApplyOptions};
 use crate::image::FileImage;
 use crate::state::{self, DiskPaths, DiskState};
 use chrono::Utc;
-use pilotlight_cloud::{CloudError, ObjectStore, Queue};
+use pilotlight_cloud::{CloudError, ErrorKind, ObjectStore, Queue};
 use pilotlight_protocol::{DiskId, Manifest, Name, ObjectKey, Prefix, MAX_MANIFEST_BYTES};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,10 +54,21 @@ pub async fn read_manifest<S: ObjectStore>(
         generation,
     };
     let k = key.to_key(prefix);
+    // get_if_exists: to this role S3 answers a missing key 403, not 404 (its ListBucket
+    // is conditioned on the prefix); a manifest gone is "not found", not "denied".
     let bytes = src
-        .get(&k, MAX_MANIFEST_BYTES as u64)
+        .get_if_exists(&k, MAX_MANIFEST_BYTES as u64)
         .await
-        .map_err(LearnError::Read)?;
+        .map_err(LearnError::Read)?
+        .ok_or_else(|| {
+            LearnError::Read(CloudError::new(
+                "S3",
+                "GetObject",
+                format!("s3://{}/{k}", src.bucket()),
+                ErrorKind::NotFound,
+                "no such manifest (expired, deleted, or announced by an event from elsewhere)",
+            ))
+        })?;
     let invalid = |detail: String| LearnError::Invalid {
         key: k.clone(),
         detail,

@@ -171,7 +171,7 @@ async fn write_result<S: ObjectStore>(
         }
     };
     match src.put(&key, body.into(), PutOptions::json()).await {
-        Ok(()) => true,
+        Ok(_) => true,
         Err(e) => {
             tracing::error!(%key, "export result not written: {e}");
             false
