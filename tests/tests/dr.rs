@@ -498,3 +498,135 @@ async fn the_lambda_binary_runs_the_flow_under_cargo_lambda() {
     let (ok, out) = invoke(r#"{"action": "explode"}"#);
     assert!(!ok && out.contains("invalid request"), "{out}");
 }
+
+/// Two advancers (the schedule and a `dr status`) on one run at once, through the SDK
+/// against the emulator: every save is conditional on the version read, and each EC2
+/// create step is claimed before its call, so one import task, one instance (launched
+/// with the run's client token) and one consistent run record come out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_advancers_racing_against_the_emulator_make_one_import_one_instance_one_record() {
+    use pilotlight_dr::handler::{advance, start, DrConfig, DrEnv};
+    use pilotlight_dr::model::{Phase, Run};
+    use pilotlight_dr::sim::SimulatedImport;
+    use pilotlight_protocol::{ExportRequest, EXPORT_VERSION};
+
+    let stack = LocalStack::start().await;
+    let aws = pilotlight_tests::stack::emulator(&stack.endpoint).await;
+    let store = aws.s3(stack.bucket.clone());
+    let prefix = Prefix::new(&stack.prefix).unwrap();
+    let env = DrEnv {
+        store: store.clone(),
+        ec2: SimulatedImport {
+            inner: aws.ec2(),
+            store: store.clone(),
+            prefix: "pilotlight-dr/simulated-imports/".into(),
+            fail: None,
+        },
+        cfg: DrConfig::new(&stack.bucket, prefix.clone()),
+    };
+    // A committed generation (start resolves it by its manifest key).
+    let manifest = ObjectKey::Manifest {
+        disk: disk_id(),
+        generation: 1,
+    }
+    .to_key(&prefix);
+    stack.put(&manifest, b"{}".to_vec()).await;
+    let request: Value =
+        serde_json::from_str(include_str!("../../lambdas/dr/tests/fixtures/start.json")).unwrap();
+    let mut a: Run = start(&env, request).await.unwrap();
+    assert_eq!(a.phase, Phase::Exporting, "{:?}", a.reason);
+    // The receiver's answer: the image and the result naming it.
+    let id = Name::new(&a.disks[0].export_id).unwrap();
+    let req_key = ObjectKey::ExportRequest {
+        disk: disk_id(),
+        id: id.clone(),
+    }
+    .to_key(&prefix);
+    ExportRequest::from_json(&stack.get(&req_key).await, &id).unwrap();
+    let image_key = ObjectKey::ExportImage {
+        disk: disk_id(),
+        id: id.clone(),
+    }
+    .to_key(&prefix);
+    stack.put(&image_key, vec![7u8; 4096]).await;
+    let result = serde_json::json!({
+        "version": EXPORT_VERSION, "id": id.as_str(), "status": "done",
+        "generation": 1, "image_key": image_key, "size": 4096,
+        "sha256": hex::encode([1u8; 32]), "reason": null, "seconds": 0.1,
+        "finished_at": chrono::Utc::now(),
+    });
+    let result_key = ObjectKey::ExportResult {
+        disk: disk_id(),
+        id,
+    }
+    .to_key(&prefix);
+    stack
+        .put(&result_key, serde_json::to_vec(&result).unwrap())
+        .await;
+
+    let mut b = a.clone();
+    for _ in 0..30 {
+        let (ra, rb) = tokio::join!(advance(&env, &mut a), advance(&env, &mut b));
+        ra.unwrap();
+        rb.unwrap();
+        if a.phase.is_final() && b.phase.is_final() {
+            break;
+        }
+        if a.updated_at > b.updated_at {
+            b = a.clone();
+        } else {
+            a = b.clone();
+        }
+    }
+    assert_eq!(a.phase, Phase::Done, "{:?}", a.reason);
+    let run_key = format!("pilotlight-dr/runs/{}.json", a.run_id);
+    let stored: Run = serde_json::from_slice(&stack.get(&run_key).await).unwrap();
+    assert_eq!(stored.phase, Phase::Done);
+    assert_eq!(stored.instance_ids.len(), 1, "{stored:?}");
+    assert!(stored.claim.is_none());
+    // In EC2: one instance of this run, launched with the run's token.
+    let ec2 = stack.ec2().await;
+    let out = ec2
+        .describe_instances()
+        .filters(
+            Filter::builder()
+                .name("tag:pilotlight:dr-run")
+                .values(&a.run_id)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let instances: Vec<_> = out
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .collect();
+    assert_eq!(instances.len(), 1, "one instance: {instances:?}");
+    assert_eq!(
+        instances[0].client_token(),
+        Some(format!("{}-launch", a.run_id).as_str())
+    );
+    assert_eq!(
+        instances[0].instance_id(),
+        Some(stored.instance_ids[0].as_str())
+    );
+    let tasks = stack.keys("pilotlight-dr/simulated-imports/").await;
+    assert_eq!(tasks.len(), 1, "one import task: {tasks:?}");
+    // The AMI and snapshot the import made carry the run's tag (cleanup needs it).
+    let images = ec2
+        .describe_images()
+        .image_ids(stored.image_id.clone().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let tags: Vec<(String, String)> = images.images()[0]
+        .tags()
+        .iter()
+        .map(|t| (t.key().unwrap_or("").into(), t.value().unwrap_or("").into()))
+        .collect();
+    assert!(
+        tags.contains(&("pilotlight:dr-run".into(), a.run_id.clone())),
+        "{tags:?}"
+    );
+}

@@ -1,4 +1,24 @@
-//! EC2 image import against real AWS: skipped unless asked for, never in CI.
+//! Against real AWS: skipped unless asked for, never in CI. Both cost money while they run.
+//!
+//! **A deploy-and-drill run in your account** (`drill_on_real_aws`): deploy the stack as
+//! infra/README.md "Deploy to AWS" says (build and upload the artifacts, create the stack,
+//! point a sender at it and replicate a bootable VM's disks once), then
+//!
+//! ```sh
+//! PILOTLIGHT_REAL_AWS_DRILL="<DrFunctionName> <site> <vm> <disk>[,<disk>...] <instance type>" \
+//!   AWS_PROFILE=... AWS_REGION=... cargo test -p pilotlight-dr --test real_aws -- --nocapture
+//! ```
+//!
+//! It starts a drill through the deployed DR function (`pilotlight-dr --function ...
+//! start --drill --wait`): the receiver exports, EC2 imports (encrypted), the instance
+//! launches in the drill subnet; the run must end `done` with one instance. Then it
+//! cleans the drill up (instances, AMI, snapshots, exported objects, all tagged by the
+//! run) and checks the run ends `cleaned_up`. What it exercises that the emulator cannot:
+//! ImportImage, the IAM policies as AWS evaluates them (403s for missing keys, tag-scoped
+//! deletes, PassRole), KMS grants, and the schedule advancing the run alongside `--wait`
+//! (two advancers on one run record).
+//!
+//! **An image import alone** (`import_image_on_real_aws`):
 //!
 //! ```sh
 //! PILOTLIGHT_REAL_AWS_IMPORT=s3://my-bucket/dr/site1/vm1/disk0/x/<id>/image.raw \
@@ -8,7 +28,7 @@
 //! Needs the `vmimport` service role (infra/ creates it) and an exported image of a
 //! bootable disk. Imports it through the SDK's `ImportImage`, follows
 //! `DescribeImportImageTasks` to the end (printing progress), then deregisters the AMI
-//! and deletes its snapshots. Costs money while it runs.
+//! and deletes its snapshots.
 #![allow(clippy::unwrap_used)]
 
 use pilotlight_cloud::ec2::{Ec2Api, ImportRequest};
@@ -64,4 +84,41 @@ async fn import_image_on_real_aws() {
     for s in &done.snapshot_ids {
         ec2.delete_snapshot(s).await.unwrap();
     }
+}
+
+#[test]
+fn drill_on_real_aws() {
+    let Ok(spec) = std::env::var("PILOTLIGHT_REAL_AWS_DRILL") else {
+        eprintln!("skipped: set PILOTLIGHT_REAL_AWS_DRILL=\"FUNCTION SITE VM DISKS INSTANCE_TYPE\"");
+        return;
+    };
+    let parts: Vec<&str> = spec.split_whitespace().collect();
+    let [function, site, vm, disks, instance_type] = parts.as_slice() else {
+        panic!("PILOTLIGHT_REAL_AWS_DRILL must be FUNCTION SITE VM DISKS INSTANCE_TYPE, got {spec:?}");
+    };
+    let dr = |args: &[&str]| -> serde_json::Value {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pilotlight-dr"))
+            .args(["--function", function, "--json"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pilotlight-dr {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let mut start = vec!["start", "--site", site, "--vm", vm];
+    for d in disks.split(',') {
+        start.extend(["--disk", d]);
+    }
+    start.extend(["--instance-type", instance_type, "--drill", "--wait", "--wait-timeout", "3h"]);
+    let run = dr(&start);
+    eprintln!("{run:#}");
+    assert_eq!(run["phase"], "done", "{run:#}");
+    assert_eq!(run["instance_ids"].as_array().map(Vec::len), Some(1), "{run:#}");
+    let run_id = run["run_id"].as_str().unwrap();
+    let cleaned = dr(&["cleanup", run_id]);
+    assert_eq!(cleaned["phase"], "cleaned_up", "{cleaned:#}");
 }

@@ -137,10 +137,19 @@ data "aws_iam_policy_document" "dr_function_role" {
     }
   }
   statement {
+    sid       = "LaunchOwnImages"
+    actions   = ["ec2:RunInstances"]
+    resources = ["arn:${local.partition}:ec2:${local.region}::image/*"]
+    condition {
+      test     = "StringEquals"
+      variable = "ec2:Owner"
+      values   = [local.account]
+    }
+  }
+  statement {
     sid     = "LaunchWithResources"
     actions = ["ec2:RunInstances"]
     resources = [
-      "arn:${local.partition}:ec2:${local.region}::image/*",
       "arn:${local.partition}:ec2:${local.region}:${local.account}:subnet/*",
       "arn:${local.partition}:ec2:${local.region}:${local.account}:network-interface/*",
       "arn:${local.partition}:ec2:${local.region}:${local.account}:security-group/*",
@@ -172,13 +181,45 @@ data "aws_iam_policy_document" "dr_function_role" {
     }
   }
   statement {
-    sid = "CleanUpImportedImages"
-    # Imported AMIs and snapshots carry no tags the condition could test.
+    sid = "TagImportedImages"
+    # ImportImage tags only its task: the Lambda tags the AMI and snapshots the task
+    # made, with the run's tags and nothing else.
+    actions = ["ec2:CreateTags"]
+    resources = [
+      "arn:${local.partition}:ec2:${local.region}::image/*",
+      "arn:${local.partition}:ec2:${local.region}::snapshot/*",
+    ]
+    condition {
+      test     = "Null"
+      variable = "aws:RequestTag/pilotlight:dr-run"
+      values   = ["false"]
+    }
+    condition {
+      test     = "ForAllValues:StringEquals"
+      variable = "aws:TagKeys"
+      values   = ["pilotlight:dr-run", "pilotlight:drill"]
+    }
+  }
+  statement {
+    sid     = "CleanUpImportedImages"
     actions = ["ec2:DeregisterImage", "ec2:DeleteSnapshot"]
     resources = [
       "arn:${local.partition}:ec2:${local.region}::image/*",
       "arn:${local.partition}:ec2:${local.region}::snapshot/*",
     ]
+    condition {
+      test     = "Null"
+      variable = "aws:ResourceTag/pilotlight:dr-run"
+      values   = ["false"]
+    }
+  }
+  dynamic "statement" {
+    for_each = var.dr_tracing ? [1] : []
+    content {
+      sid       = "Tracing"
+      actions   = ["xray:PutTraceSegments", "xray:PutTelemetryRecords"] # no resource-level permissions
+      resources = ["*"]
+    }
   }
 }
 
@@ -190,14 +231,18 @@ resource "aws_iam_role_policy" "dr_function_role" {
 
 resource "aws_cloudwatch_log_group" "dr_function_log_group" {
   name              = "/aws/lambda/${var.name}-dr"
-  retention_in_days = 365
-  kms_key_id        = local.use_kms ? var.kms_key_arn : null
+  retention_in_days = var.log_retention_days
+  # With kms_key_arn, the key policy must admit logs.REGION.amazonaws.com, or this log
+  # group cannot be created (infra/README.md, "Customer managed KMS key").
+  kms_key_id = local.use_kms ? var.kms_key_arn : null
 }
 
 resource "aws_lambda_function" "dr_function" {
   #checkov:skip=CKV_AWS_117:It calls only AWS APIs; a VPC would add NAT or endpoints and no isolation.
   #checkov:skip=CKV_AWS_116:The schedule retries every minute and runs are recorded in S3; a DLQ of schedule events holds nothing to redo.
   #checkov:skip=CKV_AWS_173:Its environment holds names and durations, no secrets.
+  #checkov:skip=CKV_AWS_115:Reserved concurrency is var.dr_reserved_concurrency, none by default - a reservation fails in accounts with the new-account quota of 10.
+  #checkov:skip=CKV_AWS_50:X-Ray tracing is var.dr_tracing, off by default (it needs X-Ray write permissions, granted with it, and costs per trace).
   #checkov:skip=CKV_AWS_272:Code signing needs an AWS Signer profile the user owns; scripts/package prints the zip's SHA-256 instead.
   function_name                  = "${var.name}-dr"
   description                    = "pilotlight one-click DR (start, status, cleanup; the schedule advances runs)"
@@ -206,7 +251,7 @@ resource "aws_lambda_function" "dr_function" {
   architectures                  = ["x86_64"]
   memory_size                    = 256
   timeout                        = 60
-  reserved_concurrent_executions = 5
+  reserved_concurrent_executions = var.dr_reserved_concurrency > 0 ? var.dr_reserved_concurrency : -1
   role                           = aws_iam_role.dr_function_role.arn
   s3_bucket                      = var.artifact_bucket
   s3_key                         = var.dr_lambda_artifact_key
@@ -214,8 +259,10 @@ resource "aws_lambda_function" "dr_function" {
     log_format = "Text"
     log_group  = aws_cloudwatch_log_group.dr_function_log_group.name
   }
+  # Active tracing needs xray:PutTraceSegments and xray:PutTelemetryRecords on the role
+  # (CreateFunction refuses it otherwise): granted by the Tracing statement.
   tracing_config {
-    mode = "Active"
+    mode = var.dr_tracing ? "Active" : "PassThrough"
   }
   environment {
     variables = merge(
@@ -225,6 +272,7 @@ resource "aws_lambda_function" "dr_function" {
         PILOTLIGHT_DR_VMIMPORT_ROLE = aws_iam_role.vm_import_role.name
         RUST_LOG                    = "info"
       },
+      local.use_kms ? { PILOTLIGHT_DR_KMS_KEY = var.kms_key_arn } : {},
       var.drill_subnet_id != "" ? { PILOTLIGHT_DR_DRILL_SUBNET = var.drill_subnet_id } : {},
       var.drill_security_group_ids != "" ? { PILOTLIGHT_DR_DRILL_SECURITY_GROUPS = var.drill_security_group_ids } : {},
     )

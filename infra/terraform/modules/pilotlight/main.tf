@@ -6,11 +6,10 @@ data "aws_region" "current" {}
 data "aws_partition" "current" {}
 
 locals {
-  account     = data.aws_caller_identity.current.account_id
-  region      = data.aws_region.current.name
-  partition   = data.aws_partition.current.partition
-  bucket_name = var.bucket_name != "" ? var.bucket_name : "pilotlight-${local.account}-${local.region}"
-  use_kms     = var.kms_key_arn != ""
+  account   = data.aws_caller_identity.current.account_id
+  region    = data.aws_region.current.name
+  partition = data.aws_partition.current.partition
+  use_kms   = var.kms_key_arn != ""
 }
 
 # ---- replication bucket -------------------------------------------------------------
@@ -18,7 +17,9 @@ locals {
 resource "aws_s3_bucket" "data_bucket" {
   #checkov:skip=CKV_AWS_18:Access logging needs a separate log bucket owned by the account's logging setup; enable it there (CloudTrail data events cover object-level audit).
   #checkov:skip=CKV_AWS_144:Cross-region replication is the user's choice of a second region; the receiver holds the working copy.
-  bucket = local.bucket_name
+  bucket = var.bucket_name != "" ? var.bucket_name : null
+  # Unique when unnamed: a retained bucket of a destroyed deployment never blocks a new one.
+  bucket_prefix = var.bucket_name != "" ? null : "pilotlight-${local.account}-"
   lifecycle {
     prevent_destroy = true
   }

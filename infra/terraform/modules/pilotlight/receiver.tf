@@ -82,6 +82,33 @@ data "aws_iam_policy_document" "receiver_role" {
     actions   = ["ec2:DescribeVolumes"] # no resource-level permissions
     resources = ["*"]
   }
+  statement {
+    sid       = "ShipLogs"
+    actions   = ["logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"]
+    resources = ["${aws_cloudwatch_log_group.receiver_log_group.arn}:*"]
+  }
+  statement {
+    sid = "ReportUnhealthy"
+    # A receiver that cannot start marks its instance unhealthy: the group replaces it
+    # (EC2 status checks alone would call it healthy).
+    actions   = ["autoscaling:SetInstanceHealth"]
+    resources = ["arn:${local.partition}:autoscaling:${local.region}:${local.account}:autoScalingGroup:*:autoScalingGroupName/*"]
+    condition {
+      test     = "StringEquals"
+      variable = "aws:ResourceTag/pilotlight:receiver"
+      values   = [var.name]
+    }
+  }
+}
+
+# The receiver's journal, shipped by the CloudWatch agent: it outlives the instance the
+# alarms point at.
+resource "aws_cloudwatch_log_group" "receiver_log_group" {
+  name              = "/pilotlight/${var.name}/receiver"
+  retention_in_days = var.log_retention_days
+  # With kms_key_arn, the key policy must admit logs.REGION.amazonaws.com
+  # (infra/README.md, "Customer managed KMS key").
+  kms_key_id = local.use_kms ? var.kms_key_arn : null
 }
 
 resource "aws_iam_role_policy" "receiver_role" {
@@ -165,6 +192,7 @@ resource "aws_launch_template" "receiver_launch_template" {
     bucket                = aws_s3_bucket.data_bucket.id
     prefix                = var.prefix
     visibility_timeout    = var.visibility_timeout
+    log_group             = aws_cloudwatch_log_group.receiver_log_group.name
   }))
 }
 
@@ -185,5 +213,14 @@ resource "aws_autoscaling_group" "receiver_group" {
     key                 = "pilotlight:receiver"
     value               = var.name
     propagate_at_launch = true
+  }
+  # A new launch template version (receiver build, AMI, settings) rolls out: the one
+  # instance is replaced (none kept in service: the image volume attaches to one
+  # instance at a time).
+  instance_refresh {
+    strategy = "Rolling"
+    preferences {
+      min_healthy_percentage = 0
+    }
   }
 }

@@ -6,6 +6,15 @@ data "aws_iam_policy_document" "sender_policy" {
     actions   = ["s3:PutObject"]
     resources = ["${aws_s3_bucket.data_bucket.arn}/${var.prefix}/${var.sender_site}/*"]
   }
+  # Export requests and results ({site}/{vm}/{disk}/x/...) belong to the DR function and
+  # the receiver: a sender that could write them could make the receiver export, or hand
+  # the DR function an image of its choosing.
+  statement {
+    sid       = "NeverExports"
+    effect    = "Deny"
+    actions   = ["s3:PutObject"]
+    resources = ["${aws_s3_bucket.data_bucket.arn}/${var.prefix}/${var.sender_site}/*/*/x/*"]
+  }
 }
 
 resource "aws_iam_policy" "sender_policy" {
@@ -89,4 +98,27 @@ resource "aws_iam_role_policy_attachment" "kms_volume_policy" {
   count      = local.use_kms ? 1 : 0
   role       = aws_iam_role.receiver_role.name
   policy_arn = aws_iam_policy.kms_volume_policy[0].arn
+}
+
+# VM Import writes the imported snapshots encrypted with the customer key (the vmimport
+# role's KMS actions, VM Import/Export User Guide: "Required service role").
+data "aws_iam_policy_document" "kms_import_policy" {
+  statement {
+    sid       = "EncryptImports"
+    actions   = ["kms:CreateGrant", "kms:Decrypt", "kms:DescribeKey", "kms:Encrypt", "kms:GenerateDataKey*", "kms:ReEncrypt*"]
+    resources = [local.use_kms ? var.kms_key_arn : "*"]
+  }
+}
+
+resource "aws_iam_policy" "kms_import_policy" {
+  count       = local.use_kms ? 1 : 0
+  name_prefix = "${var.name}-kms-import-"
+  description = "pilotlight VM Import - encrypt imported snapshots with the customer KMS key"
+  policy      = data.aws_iam_policy_document.kms_import_policy.json
+}
+
+resource "aws_iam_role_policy_attachment" "kms_import_policy" {
+  count      = local.use_kms ? 1 : 0
+  role       = aws_iam_role.vm_import_role.name
+  policy_arn = aws_iam_policy.kms_import_policy[0].arn
 }

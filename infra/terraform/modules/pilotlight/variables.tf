@@ -23,7 +23,7 @@ variable "prefix" {
 }
 
 variable "bucket_name" {
-  description = "Replication bucket name; empty means pilotlight-ACCOUNT-REGION."
+  description = "Replication bucket name; empty means a unique pilotlight-ACCOUNT-... name (bucket_prefix), so a retained bucket of a destroyed deployment never blocks creating it again."
   type        = string
   default     = ""
 }
@@ -135,6 +135,24 @@ variable "alert_email" {
   description = "Email subscribed to the alert topic (confirm the subscription mail); empty means none."
   type        = string
   default     = ""
+}
+
+variable "dr_reserved_concurrency" {
+  description = "Concurrency reserved for the DR function; 0 reserves none. A reservation must leave 100 executions unreserved in the account, and new accounts start with a quota of 10."
+  type        = number
+  default     = 0
+}
+
+variable "dr_tracing" {
+  description = "Active X-Ray tracing of the DR function (the module then grants its role the X-Ray write actions)."
+  type        = bool
+  default     = false
+}
+
+variable "log_retention_days" {
+  description = "Days the DR function's and the receiver's CloudWatch Logs are kept."
+  type        = number
+  default     = 365
 }
 
 variable "lag_alarm_seconds" {

@@ -1,0 +1,460 @@
+"""What AWS enforces and the emulator ignores, checked on the templates and the code.
+
+Every test here encodes one rule from the AWS documentation (cited in the test), so a
+first real deployment cannot fail on it again. Each rule is a function returning its
+problems; each test runs it on the real template (no problems) and on a mutated copy
+that breaks the rule (a problem is reported), so a rule that stopped checking anything
+fails too. Run by scripts/test with the drift tests (`unittest discover -s infra/tests`).
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import re
+import unittest
+from pathlib import Path
+
+from test_infra import INFRA, MODULE, USER_DATA, as_list, load_cfn
+
+ROOT = INFRA.parent
+README = INFRA / "README.md"
+EC2_CODE = ROOT / "cloud" / "src" / "ec2.rs"
+
+
+# ---- a small model of the template -----------------------------------------------------
+
+
+def statements(template: dict, role: str) -> list[dict]:
+    """Every statement that can apply to `role`: inline policies, its managed policies,
+    policies that list it; both branches of an `Fn::If` item (tagged `_if`)."""
+    res = template["Resources"]
+    out: list[dict] = []
+
+    def add(document: dict):
+        for st in as_list(document.get("Statement", [])):
+            if isinstance(st, dict) and "Fn::If" in st:
+                cond, yes, _no = st["Fn::If"]
+                if isinstance(yes, dict) and "Effect" in yes:
+                    out.append({**yes, "_if": cond})
+            elif isinstance(st, dict):
+                out.append(st)
+
+    props = res[role]["Properties"]
+    for p in props.get("Policies", []):
+        add(p["PolicyDocument"])
+    for arn in props.get("ManagedPolicyArns", []):
+        if isinstance(arn, dict) and arn.get("Ref") in res:
+            add(res[arn["Ref"]]["Properties"]["PolicyDocument"])
+    for name, r in res.items():
+        if r["Type"] == "AWS::IAM::ManagedPolicy" and {"Ref": role} in r["Properties"].get("Roles", []):
+            add(r["Properties"]["PolicyDocument"])
+    return out
+
+
+def text(value) -> str:
+    """A resource or value as written (`Fn::Sub` strings, `Ref`s as ${Name})."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        if "Fn::Sub" in value:
+            sub = value["Fn::Sub"]
+            return sub if isinstance(sub, str) else sub[0]
+        if "Ref" in value:
+            return "${" + value["Ref"] + "}"
+        if "Fn::GetAtt" in value:
+            return "${" + ".".join(as_list(value["Fn::GetAtt"])) + "}"
+    return str(value)
+
+
+def grants(st: dict, action: str) -> bool:
+    return any(fnmatch.fnmatchcase(action, a) for a in as_list(st.get("Action", [])))
+
+
+def iam_match(pattern: str, value: str) -> bool:
+    """IAM's wildcard: `*` matches any run of characters, `/` included."""
+    return re.fullmatch(".*".join(re.escape(p) for p in pattern.split("*")), value) is not None
+
+
+def allowed(stmts: list[dict], action: str, resource: str, context: dict | None = None) -> bool:
+    """IAM policy evaluation for one request (AWS IAM User Guide, "Policy evaluation
+    logic"): an explicit Deny wins, else an Allow whose resource and conditions match.
+    Conditions understood: StringLike/StringEquals on the context keys given."""
+
+    def conditions_hold(st):
+        for op, keys in st.get("Condition", {}).items():
+            for key, want in keys.items():
+                have = (context or {}).get(key)
+                if have is None:
+                    return False
+                pats = [text(w) for w in as_list(want)]
+                if op == "StringLike" and not any(iam_match(p, have) for p in pats):
+                    return False
+                if op == "StringEquals" and have not in pats:
+                    return False
+        return True
+
+    def applies(st):
+        return (
+            grants(st, action)
+            and any(iam_match(text(r), resource) for r in as_list(st.get("Resource", [])))
+            and conditions_hold(st)
+        )
+
+    if any(st.get("Effect") == "Deny" and applies(st) for st in stmts):
+        return False
+    return any(st.get("Effect") == "Allow" and applies(st) for st in stmts)
+
+
+BUCKET = "${DataBucket.Arn}"
+
+
+# ---- the rules ---------------------------------------------------------------------------
+
+
+def tracing_without_xray(template: dict) -> list[str]:
+    """AWS Lambda Developer Guide, "Visualize Lambda function invocations using AWS X-Ray":
+    active tracing needs `xray:PutTraceSegments` and `xray:PutTelemetryRecords` on the
+    execution role; CreateFunction refuses the role otherwise."""
+    problems = []
+    for name, r in template["Resources"].items():
+        if r["Type"] != "AWS::Lambda::Function":
+            continue
+        mode = r["Properties"].get("TracingConfig", {}).get("Mode", "PassThrough")
+        if mode == "PassThrough":
+            continue
+        when = mode["Fn::If"][0] if isinstance(mode, dict) and "Fn::If" in mode else None
+        role = r["Properties"]["Role"]["Fn::GetAtt"][0]
+        for action in ("xray:PutTraceSegments", "xray:PutTelemetryRecords"):
+            ok = [st for st in statements(template, role) if st.get("Effect") == "Allow" and grants(st, action)]
+            # Granted always, or under the same condition as the tracing.
+            if not any(st.get("_if") in (None, when) for st in ok):
+                problems.append(f"{name}: tracing {mode} but its role lacks {action}")
+    return problems
+
+
+def reserved_concurrency_by_default(template: dict) -> list[str]:
+    """AWS Lambda Developer Guide, "Lambda quotas" and "Configuring reserved concurrency":
+    a reservation must leave at least 100 executions unreserved, and new accounts start
+    with a concurrency quota as low as 10: a fixed reservation fails stack creation there."""
+    problems = []
+    params = template.get("Parameters", {})
+    for name, r in template["Resources"].items():
+        if r["Type"] != "AWS::Lambda::Function":
+            continue
+        rc = r["Properties"].get("ReservedConcurrentExecutions")
+        if rc is None:
+            continue
+        if isinstance(rc, (int, str)):
+            problems.append(f"{name}: ReservedConcurrentExecutions {rc} is fixed")
+        elif "Fn::If" in rc:
+            ref = rc["Fn::If"][1].get("Ref") if isinstance(rc["Fn::If"][1], dict) else None
+            if str(params.get(ref, {}).get("Default")) != "0":
+                problems.append(f"{name}: reserved concurrency parameter {ref} does not default to 0")
+    return problems
+
+
+KMS_LOGS_STATEMENT = ['"Service": "logs.', "kms:GenerateDataKey*", "kms:EncryptionContext:aws:logs:arn"]
+
+
+def kms_log_groups_undocumented(template: dict, readme: str) -> list[str]:
+    """Amazon CloudWatch Logs User Guide, "Encrypt log data in CloudWatch Logs using AWS
+    KMS": the key policy must allow the service principal `logs.REGION.amazonaws.com`
+    (kms:Encrypt*, Decrypt*, ReEncrypt*, GenerateDataKey*, Describe*), or CreateLogGroup
+    with the key fails. A stack cannot edit the policy of a key it does not own: the
+    statement must be in the deploy guide, and the parameter must point to it."""
+    problems = []
+    kms_groups = [n for n, r in template["Resources"].items()
+                  if r["Type"] == "AWS::Logs::LogGroup" and "KmsKeyId" in r["Properties"]]
+    if kms_groups:
+        for needle in KMS_LOGS_STATEMENT:
+            if needle not in readme:
+                problems.append(f"log groups {kms_groups} use the key, but infra/README.md lacks {needle!r}")
+        desc = template["Parameters"]["KmsKeyArn"]["Description"]
+        if "logs." not in desc:
+            problems.append("the KmsKeyArn parameter does not say its key policy must admit logs")
+    return problems
+
+
+# Keys each principal reads that may not exist yet, with the action it reads them by.
+EXISTENCE_PROBES = {
+    "DrFunctionRole": [
+        "pilotlight/site1/vm1/disk0/x/run.d0/result.json",  # export not answered yet
+        "pilotlight-dr/runs/dr-1.json",  # a run id that does not exist
+    ],
+    "ReceiverRole": [
+        "pilotlight/site1/vm1/disk0/x/run.d0/result.json",  # an export not written yet
+        "pilotlight/site1/vm1/disk0/g/00000000000000000007/manifest.json",  # expired
+    ],
+}
+
+
+def missing_keys_unknowable(template: dict) -> list[str]:
+    """Amazon S3 API Reference, GetObject, "Permissions": without `s3:ListBucket` a
+    missing key is answered 403 AccessDenied, not 404 NoSuchKey. pilotlight tells the two
+    apart by listing the key as a prefix (`ObjectStore::get_if_exists`), so every
+    principal that reads possibly-missing keys needs ListBucket for that prefix."""
+    problems = []
+    for role, keys in EXISTENCE_PROBES.items():
+        stmts = statements(template, role)
+        for key in keys:
+            key = key.replace("pilotlight/", "${Prefix}/", 1) if key.startswith("pilotlight/") else key
+            if not allowed(stmts, "s3:GetObject", f"{BUCKET}/{key}"):
+                problems.append(f"{role} cannot read {key}")
+            if not allowed(stmts, "s3:ListBucket", BUCKET, {"s3:prefix": key}):
+                problems.append(f"{role} cannot list {key}: a missing key reads as 403 it cannot tell from a denial")
+    return problems
+
+
+def sender_writes_exports(template: dict) -> list[str]:
+    """Design: the sender writes only generations under its site. IAM User Guide, "Policy
+    evaluation logic": an explicit Deny overrides any Allow, so `x/` (export requests and
+    results, trusted by the receiver and the DR function) is denied outright."""
+    stmts = [st for st in template["Resources"]["SenderPolicy"]["Properties"]["PolicyDocument"]["Statement"]]
+    site = "${Prefix}/${SenderSite}"
+    problems = []
+    for key in [f"{site}/vm1/disk0/x/run.d0/request.json", f"{site}/vm1/disk0/x/run.d0/result.json",
+                f"{site}/vm1/disk0/x/run.d0/image.raw"]:
+        if allowed(stmts, "s3:PutObject", f"{BUCKET}/{key}"):
+            problems.append(f"the sender may write {key}")
+    # ...while every generation key stays writable, whatever the VM and disk are named.
+    for vm, disk in [("vm1", "disk0"), ("x", "disk0"), ("vm1", "x"), ("x", "x")]:
+        for rest in ["g/00000000000000000001/d/00000000000000000000", "g/00000000000000000001/manifest.json"]:
+            key = f"{site}/{vm}/{disk}/{rest}"
+            if not allowed(stmts, "s3:PutObject", f"{BUCKET}/{key}"):
+                problems.append(f"the sender may not write {key}")
+    if allowed(stmts, "s3:PutObject", f"{BUCKET}/${{Prefix}}/othersite/vm1/disk0/g/00000000000000000001/manifest.json"):
+        problems.append("the sender may write under another site")
+    return problems
+
+
+def ec2_creates_without_token(code: str) -> list[str]:
+    """Amazon EC2 API Reference, "Ensuring idempotency": RunInstances and ImportImage are
+    idempotent only with a ClientToken; without one a retried or repeated call creates a
+    second instance or import."""
+    problems = []
+    for call in ("run_instances", "import_image"):
+        chains = re.findall(rf"\.{call}\(\)(.*?)\.send\(\)", code, flags=re.S)
+        if not chains:
+            problems.append(f"no .{call}() call found (the check would check nothing)")
+        for chain in chains:
+            if ".client_token(" not in chain:
+                problems.append(f".{call}() is sent without .client_token(..)")
+    return problems
+
+
+def deletes_not_tag_scoped(template: dict) -> list[str]:
+    """IAM: ec2:DeregisterImage, ec2:DeleteSnapshot and ec2:TerminateInstances support
+    `aws:ResourceTag` (Service Authorization Reference, Amazon EC2): the DR function may
+    remove only what a pilotlight run made (tagged `pilotlight:dr-run`), not any AMI,
+    snapshot or instance of the account. RunInstances only with the account's own images
+    (`ec2:Owner`)."""
+    problems = []
+    stmts = statements(template, "DrFunctionRole")
+    for action in ("ec2:DeregisterImage", "ec2:DeleteSnapshot", "ec2:TerminateInstances"):
+        for st in stmts:
+            if st.get("Effect") == "Allow" and grants(st, action):
+                cond = st.get("Condition", {})
+                if "aws:ResourceTag/pilotlight:dr-run" not in str(cond):
+                    problems.append(f"{action} ({st.get('Sid')}) is not scoped by the pilotlight:dr-run tag")
+    for st in stmts:
+        if st.get("Effect") == "Allow" and grants(st, "ec2:RunInstances"):
+            for r in as_list(st.get("Resource", [])):
+                if ":image/" in text(r) and "ec2:Owner" not in str(st.get("Condition", {})):
+                    problems.append(f"RunInstances ({st.get('Sid')}) may launch any image, not only the account's")
+    return problems
+
+
+def imports_unencrypted(template: dict) -> list[str]:
+    """VM Import/Export User Guide, "Required service role": importing with a customer
+    key needs kms:CreateGrant, Decrypt, DescribeKey, Encrypt, GenerateDataKey*, ReEncrypt*
+    for the vmimport role; the DR function passes the stack's key (PILOTLIGHT_DR_KMS_KEY)."""
+    problems = []
+    env = template["Resources"]["DrFunction"]["Properties"]["Environment"]["Variables"]
+    if "PILOTLIGHT_DR_KMS_KEY" not in env:
+        problems.append("the DR function is not given the stack's key for imports")
+    stmts = statements(template, "VmImportRole")
+    for action in ("kms:CreateGrant", "kms:Decrypt", "kms:DescribeKey", "kms:Encrypt",
+                   "kms:GenerateDataKeyWithoutPlaintext", "kms:ReEncryptFrom"):
+        if not any(st.get("Effect") == "Allow" and grants(st, action) for st in stmts):
+            problems.append(f"the vmimport role lacks {action} for the key")
+    return problems
+
+
+def receiver_bootstrap_fragile(template: dict, user_data: str) -> list[str]:
+    """Amazon Linux 2023 User Guide (minimal and container images lack packages such as
+    unzip; cloud-init runs user data once, as root): the bootstrap uses only what every
+    AL2023 image has, a failed bootstrap marks the instance unhealthy (EC2 Auto Scaling
+    User Guide, "Set the health status of an instance"), and the receiver is not root."""
+    problems = []
+    if re.search(r"^\s*unzip\b|[;&|]\s*unzip\b", user_data, flags=re.M):
+        problems.append("the user data needs unzip")
+    for line in user_data.splitlines():
+        if re.match(r"\s*dnf install", line):
+            problems.append(f"a package install outside an `if` stops the bootstrap: {line.strip()}")
+    if "set-instance-health" not in user_data or "trap " not in user_data:
+        problems.append("a failed bootstrap does not mark the instance unhealthy")
+    stmts = statements(template, "ReceiverRole")
+    if not any(grants(st, "autoscaling:SetInstanceHealth") for st in stmts):
+        problems.append("the receiver role may not mark its instance unhealthy")
+    if "useradd --system" not in user_data:
+        problems.append("the receiver has no system user of its own")
+    unit = (ROOT / "receiver" / "systemd" / "pilotlight-receiver.service").read_text()
+    if "\nUser=pilotlight" not in unit:
+        problems.append("the receiver's unit runs it as root")
+    group = template["Resources"]["ReceiverGroup"]
+    if "AutoScalingRollingUpdate" not in group.get("UpdatePolicy", {}):
+        problems.append("a new launch template version never reaches the running receiver")
+    if not any(r["Type"] == "AWS::Logs::LogGroup" and "receiver" in text(r["Properties"].get("LogGroupName"))
+               for r in template["Resources"].values()):
+        problems.append("the receiver's logs have no log group")
+    return problems
+
+
+def retained_bucket_blocks_recreate(template: dict) -> list[str]:
+    """Amazon S3 User Guide, "Bucket naming rules": names are unique per partition, and the
+    bucket is retained on stack deletion, so a fixed default name makes a second stack
+    (after deleting the first) fail with BucketAlreadyOwnedByYou."""
+    name = template["Resources"]["DataBucket"]["Properties"]["BucketName"]
+    default = name["Fn::If"][2] if isinstance(name, dict) and "Fn::If" in name else name
+    return [] if "AWS::StackId" in str(default) else [f"default bucket name {default} is fixed"]
+
+
+# ---- the tests -----------------------------------------------------------------------------
+
+
+class AwsRules(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.t = load_cfn()
+        cls.readme = README.read_text()
+        cls.user_data = USER_DATA.read_text()
+
+    def mutated(self, edit) -> dict:
+        t = copy.deepcopy(self.t)
+        edit(t["Resources"], t)
+        return t
+
+    def test_active_tracing_comes_with_the_xray_permissions(self):
+        self.assertEqual(tracing_without_xray(self.t), [])
+
+        def drop_tracing_statement(res, _):
+            doc = res["DrFunctionRole"]["Properties"]["Policies"][0]["PolicyDocument"]
+            doc["Statement"] = [s for s in doc["Statement"] if not (isinstance(s, dict) and "Fn::If" in s)]
+        self.assertTrue(tracing_without_xray(self.mutated(drop_tracing_statement)))
+
+        def always_active(res, _):
+            res["DrFunction"]["Properties"]["TracingConfig"]["Mode"] = "Active"
+        self.assertTrue(tracing_without_xray(self.mutated(always_active)), "granted only under a condition")
+
+    def test_no_concurrency_is_reserved_by_default(self):
+        self.assertEqual(reserved_concurrency_by_default(self.t), [])
+
+        def fixed(res, _):
+            res["DrFunction"]["Properties"]["ReservedConcurrentExecutions"] = 5
+        self.assertTrue(reserved_concurrency_by_default(self.mutated(fixed)))
+
+        def defaulted(_, t):
+            t["Parameters"]["DrReservedConcurrency"]["Default"] = 5
+        self.assertTrue(reserved_concurrency_by_default(self.mutated(defaulted)))
+        tf = (MODULE / "variables.tf").read_text()
+        self.assertRegex(tf, r'variable "dr_reserved_concurrency" \{[^}]*default\s*=\s*0')
+        self.assertRegex(tf, r'variable "dr_tracing" \{[^}]*default\s*=\s*false')
+
+    def test_a_kms_encrypted_log_group_names_the_key_policy_it_needs(self):
+        self.assertEqual(kms_log_groups_undocumented(self.t, self.readme), [])
+        readme = self.readme.replace("kms:EncryptionContext:aws:logs:arn", "")
+        self.assertTrue(kms_log_groups_undocumented(self.t, readme))
+
+    def test_every_principal_that_checks_for_missing_keys_may_list_them(self):
+        self.assertEqual(missing_keys_unknowable(self.t), [])
+
+        def narrow(res, _):
+            for p in res["DrFunctionRole"]["Properties"]["Policies"]:
+                for st in p["PolicyDocument"]["Statement"]:
+                    if isinstance(st, dict) and st.get("Sid") == "ListManifestsAndRuns":
+                        st["Condition"]["StringLike"]["s3:prefix"] = [{"Fn::Sub": "${Prefix}/*"}]
+        problems = missing_keys_unknowable(self.mutated(narrow))
+        self.assertTrue(any("pilotlight-dr/runs" in p for p in problems), problems)
+
+    def test_the_sender_cannot_write_under_x(self):
+        self.assertEqual(sender_writes_exports(self.t), [])
+
+        def no_deny(res, _):
+            doc = res["SenderPolicy"]["Properties"]["PolicyDocument"]
+            doc["Statement"] = [s for s in doc["Statement"] if s["Effect"] != "Deny"]
+        self.assertTrue(sender_writes_exports(self.mutated(no_deny)))
+
+        def deny_too_wide(res, _):
+            for s in res["SenderPolicy"]["Properties"]["PolicyDocument"]["Statement"]:
+                if s["Effect"] == "Deny":
+                    s["Resource"] = {"Fn::Sub": "${DataBucket.Arn}/${Prefix}/${SenderSite}/*/x/*"}
+        problems = sender_writes_exports(self.mutated(deny_too_wide))
+        self.assertTrue(any("may not write" in p for p in problems), "a disk named x is a disk")
+        tf = (MODULE / "sender.tf").read_text()
+        self.assertIn('"${aws_s3_bucket.data_bucket.arn}/${var.prefix}/${var.sender_site}/*/*/x/*"', tf)
+        self.assertIn('effect    = "Deny"', tf)
+
+    def test_every_ec2_create_call_in_the_code_passes_a_client_token(self):
+        code = EC2_CODE.read_text()
+        self.assertEqual(ec2_creates_without_token(code), [])
+        self.assertTrue(ec2_creates_without_token(re.sub(r"\.client_token\([^)]*\)", "", code)))
+
+    def test_dr_removes_and_launches_only_what_it_should(self):
+        self.assertEqual(deletes_not_tag_scoped(self.t), [])
+
+        def untag(res, _):
+            for st in res["DrFunctionRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]:
+                if isinstance(st, dict) and st.get("Sid") == "CleanUpImportedImages":
+                    st.pop("Condition")
+        self.assertTrue(deletes_not_tag_scoped(self.mutated(untag)))
+
+        def any_image(res, _):
+            for st in res["DrFunctionRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]:
+                if isinstance(st, dict) and st.get("Sid") == "LaunchOwnImages":
+                    st.pop("Condition")
+        self.assertTrue(deletes_not_tag_scoped(self.mutated(any_image)))
+
+    def test_imports_are_encrypted_with_the_stack_key(self):
+        self.assertEqual(imports_unencrypted(self.t), [])
+
+        def no_grant(res, _):
+            res.pop("KmsImportPolicy")
+        self.assertTrue(imports_unencrypted(self.mutated(no_grant)))
+
+    def test_the_receiver_starts_on_any_al2023_image_and_reports_failure(self):
+        self.assertEqual(receiver_bootstrap_fragile(self.t, self.user_data), [])
+        broken = self.user_data.replace("python3 -m zipfile -e", "unzip -q").replace(
+            "if dnf install", "dnf install")
+        problems = receiver_bootstrap_fragile(self.t, broken)
+        self.assertTrue(any("unzip" in p for p in problems), problems)
+        self.assertTrue(any("dnf install" in p for p in problems), problems)
+
+        def no_update_policy(res, _):
+            res["ReceiverGroup"].pop("UpdatePolicy")
+        self.assertTrue(receiver_bootstrap_fragile(self.mutated(no_update_policy), self.user_data))
+        self.assertIn("instance_refresh", (MODULE / "receiver.tf").read_text())
+
+    def test_a_deleted_stack_leaves_no_name_that_blocks_the_next(self):
+        self.assertEqual(retained_bucket_blocks_recreate(self.t), [])
+
+        def fixed(res, _):
+            res["DataBucket"]["Properties"]["BucketName"] = {"Fn::Sub": "pilotlight-${AWS::AccountId}-${AWS::Region}"}
+        self.assertTrue(retained_bucket_blocks_recreate(self.mutated(fixed)))
+        self.assertIn("bucket_prefix", (MODULE / "main.tf").read_text())
+
+    def test_the_iam_evaluator_itself(self):
+        st = [{"Effect": "Allow", "Action": "s3:PutObject", "Resource": "arn:b/p/*"},
+              {"Effect": "Deny", "Action": "s3:PutObject", "Resource": "arn:b/p/*/x/*"}]
+        self.assertTrue(allowed(st, "s3:PutObject", "arn:b/p/a/b"))
+        self.assertFalse(allowed(st, "s3:PutObject", "arn:b/p/a/x/c"))
+        self.assertFalse(allowed(st, "s3:GetObject", "arn:b/p/a"))
+        cond = [{"Effect": "Allow", "Action": "s3:ListBucket", "Resource": "arn:b",
+                 "Condition": {"StringLike": {"s3:prefix": ["p/*"]}}}]
+        self.assertTrue(allowed(cond, "s3:ListBucket", "arn:b", {"s3:prefix": "p/k"}))
+        self.assertFalse(allowed(cond, "s3:ListBucket", "arn:b", {"s3:prefix": "q/k"}))
+        self.assertFalse(allowed(cond, "s3:ListBucket", "arn:b"), "no prefix, no match (a GET)")
+
+
+if __name__ == "__main__":
+    unittest.main()
