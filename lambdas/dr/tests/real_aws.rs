@@ -89,12 +89,16 @@ async fn import_image_on_real_aws() {
 #[test]
 fn drill_on_real_aws() {
     let Ok(spec) = std::env::var("PILOTLIGHT_REAL_AWS_DRILL") else {
-        eprintln!("skipped: set PILOTLIGHT_REAL_AWS_DRILL=\"FUNCTION SITE VM DISKS INSTANCE_TYPE\"");
+        eprintln!(
+            "skipped: set PILOTLIGHT_REAL_AWS_DRILL=\"FUNCTION SITE VM DISKS INSTANCE_TYPE\""
+        );
         return;
     };
     let parts: Vec<&str> = spec.split_whitespace().collect();
     let [function, site, vm, disks, instance_type] = parts.as_slice() else {
-        panic!("PILOTLIGHT_REAL_AWS_DRILL must be FUNCTION SITE VM DISKS INSTANCE_TYPE, got {spec:?}");
+        panic!(
+            "PILOTLIGHT_REAL_AWS_DRILL must be FUNCTION SITE VM DISKS INSTANCE_TYPE, got {spec:?}"
+        );
     };
     let dr = |args: &[&str]| -> serde_json::Value {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_pilotlight-dr"))
@@ -113,11 +117,22 @@ fn drill_on_real_aws() {
     for d in disks.split(',') {
         start.extend(["--disk", d]);
     }
-    start.extend(["--instance-type", instance_type, "--drill", "--wait", "--wait-timeout", "3h"]);
+    start.extend([
+        "--instance-type",
+        instance_type,
+        "--drill",
+        "--wait",
+        "--wait-timeout",
+        "3h",
+    ]);
     let run = dr(&start);
     eprintln!("{run:#}");
     assert_eq!(run["phase"], "done", "{run:#}");
-    assert_eq!(run["instance_ids"].as_array().map(Vec::len), Some(1), "{run:#}");
+    assert_eq!(
+        run["instance_ids"].as_array().map(Vec::len),
+        Some(1),
+        "{run:#}"
+    );
     let run_id = run["run_id"].as_str().unwrap();
     let cleaned = dr(&["cleanup", run_id]);
     assert_eq!(cleaned["phase"], "cleaned_up", "{cleaned:#}");
