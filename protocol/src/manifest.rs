@@ -11,8 +11,12 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 use std::fmt;
 
-/// The manifest format this crate writes and the only one it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest manifest format this crate reads and writes. v2 adds packed objects
+/// ([`DataObject::pieces`]); a manifest without them is written as v1, which older
+/// receivers still read. This crate reads both.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest manifest format this crate reads.
+pub const MIN_FORMAT_VERSION: u32 = 1;
 /// Default largest data object: 8 MiB.
 pub const DEFAULT_MAX_OBJECT: u64 = 8 * 1024 * 1024;
 /// Hard ceiling on any object a manifest may declare, so the receiver's memory stays
@@ -81,7 +85,11 @@ impl<'de> Deserialize<'de> for Sha256Hex {
     }
 }
 
-/// One data object: the decoded bytes of `[offset, offset + length)`.
+/// One data object: `length` decoded bytes, named by `offset`, the disk offset of its
+/// first byte. Contiguous (v1, `pieces` empty): the bytes of `[offset, offset + length)`.
+/// Packed (v2): the concatenation of the disk ranges in `pieces`, in order; the first
+/// starts at `offset`, their lengths add up to `length`. Packing lets scattered small
+/// changes travel in few large objects.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataObject {
@@ -92,15 +100,31 @@ pub struct DataObject {
     pub stored_length: u64,
     /// SHA-256 of the decoded bytes.
     pub sha256: Sha256Hex,
+    /// Format v2: the disk ranges the decoded bytes fill, in order (empty: contiguous).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pieces: Vec<Extent>,
 }
 
 impl DataObject {
+    /// The object's span when contiguous (`[offset, offset + length)`); for a packed
+    /// object use [`DataObject::parts`].
     pub fn extent(&self) -> Extent {
         Extent::new(self.offset, self.length)
     }
+
+    /// The disk ranges the decoded bytes go to, in order: the object's extent, or its
+    /// pieces.
+    pub fn parts(&self) -> impl Iterator<Item = Extent> + '_ {
+        let whole = self.pieces.is_empty().then(|| self.extent());
+        whole.into_iter().chain(self.pieces.iter().copied())
+    }
+
+    pub fn is_packed(&self) -> bool {
+        !self.pieces.is_empty()
+    }
 }
 
-/// Manifest format v1.
+/// A manifest (formats v1 and v2).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
@@ -132,7 +156,7 @@ pub enum ManifestError {
     TooLarge(usize),
     #[error("manifest is not valid JSON of format v{FORMAT_VERSION}: {0}")]
     Json(String),
-    #[error("manifest format_version {0} is not supported (this build reads {FORMAT_VERSION}); upgrade the receiver")]
+    #[error("manifest format_version {0} is not supported (this build reads {MIN_FORMAT_VERSION} to {FORMAT_VERSION}); upgrade the receiver")]
     UnsupportedVersion(u64),
     #[error("manifest generation {0} is invalid: generations start at 1")]
     GenerationZero(u64),
@@ -164,6 +188,8 @@ pub enum ManifestError {
         previous: Extent,
         next: Extent,
     },
+    #[error("manifest object at {offset}: {why}")]
+    BadPieces { offset: u64, why: String },
     #[error("manifest zero range {zero} overlaps data object {object}")]
     ZeroOverlapsData { zero: Extent, object: Extent },
     #[error("manifest object {extent}: stored_length {stored} is invalid for encoding {encoding:?} (raw must equal length; zstd must be 1..=length)")]
@@ -193,7 +219,9 @@ impl Manifest {
         // confusing complaint about its fields.
         let probe: VersionProbe =
             serde_json::from_slice(bytes).map_err(|e| ManifestError::Json(e.to_string()))?;
-        if probe.format_version != u64::from(FORMAT_VERSION) {
+        if !(u64::from(MIN_FORMAT_VERSION)..=u64::from(FORMAT_VERSION))
+            .contains(&probe.format_version)
+        {
             return Err(ManifestError::UnsupportedVersion(probe.format_version));
         }
         let m: Manifest =
@@ -208,9 +236,19 @@ impl Manifest {
         serde_json::to_vec_pretty(self).unwrap_or_default()
     }
 
-    /// Checks every rule of format v1. See the crate docs and design.md.
+    /// The oldest format that can express this manifest: v2 when an object is packed,
+    /// else v1 (which receivers older than packing still read).
+    pub fn required_version(&self) -> u32 {
+        if self.objects.iter().any(DataObject::is_packed) {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// Checks every rule of formats v1 and v2. See the crate docs and design.md.
     pub fn validate(&self) -> Result<(), ManifestError> {
-        if self.format_version != FORMAT_VERSION {
+        if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&self.format_version) {
             return Err(ManifestError::UnsupportedVersion(
                 self.format_version.into(),
             ));
@@ -258,9 +296,18 @@ impl Manifest {
             });
         }
         let mut prev: Option<Extent> = None;
+        // Every disk range any object fills (a packed object's pieces may interleave with
+        // another object's): sorted and checked for overlap below.
+        let mut parts: Vec<Extent> = Vec::with_capacity(self.objects.len());
         for o in &self.objects {
             let e = o.extent();
-            self.check_extent("object", e, Some(self.max_object))?;
+            if o.is_packed() {
+                self.check_packed(o)?;
+                parts.extend(o.pieces.iter().copied());
+            } else {
+                self.check_extent("object", e, Some(self.max_object))?;
+                parts.push(e);
+            }
             let stored_ok = match o.encoding {
                 Encoding::Raw => o.stored_length == o.length,
                 Encoding::Zstd => o.stored_length >= 1 && o.stored_length <= o.length,
@@ -272,7 +319,22 @@ impl Manifest {
                     encoding: o.encoding,
                 });
             }
-            check_order("object", &mut prev, e)?;
+            // Objects sorted by offset, each offset once (it names the object's key).
+            if let Some(p) = prev {
+                if o.offset <= p.offset {
+                    return Err(ManifestError::Overlap {
+                        what: "object",
+                        previous: p,
+                        next: Extent::new(o.offset, o.length),
+                    });
+                }
+            }
+            prev = Some(Extent::new(o.offset, o.length));
+        }
+        parts.sort_unstable();
+        let mut prev = None;
+        for &p in &parts {
+            check_order("object", &mut prev, p)?;
         }
         let mut prev = None;
         for &z in &self.zero_ranges {
@@ -281,8 +343,8 @@ impl Manifest {
         }
         // Both lists are sorted: one merge walk finds any overlap.
         let (mut i, mut j) = (0, 0);
-        while i < self.objects.len() && j < self.zero_ranges.len() {
-            let o = self.objects[i].extent();
+        while i < parts.len() && j < self.zero_ranges.len() {
+            let o = parts[i];
             let z = self.zero_ranges[j];
             if o.offset < z.end() && z.offset < o.end() {
                 return Err(ManifestError::ZeroOverlapsData { zero: z, object: o });
@@ -292,6 +354,45 @@ impl Manifest {
             } else {
                 j += 1;
             }
+        }
+        Ok(())
+    }
+
+    /// A packed object: allowed from v2; pieces sorted, disjoint, aligned, inside the
+    /// disk, the first at the object's offset, adding up to its length, which is at most
+    /// `max_object`.
+    fn check_packed(&self, o: &DataObject) -> Result<(), ManifestError> {
+        let bad = |why: String| ManifestError::BadPieces {
+            offset: o.offset,
+            why,
+        };
+        if self.format_version < 2 {
+            return Err(bad("pieces need format_version 2".into()));
+        }
+        if o.pieces[0].offset != o.offset {
+            return Err(bad(format!(
+                "its first piece {} does not start at the object's offset",
+                o.pieces[0]
+            )));
+        }
+        if o.length == 0 || o.length > self.max_object || !o.length.is_multiple_of(SECTOR_SIZE) {
+            return Err(bad(format!(
+                "length {} must be a multiple of {SECTOR_SIZE} from {SECTOR_SIZE} to max_object {}",
+                o.length, self.max_object
+            )));
+        }
+        let mut sum = 0u64;
+        let mut prev = None;
+        for &p in &o.pieces {
+            self.check_extent("object piece", p, Some(self.max_object))?;
+            check_order("object piece", &mut prev, p)?;
+            sum = sum.saturating_add(p.length);
+        }
+        if sum != o.length {
+            return Err(bad(format!(
+                "its pieces add up to {sum} bytes, not its length {}",
+                o.length
+            )));
         }
         Ok(())
     }
@@ -392,6 +493,7 @@ mod tests {
             encoding: Encoding::Raw,
             stored_length: length,
             sha256: Sha256Hex([7; 32]),
+            pieces: Vec::new(),
         }
     }
 
@@ -508,12 +610,14 @@ mod tests {
     #[test]
     fn unknown_version_and_garbage() {
         let mut v: serde_json::Value = serde_json::from_slice(&manifest().to_json()).unwrap();
-        v["format_version"] = 2.into();
-        let bytes = serde_json::to_vec(&v).unwrap();
-        assert_eq!(
-            Manifest::from_json(&bytes),
-            Err(ManifestError::UnsupportedVersion(2))
-        );
+        for unknown in [0, 3, 1000] {
+            v["format_version"] = unknown.into();
+            let bytes = serde_json::to_vec(&v).unwrap();
+            assert_eq!(
+                Manifest::from_json(&bytes),
+                Err(ManifestError::UnsupportedVersion(unknown))
+            );
+        }
         v["format_version"] = 1.into();
         v["surprise"] = 1.into();
         assert!(matches!(
@@ -579,7 +683,131 @@ mod tests {
         })
     }
 
+    fn packed(offset: u64, pieces: &[(u64, u64)]) -> DataObject {
+        let pieces: Vec<Extent> = pieces.iter().map(|&(o, l)| Extent::new(o, l)).collect();
+        let length = pieces.iter().map(|p| p.length).sum();
+        DataObject {
+            offset,
+            pieces,
+            ..obj(offset, length)
+        }
+    }
+
+    fn packed_manifest() -> Manifest {
+        let mut m = manifest();
+        m.format_version = 2;
+        m.objects = vec![
+            packed(
+                0,
+                &[(0, 64 << 10), (2 * MIB, 128 << 10), (5 * MIB, 64 << 10)],
+            ),
+            obj(6 * MIB, MIB),
+            // Interleaves with nothing, overlaps nothing: fine.
+            packed(10 * MIB, &[(10 * MIB, 512), (12 * MIB, 4096)]),
+        ];
+        m.zero_ranges = vec![Extent::new(MIB, MIB)];
+        m
+    }
+
+    #[test]
+    fn packed_objects_need_v2_and_validate_piece_by_piece() {
+        let m = packed_manifest();
+        m.validate().unwrap();
+        assert_eq!(m.required_version(), 2);
+        assert_eq!(Manifest::from_json(&m.to_json()).unwrap(), m);
+        let parts: Vec<Extent> = m.objects[0].parts().collect();
+        assert_eq!(parts.len(), 3);
+        assert_eq!(
+            m.objects[1].parts().collect::<Vec<_>>(),
+            [Extent::new(6 * MIB, MIB)]
+        );
+        // A manifest without packed objects is still written as v1 (old receivers read it).
+        assert_eq!(manifest().required_version(), 1);
+
+        let reject = |f: &dyn Fn(&mut Manifest)| {
+            let mut m = packed_manifest();
+            f(&mut m);
+            m.validate().unwrap_err()
+        };
+        type Edit = Box<dyn Fn(&mut Manifest)>;
+        let cases: Vec<(&str, Edit)> = vec![
+            ("v1 with pieces", Box::new(|m| m.format_version = 1)),
+            (
+                "first piece elsewhere",
+                Box::new(|m| m.objects[0].offset = 512),
+            ),
+            (
+                "lengths do not add up",
+                Box::new(|m| m.objects[0].length += 512),
+            ),
+            (
+                "pieces out of order",
+                Box::new(|m| m.objects[0].pieces.swap(1, 2)),
+            ),
+            (
+                "piece unaligned",
+                Box::new(|m| m.objects[2].pieces[1].length = 100),
+            ),
+            (
+                "piece past the end",
+                Box::new(|m| m.objects[2].pieces[1].offset = m.disk_size),
+            ),
+            (
+                "piece overlaps another object",
+                Box::new(|m| m.objects[0].pieces[2].offset = 6 * MIB),
+            ),
+            (
+                "piece overlaps a zero range",
+                Box::new(|m| m.objects[0].pieces[1].offset = MIB),
+            ),
+            (
+                "longer than max_object",
+                Box::new(|m| {
+                    m.max_object = 128 << 10;
+                    m.objects[1] = obj(6 * MIB, 128 << 10);
+                }),
+            ),
+            (
+                "empty piece",
+                Box::new(|m| {
+                    m.objects[2].pieces[1].length = 0;
+                    m.objects[2].length = 512;
+                }),
+            ),
+        ];
+        for (what, edit) in cases {
+            let e = reject(&*edit);
+            assert!(!e.to_string().is_empty(), "{what}");
+        }
+    }
+
     proptest! {
+        #[test]
+        fn arbitrary_packings_never_panic_and_valid_ones_round_trip(
+            objs in prop::collection::vec(
+                (0u64..64, prop::collection::vec((0u64..64, 0u64..4), 0..5), any::<bool>()),
+                0..6,
+            ),
+            zeros in prop::collection::vec((0u64..64, 1u64..4), 0..3),
+        ) {
+            let mut m = manifest();
+            m.format_version = 2;
+            m.disk_size = 64 * 4096;
+            m.max_object = 8 * 4096;
+            m.objects = objs.iter().map(|(off, pieces, shift)| {
+                let pieces: Vec<(u64, u64)> = pieces.iter().map(|&(o, l)| (o * 4096, l * 4096)).collect();
+                let mut o = packed(off * 4096 + u64::from(*shift), &pieces);
+                if pieces.is_empty() {
+                    o.length = 4096;
+                }
+                o
+            }).collect();
+            m.zero_ranges = zeros.iter().map(|&(o, l)| Extent::new(o * 4096, l * 4096)).collect();
+            if m.validate().is_ok() {
+                prop_assert_eq!(Manifest::from_json(&m.to_json()).unwrap(), m);
+            }
+        }
+
         #[test]
         fn generated_manifests_validate_and_round_trip(m in arb_manifest()) {
             m.validate().unwrap();

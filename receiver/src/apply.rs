@@ -259,9 +259,9 @@ async fn apply_inner<S: ObjectStore, I: Image + 'static>(
     if m.disk_size > old_size {
         image.set_size(m.disk_size).map_err(img_err("grow"))?;
     }
-    for o in &m.objects {
+    for part in m.objects.iter().flat_map(DataObject::parts) {
         image
-            .reserve(o.offset, o.length)
+            .reserve(part.offset, part.length)
             .map_err(img_err("reserve space"))?;
     }
 
@@ -273,14 +273,25 @@ async fn apply_inner<S: ObjectStore, I: Image + 'static>(
         tokio::task::spawn_blocking(move || {
             let mut written = 0;
             for (o, source) in objects.iter().zip(sources) {
-                let copied = match source {
-                    // Verified when prefetched; a copy gone since fails the apply (it is
-                    // retried, and then fetches the object).
-                    Source::Prefetched(path) => {
-                        File::open(&path).and_then(|f| image.copy_from(&f, 0, o.offset, o.length))
+                // Verified when prefetched; a copy gone since fails the apply (it is
+                // retried, and then fetches the object).
+                let copied = (|| {
+                    let opened;
+                    let (file, mut pos) = match source {
+                        Source::Prefetched(path) => {
+                            opened = File::open(&path)?;
+                            (&opened, 0)
+                        }
+                        Source::Staged(at) => (&*staging, at),
+                    };
+                    // The decoded bytes fill the object's parts in order (one part
+                    // unless the object is packed).
+                    for part in o.parts() {
+                        image.copy_from(file, pos, part.offset, part.length)?;
+                        pos += part.length;
                     }
-                    Source::Staged(at) => image.copy_from(&staging, at, o.offset, o.length),
-                };
+                    Ok(())
+                })();
                 copied.map_err(|source| ApplyError::Image {
                     image: name.clone(),
                     op: "write",
@@ -415,15 +426,18 @@ fn decode(key: &str, o: &DataObject, stored: Bytes) -> Result<Bytes, ApplyError>
     }
 }
 
-/// The parts of `[0, size)` no object covers. Objects are sorted and disjoint.
+/// The parts of `[0, size)` no object covers. Objects' parts are disjoint (validated);
+/// packed objects' pieces may interleave, so they are sorted first.
 fn gaps(size: u64, objects: &[DataObject]) -> Vec<Extent> {
+    let mut parts: Vec<Extent> = objects.iter().flat_map(DataObject::parts).collect();
+    parts.sort_unstable();
     let mut out = Vec::new();
     let mut pos = 0;
-    for o in objects {
-        if o.offset > pos {
-            out.push(Extent::new(pos, o.offset - pos));
+    for p in parts {
+        if p.offset > pos {
+            out.push(Extent::new(pos, p.offset - pos));
         }
-        pos = o.offset + o.length;
+        pos = p.end();
     }
     if pos < size {
         out.push(Extent::new(pos, size - pos));
@@ -457,6 +471,8 @@ mod tests {
         base: bool,
         size_sectors: u64,
         ops: Vec<Op>,
+        /// Pack consecutive written ranges into objects of up to max_object (format v2).
+        pack: bool,
     }
 
     fn prefix() -> Prefix {
@@ -508,6 +524,8 @@ mod tests {
             created_by: "test".into(),
         };
         let mut pos = 0;
+        // Written ranges, in order, with their bytes and whether to compress.
+        let mut written: Vec<(Extent, Vec<u8>, bool)> = Vec::new();
         for op in &spec.ops {
             let off = (pos + op.gap) * SECTOR;
             let len = op.len * SECTOR;
@@ -522,32 +540,63 @@ mod tests {
             } else {
                 let data = bytes_for(op.seed, len as usize);
                 model[range].copy_from_slice(&data);
-                let sha = Sha256Hex(Sha256::digest(&data).into());
-                let (stored, encoding) = match zstd::bulk::compress(&data, 1) {
-                    Ok(c) if op.compress && c.len() < data.len() => (c, Encoding::Zstd),
-                    _ => (data, Encoding::Raw),
-                };
-                m.objects.push(DataObject {
-                    offset: off,
-                    length: len,
-                    encoding,
-                    stored_length: stored.len() as u64,
-                    sha256: sha,
-                });
-                src.insert(
-                    &ObjectKey::Data {
-                        disk: disk(),
-                        generation: g,
-                        offset: off,
-                    }
-                    .to_key(&prefix()),
-                    stored,
-                );
+                written.push((Extent::new(off, len), data, op.compress));
             }
         }
+        // One object per range, or (packed) as many consecutive ranges as fit.
+        let mut groups: Vec<Vec<(Extent, Vec<u8>, bool)>> = Vec::new();
+        for w in written {
+            match groups.last_mut() {
+                Some(gr)
+                    if spec.pack
+                        && gr.iter().map(|x| x.0.length).sum::<u64>() + w.0.length
+                            <= m.max_object =>
+                {
+                    gr.push(w)
+                }
+                _ => groups.push(vec![w]),
+            }
+        }
+        for gr in groups {
+            let data: Vec<u8> = gr.iter().flat_map(|x| x.1.iter().copied()).collect();
+            let off = gr[0].0.offset;
+            let sha = Sha256Hex(Sha256::digest(&data).into());
+            let len = data.len() as u64;
+            let (stored, encoding) = match zstd::bulk::compress(&data, 1) {
+                Ok(c) if gr[0].2 && c.len() < data.len() => (c, Encoding::Zstd),
+                _ => (data, Encoding::Raw),
+            };
+            m.objects.push(DataObject {
+                offset: off,
+                length: len,
+                encoding,
+                stored_length: stored.len() as u64,
+                sha256: sha,
+                pieces: if gr.len() > 1 {
+                    gr.iter().map(|x| x.0).collect()
+                } else {
+                    Vec::new()
+                },
+            });
+            src.insert(
+                &ObjectKey::Data {
+                    disk: disk(),
+                    generation: g,
+                    offset: off,
+                }
+                .to_key(&prefix()),
+                stored,
+            );
+        }
+        m.format_version = m.required_version();
         if spec.base {
             // Whatever a base does not write is zero.
-            let written: Vec<(u64, u64)> = m.objects.iter().map(|o| (o.offset, o.length)).collect();
+            let written: Vec<(u64, u64)> = m
+                .objects
+                .iter()
+                .flat_map(DataObject::parts)
+                .map(|p| (p.offset, p.length))
+                .collect();
             let mut fresh = vec![0u8; size as usize];
             for (o, l) in written {
                 fresh[o as usize..(o + l) as usize]
@@ -572,6 +621,7 @@ mod tests {
         (
             prop::bool::weighted(0.15),
             64u64..160,
+            any::<bool>(),
             prop::collection::vec(
                 (
                     0u64..12,
@@ -583,9 +633,10 @@ mod tests {
                 0..12,
             ),
         )
-            .prop_map(|(base, size_sectors, ops)| Gen {
+            .prop_map(|(base, size_sectors, pack, ops)| Gen {
                 base,
                 size_sectors,
+                pack,
                 ops: ops
                     .into_iter()
                     .map(|(gap, len, zero, seed, compress)| Op {
@@ -657,6 +708,7 @@ mod tests {
         let base = Gen {
             base: true,
             size_sectors: 128,
+            pack: false,
             ops: vec![Op {
                 gap: 0,
                 len: 16,
@@ -672,6 +724,7 @@ mod tests {
         let inc = Gen {
             base: false,
             size_sectors: 128,
+            pack: false,
             ops: vec![
                 Op {
                     gap: 2,
@@ -843,6 +896,7 @@ mod prefetch_tests {
                 encoding: Encoding::Raw,
                 stored_length: 4096,
                 sha256: Sha256Hex(Sha256::digest(&data).into()),
+                pieces: Vec::new(),
             }],
             zero_ranges: vec![],
             created_by: "test".into(),

@@ -169,6 +169,7 @@ fn build_chain(d: usize, specs: &[GenSpec]) -> Chain {
                         encoding: Encoding::Raw,
                         stored_length: bytes.len() as u64,
                         sha256: Sha256Hex(Sha256::digest(&bytes).into()),
+                        pieces: Vec::new(),
                     });
                     let key = ObjectKey::Data {
                         disk: disk(d),

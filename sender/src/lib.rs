@@ -36,6 +36,9 @@ pub struct UploadSettings {
     pub bwlimit: Option<u64>,
     pub state_dir: PathBuf,
     pub dry_run: bool,
+    /// Pack scattered changes into shared objects (manifest format v2; default). Off
+    /// (`--no-pack`): format v1, for receivers older than packing.
+    pub pack: bool,
 }
 
 /// One disk to send: which disk, where its bytes come from, and what its manifest says
@@ -81,6 +84,10 @@ pub struct Summary {
     pub resumed: bool,
     pub disk_size: u64,
     pub objects: usize,
+    /// PUT requests made for the generation: its objects and its manifest.
+    pub put_requests: u64,
+    /// PUT requests per GiB of changed data (what S3 bills and a WAN waits for).
+    pub requests_per_gib: f64,
     /// Bytes read from the source.
     pub bytes_read: u64,
     /// Decoded bytes in data objects.
@@ -98,12 +105,14 @@ impl Summary {
     pub fn line(&self) -> String {
         let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
         format!(
-            "{}{} generation {} (parent {}): {} objects, read {:.1} MiB, data {:.1} MiB, uploaded {:.1} MiB, zero {:.1} MiB ({:.1} MiB holes never read), {:.2} s, {:.1} MiB/s read",
+            "{}{} generation {} (parent {}): {} objects, {} PUT requests ({:.0} per GiB changed), read {:.1} MiB, data {:.1} MiB, uploaded {:.1} MiB, zero {:.1} MiB ({:.1} MiB holes never read), {:.2} s, {:.1} MiB/s read",
             if self.dry_run { "dry run: " } else { "" },
             self.disk,
             self.generation,
             self.parent.map_or("none".to_string(), |p| p.to_string()),
             self.objects,
+            self.put_requests,
+            self.requests_per_gib,
             mib(self.bytes_read),
             mib(self.bytes_data),
             mib(self.bytes_uploaded),
@@ -196,6 +205,7 @@ pub async fn send_generation<S: ObjectStore>(
         max_object: up.max_object,
         zstd_level: up.zstd_level,
         concurrency: up.concurrency,
+        pack: up.pack,
     };
     let bandwidth = up.bwlimit.map(|b| Bandwidth::new(b, up.max_object));
     let total: u64 = source.to_read.iter().map(|e| e.length).sum();
@@ -207,7 +217,7 @@ pub async fn send_generation<S: ObjectStore>(
     zero_ranges.extend(source.known_zero.iter().copied());
     zero_ranges.sort();
     let zero_ranges = pilotlight_protocol::extent::coalesce(zero_ranges);
-    let manifest = Manifest {
+    let mut manifest = Manifest {
         format_version: FORMAT_VERSION,
         disk: target.disk.clone(),
         generation,
@@ -222,6 +232,9 @@ pub async fn send_generation<S: ObjectStore>(
         zero_ranges,
         created_by: concat!("pilotlight-sender ", env!("CARGO_PKG_VERSION")).to_string(),
     };
+    // The oldest format that says it: v1 unless an object is packed, so receivers from
+    // before packing still read what they can.
+    manifest.format_version = manifest.required_version();
     manifest.validate()?;
     let manifest_key = ObjectKey::Manifest {
         disk: target.disk.clone(),
@@ -251,6 +264,15 @@ pub async fn send_generation<S: ObjectStore>(
         resumed,
         disk_size: manifest.disk_size,
         objects: manifest.objects.len(),
+        put_requests: out.puts + 1,
+        requests_per_gib: {
+            let changed = manifest.data_bytes() + manifest.zero_bytes();
+            if changed == 0 {
+                0.0
+            } else {
+                (out.puts + 1) as f64 * (1u64 << 30) as f64 / changed as f64
+            }
+        },
         bytes_read: out.bytes_read,
         bytes_data: manifest.data_bytes(),
         bytes_uploaded: out.bytes_stored,
@@ -364,6 +386,7 @@ mod tests {
                 bwlimit: None,
                 state_dir: state.into(),
                 dry_run: false,
+                pack: true,
             },
             Target {
                 disk: DiskId::parse("s/v/d").unwrap(),

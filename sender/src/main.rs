@@ -183,6 +183,11 @@ struct SendArgs {
     /// zstd level [default: 3].
     #[arg(long)]
     zstd_level: Option<i32>,
+    /// One object per changed range (manifest format v1), for receivers older than
+    /// packing; by default scattered ranges are packed into shared objects (v2).
+    #[arg(long)]
+    #[serde(default)]
+    no_pack: bool,
     /// Objects in flight at once [default: 16].
     #[arg(long)]
     concurrency: Option<usize>,
@@ -385,6 +390,7 @@ fn resolve(a: SendArgs, with_target: bool) -> Result<Resolved> {
                 .clone()
                 .unwrap_or_else(|| PathBuf::from("/var/lib/pilotlight/sender")),
             dry_run: a.dry_run,
+            pack: !a.no_pack,
         },
         target,
         bucket,

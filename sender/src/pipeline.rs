@@ -1,10 +1,15 @@
 //! Changed ranges in, data objects and zero ranges out.
 //!
 //! Each range is split into chunks of at most `max_object` bytes at 512 KiB boundaries.
-//! A chunk is read, cut into 512 KiB-aligned blocks; all-zero blocks become zero ranges
-//! (never uploaded), each run of non-zero blocks one object: compressed with zstd when
-//! that makes it smaller, hashed, and PUT with its checksum. At most `concurrency` chunks
-//! are in flight, so memory stays bounded by concurrency x max_object x 2.
+//! Consecutive chunks are grouped, as many as fit in `max_object` together, whatever the
+//! gaps between them (packing: scattered small changes travel in few large objects, so
+//! requests grow with bytes changed, not with extent count). A group is read, cut into
+//! 512 KiB-aligned blocks; all-zero blocks become zero ranges (never uploaded), the
+//! non-zero runs become one object (format v2 `pieces` when more than one run):
+//! compressed with zstd when that makes it smaller, hashed, and PUT with its checksum.
+//! Without packing, each chunk is a group and each run its own object (format v1). At
+//! most `concurrency` groups are in flight, so memory stays bounded by concurrency x
+//! max_object x 2.
 
 use crate::source::{OpenSource, SourceError};
 use bytes::Bytes;
@@ -44,6 +49,9 @@ pub struct PipelineOptions {
     /// zstd level, or `None` to store raw.
     pub zstd_level: Option<i32>,
     pub concurrency: usize,
+    /// Pack scattered ranges into shared objects (manifest v2; receivers from packing
+    /// on read it). Off: one object per run (v1, read by every receiver).
+    pub pack: bool,
 }
 
 /// What a pipeline run produced.
@@ -54,6 +62,8 @@ pub struct PipelineOutput {
     pub zero_ranges: Vec<Extent>,
     pub bytes_read: u64,
     pub bytes_stored: u64,
+    /// PUT requests made (one per object).
+    pub puts: u64,
 }
 
 /// Counts progress; the caller decides how to show it.
@@ -116,14 +126,18 @@ pub async fn run<S: ObjectStore>(
         .iter()
         .flat_map(|e| split(*e, opts.max_object, SPLIT_ALIGN))
         .collect();
-    let results: Vec<(Vec<DataObject>, Vec<Extent>, u64)> = futures::stream::iter(chunks)
-        .map(|chunk| {
+    let groups = group_chunks(chunks, opts.max_object, opts.pack);
+    let pack = opts.pack;
+    let results: Vec<(Vec<DataObject>, Vec<Extent>, u64)> = futures::stream::iter(groups)
+        .map(|group| {
             let source = source.clone();
             async move {
                 let level = opts.zstd_level;
-                let buf = source.read_chunk(chunk).await?;
+                let buf = source.read_chunks(&group).await?;
+                let read: u64 = group.iter().map(|c| c.length).sum();
                 let (encoded, zeros) =
-                    tokio::task::spawn_blocking(move || encode_chunk(chunk, buf, level)).await??;
+                    tokio::task::spawn_blocking(move || encode_group(&group, buf, level, pack))
+                        .await??;
                 let mut objects = Vec::with_capacity(encoded.len());
                 let mut stored = 0;
                 for e in encoded {
@@ -148,7 +162,7 @@ pub async fn run<S: ObjectStore>(
                     );
                     objects.push(e.object);
                 }
-                progress.advance(chunk.length);
+                progress.advance(read);
                 Ok::<_, PipelineError>((objects, zeros, stored))
             }
         })
@@ -159,6 +173,7 @@ pub async fn run<S: ObjectStore>(
     let mut out = PipelineOutput::default();
     let mut zeros = Vec::new();
     for (objects, z, stored) in results {
+        out.puts += objects.len() as u64;
         out.objects.extend(objects);
         zeros.extend(z);
         out.bytes_stored += stored;
@@ -170,25 +185,78 @@ pub async fn run<S: ObjectStore>(
     Ok(out)
 }
 
-/// Cuts one chunk's bytes into objects and zero ranges. Blocking (CPU-bound).
-fn encode_chunk(
-    chunk: Extent,
-    buf: Vec<u8>,
-    zstd_level: Option<i32>,
-) -> Result<(Vec<Encoded>, Vec<Extent>), PipelineError> {
-    let buf = Bytes::from(buf);
-    let mut objects = Vec::new();
-    let mut zeros = Vec::new();
-    for (run, zero) in runs(chunk, &buf) {
-        if zero {
-            zeros.push(run);
-            continue;
+/// Groups consecutive chunks (sorted, disjoint, each at most `max_object`) into reads of
+/// at most `max_object` together; without packing, one chunk per group.
+fn group_chunks(chunks: Vec<Extent>, max_object: u64, pack: bool) -> Vec<Vec<Extent>> {
+    let mut groups: Vec<(Vec<Extent>, u64)> = Vec::new();
+    for c in chunks {
+        match groups.last_mut() {
+            Some((g, total)) if pack && *total + c.length <= max_object => {
+                g.push(c);
+                *total += c.length;
+            }
+            _ => groups.push((vec![c], c.length)),
         }
-        let start = (run.offset - chunk.offset) as usize;
-        let data = buf.slice(start..start + run.length as usize);
-        objects.push(encode(run, data, zstd_level)?);
     }
-    Ok((objects, zeros))
+    groups.into_iter().map(|(g, _)| g).collect()
+}
+
+/// Cuts one group's bytes (its chunks concatenated) into objects and zero ranges.
+/// Blocking (CPU-bound). Packed: the non-zero runs, moved together in place, are one
+/// object; else each run is an object.
+fn encode_group(
+    group: &[Extent],
+    mut buf: Vec<u8>,
+    zstd_level: Option<i32>,
+    pack: bool,
+) -> Result<(Vec<Encoded>, Vec<Extent>), PipelineError> {
+    let mut zeros = Vec::new();
+    // Non-zero runs with their place in `buf`.
+    let mut data_runs: Vec<(Extent, usize)> = Vec::new();
+    let mut at = 0usize;
+    for &chunk in group {
+        let len = chunk.length as usize;
+        for (run, zero) in runs(chunk, &buf[at..at + len]) {
+            if zero {
+                zeros.push(run);
+            } else {
+                data_runs.push((run, at + (run.offset - chunk.offset) as usize));
+            }
+        }
+        at += len;
+    }
+    if !pack {
+        let buf = Bytes::from(buf);
+        let objects = data_runs
+            .into_iter()
+            .map(|(run, start)| {
+                encode(
+                    vec![run],
+                    buf.slice(start..start + run.length as usize),
+                    zstd_level,
+                )
+            })
+            .collect::<Result<_, _>>()?;
+        return Ok((objects, zeros));
+    }
+    if data_runs.is_empty() {
+        return Ok((Vec::new(), zeros));
+    }
+    // Move the runs together (each moves to or before where it is) and merge runs that
+    // touch into one piece.
+    let mut pieces: Vec<Extent> = Vec::with_capacity(data_runs.len());
+    let mut end = 0usize;
+    for (run, start) in data_runs {
+        let len = run.length as usize;
+        buf.copy_within(start..start + len, end);
+        end += len;
+        match pieces.last_mut() {
+            Some(p) if p.end() == run.offset => p.length += run.length,
+            _ => pieces.push(run),
+        }
+    }
+    buf.truncate(end);
+    Ok((vec![encode(pieces, Bytes::from(buf), zstd_level)?], zeros))
 }
 
 /// Splits a chunk into maximal runs of zero and non-zero 512 KiB-aligned blocks.
@@ -218,7 +286,14 @@ pub fn is_zero(buf: &[u8]) -> bool {
     body && blocks.remainder().iter().all(|&b| b == 0)
 }
 
-fn encode(extent: Extent, data: Bytes, zstd_level: Option<i32>) -> Result<Encoded, PipelineError> {
+/// One object holding `data`, the bytes of `pieces` concatenated (one piece: a
+/// contiguous v1 object).
+fn encode(
+    pieces: Vec<Extent>,
+    data: Bytes,
+    zstd_level: Option<i32>,
+) -> Result<Encoded, PipelineError> {
+    let extent = Extent::new(pieces[0].offset, data.len() as u64);
     let sha: [u8; 32] = Sha256::digest(&data).into();
     let compressed = match zstd_level {
         Some(level) => Some(
@@ -243,6 +318,7 @@ fn encode(extent: Extent, data: Bytes, zstd_level: Option<i32>) -> Result<Encode
             encoding,
             stored_length: body.len() as u64,
             sha256: Sha256Hex(sha),
+            pieces: if pieces.len() > 1 { pieces } else { Vec::new() },
         },
         body,
         body_sha256,
@@ -286,7 +362,7 @@ mod tests {
     #[test]
     fn encode_keeps_zstd_only_when_smaller() {
         let compressible = Bytes::from(vec![7u8; 65536]);
-        let e = encode(Extent::new(0, 65536), compressible.clone(), Some(3)).unwrap();
+        let e = encode(vec![Extent::new(0, 65536)], compressible.clone(), Some(3)).unwrap();
         assert_eq!(e.object.encoding, Encoding::Zstd);
         assert!(e.object.stored_length < 65536);
         assert_eq!(
@@ -296,7 +372,12 @@ mod tests {
         let random: Vec<u8> = (0..65536u32)
             .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
             .collect();
-        let e = encode(Extent::new(0, 65536), Bytes::from(random.clone()), Some(3)).unwrap();
+        let e = encode(
+            vec![Extent::new(0, 65536)],
+            Bytes::from(random.clone()),
+            Some(3),
+        )
+        .unwrap();
         if e.object.encoding == Encoding::Raw {
             assert_eq!(e.body, random);
         }
@@ -304,7 +385,73 @@ mod tests {
         assert_eq!(e.object.sha256.0, expect, "hash is of the decoded bytes");
     }
 
+    #[test]
+    fn scattered_chunks_are_grouped_up_to_max_object() {
+        let k64 = 64 * 1024;
+        // 300 extents of 64 KiB, 1 MiB apart: 128 fit in 8 MiB.
+        let chunks: Vec<Extent> = (0..300).map(|i| Extent::new(i * (1 << 20), k64)).collect();
+        let groups = group_chunks(chunks.clone(), 8 << 20, true);
+        assert_eq!(
+            groups.iter().map(Vec::len).collect::<Vec<_>>(),
+            [128, 128, 44]
+        );
+        assert_eq!(groups.concat(), chunks, "every chunk once, in order");
+        assert_eq!(group_chunks(chunks, 8 << 20, false).len(), 300);
+        // A chunk of max_object is a group of its own.
+        let big = vec![
+            Extent::new(0, k64),
+            Extent::new(1 << 20, 8 << 20),
+            Extent::new(10 << 20, k64),
+        ];
+        assert_eq!(group_chunks(big, 8 << 20, true).len(), 3);
+    }
+
     proptest! {
+        /// A packed group decodes to exactly the non-zero bytes of its chunks, placed by
+        /// its pieces; zero blocks are zero ranges; nothing is lost or placed twice.
+        #[test]
+        fn a_packed_group_places_every_nonzero_byte_once(
+            spans in proptest::collection::vec((0u64..4, 1u64..4, any::<u8>(), any::<bool>()), 1..8),
+        ) {
+            let k = SPLIT_ALIGN;
+            let mut group = Vec::new();
+            let mut disk = vec![0u8; (64 * k) as usize];
+            let mut pos = 0;
+            for (gap, len, seed, zero) in spans {
+                let e = Extent::new((pos + gap) * k, len * k);
+                pos += gap + len;
+                if !zero {
+                    for (i, b) in disk[e.offset as usize..e.end() as usize].iter_mut().enumerate() {
+                        *b = seed | 1 ^ (i as u8);
+                    }
+                }
+                group.push(e);
+            }
+            let mut buf = Vec::new();
+            for e in &group {
+                buf.extend_from_slice(&disk[e.offset as usize..e.end() as usize]);
+            }
+            let (objects, zeros) = encode_group(&group, buf, None, true).unwrap();
+            prop_assert!(objects.len() <= 1);
+            let mut model = vec![0u8; disk.len()];
+            let mut covered = 0;
+            for o in &objects {
+                let mut at = 0usize;
+                for p in o.object.parts() {
+                    let len = p.length as usize;
+                    model[p.offset as usize..p.offset as usize + len]
+                        .copy_from_slice(&o.body[at..at + len]);
+                    at += len;
+                    covered += p.length;
+                }
+                prop_assert_eq!(at as u64, o.object.length);
+                prop_assert_eq!(o.object.offset, o.object.parts().next().unwrap().offset);
+            }
+            prop_assert_eq!(&model, &disk);
+            let total: u64 = group.iter().map(|e| e.length).sum();
+            prop_assert_eq!(covered + zeros.iter().map(|z| z.length).sum::<u64>(), total);
+        }
+
         #[test]
         fn runs_partition_the_chunk(start in 0u64..64, len in 1u64..64, marks in proptest::collection::vec(0usize..1 << 16, 0..8)) {
             let chunk = Extent::new(start * 65536, len * 65536);

@@ -77,7 +77,14 @@ pub async fn reassemble(
             assert_eq!(data.len() as u64, o.length, "decoded length of {key}");
             let sha: [u8; 32] = Sha256::digest(&data).into();
             assert_eq!(sha, o.sha256.0, "sha256 of {key}");
-            f.write_all_at(&data, o.offset).expect("write object");
+            // The decoded bytes fill the object's parts in order (format v2 packing).
+            let mut at = 0usize;
+            for part in o.parts() {
+                let len = part.length as usize;
+                f.write_all_at(&data[at..at + len], part.offset)
+                    .expect("write object");
+                at += len;
+            }
         }
         for z in &m.zero_ranges {
             fallocate(

@@ -199,6 +199,46 @@ impl OpenSource {
         })
     }
 
+    /// Reads `chunks` into one buffer, concatenated in order: files in one blocking task,
+    /// NBD chunk by chunk.
+    pub async fn read_chunks(
+        self: &std::sync::Arc<Self>,
+        chunks: &[Extent],
+    ) -> Result<Vec<u8>, SourceError> {
+        let total: u64 = chunks.iter().map(|c| c.length).sum();
+        if matches!(self.reader, Reader::Nbd { .. }) || chunks.len() == 1 {
+            let mut buf = Vec::with_capacity(total as usize);
+            for &c in chunks {
+                let part = self.read_chunk(c).await?;
+                if buf.is_empty() {
+                    buf = part;
+                } else {
+                    buf.extend_from_slice(&part);
+                }
+            }
+            return Ok(buf);
+        }
+        let me = self.clone();
+        let list = chunks.to_vec();
+        let first = chunks[0];
+        tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; total as usize];
+            let mut pos = 0usize;
+            for c in list {
+                let end = pos + c.length as usize;
+                me.read_at(c.offset, &mut buf[pos..end])?;
+                pos = end;
+            }
+            Ok(buf)
+        })
+        .await
+        .map_err(|e| SourceError::Read {
+            path: self.describe(),
+            extent: first,
+            source: std::io::Error::other(e),
+        })?
+    }
+
     /// Reads `chunk`: files from a blocking task, NBD with requests in flight together.
     pub async fn read_chunk(
         self: &std::sync::Arc<Self>,
