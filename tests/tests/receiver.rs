@@ -477,3 +477,89 @@ async fn a_manifest_unreadable_for_a_while_is_retried_and_applied_not_dead_lette
         "nothing dead-lettered"
     );
 }
+
+/// The packing upgrade: a generation written as format v1 (`--no-pack`, as senders
+/// before packing wrote) is in the bucket; the next generations come packed (v2); the
+/// receiver applies both kinds, in order, to the byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v1_generation_then_packed_v2_ones_apply_to_the_byte() {
+    use pilotlight_tests::cli::{s, send_ok};
+    use pilotlight_tests::disk::{create_sparse, scribble};
+    use std::os::unix::fs::FileExt;
+    let stack = LocalStack::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = tmp.path().join("disk.raw");
+    let state = tmp.path().join("sender-state");
+    let size = 64 * MIB;
+    let f = create_sparse(&disk, size);
+    scribble(&f, size, 40, 3);
+    let base = [
+        "--disk-id",
+        "site1/vm1/disk0",
+        "--state-dir",
+        s(&state),
+        "--disk",
+        s(&disk),
+    ];
+    let v1 = send_ok(
+        &stack,
+        &[&base[..], &["--source", "full", "--no-pack"]].concat(),
+    );
+    assert_eq!(v1["generation"], 1);
+
+    // Scattered small writes: 300 extents of 64 KiB, 128 KiB apart, random bytes.
+    let mut list = String::new();
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    for i in 0..300u64 {
+        let off = i * 192 * 1024;
+        let data: Vec<u8> = (0..64 * 1024)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        f.write_all_at(&data, off).unwrap();
+        list.push_str(&format!("{off} {}\n", 64 * 1024));
+    }
+    drop(f);
+    let changes = tmp.path().join("changes.txt");
+    std::fs::write(&changes, list).unwrap();
+    let v2 = send_ok(
+        &stack,
+        &[
+            &base[..],
+            &["--source", "extent-list", "--extents", s(&changes)],
+        ]
+        .concat(),
+    );
+    assert_eq!(v2["generation"], 2);
+    // 300 extents of 64 KiB (18.75 MiB) in 3 objects of at most 8 MiB, plus the manifest.
+    assert_eq!(v2["objects"], 3, "{v2}");
+    assert_eq!(v2["put_requests"], 4, "{v2}");
+
+    let prefix = pilotlight_protocol::Prefix::new(&stack.prefix).unwrap();
+    let ms = pilotlight_tests::reassemble::manifests(&stack, &prefix, &disk_id()).await;
+    assert_eq!(ms[0].format_version, 1, "written as v1");
+    assert!(ms[0].objects.iter().all(|o| o.pieces.is_empty()));
+    assert_eq!(ms[1].format_version, 2, "packed: v2");
+    assert_eq!(
+        ms[1].objects.iter().map(|o| o.pieces.len()).sum::<usize>(),
+        300
+    );
+
+    let rx = tmp.path().join("rx");
+    let out = receiver(&stack, "sync", &rx, &[]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(applied(&rx, &disk_id()), Some(2));
+    assert_eq!(
+        sha256_file(&image_path(&rx, &disk_id())),
+        sha256_file(&disk),
+        "the image is the source, to the byte"
+    );
+}

@@ -47,10 +47,10 @@ fn disk_id() -> DiskId {
 /// never uploaded.
 fn assert_no_zero_blocks_uploaded(m: &Manifest, image: &Path) {
     let f = std::fs::File::open(image).unwrap();
-    for o in &m.objects {
-        let mut pos = o.offset;
-        while pos < o.offset + o.length {
-            let end = ((pos / SPLIT_ALIGN + 1) * SPLIT_ALIGN).min(o.offset + o.length);
+    for part in m.objects.iter().flat_map(|o| o.parts()) {
+        let mut pos = part.offset;
+        while pos < part.end() {
+            let end = ((pos / SPLIT_ALIGN + 1) * SPLIT_ALIGN).min(part.end());
             let mut buf = vec![0u8; (end - pos) as usize];
             f.read_exact_at(&mut buf, pos).unwrap();
             assert!(
@@ -66,7 +66,7 @@ fn covered(m: &Manifest) -> Vec<Extent> {
     let mut v: Vec<Extent> = m
         .objects
         .iter()
-        .map(|o| o.extent())
+        .flat_map(|o| o.parts())
         .chain(m.zero_ranges.iter().copied())
         .collect();
     v.sort();
