@@ -39,9 +39,11 @@ for line in open(f"{work}/changes.txt"):
 PY
 }
 
-# A disk of $2 MiB with every other MiB changed (listed in changes.txt). $3 is the mix:
-# "half-zero" (half of the changed MiBs zero, a quarter random, a quarter text) or
-# "data" (half random, half text).
+# A disk of $2 MiB with changes listed in changes.txt. $3 is the mix: every other MiB
+# changed, "half-zero" (half of the changed MiBs zero, a quarter random, a quarter text)
+# or "data" (half random, half text); or "scattered": extents of 64 or 128 KiB of random
+# bytes with gaps of 1 to 2 MiB between them, no zeroes (as changed-block tracking
+# reports scattered writes).
 make_disk() { # work mib mix
   python3 - "$1" "$2" "$3" <<'PY'
 import random, sys
@@ -51,6 +53,17 @@ rng = random.Random(7)
 line = b"2026-11-23 INFO request served in 12 ms path=/api/v1/items id=%08d\n"
 with open(f"{work}/disk.raw", "wb") as d, open(f"{work}/changes.txt", "w") as lst:
     d.truncate(mib * M)
+    if mix == "scattered":
+        off = 0
+        while True:
+            off += rng.randrange(M, 2 * M, 64 * 1024)
+            n = rng.choice((64, 128)) * 1024
+            if off + n > mib * M:
+                break
+            d.seek(off); d.write(rng.randbytes(n))
+            lst.write(f"{off} {n}\n")
+            off += n
+        sys.exit(0)
     for i in range(mib // 2):
         off = i * 2 * M
         kind = i % 4 if mix == "half-zero" else 2 + i % 2
