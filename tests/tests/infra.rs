@@ -403,8 +403,8 @@ async fn the_cloudformation_stack_deploys_and_the_sender_replicates_through_it()
     assert_eq!(env["PILOTLIGHT_DR_DRILL_SUBNET"], "subnet-0drill");
     assert!(env.get("PILOTLIGHT_DR_DRILL_SECURITY_GROUPS").is_none());
 
-    // IAM as deployed: the sender may only put under its site; the receiver gets
-    // exactly what it calls.
+    // IAM as deployed: the sender may only put under its site (and read back its own
+    // manifests, list its own site); the receiver gets exactly what it calls.
     let policy_arn = d.out("SenderPolicyArn");
     let p = stack.aws_cli(&["iam", "get-policy", "--policy-arn", policy_arn]);
     let v = stack.aws_cli(&[
@@ -416,7 +416,10 @@ async fn the_cloudformation_stack_deploys_and_the_sender_replicates_through_it()
         p["Policy"]["DefaultVersionId"].as_str().unwrap(),
     ]);
     let doc = &v["PolicyVersion"]["Document"];
-    assert_eq!(actions(doc), set(&["s3:PutObject"]));
+    assert_eq!(
+        actions(doc),
+        set(&["s3:PutObject", "s3:GetObject", "s3:ListBucket"])
+    );
     assert_eq!(
         doc["Statement"][0]["Resource"],
         "arn:aws:s3:::pl-e2e-data/pilotlight/site1/*"

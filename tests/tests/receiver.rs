@@ -563,3 +563,83 @@ async fn a_v1_generation_then_packed_v2_ones_apply_to_the_byte() {
         "the image is the source, to the byte"
     );
 }
+
+/// The sender's state lost after generation 3: the next run refuses with the way back
+/// and writes nothing (generations 1 to 3 byte-identical before and after); `--rebase`
+/// sends a full generation 4 that the receiver applies as a new base; replication goes
+/// on from there, to the byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_sender_state_overwrites_nothing_and_rebase_continues() {
+    use pilotlight_tests::cli::{s, send_ok, sender};
+    let stack = LocalStack::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    for k in 1..=3 {
+        send_generation(&stack, tmp.path(), 64 * MIB, 30, 40 + k, k);
+    }
+    let prefix = format!("{}/site1/vm1/disk0/", stack.prefix);
+    let snapshot = |keys: Vec<String>| async {
+        let mut out = Vec::new();
+        for k in keys {
+            out.push((k.clone(), stack.get(&k).await));
+        }
+        out
+    };
+    let before = snapshot(stack.keys(&prefix).await).await;
+    assert!(before
+        .iter()
+        .any(|(k, _)| k.contains("/g/00000000000000000003/manifest.json")));
+
+    std::fs::remove_dir_all(tmp.path().join("sender-state")).unwrap();
+    let disk = tmp.path().join("disk.raw");
+    let state = tmp.path().join("sender-state");
+    let base = [
+        "--disk-id",
+        "site1/vm1/disk0",
+        "--state-dir",
+        s(&state),
+        "--disk",
+        s(&disk),
+    ];
+    let out = sender(&stack, &[&base[..], &["--source", "full"]].concat())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("already has generation 1") && err.contains("--rebase"),
+        "{err}"
+    );
+    let after = snapshot(stack.keys(&prefix).await).await;
+    assert!(after == before, "generations 1 to 3 changed");
+
+    let v = send_ok(
+        &stack,
+        &[&base[..], &["--source", "full", "--rebase"]].concat(),
+    );
+    assert_eq!(
+        (v["generation"].as_u64(), v["parent"].is_null()),
+        (Some(4), true)
+    );
+    let rx = tmp.path().join("rx");
+    let out = receiver(&stack, "sync", &rx, &[]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(applied(&rx, &disk_id()), Some(4));
+    assert_eq!(
+        sha256_file(&image_path(&rx, &disk_id())),
+        sha256_file(&disk)
+    );
+    // Replication continues on top of the new base.
+    let sha = send_generation(&stack, tmp.path(), 64 * MIB, 30, 99, 5);
+    let out = receiver(&stack, "sync", &rx, &[]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(applied(&rx, &disk_id()), Some(5));
+    assert_eq!(sha256_file(&image_path(&rx, &disk_id())), sha);
+}

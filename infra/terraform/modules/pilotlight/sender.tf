@@ -6,6 +6,24 @@ data "aws_iam_policy_document" "sender_policy" {
     actions   = ["s3:PutObject"]
     resources = ["${aws_s3_bucket.data_bucket.arn}/${var.prefix}/${var.sender_site}/*"]
   }
+  # A committed generation is never overwritten: the sender lists its disks' manifests
+  # before a generation, and reads back a manifest its PUT (If-None-Match) found there,
+  # to tell its own interrupted commit from another's.
+  statement {
+    sid       = "ReadOwnManifests"
+    actions   = ["s3:GetObject"]
+    resources = ["${aws_s3_bucket.data_bucket.arn}/${var.prefix}/${var.sender_site}/*/g/*/manifest.json"]
+  }
+  statement {
+    sid       = "ListOwnSite"
+    actions   = ["s3:ListBucket"]
+    resources = [aws_s3_bucket.data_bucket.arn]
+    condition {
+      test     = "StringLike"
+      variable = "s3:prefix"
+      values   = ["${var.prefix}/${var.sender_site}/*"]
+    }
+  }
   # Export requests and results ({site}/{vm}/{disk}/x/...) belong to the DR function and
   # the receiver: a sender that could write them could make the receiver export, or hand
   # the DR function an image of its choosing.
