@@ -427,4 +427,23 @@ async fn a_missing_vm_and_a_bad_password_are_clear_errors() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&nowhere), "{err}");
+    // --insecure is said out loud (the certificate is not checked: the password is
+    // anyone's on the path), and a thumbprint that is not one is refused.
+    let nowhere_tls = format!("https://127.0.0.1:{}/sdk", free_port());
+    let out = env
+        .command_at(&nowhere_tls, VM, &["--insecure"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--insecure") && err.contains("not checked"),
+        "{err}"
+    );
+    let out = env
+        .command_at(&nowhere_tls, VM, &["--thumbprint", "12:34"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a certificate thumbprint"), "{err}");
 }
