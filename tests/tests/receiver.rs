@@ -31,6 +31,19 @@ fn make_generation(stack: &LocalStack, dir: &Path, k: u64) -> [u8; 32] {
     )
 }
 
+/// `pilotlight-receiver sync` into `dir`; asserts it applied up to `want` and returns
+/// the image's SHA-256.
+fn sync_applies(stack: &LocalStack, dir: &Path, want: u64) -> [u8; 32] {
+    let out = receiver(stack, "sync", dir, &[]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(applied(dir, &disk_id()), Some(want));
+    sha256_file(&image_path(dir, &disk_id()))
+}
+
 async fn wait_applied(dir: &Path, want: u64) {
     poll_until(&format!("generation {want} applied"), WAIT, || async {
         (applied(dir, &disk_id()) == Some(want)).then_some(())
@@ -53,18 +66,7 @@ async fn duplicated_and_reordered_events_apply_in_order_byte_identical() {
         if k == 4 {
             // Boundary 4 through the reconcile path: a separate receiver lists and applies.
             let side = tmp.path().join("side");
-            let out = receiver(&stack, "sync", &side, &[]).output().unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            assert_eq!(applied(&side, &disk_id()), Some(4));
-            assert_eq!(
-                sha256_file(&image_path(&side, &disk_id())),
-                expected[3],
-                "boundary 4"
-            );
+            assert_eq!(sync_applies(&stack, &side, 4), expected[3], "boundary 4");
         }
     }
     assert!(events
@@ -550,15 +552,8 @@ async fn a_v1_generation_then_packed_v2_ones_apply_to_the_byte() {
     );
 
     let rx = tmp.path().join("rx");
-    let out = receiver(&stack, "sync", &rx, &[]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(applied(&rx, &disk_id()), Some(2));
     assert_eq!(
-        sha256_file(&image_path(&rx, &disk_id())),
+        sync_applies(&stack, &rx, 2),
         sha256_file(&disk),
         "the image is the source, to the byte"
     );
@@ -621,25 +616,8 @@ async fn a_lost_sender_state_overwrites_nothing_and_rebase_continues() {
         (Some(4), true)
     );
     let rx = tmp.path().join("rx");
-    let out = receiver(&stack, "sync", &rx, &[]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(applied(&rx, &disk_id()), Some(4));
-    assert_eq!(
-        sha256_file(&image_path(&rx, &disk_id())),
-        sha256_file(&disk)
-    );
+    assert_eq!(sync_applies(&stack, &rx, 4), sha256_file(&disk));
     // Replication continues on top of the new base.
     let sha = send_generation(&stack, tmp.path(), 64 * MIB, 30, 99, 5);
-    let out = receiver(&stack, "sync", &rx, &[]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(applied(&rx, &disk_id()), Some(5));
-    assert_eq!(sha256_file(&image_path(&rx, &disk_id())), sha);
+    assert_eq!(sync_applies(&stack, &rx, 5), sha);
 }
