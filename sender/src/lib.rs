@@ -73,7 +73,7 @@ pub enum SendError {
         generation: u64,
         why: String,
     },
-    #[error("{disk}: the bucket already has generation {generation} (its newest is {newest}), so this sender's state is behind the bucket (the state directory was lost or restored from an old copy); nothing was written. Continue with `pilotlight-sender send --rebase --source full` (same disk and bucket): a full generation after the bucket's newest, which the receiver applies as a new base")]
+    #[error("{disk}: the bucket already has generation {generation} (its newest is {newest}), so this sender's state is behind the bucket (the state directory was lost or restored from an old copy); nothing was written. Continue with `pilotlight-sender send --rebase --source full` (or `pilotlight-sender vsphere --rebase`), same disk and bucket: a full generation after the bucket's newest, which the receiver applies as a new base")]
     AlreadyCommitted {
         disk: String,
         generation: u64,

@@ -313,11 +313,11 @@ async fn copy_disks<S: ObjectStore>(
         let disk_name = format!("disk-{}", disk.key);
         let id = DiskId::parse(&format!("{}/{}/{disk_name}", run.site, run.vm_id))
             .map_err(|e| VsphereError::Name(e.to_string()))?;
-        let from = ids
-            .disks
-            .get(&disk_name)
-            .cloned()
-            .unwrap_or_else(|| "*".into());
+        // --rebase: a new base, so every allocated area (changeId "*").
+        let from = match ids.disks.get(&disk_name) {
+            Some(id) if !run.upload.rebase => id.clone(),
+            _ => "*".into(),
+        };
         let mut reset = false;
         let areas = match session.changed_areas(vm, snapshot, &disk, &from).await {
             Ok(a) => a,
