@@ -149,36 +149,36 @@ pub trait ObjectStore: Send + Sync {
         async move {
             match self.get(key, max_len).await {
                 Ok(b) => Ok(Some(b)),
-                Err(e) if e.is_not_found() => Ok(None),
-                Err(e) if e.kind == ErrorKind::AccessDenied => {
-                    if exists_by_listing(self, key, e.clone()).await? {
-                        Err(e)
-                    } else {
-                        Ok(None)
-                    }
-                }
-                Err(e) => Err(e),
+                Err(e) => absent(self, key, e).await.map(|()| None),
             }
         }
     }
 }
 
-/// Whether `key` exists, by listing it as a prefix: the check behind a 403 that may only
-/// mean "missing" ([`ObjectStore::get_if_exists`]). A listing that is denied too says
+/// `Ok(())` when the error a read of `key` met means the key does not exist: a 404, or a
+/// 403 for a key that listing it as a prefix does not find (see
+/// [`ObjectStore::get_if_exists`]); else the error. A listing that is denied too says
 /// nothing: the first denial is returned, with what the caller needs to grant.
-async fn exists_by_listing<S: ObjectStore + ?Sized>(
+async fn absent<S: ObjectStore + ?Sized>(
     store: &S,
     key: &str,
-    denied: CloudError,
-) -> Result<bool, CloudError> {
+    e: CloudError,
+) -> Result<(), CloudError> {
+    if e.is_not_found() {
+        return Ok(());
+    }
+    if e.kind != ErrorKind::AccessDenied {
+        return Err(e);
+    }
     match store.list(key, |_| true).await {
-        Ok(keys) => Ok(keys.iter().any(|k| k == key)),
+        Ok(keys) if keys.iter().any(|k| k == key) => Err(e),
+        Ok(_) => Ok(()),
         Err(l) if l.kind == ErrorKind::AccessDenied => {
             let detail = format!(
                 "{}; and listing it was denied too: grant s3:ListBucket on the bucket for this prefix, so a missing key can be told from a denied one",
-                denied.detail
+                e.detail
             );
-            Err(denied.with_detail(detail))
+            Err(e.with_detail(detail))
         }
         Err(l) => Err(l),
     }
@@ -310,6 +310,7 @@ impl MemoryStore {
         CloudError::new("S3", op, s3_resource(&self.bucket, key), kind, detail).with_code(code)
     }
 
+    /// What a read of a missing key gets: 404, or 403 in `deny_missing_keys` mode.
     fn not_found(&self, op: &'static str, key: &str) -> CloudError {
         if self.missing_is_denied.load(Ordering::Relaxed) {
             return self.err(
@@ -320,6 +321,10 @@ impl MemoryStore {
                 "Access Denied",
             );
         }
+        self.no_such_key(op, key)
+    }
+
+    fn no_such_key(&self, op: &'static str, key: &str) -> CloudError {
         self.err(
             op,
             key,
@@ -434,15 +439,7 @@ impl ObjectStore for MemoryStore {
         if let Some(want) = &opts.if_match {
             // S3: If-Match on a missing key is 404 NoSuchKey; on another version, 412.
             match objects.get(key) {
-                None => {
-                    return Err(self.err(
-                        "PutObject",
-                        key,
-                        ErrorKind::NotFound,
-                        "NoSuchKey",
-                        "The specified key does not exist.",
-                    ))
-                }
+                None => return Err(self.no_such_key("PutObject", key)),
                 Some(b) if Self::etag_of(b) != *want => return Err(precondition_failed()),
                 Some(_) => {}
             }
@@ -488,8 +485,7 @@ impl ObjectStore for MemoryStore {
         let mut up = lock(&self.uploads);
         match up.get_mut(upload_id) {
             Some((k, parts)) if k == key => {
-                use sha2::Digest;
-                let etag = format!("\"{}\"", hex(&sha2::Sha256::digest(&body)[..16]));
+                let etag = Self::etag_of(&body);
                 parts.insert(number, body);
                 Ok(etag)
             }
@@ -715,19 +711,9 @@ mod sdk {
                 .await
             {
                 Ok(o) => Ok(Some(o.content_length.unwrap_or(0).max(0) as u64)),
-                Err(e) => {
-                    let e = self.err("HeadObject", key, &e);
-                    if e.is_not_found() {
-                        Ok(None)
-                    } else if e.kind == ErrorKind::AccessDenied
-                        && !super::exists_by_listing(self, key, e.clone()).await?
-                    {
-                        // 403 for a missing key to a caller without ListBucket.
-                        Ok(None)
-                    } else {
-                        Err(e)
-                    }
-                }
+                Err(e) => super::absent(self, key, self.err("HeadObject", key, &e))
+                    .await
+                    .map(|()| None),
             }
         }
 
@@ -804,16 +790,9 @@ mod sdk {
             {
                 Ok(out) => out,
                 Err(e) => {
-                    let e = self.err("GetObject", key, &e);
-                    if e.is_not_found() {
-                        return Ok(None);
-                    }
-                    if e.kind == ErrorKind::AccessDenied
-                        && !super::exists_by_listing(self, key, e.clone()).await?
-                    {
-                        return Ok(None);
-                    }
-                    return Err(e);
+                    return super::absent(self, key, self.err("GetObject", key, &e))
+                        .await
+                        .map(|()| None)
                 }
             };
             let etag = out.e_tag.clone().unwrap_or_default();
