@@ -107,6 +107,18 @@ pub fn s(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
 }
 
+/// The sender's flags for the test disk `site1/vm1/disk0`: its id, state and file.
+pub fn disk_args<'a>(state: &'a Path, disk: &'a Path) -> [&'a str; 6] {
+    [
+        "--disk-id",
+        "site1/vm1/disk0",
+        "--state-dir",
+        s(state),
+        "--disk",
+        s(disk),
+    ]
+}
+
 /// Writes generation `k` of the disk `site1/vm1/disk0` in `dir` and sends it: `count`
 /// random extents (seeded by `seed`) into a sparse `size`-byte file; generation 1 as a
 /// full base, later ones as PowerCLI lists of what was written (overlapping earlier
@@ -125,14 +137,7 @@ pub fn send_generation(
     let w = scribble(&f, size, count, seed);
     drop(f);
     let state = dir.join("sender-state");
-    let base = [
-        "--disk-id",
-        "site1/vm1/disk0",
-        "--state-dir",
-        s(&state),
-        "--disk",
-        s(&disk),
-    ];
+    let base = disk_args(&state, &disk);
     let list = dir.join(format!("changes-{k}.txt"));
     let summary = if k == 1 {
         send_ok(stack, &[&base[..], &["--source", "full"]].concat())

@@ -485,7 +485,7 @@ async fn a_manifest_unreadable_for_a_while_is_retried_and_applied_not_dead_lette
 /// receiver applies both kinds, in order, to the byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_v1_generation_then_packed_v2_ones_apply_to_the_byte() {
-    use pilotlight_tests::cli::{s, send_ok};
+    use pilotlight_tests::cli::{disk_args, s, send_ok};
     use pilotlight_tests::disk::{create_sparse, scribble};
     use std::os::unix::fs::FileExt;
     let stack = LocalStack::start().await;
@@ -495,14 +495,7 @@ async fn a_v1_generation_then_packed_v2_ones_apply_to_the_byte() {
     let size = 64 * MIB;
     let f = create_sparse(&disk, size);
     scribble(&f, size, 40, 3);
-    let base = [
-        "--disk-id",
-        "site1/vm1/disk0",
-        "--state-dir",
-        s(&state),
-        "--disk",
-        s(&disk),
-    ];
+    let base = disk_args(&state, &disk);
     let v1 = send_ok(
         &stack,
         &[&base[..], &["--source", "full", "--no-pack"]].concat(),
@@ -565,7 +558,7 @@ async fn a_v1_generation_then_packed_v2_ones_apply_to_the_byte() {
 /// on from there, to the byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_sender_state_overwrites_nothing_and_rebase_continues() {
-    use pilotlight_tests::cli::{s, send_ok, sender};
+    use pilotlight_tests::cli::{disk_args, send_ok, sender};
     let stack = LocalStack::start().await;
     let tmp = tempfile::tempdir().unwrap();
     for k in 1..=3 {
@@ -587,14 +580,7 @@ async fn a_lost_sender_state_overwrites_nothing_and_rebase_continues() {
     std::fs::remove_dir_all(tmp.path().join("sender-state")).unwrap();
     let disk = tmp.path().join("disk.raw");
     let state = tmp.path().join("sender-state");
-    let base = [
-        "--disk-id",
-        "site1/vm1/disk0",
-        "--state-dir",
-        s(&state),
-        "--disk",
-        s(&disk),
-    ];
+    let base = disk_args(&state, &disk);
     let out = sender(&stack, &[&base[..], &["--source", "full"]].concat())
         .output()
         .unwrap();
