@@ -512,18 +512,17 @@ pub async fn advance<S: ObjectStore, E: Ec2Api>(
     Ok(())
 }
 
-/// Claims `step` for this caller, unless another caller's claim still holds; returns
-/// whether it claimed. The caller returns after claiming: `advance` saves the claim,
+/// Claims `step` for this caller, unless another caller's claim still holds (then the
+/// run is left as it is). The caller returns after claiming: `advance` saves the claim,
 /// and makes the call only if that save wins.
-fn claim(run: &mut Run, step: &str, now: DateTime<Utc>) -> bool {
+fn claim(run: &mut Run, step: &str, now: DateTime<Utc>) {
     if run.claim.as_ref().is_some_and(|c| c.holds(now)) {
-        return false;
+        return;
     }
     run.claim = Some(Claim {
         step: step.into(),
         until: now + chrono::Duration::from_std(CLAIM_LEASE).unwrap_or_default(),
     });
-    true
 }
 
 async fn exporting<S: ObjectStore, E: Ec2Api>(
