@@ -1,5 +1,8 @@
 //! What pilotlight's binaries share: log setup, the async runtime, one-line errors and
-//! stop signals, so every binary behaves the same way.
+//! stop signals, so every binary behaves the same way; and the `points` listing the
+//! receiver and DR CLIs share ([`points`]).
+
+pub mod points;
 
 use std::future::Future;
 use std::io::IsTerminal;

@@ -186,4 +186,12 @@ impl Aws {
             client: self.ec2_client(),
         }
     }
+
+    #[cfg(feature = "ebs")]
+    pub fn ebs(&self) -> crate::ebs::SdkEbs {
+        crate::ebs::SdkEbs {
+            ebs: aws_sdk_ebs::Client::new(&self.sdk),
+            ec2: self.ec2_client(),
+        }
+    }
 }

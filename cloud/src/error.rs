@@ -149,6 +149,7 @@ pub fn kind_of(code: Option<&str>, status: Option<u16>) -> ErrorKind {
         Some(
             "NoSuchKey"
             | "NotFound"
+            | "ResourceNotFoundException"
             | "NoSuchUpload"
             | "AWS.SimpleQueueService.NonExistentQueue"
             | "QueueDoesNotExist",
@@ -178,12 +179,17 @@ pub fn kind_of(code: Option<&str>, status: Option<u16>) -> ErrorKind {
             | "ProvisionedThroughputExceededException"
             | "RequestTimeTooSkewed"
             | "RequestTimeout"
-            | "RequestTimeoutException",
+            | "RequestTimeoutException"
+            // EBS direct APIs: too many requests in flight, or too many snapshots
+            // pending in the account for now.
+            | "ConcurrentLimitExceededException"
+            | "ServiceQuotaExceededException",
         ) => return ErrorKind::Throttled,
         Some(
             "InternalError"
             | "InternalFailure"
             | "InternalServerError"
+            | "InternalServerException"
             | "ServiceUnavailable"
             | "Unavailable"
             | "ConditionalRequestConflict"

@@ -1,16 +1,17 @@
 //! pilotlight's one AWS access layer.
 //!
-//! - [`s3::ObjectStore`], [`sqs::Queue`], [`ec2::Ec2Api`]: narrow traits, one per service,
+//! - [`s3::ObjectStore`], [`sqs::Queue`], [`ec2::Ec2Api`], [`ebs::EbsApi`]: narrow traits, one per service,
 //!   as pilotlight's code uses them;
-//! - each implemented once for the AWS SDK for Rust (`SdkS3`, `SqsQueue`, `SdkEc2`, behind
-//!   the features `s3`, `sqs`, `ec2`, so a crate compiles only the SDK crates it needs) and
-//!   once in memory (`MemoryStore`, `MemoryQueue`, `MemoryEc2`) with fault injection
+//! - each implemented once for the AWS SDK for Rust (`SdkS3`, `SqsQueue`, `SdkEc2`, `SdkEbs`, behind
+//!   the features `s3`, `sqs`, `ec2`, `ebs`, so a crate compiles only the SDK crates it needs) and
+//!   once in memory (`MemoryStore`, `MemoryQueue`, `MemoryEc2`, `MemoryEbs`) with fault injection
 //!   ([`fault`]): the logic above is tested at unit speed, the end-to-end tests still go
 //!   through the SDK to the emulator;
 //! - one error type, [`CloudError`], that says whether trying again later can help;
 //! - one SDK configuration builder, [`config::AwsSettings`], for every binary and the test kit.
 
 pub mod config;
+pub mod ebs;
 pub mod ec2;
 pub mod error;
 pub mod fault;

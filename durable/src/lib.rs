@@ -1,9 +1,12 @@
-//! Durable local state files, shared by the sender and the receiver.
+//! Local files shared by the sender and the receiver: durable state files (below) and
+//! sparse files' allocation maps ([`sparse`]).
 //!
 //! A state file is JSON `{"version": V, "checksum": SHA-256 of the state's JSON,
 //! "state": {...}}`, written to a temp file, fsynced, renamed over the old one, and the
 //! directory fsynced: a crash leaves the old file or the new one, never a mix, and a
 //! damaged file is detected rather than believed.
+
+pub mod sparse;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};

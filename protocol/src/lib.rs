@@ -6,7 +6,8 @@
 //! - [`manifest`]: the commit record of a generation, with validation;
 //! - [`export`]: export requests and results (DR Lambda <-> receiver);
 //! - [`event`]: S3 event notifications (real S3 and the emulator), parsed tolerantly;
-//! - [`extent`]: byte ranges and the alignment rules shared by all parts.
+//! - [`extent`]: byte ranges and the alignment rules shared by all parts;
+//! - [`points`]: recovery points' snapshot tags, VM points, retention tiers.
 //!
 //! Nothing here does I/O. Everything that parses untrusted input returns a typed error
 //! and never panics.
@@ -17,6 +18,7 @@ pub mod extent;
 pub mod keys;
 pub mod manifest;
 pub mod names;
+pub mod points;
 
 pub use event::{parse_notification, EventError, S3Notification, S3Record};
 pub use export::{

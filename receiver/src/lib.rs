@@ -5,13 +5,15 @@
 //! - [`apply`]: one generation onto one image, verify-then-write;
 //! - [`state`]: what each image holds, saved atomically after fsync;
 //! - [`export`]: an image to the bucket, import-ready (DR);
+//! - [`points`]: recovery points: each applied generation as an EBS snapshot, pruned by tiers;
 //! - [`engine`]: the loop: events in, generations applied in order per disk.
 //!
-//! The bucket and the queue are reached through `pilotlight-cloud`'s `ObjectStore` and
-//! `Queue` (the SDK against AWS or the emulator, or in-memory twins in tests).
+//! The bucket, the queue and EBS are reached through `pilotlight-cloud`'s `ObjectStore`,
+//! `Queue` and `EbsApi` (the SDK against AWS or the emulator, or in-memory twins in tests).
 
 pub mod apply;
 pub mod engine;
 pub mod export;
 pub mod image;
+pub mod points;
 pub mod state;

@@ -2,12 +2,15 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use pilotlight_cloud::ebs::SdkEbs;
 use pilotlight_cloud::s3::SdkS3;
 use pilotlight_cloud::sqs::SqsQueue;
 use pilotlight_cloud::AwsSettings;
-use pilotlight_cloud::MemoryQueue;
+use pilotlight_cloud::{MemoryQueue, Queue};
+use pilotlight_protocol::points::Tiers;
 use pilotlight_protocol::Prefix;
 use pilotlight_receiver::engine::{local_status, Engine, EngineConfig};
+use pilotlight_receiver::points::{PointWriter, PointsConfig};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -42,6 +45,19 @@ enum Command {
         /// Do not list the bucket for pending generations.
         #[arg(long)]
         local: bool,
+    },
+    /// Every VM recovery point (a snapshot time every disk of the VM has a point for),
+    /// found by the points' snapshot tags.
+    Points {
+        #[command(flatten)]
+        settings: Settings,
+        #[arg(long)]
+        site: Option<String>,
+        #[arg(long)]
+        vm: Option<String>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -96,6 +112,30 @@ struct Settings {
     /// everything at apply time instead [default: true].
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     prefetch: Option<bool>,
+    /// Write a recovery point (an EBS snapshot via the EBS direct APIs) after each applied
+    /// generation; `--points=false` keeps the raw images only [default: true].
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    points: Option<bool>,
+    /// The stack's name: tagged on every point; pruning touches only this stack's points
+    /// [default: pilotlight].
+    #[arg(long, env = "PILOTLIGHT_STACK")]
+    stack: Option<String>,
+    /// KMS key (ARN) to encrypt points with; default: EBS's account default.
+    #[arg(long, env = "PILOTLIGHT_POINTS_KMS_KEY")]
+    points_kms_key: Option<String>,
+    /// Keep every point this long [default: 24h].
+    #[arg(long)]
+    keep_all: Option<String>,
+    /// Then the first point of each hour up to this age [default: 7d].
+    #[arg(long)]
+    keep_hourly: Option<String>,
+    /// Then the first point of each day up to this age; older ones are deleted
+    /// (except the newest and those a DR run holds) [default: 30d].
+    #[arg(long)]
+    keep_daily: Option<String>,
+    /// PutSnapshotBlock requests in flight per disk [default: 16].
+    #[arg(long)]
+    point_concurrency: Option<usize>,
 }
 
 impl Settings {
@@ -133,6 +173,36 @@ impl Settings {
         })
     }
 
+    /// The recovery points settings, or none when they are off.
+    fn points_config(&self) -> Result<Option<PointsConfig>> {
+        if !self.points.unwrap_or(true) {
+            return Ok(None);
+        }
+        let dur = |name: &str, v: &Option<String>, default: &str| -> Result<chrono::Duration> {
+            let s = v.as_deref().unwrap_or(default);
+            let d = humantime::parse_duration(s)
+                .with_context(|| format!("--{name} {s:?} is not a duration (e.g. 24h, 7d)"))?;
+            Ok(chrono::Duration::from_std(d)?)
+        };
+        let tiers = Tiers {
+            keep_all: dur("keep-all", &self.keep_all, "24h")?,
+            keep_hourly: dur("keep-hourly", &self.keep_hourly, "7d")?,
+            keep_daily: dur("keep-daily", &self.keep_daily, "30d")?,
+        };
+        if !(tiers.keep_all <= tiers.keep_hourly && tiers.keep_hourly <= tiers.keep_daily) {
+            bail!("--keep-all <= --keep-hourly <= --keep-daily, each an age (e.g. 24h, 7d, 30d)");
+        }
+        let concurrency = self.point_concurrency.unwrap_or(16);
+        if concurrency == 0 || concurrency > 64 {
+            bail!("--point-concurrency {concurrency} must be 1 to 64");
+        }
+        let mut cfg = PointsConfig::new(self.stack.clone().unwrap_or_else(|| "pilotlight".into()));
+        cfg.kms_key_arn = self.points_kms_key.clone();
+        cfg.tiers = tiers;
+        cfg.concurrency = concurrency;
+        Ok(Some(cfg))
+    }
+
     async fn aws(&self) -> pilotlight_cloud::Aws {
         // Credentials come only from the AWS default chain (instance profile on EC2).
         AwsSettings::new(self.region.clone(), self.endpoint_url.clone())
@@ -141,18 +211,40 @@ impl Settings {
             .await
     }
 
-    /// The engine of `run`: the bucket and the queue through the SDK.
-    async fn engine(&self, cfg: EngineConfig, queue_url: String) -> Engine<SdkS3, SqsQueue> {
+    /// The engine of `run`: the bucket, the queue and EBS through the SDK.
+    async fn engine(
+        &self,
+        cfg: EngineConfig,
+        queue_url: String,
+    ) -> Result<Engine<SdkS3, SqsQueue, SdkEbs>> {
         let aws = self.aws().await;
         let bucket = aws.s3(cfg.bucket.clone());
-        Engine::new(cfg, bucket, aws.sqs(queue_url))
+        self.with_points(Engine::new(cfg, bucket, aws.sqs(queue_url)), &aws)
     }
 
     /// The engine of `sync` and `status`, which list the bucket and read no queue: an
     /// empty in-memory queue stands in for it, so nothing is ever sent to SQS.
-    async fn listing_engine(&self, cfg: EngineConfig) -> Engine<SdkS3, Arc<MemoryQueue>> {
-        let bucket = self.aws().await.s3(cfg.bucket.clone());
-        Engine::new(cfg, bucket, Arc::new(MemoryQueue::default()))
+    async fn listing_engine(
+        &self,
+        cfg: EngineConfig,
+    ) -> Result<Engine<SdkS3, Arc<MemoryQueue>, SdkEbs>> {
+        let aws = self.aws().await;
+        let bucket = aws.s3(cfg.bucket.clone());
+        self.with_points(
+            Engine::new(cfg, bucket, Arc::new(MemoryQueue::default())),
+            &aws,
+        )
+    }
+
+    fn with_points<Q: Queue + Clone + 'static>(
+        &self,
+        engine: Engine<SdkS3, Q>,
+        aws: &pilotlight_cloud::Aws,
+    ) -> Result<Engine<SdkS3, Q, SdkEbs>> {
+        Ok(match self.points_config()? {
+            Some(pc) => engine.with_points(PointWriter::new(aws.ebs(), pc)),
+            None => engine.without_points(),
+        })
     }
 
     fn image_dir(&self) -> PathBuf {
@@ -177,7 +269,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .queue_url
                 .clone()
                 .context("--queue-url is required (or PILOTLIGHT_QUEUE_URL)")?;
-            let mut engine = s.engine(cfg, queue_url).await;
+            let mut engine = s.engine(cfg, queue_url).await?;
             tracing::info!("receiver started");
             let stop = pilotlight_cli::shutdown_signal();
             tokio::pin!(stop);
@@ -198,7 +290,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Sync(s) => {
             let s = s.with_file()?;
             let cfg = s.engine_config()?;
-            let mut engine = s.listing_engine(cfg).await;
+            let mut engine = s.listing_engine(cfg).await?;
             engine.load_known_disks();
             let n = engine.sync_once().await;
             for d in engine.status() {
@@ -230,7 +322,7 @@ async fn run(cli: Cli) -> Result<()> {
             let st = if !local && s.bucket.is_some() {
                 let mut cfg = s.engine_config()?;
                 cfg.reconcile_every = None;
-                let mut engine = s.listing_engine(cfg).await;
+                let mut engine = s.listing_engine(cfg).await?;
                 engine.load_known_disks();
                 engine.reconcile().await;
                 engine.status()
@@ -254,7 +346,39 @@ async fn run(cli: Cli) -> Result<()> {
                         d.allocated_bytes,
                         d.disk_size
                     );
+                    if d.newest_point.is_some() || d.point_due.is_some() || d.points_failed > 0 {
+                        println!(
+                            "  recovery point: newest {}, due {}, given up {}{}",
+                            d.newest_point
+                                .as_ref()
+                                .map_or("-".into(), |(s, g)| format!("{s} (generation {g})")),
+                            d.point_due.map_or("-".into(), |g| g.to_string()),
+                            d.points_failed,
+                            d.point_error
+                                .as_ref()
+                                .map_or(String::new(), |e| format!(" (last: {e})"))
+                        );
+                    }
                 }
+            }
+            Ok(())
+        }
+        Command::Points {
+            settings,
+            site,
+            vm,
+            json,
+        } => {
+            let s = settings.with_file()?;
+            let ebs = s.aws().await.ebs();
+            let points = pilotlight_cli::points::list(&ebs, site.as_deref(), vm.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&points)?);
+            } else {
+                print!(
+                    "{}",
+                    pilotlight_cli::points::render(&points, chrono::Utc::now())
+                );
             }
             Ok(())
         }

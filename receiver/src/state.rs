@@ -1,8 +1,11 @@
-//! The receiver's durable state per disk: which generation the image holds.
+//! The receiver's durable state per disk: which generation the image holds, and its
+//! recovery points (written, due). Fields added later default when absent, so state files
+//! of earlier versions load.
 //!
 //! Saved only after the image is fsynced, so the state never claims a generation whose
 //! bytes are not on disk.
 
+use crate::points::{PointDue, PointRecord};
 use chrono::{DateTime, Utc};
 use pilotlight_durable::DurableError;
 use pilotlight_protocol::DiskId;
@@ -19,6 +22,21 @@ pub struct DiskState {
     pub snapshot_time: Option<DateTime<Utc>>,
     pub applied_at: Option<DateTime<Utc>>,
     pub disk_size: u64,
+    /// The newest recovery points written and not pruned (at most `RECENT_POINTS`),
+    /// oldest first; the last is the next point's parent.
+    #[serde(default)]
+    pub points: Vec<PointRecord>,
+    /// The applied generation's point, while it is not written yet.
+    #[serde(default)]
+    pub point_due: Option<PointDue>,
+    /// A point was given up: the next one cannot build on the previous point.
+    #[serde(default)]
+    pub points_need_full: bool,
+    /// Points given up so far, and why the last one was.
+    #[serde(default)]
+    pub points_failed: u64,
+    #[serde(default)]
+    pub point_error: Option<String>,
 }
 
 impl DiskState {
@@ -29,6 +47,11 @@ impl DiskState {
             snapshot_time: None,
             applied_at: None,
             disk_size: 0,
+            points: Vec::new(),
+            point_due: None,
+            points_need_full: false,
+            points_failed: 0,
+            point_error: None,
         }
     }
 }

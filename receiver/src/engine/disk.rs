@@ -7,8 +7,10 @@ use super::prefetch::{prefetch_dir, remove_prefetched_up_to};
 use super::EngineConfig;
 use crate::apply::{apply, ApplyOptions};
 use crate::image::FileImage;
+use crate::points::{PointDue, PointWriter, MAX_POINT_ATTEMPTS};
 use crate::state::{self, DiskPaths, DiskState};
 use chrono::Utc;
+use pilotlight_cloud::ebs::EbsApi;
 use pilotlight_cloud::{CloudError, ErrorKind, ObjectStore, Queue};
 use pilotlight_protocol::{DiskId, Manifest, Name, ObjectKey, Prefix, MAX_MANIFEST_BYTES};
 use std::collections::BTreeMap;
@@ -174,18 +176,26 @@ impl Disk {
 
 /// Applies every generation of one disk that can be applied now, in order; runs the
 /// exports that wait at each boundary first. Returns how many generations it applied.
-pub async fn drive_disk<S: ObjectStore, Q: Queue + Clone + 'static>(
+pub async fn drive_disk<S: ObjectStore, Q: Queue + Clone + 'static, E: EbsApi + 'static>(
     id: &DiskId,
     d: &mut Disk,
     src: &S,
     queue: &Q,
     cfg: &EngineConfig,
+    points: Option<&PointWriter<E>>,
 ) -> usize {
     let mut applied = 0;
     if d.retry_after.is_some_and(|t| Instant::now() < t) {
         return 0;
     }
     loop {
+        // The applied generation's recovery point comes before anything newer.
+        if let Some(pw) = points {
+            if d.state.point_due.is_some() && !write_point(id, d, pw).await {
+                d.backoff(cfg.retry_base);
+                break;
+            }
+        }
         // Exports at this boundary run before anything newer is applied.
         run_exports(id, d, src, queue, cfg).await;
         let Some(g) = d.next() else {
@@ -227,6 +237,8 @@ pub async fn drive_disk<S: ObjectStore, Q: Queue + Clone + 'static>(
                 st.snapshot_time = Some(m.snapshot_time);
                 st.applied_at = Some(Utc::now());
                 st.disk_size = m.disk_size;
+                // Saved with "applied": a crash before the point is written still writes it.
+                st.point_due = points.map(|_| PointDue::for_manifest(&m));
                 if let Err(e) = state::save(&d.paths, &st) {
                     tracing::error!(disk = %id, generation = g, "image written but state not saved: {e}; will re-apply");
                     d.backoff(cfg.retry_base);
@@ -269,4 +281,39 @@ pub async fn drive_disk<S: ObjectStore, Q: Queue + Clone + 'static>(
         }
     }
     applied
+}
+
+/// Writes the disk's due recovery point, then prunes its points. Returns false when the
+/// point must be tried again before the next generation is applied (a transient failure);
+/// a permanent one (no permission, the image unreadable, too many attempts) gives the
+/// point up, so replication goes on, and says so in the log and the disk's status.
+async fn write_point<E: EbsApi + 'static>(id: &DiskId, d: &mut Disk, pw: &PointWriter<E>) -> bool {
+    let generation = d.state.point_due.as_ref().map(|p| p.generation);
+    match pw.write_due(id, &mut d.state, &d.paths).await {
+        Ok(Some(p)) => {
+            tracing::info!(disk = %id, generation = p.generation, snapshot = %p.snapshot_id, parent = ?p.parent, blocks = ?p.blocks_written, "recovery point written");
+            match pw.prune(id, &mut d.state, &d.paths, Utc::now()).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(disk = %id, deleted = n, "recovery points pruned"),
+                Err(e) => {
+                    tracing::warn!(disk = %id, "pruning recovery points failed, tried again after the next point: {e}")
+                }
+            }
+            true
+        }
+        Ok(None) => true,
+        Err(e) => {
+            let attempts = d.state.point_due.as_ref().map_or(0, |p| p.attempt);
+            if e.is_transient() && attempts < MAX_POINT_ATTEMPTS {
+                tracing::warn!(disk = %id, generation, attempts, "recovery point not written yet, tried again before the next generation: {e}");
+                return false;
+            }
+            tracing::error!(disk = %id, generation, attempts, "recovery point failed: {e}; given up: replication goes on, the next point is written in full");
+            if let Err(e) = pw.give_up(&mut d.state, &d.paths, &e).await {
+                tracing::error!(disk = %id, "cannot record the failed point: {e}");
+                return false;
+            }
+            true
+        }
+    }
 }

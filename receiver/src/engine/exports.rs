@@ -8,6 +8,7 @@ use super::lifetime::{delete_messages, hold, Held, KeepAlive};
 use super::{Engine, EngineConfig};
 use crate::export::{export_image, ExportOptions};
 use chrono::Utc;
+use pilotlight_cloud::ebs::EbsApi;
 use pilotlight_cloud::{Message, ObjectStore, PutOptions, Queue};
 use pilotlight_protocol::{
     DiskId, ExportRequest, ExportResult, ExportStatus, Name, ObjectKey, Prefix, EXPORT_VERSION,
@@ -21,7 +22,9 @@ pub struct PendingExport {
     pub messages: Vec<Held>,
 }
 
-impl<S: ObjectStore + Clone + 'static, Q: Queue + Clone + 'static> Engine<S, Q> {
+impl<S: ObjectStore + Clone + 'static, Q: Queue + Clone + 'static, E: EbsApi + 'static>
+    Engine<S, Q, E>
+{
     /// Takes up an export request. Returns whether its message must be kept (it waits to
     /// be answered, or could not be read for now); a request already answered, or one
     /// answered at once with a failure, does not wait.

@@ -27,10 +27,12 @@ pub mod prefetch;
 pub use classify::{classify, is_control_key, Disposition};
 pub use disk::LearnError;
 
+use crate::points::PointWriter;
 use crate::state::{DiskPaths, DiskState};
 use chrono::Utc;
 use disk::{drive_disk, read_manifest, Disk};
 use lifetime::{delete_messages, extend_due, hold};
+use pilotlight_cloud::ebs::{EbsApi, NoEbs};
 use pilotlight_cloud::{CloudError, Message, ObjectStore, Queue};
 use pilotlight_protocol::keys::{EXPORT_REQUEST_FILE, EXPORT_RESULT_FILE, MANIFEST_FILE};
 use pilotlight_protocol::{DiskId, ObjectKey, Prefix};
@@ -73,12 +75,21 @@ pub struct DiskStatus {
     pub image: String,
     pub disk_size: u64,
     pub allocated_bytes: u64,
+    /// The newest recovery point's snapshot id and generation.
+    pub newest_point: Option<(String, u64)>,
+    /// The generation whose point is still to be written.
+    pub point_due: Option<u64>,
+    /// Points given up (permission, unreadable image, too many failures), and the last reason.
+    pub points_failed: u64,
+    pub point_error: Option<String>,
 }
 
-pub struct Engine<S, Q> {
+pub struct Engine<S, Q, E = NoEbs> {
     cfg: EngineConfig,
     src: S,
     queue: Q,
+    /// Recovery points (none: off).
+    points: Option<PointWriter<E>>,
     disks: BTreeMap<DiskId, Disk>,
     last_reconcile: Option<Instant>,
     prefetcher: Prefetcher,
@@ -86,7 +97,7 @@ pub struct Engine<S, Q> {
     to_delete: Vec<String>,
 }
 
-impl<S, Q> std::fmt::Debug for Engine<S, Q> {
+impl<S, Q, E> std::fmt::Debug for Engine<S, Q, E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
             .field("cfg", &self.cfg)
@@ -96,12 +107,14 @@ impl<S, Q> std::fmt::Debug for Engine<S, Q> {
 }
 
 impl<S: ObjectStore + Clone + 'static, Q: Queue + Clone + 'static> Engine<S, Q> {
+    /// An engine without recovery points (see [`Engine::with_points`]).
     pub fn new(cfg: EngineConfig, src: S, queue: Q) -> Self {
         let prefetcher = Prefetcher::new(cfg.concurrency);
         Self {
             cfg,
             src,
             queue,
+            points: None,
             disks: BTreeMap::new(),
             last_reconcile: None,
             prefetcher,
@@ -109,6 +122,34 @@ impl<S: ObjectStore + Clone + 'static, Q: Queue + Clone + 'static> Engine<S, Q> 
         }
     }
 
+    /// The same engine, recovery points off, typed to hold an `E` (a binary's engine has one
+    /// type whether points are on or off).
+    pub fn without_points<E: EbsApi + 'static>(self) -> Engine<S, Q, E> {
+        self.convert(None)
+    }
+
+    /// The same engine, writing a recovery point after each applied generation.
+    pub fn with_points<E: EbsApi + 'static>(self, points: PointWriter<E>) -> Engine<S, Q, E> {
+        self.convert(Some(points))
+    }
+
+    fn convert<E: EbsApi + 'static>(self, points: Option<PointWriter<E>>) -> Engine<S, Q, E> {
+        Engine {
+            cfg: self.cfg,
+            src: self.src,
+            queue: self.queue,
+            points,
+            disks: self.disks,
+            last_reconcile: self.last_reconcile,
+            prefetcher: self.prefetcher,
+            to_delete: self.to_delete,
+        }
+    }
+}
+
+impl<S: ObjectStore + Clone + 'static, Q: Queue + Clone + 'static, E: EbsApi + 'static>
+    Engine<S, Q, E>
+{
     fn disk(&mut self, id: &DiskId) -> Result<&mut Disk, LearnError> {
         if !self.disks.contains_key(id) {
             let d = Disk::open(&self.cfg, id)?;
@@ -306,10 +347,11 @@ impl<S: ObjectStore + Clone + 'static, Q: Queue + Clone + 'static> Engine<S, Q> 
     /// generations in order. Returns how many generations were applied.
     pub async fn drive(&mut self) -> usize {
         let (src, queue, cfg) = (&self.src, &self.queue, &self.cfg);
+        let points = self.points.as_ref();
         let results = futures::future::join_all(
             self.disks
                 .iter_mut()
-                .map(|(id, d)| drive_disk(id, d, src, queue, cfg)),
+                .map(|(id, d)| drive_disk(id, d, src, queue, cfg, points)),
         )
         .await;
         results.into_iter().sum()
@@ -438,5 +480,12 @@ pub fn disk_status(
         image: paths.image.display().to_string(),
         disk_size: st.disk_size,
         allocated_bytes: crate::image::allocated_bytes(&paths.image).unwrap_or(0),
+        newest_point: st
+            .points
+            .last()
+            .map(|p| (p.snapshot_id.clone(), p.generation)),
+        point_due: st.point_due.as_ref().map(|p| p.generation),
+        points_failed: st.points_failed,
+        point_error: st.point_error.clone(),
     }
 }

@@ -48,6 +48,14 @@ enum Cmd {
     },
     /// Remove what a drill created: instances, AMI, snapshots, exported objects.
     Cleanup { run_id: String },
+    /// Every VM recovery point (a snapshot time every disk of the VM has a point for),
+    /// from the points' snapshot tags; `--json` for a machine-readable list.
+    Points {
+        #[arg(long)]
+        site: Option<String>,
+        #[arg(long)]
+        vm: Option<String>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -216,6 +224,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         },
+        Cmd::Points { site, vm } => {
+            let ebs = cli.settings.aws().await.ebs();
+            let points = pilotlight_cli::points::list(&ebs, site.as_deref(), vm.as_deref()).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&points)?);
+            } else {
+                print!(
+                    "{}",
+                    pilotlight_cli::points::render(&points, chrono::Utc::now())
+                );
+            }
+        }
         Cmd::Cleanup { run_id } => {
             let v = call(&cli, json!({"action": "cleanup", "run_id": run_id})).await?;
             let run: Run = serde_json::from_value(v).context("unexpected answer to cleanup")?;

@@ -1,0 +1,66 @@
+//! `points`, as both the receiver's and the DR CLI's subcommand: every VM recovery point,
+//! found by DescribeSnapshots on the points' tags (so it works from anywhere with
+//! `ec2:DescribeSnapshots`, not only on the receiver).
+
+use chrono::{DateTime, Utc};
+use pilotlight_cloud::ebs::{EbsApi, SnapshotFilter, SnapshotStatus};
+use pilotlight_cloud::CloudError;
+use pilotlight_protocol::points::{tag, vm_points, Point, VmPoint};
+use std::fmt::Write;
+
+/// The VM points of completed point snapshots, newest first per VM, optionally of one
+/// site and VM.
+pub async fn list<E: EbsApi>(
+    ebs: &E,
+    site: Option<&str>,
+    vm: Option<&str>,
+) -> Result<Vec<VmPoint>, CloudError> {
+    let mut f = SnapshotFilter::default().tag(tag::POINT, "1");
+    if let Some(s) = site {
+        f = f.tag(tag::SITE, s);
+    }
+    if let Some(v) = vm {
+        f = f.tag(tag::VM, v);
+    }
+    let points: Vec<Point> = ebs
+        .describe_snapshots(&f)
+        .await?
+        .into_iter()
+        .filter(|s| s.status == SnapshotStatus::Completed)
+        .filter_map(|s| Point::from_tags(&s.id, &s.tags))
+        .collect();
+    Ok(vm_points(&points))
+}
+
+/// One block per VM point: time, age, consistency, then each disk's generation and
+/// snapshot (and `held` when a DR run holds it).
+pub fn render(points: &[VmPoint], now: DateTime<Utc>) -> String {
+    if points.is_empty() {
+        return "no recovery points\n".into();
+    }
+    let mut out = String::new();
+    for p in points {
+        let age = (now - p.snapshot_time).to_std().unwrap_or_default();
+        let age = humantime::format_duration(std::time::Duration::from_secs(age.as_secs()));
+        let _ = writeln!(
+            out,
+            "{}/{} {} ({} ago, {})",
+            p.site,
+            p.vm,
+            pilotlight_protocol::points::time_tag(p.snapshot_time),
+            age,
+            p.consistency
+        );
+        for d in &p.disks {
+            let _ = writeln!(
+                out,
+                "  {:<16} generation {:<6} {}{}",
+                d.disk.disk.as_str(),
+                d.generation,
+                d.snapshot_id,
+                if d.hold { " (held)" } else { "" }
+            );
+        }
+    }
+    out
+}

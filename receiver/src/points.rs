@@ -1,0 +1,612 @@
+//! Recovery points: after a generation is applied, the 512 KiB blocks it touched are read
+//! back from the image and written into a new EBS snapshot whose parent is the disk's
+//! previous point (EBS direct APIs). A point holds exactly its generation: it is written
+//! before the disk's next generation is applied.
+//!
+//! Crash safety: the disk's state says which point is due (saved atomically with
+//! "applied N"), each attempt (saved before StartSnapshot, so a retry after a crash uses
+//! a new client token), the snapshot under way and whether it was sealed. After a restart
+//! a completed snapshot is recorded, a sealed one still `pending` is waited for, anything
+//! else (`pending`, `error`) is deleted and the point written again. A point is recorded
+//! only once EBS reports it `completed`; pruning deletes what a crash orphaned.
+
+use crate::state::{self, DiskPaths, DiskState};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::{StreamExt, TryStreamExt};
+use pilotlight_cloud::ebs::{
+    block_checksum, linear_checksum, EbsApi, SnapshotFilter, SnapshotStatus, StartSnapshot,
+    BLOCK_SIZE,
+};
+use pilotlight_cloud::CloudError;
+use pilotlight_protocol::points::{retained, tag, Point, PointInfo, Tiers};
+use pilotlight_protocol::{Consistency, DiskId, Extent, Manifest};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// After this many failed attempts a point is given up (replication goes on; the next
+/// point is a full one).
+pub const MAX_POINT_ATTEMPTS: u32 = 10;
+
+/// Point records the disk's state keeps (newest first to go last).
+pub const RECENT_POINTS: usize = 8;
+
+/// How recovery points are written and kept.
+#[derive(Debug, Clone)]
+pub struct PointsConfig {
+    /// The receiver's stack name: tagged on every point; pruning touches only its own.
+    pub stack: String,
+    /// Encrypt points with this KMS key (the stack's); without, EBS's account default.
+    pub kms_key_arn: Option<String>,
+    pub tiers: Tiers,
+    /// PutSnapshotBlock requests in flight per disk.
+    pub concurrency: usize,
+    /// A snapshot not completed within this goes to `error` on EBS's side (10 to 4 320).
+    pub timeout_minutes: u32,
+    /// How long to wait for a sealed snapshot to become `completed`.
+    pub settle_timeout: Duration,
+    /// First back-off after a throttled or failed call; doubles, up to 20 s.
+    pub retry_base: Duration,
+    /// Attempts per call (the SDK's own retries come on top).
+    pub call_attempts: u32,
+}
+
+impl PointsConfig {
+    pub fn new(stack: impl Into<String>) -> Self {
+        PointsConfig {
+            stack: stack.into(),
+            kms_key_arn: None,
+            tiers: Tiers::default(),
+            concurrency: 16,
+            timeout_minutes: 60,
+            settle_timeout: Duration::from_secs(1800),
+            retry_base: Duration::from_millis(250),
+            call_attempts: 8,
+        }
+    }
+}
+
+/// A point that was written and completed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointRecord {
+    pub generation: u64,
+    pub snapshot_id: String,
+    pub snapshot_time: DateTime<Utc>,
+    pub disk_size: u64,
+    /// Blocks written into it (unknown when a restart found it completed).
+    pub blocks_written: Option<u64>,
+    pub parent: Option<String>,
+}
+
+/// The point the applied generation still needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointDue {
+    pub generation: u64,
+    /// The generation's parent: the previous point is this point's parent only when it
+    /// holds exactly that generation.
+    pub parent_generation: Option<u64>,
+    pub snapshot_time: DateTime<Utc>,
+    pub consistency: Consistency,
+    pub change_id: Option<String>,
+    pub disk_size: u64,
+    /// Block index ranges `[start, end)` the generation touched.
+    pub blocks: Vec<(u64, u64)>,
+    /// Attempts so far (the client token of each is different).
+    pub attempt: u32,
+    /// The snapshot of the current attempt, once started.
+    pub snapshot_id: Option<String>,
+    /// CompleteSnapshot was accepted for it.
+    pub sealed: bool,
+    /// The parent point of the current attempt (none: a full point).
+    #[serde(default)]
+    pub parent_snapshot: Option<String>,
+}
+
+impl PointDue {
+    /// The point of an applied generation: every block its objects and zero ranges touch.
+    pub fn for_manifest(m: &Manifest) -> PointDue {
+        let extents = m
+            .objects
+            .iter()
+            .flat_map(|o| o.parts())
+            .chain(m.zero_ranges.iter().copied());
+        PointDue {
+            generation: m.generation,
+            parent_generation: m.parent,
+            snapshot_time: m.snapshot_time,
+            consistency: m.consistency,
+            change_id: m.source_change_id.clone(),
+            disk_size: m.disk_size,
+            blocks: block_ranges(extents),
+            attempt: 0,
+            snapshot_id: None,
+            sealed: false,
+            parent_snapshot: None,
+        }
+    }
+}
+
+/// The 512 KiB block index ranges covering `extents`, sorted and merged.
+pub fn block_ranges(extents: impl IntoIterator<Item = Extent>) -> Vec<(u64, u64)> {
+    let mut r: Vec<(u64, u64)> = extents
+        .into_iter()
+        .filter(|e| e.length > 0)
+        .map(|e| (e.offset / BLOCK_SIZE, e.end().div_ceil(BLOCK_SIZE)))
+        .collect();
+    r.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(r.len());
+    for (s, e) in r {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// Whole GiB a snapshot of `disk_size` bytes needs (EBS sizes are whole GiB, at least 1).
+pub fn volume_gib(disk_size: u64) -> u64 {
+    disk_size.div_ceil(1 << 30).max(1)
+}
+
+/// Why a point could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum PointError {
+    #[error("{0}")]
+    Cloud(#[from] CloudError),
+    /// The image cannot be read as the point needs it (removed, truncated): no point
+    /// is better than a point of the wrong bytes.
+    #[error("image {path}: {detail}; no point written")]
+    Image { path: String, detail: String },
+    /// EBS refused the sealed snapshot (it went to `error`); it was deleted.
+    #[error("snapshot {id} went to the error state after CompleteSnapshot; deleted, the point is written again")]
+    Failed { id: String },
+    /// The parent point's snapshot is gone (deleted outside pilotlight).
+    #[error("the parent point {id} no longer exists; the point is written again in full")]
+    ParentGone { id: String },
+    #[error("state: {0}")]
+    State(String),
+    #[error("snapshot {id} not completed within {secs} s of sealing it; waiting again later")]
+    Unsettled { id: String, secs: u64 },
+}
+
+impl PointError {
+    /// True when trying again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PointError::Cloud(e) => e.is_transient(),
+            PointError::Image { .. } => false,
+            _ => true,
+        }
+    }
+}
+
+/// Writes, resumes and prunes recovery points.
+#[derive(Debug, Clone)]
+pub struct PointWriter<E> {
+    pub ebs: Arc<E>,
+    pub cfg: PointsConfig,
+}
+
+fn client_token(stack: &str, id: &DiskId, generation: u64, attempt: u32) -> String {
+    let h = Sha256::digest(format!("{stack}\n{id}\n{generation}\n{attempt}"));
+    format!("pl-{}", &hex_lower(&h)[..48])
+}
+
+fn hex_lower(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn save(paths: &DiskPaths, st: &DiskState) -> Result<(), PointError> {
+    state::save(paths, st).map_err(|e| PointError::State(e.to_string()))
+}
+
+impl<E: EbsApi + 'static> PointWriter<E> {
+    pub fn new(ebs: E, cfg: PointsConfig) -> Self {
+        PointWriter {
+            ebs: Arc::new(ebs),
+            cfg,
+        }
+    }
+
+    /// Calls `f` until it succeeds, fails for good, or runs out of attempts; throttling
+    /// and 5xx back off exponentially.
+    async fn retrying<T, F, Fut>(&self, f: F) -> Result<T, CloudError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, CloudError>>,
+    {
+        retrying(&self.cfg, 0, f).await
+    }
+
+    /// Writes the disk's due point, if any; returns it once recorded.
+    pub async fn write_due(
+        &self,
+        id: &DiskId,
+        st: &mut DiskState,
+        paths: &DiskPaths,
+    ) -> Result<Option<PointRecord>, PointError> {
+        let Some(mut due) = st.point_due.clone() else {
+            return Ok(None);
+        };
+        if st.applied != Some(due.generation) {
+            // Left from before points were turned off and on: the image moved on.
+            st.point_due = None;
+            st.points_need_full = true;
+            save(paths, st)?;
+            return Ok(None);
+        }
+        // A snapshot from an earlier attempt (a crash, or a failure after starting it).
+        if let Some(sid) = due.snapshot_id.clone() {
+            match self.status_of(&sid).await? {
+                Some(SnapshotStatus::Completed) => {
+                    return self.record(st, paths, &due, sid, None).map(Some)
+                }
+                Some(SnapshotStatus::Pending) if due.sealed => {
+                    self.settle(&sid).await?;
+                    return self.record(st, paths, &due, sid, None).map(Some);
+                }
+                Some(_) => self.delete_quietly(&sid).await,
+                None => {}
+            }
+            due.snapshot_id = None;
+            due.sealed = false;
+        }
+        let parent = self.parent_for(st, &due);
+        due.attempt += 1;
+        due.parent_snapshot = parent.as_ref().map(|p| p.snapshot_id.clone());
+        st.point_due = Some(due.clone());
+        save(paths, st)?;
+        let info = PointInfo {
+            disk: id.clone(),
+            generation: due.generation,
+            snapshot_time: due.snapshot_time,
+            consistency: consistency_name(due.consistency).into(),
+            change_id: due.change_id.clone(),
+            stack: self.cfg.stack.clone(),
+            parent: parent.as_ref().map(|p| p.snapshot_id.clone()),
+        };
+        let req = StartSnapshot {
+            volume_size_gib: volume_gib(due.disk_size),
+            parent: info.parent.clone(),
+            description: format!(
+                "pilotlight recovery point: {id} generation {} at {}",
+                due.generation,
+                pilotlight_protocol::points::time_tag(due.snapshot_time)
+            ),
+            tags: info.tags(),
+            client_token: client_token(&self.cfg.stack, id, due.generation, due.attempt),
+            encrypted: self.cfg.kms_key_arn.is_some(),
+            kms_key_arn: self.cfg.kms_key_arn.clone(),
+            timeout_minutes: self.cfg.timeout_minutes,
+        };
+        let sid = match self.retrying(|| self.ebs.start_snapshot(&req)).await {
+            Ok(s) => s,
+            Err(e) if e.is_not_found() && parent.is_some() => {
+                let gone = info.parent.clone().unwrap_or_default();
+                st.points.retain(|p| p.snapshot_id != gone);
+                save(paths, st)?;
+                return Err(PointError::ParentGone { id: gone });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        due.snapshot_id = Some(sid.clone());
+        st.point_due = Some(due.clone());
+        save(paths, st)?;
+
+        let digests = self.put_blocks(&sid, paths, &due, parent.is_none()).await?;
+        let aggregate = linear_checksum(digests.values());
+        let status = self
+            .retrying(|| {
+                self.ebs
+                    .complete_snapshot(&sid, digests.len() as u64, &aggregate)
+            })
+            .await?;
+        match status {
+            SnapshotStatus::Completed => {}
+            SnapshotStatus::Error => return Err(self.failed(&sid).await),
+            SnapshotStatus::Pending => {
+                // Sealed: after a crash, wait for it rather than start again.
+                due.sealed = true;
+                st.point_due = Some(due.clone());
+                save(paths, st)?;
+                self.settle(&sid).await?;
+            }
+        }
+        self.record(st, paths, &due, sid, Some(digests.len() as u64))
+            .map(Some)
+    }
+
+    /// The previous point, when this point can be written on top of it: it holds exactly
+    /// this generation's parent and is not larger than the disk now is.
+    fn parent_for(&self, st: &DiskState, due: &PointDue) -> Option<PointRecord> {
+        if st.points_need_full {
+            return None;
+        }
+        let last = st.points.iter().max_by_key(|p| p.generation)?;
+        (due.parent_generation == Some(last.generation)
+            && volume_gib(last.disk_size) <= volume_gib(due.disk_size))
+        .then(|| last.clone())
+    }
+
+    /// Reads each block from the image and writes it, `concurrency` at once. A full
+    /// point (no parent) reads only the image's allocated ranges and skips zero blocks;
+    /// a child writes every touched block, zero ones too (it would inherit the
+    /// parent's bytes otherwise). Returns the blocks written with their digests.
+    async fn put_blocks(
+        &self,
+        sid: &str,
+        paths: &DiskPaths,
+        due: &PointDue,
+        full: bool,
+    ) -> Result<BTreeMap<u64, [u8; 32]>, PointError> {
+        let path = paths.image.display().to_string();
+        let image_err = |detail: String| PointError::Image {
+            path: path.clone(),
+            detail,
+        };
+        let file = std::fs::File::open(&paths.image)
+            .map_err(|e| image_err(format!("cannot open it: {e}")))?;
+        let len = file.metadata().map_err(|e| image_err(e.to_string()))?.len();
+        if len < due.disk_size {
+            return Err(image_err(format!(
+                "{len} bytes, shorter than the disk ({} bytes)",
+                due.disk_size
+            )));
+        }
+        let ranges = if full {
+            let data =
+                pilotlight_durable::sparse::data_segments(&file, Extent::new(0, due.disk_size))
+                    .map_err(|e| image_err(format!("cannot read its allocation map: {e}")))?;
+            block_ranges(data)
+        } else {
+            due.blocks.clone()
+        };
+        let last_block = due.disk_size.div_ceil(BLOCK_SIZE);
+        let file = Arc::new(file);
+        let disk_size = due.disk_size;
+        let indices = ranges.into_iter().flat_map(|(s, e)| s..e.min(last_block));
+        let written: Vec<Option<(u64, [u8; 32])>> = futures::stream::iter(indices)
+            .map(|i| {
+                let file = file.clone();
+                async move {
+                    let read = tokio::task::spawn_blocking(move || read_block(&file, i, disk_size))
+                        .await
+                        .map_err(|e| image_err(e.to_string()))?
+                        .map_err(|e| image_err(format!("block {i}: {e}")))?;
+                    let (data, digest) = read;
+                    if full && data.iter().all(|&b| b == 0) {
+                        return Ok(None);
+                    }
+                    let sum = block_checksum(&digest);
+                    retrying(&self.cfg, i, || {
+                        self.ebs.put_snapshot_block(sid, i, data.clone(), &sum)
+                    })
+                    .await?;
+                    Ok::<_, PointError>(Some((i, digest)))
+                }
+            })
+            .buffer_unordered(self.cfg.concurrency.max(1))
+            .try_collect()
+            .await?;
+        Ok(written.into_iter().flatten().collect())
+    }
+
+    async fn status_of(&self, sid: &str) -> Result<Option<SnapshotStatus>, PointError> {
+        let filter = SnapshotFilter::id(sid);
+        match self.retrying(|| self.ebs.describe_snapshots(&filter)).await {
+            Ok(v) => Ok(v.into_iter().find(|s| s.id == sid).map(|s| s.status)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Waits until a sealed snapshot is `completed`.
+    async fn settle(&self, sid: &str) -> Result<(), PointError> {
+        let deadline = tokio::time::Instant::now() + self.cfg.settle_timeout;
+        let mut wait = self.cfg.retry_base;
+        loop {
+            match self.status_of(sid).await? {
+                Some(SnapshotStatus::Completed) => return Ok(()),
+                Some(SnapshotStatus::Error) | None => return Err(self.failed(sid).await),
+                Some(SnapshotStatus::Pending) => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(PointError::Unsettled {
+                    id: sid.into(),
+                    secs: self.cfg.settle_timeout.as_secs(),
+                });
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(15));
+        }
+    }
+
+    async fn failed(&self, sid: &str) -> PointError {
+        self.delete_quietly(sid).await;
+        PointError::Failed { id: sid.into() }
+    }
+
+    async fn delete_quietly(&self, sid: &str) {
+        match self.retrying(|| self.ebs.delete_snapshot(sid)).await {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => tracing::warn!(
+                snapshot = sid,
+                "cannot delete an unfinished point's snapshot (pruning tries again): {e}"
+            ),
+        }
+    }
+
+    fn record(
+        &self,
+        st: &mut DiskState,
+        paths: &DiskPaths,
+        due: &PointDue,
+        sid: String,
+        blocks_written: Option<u64>,
+    ) -> Result<PointRecord, PointError> {
+        let parent = due.parent_snapshot.clone();
+        let rec = PointRecord {
+            generation: due.generation,
+            snapshot_id: sid,
+            snapshot_time: due.snapshot_time,
+            disk_size: due.disk_size,
+            blocks_written,
+            parent,
+        };
+        st.points.retain(|p| p.generation != rec.generation);
+        st.points.push(rec.clone());
+        st.points.sort_by_key(|p| p.generation);
+        // The state is saved a few times per point: it keeps only the newest (the next
+        // parent); `points` lists them all from EBS.
+        let excess = st.points.len().saturating_sub(RECENT_POINTS);
+        st.points.drain(..excess);
+        st.point_due = None;
+        st.points_need_full = false;
+        st.point_error = None;
+        save(paths, st)?;
+        Ok(rec)
+    }
+
+    /// Gives a point up after a permanent failure (or too many attempts): its snapshot
+    /// is deleted, the next point is written in full, replication goes on.
+    pub async fn give_up(
+        &self,
+        st: &mut DiskState,
+        paths: &DiskPaths,
+        why: &PointError,
+    ) -> Result<(), PointError> {
+        if let Some(sid) = st.point_due.as_ref().and_then(|d| d.snapshot_id.clone()) {
+            self.delete_quietly(&sid).await;
+        }
+        st.point_due = None;
+        st.points_need_full = true;
+        st.points_failed += 1;
+        st.point_error = Some(why.to_string());
+        save(paths, st)
+    }
+
+    /// Applies the retention tiers to this disk's points (this stack's only) and deletes
+    /// what a crash left unfinished. Idempotent. Returns how many snapshots it deleted.
+    pub async fn prune(
+        &self,
+        id: &DiskId,
+        st: &mut DiskState,
+        paths: &DiskPaths,
+        now: DateTime<Utc>,
+    ) -> Result<usize, PointError> {
+        let filter = SnapshotFilter::default()
+            .tag(tag::POINT, "1")
+            .tag(tag::STACK, &self.cfg.stack)
+            .tag(tag::SITE, id.site.as_str())
+            .tag(tag::VM, id.vm.as_str())
+            .tag(tag::DISK, id.disk.as_str());
+        let found = self
+            .retrying(|| self.ebs.describe_snapshots(&filter))
+            .await?;
+        let under_way = st.point_due.as_ref().and_then(|d| d.snapshot_id.clone());
+        let mut doomed = Vec::new();
+        let mut completed = Vec::new();
+        for s in found {
+            if s.status == SnapshotStatus::Completed {
+                if let Some(p) = Point::from_tags(&s.id, &s.tags) {
+                    completed.push(p);
+                }
+            } else if under_way.as_deref() != Some(s.id.as_str()) {
+                doomed.push(s.id);
+            }
+        }
+        let keep = retained(
+            completed
+                .iter()
+                .map(|p| (p.snapshot_id.as_str(), p.snapshot_time, p.hold)),
+            now,
+            &self.cfg.tiers,
+        );
+        doomed.extend(
+            completed
+                .iter()
+                .filter(|p| !keep.contains(p.snapshot_id.as_str()))
+                .map(|p| p.snapshot_id.clone()),
+        );
+        let mut deleted = 0;
+        for sid in &doomed {
+            match self.retrying(|| self.ebs.delete_snapshot(sid)).await {
+                Ok(()) => deleted += 1,
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e.into()),
+            }
+            st.points.retain(|p| &p.snapshot_id != sid);
+        }
+        if deleted > 0 {
+            save(paths, st)?;
+        }
+        Ok(deleted)
+    }
+}
+
+/// `f` until it succeeds, fails for good, or `cfg.call_attempts` attempts have failed;
+/// exponential back-off from `cfg.retry_base` (plus a little per-call jitter `salt`).
+async fn retrying<T, F, Fut>(cfg: &PointsConfig, salt: u64, f: F) -> Result<T, CloudError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, CloudError>>,
+{
+    let mut attempt = 0u32;
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_transient() && attempt + 1 < cfg.call_attempts.max(1) => {
+                let wait = (cfg.retry_base * 2u32.saturating_pow(attempt.min(10)))
+                    .min(Duration::from_secs(20))
+                    + Duration::from_millis(salt % 50);
+                tracing::debug!("{e}; retrying in {wait:?}");
+                tokio::time::sleep(wait).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Block `i` of the image, zero-padded past the disk's end, with its SHA-256.
+fn read_block(file: &std::fs::File, i: u64, disk_size: u64) -> std::io::Result<(Bytes, [u8; 32])> {
+    let mut buf = vec![0u8; BLOCK_SIZE as usize];
+    let at = i * BLOCK_SIZE;
+    let n = (disk_size - at).min(BLOCK_SIZE) as usize;
+    file.read_exact_at(&mut buf[..n], at)?;
+    let digest: [u8; 32] = Sha256::digest(&buf).into();
+    Ok((Bytes::from(buf), digest))
+}
+
+fn consistency_name(c: Consistency) -> &'static str {
+    match c {
+        Consistency::Crash => "crash",
+        Consistency::Application => "application",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_cover_touched_extents() {
+        let b = BLOCK_SIZE;
+        let r = block_ranges([
+            Extent::new(0, 512),
+            Extent::new(b - 512, 1024),
+            Extent::new(10 * b, b),
+            Extent::new(3 * b + 4096, 0),
+        ]);
+        assert_eq!(r, vec![(0, 2), (10, 11)]);
+        assert_eq!(volume_gib(1), 1);
+        assert_eq!(volume_gib(1 << 30), 1);
+        assert_eq!(volume_gib((1 << 30) + 512), 2);
+    }
+}

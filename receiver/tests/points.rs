@@ -1,0 +1,608 @@
+//! Recovery points against the faithful in-memory EBS: every point reads back (over its
+//! chain, through ListSnapshotBlocks/GetSnapshotBlock) as the image was at its generation,
+//! through throttling storms, crashes mid-point, snapshots going to `error`, parents
+//! deleted behind the receiver's back; retention with a simulated clock; permanent
+//! failures that give a point up while replication goes on.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use chrono::{DateTime, Duration as Age, DurationRound, Utc};
+use common::*;
+use pilotlight_cloud::ebs::{EbsApi, MemoryEbs, SnapshotFilter, SnapshotStatus};
+use pilotlight_cloud::{ErrorKind, Fault, MemoryQueue, MemoryStore};
+use pilotlight_protocol::points::{tag, Point, Tiers};
+use pilotlight_protocol::{DiskId, ObjectKey};
+use pilotlight_receiver::engine::Engine;
+use pilotlight_receiver::points::{PointDue, PointWriter, PointsConfig};
+use pilotlight_receiver::state::{self, DiskPaths};
+use proptest::prelude::*;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// 8 blocks and a partial ninth: writes cross block boundaries, the last block is padded.
+const DISK_SECTORS: u64 = 8 * 1024 + 128;
+
+fn keep_everything() -> Tiers {
+    Tiers {
+        keep_all: Age::days(100_000),
+        keep_hourly: Age::days(100_000),
+        keep_daily: Age::days(100_000),
+    }
+}
+
+fn points_config() -> PointsConfig {
+    let mut c = PointsConfig::new("test-stack");
+    c.tiers = keep_everything();
+    c.retry_base = Duration::from_millis(1);
+    c.call_attempts = 4;
+    c.concurrency = 4;
+    c.settle_timeout = Duration::from_secs(5);
+    c
+}
+
+fn twin() -> Arc<MemoryEbs> {
+    Arc::new(MemoryEbs {
+        page_size: 3,
+        settle_describes: 1,
+        ..MemoryEbs::new()
+    })
+}
+
+type PointsEngine = Engine<Arc<MemoryStore>, Arc<MemoryQueue>, Arc<MemoryEbs>>;
+
+fn engine(
+    root: &Path,
+    store: &Arc<MemoryStore>,
+    ebs: &Arc<MemoryEbs>,
+    cfg: PointsConfig,
+) -> PointsEngine {
+    Engine::new(
+        config(root),
+        store.clone(),
+        Arc::new(MemoryQueue::default()),
+    )
+    .with_points(PointWriter::new(ebs.clone(), cfg))
+}
+
+fn commit(store: &MemoryStore, chain: &Chain, i: usize) {
+    for (key, bytes) in &chain.objects[i] {
+        store.insert(key, bytes.clone());
+    }
+    let m = &chain.manifests[i];
+    let key = ObjectKey::Manifest {
+        disk: m.disk.clone(),
+        generation: m.generation,
+    }
+    .to_key(&prefix());
+    store.insert(&key, serde_json::to_vec(m).unwrap());
+}
+
+/// Completed points of a disk, by generation.
+async fn points_of(ebs: &MemoryEbs, id: &DiskId) -> BTreeMap<u64, Vec<Point>> {
+    let f = SnapshotFilter::default()
+        .tag(tag::POINT, "1")
+        .tag(tag::DISK, id.disk.as_str())
+        .tag(tag::VM, id.vm.as_str());
+    let mut out: BTreeMap<u64, Vec<Point>> = BTreeMap::new();
+    for s in ebs.describe_snapshots(&f).await.unwrap() {
+        if s.status == SnapshotStatus::Completed {
+            let p = Point::from_tags(&s.id, &s.tags).unwrap();
+            out.entry(p.generation).or_default().push(p);
+        }
+    }
+    out
+}
+
+/// A point's disk as the service serves it: every listed block, read with its token.
+async fn read_point(ebs: &MemoryEbs, id: &str, size: usize) -> Vec<u8> {
+    const BLOCK: usize = 512 * 1024;
+    let mut out = vec![0u8; size.div_ceil(BLOCK) * BLOCK];
+    for b in ebs.list_snapshot_blocks(id).await.unwrap() {
+        let data = ebs.get_snapshot_block(id, &b).await.unwrap();
+        let at = b.index as usize * BLOCK;
+        // Past the disk (the snapshot is whole GiB): must be zero.
+        if at >= out.len() {
+            assert!(
+                data.iter().all(|&x| x == 0),
+                "block {} past the disk",
+                b.index
+            );
+            continue;
+        }
+        out[at..at + data.len()].copy_from_slice(&data);
+    }
+    out.truncate(size);
+    out
+}
+
+/// Syncs until every committed generation is applied and no point is due.
+async fn settle(engine: &mut PointsEngine, root: &Path, disks: &[DiskId], want: &[u64]) {
+    let cfg = config(root);
+    for _ in 0..50 {
+        engine.sync_once().await;
+        let done = disks.iter().zip(want).all(|(id, w)| {
+            let st = state::load(&DiskPaths::new(&cfg.image_dir, &cfg.state_dir, id), id).unwrap();
+            st.applied == Some(*w) && st.point_due.is_none()
+        });
+        if done {
+            return;
+        }
+    }
+    panic!("points never settled");
+}
+
+#[derive(Debug, Clone)]
+enum Trouble {
+    None,
+    /// PutSnapshotBlock throttled this many times in a row (a storm).
+    Throttle(u64),
+    /// The receiver dies after this many blocks of the point, and comes back.
+    CrashMidPoint(u64),
+    /// The sealed snapshot goes to `error`.
+    SnapshotError,
+    /// The disk's newest point is deleted by someone else before the next one.
+    DeleteParent,
+}
+
+fn trouble() -> impl Strategy<Value = Trouble> {
+    prop_oneof![
+        3 => Just(Trouble::None),
+        1 => (1u64..12).prop_map(Trouble::Throttle),
+        1 => (0u64..6).prop_map(Trouble::CrashMidPoint),
+        1 => Just(Trouble::SnapshotError),
+        1 => Just(Trouble::DeleteParent),
+    ]
+}
+
+fn write_strategy() -> impl Strategy<Value = Write> {
+    (0..DISK_SECTORS, 1u64..2500, any::<bool>(), 1u8..250).prop_map(|(at, len, zero, seed)| Write {
+        at,
+        len: len.min(DISK_SECTORS - at),
+        zero: zero && seed % 3 == 0,
+        seed,
+    })
+}
+
+fn gen_strategy() -> impl Strategy<Value = GenSpec> {
+    (
+        prop::bool::weighted(0.1),
+        prop::collection::vec(write_strategy(), 1..4),
+    )
+        .prop_map(|(base, writes)| GenSpec { base, writes })
+}
+
+async fn run_case(specs: Vec<Vec<GenSpec>>, troubles: Vec<Trouble>) -> Result<(), TestCaseError> {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let chains: Vec<Chain> = specs
+        .iter()
+        .enumerate()
+        .map(|(d, s)| build_chain(d, s, DISK_SECTORS))
+        .collect();
+    let ids: Vec<DiskId> = (0..chains.len()).map(disk).collect();
+    let store = Arc::new(MemoryStore::new("b"));
+    let ebs = twin();
+    let mut eng = engine(root, &store, &ebs, points_config());
+    let mut deleted: std::collections::BTreeSet<(usize, u64)> = Default::default();
+    let rounds = chains.iter().map(|c| c.manifests.len()).max().unwrap();
+    let mut want = vec![0u64; chains.len()];
+    for r in 0..rounds {
+        let t = troubles[r % troubles.len()].clone();
+        for (d, c) in chains.iter().enumerate() {
+            if r < c.manifests.len() {
+                commit(&store, c, r);
+                want[d] = r as u64 + 1;
+            }
+        }
+        match &t {
+            Trouble::None => {}
+            Trouble::Throttle(n) => ebs
+                .faults
+                .add(Fault::on("PutSnapshotBlock").times(*n).throttle()),
+            Trouble::CrashMidPoint(after) => {
+                ebs.faults.add(
+                    Fault::on("PutSnapshotBlock")
+                        .after(*after)
+                        .always()
+                        .unreachable(),
+                );
+                eng.sync_once().await;
+                ebs.faults.clear();
+                eng = engine(root, &store, &ebs, points_config());
+            }
+            Trouble::SnapshotError => ebs.fail_completions.store(1, Ordering::SeqCst),
+            Trouble::DeleteParent => {
+                for (d, id) in ids.iter().enumerate() {
+                    if let Some((g, ps)) = points_of(&ebs, id).await.into_iter().next_back() {
+                        ebs.delete_snapshot(&ps[0].snapshot_id).await.unwrap();
+                        deleted.insert((d, g));
+                    }
+                }
+            }
+        }
+        settle(&mut eng, root, &ids, &want).await;
+        ebs.faults.clear();
+    }
+    for (d, c) in chains.iter().enumerate() {
+        let points = points_of(&ebs, &ids[d]).await;
+        let size = c.images[0].len();
+        for (i, image) in c.images.iter().enumerate() {
+            let g = i as u64 + 1;
+            let ps = points.get(&g).cloned().unwrap_or_default();
+            prop_assert!(
+                ps.len() <= 1,
+                "disk {d} generation {g}: {} points",
+                ps.len()
+            );
+            let Some(p) = ps.first() else {
+                // Only a point the test deleted may be missing.
+                prop_assert!(
+                    deleted.contains(&(d, g)),
+                    "disk {d} generation {g} has no point"
+                );
+                continue;
+            };
+            let got = read_point(&ebs, &p.snapshot_id, size).await;
+            prop_assert!(
+                &got == image,
+                "disk {d}: point of generation {g} differs from the image at {g}"
+            );
+        }
+        // Nothing unfinished is left behind.
+        let all = ebs
+            .describe_snapshots(&SnapshotFilter::default().tag(tag::DISK, ids[d].disk.as_str()))
+            .await
+            .unwrap();
+        prop_assert!(
+            all.iter().all(|s| s.status == SnapshotStatus::Completed),
+            "{all:?}"
+        );
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Random generation sequences of a two-disk VM (and a third disk), troubles between
+    /// them: every point reads back as its disk was at its generation.
+    #[test]
+    fn every_point_reads_back_as_its_generation(
+        specs in prop::collection::vec(prop::collection::vec(gen_strategy(), 1..6), 2..4),
+        troubles in prop::collection::vec(trouble(), 1..6),
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(run_case(specs, troubles))?;
+    }
+}
+
+fn w(at: u64, len: u64, seed: u8) -> Write {
+    Write {
+        at,
+        len,
+        zero: false,
+        seed,
+    }
+}
+
+/// Five generations of a two-disk VM, then the VM's points: five, each disk reading back
+/// as it was; a deleted middle point leaves the later ones whole.
+#[tokio::test]
+async fn five_generations_of_a_two_disk_vm_are_five_vm_points() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let specs: Vec<GenSpec> = (0..5)
+        .map(|g| GenSpec {
+            base: false,
+            writes: vec![w(g * 1500, 1100, g as u8 + 3), w(7000, 10, 9)],
+        })
+        .collect();
+    let chains: Vec<Chain> = (0..2)
+        .map(|d| build_chain(d, &specs, DISK_SECTORS))
+        .collect();
+    let ids = [disk(0), disk(1)];
+    let store = Arc::new(MemoryStore::new("b"));
+    let ebs = twin();
+    let mut eng = engine(root, &store, &ebs, points_config());
+    for g in 0..5 {
+        for c in &chains {
+            commit(&store, c, g);
+        }
+        settle(&mut eng, root, &ids, &[g as u64 + 1; 2]).await;
+    }
+    let vm = pilotlight_cli::points::list(&ebs, Some("s"), Some("vm0"))
+        .await
+        .unwrap();
+    assert_eq!(vm.len(), 5, "{vm:?}");
+    for p in &vm {
+        assert_eq!(p.disks.len(), 2);
+        for d in &p.disks {
+            let i = ids.iter().position(|x| *x == d.disk).unwrap();
+            let image = &chains[i].images[d.generation as usize - 1];
+            assert_eq!(&read_point(&ebs, &d.snapshot_id, image.len()).await, image);
+        }
+    }
+    // Incremental: generation 2's point wrote only the blocks generation 2 touched.
+    let g2 = &vm[3].disks[0];
+    assert_eq!(g2.generation, 2);
+    let snap = ebs.get(&g2.snapshot_id).unwrap();
+    assert!(snap.parent.is_some());
+    assert_eq!(
+        snap.written.keys().copied().collect::<Vec<_>>(),
+        vec![1, 2, 6]
+    );
+    // Deleting generation 3's points (a parent) leaves 4 and 5 reading back whole.
+    for d in &vm[2].disks {
+        ebs.delete_snapshot(&d.snapshot_id).await.unwrap();
+    }
+    for p in &vm[..2] {
+        for d in &p.disks {
+            let i = ids.iter().position(|x| *x == d.disk).unwrap();
+            let image = &chains[i].images[d.generation as usize - 1];
+            assert_eq!(&read_point(&ebs, &d.snapshot_id, image.len()).await, image);
+        }
+    }
+    // A sixth generation of disk0 only: the newest VM point stays at the fifth.
+    let more = build_chain(
+        0,
+        &[specs.clone(), vec![specs[0].clone()]].concat(),
+        DISK_SECTORS,
+    );
+    commit(&store, &more, 5);
+    settle(&mut eng, root, &ids, &[6, 5]).await;
+    let vm = pilotlight_cli::points::list(&ebs, Some("s"), Some("vm0"))
+        .await
+        .unwrap();
+    assert_eq!(
+        vm[0].disks.iter().map(|d| d.generation).collect::<Vec<_>>(),
+        [5, 5]
+    );
+}
+
+/// No EBS permission: the point is given up with a clear error in the disk's status,
+/// replication goes on; once permitted, the next point is a full one and reads back.
+#[tokio::test]
+async fn without_ebs_permission_replication_goes_on_and_says_points_fail() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let specs: Vec<GenSpec> = (0..3)
+        .map(|g| GenSpec {
+            base: false,
+            writes: vec![w(g * 2000, 900, g as u8 + 1)],
+        })
+        .collect();
+    let chain = build_chain(0, &specs, DISK_SECTORS);
+    let id = disk(0);
+    let store = Arc::new(MemoryStore::new("b"));
+    let ebs = twin();
+    ebs.faults.add(
+        Fault::on("StartSnapshot")
+            .always()
+            .kind(ErrorKind::AccessDenied, Some("AccessDeniedException")),
+    );
+    let mut eng = engine(root, &store, &ebs, points_config());
+    commit(&store, &chain, 0);
+    commit(&store, &chain, 1);
+    settle(&mut eng, root, std::slice::from_ref(&id), &[2]).await;
+    let st = &eng.status()[0];
+    assert_eq!(st.applied, Some(2), "replication goes on");
+    assert_eq!(st.newest_point, None);
+    assert!(st.points_failed >= 1);
+    let why = st.point_error.clone().unwrap();
+    assert!(
+        why.contains("StartSnapshot") && why.contains("access denied"),
+        "{why}"
+    );
+    assert!(ebs
+        .describe_snapshots(&SnapshotFilter::default())
+        .await
+        .unwrap()
+        .is_empty());
+    // Permission granted: generation 3's point cannot build on a missing one: full.
+    ebs.faults.clear();
+    commit(&store, &chain, 2);
+    settle(&mut eng, root, std::slice::from_ref(&id), &[3]).await;
+    let ps = points_of(&ebs, &id).await;
+    let p = &ps[&3][0];
+    assert_eq!(p.parent, None);
+    assert_eq!(
+        read_point(&ebs, &p.snapshot_id, chain.images[2].len()).await,
+        chain.images[2]
+    );
+    assert_eq!(eng.status()[0].point_error, None);
+}
+
+/// The image was removed under the receiver: no point of zeroes, the point is given up
+/// with the reason, nothing pending is left on EBS.
+#[tokio::test]
+async fn a_point_for_a_removed_image_is_refused_not_written_as_zeroes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let chain = build_chain(
+        0,
+        &[GenSpec {
+            base: true,
+            writes: vec![w(0, 100, 5)],
+        }],
+        DISK_SECTORS,
+    );
+    let id = disk(0);
+    let cfg = config(root);
+    let paths = DiskPaths::new(&cfg.image_dir, &cfg.state_dir, &id);
+    paths.create_dirs().unwrap();
+    // The state says generation 1 is applied and its point due; the image is gone.
+    let mut st = state::DiskState::new(&id);
+    st.applied = Some(1);
+    st.point_due = Some(PointDue::for_manifest(&chain.manifests[0]));
+    state::save(&paths, &st).unwrap();
+    let ebs = twin();
+    let pw = PointWriter::new(ebs.clone(), points_config());
+    let e = pw.write_due(&id, &mut st, &paths).await.unwrap_err();
+    assert!(!e.is_transient());
+    assert!(e.to_string().contains("cannot open it"), "{e}");
+    pw.give_up(&mut st, &paths, &e).await.unwrap();
+    let st = state::load(&paths, &id).unwrap();
+    assert_eq!(st.point_due, None);
+    assert!(st.points_need_full);
+    assert!(ebs
+        .describe_snapshots(&SnapshotFilter::default())
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+/// A week of 5-minute generations with a simulated clock: exactly the tiers' points are
+/// left (every point of the last day, one per hour before that for three days, one per day
+/// before that), plus the held ones; every kept point reads back as its generation.
+#[tokio::test]
+async fn a_week_of_five_minute_points_leaves_exactly_the_tiers() {
+    // Two thousand points save the disk's state (fsynced) a few times each: in memory
+    // where the machine has it.
+    let tmp = tempfile::tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())
+        .unwrap();
+    let root = tmp.path();
+    let id = disk(0);
+    let cfg = config(root);
+    let paths = DiskPaths::new(&cfg.image_dir, &cfg.state_dir, &id);
+    paths.create_dirs().unwrap();
+    let tiers = Tiers {
+        keep_all: Age::hours(24),
+        keep_hourly: Age::days(3),
+        keep_daily: Age::days(6),
+    };
+    let mut pc = points_config();
+    pc.tiers = tiers;
+    let ebs = Arc::new(MemoryEbs::new());
+    let pw = PointWriter::new(ebs.clone(), pc);
+    let size: u64 = 1 << 20;
+    let image = std::fs::File::create(&paths.image).unwrap();
+    image.set_len(size).unwrap();
+    let start: DateTime<Utc> = "2026-11-01T00:02:00Z".parse().unwrap();
+    let gens = 7 * 24 * 12;
+    let mut st = state::DiskState::new(&id);
+    // The image at each generation: the number last written into each block's first bytes.
+    let mut images: BTreeMap<u64, [u64; 2]> = BTreeMap::new();
+    let mut last = [0u64; 2];
+    let mut held = vec![];
+    let mut now = start;
+    for g in 1..=gens as u64 {
+        now = start + Age::minutes(5 * (g as i64 - 1));
+        // Each generation rewrites the first 8 bytes of one of the two blocks.
+        let at = (g % 2) * 512 * 1024;
+        std::os::unix::fs::FileExt::write_all_at(&image, &g.to_le_bytes(), at).unwrap();
+        let mut due = PointDue::for_manifest(&manifest_stub(&id, g, now, size));
+        due.blocks = vec![(g % 2, g % 2 + 1)];
+        st.applied = Some(g);
+        st.point_due = Some(due);
+        let p = pw.write_due(&id, &mut st, &paths).await.unwrap().unwrap();
+        last[(g % 2) as usize] = g;
+        images.insert(g, last);
+        // A DR run holds a point now and then (two days' worth in the past).
+        if g % 500 == 0 {
+            ebs.create_tags(&p.snapshot_id, &[(tag::HOLD.into(), "run-x".into())])
+                .await
+                .unwrap();
+            held.push(g);
+        }
+        pw.prune(&id, &mut st, &paths, now).await.unwrap();
+    }
+    let kept: BTreeMap<u64, Vec<Point>> = points_of(&ebs, &id).await;
+    let times: BTreeMap<DateTime<Utc>, u64> = kept
+        .iter()
+        .map(|(g, ps)| (ps[0].snapshot_time, *g))
+        .collect();
+    let hour = |t: DateTime<Utc>| t.duration_trunc(Age::hours(1)).unwrap();
+    let day = |t: DateTime<Utc>| t.duration_trunc(Age::days(1)).unwrap();
+    // Every point of the last day.
+    let all_recent = (0..gens as i64)
+        .map(|i| start + Age::minutes(5 * i))
+        .filter(|t| now - *t < tiers.keep_all)
+        .count();
+    let recent = times.keys().filter(|t| now - **t < tiers.keep_all).count();
+    assert_eq!(recent, all_recent);
+    // One per whole hour between a day and three days old, one per whole day between
+    // three and six days old, none older (except holds).
+    let mut per_hour: BTreeMap<DateTime<Utc>, usize> = BTreeMap::new();
+    let mut per_day: BTreeMap<DateTime<Utc>, usize> = BTreeMap::new();
+    for (t, g) in &times {
+        let age = now - *t;
+        if held.contains(g) {
+            continue;
+        }
+        if age >= tiers.keep_all && age < tiers.keep_hourly {
+            *per_hour.entry(hour(*t)).or_default() += 1;
+        } else if age >= tiers.keep_hourly && age < tiers.keep_daily {
+            *per_day.entry(day(*t)).or_default() += 1;
+        } else {
+            assert!(
+                age < tiers.keep_all,
+                "generation {g} at {t} is older than every tier"
+            );
+        }
+    }
+    let whole_hours: Vec<_> = per_hour
+        .keys()
+        .filter(|h| now - **h < tiers.keep_hourly && now - (**h + Age::hours(1)) >= tiers.keep_all)
+        .collect();
+    assert!(whole_hours.len() >= 47, "{}", whole_hours.len());
+    for h in whole_hours {
+        assert_eq!(per_hour[h], 1, "hour {h}");
+    }
+    let whole_days: Vec<_> = per_day
+        .keys()
+        .filter(|d| now - **d < tiers.keep_daily && now - (**d + Age::days(1)) >= tiers.keep_hourly)
+        .collect();
+    assert!(whole_days.len() >= 2, "{}", whole_days.len());
+    for d in whole_days {
+        assert_eq!(per_day[d], 1, "day {d}");
+    }
+    for g in &held {
+        assert!(kept.contains_key(g), "held generation {g} was deleted");
+    }
+    assert!(
+        kept.len() < 288 + 2 * 24 + 3 + 2 + held.len() + 3,
+        "{}",
+        kept.len()
+    );
+    // Every kept point (its parents long deleted) reads back as its generation.
+    for (g, ps) in &kept {
+        let got = read_point(&ebs, &ps[0].snapshot_id, size as usize).await;
+        let mut want = vec![0u8; size as usize];
+        for (b, v) in images[g].iter().enumerate() {
+            if *v > 0 {
+                want[b * 512 * 1024..][..8].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        assert!(got == want, "generation {g}");
+    }
+    // Pruning again changes nothing.
+    assert_eq!(pw.prune(&id, &mut st, &paths, now).await.unwrap(), 0);
+}
+
+fn manifest_stub(
+    id: &DiskId,
+    g: u64,
+    t: DateTime<Utc>,
+    size: u64,
+) -> pilotlight_protocol::Manifest {
+    pilotlight_protocol::Manifest {
+        format_version: pilotlight_protocol::FORMAT_VERSION,
+        disk: id.clone(),
+        generation: g,
+        parent: (g > 1).then(|| g - 1),
+        disk_size: size,
+        max_object: 8 << 20,
+        source_kind: "test".into(),
+        source_change_id: None,
+        snapshot_time: t,
+        consistency: pilotlight_protocol::Consistency::Crash,
+        objects: vec![],
+        zero_ranges: vec![],
+        created_by: "test".into(),
+    }
+}
