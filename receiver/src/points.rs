@@ -6,8 +6,8 @@
 //! Crash safety: the disk's state says which point is due (saved atomically with
 //! "applied N"), each attempt (saved before StartSnapshot, so a retry after a crash uses
 //! a new client token), the snapshot under way and whether it was sealed. After a restart
-//! a completed snapshot is recorded, a sealed one still `pending` is waited for, anything
-//! else (`pending`, `error`) is deleted and the point written again. A point is recorded
+//! a sealed snapshot is recorded once `completed` (waited for while `pending`); an unsealed
+//! one, whatever its state, is deleted and the point written again. A point is recorded
 //! only once EBS reports it `completed`; pruning deletes what a crash orphaned.
 
 use crate::state::{self, DiskPaths, DiskState};
@@ -241,17 +241,20 @@ impl<E: EbsApi + 'static> PointWriter<E> {
             return Ok(None);
         }
         // A snapshot from an earlier attempt (a crash, or a failure after starting it).
+        // Only a snapshot this receiver sealed (CompleteSnapshot accepted) can become the
+        // point: an unsealed one may hold only some blocks whatever its state says (the
+        // emulator even calls it `completed`), so it is deleted and the point rewritten.
         if let Some(sid) = due.snapshot_id.clone() {
-            match self.status_of(&sid).await? {
-                Some(SnapshotStatus::Completed) => {
+            match (due.sealed, self.status_of(&sid).await?) {
+                (true, Some(SnapshotStatus::Completed)) => {
                     return self.record(st, paths, &due, sid, None).map(Some)
                 }
-                Some(SnapshotStatus::Pending) if due.sealed => {
+                (true, Some(SnapshotStatus::Pending)) => {
                     self.settle(&sid).await?;
                     return self.record(st, paths, &due, sid, None).map(Some);
                 }
-                Some(_) => self.delete_quietly(&sid).await,
-                None => {}
+                (_, Some(_)) => self.delete_quietly(&sid).await,
+                (_, None) => {}
             }
             due.snapshot_id = None;
             due.sealed = false;
@@ -306,16 +309,14 @@ impl<E: EbsApi + 'static> PointWriter<E> {
                     .complete_snapshot(&sid, digests.len() as u64, &aggregate)
             })
             .await?;
+        // Sealed: after a crash, it is waited for and recorded, not written again.
+        due.sealed = true;
+        st.point_due = Some(due.clone());
+        save(paths, st)?;
         match status {
             SnapshotStatus::Completed => {}
             SnapshotStatus::Error => return Err(self.failed(&sid).await),
-            SnapshotStatus::Pending => {
-                // Sealed: after a crash, wait for it rather than start again.
-                due.sealed = true;
-                st.point_due = Some(due.clone());
-                save(paths, st)?;
-                self.settle(&sid).await?;
-            }
+            SnapshotStatus::Pending => self.settle(&sid).await?,
         }
         self.record(st, paths, &due, sid, Some(digests.len() as u64))
             .map(Some)
