@@ -20,6 +20,7 @@ from test_infra import INFRA, MODULE, USER_DATA, as_list, load_cfn
 ROOT = INFRA.parent
 README = INFRA / "README.md"
 EC2_CODE = ROOT / "cloud" / "src" / "ec2.rs"
+POINTS_CODE = ROOT / "protocol" / "src" / "points.rs"
 
 
 # ---- a small model of the template -----------------------------------------------------
@@ -278,6 +279,31 @@ def deletes_not_tag_scoped(template: dict) -> list[str]:
     return problems
 
 
+def points_beyond_own_stack(template: dict, code: str) -> list[str]:
+    """EBS User Guide, "Control access to EBS direct APIs using IAM", and the Service
+    Authorization Reference: ebs:StartSnapshot takes aws:RequestTag, PutSnapshotBlock,
+    CompleteSnapshot and ec2:DeleteSnapshot a snapshot resource with aws:ResourceTag. The
+    receiver may start only snapshots tagged with its stack (the tag key the code writes)
+    and write, seal or delete only those: never another stack's points or the account's
+    other snapshots."""
+    m = re.search(r'pub const STACK: &str = "([^"]+)"', code)
+    if not m:
+        return ["the code's stack tag key was not found"]
+    key = m.group(1)
+    stmts = statements(template, "ReceiverRole")
+    snap = "arn:aws:ec2:us-east-1::snapshot/snap-1"
+    problems = []
+    own = {f"aws:RequestTag/{key}": "${AWS::StackName}", f"aws:ResourceTag/{key}": "${AWS::StackName}"}
+    other = {f"aws:RequestTag/{key}": "other", f"aws:ResourceTag/{key}": "other"}
+    for action in ("ebs:StartSnapshot", "ebs:PutSnapshotBlock", "ebs:CompleteSnapshot", "ec2:DeleteSnapshot"):
+        resource = snap.replace("aws", "${AWS::Partition}", 1).replace("us-east-1", "${AWS::Region}")
+        if not allowed(stmts, action, resource, own):
+            problems.append(f"{action}: not allowed on the stack's own points")
+        if allowed(stmts, action, resource, other) or allowed(stmts, action, resource, {}):
+            problems.append(f"{action}: allowed beyond snapshots tagged {key} = the stack")
+    return problems
+
+
 def imports_unencrypted(template: dict) -> list[str]:
     """VM Import/Export User Guide, "Required service role": importing with a customer
     key needs kms:CreateGrant, Decrypt, DescribeKey, Encrypt, GenerateDataKey*, ReEncrypt*
@@ -455,6 +481,18 @@ class AwsRules(unittest.TestCase):
             res["DataBucket"]["Properties"]["BucketName"] = {"Fn::Sub": "pilotlight-${AWS::AccountId}-${AWS::Region}"}
         self.assertTrue(retained_bucket_blocks_recreate(self.mutated(fixed)))
         self.assertIn("bucket_prefix", (MODULE / "main.tf").read_text())
+
+    def test_the_receiver_writes_and_prunes_only_its_own_points(self):
+        code = POINTS_CODE.read_text()
+        self.assertEqual(points_beyond_own_stack(self.t, code), [])
+
+        def unscoped(res, _):
+            for st in res["ReceiverPointsPolicy"]["Properties"]["PolicyDocument"]["Statement"]:
+                if st.get("Sid") == "PruneOwnPoints":
+                    st.pop("Condition")
+        self.assertTrue(points_beyond_own_stack(self.mutated(unscoped), code))
+        # The code renaming its tag key breaks the policy's scoping: caught.
+        self.assertTrue(points_beyond_own_stack(self.t, code.replace("pilotlight:stack", "pilotlight:owner")))
 
     def test_the_iam_evaluator_itself(self):
         st = [{"Effect": "Allow", "Action": "s3:PutObject", "Resource": "arn:b/p/*"},

@@ -43,6 +43,7 @@ PRIMARY = {
     "AWS::SNS::Topic": "aws_sns_topic",
     "AWS::SNS::Subscription": "aws_sns_topic_subscription",
     "AWS::CloudWatch::Alarm": "aws_cloudwatch_metric_alarm",
+    "AWS::Logs::MetricFilter": "aws_cloudwatch_log_metric_filter",
 }
 # Terraform types that are properties (or inline policies) of a primary resource in
 # CloudFormation. Each must be named after the primary it belongs to.
@@ -71,6 +72,12 @@ USER_DATA_VARS = {
     "Prefix": "prefix",
     "VisibilityTimeout": "visibility_timeout",
     "ReceiverLogGroup": "log_group",
+    "RecoveryPoints": "recovery_points",
+    "AWS::StackName": "name",
+    "KmsKeyArn": "kms_key_arn",
+    "KeepAllHours": "keep_all_hours",
+    "KeepHourlyDays": "keep_hourly_days",
+    "KeepDailyDays": "keep_daily_days",
 }
 
 
@@ -323,6 +330,10 @@ EXPECTED_ACTIONS = {
         "logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams",
         "autoscaling:SetInstanceHealth",
         "kms:Decrypt", "kms:GenerateDataKey", "kms:CreateGrant", "kms:DescribeKey",
+        # recovery points
+        "ebs:StartSnapshot", "ebs:PutSnapshotBlock", "ebs:CompleteSnapshot",
+        "ec2:DescribeSnapshots", "ec2:DeleteSnapshot",
+        "kms:GenerateDataKeyWithoutPlaintext", "kms:ReEncrypt*",
     },
     "dr_function_role": {
         "logs:CreateLogStream", "logs:PutLogEvents",

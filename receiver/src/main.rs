@@ -197,7 +197,8 @@ impl Settings {
             bail!("--point-concurrency {concurrency} must be 1 to 64");
         }
         let mut cfg = PointsConfig::new(self.stack.clone().unwrap_or_else(|| "pilotlight".into()));
-        cfg.kms_key_arn = self.points_kms_key.clone();
+        // An empty key (the stack without one) is no key.
+        cfg.kms_key_arn = self.points_kms_key.clone().filter(|k| !k.is_empty());
         cfg.tiers = tiers;
         cfg.concurrency = concurrency;
         Ok(Some(cfg))

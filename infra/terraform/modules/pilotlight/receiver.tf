@@ -193,6 +193,12 @@ resource "aws_launch_template" "receiver_launch_template" {
     prefix                = var.prefix
     visibility_timeout    = var.visibility_timeout
     log_group             = aws_cloudwatch_log_group.receiver_log_group.name
+    recovery_points       = var.recovery_points
+    name                  = var.name
+    kms_key_arn           = var.kms_key_arn
+    keep_all_hours        = var.keep_all_hours
+    keep_hourly_days      = var.keep_hourly_days
+    keep_daily_days       = var.keep_daily_days
   }))
 }
 

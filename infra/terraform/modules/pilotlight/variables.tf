@@ -160,3 +160,27 @@ variable "lag_alarm_seconds" {
   type        = number
   default     = 3600
 }
+
+variable "recovery_points" {
+  description = "After each applied generation the receiver writes a recovery point: an EBS snapshot of the blocks it changed (EBS direct APIs), parented on the previous point. false keeps the raw images only (and grants no EBS actions)."
+  type        = bool
+  default     = true
+}
+
+variable "keep_all_hours" {
+  description = "Keep every recovery point this many hours."
+  type        = number
+  default     = 24
+}
+
+variable "keep_hourly_days" {
+  description = "Then keep the first point of each hour up to this many days old."
+  type        = number
+  default     = 7
+}
+
+variable "keep_daily_days" {
+  description = "Then the first point of each day up to this many days old; older points are deleted (the newest and those a DR run holds stay)."
+  type        = number
+  default     = 30
+}
