@@ -576,7 +576,11 @@ where
 }
 
 /// Block `i` of the image, zero-padded past the disk's end, with its SHA-256.
-fn read_block(file: &std::fs::File, i: u64, disk_size: u64) -> std::io::Result<(Bytes, [u8; 32])> {
+pub fn read_block(
+    file: &std::fs::File,
+    i: u64,
+    disk_size: u64,
+) -> std::io::Result<(Bytes, [u8; 32])> {
     let mut buf = vec![0u8; BLOCK_SIZE as usize];
     let at = i * BLOCK_SIZE;
     let n = (disk_size - at).min(BLOCK_SIZE) as usize;

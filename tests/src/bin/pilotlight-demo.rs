@@ -1,6 +1,7 @@
 //! The demo behind `scripts/demo`: a sample disk replicated end to end through the local
 //! AWS emulator: sender -> S3 -> SQS -> receiver -> sparse image, checked with `cmp` at
-//! each generation; then a one-click DR drill (`pilotlight-dr start --drill`): the
+//! each generation, each generation also written as a recovery point (an EBS snapshot);
+//! then a one-click DR drill (`pilotlight-dr start --drill`): the
 //! receiver exports the image, an EC2 image import (simulated: the emulator has none)
 //! makes an AMI, an instance is launched in the emulator's EC2, and the drill is cleaned
 //! up.
@@ -148,6 +149,28 @@ async fn main() -> Result<()> {
         "== receiver status\n   {}",
         String::from_utf8_lossy(&status.stdout).trim()
     );
+    println!("== recovery points: pilotlight-dr points --site site1 --vm web-01");
+    println!("   (EBS snapshots written with the EBS direct APIs, one per generation, the second parented on the first)");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let points = loop {
+        let out = dr(
+            &stack,
+            "ok",
+            &["points", "--site", "site1", "--vm", "web-01"],
+        )
+        .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if out.status.success() && text.matches("generation ").count() >= 2 {
+            break text;
+        }
+        if Instant::now() > deadline {
+            bail!("the receiver wrote no recovery point of generation 2 within 120 s (see receiver.log): {text}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    for line in points.lines() {
+        println!("   {line}");
+    }
     println!(
         "== DR drill: pilotlight-dr start --site site1 --vm web-01 --disk disk0 --drill --wait"
     );
