@@ -47,6 +47,24 @@ impl SnapshotStatus {
     }
 }
 
+/// EBS Snapshot Lock modes (EC2 `LockSnapshot`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// Deletable once unlocked by a principal allowed `ec2:UnlockSnapshot`, or expired.
+    Governance,
+    /// Nobody can unlock or delete it before it expires (no cooling-off period is set).
+    Compliance,
+}
+
+impl LockMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LockMode::Governance => "governance",
+            LockMode::Compliance => "compliance",
+        }
+    }
+}
+
 /// A `StartSnapshot` request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StartSnapshot {
@@ -179,6 +197,13 @@ pub trait EbsApi: Send + Sync {
         id: &str,
         keys: &[String],
     ) -> impl Future<Output = Result<(), CloudError>> + Send;
+    /// Locks a snapshot against deletion for `days` (EC2 `LockSnapshot`, 1 to 36 500).
+    fn lock_snapshot(
+        &self,
+        id: &str,
+        mode: LockMode,
+        days: u32,
+    ) -> impl Future<Output = Result<(), CloudError>> + Send;
 }
 
 impl<T: EbsApi> EbsApi for Arc<T> {
@@ -223,6 +248,9 @@ impl<T: EbsApi> EbsApi for Arc<T> {
     async fn delete_tags(&self, id: &str, keys: &[String]) -> Result<(), CloudError> {
         (**self).delete_tags(id, keys).await
     }
+    async fn lock_snapshot(&self, id: &str, mode: LockMode, days: u32) -> Result<(), CloudError> {
+        (**self).lock_snapshot(id, mode, days).await
+    }
 }
 
 fn ebs_error(op: &'static str, id: &str, kind: ErrorKind, code: &str, detail: &str) -> CloudError {
@@ -259,6 +287,9 @@ pub struct MemorySnapshot {
     pub written: BTreeMap<u64, [u8; 32]>,
     /// DescribeSnapshots calls still answering `pending` after completion.
     pub settling: u32,
+    /// A lock and its days: DeleteSnapshot is refused while it is set (the twin has no
+    /// clock: a test lifts it with [`MemoryEbs::expire_lock`]).
+    pub lock: Option<(LockMode, u32)>,
 }
 
 /// What [`MemoryEbs`] holds.
@@ -323,6 +354,13 @@ impl MemoryEbs {
     pub fn set_status(&self, id: &str, status: SnapshotStatus) {
         if let Some(s) = lock(&self.state).snapshots.get_mut(id) {
             s.status = status;
+        }
+    }
+
+    /// The lock of a snapshot runs out.
+    pub fn expire_lock(&self, id: &str) {
+        if let Some(s) = lock(&self.state).snapshots.get_mut(id) {
+            s.lock = None;
         }
     }
 
@@ -400,6 +438,7 @@ impl EbsApi for MemoryEbs {
                     blocks,
                     written: BTreeMap::new(),
                     settling: 0,
+                    lock: None,
                 },
             );
             Ok(id)
@@ -580,7 +619,7 @@ impl EbsApi for MemoryEbs {
 
     async fn delete_snapshot(&self, id: &str) -> Result<(), CloudError> {
         self.call("DeleteSnapshot", id, |st| {
-            st.snapshots.remove(id).map(|_| ()).ok_or_else(|| {
+            let s = st.snapshots.get(id).ok_or_else(|| {
                 CloudError::new(
                     "EC2",
                     "DeleteSnapshot",
@@ -589,7 +628,44 @@ impl EbsApi for MemoryEbs {
                     "no such snapshot",
                 )
                 .with_code("InvalidSnapshot.NotFound")
-            })
+            })?;
+            if let Some((mode, _)) = s.lock {
+                return Err(CloudError::new(
+                    "EC2",
+                    "DeleteSnapshot",
+                    id,
+                    ErrorKind::Invalid,
+                    format!("the snapshot is locked ({})", mode.as_str()),
+                ));
+            }
+            st.snapshots.remove(id);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn lock_snapshot(&self, id: &str, mode: LockMode, days: u32) -> Result<(), CloudError> {
+        self.call("LockSnapshot", id, |st| {
+            if !(1..=36_500).contains(&days) {
+                return Err(invalid(
+                    "LockSnapshot",
+                    id,
+                    "LockDuration must be 1 to 36500 days",
+                ));
+            }
+            let s = st
+                .snapshots
+                .get_mut(id)
+                .ok_or_else(|| not_found("LockSnapshot", id))?;
+            if s.status != SnapshotStatus::Completed {
+                return Err(invalid(
+                    "LockSnapshot",
+                    id,
+                    "only a completed snapshot can be locked",
+                ));
+            }
+            s.lock = Some((mode, days));
+            Ok(())
         })
         .await
     }
@@ -670,6 +746,9 @@ impl EbsApi for NoEbs {
     }
     async fn delete_tags(&self, _: &str, _: &[String]) -> Result<(), CloudError> {
         Err(off("DeleteTags"))
+    }
+    async fn lock_snapshot(&self, _: &str, _: LockMode, _: u32) -> Result<(), CloudError> {
+        Err(off("LockSnapshot"))
     }
 }
 
@@ -909,6 +988,27 @@ mod sdk {
                 .send()
                 .await
                 .map_err(|e| from_sdk("EC2", "DeleteTags", id, &e))?;
+            Ok(())
+        }
+
+        async fn lock_snapshot(
+            &self,
+            id: &str,
+            mode: LockMode,
+            days: u32,
+        ) -> Result<(), CloudError> {
+            let mode = match mode {
+                LockMode::Governance => aws_sdk_ec2::types::LockMode::Governance,
+                LockMode::Compliance => aws_sdk_ec2::types::LockMode::Compliance,
+            };
+            self.ec2
+                .lock_snapshot()
+                .snapshot_id(id)
+                .lock_mode(mode)
+                .lock_duration(days as i32)
+                .send()
+                .await
+                .map_err(|e| from_sdk("EC2", "LockSnapshot", id, &e))?;
             Ok(())
         }
     }

@@ -295,7 +295,8 @@ def points_beyond_own_stack(template: dict, code: str) -> list[str]:
     problems = []
     own = {f"aws:RequestTag/{key}": "${AWS::StackName}", f"aws:ResourceTag/{key}": "${AWS::StackName}"}
     other = {f"aws:RequestTag/{key}": "other", f"aws:ResourceTag/{key}": "other"}
-    for action in ("ebs:StartSnapshot", "ebs:PutSnapshotBlock", "ebs:CompleteSnapshot", "ec2:DeleteSnapshot"):
+    for action in ("ebs:StartSnapshot", "ebs:PutSnapshotBlock", "ebs:CompleteSnapshot", "ec2:DeleteSnapshot",
+                   "ec2:LockSnapshot", "ec2:CreateTags"):
         resource = snap.replace("aws", "${AWS::Partition}", 1).replace("us-east-1", "${AWS::Region}")
         if not allowed(stmts, action, resource, own):
             problems.append(f"{action}: not allowed on the stack's own points")

@@ -78,6 +78,7 @@ USER_DATA_VARS = {
     "KeepAllHours": "keep_all_hours",
     "KeepHourlyDays": "keep_hourly_days",
     "KeepDailyDays": "keep_daily_days",
+    "PointLock": "point_lock",
 }
 
 
@@ -332,7 +333,7 @@ EXPECTED_ACTIONS = {
         "kms:Decrypt", "kms:GenerateDataKey", "kms:CreateGrant", "kms:DescribeKey",
         # recovery points
         "ebs:StartSnapshot", "ebs:PutSnapshotBlock", "ebs:CompleteSnapshot",
-        "ec2:DescribeSnapshots", "ec2:DeleteSnapshot",
+        "ec2:DescribeSnapshots", "ec2:DeleteSnapshot", "ec2:LockSnapshot", "ec2:CreateTags",
         "kms:GenerateDataKeyWithoutPlaintext", "kms:ReEncrypt*",
     },
     "dr_function_role": {

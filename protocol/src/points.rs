@@ -33,6 +33,8 @@ pub mod tag {
     pub const PARENT: &str = "pilotlight:parent";
     /// Set by a DR run that uses the point: retention never deletes it.
     pub const HOLD: &str = "pilotlight:hold";
+    /// RFC 3339: the point is locked (EBS Snapshot Lock) until then; never deleted before.
+    pub const LOCKED_UNTIL: &str = "pilotlight:locked-until";
     pub const NAME: &str = "Name";
 }
 
@@ -98,6 +100,8 @@ pub struct Point {
     pub stack: String,
     pub parent: Option<String>,
     pub hold: bool,
+    /// Locked against deletion until then (EBS Snapshot Lock).
+    pub locked_until: Option<DateTime<Utc>>,
 }
 
 fn display<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -124,6 +128,9 @@ impl Point {
             stack: get(tag::STACK).unwrap_or_default().to_string(),
             parent: get(tag::PARENT).filter(|p| *p != "none").map(String::from),
             hold: tags.contains_key(tag::HOLD),
+            locked_until: get(tag::LOCKED_UNTIL)
+                .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.with_timezone(&Utc)),
         })
     }
 }
@@ -259,6 +266,7 @@ mod tests {
             stack: "st".into(),
             parent: None,
             hold: false,
+            locked_until: None,
         }
     }
 

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use pilotlight_cloud::ebs::SdkEbs;
+use pilotlight_cloud::ebs::{LockMode, SdkEbs};
 use pilotlight_cloud::s3::SdkS3;
 use pilotlight_cloud::sqs::SqsQueue;
 use pilotlight_cloud::AwsSettings;
@@ -136,6 +136,10 @@ struct Settings {
     /// PutSnapshotBlock requests in flight per disk [default: 16].
     #[arg(long)]
     point_concurrency: Option<usize>,
+    /// Lock each day's kept point against deletion until it leaves the daily tier (EBS
+    /// Snapshot Lock): governance, compliance or off [default: off].
+    #[arg(long)]
+    point_lock: Option<String>,
 }
 
 impl Settings {
@@ -201,6 +205,12 @@ impl Settings {
         cfg.kms_key_arn = self.points_kms_key.clone().filter(|k| !k.is_empty());
         cfg.tiers = tiers;
         cfg.concurrency = concurrency;
+        cfg.lock = match self.point_lock.as_deref().unwrap_or("off") {
+            "off" => None,
+            "governance" => Some(LockMode::Governance),
+            "compliance" => Some(LockMode::Compliance),
+            other => bail!("--point-lock {other:?}: governance, compliance or off"),
+        };
         Ok(Some(cfg))
     }
 

@@ -15,8 +15,8 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 use pilotlight_cloud::ebs::{
-    block_checksum, linear_checksum, EbsApi, SnapshotFilter, SnapshotStatus, StartSnapshot,
-    BLOCK_SIZE,
+    block_checksum, linear_checksum, EbsApi, LockMode, SnapshotFilter, SnapshotStatus,
+    StartSnapshot, BLOCK_SIZE,
 };
 use pilotlight_cloud::CloudError;
 use pilotlight_protocol::points::{retained, tag, Point, PointInfo, Tiers};
@@ -53,6 +53,8 @@ pub struct PointsConfig {
     pub retry_base: Duration,
     /// Attempts per call (the SDK's own retries come on top).
     pub call_attempts: u32,
+    /// Lock each day's kept point (EBS Snapshot Lock) until it leaves the daily tier.
+    pub lock: Option<LockMode>,
 }
 
 impl PointsConfig {
@@ -66,6 +68,7 @@ impl PointsConfig {
             settle_timeout: Duration::from_secs(1800),
             retry_base: Duration::from_millis(250),
             call_attempts: 8,
+            lock: None,
         }
     }
 }
@@ -529,10 +532,18 @@ impl<E: EbsApi + 'static> PointWriter<E> {
             now,
             &self.cfg.tiers,
         );
+        let mut locked = self.lock_daily(&completed, now).await;
+        locked.extend(
+            completed
+                .iter()
+                .filter(|p| p.locked_until.is_some_and(|t| t > now))
+                .map(|p| p.snapshot_id.clone()),
+        );
         doomed.extend(
             completed
                 .iter()
                 .filter(|p| !keep.contains(p.snapshot_id.as_str()))
+                .filter(|p| !locked.contains(&p.snapshot_id))
                 .map(|p| p.snapshot_id.clone()),
         );
         let mut deleted = 0;
@@ -548,6 +559,66 @@ impl<E: EbsApi + 'static> PointWriter<E> {
             save(paths, st)?;
         }
         Ok(deleted)
+    }
+}
+
+impl<E: EbsApi + 'static> PointWriter<E> {
+    /// With a lock mode set: locks each UTC day's first point (the one the daily tier
+    /// keeps) that is not locked yet, until it would leave the daily tier, and tags it
+    /// `pilotlight:locked-until`; such a point is never offered for deletion before then.
+    /// A lock that fails is logged and tried again at the next pruning. Returns the ids
+    /// it locked.
+    async fn lock_daily(&self, completed: &[Point], now: DateTime<Utc>) -> Vec<String> {
+        let Some(mode) = self.cfg.lock else {
+            return Vec::new();
+        };
+        let mut first_of_day: BTreeMap<chrono::NaiveDate, &Point> = BTreeMap::new();
+        for p in completed {
+            let slot = first_of_day
+                .entry(p.snapshot_time.date_naive())
+                .or_insert(p);
+            if p.snapshot_time < slot.snapshot_time {
+                *slot = p;
+            }
+        }
+        let mut locked = Vec::new();
+        for p in first_of_day.values().filter(|p| p.locked_until.is_none()) {
+            let left = self.cfg.tiers.keep_daily - (now - p.snapshot_time);
+            if left <= chrono::Duration::zero() {
+                continue;
+            }
+            let days = (left.num_seconds() as u64)
+                .div_ceil(86_400)
+                .clamp(1, 36_500) as u32;
+            let until = now + chrono::Duration::days(days as i64);
+            let tags = [(
+                tag::LOCKED_UNTIL.to_string(),
+                pilotlight_protocol::points::time_tag(until),
+            )];
+            let sid = p.snapshot_id.as_str();
+            let res = async {
+                self.retrying(|| self.ebs.lock_snapshot(sid, mode, days))
+                    .await?;
+                self.retrying(|| self.ebs.create_tags(sid, &tags)).await
+            }
+            .await;
+            match res {
+                Ok(()) => {
+                    tracing::info!(
+                        snapshot = sid,
+                        mode = mode.as_str(),
+                        days,
+                        "recovery point locked"
+                    );
+                    locked.push(p.snapshot_id.clone());
+                }
+                Err(e) => tracing::warn!(
+                    snapshot = sid,
+                    "cannot lock a daily recovery point, tried again at the next pruning: {e}"
+                ),
+            }
+        }
+        locked
     }
 }
 

@@ -280,6 +280,31 @@ proptest! {
     }
 }
 
+/// Each trouble alone, on a fixed three-generation VM (the property test mixes them):
+/// a throttling storm longer than one call's retries, a crash after some blocks, a
+/// sealed snapshot that goes to `error`, the parent point deleted behind the receiver's
+/// back. Each still ends with every point reading back as its generation.
+#[tokio::test]
+async fn each_fault_alone_still_ends_with_correct_points() {
+    let gen = |g: u64| GenSpec {
+        base: false,
+        writes: vec![w(g * 1700, 1500, g as u8 + 1), w(8000, 200, 3)],
+    };
+    let specs = vec![(0..4).map(gen).collect::<Vec<_>>(); 2];
+    for t in [
+        Trouble::Throttle(11),
+        Trouble::CrashMidPoint(3),
+        Trouble::SnapshotError,
+        Trouble::DeleteParent,
+    ] {
+        // The trouble strikes at generation 2 and 4 (rounds 1 and 3).
+        let troubles = vec![Trouble::None, t.clone()];
+        run_case(specs.clone(), troubles)
+            .await
+            .unwrap_or_else(|e| panic!("{t:?}: {e}"));
+    }
+}
+
 fn w(at: u64, len: u64, seed: u8) -> Write {
     Write {
         at,
@@ -492,14 +517,7 @@ async fn a_week_of_five_minute_points_leaves_exactly_the_tiers() {
     let mut now = start;
     for g in 1..=gens as u64 {
         now = start + Age::minutes(5 * (g as i64 - 1));
-        // Each generation rewrites the first 8 bytes of one of the two blocks.
-        let at = (g % 2) * 512 * 1024;
-        std::os::unix::fs::FileExt::write_all_at(&image, &g.to_le_bytes(), at).unwrap();
-        let mut due = PointDue::for_manifest(&manifest_stub(&id, g, now, size));
-        due.blocks = vec![(g % 2, g % 2 + 1)];
-        st.applied = Some(g);
-        st.point_due = Some(due);
-        let p = pw.write_due(&id, &mut st, &paths).await.unwrap().unwrap();
+        let p = sim_point(&pw, &mut st, &paths, &image, g, now).await;
         last[(g % 2) as usize] = g;
         images.insert(g, last);
         // A DR run holds a point now and then (two days' worth in the past).
@@ -582,6 +600,88 @@ async fn a_week_of_five_minute_points_leaves_exactly_the_tiers() {
     }
     // Pruning again changes nothing.
     assert_eq!(pw.prune(&id, &mut st, &paths, now).await.unwrap(), 0);
+}
+
+/// Generation `g` at `now` of a two-block image: it rewrites the first 8 bytes of block
+/// `g % 2` with `g`; its point is written.
+async fn sim_point(
+    pw: &PointWriter<Arc<MemoryEbs>>,
+    st: &mut state::DiskState,
+    paths: &DiskPaths,
+    image: &std::fs::File,
+    g: u64,
+    now: DateTime<Utc>,
+) -> pilotlight_receiver::points::PointRecord {
+    let size = image.metadata().unwrap().len();
+    let at = (g % 2) * 512 * 1024;
+    std::os::unix::fs::FileExt::write_all_at(image, &g.to_le_bytes(), at).unwrap();
+    let mut due = PointDue::for_manifest(&manifest_stub(&st.disk, g, now, size));
+    due.blocks = vec![(g % 2, g % 2 + 1)];
+    st.applied = Some(g);
+    st.point_due = Some(due);
+    let id = st.disk.clone();
+    pw.write_due(&id, st, paths).await.unwrap().unwrap()
+}
+
+/// With a lock mode, each day's kept point is locked (EBS Snapshot Lock) until it would
+/// leave the daily tier, tagged with that time, and never offered for deletion before
+/// (the twin refuses to delete a locked snapshot, which would fail the pruning); once its
+/// lock has run out it goes like any other.
+#[tokio::test]
+async fn daily_points_are_locked_until_they_leave_the_daily_tier() {
+    let tmp = tempfile::tempdir().unwrap();
+    let id = disk(0);
+    let cfg = config(tmp.path());
+    let paths = DiskPaths::new(&cfg.image_dir, &cfg.state_dir, &id);
+    paths.create_dirs().unwrap();
+    let mut pc = points_config();
+    pc.tiers = Tiers {
+        keep_all: Age::hours(2),
+        keep_hourly: Age::hours(6),
+        keep_daily: Age::days(3),
+    };
+    pc.lock = Some(pilotlight_cloud::ebs::LockMode::Governance);
+    let ebs = Arc::new(MemoryEbs::new());
+    let pw = PointWriter::new(ebs.clone(), pc);
+    let image = std::fs::File::create(&paths.image).unwrap();
+    image.set_len(1 << 20).unwrap();
+    let start: DateTime<Utc> = "2026-11-01T00:10:00Z".parse().unwrap();
+    let mut st = state::DiskState::new(&id);
+    for g in 1..=(5 * 48) {
+        let now = start + Age::minutes(30 * (g as i64 - 1));
+        sim_point(&pw, &mut st, &paths, &image, g, now).await;
+        // AWS lifts a lock when it runs out; the twin has no clock.
+        for (_, ps) in points_of(&ebs, &id).await {
+            if ps[0].locked_until.is_some_and(|t| t <= now) {
+                ebs.expire_lock(&ps[0].snapshot_id);
+            }
+        }
+        pw.prune(&id, &mut st, &paths, now).await.unwrap();
+    }
+    let kept = points_of(&ebs, &id).await;
+    let day_firsts: Vec<&Point> = kept
+        .values()
+        .map(|ps| &ps[0])
+        .filter(|p| p.snapshot_time.time() == start.time())
+        .collect();
+    // Days 3, 4 and 5 (younger than three days) keep their first point, locked.
+    assert_eq!(day_firsts.len(), 3, "{day_firsts:?}");
+    for p in &day_firsts {
+        let snap = ebs.get(&p.snapshot_id).unwrap();
+        assert!(snap.lock.is_some(), "{} not locked", p.snapshot_id);
+        let until = p.locked_until.unwrap();
+        assert!(until >= p.snapshot_time + Age::days(3) && until <= p.snapshot_time + Age::days(4));
+    }
+    // Locked points are the daily ones only.
+    let locked = kept
+        .values()
+        .filter(|ps| ps[0].locked_until.is_some())
+        .count();
+    assert_eq!(locked, 3);
+    assert!(
+        ebs.faults.calls("LockSnapshot") >= 5,
+        "every day's point was locked once"
+    );
 }
 
 fn manifest_stub(

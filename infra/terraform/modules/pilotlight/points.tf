@@ -54,6 +54,34 @@ resource "aws_iam_role_policy_attachment" "receiver_points_policy" {
   policy_arn = aws_iam_policy.receiver_points_policy[0].arn
 }
 
+# Locking the daily points, and tagging them with the lock's end (so pruning never
+# offers a locked point for deletion): only the stack's own points.
+data "aws_iam_policy_document" "receiver_point_lock_policy" {
+  statement {
+    sid       = "LockOwnPoints"
+    actions   = ["ec2:LockSnapshot", "ec2:CreateTags"]
+    resources = ["arn:${local.partition}:ec2:${local.region}::snapshot/*"]
+    condition {
+      test     = "StringEquals"
+      variable = "aws:ResourceTag/pilotlight:stack"
+      values   = [var.name]
+    }
+  }
+}
+
+resource "aws_iam_policy" "receiver_point_lock_policy" {
+  count       = var.recovery_points && var.point_lock != "off" ? 1 : 0
+  name_prefix = "${var.name}-receiver-point-lock-"
+  description = "pilotlight receiver - lock this stack's daily recovery points (EBS Snapshot Lock)"
+  policy      = data.aws_iam_policy_document.receiver_point_lock_policy.json
+}
+
+resource "aws_iam_role_policy_attachment" "receiver_point_lock_policy" {
+  count      = var.recovery_points && var.point_lock != "off" ? 1 : 0
+  role       = aws_iam_role.receiver_role.name
+  policy_arn = aws_iam_policy.receiver_point_lock_policy[0].arn
+}
+
 # Points encrypted with the customer key (EBS User Guide, EBS direct APIs, "Use
 # encryption": the KMS actions the caller needs).
 data "aws_iam_policy_document" "kms_points_policy" {

@@ -199,6 +199,7 @@ resource "aws_launch_template" "receiver_launch_template" {
     keep_all_hours        = var.keep_all_hours
     keep_hourly_days      = var.keep_hourly_days
     keep_daily_days       = var.keep_daily_days
+    point_lock            = var.point_lock
   }))
 }
 

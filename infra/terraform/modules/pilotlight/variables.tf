@@ -179,6 +179,16 @@ variable "keep_hourly_days" {
   default     = 7
 }
 
+variable "point_lock" {
+  description = "EBS Snapshot Lock for each day's kept point, until it leaves the daily tier: governance (deletable only after an ec2:UnlockSnapshot by an allowed principal) or compliance (nobody, root included, can delete it before it expires). infra/README.md."
+  type        = string
+  default     = "off"
+  validation {
+    condition     = contains(["off", "governance", "compliance"], var.point_lock)
+    error_message = "point_lock must be off, governance or compliance."
+  }
+}
+
 variable "keep_daily_days" {
   description = "Then the first point of each day up to this many days old; older points are deleted (the newest and those a DR run holds stay)."
   type        = number
