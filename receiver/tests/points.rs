@@ -615,7 +615,14 @@ async fn sim_point(
     let size = image.metadata().unwrap().len();
     let at = (g % 2) * 512 * 1024;
     std::os::unix::fs::FileExt::write_all_at(image, &g.to_le_bytes(), at).unwrap();
-    let mut due = PointDue::for_manifest(&manifest_stub(&st.disk, g, now, size));
+    let mut due = PointDue::for_manifest(&pilotlight_protocol::Manifest::new(
+        st.disk.clone(),
+        g,
+        (g > 1).then(|| g - 1),
+        size,
+        now,
+        "test",
+    ));
     due.blocks = vec![(g % 2, g % 2 + 1)];
     st.applied = Some(g);
     st.point_due = Some(due);
@@ -682,27 +689,4 @@ async fn daily_points_are_locked_until_they_leave_the_daily_tier() {
         ebs.faults.calls("LockSnapshot") >= 5,
         "every day's point was locked once"
     );
-}
-
-fn manifest_stub(
-    id: &DiskId,
-    g: u64,
-    t: DateTime<Utc>,
-    size: u64,
-) -> pilotlight_protocol::Manifest {
-    pilotlight_protocol::Manifest {
-        format_version: pilotlight_protocol::FORMAT_VERSION,
-        disk: id.clone(),
-        generation: g,
-        parent: (g > 1).then(|| g - 1),
-        disk_size: size,
-        max_object: 8 << 20,
-        source_kind: "test".into(),
-        source_change_id: None,
-        snapshot_time: t,
-        consistency: pilotlight_protocol::Consistency::Crash,
-        objects: vec![],
-        zero_ranges: vec![],
-        created_by: "test".into(),
-    }
 }

@@ -524,13 +524,15 @@ async fn two_advancers_racing_against_the_emulator_make_one_import_one_instance_
         },
         cfg: DrConfig::new(&stack.bucket, prefix.clone()),
     };
-    // A committed generation (start resolves it by its manifest key).
+    // A committed generation (start resolves it by its manifest).
     let manifest = ObjectKey::Manifest {
         disk: disk_id(),
         generation: 1,
     }
     .to_key(&prefix);
-    stack.put(&manifest, b"{}".to_vec()).await;
+    let m =
+        pilotlight_protocol::Manifest::new(disk_id(), 1, None, 1 << 20, chrono::Utc::now(), "test");
+    stack.put(&manifest, m.to_json()).await;
     let request: Value =
         serde_json::from_str(include_str!("../../lambdas/dr/tests/fixtures/start.json")).unwrap();
     let mut a: Run = start(&env, request).await.unwrap();

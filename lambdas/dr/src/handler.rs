@@ -19,9 +19,10 @@ use chrono::{DateTime, Utc};
 use pilotlight_cloud::ec2::{Ec2Api, ImportRequest, LaunchRequest};
 use pilotlight_cloud::{CloudError, ErrorKind, ObjectStore, PutOptions};
 use pilotlight_protocol::keys::{disk_prefix, generation_prefix};
+use pilotlight_protocol::points::time_tag;
 use pilotlight_protocol::{
-    DiskId, ExportFormat, ExportRequest, ExportResult, ExportStatus, Name, ObjectKey, Prefix,
-    EXPORT_VERSION, MAX_EXPORT_DOC_BYTES,
+    DiskId, ExportFormat, ExportRequest, ExportResult, ExportStatus, Manifest, Name, ObjectKey,
+    Prefix, EXPORT_VERSION, MAX_EXPORT_DOC_BYTES, MAX_MANIFEST_BYTES,
 };
 use serde_json::Value;
 use std::time::Duration;
@@ -406,15 +407,147 @@ async fn resolve<S: ObjectStore, E>(
     let p = &env.cfg.prefix;
     let vm_prefix = format!("{}{}/{}/", p.key_start(), req.site, req.vm);
     let vm_keys = env.store.list(&vm_prefix, |_| true).await?;
-    Ok(plan(env, req, &vm_prefix, &vm_keys))
+    match plan(env, req, &vm_prefix, &vm_keys) {
+        Ok(committed) => one_time(env, committed, req.recovery_point).await,
+        Err(e) => Ok(Err(e)),
+    }
 }
 
+/// Manifests read per disk at most while looking for a common snapshot time.
+const MAX_MANIFEST_READS: usize = 1000;
+
+/// One generation per disk, all of one snapshot time: the newest such time (at or before
+/// `--at`; or the time of the boot disk's generation N). Reads manifests newest first,
+/// only as far back as needed. A disk without a generation at that time is named.
+async fn one_time<S: ObjectStore, E>(
+    env: &DrEnv<S, E>,
+    committed: Vec<(DiskId, Vec<u64>)>,
+    point: RecoveryPoint,
+) -> Result<Result<Vec<(DiskId, u64)>, String>, CloudError> {
+    // Per disk: committed generations newest first, the cursor, their times read so far.
+    struct Cursor {
+        disk: DiskId,
+        gens: Vec<u64>,
+        at: usize,
+        times: std::collections::BTreeMap<u64, Option<DateTime<Utc>>>,
+    }
+    let mut cs: Vec<Cursor> = committed
+        .into_iter()
+        .map(|(disk, mut gens)| {
+            gens.sort_unstable_by(|a, b| b.cmp(a));
+            Cursor {
+                disk,
+                gens,
+                at: 0,
+                times: Default::default(),
+            }
+        })
+        .collect();
+    let mut target: Option<DateTime<Utc>> = match point {
+        RecoveryPoint::Latest => None,
+        RecoveryPoint::At(t) => Some(t),
+        RecoveryPoint::Generation(g) => {
+            let Some(first) = cs.first() else {
+                return Ok(Err("no disks".into()));
+            };
+            match snapshot_time(env, &first.disk, g).await? {
+                Some(t) => Some(t),
+                None => {
+                    return Ok(Err(format!(
+                        "generation {g} of {} has no readable manifest",
+                        first.disk
+                    )))
+                }
+            }
+        }
+    };
+    loop {
+        // Each disk: its newest generation at or before the target.
+        let mut found = Vec::with_capacity(cs.len());
+        for c in cs.iter_mut() {
+            loop {
+                let Some(&g) = c.gens.get(c.at) else {
+                    let when =
+                        target.map_or("at all".into(), |t| format!("at or before {}", time_tag(t)));
+                    return Ok(Err(format!(
+                        "no committed generation of {} {when}: every disk of a run must come from one snapshot time (`pilotlight-dr points` and the receiver's status list what there is)",
+                        c.disk
+                    )));
+                };
+                if c.at >= MAX_MANIFEST_READS {
+                    return Ok(Err(format!(
+                        "{}: no generation at the VM's snapshot time within its newest {MAX_MANIFEST_READS}; name one with --at or --generation",
+                        c.disk
+                    )));
+                }
+                let t = match c.times.get(&g) {
+                    Some(t) => *t,
+                    None => {
+                        let t = snapshot_time(env, &c.disk, g).await?;
+                        c.times.insert(g, t);
+                        t
+                    }
+                };
+                match t {
+                    Some(t) if target.is_none_or(|x| t <= x) => {
+                        found.push((g, t));
+                        break;
+                    }
+                    // Newer than the target, or a manifest that cannot be read: older.
+                    _ => c.at += 1,
+                }
+            }
+        }
+        // Generation N names the time: every other disk must have exactly that one.
+        if let (RecoveryPoint::Generation(_), Some(want)) = (point, target) {
+            if let Some((c, (_, t))) = cs.iter().zip(&found).find(|(_, (_, t))| *t != want) {
+                return Ok(Err(format!(
+                    "{} has no generation at {} (the boot disk's generation's snapshot time; its newest before is {}): every disk of a run must come from one snapshot time",
+                    c.disk,
+                    time_tag(want),
+                    time_tag(*t)
+                )));
+            }
+        }
+        let oldest = found.iter().map(|(_, t)| *t).min();
+        if found.iter().all(|(_, t)| Some(*t) == oldest) {
+            return Ok(Ok(cs
+                .iter()
+                .zip(found)
+                .map(|(c, (g, _))| (c.disk.clone(), g))
+                .collect()));
+        }
+        target = oldest;
+    }
+}
+
+/// The snapshot time a generation's manifest records (`None`: missing or invalid).
+async fn snapshot_time<S: ObjectStore, E>(
+    env: &DrEnv<S, E>,
+    disk: &DiskId,
+    generation: u64,
+) -> Result<Option<DateTime<Utc>>, CloudError> {
+    let key = ObjectKey::Manifest {
+        disk: disk.clone(),
+        generation,
+    };
+    let bytes = env
+        .store
+        .get_if_exists(&key.to_key(&env.cfg.prefix), MAX_MANIFEST_BYTES as u64)
+        .await?;
+    Ok(bytes
+        .and_then(|b| Manifest::from_json(&b).ok())
+        .filter(|m| m.check_key(&key).is_ok())
+        .map(|m| m.snapshot_time))
+}
+
+/// Each disk with its committed generations, checked against what is in the bucket.
 fn plan<S, E>(
     env: &DrEnv<S, E>,
     req: &StartRequest,
     vm_prefix: &str,
     vm_keys: &[String],
-) -> Result<Vec<(DiskId, u64)>, String> {
+) -> Result<Vec<(DiskId, Vec<u64>)>, String> {
     let p = &env.cfg.prefix;
     let b = &env.cfg.bucket;
     if vm_keys.is_empty() {
@@ -450,17 +583,15 @@ fn plan<S, E>(
                 "nothing committed yet for {disk}: its first generation is still uploading (no manifest under s3://{b}/{gp}); wait for the sender's first run to finish"
             ));
         };
-        let generation = match req.recovery_point {
-            RecoveryPoint::Latest => latest,
-            RecoveryPoint::Generation(g) if committed.contains(&g) => g,
-            RecoveryPoint::Generation(g) => {
+        if let RecoveryPoint::Generation(g) = req.recovery_point {
+            if out.is_empty() && !committed.contains(&g) {
                 return Err(format!(
                     "generation {g} is not available for {disk}: committed generations are {} to {latest}",
                     committed[0]
-                ))
+                ));
             }
-        };
-        out.push((disk, generation));
+        }
+        out.push((disk, committed));
     }
     Ok(out)
 }

@@ -39,13 +39,17 @@ pub struct StartRequest {
     pub dry_run: bool,
 }
 
-/// `"latest"` or `{"generation": N}`.
+/// `"latest"`, `{"at": "2026-11-29T10:15:00Z"}` or `{"generation": N}`. Every disk of a
+/// run comes from one snapshot time: a VM's disks are never mixed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RecoveryPoint {
-    /// The newest committed generation of each disk.
+    /// The newest snapshot time every disk has a committed generation of.
     #[default]
     Latest,
+    /// The newest such time at or before this one.
+    At(chrono::DateTime<chrono::Utc>),
+    /// Generation N of the first (boot) disk, and the other disks at its snapshot time.
     Generation(u64),
 }
 

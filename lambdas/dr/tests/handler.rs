@@ -10,8 +10,8 @@ use pilotlight_dr::handler::{advance, cleanup, start, status, DrConfig, DrEnv, D
 use pilotlight_dr::model::{Phase, Run};
 use pilotlight_dr::sim::SimulatedImport;
 use pilotlight_protocol::{
-    DiskId, ExportRequest, ExportResult, ExportStatus, Name, ObjectKey, Prefix, Sha256Hex,
-    EXPORT_VERSION,
+    DiskId, ExportRequest, ExportResult, ExportStatus, Manifest, Name, ObjectKey, Prefix,
+    Sha256Hex, EXPORT_VERSION,
 };
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -38,24 +38,95 @@ fn disk() -> DiskId {
     DiskId::parse("site1/vm1/disk0").unwrap()
 }
 
-/// A replicated disk: generations 1..=n committed (manifest keys are what `start` reads).
+/// A replicated disk: generations 1..=n committed, generation g snapshotted at minute g.
 fn replicated(store: &MemoryStore, n: u64) {
-    let p = Prefix::new("dr").unwrap();
     for g in 1..=n {
-        let m = ObjectKey::Manifest {
-            disk: disk(),
-            generation: g,
-        }
-        .to_key(&p);
-        store.insert(&m, Bytes::from_static(b"{}"));
-        let d = ObjectKey::Data {
-            disk: disk(),
-            generation: g,
-            offset: 0,
-        }
-        .to_key(&p);
-        store.insert(&d, Bytes::from_static(b"x"));
+        commit(store, &disk(), g, g as i64);
     }
+}
+
+/// Commits generation `g` of `disk`, snapshotted `minute` minutes after 10:00: a
+/// manifest (what `start` reads) and a data object.
+fn commit(store: &MemoryStore, disk: &DiskId, g: u64, minute: i64) {
+    let p = Prefix::new("dr").unwrap();
+    let m = Manifest::new(
+        disk.clone(),
+        g,
+        (g > 1).then(|| g - 1),
+        1 << 20,
+        at(minute),
+        "test",
+    );
+    let key = ObjectKey::Manifest {
+        disk: disk.clone(),
+        generation: g,
+    }
+    .to_key(&p);
+    store.insert(&key, m.to_json());
+    let d = ObjectKey::Data {
+        disk: disk.clone(),
+        generation: g,
+        offset: 0,
+    }
+    .to_key(&p);
+    store.insert(&d, Bytes::from_static(b"x"));
+}
+
+fn at(minute: i64) -> chrono::DateTime<chrono::Utc> {
+    "2026-11-29T10:00:00Z"
+        .parse::<chrono::DateTime<chrono::Utc>>()
+        .unwrap()
+        + chrono::Duration::minutes(minute)
+}
+
+/// A two-disk VM whose data disk has a newer generation than its log disk (still
+/// uploading): the run never mixes snapshot times, whatever is asked.
+#[tokio::test]
+async fn a_run_never_mixes_the_snapshot_times_of_a_vms_disks() {
+    let store = MemoryStore::default();
+    let d0 = DiskId::parse("site1/db-01/disk0").unwrap();
+    let d1 = DiskId::parse("site1/db-01/disk1").unwrap();
+    commit(&store, &d0, 1, 0);
+    commit(&store, &d0, 2, 15);
+    commit(&store, &d1, 1, 0);
+    let env = env(&store, None);
+    let resolve = |rp: Value| {
+        let mut req = request();
+        req["vm"] = json!("db-01");
+        req["disks"] = json!(["disk0", "disk1"]);
+        req["dry_run"] = json!(true);
+        req["recovery_point"] = rp;
+        let env = &env;
+        async move { start(env, req).await.unwrap() }
+    };
+    let gens = |r: &Run| r.disks.iter().map(|d| d.generation).collect::<Vec<_>>();
+    // Latest: 10:00 for both (disk1 has no 10:15 yet).
+    let run = resolve(json!("latest")).await;
+    assert_eq!(run.phase, Phase::Planned, "{:?}", run.reason);
+    assert_eq!(gens(&run), [1, 1]);
+    // At 10:20: still 10:00. At 10:00 exactly: 10:00.
+    assert_eq!(gens(&resolve(json!({"at": at(20)})).await), [1, 1]);
+    assert_eq!(gens(&resolve(json!({"at": at(0)})).await), [1, 1]);
+    // Before anything: refused, naming a disk.
+    let run = resolve(json!({"at": at(-5)})).await;
+    assert_eq!(run.phase, Phase::Failed);
+    let why = run.reason.unwrap();
+    assert!(
+        why.contains("site1/db-01/disk0") && why.contains("09:55"),
+        "{why}"
+    );
+    // The boot disk's generation 2 names 10:15, which disk1 lacks: refused, naming it.
+    let run = resolve(json!({"generation": 2})).await;
+    assert_eq!(run.phase, Phase::Failed);
+    let why = run.reason.unwrap();
+    assert!(
+        why.contains("site1/db-01/disk1") && why.contains("10:15"),
+        "{why}"
+    );
+    // disk1's 10:15 arrives: latest is 10:15 for both.
+    commit(&store, &d1, 2, 15);
+    assert_eq!(gens(&resolve(json!("latest")).await), [2, 2]);
+    assert_eq!(gens(&resolve(json!({"generation": 2})).await), [2, 2]);
 }
 
 fn request() -> Value {

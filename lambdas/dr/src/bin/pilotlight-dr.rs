@@ -80,9 +80,14 @@ struct StartArgs {
     /// A disk of the VM; repeat, boot disk first.
     #[arg(long = "disk", required_unless_present = "request")]
     disks: Vec<String>,
-    /// Recover this generation instead of the latest.
-    #[arg(long)]
+    /// Recover the boot disk's generation N (and the other disks at its snapshot time)
+    /// instead of the latest.
+    #[arg(long, conflicts_with = "at")]
     generation: Option<u64>,
+    /// Recover the newest snapshot time at or before this one (RFC 3339, or
+    /// 2026-11-29T10:15Z), every disk at that one time.
+    #[arg(long)]
+    at: Option<String>,
     #[arg(long, default_value = "t3.medium")]
     instance_type: String,
     #[arg(long)]
@@ -140,7 +145,11 @@ fn start_request(a: &StartArgs) -> anyhow::Result<Value> {
         "site": a.site,
         "vm": a.vm,
         "disks": a.disks,
-        "recovery_point": match a.generation { Some(g) => json!({"generation": g}), None => json!("latest") },
+        "recovery_point": match (a.generation, &a.at) {
+            (Some(g), _) => json!({"generation": g}),
+            (None, Some(t)) => json!({"at": parse_time(t)?}),
+            (None, None) => json!("latest"),
+        },
         "launch": {
             "instance_type": a.instance_type,
             "subnet_id": a.subnet,
@@ -184,6 +193,16 @@ async fn call(cli: &Cli, event: Value) -> anyhow::Result<Value> {
         let env = cli.settings.env().await?;
         Ok(pilotlight_dr::handle(&env, event).await?)
     }
+}
+
+/// RFC 3339, or without seconds (`2026-11-29T10:15Z`).
+fn parse_time(s: &str) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+    let t = chrono::DateTime::parse_from_rfc3339(s)
+        .or_else(|_| {
+            chrono::DateTime::parse_from_str(&s.replace('Z', "+00:00"), "%Y-%m-%dT%H:%M%:z")
+        })
+        .with_context(|| format!("--at {s:?}: expected a time like 2026-11-29T10:15:00Z"))?;
+    Ok(t.with_timezone(&chrono::Utc))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
