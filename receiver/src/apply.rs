@@ -451,7 +451,7 @@ mod tests {
     use crate::image::FileImage;
     use chrono::DateTime;
     use pilotlight_cloud::MemoryStore;
-    use pilotlight_protocol::{Consistency, DiskId, Sha256Hex, FORMAT_VERSION};
+    use pilotlight_protocol::{DiskId, Sha256Hex};
     use proptest::prelude::*;
 
     const SECTOR: u64 = 512;
@@ -508,21 +508,15 @@ mod tests {
             model.clear();
         }
         model.resize(size as usize, 0);
-        let mut m = Manifest {
-            format_version: FORMAT_VERSION,
-            disk: disk(),
-            generation: g,
-            parent: if spec.base { None } else { parent },
-            disk_size: size,
-            max_object: 16 * SECTOR,
-            source_kind: "test".into(),
-            source_change_id: None,
-            snapshot_time: DateTime::from_timestamp(1_700_000_000 + g as i64, 0).unwrap(),
-            consistency: Consistency::Crash,
-            objects: vec![],
-            zero_ranges: vec![],
-            created_by: "test".into(),
-        };
+        let mut m = Manifest::new(
+            disk(),
+            g,
+            if spec.base { None } else { parent },
+            size,
+            DateTime::from_timestamp(1_700_000_000 + g as i64, 0).unwrap(),
+            "test",
+        );
+        m.max_object = 16 * SECTOR;
         let mut pos = 0;
         // Written ranges, in order, with their bytes and whether to compress.
         let mut written: Vec<(Extent, Vec<u8>, bool)> = Vec::new();

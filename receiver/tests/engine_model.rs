@@ -43,23 +43,6 @@ enum Action {
     Reconcile,
 }
 
-fn write_strategy() -> impl Strategy<Value = Write> {
-    (0..DISK_SECTORS, 1u64..12, any::<bool>(), 1u8..250).prop_map(|(at, len, zero, seed)| Write {
-        at,
-        len: len.min(DISK_SECTORS - at),
-        zero: zero && seed % 4 == 0,
-        seed,
-    })
-}
-
-fn gen_strategy() -> impl Strategy<Value = GenSpec> {
-    (
-        prop::bool::weighted(0.1),
-        prop::collection::vec(write_strategy(), 1..5),
-    )
-        .prop_map(|(base, writes)| GenSpec { base, writes })
-}
-
 fn action_strategy(disks: usize) -> impl Strategy<Value = Action> {
     prop_oneof![
         4 => (0..disks, 1u8..3, prop::bool::weighted(0.15)).prop_map(|(d, dup, lose)| Action::Commit { d, dup, lose }),
@@ -211,7 +194,7 @@ proptest! {
 
     #[test]
     fn every_interleaving_applies_each_disk_in_order(
-        specs in prop::collection::vec(prop::collection::vec(gen_strategy(), 1..5), 1..4),
+        specs in prop::collection::vec(prop::collection::vec(gen_strategy(DISK_SECTORS, 12, 1..5), 1..5), 1..4),
         actions in prop::collection::vec(action_strategy(3), 10..60),
         seed in any::<u64>(),
     ) {

@@ -158,23 +158,6 @@ fn trouble() -> impl Strategy<Value = Trouble> {
     ]
 }
 
-fn write_strategy() -> impl Strategy<Value = Write> {
-    (0..DISK_SECTORS, 1u64..2500, any::<bool>(), 1u8..250).prop_map(|(at, len, zero, seed)| Write {
-        at,
-        len: len.min(DISK_SECTORS - at),
-        zero: zero && seed % 3 == 0,
-        seed,
-    })
-}
-
-fn gen_strategy() -> impl Strategy<Value = GenSpec> {
-    (
-        prop::bool::weighted(0.1),
-        prop::collection::vec(write_strategy(), 1..4),
-    )
-        .prop_map(|(base, writes)| GenSpec { base, writes })
-}
-
 async fn run_case(specs: Vec<Vec<GenSpec>>, troubles: Vec<Trouble>) -> Result<(), TestCaseError> {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
@@ -272,7 +255,7 @@ proptest! {
     /// them: every point reads back as its disk was at its generation.
     #[test]
     fn every_point_reads_back_as_its_generation(
-        specs in prop::collection::vec(prop::collection::vec(gen_strategy(), 1..6), 2..4),
+        specs in prop::collection::vec(prop::collection::vec(gen_strategy(DISK_SECTORS, 2500, 1..4), 1..6), 2..4),
         troubles in prop::collection::vec(trouble(), 1..6),
     ) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

@@ -16,17 +16,23 @@ pub fn sender(stack: &LocalStack, args: &[&str]) -> Command {
     c
 }
 
-/// Runs the sender with `--json` and returns its summary; panics with its stderr on failure.
-pub fn send_ok(stack: &LocalStack, args: &[&str]) -> serde_json::Value {
-    let out = sender(stack, args)
-        .arg("--json")
+/// Runs `cmd` to the end; panics with its stderr unless it succeeded.
+pub fn run_ok(cmd: &mut Command) -> std::process::Output {
+    let out = cmd
         .output()
-        .expect("run sender");
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
-        "sender failed: {}",
+        "{:?} failed: {}",
+        cmd.get_program(),
         String::from_utf8_lossy(&out.stderr)
     );
+    out
+}
+
+/// Runs the sender with `--json` and returns its summary; panics with its stderr on failure.
+pub fn send_ok(stack: &LocalStack, args: &[&str]) -> serde_json::Value {
+    let out = run_ok(sender(stack, args).arg("--json"));
     serde_json::from_slice(&out.stdout).expect("JSON summary on stdout")
 }
 

@@ -9,7 +9,7 @@
 use pilotlight_cloud::ebs::{EbsApi, SdkEbs, SnapshotFilter, SnapshotStatus};
 use pilotlight_protocol::points::{tag, Point};
 use pilotlight_protocol::DiskId;
-use pilotlight_tests::cli::{applied, dr, receiver, s, send_ok};
+use pilotlight_tests::cli::{applied, dr, receiver, run_ok, s, send_ok};
 use pilotlight_tests::disk::{create_sparse, powercli_list, scribble, MIB};
 use pilotlight_tests::stack::{emulator, LocalStack};
 use std::path::Path;
@@ -54,14 +54,7 @@ fn send_disk(stack: &LocalStack, dir: &Path, name: &str, k: u64, count: usize, t
 }
 
 fn sync(stack: &LocalStack, rx: &Path) {
-    let out = receiver(stack, "sync", rx, &["--stack", "e2e"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(&mut receiver(stack, "sync", rx, &["--stack", "e2e"]));
 }
 
 /// A point's disk as moto serves it: its ancestors' blocks (by the parent tags, oldest
@@ -113,18 +106,11 @@ async fn five_generations_of_a_two_disk_vm_are_five_vm_points_that_read_back() {
         Some(6)
     );
 
-    let out = dr(
+    let out = run_ok(&mut dr(
         &stack,
         "ok",
         &["points", "--site", "site1", "--vm", "vm1", "--json"],
-    )
-    .output()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ));
     let points: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(points.len(), 5, "{points:#?}");
     let ebs = emulator(&stack.endpoint).await.ebs();
@@ -134,24 +120,25 @@ async fn five_generations_of_a_two_disk_vm_are_five_vm_points_that_read_back() {
         assert_eq!(ds.len(), 2);
         for (d, want) in ds.iter().zip(disks) {
             let got = read_back(&ebs, d["snapshot_id"].as_str().unwrap()).await;
+            let bad = differing_blocks(&got, want);
             assert!(
-                got == *want,
-                "{} at {t} differs from the disk then",
+                bad.is_empty(),
+                "{} at {t}: blocks {bad:?} differ",
                 d["disk"]
             );
         }
     }
     // The text form names each disk's generation and snapshot.
-    let out = dr(&stack, "ok", &["points", "--site", "site1", "--vm", "vm1"])
-        .output()
-        .unwrap();
+    let out = run_ok(&mut dr(
+        &stack,
+        "ok",
+        &["points", "--site", "site1", "--vm", "vm1"],
+    ));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with("site1/vm1 2026-11-29T10:25:00Z"), "{text}");
     assert_eq!(text.matches("generation 5").count(), 2, "{text}");
     // The receiver lists the same.
-    let out = receiver(&stack, "points", &rx, &["--json"])
-        .output()
-        .unwrap();
+    let out = run_ok(&mut receiver(&stack, "points", &rx, &["--json"]));
     let same: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(same, points);
 }

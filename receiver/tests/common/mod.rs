@@ -4,10 +4,10 @@
 
 use chrono::DateTime;
 use pilotlight_protocol::{
-    Consistency, DataObject, DiskId, Encoding, Extent, Manifest, ObjectKey, Prefix, Sha256Hex,
-    FORMAT_VERSION,
+    DataObject, DiskId, Encoding, Extent, Manifest, ObjectKey, Prefix, Sha256Hex,
 };
 use pilotlight_receiver::engine::EngineConfig;
+use proptest::prelude::*;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -38,6 +38,32 @@ pub struct Write {
 pub struct GenSpec {
     pub base: bool,
     pub writes: Vec<Write>,
+}
+
+/// A write of up to `max_len` sectors inside a disk of `disk_sectors`; about one in eight
+/// writes zeroes.
+pub fn write_strategy(disk_sectors: u64, max_len: u64) -> impl Strategy<Value = Write> {
+    (0..disk_sectors, 1..max_len, any::<bool>(), 1u8..250).prop_map(move |(at, len, zero, seed)| {
+        Write {
+            at,
+            len: len.min(disk_sectors - at),
+            zero: zero && seed % 4 == 0,
+            seed,
+        }
+    })
+}
+
+/// A generation of `writes` such writes; one in ten a base.
+pub fn gen_strategy(
+    disk_sectors: u64,
+    max_len: u64,
+    writes: std::ops::Range<usize>,
+) -> impl Strategy<Value = GenSpec> {
+    (
+        prop::bool::weighted(0.1),
+        prop::collection::vec(write_strategy(disk_sectors, max_len), writes),
+    )
+        .prop_map(|(base, writes)| GenSpec { base, writes })
 }
 
 pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
@@ -77,21 +103,15 @@ pub fn build_chain(d: usize, specs: &[GenSpec], disk_sectors: u64) -> Chain {
                 sectors.insert(w.at + s, v);
             }
         }
-        let mut m = Manifest {
-            format_version: FORMAT_VERSION,
-            disk: disk(d),
-            generation: g,
-            parent: if base { None } else { Some(g - 1) },
-            disk_size: size,
-            max_object: 8 * SECTOR,
-            source_kind: "test".into(),
-            source_change_id: None,
-            snapshot_time: DateTime::from_timestamp(1_700_000_000 + g as i64, 0).unwrap(),
-            consistency: Consistency::Crash,
-            objects: vec![],
-            zero_ranges: vec![],
-            created_by: "test".into(),
-        };
+        let mut m = Manifest::new(
+            disk(d),
+            g,
+            if base { None } else { Some(g - 1) },
+            size,
+            DateTime::from_timestamp(1_700_000_000 + g as i64, 0).unwrap(),
+            "test",
+        );
+        m.max_object = 8 * SECTOR;
         let mut objects = vec![];
         // Runs of consecutive sectors of the same kind; data runs split at max_object.
         let mut run: Option<(u64, u64, bool, Vec<u8>)> = None;
