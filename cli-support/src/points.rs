@@ -32,8 +32,8 @@ pub async fn list<E: EbsApi>(
     Ok(vm_points(&points))
 }
 
-/// One block per VM point: time, age, consistency, then each disk's generation and
-/// snapshot (and `held` when a DR run holds it).
+/// One block per VM point: time, age, consistency, then each disk's generation,
+/// snapshot and size written (and `held` when a DR run holds it).
 pub fn render(points: &[VmPoint], now: DateTime<Utc>) -> String {
     if points.is_empty() {
         return "no recovery points\n".into();
@@ -52,12 +52,16 @@ pub fn render(points: &[VmPoint], now: DateTime<Utc>) -> String {
             p.consistency
         );
         for d in &p.disks {
+            let written = d.blocks_written.map_or(String::new(), |b| {
+                format!(", {:.1} MiB written", (b * 512) as f64 / 1024.0)
+            });
             let _ = writeln!(
                 out,
-                "  {:<16} generation {:<6} {}{}",
+                "  {:<16} generation {:<6} {}{}{}",
                 d.disk.disk.as_str(),
                 d.generation,
                 d.snapshot_id,
+                written,
                 if d.hold { " (held)" } else { "" }
             );
         }

@@ -489,7 +489,7 @@ class AwsRules(unittest.TestCase):
 
         def unscoped(res, _):
             for st in res["ReceiverPointsPolicy"]["Properties"]["PolicyDocument"]["Statement"]:
-                if st.get("Sid") == "PruneOwnPoints":
+                if st.get("Sid") == "PruneAndTagOwnPoints":
                     st.pop("Condition")
         self.assertTrue(points_beyond_own_stack(self.mutated(unscoped), code))
         # The code renaming its tag key breaks the policy's scoping: caught.

@@ -31,6 +31,9 @@ pub mod tag {
     pub const STACK: &str = "pilotlight:stack";
     /// The parent point's snapshot id, or `none` for a full point.
     pub const PARENT: &str = "pilotlight:parent";
+    /// Blocks the point wrote (tagged once it is completed; absent on points recorded
+    /// after a restart).
+    pub const BLOCKS: &str = "pilotlight:blocks";
     /// Set by a DR run that uses the point: retention never deletes it.
     pub const HOLD: &str = "pilotlight:hold";
     /// RFC 3339: the point is locked (EBS Snapshot Lock) until then; never deleted before.
@@ -102,6 +105,8 @@ pub struct Point {
     pub hold: bool,
     /// Locked against deletion until then (EBS Snapshot Lock).
     pub locked_until: Option<DateTime<Utc>>,
+    /// 512 KiB blocks written into this point, when known.
+    pub blocks_written: Option<u64>,
 }
 
 fn display<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -128,6 +133,7 @@ impl Point {
             stack: get(tag::STACK).unwrap_or_default().to_string(),
             parent: get(tag::PARENT).filter(|p| *p != "none").map(String::from),
             hold: tags.contains_key(tag::HOLD),
+            blocks_written: get(tag::BLOCKS).and_then(|b| b.parse().ok()),
             locked_until: get(tag::LOCKED_UNTIL)
                 .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
                 .map(|t| t.with_timezone(&Utc)),
@@ -267,6 +273,7 @@ mod tests {
             parent: None,
             hold: false,
             locked_until: None,
+            blocks_written: None,
         }
     }
 

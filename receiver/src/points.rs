@@ -321,8 +321,13 @@ impl<E: EbsApi + 'static> PointWriter<E> {
             SnapshotStatus::Error => return Err(self.failed(&sid).await),
             SnapshotStatus::Pending => self.settle(&sid).await?,
         }
-        self.record(st, paths, &due, sid, Some(digests.len() as u64))
-            .map(Some)
+        // What it wrote, for `points` (the size of each point); only informational.
+        let n = digests.len() as u64;
+        let tags = [(tag::BLOCKS.to_string(), n.to_string())];
+        if let Err(e) = self.retrying(|| self.ebs.create_tags(&sid, &tags)).await {
+            tracing::warn!(snapshot = %sid, "cannot tag the point with its block count: {e}");
+        }
+        self.record(st, paths, &due, sid, Some(n)).map(Some)
     }
 
     /// The previous point, when this point can be written on top of it: it holds exactly

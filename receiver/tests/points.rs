@@ -343,6 +343,11 @@ async fn five_generations_of_a_two_disk_vm_are_five_vm_points() {
         snap.written.keys().copied().collect::<Vec<_>>(),
         vec![1, 2, 6]
     );
+    assert_eq!(
+        g2.blocks_written,
+        Some(3),
+        "the listing says what the point wrote"
+    );
     // Deleting generation 3's points (a parent) leaves 4 and 5 reading back whole.
     for d in &vm[2].disks {
         ebs.delete_snapshot(&d.snapshot_id).await.unwrap();

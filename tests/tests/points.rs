@@ -137,6 +137,7 @@ async fn five_generations_of_a_two_disk_vm_are_five_vm_points_that_read_back() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with("site1/vm1 2026-11-29T10:25:00Z"), "{text}");
     assert_eq!(text.matches("generation 5").count(), 2, "{text}");
+    assert_eq!(text.matches("MiB written").count(), 10, "{text}");
     // The receiver lists the same.
     let out = run_ok(&mut receiver(&stack, "points", &rx, &["--json"]));
     let same: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();

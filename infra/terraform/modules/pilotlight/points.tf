@@ -30,8 +30,8 @@ data "aws_iam_policy_document" "receiver_points_policy" {
     resources = ["*"]
   }
   statement {
-    sid       = "PruneOwnPoints"
-    actions   = ["ec2:DeleteSnapshot"]
+    sid       = "PruneAndTagOwnPoints"
+    actions   = ["ec2:DeleteSnapshot", "ec2:CreateTags"]
     resources = ["arn:${local.partition}:ec2:${local.region}::snapshot/*"]
     condition {
       test     = "StringEquals"
@@ -54,12 +54,12 @@ resource "aws_iam_role_policy_attachment" "receiver_points_policy" {
   policy_arn = aws_iam_policy.receiver_points_policy[0].arn
 }
 
-# Locking the daily points, and tagging them with the lock's end (so pruning never
-# offers a locked point for deletion): only the stack's own points.
+# Locking the daily points (their tag with the lock's end, so pruning never offers a
+# locked point for deletion, is ec2:CreateTags above): only the stack's own points.
 data "aws_iam_policy_document" "receiver_point_lock_policy" {
   statement {
     sid       = "LockOwnPoints"
-    actions   = ["ec2:LockSnapshot", "ec2:CreateTags"]
+    actions   = ["ec2:LockSnapshot"]
     resources = ["arn:${local.partition}:ec2:${local.region}::snapshot/*"]
     condition {
       test     = "StringEquals"
