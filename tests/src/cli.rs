@@ -59,16 +59,21 @@ pub fn running_receiver(
     reconcile_every: &str,
     log: &Path,
 ) -> Running {
+    running_receiver_with(
+        stack,
+        dir,
+        &["--queue-url", queue, "--reconcile-every", reconcile_every],
+        log,
+    )
+}
+
+/// `pilotlight-receiver run ARGS`, its log in `log`; killed when the result is dropped.
+pub fn running_receiver_with(stack: &LocalStack, dir: &Path, args: &[&str], log: &Path) -> Running {
     Running(
-        receiver(
-            stack,
-            "run",
-            dir,
-            &["--queue-url", queue, "--reconcile-every", reconcile_every],
-        )
-        .stderr(std::fs::File::create(log).expect("create the receiver log"))
-        .spawn()
-        .expect("start pilotlight-receiver"),
+        receiver(stack, "run", dir, args)
+            .stderr(std::fs::File::create(log).expect("create the receiver log"))
+            .spawn()
+            .expect("start pilotlight-receiver"),
     )
 }
 
@@ -97,11 +102,14 @@ impl Drop for Running {
 
 /// The generation a receiver's state says its image holds.
 pub fn applied(dir: &Path, disk: &DiskId) -> Option<u64> {
+    receiver_state(dir, disk).applied
+}
+
+/// The receiver's state of `disk` under `dir`.
+pub fn receiver_state(dir: &Path, disk: &DiskId) -> pilotlight_receiver::state::DiskState {
     let paths =
         pilotlight_receiver::state::DiskPaths::new(&dir.join("images"), &dir.join("state"), disk);
-    pilotlight_receiver::state::load(&paths, disk)
-        .expect("receiver state readable")
-        .applied
+    pilotlight_receiver::state::load(&paths, disk).expect("receiver state readable")
 }
 
 /// The receiver's image of `disk` under `dir`.
@@ -113,16 +121,9 @@ pub fn s(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
 }
 
-/// The sender's flags for the test disk `site1/vm1/disk0`: its id, state and file.
-pub fn disk_args<'a>(state: &'a Path, disk: &'a Path) -> [&'a str; 6] {
-    [
-        "--disk-id",
-        "site1/vm1/disk0",
-        "--state-dir",
-        s(state),
-        "--disk",
-        s(disk),
-    ]
+/// The sender's flags for a test disk: its id, state and file.
+pub fn disk_args<'a>(id: &'a str, state: &'a Path, disk: &'a Path) -> [&'a str; 6] {
+    ["--disk-id", id, "--state-dir", s(state), "--disk", s(disk)]
 }
 
 /// Writes generation `k` of the disk `site1/vm1/disk0` in `dir` and sends it: `count`
@@ -143,7 +144,7 @@ pub fn send_generation(
     let w = scribble(&f, size, count, seed);
     drop(f);
     let state = dir.join("sender-state");
-    let base = disk_args(&state, &disk);
+    let base = disk_args("site1/vm1/disk0", &state, &disk);
     let list = dir.join(format!("changes-{k}.txt"));
     let summary = if k == 1 {
         send_ok(stack, &[&base[..], &["--source", "full"]].concat())

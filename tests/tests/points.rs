@@ -9,7 +9,7 @@
 use pilotlight_cloud::ebs::{EbsApi, SdkEbs, SnapshotFilter, SnapshotStatus};
 use pilotlight_protocol::points::{tag, Point};
 use pilotlight_protocol::DiskId;
-use pilotlight_tests::cli::{applied, dr, receiver, run_ok, s, send_ok};
+use pilotlight_tests::cli::{applied, disk_args, dr, receiver, receiver_state, run_ok, s, send_ok};
 use pilotlight_tests::disk::{create_sparse, powercli_list, scribble, MIB};
 use pilotlight_tests::stack::{emulator, LocalStack};
 use std::path::Path;
@@ -31,16 +31,8 @@ fn send_disk(stack: &LocalStack, dir: &Path, name: &str, k: u64, count: usize, t
     drop(f);
     let state = dir.join(format!("{name}-state"));
     let id = format!("site1/vm1/{name}");
-    let mut args = vec![
-        "--disk-id",
-        &id,
-        "--state-dir",
-        s(&state),
-        "--disk",
-        s(&disk),
-        "--snapshot-time",
-        t,
-    ];
+    let mut args = disk_args(&id, &state, &disk).to_vec();
+    args.extend(["--snapshot-time", t]);
     let list = dir.join(format!("{name}-{k}.txt"));
     if k == 1 {
         args.extend(["--source", "full"]);
@@ -220,12 +212,7 @@ async fn sigkill_while_writing_points_leaves_no_incomplete_or_wrong_point() {
 
 /// The snapshot of the point under way, from the receiver's state.
 fn under_way(rx: &Path, id: &DiskId) -> Option<String> {
-    let paths =
-        pilotlight_receiver::state::DiskPaths::new(&rx.join("images"), &rx.join("state"), id);
-    pilotlight_receiver::state::load(&paths, id)
-        .ok()?
-        .point_due?
-        .snapshot_id
+    receiver_state(rx, id).point_due?.snapshot_id
 }
 
 /// The 512 KiB blocks where two disks differ.

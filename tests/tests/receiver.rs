@@ -3,7 +3,9 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use pilotlight_protocol::{DiskId, Manifest};
-use pilotlight_tests::cli::{applied, image_path, receiver, send_generation, Running};
+use pilotlight_tests::cli::{
+    applied, image_path, receiver, running_receiver_with, send_generation, Running,
+};
 use pilotlight_tests::disk::{sha256_file, MIB};
 use pilotlight_tests::poll_until;
 use pilotlight_tests::stack::LocalStack;
@@ -74,26 +76,21 @@ async fn duplicated_and_reordered_events_apply_in_order_byte_identical() {
         .all(|e| e.iter().any(|b| b.contains("manifest.json"))));
 
     let rx = tmp.path().join("rx");
-    let receiver_proc = Running(
-        receiver(
-            &stack,
-            "run",
-            &rx,
-            &[
-                "--queue-url",
-                &replay,
-                "--reconcile-every",
-                "off",
-                "--wait-seconds",
-                "1",
-                "--visibility-timeout",
-                "30",
-                "--prefetch",
-            ],
-        )
-        .stderr(std::fs::File::create(tmp.path().join("receiver.log")).unwrap())
-        .spawn()
-        .unwrap(),
+    let receiver_proc = running_receiver_with(
+        &stack,
+        &rx,
+        &[
+            "--queue-url",
+            &replay,
+            "--reconcile-every",
+            "off",
+            "--wait-seconds",
+            "1",
+            "--visibility-timeout",
+            "30",
+            "--prefetch",
+        ],
+        &tmp.path().join("receiver.log"),
     );
     let image = image_path(&rx, &disk_id());
     let inject = |k: usize, manifest: bool| {
@@ -495,7 +492,7 @@ async fn a_v1_generation_then_packed_v2_ones_apply_to_the_byte() {
     let size = 64 * MIB;
     let f = create_sparse(&disk, size);
     scribble(&f, size, 40, 3);
-    let base = disk_args(&state, &disk);
+    let base = disk_args("site1/vm1/disk0", &state, &disk);
     let v1 = send_ok(
         &stack,
         &[&base[..], &["--source", "full", "--no-pack"]].concat(),
@@ -580,7 +577,7 @@ async fn a_lost_sender_state_overwrites_nothing_and_rebase_continues() {
     std::fs::remove_dir_all(tmp.path().join("sender-state")).unwrap();
     let disk = tmp.path().join("disk.raw");
     let state = tmp.path().join("sender-state");
-    let base = disk_args(&state, &disk);
+    let base = disk_args("site1/vm1/disk0", &state, &disk);
     let out = sender(&stack, &[&base[..], &["--source", "full"]].concat())
         .output()
         .unwrap();

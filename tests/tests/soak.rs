@@ -14,7 +14,7 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use pilotlight_protocol::DiskId;
-use pilotlight_tests::cli::{applied, image_path, receiver, s, sender, Running};
+use pilotlight_tests::cli::{applied, disk_args, image_path, running_receiver_with, s, sender};
 use pilotlight_tests::disk::{create_sparse, sha256_file, MIB};
 use pilotlight_tests::stack::LocalStack;
 use rand::seq::SliceRandom;
@@ -74,15 +74,8 @@ fn send(stack: &LocalStack, d: &Disk, k: u64, extents: usize) -> u64 {
     drop(f);
     let state = d.dir.join("state");
     let id = d.id.to_string();
-    let mut args = vec![
-        "--disk-id",
-        &id,
-        "--state-dir",
-        s(&state),
-        "--disk",
-        s(&path),
-        "--json",
-    ];
+    let mut args = disk_args(&id, &state, &path).to_vec();
+    args.push("--json");
     let changes = d.dir.join(format!("changes-{k}.txt"));
     if k == 1 {
         args.extend(["--source", "full"]);
@@ -164,23 +157,18 @@ async fn soak_many_disks_one_receiver_all_equal_none_dead_lettered_none_starved(
         })
     };
     let rx = tmp.path().join("rx");
-    let proc = Running(
-        receiver(
-            &stack,
-            "run",
-            &rx,
-            &[
-                "--queue-url",
-                &replay,
-                "--reconcile-every",
-                "off",
-                "--wait-seconds",
-                "1",
-            ],
-        )
-        .stderr(std::fs::File::create(tmp.path().join("receiver.log")).unwrap())
-        .spawn()
-        .unwrap(),
+    let proc = running_receiver_with(
+        &stack,
+        &rx,
+        &[
+            "--queue-url",
+            &replay,
+            "--reconcile-every",
+            "off",
+            "--wait-seconds",
+            "1",
+        ],
+        &tmp.path().join("receiver.log"),
     );
     let pid = proc.0.id();
 
