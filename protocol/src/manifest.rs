@@ -43,6 +43,16 @@ pub enum Consistency {
     Application,
 }
 
+impl Consistency {
+    /// Its name in manifests (and in recovery points' tags).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Consistency::Crash => "crash",
+            Consistency::Application => "application",
+        }
+    }
+}
+
 /// A SHA-256 digest, written as 64 lowercase hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Sha256Hex(pub [u8; 32]);
@@ -549,6 +559,13 @@ mod tests {
         // The same rejection comes through the JSON path.
         assert_eq!(Manifest::from_json(&m.to_json()).unwrap_err(), err);
         err
+    }
+
+    #[test]
+    fn consistency_names_are_the_manifests() {
+        for c in [Consistency::Crash, Consistency::Application] {
+            assert_eq!(serde_json::to_value(c).unwrap(), c.as_str());
+        }
     }
 
     #[test]

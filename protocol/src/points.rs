@@ -10,6 +10,7 @@
 //!
 //! Nothing here does I/O.
 
+use crate::manifest::Consistency;
 use crate::names::{DiskId, Name};
 use chrono::{DateTime, Duration, DurationRound, SecondsFormat, Utc};
 use serde::Serialize;
@@ -129,7 +130,9 @@ impl Point {
             snapshot_time: DateTime::parse_from_rfc3339(get(tag::SNAPSHOT_TIME)?)
                 .ok()?
                 .with_timezone(&Utc),
-            consistency: get(tag::CONSISTENCY).unwrap_or("crash").to_string(),
+            consistency: get(tag::CONSISTENCY)
+                .unwrap_or(Consistency::Crash.as_str())
+                .to_string(),
             stack: get(tag::STACK).unwrap_or_default().to_string(),
             parent: get(tag::PARENT).filter(|p| *p != "none").map(String::from),
             hold: tags.contains_key(tag::HOLD),
@@ -185,10 +188,11 @@ pub fn vm_points(points: &[Point]) -> Vec<VmPoint> {
         }
         for t in common.unwrap_or_default().into_iter().rev() {
             let ps: Vec<Point> = disks.values().map(|times| times[&t].clone()).collect();
-            let consistency = if ps.iter().all(|p| p.consistency == "application") {
-                "application"
+            let app = Consistency::Application.as_str();
+            let consistency = if ps.iter().all(|p| p.consistency == app) {
+                app
             } else {
-                "crash"
+                Consistency::Crash.as_str()
             };
             out.push(VmPoint {
                 site: site.clone(),

@@ -197,11 +197,7 @@ pub struct PointWriter<E> {
 
 fn client_token(stack: &str, id: &DiskId, generation: u64, attempt: u32) -> String {
     let h = Sha256::digest(format!("{stack}\n{id}\n{generation}\n{attempt}"));
-    format!("pl-{}", &hex_lower(&h)[..48])
-}
-
-fn hex_lower(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    format!("pl-{}", &hex::encode(h)[..48])
 }
 
 fn save(paths: &DiskPaths, st: &DiskState) -> Result<(), PointError> {
@@ -271,7 +267,7 @@ impl<E: EbsApi + 'static> PointWriter<E> {
             disk: id.clone(),
             generation: due.generation,
             snapshot_time: due.snapshot_time,
-            consistency: consistency_name(due.consistency).into(),
+            consistency: due.consistency.as_str().into(),
             change_id: due.change_id.clone(),
             stack: self.cfg.stack.clone(),
             parent: parent.as_ref().map(|p| p.snapshot_id.clone()),
@@ -663,13 +659,6 @@ pub fn read_block(
     file.read_exact_at(&mut buf[..n], at)?;
     let digest: [u8; 32] = Sha256::digest(&buf).into();
     Ok((Bytes::from(buf), digest))
-}
-
-fn consistency_name(c: Consistency) -> &'static str {
-    match c {
-        Consistency::Crash => "crash",
-        Consistency::Application => "application",
-    }
 }
 
 #[cfg(test)]
