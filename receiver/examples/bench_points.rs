@@ -17,6 +17,7 @@ use pilotlight_protocol::points::Tiers;
 use pilotlight_protocol::{Consistency, DiskId, Extent};
 use pilotlight_receiver::points::{block_ranges, read_block, PointDue, PointWriter, PointsConfig};
 use pilotlight_receiver::state::{DiskPaths, DiskState};
+use rand::{Rng, SeedableRng};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -57,16 +58,10 @@ fn args() -> Args {
 fn make_image(path: &Path, extents: &[Extent]) {
     let f = std::fs::File::create(path).unwrap();
     f.set_len(8 * GIB).unwrap();
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     for e in extents {
-        let buf: Vec<u8> = (0..e.length)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let mut buf = vec![0u8; e.length as usize];
+        rng.fill(&mut buf[..]);
         f.write_all_at(&buf, e.offset).unwrap();
     }
     f.sync_all().unwrap();
