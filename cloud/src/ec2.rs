@@ -91,6 +91,124 @@ pub struct LaunchRequest {
     /// with the same parameters returns the instance already launched; with other
     /// parameters EC2 answers `IdempotentParameterMismatch`.
     pub client_token: String,
+    /// An EC2 launch template (id, version: a number, `$Latest` or `$Default`) as the
+    /// base; the fields above override it.
+    pub launch_template: Option<(String, String)>,
+    /// Require IMDSv2 (session tokens) on the instance.
+    pub imds_v2: bool,
+}
+
+/// One disk of an AMI registered from snapshots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockMapping {
+    /// `/dev/xvda`, `/dev/sdf`, ...
+    pub device_name: String,
+    pub snapshot_id: String,
+    pub volume_type: String,
+    pub delete_on_termination: bool,
+}
+
+/// An `ec2:RegisterImage` call for an EBS-backed AMI made of existing snapshots. EC2
+/// takes no client token for it: an AMI name is unique per account and region
+/// (`InvalidAMIName.Duplicate`), which is what makes a repeated call safe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegisterRequest {
+    /// 3 to 128 characters: letters, digits, `( ) [ ] . / - ' @ _` and space.
+    pub name: String,
+    pub description: String,
+    /// The boot disk's device; `mappings[0]` must be on it.
+    pub root_device_name: String,
+    pub mappings: Vec<BlockMapping>,
+    /// `x86_64` or `arm64`.
+    pub architecture: String,
+    /// `legacy-bios`, `uefi`, `uefi-preferred`.
+    pub boot_mode: Option<String>,
+    pub ena_support: bool,
+    /// `ImdsSupport = v2.0`: instances from it require IMDSv2.
+    pub imds_v2: bool,
+    pub tags: Vec<(String, String)>,
+}
+
+impl RegisterRequest {
+    /// What EC2 checks of the request itself (RegisterImage API reference).
+    pub fn check(&self) -> Result<(), CloudError> {
+        let bad = |code: &str, why: String| {
+            Err(ec2_error(
+                "RegisterImage",
+                ErrorKind::Invalid,
+                Some(code),
+                why,
+            ))
+        };
+        let name_ok = (3..=128).contains(&self.name.len())
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "()[]./-'@_ ".contains(c));
+        if !name_ok {
+            return bad(
+                "InvalidAMIName.Malformed",
+                format!(
+                    "AMI name {:?}: 3 to 128 letters, digits or ()[]./-'@_ and space",
+                    self.name
+                ),
+            );
+        }
+        if self.description.len() > 255 {
+            return bad(
+                "InvalidParameterValue",
+                "Description is longer than 255 characters".into(),
+            );
+        }
+        match self.mappings.first() {
+            Some(m) if m.device_name == self.root_device_name => {}
+            _ => {
+                return bad(
+                    "InvalidBlockDeviceMapping",
+                    format!("no mapping for the root device {}", self.root_device_name),
+                )
+            }
+        }
+        for (i, m) in self.mappings.iter().enumerate() {
+            if self.mappings[..i]
+                .iter()
+                .any(|o| o.device_name == m.device_name)
+            {
+                return bad(
+                    "InvalidBlockDeviceMapping",
+                    format!("device {} is mapped twice", m.device_name),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An instance's state and status checks, as `DescribeInstanceStatus` reports them
+/// (with `IncludeAllInstances`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceHealth {
+    /// `pending`, `running`, `stopping`, `stopped`, `shutting-down`, `terminated`.
+    pub state: String,
+    /// Instance reachability: `ok`, `impaired`, `initializing`, `insufficient-data`,
+    /// `not-applicable`.
+    pub instance_status: String,
+    /// System reachability, the same values.
+    pub system_status: String,
+}
+
+impl InstanceHealth {
+    pub fn passed(&self) -> bool {
+        self.state == "running" && self.instance_status == "ok" && self.system_status == "ok"
+    }
+    /// Will not pass by waiting longer.
+    pub fn failed(&self) -> bool {
+        matches!(
+            self.state.as_str(),
+            "stopping" | "stopped" | "shutting-down" | "terminated"
+        ) || self.instance_status == "impaired"
+            || self.system_status == "impaired"
+    }
 }
 
 /// The EC2 calls of the DR flow.
@@ -120,6 +238,27 @@ pub trait Ec2Api: Send + Sync {
         ids: &[String],
         tags: &[(String, String)],
     ) -> impl Future<Output = Result<(), CloudError>> + Send;
+    /// Registers an AMI from snapshots; returns its id.
+    fn register_image(
+        &self,
+        req: &RegisterRequest,
+    ) -> impl Future<Output = Result<String, CloudError>> + Send;
+    /// The id of this account's AMI of that name, if any (DescribeImages, Owners=self).
+    fn find_image(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<String>, CloudError>> + Send;
+    /// The instance's state and status checks (`None`: no status yet, or not found yet:
+    /// EC2 is eventually consistent right after a launch).
+    fn instance_health(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<InstanceHealth>, CloudError>> + Send;
+    /// The instance's console output, decoded (`None` when there is none yet).
+    fn console_output(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<String>, CloudError>> + Send;
 }
 
 /// What [`MemoryEc2`] holds.
@@ -134,6 +273,18 @@ pub struct MemoryEc2State {
     pub launch_tokens: BTreeMap<String, String>,
     /// Tags added by CreateTags, by resource id.
     pub tags: BTreeMap<String, BTreeMap<String, String>>,
+    /// RegisterImage requests as made, by AMI id.
+    pub registered: BTreeMap<String, RegisterRequest>,
+    /// Instance health to answer, by instance id or `*` for any (default: running, both
+    /// checks ok).
+    pub health: BTreeMap<String, InstanceHealth>,
+    /// Console output to answer, by instance id or `*` for any.
+    pub console: BTreeMap<String, String>,
+    /// Launch templates that exist (`lt-...`); any other is `NotFound`.
+    pub launch_templates: Vec<String>,
+    /// Snapshots RegisterImage accepts (beside those made by `create_snapshot`): point
+    /// snapshots of the in-memory EBS. `None`: any id.
+    pub known_snapshots: Option<Vec<String>>,
 }
 
 /// EC2 in memory (unit tests). Like the emulator, it has no `ImportImage`: wrap it in
@@ -214,6 +365,19 @@ impl Ec2Api for MemoryEc2 {
                 "ClientToken must be 1 to 64 ASCII characters",
             ));
         }
+        if let Some((lt, _)) = &req.launch_template {
+            let known = lock(&self.state).launch_templates.contains(lt);
+            if !known {
+                return Err(ec2_error(
+                    "RunInstances",
+                    ErrorKind::NotFound,
+                    Some("InvalidLaunchTemplateId.NotFound"),
+                    format!(
+                        "The specified launch template, with template ID {lt}, does not exist."
+                    ),
+                ));
+            }
+        }
         self.call("RunInstances", |s| {
             // As EC2 documents: the same token and parameters return the first launch.
             if let Some(id) = s.launch_tokens.get(&req.client_token) {
@@ -257,6 +421,75 @@ impl Ec2Api for MemoryEc2 {
                 let t = s.tags.entry(id.clone()).or_default();
                 t.extend(tags.iter().cloned());
             }
+        })
+    }
+    async fn register_image(&self, req: &RegisterRequest) -> Result<String, CloudError> {
+        req.check()?;
+        self.call("RegisterImage", |s| {
+            if s.registered.values().any(|r| r.name == req.name) {
+                return Err(ec2_error(
+                    "RegisterImage",
+                    ErrorKind::Invalid,
+                    Some("InvalidAMIName.Duplicate"),
+                    format!("AMI name {} is already in use by an AMI", req.name),
+                ));
+            }
+            for m in &req.mappings {
+                let known = s.snapshots.contains(&m.snapshot_id)
+                    || s.known_snapshots
+                        .as_ref()
+                        .is_none_or(|k| k.contains(&m.snapshot_id));
+                if !known {
+                    return Err(ec2_error(
+                        "RegisterImage",
+                        ErrorKind::NotFound,
+                        Some("InvalidSnapshot.NotFound"),
+                        format!("The snapshot '{}' does not exist.", m.snapshot_id),
+                    ));
+                }
+            }
+            let id = format!("ami-{:017x}", s.images.len() + s.registered.len() + 1);
+            s.images.insert(id.clone(), req.name.clone());
+            s.registered.insert(id.clone(), req.clone());
+            s.tags
+                .entry(id.clone())
+                .or_default()
+                .extend(req.tags.iter().cloned());
+            Ok(id)
+        })?
+    }
+    async fn find_image(&self, name: &str) -> Result<Option<String>, CloudError> {
+        self.call("DescribeImages", |s| {
+            s.registered
+                .iter()
+                .find(|(id, r)| r.name == name && s.images.contains_key(*id))
+                .map(|(id, _)| id.clone())
+        })
+    }
+    async fn instance_health(&self, id: &str) -> Result<Option<InstanceHealth>, CloudError> {
+        self.call("DescribeInstanceStatus", |s| {
+            if !s.instances.contains_key(id) {
+                return None;
+            }
+            let terminated = s.terminated.iter().any(|t| t == id);
+            Some(match s.health.get(id).or_else(|| s.health.get("*")) {
+                Some(h) => h.clone(),
+                None if terminated => InstanceHealth {
+                    state: "terminated".into(),
+                    instance_status: "not-applicable".into(),
+                    system_status: "not-applicable".into(),
+                },
+                None => InstanceHealth {
+                    state: "running".into(),
+                    instance_status: "ok".into(),
+                    system_status: "ok".into(),
+                },
+            })
+        })
+    }
+    async fn console_output(&self, id: &str) -> Result<Option<String>, CloudError> {
+        self.call("GetConsoleOutput", |s| {
+            s.console.get(id).or_else(|| s.console.get("*")).cloned()
         })
     }
 }
@@ -390,6 +623,18 @@ mod sdk {
                 .client_token(&req.client_token)
                 .tag_specifications(tag_spec(ResourceType::Instance, &req.tags))
                 .tag_specifications(tag_spec(ResourceType::Volume, &req.tags))
+                .set_launch_template(req.launch_template.as_ref().map(|(id, version)| {
+                    aws_sdk_ec2::types::LaunchTemplateSpecification::builder()
+                        .launch_template_id(id)
+                        .version(version)
+                        .build()
+                }))
+                .set_metadata_options(req.imds_v2.then(|| {
+                    aws_sdk_ec2::types::InstanceMetadataOptionsRequest::builder()
+                        .http_tokens(aws_sdk_ec2::types::HttpTokensState::Required)
+                        .http_endpoint(aws_sdk_ec2::types::InstanceMetadataEndpointState::Enabled)
+                        .build()
+                }))
                 .send()
                 .await
                 .map_err(|e| ec2_err("RunInstances", &e))?;
@@ -456,6 +701,127 @@ mod sdk {
                 .map_err(|e| ec2_err("CreateTags", &e))?;
             Ok(())
         }
+
+        async fn register_image(&self, req: &RegisterRequest) -> Result<String, CloudError> {
+            use aws_sdk_ec2::types::{
+                ArchitectureValues, BlockDeviceMapping, BootModeValues, EbsBlockDevice,
+                ImdsSupportValues, ResourceType, VolumeType,
+            };
+            req.check()?;
+            let mappings = req
+                .mappings
+                .iter()
+                .map(|m| {
+                    BlockDeviceMapping::builder()
+                        .device_name(&m.device_name)
+                        .ebs(
+                            EbsBlockDevice::builder()
+                                .snapshot_id(&m.snapshot_id)
+                                .volume_type(VolumeType::from(m.volume_type.as_str()))
+                                .delete_on_termination(m.delete_on_termination)
+                                .build(),
+                        )
+                        .build()
+                })
+                .collect();
+            let out = self
+                .client
+                .register_image()
+                .name(&req.name)
+                .description(&req.description)
+                .root_device_name(&req.root_device_name)
+                .set_block_device_mappings(Some(mappings))
+                .architecture(ArchitectureValues::from(req.architecture.as_str()))
+                .virtualization_type("hvm")
+                .set_boot_mode(req.boot_mode.as_deref().map(BootModeValues::from))
+                .ena_support(req.ena_support)
+                .set_imds_support(req.imds_v2.then_some(ImdsSupportValues::V20))
+                .tag_specifications(tag_spec(ResourceType::Image, &req.tags))
+                .send()
+                .await
+                .map_err(|e| ec2_err("RegisterImage", &e))?;
+            out.image_id.ok_or_else(|| {
+                ec2_error(
+                    "RegisterImage",
+                    ErrorKind::Invalid,
+                    None,
+                    "no ImageId in the answer",
+                )
+            })
+        }
+
+        async fn find_image(&self, name: &str) -> Result<Option<String>, CloudError> {
+            let out = self
+                .client
+                .describe_images()
+                .owners("self")
+                .filters(
+                    aws_sdk_ec2::types::Filter::builder()
+                        .name("name")
+                        .values(name)
+                        .build(),
+                )
+                .send()
+                .await
+                .map_err(|e| ec2_err("DescribeImages", &e))?;
+            Ok(out
+                .images()
+                .iter()
+                .find(|i| i.name() == Some(name))
+                .and_then(|i| i.image_id().map(String::from)))
+        }
+
+        async fn instance_health(&self, id: &str) -> Result<Option<InstanceHealth>, CloudError> {
+            let out = match self
+                .client
+                .describe_instance_status()
+                .instance_ids(id)
+                .include_all_instances(true)
+                .send()
+                .await
+            {
+                Ok(out) => out,
+                Err(e) => {
+                    let e = ec2_err("DescribeInstanceStatus", &e);
+                    // Right after RunInstances EC2 may not know the id yet.
+                    if e.code.as_deref() == Some("InvalidInstanceID.NotFound") {
+                        return Ok(None);
+                    }
+                    return Err(e);
+                }
+            };
+            Ok(out.instance_statuses().first().map(|s| InstanceHealth {
+                state: s
+                    .instance_state()
+                    .and_then(|st| st.name())
+                    .map_or("unknown".into(), |n| n.as_str().to_string()),
+                instance_status: s
+                    .instance_status()
+                    .and_then(|x| x.status())
+                    .map_or("insufficient-data".into(), |n| n.as_str().to_string()),
+                system_status: s
+                    .system_status()
+                    .and_then(|x| x.status())
+                    .map_or("insufficient-data".into(), |n| n.as_str().to_string()),
+            }))
+        }
+
+        async fn console_output(&self, id: &str) -> Result<Option<String>, CloudError> {
+            use base64::Engine;
+            let out = self
+                .client
+                .get_console_output()
+                .instance_id(id)
+                .send()
+                .await
+                .map_err(|e| ec2_err("GetConsoleOutput", &e))?;
+            Ok(out.output().map(|b64| {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(b64.trim())
+                    .unwrap_or_else(|_| b64.as_bytes().to_vec());
+                String::from_utf8_lossy(&bytes).into_owned()
+            }))
+        }
     }
 }
 
@@ -473,6 +839,8 @@ mod tests {
             private_ip: None,
             tags: vec![],
             client_token: token.into(),
+            launch_template: None,
+            imds_v2: false,
         }
     }
 

@@ -37,6 +37,12 @@ pub mod tag {
     pub const BLOCKS: &str = "pilotlight:blocks";
     /// Set by a DR run that uses the point: retention never deletes it.
     pub const HOLD: &str = "pilotlight:hold";
+
+    /// The hold of one DR run: `pilotlight:hold:{run id}` (value `1`). A key per run, so
+    /// two runs holding one point never release each other's hold.
+    pub fn hold(run_id: &str) -> String {
+        format!("{HOLD}:{run_id}")
+    }
     /// RFC 3339: the point is locked (EBS Snapshot Lock) until then; never deleted before.
     pub const LOCKED_UNTIL: &str = "pilotlight:locked-until";
     pub const NAME: &str = "Name";
@@ -135,7 +141,9 @@ impl Point {
                 .to_string(),
             stack: get(tag::STACK).unwrap_or_default().to_string(),
             parent: get(tag::PARENT).filter(|p| *p != "none").map(String::from),
-            hold: tags.contains_key(tag::HOLD),
+            hold: tags
+                .keys()
+                .any(|k| k == tag::HOLD || k.starts_with(&format!("{}:", tag::HOLD))),
             blocks_written: get(tag::BLOCKS).and_then(|b| b.parse().ok()),
             locked_until: get(tag::LOCKED_UNTIL)
                 .and_then(|t| DateTime::parse_from_rfc3339(t).ok())

@@ -522,6 +522,7 @@ async fn two_advancers_racing_against_the_emulator_make_one_import_one_instance_
             prefix: "pilotlight-dr/simulated-imports/".into(),
             fail: None,
         },
+        ebs: pilotlight_cloud::ebs::NoEbs,
         cfg: DrConfig::new(&stack.bucket, prefix.clone()),
     };
     // A committed generation (start resolves it by its manifest).

@@ -2,7 +2,10 @@
 
 use crate::handler::{DrConfig, DrEnv};
 use crate::sim::SimulatedImport;
-use pilotlight_cloud::ec2::{Ec2Api, ImportRequest, ImportTask, LaunchRequest, SdkEc2};
+use pilotlight_cloud::ebs::SdkEbs;
+use pilotlight_cloud::ec2::{
+    Ec2Api, ImportRequest, ImportTask, InstanceHealth, LaunchRequest, RegisterRequest, SdkEc2,
+};
 use pilotlight_cloud::s3::SdkS3;
 use pilotlight_cloud::{Aws, AwsSettings, CloudError};
 use pilotlight_protocol::Prefix;
@@ -48,6 +51,12 @@ pub struct DrSettings {
     /// encrypted with the account's EBS default key.
     #[arg(long, env = "PILOTLIGHT_DR_KMS_KEY")]
     pub kms_key: Option<String>,
+    /// Use only this stack's recovery points (their `pilotlight:stack` tag).
+    #[arg(long, env = "PILOTLIGHT_DR_STACK")]
+    pub stack: Option<String>,
+    /// How long a launched instance may take to pass its status checks.
+    #[arg(long, env = "PILOTLIGHT_DR_VERIFY_TIMEOUT", default_value = "20m", value_parser = humantime::parse_duration)]
+    pub verify_timeout: Duration,
     /// AWS endpoint URL (the local emulator).
     #[arg(long, env = "PILOTLIGHT_ENDPOINT_URL")]
     pub endpoint_url: Option<String>,
@@ -88,6 +97,8 @@ impl DrSettings {
         c.drill_subnet_id = self.drill_subnet.clone();
         c.drill_security_group_ids = self.drill_security_groups.clone();
         c.kms_key_id = self.kms_key.clone().filter(|k| !k.is_empty());
+        c.stack = self.stack.clone().filter(|k| !k.is_empty());
+        c.verify_timeout = self.verify_timeout;
         Ok(c)
     }
 
@@ -100,7 +111,7 @@ impl DrSettings {
     }
 
     /// The handler's environment: clients for the bucket and EC2.
-    pub async fn env(&self) -> Result<DrEnv<SdkS3, AnyEc2>, ConfigError> {
+    pub async fn env(&self) -> Result<DrEnv<SdkS3, AnyEc2, SdkEbs>, ConfigError> {
         let cfg = self.dr_config()?;
         let aws = self.aws().await;
         let store = aws.s3(cfg.bucket.clone());
@@ -117,7 +128,12 @@ impl DrSettings {
                 fail: (mode != "ok" && !mode.is_empty()).then(|| mode.clone()),
             }),
         };
-        Ok(DrEnv { store, ec2, cfg })
+        Ok(DrEnv {
+            store,
+            ec2,
+            ebs: aws.ebs(),
+            cfg,
+        })
     }
 }
 
@@ -162,5 +178,17 @@ impl Ec2Api for AnyEc2 {
         tags: &[(String, String)],
     ) -> Result<(), CloudError> {
         both!(self, e => e.create_tags(ids, tags).await)
+    }
+    async fn register_image(&self, req: &RegisterRequest) -> Result<String, CloudError> {
+        both!(self, e => e.register_image(req).await)
+    }
+    async fn find_image(&self, name: &str) -> Result<Option<String>, CloudError> {
+        both!(self, e => e.find_image(name).await)
+    }
+    async fn instance_health(&self, id: &str) -> Result<Option<InstanceHealth>, CloudError> {
+        both!(self, e => e.instance_health(id).await)
+    }
+    async fn console_output(&self, id: &str) -> Result<Option<String>, CloudError> {
+        both!(self, e => e.console_output(id).await)
     }
 }

@@ -12,14 +12,15 @@
 //! ```
 
 use crate::model::{
-    Claim, DrRequest, ImportProgress, Phase, RecoveryPoint, Run, RunDisk, StartRequest, TAG_DRILL,
-    TAG_RUN,
+    Claim, DrRequest, ImportProgress, Method, Phase, RecoveryPoint, Run, RunDisk, SnapshotReady,
+    StartRequest, Verification, TAG_DRILL, TAG_RUN,
 };
 use chrono::{DateTime, Utc};
-use pilotlight_cloud::ec2::{Ec2Api, ImportRequest, LaunchRequest};
+use pilotlight_cloud::ebs::{EbsApi, NoEbs, SnapshotFilter, SnapshotStatus};
+use pilotlight_cloud::ec2::{BlockMapping, Ec2Api, ImportRequest, LaunchRequest, RegisterRequest};
 use pilotlight_cloud::{CloudError, ErrorKind, ObjectStore, PutOptions};
 use pilotlight_protocol::keys::{disk_prefix, generation_prefix};
-use pilotlight_protocol::points::time_tag;
+use pilotlight_protocol::points::{tag, time_tag, Point};
 use pilotlight_protocol::{
     DiskId, ExportFormat, ExportRequest, ExportResult, ExportStatus, Manifest, Name, ObjectKey,
     Prefix, EXPORT_VERSION, MAX_EXPORT_DOC_BYTES, MAX_MANIFEST_BYTES,
@@ -57,6 +58,12 @@ pub struct DrConfig {
     pub drill_security_group_ids: Vec<String>,
     /// Customer KMS key for imported snapshots; `None`: the account's EBS default key.
     pub kms_key_id: Option<String>,
+    /// Only recovery points of this stack (tag `pilotlight:stack`); `None`: any.
+    pub stack: Option<String>,
+    /// How long a launched instance may take to pass its status checks.
+    pub verify_timeout: Duration,
+    /// How long RegisterImage may keep failing for now before the run fails.
+    pub register_timeout: Duration,
 }
 
 impl DrConfig {
@@ -71,11 +78,23 @@ impl DrConfig {
             drill_subnet_id: None,
             drill_security_group_ids: Vec::new(),
             kms_key_id: None,
+            stack: None,
+            verify_timeout: Duration::from_secs(20 * 60),
+            register_timeout: Duration::from_secs(30 * 60),
         }
     }
 
     fn run_key(&self, run_id: &str) -> String {
         format!("{}{run_id}.json", self.runs_prefix)
+    }
+
+    /// Where a VM's snapshot-ready marker lives: beside the run records.
+    pub fn ready_key(&self, site: &str, vm: &str) -> String {
+        let base = self
+            .runs_prefix
+            .strip_suffix("runs/")
+            .unwrap_or(&self.runs_prefix);
+        format!("{base}ready/{site}/{vm}.json")
     }
 }
 
@@ -99,16 +118,18 @@ pub enum DrError {
 
 /// Everything a handler call needs.
 #[derive(Debug)]
-pub struct DrEnv<S, E> {
+pub struct DrEnv<S, E, B = NoEbs> {
     pub store: S,
     pub ec2: E,
+    /// The recovery points (EC2 DescribeSnapshots and tags on them).
+    pub ebs: B,
     pub cfg: DrConfig,
 }
 
 /// The Lambda's entry: a DR request, or the EventBridge schedule (which advances every
 /// unfinished run).
-pub async fn handle<S: ObjectStore, E: Ec2Api>(
-    env: &DrEnv<S, E>,
+pub async fn handle<S: ObjectStore, E: Ec2Api, B: EbsApi>(
+    env: &DrEnv<S, E, B>,
     event: Value,
 ) -> Result<Value, DrError> {
     if is_scheduled(&event) {
@@ -161,7 +182,7 @@ fn new_run_id(now: DateTime<Utc>, request: &Value) -> String {
 /// Saves the run over exactly the version it was read as (`If-Match`), or as a new
 /// record (`If-None-Match: *`): a caller that lost a race gets [`DrError::Conflict`] and
 /// has changed nothing.
-async fn save<S: ObjectStore, E>(env: &DrEnv<S, E>, run: &mut Run) -> Result<(), DrError> {
+async fn save<S: ObjectStore, E, B>(env: &DrEnv<S, E, B>, run: &mut Run) -> Result<(), DrError> {
     let key = env.cfg.run_key(&run.run_id);
     let body = serde_json::to_vec_pretty(run).map_err(|e| DrError::BadRun {
         key: key.clone(),
@@ -189,7 +210,7 @@ async fn save<S: ObjectStore, E>(env: &DrEnv<S, E>, run: &mut Run) -> Result<(),
     Ok(())
 }
 
-async fn load<S: ObjectStore, E>(env: &DrEnv<S, E>, run_id: &str) -> Result<Run, DrError> {
+async fn load<S: ObjectStore, E, B>(env: &DrEnv<S, E, B>, run_id: &str) -> Result<Run, DrError> {
     if Name::new(run_id).is_err() {
         return Err(DrError::NoSuchRun(run_id.into()));
     }
@@ -210,17 +231,16 @@ async fn load<S: ObjectStore, E>(env: &DrEnv<S, E>, run_id: &str) -> Result<Run,
 /// Starts a run: validates, resolves each disk's generation, asks the receiver for the
 /// exports, records the run. Returns at once; [`advance`] does the rest. An invalid
 /// request still gets a run record, `failed` with the reason.
-pub async fn start<S: ObjectStore, E: Ec2Api>(
-    env: &DrEnv<S, E>,
+pub async fn start<S: ObjectStore, E: Ec2Api, B: EbsApi>(
+    env: &DrEnv<S, E, B>,
     request: Value,
 ) -> Result<Run, DrError> {
     let now = Utc::now();
     let mut run = Run::new(new_run_id(now, &request), request.clone(), now);
-    run.enter(Phase::Exporting, now);
     let plan = match serde_json::from_value::<DrRequest>(request) {
         Ok(DrRequest::Start(req)) => match validate(&env.cfg, &req) {
             Ok(()) => match resolve(env, &req).await {
-                Ok(plan) => plan,
+                Ok(plan) => plan.map(|(d, t)| (d, t, req)),
                 // The bucket failed for now: no run is recorded as failed for that; the
                 // caller (the CLI, or whoever invoked) tries again.
                 Err(e) if e.is_transient() => return Err(DrError::Store(e)),
@@ -231,8 +251,14 @@ pub async fn start<S: ObjectStore, E: Ec2Api>(
         Ok(_) => Err("not a start request".into()),
         Err(e) => Err(format!("the request is not valid: {e}")),
     };
-    let disks = match plan {
-        Ok(d) => d,
+    let chosen = match plan {
+        Ok((disks, time, req)) => choose_method(env, &req, &disks, time)
+            .await?
+            .map(|c| (disks, time, c)),
+        Err(why) => Err(why),
+    };
+    let (disks, time, (method, why, snapshots)) = match chosen {
+        Ok(c) => c,
         Err(why) => {
             run.fail(why, Utc::now());
             if !run.dry_run {
@@ -241,6 +267,10 @@ pub async fn start<S: ObjectStore, E: Ec2Api>(
             return Ok(run);
         }
     };
+    run.method = Some(method);
+    run.method_reason = Some(why);
+    run.point_time = Some(time);
+    run.point_age_seconds = Some((now - time).num_milliseconds() as f64 / 1000.0);
     for (i, (disk, generation)) in disks.iter().enumerate() {
         run.disks.push(RunDisk {
             disk: disk.to_string(),
@@ -249,6 +279,7 @@ pub async fn start<S: ObjectStore, E: Ec2Api>(
             image_key: None,
             size: None,
             sha256: None,
+            snapshot_id: snapshots.as_ref().map(|s| s[i].clone()),
         });
     }
     if run.dry_run {
@@ -257,7 +288,54 @@ pub async fn start<S: ObjectStore, E: Ec2Api>(
         return Ok(run);
     }
     // Record the run before asking for anything, so whatever follows is tracked.
+    run.enter(
+        if method == Method::Snapshot {
+            Phase::Registering
+        } else {
+            Phase::Exporting
+        },
+        Utc::now(),
+    );
     save(env, &mut run).await?;
+    // Hold the point's snapshots so retention keeps them while the run needs them.
+    if let Some(ids) = &snapshots {
+        let hold = [(tag::hold(&run.run_id), "1".to_string())];
+        let mut failed = None;
+        for id in ids {
+            match env.ebs.create_tags(id, &hold).await {
+                Ok(()) => run.held.push(id.clone()),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failed {
+            if method == Method::Snapshot {
+                run.fail(
+                    format!(
+                        "cannot hold the recovery point's snapshots (tag {}): {e}",
+                        tag::hold(&run.run_id)
+                    ),
+                    Utc::now(),
+                );
+                release_holds(env, &mut run).await;
+                save(env, &mut run).await?;
+                return Ok(run);
+            }
+            // The import reads the receiver's image: the point is not needed.
+            tracing::warn!(run = %run.run_id, error = %e, "cannot hold the recovery point; importing without it");
+        }
+        save(env, &mut run).await?;
+    }
+    if method == Method::Snapshot {
+        claim(&mut run, "register", Utc::now());
+        save(env, &mut run).await?;
+        tracing::info!(run = %run.run_id, disks = run.disks.len(), drill = run.drill, method = "snapshot", "DR run started");
+        // Register at once (this caller holds the claim just saved).
+        advance_claimed(env, &mut run).await?;
+        return Ok(run);
+    }
     for (d, (disk, generation)) in run.disks.clone().iter().zip(&disks) {
         let id = Name::new(&d.export_id).map_err(|e| DrError::BadRequest(e.to_string()))?;
         let req = ExportRequest {
@@ -287,8 +365,122 @@ pub async fn start<S: ObjectStore, E: Ec2Api>(
     }
     run.updated_at = Utc::now();
     save(env, &mut run).await?;
-    tracing::info!(run = %run.run_id, disks = run.disks.len(), drill = run.drill, "DR run started");
+    tracing::info!(run = %run.run_id, disks = run.disks.len(), drill = run.drill, method = "import", "DR run started");
     Ok(run)
+}
+
+/// The method a run uses, why, and (when every disk has one) each disk's point snapshot.
+type Chosen = (Method, String, Option<Vec<String>>);
+
+/// Chooses the method: the one asked for, or for `auto` the snapshot method when the VM
+/// is snapshot-ready and its point has every disk's snapshot. The outer error is AWS
+/// failing for now, the inner one a run that cannot go on.
+async fn choose_method<S: ObjectStore, E, B: EbsApi>(
+    env: &DrEnv<S, E, B>,
+    req: &StartRequest,
+    disks: &[(DiskId, u64)],
+    time: DateTime<Utc>,
+) -> Result<Result<Chosen, String>, CloudError> {
+    let points = find_points(env, disks, time).await?;
+    let ready = read_ready(env, &req.site, &req.vm).await?;
+    let vm = format!("{}/{}", req.site, req.vm);
+    Ok(match (req.method, points) {
+        (Method::Snapshot, Ok(p)) => Ok((Method::Snapshot, "snapshot: as asked".into(), Some(p))),
+        (Method::Snapshot, Err(e)) => Err(format!(
+            "the snapshot method needs a recovery point snapshot of every disk: {e}; use --method import"
+        )),
+        (Method::Import, p) => Ok((Method::Import, "import: as asked".into(), p.ok())),
+        (Method::Auto, Ok(p)) => match ready {
+            Some(r) => Ok((
+                Method::Snapshot,
+                format!(
+                    "auto chose snapshot: {vm} passed verification with the snapshot method in run {} at {}",
+                    r.run_id,
+                    time_tag(r.passed_at)
+                ),
+                Some(p),
+            )),
+            None => Ok((
+                Method::Import,
+                format!(
+                    "auto chose import: {vm} has no snapshot-method run that passed verification (a drill with --method snapshot proves it boots natively)"
+                ),
+                Some(p),
+            )),
+        },
+        (Method::Auto, Err(e)) => Ok((
+            Method::Import,
+            format!("auto chose import: {e}"),
+            None,
+        )),
+    })
+}
+
+/// Each disk's recovery point snapshot of exactly that generation and snapshot time.
+async fn find_points<S, E, B: EbsApi>(
+    env: &DrEnv<S, E, B>,
+    disks: &[(DiskId, u64)],
+    time: DateTime<Utc>,
+) -> Result<Result<Vec<String>, String>, CloudError> {
+    let mut out = Vec::new();
+    for (disk, g) in disks {
+        let mut f = SnapshotFilter::default()
+            .tag(tag::POINT, "1")
+            .tag(tag::SITE, disk.site.to_string())
+            .tag(tag::VM, disk.vm.to_string())
+            .tag(tag::DISK, disk.disk.to_string())
+            .tag(tag::GENERATION, g.to_string());
+        if let Some(stack) = &env.cfg.stack {
+            f = f.tag(tag::STACK, stack.clone());
+        }
+        let found = match env.ebs.describe_snapshots(&f).await {
+            Ok(f) => f,
+            Err(e) if e.is_transient() => return Err(e),
+            Err(e) => return Ok(Err(format!("recovery points cannot be read ({e})"))),
+        };
+        let point = found
+            .iter()
+            .filter(|s| s.status == SnapshotStatus::Completed)
+            .filter_map(|s| Point::from_tags(&s.id, &s.tags))
+            .find(|p| p.disk == *disk && p.generation == *g && p.snapshot_time == time);
+        match point {
+            Some(p) => out.push(p.snapshot_id),
+            None => {
+                return Ok(Err(format!(
+                    "no recovery point snapshot of {disk} generation {g} (at {}): recovery points off, not written yet, or deleted",
+                    time_tag(time)
+                )))
+            }
+        }
+    }
+    Ok(Ok(out))
+}
+
+async fn read_ready<S: ObjectStore, E, B>(
+    env: &DrEnv<S, E, B>,
+    site: &str,
+    vm: &str,
+) -> Result<Option<SnapshotReady>, CloudError> {
+    let key = env.cfg.ready_key(site, vm);
+    Ok(env
+        .store
+        .get_if_exists(&key, 64 << 10)
+        .await?
+        .and_then(|b| serde_json::from_slice::<SnapshotReady>(&b).ok())
+        .filter(|r| r.site == site && r.vm == vm))
+}
+
+/// Removes this run's hold from the point snapshots it holds (what fails stays listed).
+async fn release_holds<S, E, B: EbsApi>(env: &DrEnv<S, E, B>, run: &mut Run) {
+    let keys = [tag::hold(&run.run_id)];
+    let mut kept = Vec::new();
+    for id in std::mem::take(&mut run.held) {
+        if let Err(e) = env.ebs.delete_tags(&id, &keys).await {
+            tracing::warn!(run = %run.run_id, snapshot = %id, error = %e, "cannot release the hold; the next call tries again");
+            kept.push(id);
+        }
+    }
+    run.held = kept;
 }
 
 fn valid_id(s: &str, prefix: &str) -> bool {
@@ -400,10 +592,10 @@ pub fn validate(cfg: &DrConfig, req: &StartRequest) -> Result<(), String> {
 
 /// Each disk and the generation to recover, checked against what is in the bucket; the
 /// outer error is the bucket failing, the inner one a request that cannot be served.
-async fn resolve<S: ObjectStore, E>(
-    env: &DrEnv<S, E>,
+async fn resolve<S: ObjectStore, E, B>(
+    env: &DrEnv<S, E, B>,
     req: &StartRequest,
-) -> Result<Result<Vec<(DiskId, u64)>, String>, CloudError> {
+) -> Result<Result<(Vec<(DiskId, u64)>, DateTime<Utc>), String>, CloudError> {
     let p = &env.cfg.prefix;
     let vm_prefix = format!("{}{}/{}/", p.key_start(), req.site, req.vm);
     let vm_keys = env.store.list(&vm_prefix, |_| true).await?;
@@ -419,11 +611,11 @@ const MAX_MANIFEST_READS: usize = 1000;
 /// One generation per disk, all of one snapshot time: the newest such time (at or before
 /// `--at`; or the time of the boot disk's generation N). Reads manifests newest first,
 /// only as far back as needed. A disk without a generation at that time is named.
-async fn one_time<S: ObjectStore, E>(
-    env: &DrEnv<S, E>,
+async fn one_time<S: ObjectStore, E, B>(
+    env: &DrEnv<S, E, B>,
     committed: Vec<(DiskId, Vec<u64>)>,
     point: RecoveryPoint,
-) -> Result<Result<Vec<(DiskId, u64)>, String>, CloudError> {
+) -> Result<Result<(Vec<(DiskId, u64)>, DateTime<Utc>), String>, CloudError> {
     // Per disk: committed generations newest first, the cursor, their times read so far.
     struct Cursor {
         disk: DiskId,
@@ -445,7 +637,7 @@ async fn one_time<S: ObjectStore, E>(
         .collect();
     let mut target: Option<DateTime<Utc>> = match point {
         RecoveryPoint::Latest => None,
-        RecoveryPoint::At(t) => Some(t),
+        RecoveryPoint::At(t) | RecoveryPoint::Point(t) => Some(t),
         RecoveryPoint::Generation(g) => {
             let Some(first) = cs.first() else {
                 return Ok(Err("no disks".into()));
@@ -510,20 +702,30 @@ async fn one_time<S: ObjectStore, E>(
             }
         }
         let oldest = found.iter().map(|(_, t)| *t).min();
-        if found.iter().all(|(_, t)| Some(*t) == oldest) {
-            return Ok(Ok(cs
+        if let (Some(t), true) = (oldest, found.iter().all(|(_, t)| Some(*t) == oldest)) {
+            if let RecoveryPoint::Point(want) = point {
+                if t != want {
+                    return Ok(Err(format!(
+                        "no VM recovery point at {}: the newest before it is {} (`pilotlight-dr points` lists them)",
+                        time_tag(want),
+                        time_tag(t)
+                    )));
+                }
+            }
+            let disks = cs
                 .iter()
                 .zip(found)
                 .map(|(c, (g, _))| (c.disk.clone(), g))
-                .collect()));
+                .collect();
+            return Ok(Ok((disks, t)));
         }
         target = oldest;
     }
 }
 
 /// The snapshot time a generation's manifest records (`None`: missing or invalid).
-async fn snapshot_time<S: ObjectStore, E>(
-    env: &DrEnv<S, E>,
+async fn snapshot_time<S: ObjectStore, E, B>(
+    env: &DrEnv<S, E, B>,
     disk: &DiskId,
     generation: u64,
 ) -> Result<Option<DateTime<Utc>>, CloudError> {
@@ -542,8 +744,8 @@ async fn snapshot_time<S: ObjectStore, E>(
 }
 
 /// Each disk with its committed generations, checked against what is in the bucket.
-fn plan<S, E>(
-    env: &DrEnv<S, E>,
+fn plan<S, E, B>(
+    env: &DrEnv<S, E, B>,
     req: &StartRequest,
     vm_prefix: &str,
     vm_keys: &[String],
@@ -606,19 +808,42 @@ fn plan<S, E>(
 /// client token from the run and step, so when a claimer dies after the call and before
 /// saving its outcome, the caller that takes the expired claim gets from EC2 what the
 /// first call made.
-pub async fn advance<S: ObjectStore, E: Ec2Api>(
-    env: &DrEnv<S, E>,
+pub async fn advance<S: ObjectStore, E: Ec2Api, B: EbsApi>(
+    env: &DrEnv<S, E, B>,
     run: &mut Run,
 ) -> Result<(), DrError> {
-    let mut claimed_here = false;
-    // At most: claim the import, start it; claim the launch, launch.
-    for _ in 0..6 {
+    advance_from(env, run, false).await
+}
+
+/// [`advance`] by the caller whose save of the run's current claim just succeeded.
+async fn advance_claimed<S: ObjectStore, E: Ec2Api, B: EbsApi>(
+    env: &DrEnv<S, E, B>,
+    run: &mut Run,
+) -> Result<(), DrError> {
+    advance_from(env, run, true).await
+}
+
+async fn advance_from<S: ObjectStore, E: Ec2Api, B: EbsApi>(
+    env: &DrEnv<S, E, B>,
+    run: &mut Run,
+    mut claimed_here: bool,
+) -> Result<(), DrError> {
+    // At most: claim the import (or registration), make it; claim the launch, launch;
+    // verify.
+    for _ in 0..8 {
         let before = run.clone();
         match run.phase {
             Phase::Exporting => exporting(env, run).await?,
             Phase::Importing => importing(env, run, claimed_here).await,
+            Phase::Registering => registering(env, run, claimed_here).await,
             Phase::Launching => launching(env, run, claimed_here).await,
+            Phase::Verifying => verifying(env, run).await?,
             _ => {}
+        }
+        // A real recovery that failed gives its point back to retention; a drill's
+        // stays held until its cleanup.
+        if run.phase == Phase::Failed && !run.drill && !run.held.is_empty() {
+            release_holds(env, run).await;
         }
         if *run == before {
             break;
@@ -656,8 +881,8 @@ fn claim(run: &mut Run, step: &str, now: DateTime<Utc>) {
     });
 }
 
-async fn exporting<S: ObjectStore, E: Ec2Api>(
-    env: &DrEnv<S, E>,
+async fn exporting<S: ObjectStore, E: Ec2Api, B: EbsApi>(
+    env: &DrEnv<S, E, B>,
     run: &mut Run,
 ) -> Result<(), DrError> {
     let p = &env.cfg.prefix;
@@ -771,7 +996,7 @@ async fn exporting<S: ObjectStore, E: Ec2Api>(
 }
 
 /// Starts the run's import (the claimed step of `Importing` without a task).
-async fn start_import<S: ObjectStore, E: Ec2Api>(env: &DrEnv<S, E>, run: &mut Run) {
+async fn start_import<S: ObjectStore, E: Ec2Api, B: EbsApi>(env: &DrEnv<S, E, B>, run: &mut Run) {
     let now = Utc::now();
     let (vm, first) = (
         run.disks[0]
@@ -827,7 +1052,7 @@ async fn start_import<S: ObjectStore, E: Ec2Api>(env: &DrEnv<S, E>, run: &mut Ru
 /// The start request a run was made from; a run whose record lost it fails.
 fn start_request(run: &mut Run, now: DateTime<Utc>) -> Option<StartRequest> {
     match serde_json::from_value(run.request.clone()) {
-        Ok(DrRequest::Start(s)) => Some(s),
+        Ok(DrRequest::Start(s)) => Some(*s),
         _ => {
             run.fail("run record lost its request", now);
             None
@@ -849,8 +1074,8 @@ fn run_tags(run: &Run, start: &StartRequest) -> Vec<(String, String)> {
     tags
 }
 
-async fn importing<S: ObjectStore, E: Ec2Api>(
-    env: &DrEnv<S, E>,
+async fn importing<S: ObjectStore, E: Ec2Api, B: EbsApi>(
+    env: &DrEnv<S, E, B>,
     run: &mut Run,
     claimed_here: bool,
 ) {
@@ -927,7 +1152,7 @@ async fn importing<S: ObjectStore, E: Ec2Api>(
     }
 }
 
-fn check_import_timeout<S, E>(env: &DrEnv<S, E>, run: &mut Run) {
+fn check_import_timeout<S, E, B>(env: &DrEnv<S, E, B>, run: &mut Run) {
     let now = Utc::now();
     let waited = (now - run.phase_started()).to_std().unwrap_or_default();
     if waited > env.cfg.import_timeout {
@@ -941,8 +1166,8 @@ fn check_import_timeout<S, E>(env: &DrEnv<S, E>, run: &mut Run) {
     }
 }
 
-async fn launching<S: ObjectStore, E: Ec2Api>(
-    env: &DrEnv<S, E>,
+async fn launching<S: ObjectStore, E: Ec2Api, B: EbsApi>(
+    env: &DrEnv<S, E, B>,
     run: &mut Run,
     claimed_here: bool,
 ) {
@@ -959,7 +1184,7 @@ async fn launching<S: ObjectStore, E: Ec2Api>(
         return;
     };
     if !run.instance_ids.is_empty() {
-        run.enter(Phase::Done, now);
+        run.enter(Phase::Verifying, now);
         return;
     }
     let (subnet_id, security_group_ids) = if run.drill && env.cfg.drill_subnet_id.is_some() {
@@ -990,6 +1215,8 @@ async fn launching<S: ObjectStore, E: Ec2Api>(
         // One launch per run, however often this step runs (a timeout after the call,
         // two advancers): EC2 returns the first launch for the same token.
         client_token: format!("{}-launch", run.run_id),
+        launch_template: start.launch.launch_template.as_deref().map(launch_template),
+        imds_v2: true,
     };
     let result = env.ec2.run_instance(&req).await;
     run.claim = None;
@@ -997,8 +1224,9 @@ async fn launching<S: ObjectStore, E: Ec2Api>(
         Ok(id) => {
             run.record("instance", id.clone(), Utc::now());
             run.instance_ids.push(id);
-            run.enter(Phase::Done, Utc::now());
-            tracing::info!(run = %run.run_id, instance = ?run.instance_ids, "DR run done");
+            run.reason = None;
+            run.enter(Phase::Verifying, Utc::now());
+            tracing::info!(run = %run.run_id, instance = ?run.instance_ids, "instance launched; verifying");
         }
         // Throttled, unreachable, EC2 failing: the claim is released and the next call
         // launches (same token: if this one did launch, EC2 answers with it).
@@ -1017,9 +1245,254 @@ async fn launching<S: ObjectStore, E: Ec2Api>(
     }
 }
 
+/// `lt-0123...[:VERSION]` as EC2's (id, version); without a version, the template's
+/// default version.
+pub fn launch_template(s: &str) -> (String, String) {
+    match s.split_once(':') {
+        Some((id, v)) => (id.to_string(), v.to_string()),
+        None => (s.to_string(), "$Default".to_string()),
+    }
+}
+
+/// The AMI's device for disk `i`: the boot disk on `/dev/xvda`, the others from
+/// `/dev/sdf` on (EC2's recommended names for EBS volumes).
+fn device_name(i: usize) -> String {
+    if i == 0 {
+        "/dev/xvda".into()
+    } else {
+        format!("/dev/sd{}", (b'f' + (i as u8 - 1)) as char)
+    }
+}
+
+/// Registers the run's AMI from its point's snapshots (the claimed step of
+/// `Registering`). The AMI's name is the run's: EC2 takes no client token for
+/// RegisterImage but refuses a second AMI of one name, so a repeated call finds the
+/// first one instead of making another.
+async fn registering<S: ObjectStore, E: Ec2Api, B: EbsApi>(
+    env: &DrEnv<S, E, B>,
+    run: &mut Run,
+    claimed_here: bool,
+) {
+    let now = Utc::now();
+    if run.image_id.is_some() {
+        run.enter(Phase::Launching, now);
+        claim(run, "launch", now);
+        return;
+    }
+    if !claimed_here {
+        claim(run, "register", now);
+        return;
+    }
+    let Some(start) = start_request(run, now) else {
+        return;
+    };
+    let mut mappings = Vec::new();
+    for (i, d) in run.disks.iter().enumerate() {
+        let Some(snap) = d.snapshot_id.clone() else {
+            run.fail(
+                format!("{} has no recovery point snapshot on record", d.disk),
+                now,
+            );
+            return;
+        };
+        mappings.push(BlockMapping {
+            device_name: device_name(i),
+            snapshot_id: snap,
+            volume_type: "gp3".into(),
+            delete_on_termination: run.drill,
+        });
+    }
+    let time = run
+        .point_time
+        .map(|t| t.format("%Y%m%dT%H%M%SZ").to_string());
+    let req = RegisterRequest {
+        name: format!(
+            "pilotlight {}-{} {} {}",
+            start.site,
+            start.vm,
+            time.as_deref().unwrap_or("latest"),
+            run.run_id
+        ),
+        description: format!(
+            "pilotlight {}/{} recovery point {} (run {})",
+            start.site,
+            start.vm,
+            run.point_time.map(time_tag).unwrap_or_default(),
+            run.run_id
+        ),
+        root_device_name: device_name(0),
+        mappings,
+        architecture: start
+            .launch
+            .architecture
+            .clone()
+            .unwrap_or_else(|| "x86_64".into()),
+        boot_mode: start.launch.boot_mode.map(|b| b.as_str().to_string()),
+        ena_support: true,
+        imds_v2: true,
+        tags: run_tags(run, &start),
+    };
+    let result = match env.ec2.register_image(&req).await {
+        Err(e) if e.code.as_deref() == Some("InvalidAMIName.Duplicate") => {
+            match env.ec2.find_image(&req.name).await {
+                Ok(Some(id)) => Ok(id),
+                Ok(None) => Err(e),
+                Err(f) => Err(f),
+            }
+        }
+        r => r,
+    };
+    run.claim = None;
+    match result {
+        Ok(id) => {
+            run.record("image", id.clone(), Utc::now());
+            run.image_id = Some(id);
+            run.reason = None;
+            let now = Utc::now();
+            run.enter(Phase::Launching, now);
+            claim(run, "launch", now);
+        }
+        Err(e) if e.is_transient() => {
+            run.reason = Some(format!("registering the AMI failed for now, retried: {e}"));
+            let waited = (Utc::now() - run.phase_started())
+                .to_std()
+                .unwrap_or_default();
+            if waited > env.cfg.register_timeout {
+                run.fail(
+                    format!(
+                        "RegisterImage kept failing for {}: {e}",
+                        humantime::format_duration(env.cfg.register_timeout)
+                    ),
+                    Utc::now(),
+                );
+            }
+        }
+        Err(e) => run.fail(
+            format!("RegisterImage refused the AMI of the recovery point's snapshots: {e}"),
+            Utc::now(),
+        ),
+    }
+}
+
+/// Console lines kept from a failed instance.
+const CONSOLE_TAIL_LINES: usize = 30;
+
+/// Waits for the instance's status checks; records pass or fail, and for the snapshot
+/// method marks the VM snapshot-ready (or clears the mark).
+async fn verifying<S: ObjectStore, E: Ec2Api, B>(
+    env: &DrEnv<S, E, B>,
+    run: &mut Run,
+) -> Result<(), DrError> {
+    let now = Utc::now();
+    let Some(id) = run.instance_ids.first().cloned() else {
+        run.fail("run record lost its instance id", now);
+        return Ok(());
+    };
+    let waited = (now - run.phase_started()).to_std().unwrap_or_default();
+    let health = match env.ec2.instance_health(&id).await {
+        Ok(h) => h,
+        Err(e) if e.is_transient() && waited <= env.cfg.verify_timeout => {
+            run.reason = Some(format!("status checks of {id} unreadable for now: {e}"));
+            return Ok(());
+        }
+        Err(e) => {
+            run.fail(
+                format!("verification of {id} failed: its status checks cannot be read: {e}"),
+                now,
+            );
+            return mark_ready(env, run, false).await;
+        }
+    };
+    let passed = health.as_ref().is_some_and(|h| h.passed());
+    let failed = health.as_ref().is_some_and(|h| h.failed());
+    if !passed && !failed && waited <= env.cfg.verify_timeout {
+        run.reason = Some(match &health {
+            Some(h) => format!(
+                "waiting for status checks of {id}: {}, instance {}, system {}",
+                h.state, h.instance_status, h.system_status
+            ),
+            None => format!("waiting for status checks of {id}"),
+        });
+        return Ok(());
+    }
+    let h = health.unwrap_or(pilotlight_cloud::ec2::InstanceHealth {
+        state: "unknown".into(),
+        instance_status: "insufficient-data".into(),
+        system_status: "insufficient-data".into(),
+    });
+    let mut v = Verification {
+        passed,
+        instance_id: id.clone(),
+        state: h.state.clone(),
+        instance_status: h.instance_status.clone(),
+        system_status: h.system_status.clone(),
+        checked_at: now,
+        console_tail: None,
+    };
+    if passed {
+        run.verification = Some(v);
+        run.reason = None;
+        run.enter(Phase::Done, Utc::now());
+        tracing::info!(run = %run.run_id, instance = %id, "DR run done: status checks passed");
+        return mark_ready(env, run, true).await;
+    }
+    v.console_tail = match env.ec2.console_output(&id).await {
+        Ok(Some(out)) => {
+            let lines: Vec<&str> = out.lines().collect();
+            Some(lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..].join("\n"))
+        }
+        Ok(None) => None,
+        Err(e) => Some(format!("(console output unreadable: {e})")),
+    };
+    run.verification = Some(v);
+    run.fail(
+        format!(
+            "verification failed: instance {id} is {}, instance check {}, system check {}{} (console output's last lines in the run record; the instance is kept)",
+            h.state,
+            h.instance_status,
+            h.system_status,
+            if failed { "" } else { " when the verify timeout ran out" }
+        ),
+        Utc::now(),
+    );
+    mark_ready(env, run, false).await
+}
+
+/// Marks the VM snapshot-ready after a snapshot-method run passed, or clears the mark
+/// after one failed. Import runs change nothing.
+async fn mark_ready<S: ObjectStore, E, B>(
+    env: &DrEnv<S, E, B>,
+    run: &Run,
+    passed: bool,
+) -> Result<(), DrError> {
+    if run.method != Some(Method::Snapshot) {
+        return Ok(());
+    }
+    let Some(first) = run.disks.first().and_then(|d| DiskId::parse(&d.disk).ok()) else {
+        return Ok(());
+    };
+    let (site, vm) = (first.site.to_string(), first.vm.to_string());
+    let key = env.cfg.ready_key(&site, &vm);
+    if passed {
+        let mark = SnapshotReady {
+            site,
+            vm,
+            run_id: run.run_id.clone(),
+            passed_at: Utc::now(),
+            point_time: run.point_time,
+        };
+        let body =
+            serde_json::to_vec_pretty(&mark).map_err(|e| DrError::BadRequest(e.to_string()))?;
+        env.store.put(&key, body.into(), PutOptions::json()).await?;
+    } else if env.store.head(&key).await?.is_some() {
+        env.store.delete(&key).await?;
+    }
+    Ok(())
+}
+
 /// Advances and returns one run, or every run not finished yet (newest first).
-pub async fn status<S: ObjectStore, E: Ec2Api>(
-    env: &DrEnv<S, E>,
+pub async fn status<S: ObjectStore, E: Ec2Api, B: EbsApi>(
+    env: &DrEnv<S, E, B>,
     run_id: Option<&str>,
 ) -> Result<Vec<Run>, DrError> {
     let ids: Vec<String> = match run_id {
@@ -1067,8 +1540,8 @@ pub async fn status<S: ObjectStore, E: Ec2Api>(
 
 /// Removes what a drill made: its instances, AMI, snapshots and exported objects.
 /// Refused for a run that is not a drill or has not finished.
-pub async fn cleanup<S: ObjectStore, E: Ec2Api>(
-    env: &DrEnv<S, E>,
+pub async fn cleanup<S: ObjectStore, E: Ec2Api, B: EbsApi>(
+    env: &DrEnv<S, E, B>,
     run_id: &str,
 ) -> Result<Run, DrError> {
     let mut run = load(env, run_id).await?;
@@ -1139,6 +1612,13 @@ pub async fn cleanup<S: ObjectStore, E: Ec2Api>(
                 Err(e) => problems.push(e.to_string()),
             }
         }
+    }
+    release_holds(env, &mut run).await;
+    if !run.held.is_empty() {
+        problems.push(format!(
+            "the hold on {} could not be released",
+            run.held.join(", ")
+        ));
     }
     for (kind, id) in removed {
         run.removed.push(crate::model::Created {

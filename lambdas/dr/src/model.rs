@@ -16,7 +16,7 @@ pub const TAG_DRILL: &str = "pilotlight:drill";
 #[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
 pub enum DrRequest {
     /// Declare a disaster (or start a drill): export, import, launch.
-    Start(StartRequest),
+    Start(Box<StartRequest>),
     /// Advance one run (or every unfinished run) and report it.
     Status { run_id: Option<String> },
     /// Remove what a drill made: instances, AMI, snapshots, exported objects.
@@ -32,6 +32,9 @@ pub struct StartRequest {
     pub disks: Vec<String>,
     #[serde(default)]
     pub recovery_point: RecoveryPoint,
+    /// How to recover: `auto` (default), `snapshot` or `import`.
+    #[serde(default)]
+    pub method: Method,
     pub launch: LaunchSettings,
     #[serde(default)]
     pub drill: bool,
@@ -51,6 +54,33 @@ pub enum RecoveryPoint {
     At(chrono::DateTime<chrono::Utc>),
     /// Generation N of the first (boot) disk, and the other disks at its snapshot time.
     Generation(u64),
+    /// Exactly this VM recovery point (its time, as `pilotlight-dr points` lists it).
+    Point(chrono::DateTime<chrono::Utc>),
+}
+
+/// How a run turns the point into an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// `snapshot` for a VM whose last snapshot-method run passed verification (and whose
+    /// point has snapshots), else `import`. The run records which and why.
+    #[default]
+    Auto,
+    /// RegisterImage from the point's EBS snapshots, then RunInstances: minutes. Needs a
+    /// guest that boots natively on Nitro (NVMe and ENA drivers, fstab by UUID).
+    Snapshot,
+    /// Export the disks to S3 and let EC2 VM Import convert them: slow, converts drivers.
+    Import,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Auto => "auto",
+            Method::Snapshot => "snapshot",
+            Method::Import => "import",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,6 +95,13 @@ pub struct LaunchSettings {
     pub tags: BTreeMap<String, String>,
     pub boot_mode: Option<BootMode>,
     pub license_type: Option<LicenseType>,
+    /// An EC2 launch template as the base (`lt-0123...` or `lt-0123...:VERSION`); the
+    /// settings above override it.
+    #[serde(default)]
+    pub launch_template: Option<String>,
+    /// The guest's architecture for the snapshot method: `x86_64` (default) or `arm64`.
+    #[serde(default)]
+    pub architecture: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,7 +145,11 @@ pub enum Phase {
     Planned,
     Exporting,
     Importing,
+    /// Snapshot method: registering an AMI from the point's snapshots.
+    Registering,
     Launching,
+    /// Waiting for the instance's status checks.
+    Verifying,
     Done,
     Failed,
     /// A drill whose resources were removed.
@@ -135,6 +176,34 @@ pub struct RunDisk {
     pub image_key: Option<String>,
     pub size: Option<u64>,
     pub sha256: Option<String>,
+    /// The disk's recovery point snapshot at the run's time, when there is one.
+    #[serde(default)]
+    pub snapshot_id: Option<String>,
+}
+
+/// What verification found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verification {
+    pub passed: bool,
+    pub instance_id: String,
+    pub state: String,
+    pub instance_status: String,
+    pub system_status: String,
+    pub checked_at: DateTime<Utc>,
+    /// The console output's last lines, on failure.
+    pub console_tail: Option<String>,
+}
+
+/// Beside the run records: `{site}/{vm}.json` under the ready prefix, written when a
+/// snapshot-method run of the VM passes verification, removed when one fails. `auto`
+/// chooses the snapshot method only for a VM that has it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotReady {
+    pub site: String,
+    pub vm: String,
+    pub run_id: String,
+    pub passed_at: DateTime<Utc>,
+    pub point_time: Option<DateTime<Utc>>,
 }
 
 /// Something the run created in AWS (what a cleanup removes).
@@ -187,6 +256,23 @@ pub struct Run {
     pub phases: Vec<PhaseTime>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The method chosen (never `auto`) and why.
+    #[serde(default)]
+    pub method: Option<Method>,
+    #[serde(default)]
+    pub method_reason: Option<String>,
+    /// The VM recovery point's snapshot time, and its age when the run started (the
+    /// recovery point objective achieved).
+    #[serde(default)]
+    pub point_time: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub point_age_seconds: Option<f64>,
+    /// Point snapshots this run holds (tag `pilotlight:hold:{run_id}`) so retention keeps
+    /// them.
+    #[serde(default)]
+    pub held: Vec<String>,
+    #[serde(default)]
+    pub verification: Option<Verification>,
     /// A creating EC2 call (`import`, `launch`) some caller is making: saved before the
     /// call, cleared when its outcome is saved (see `handler::advance`).
     #[serde(default)]
@@ -244,6 +330,12 @@ impl Run {
             phases: Vec::new(),
             created_at: now,
             updated_at: now,
+            method: None,
+            method_reason: None,
+            point_time: None,
+            point_age_seconds: None,
+            held: Vec::new(),
+            verification: None,
             claim: None,
             etag: Etag(None),
         }

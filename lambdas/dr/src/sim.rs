@@ -10,7 +10,10 @@
 //! Every other call goes to the wrapped client. It is never used unless asked for
 //! (`--simulate-import` / `PILOTLIGHT_DR_SIMULATE_IMPORT`).
 
-use pilotlight_cloud::ec2::{Ec2Api, ImportRequest, ImportTask, LaunchRequest, MemoryEc2, SdkEc2};
+use pilotlight_cloud::ec2::{
+    Ec2Api, ImportRequest, ImportTask, InstanceHealth, LaunchRequest, MemoryEc2, RegisterRequest,
+    SdkEc2,
+};
 use pilotlight_cloud::{CloudError, ErrorKind, ObjectStore, PutOptions};
 use serde::{Deserialize, Serialize};
 use std::future::Future;
@@ -238,6 +241,18 @@ impl<E: Ec2Api + SimBackend, S: ObjectStore> Ec2Api for SimulatedImport<E, S> {
         tags: &[(String, String)],
     ) -> Result<(), CloudError> {
         self.inner.create_tags(ids, tags).await
+    }
+    async fn register_image(&self, req: &RegisterRequest) -> Result<String, CloudError> {
+        self.inner.register_image(req).await
+    }
+    async fn find_image(&self, name: &str) -> Result<Option<String>, CloudError> {
+        self.inner.find_image(name).await
+    }
+    async fn instance_health(&self, id: &str) -> Result<Option<InstanceHealth>, CloudError> {
+        self.inner.instance_health(id).await
+    }
+    async fn console_output(&self, id: &str) -> Result<Option<String>, CloudError> {
+        self.inner.console_output(id).await
     }
 }
 

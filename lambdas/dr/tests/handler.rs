@@ -4,21 +4,27 @@
 #![allow(clippy::unwrap_used)]
 
 use bytes::Bytes;
+use pilotlight_cloud::ebs::{EbsApi, MemoryEbs, NoEbs};
 use pilotlight_cloud::ec2::MemoryEc2;
 use pilotlight_cloud::{ErrorKind, Fault, MemoryStore, ObjectStore, PutOptions};
 use pilotlight_dr::handler::{advance, cleanup, start, status, DrConfig, DrEnv, DrError};
-use pilotlight_dr::model::{Phase, Run};
+use pilotlight_dr::model::{Method, Phase, Run};
 use pilotlight_dr::sim::SimulatedImport;
 use pilotlight_protocol::{
     DiskId, ExportRequest, ExportResult, ExportStatus, Manifest, Name, ObjectKey, Prefix,
     Sha256Hex, EXPORT_VERSION,
 };
 use serde_json::{json, Value};
+use std::sync::Arc;
 use std::time::Duration;
 
-type Env<'a> = DrEnv<&'a MemoryStore, SimulatedImport<MemoryEc2, &'a MemoryStore>>;
+type Env<'a, B = NoEbs> = DrEnv<&'a MemoryStore, SimulatedImport<MemoryEc2, &'a MemoryStore>, B>;
 
 fn env<'a>(store: &'a MemoryStore, fail: Option<&str>) -> Env<'a> {
+    env_with(store, fail, NoEbs)
+}
+
+fn env_with<'a, B>(store: &'a MemoryStore, fail: Option<&str>, ebs: B) -> Env<'a, B> {
     let mut cfg = DrConfig::new("memory", Prefix::new("dr").unwrap());
     cfg.drill_subnet_id = Some("subnet-0d1e2f3a".into());
     cfg.drill_security_group_ids = vec!["sg-0abc1234".into()];
@@ -30,6 +36,7 @@ fn env<'a>(store: &'a MemoryStore, fail: Option<&str>) -> Env<'a> {
             prefix: "pilotlight-dr/simulated-imports/".into(),
             fail: fail.map(String::from),
         },
+        ebs,
         cfg,
     }
 }
@@ -187,7 +194,7 @@ async fn receiver_answers(store: &MemoryStore, run: &Run, ok: bool) {
     }
 }
 
-async fn advance_until_final(env: &Env<'_>, run: &mut Run) -> Vec<String> {
+async fn advance_until_final<B: EbsApi>(env: &Env<'_, B>, run: &mut Run) -> Vec<String> {
     let mut seen = Vec::new();
     for _ in 0..20 {
         advance(env, run).await.unwrap();
@@ -237,9 +244,31 @@ async fn a_drill_runs_to_done_and_cleanup_removes_exactly_what_it_made() {
     let phases: Vec<Phase> = run.phases.iter().map(|p| p.phase).collect();
     assert_eq!(
         phases,
-        [Phase::Exporting, Phase::Importing, Phase::Launching]
+        [
+            Phase::Exporting,
+            Phase::Importing,
+            Phase::Launching,
+            Phase::Verifying
+        ]
     );
     assert!(run.phases.iter().all(|p| p.seconds.is_some()));
+    // No recovery points here: auto chose import, and says why.
+    assert_eq!(run.method, Some(Method::Import));
+    assert!(
+        run.method_reason
+            .as_deref()
+            .unwrap()
+            .contains("auto chose import"),
+        "{:?}",
+        run.method_reason
+    );
+    assert!(run.verification.as_ref().unwrap().passed);
+    // An import run never marks the VM snapshot-ready.
+    assert!(store
+        .get_if_exists("pilotlight-dr/ready/site1/vm1.json", 1 << 20)
+        .await
+        .unwrap()
+        .is_none());
 
     // The launch: drill subnet and groups, the request's tags plus ours.
     let ec2 = env.ec2.inner.snapshot();
@@ -809,4 +838,366 @@ async fn imports_are_encrypted_with_the_stack_key_and_what_they_make_is_tagged_f
             "{id}"
         );
     }
+}
+
+/// Recovery points of a two-disk VM in the in-memory EBS: generations 1..=4 of disk0 and
+/// disk1, generation g snapshotted at minute 15 * g. Returns each (disk, generation)'s
+/// snapshot id.
+async fn points_of_db01(
+    store: &MemoryStore,
+    ebs: &MemoryEbs,
+) -> std::collections::BTreeMap<(String, u64), String> {
+    use pilotlight_cloud::ebs::{SnapshotStatus, StartSnapshot};
+    use pilotlight_protocol::points::PointInfo;
+    let mut ids = std::collections::BTreeMap::new();
+    for d in ["disk0", "disk1"] {
+        let disk = DiskId::new("site1", "db-01", d).unwrap();
+        let mut parent: Option<String> = None;
+        for g in 1..=4u64 {
+            commit(store, &disk, g, 15 * g as i64);
+            let info = PointInfo {
+                disk: disk.clone(),
+                generation: g,
+                snapshot_time: at(15 * g as i64),
+                consistency: "crash".into(),
+                change_id: None,
+                stack: "stack-1".into(),
+                parent: parent.clone(),
+            };
+            let id = ebs
+                .start_snapshot(&StartSnapshot {
+                    volume_size_gib: 1,
+                    parent: parent.clone(),
+                    description: format!("{disk} g{g}"),
+                    tags: info.tags(),
+                    client_token: format!("{disk}-{g}"),
+                    encrypted: false,
+                    kms_key_arn: None,
+                    timeout_minutes: 60,
+                })
+                .await
+                .unwrap();
+            ebs.set_status(&id, SnapshotStatus::Completed);
+            ids.insert((d.to_string(), g), id.clone());
+            parent = Some(id);
+        }
+    }
+    ids
+}
+
+fn db01_request(method: &str, point: Value) -> Value {
+    let mut req = request();
+    req["vm"] = json!("db-01");
+    req["disks"] = json!(["disk0", "disk1"]);
+    req["method"] = json!(method);
+    req["recovery_point"] = point;
+    req
+}
+
+fn snapshot_env<'a>(store: &'a MemoryStore, ebs: &Arc<MemoryEbs>) -> Env<'a, Arc<MemoryEbs>> {
+    let mut env = env_with(store, None, ebs.clone());
+    env.cfg.stack = Some("stack-1".into());
+    env
+}
+
+/// The acceptance case in memory: a drill with the snapshot method at generation 2's
+/// time registers an AMI with a mapping per disk from exactly that point's snapshots,
+/// launches it, passes verification, marks the VM snapshot-ready, holds the point while
+/// it runs; cleanup removes exactly its AMI and instance and releases the hold.
+#[tokio::test]
+async fn a_snapshot_drill_at_a_past_point_registers_that_points_snapshots_and_verifies() {
+    let store = MemoryStore::default();
+    let ebs = Arc::new(MemoryEbs::new());
+    let ids = points_of_db01(&store, &ebs).await;
+    let env = snapshot_env(&store, &ebs);
+    // A bystander AMI and instance: cleanup leaves them.
+    env.ec2.inner.create_snapshot().unwrap();
+    let bystander_ami = env.ec2.inner.register_image("bystander", "snap-x").unwrap();
+
+    let mut run = start(&env, db01_request("snapshot", json!({"at": at(35)})))
+        .await
+        .unwrap();
+    assert_eq!(run.method, Some(Method::Snapshot), "{:?}", run.reason);
+    let gens: Vec<u64> = run.disks.iter().map(|d| d.generation).collect();
+    assert_eq!(gens, [2, 2], "10:35 resolves to the 10:30 point");
+    assert_eq!(run.point_time, Some(at(30)));
+    assert!(run.point_age_seconds.unwrap() > 0.0);
+    // Held while it runs.
+    let want = [
+        ids[&("disk0".into(), 2)].clone(),
+        ids[&("disk1".into(), 2)].clone(),
+    ];
+    assert_eq!(run.held, want);
+    for id in &want {
+        assert_eq!(
+            ebs.get(id)
+                .unwrap()
+                .tags
+                .get(&format!("pilotlight:hold:{}", run.run_id))
+                .map(String::as_str),
+            Some("1")
+        );
+    }
+    advance_until_final(&env, &mut run).await;
+    assert_eq!(run.phase, Phase::Done, "{:?}", run.reason);
+    let phases: Vec<Phase> = run.phases.iter().map(|p| p.phase).collect();
+    assert_eq!(
+        phases,
+        [Phase::Registering, Phase::Launching, Phase::Verifying]
+    );
+    assert!(run.phases.iter().all(|p| p.seconds.is_some()));
+
+    // The RegisterImage request as made: boot disk first, a mapping per disk from the
+    // generation-2 snapshots, Nitro settings.
+    let ec2 = env.ec2.inner.snapshot();
+    let ami = run.image_id.clone().unwrap();
+    let reg = &ec2.registered[&ami];
+    let maps: Vec<(&str, &str)> = reg
+        .mappings
+        .iter()
+        .map(|m| (m.device_name.as_str(), m.snapshot_id.as_str()))
+        .collect();
+    assert_eq!(
+        maps,
+        [
+            ("/dev/xvda", want[0].as_str()),
+            ("/dev/sdf", want[1].as_str())
+        ]
+    );
+    assert_eq!(reg.root_device_name, "/dev/xvda");
+    assert!(reg.ena_support && reg.imds_v2);
+    assert_eq!(reg.boot_mode.as_deref(), Some("uefi"));
+    assert_eq!(reg.architecture, "x86_64");
+    assert!(reg.name.contains("db-01") && reg.name.contains(&run.run_id));
+    assert!(reg
+        .tags
+        .contains(&("pilotlight:dr-run".into(), run.run_id.clone())));
+    // Launched from that AMI, verified.
+    let inst = &ec2.instances[&run.instance_ids[0]];
+    assert_eq!(inst.image_id, ami);
+    let v = run.verification.clone().unwrap();
+    assert!(v.passed && v.instance_status == "ok" && v.system_status == "ok");
+    // Marked snapshot-ready.
+    let ready: pilotlight_dr::model::SnapshotReady = serde_json::from_slice(
+        &store
+            .get("pilotlight-dr/ready/site1/db-01.json", 1 << 20)
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(ready.run_id, run.run_id);
+
+    let cleaned = cleanup(&env, &run.run_id).await.unwrap();
+    assert_eq!(cleaned.phase, Phase::CleanedUp, "{:?}", cleaned.reason);
+    let ec2 = env.ec2.inner.snapshot();
+    assert_eq!(ec2.terminated, run.instance_ids);
+    assert_eq!(
+        ec2.images.keys().collect::<Vec<_>>(),
+        [&bystander_ami],
+        "only the drill's AMI goes"
+    );
+    // The point snapshots are the receiver's: never deleted by a cleanup, hold released.
+    for id in &want {
+        let snap = ebs.get(id).unwrap();
+        assert!(!snap.tags.keys().any(|k| k.starts_with("pilotlight:hold")));
+    }
+    assert!(cleaned.held.is_empty());
+    assert!(!cleaned.removed.iter().any(|r| r.kind == "snapshot"));
+}
+
+/// `auto` takes import for a VM never verified with the snapshot method, snapshot after a
+/// passed snapshot drill, and says so; a failed snapshot-method verification clears it.
+#[tokio::test]
+async fn auto_chooses_import_until_a_snapshot_drill_passed_and_says_why() {
+    let store = MemoryStore::default();
+    let ebs = Arc::new(MemoryEbs::new());
+    points_of_db01(&store, &ebs).await;
+    let env = snapshot_env(&store, &ebs);
+    let dry = |method: &str| {
+        let mut r = db01_request(method, json!("latest"));
+        r["dry_run"] = json!(true);
+        r
+    };
+    let run = start(&env, dry("auto")).await.unwrap();
+    assert_eq!(run.method, Some(Method::Import));
+    let why = run.method_reason.unwrap();
+    assert!(
+        why.contains("auto chose import") && why.contains("site1/db-01"),
+        "{why}"
+    );
+    // Latest is generation 4 of both, with its snapshots.
+    assert_eq!(run.disks[1].generation, 4);
+    assert!(run.disks.iter().all(|d| d.snapshot_id.is_some()));
+
+    let mut drill = start(&env, db01_request("snapshot", json!("latest")))
+        .await
+        .unwrap();
+    advance_until_final(&env, &mut drill).await;
+    assert_eq!(drill.phase, Phase::Done, "{:?}", drill.reason);
+
+    let run = start(&env, dry("auto")).await.unwrap();
+    assert_eq!(run.method, Some(Method::Snapshot));
+    let why = run.method_reason.unwrap();
+    assert!(
+        why.contains("auto chose snapshot") && why.contains(&drill.run_id),
+        "{why}"
+    );
+
+    // A snapshot-method run whose instance fails its checks: failed, console tail
+    // recorded, the mark cleared, so auto goes back to import.
+    {
+        let mut s = env.ec2.inner.state.lock().unwrap();
+        s.health.insert(
+            "*".into(),
+            pilotlight_cloud::ec2::InstanceHealth {
+                state: "running".into(),
+                instance_status: "impaired".into(),
+                system_status: "ok".into(),
+            },
+        );
+        let mut console = (1..=100)
+            .map(|i| format!("boot line {i}\n"))
+            .collect::<String>();
+        console.push_str("VFS: Unable to mount root fs on unknown-block(0,0)\n");
+        s.console.insert("*".into(), console);
+    }
+    let mut bad = start(&env, db01_request("snapshot", json!("latest")))
+        .await
+        .unwrap();
+    advance_until_final(&env, &mut bad).await;
+    assert_eq!(bad.phase, Phase::Failed);
+    let why = bad.reason.clone().unwrap();
+    assert!(
+        why.contains("verification failed") && why.contains("impaired"),
+        "{why}"
+    );
+    let tail = bad.verification.clone().unwrap().console_tail.unwrap();
+    assert!(tail.contains("Unable to mount root fs"), "{tail}");
+    assert!(
+        !tail.contains("boot line 50\n"),
+        "only the last lines: {tail}"
+    );
+    let run = start(&env, dry("auto")).await.unwrap();
+    assert_eq!(run.method, Some(Method::Import), "{:?}", run.method_reason);
+}
+
+/// Each failure of the snapshot method is a failed run with its reason.
+#[tokio::test]
+async fn snapshot_method_failures_fail_the_run_with_the_reason() {
+    let store = MemoryStore::default();
+    let ebs = Arc::new(MemoryEbs::new());
+    let ids = points_of_db01(&store, &ebs).await;
+    let env = snapshot_env(&store, &ebs);
+
+    // No point at or before the time.
+    let run = start(&env, db01_request("snapshot", json!({"at": at(5)})))
+        .await
+        .unwrap();
+    assert_eq!(run.phase, Phase::Failed);
+    assert!(run.reason.unwrap().contains("at or before"));
+
+    // Not exactly a point's time with "point".
+    let run = start(&env, db01_request("snapshot", json!({"point": at(40)})))
+        .await
+        .unwrap();
+    assert_eq!(run.phase, Phase::Failed);
+    let why = run.reason.unwrap();
+    assert!(
+        why.contains("no VM recovery point at") && why.contains("10:30"),
+        "{why}"
+    );
+
+    // A point whose snapshot was deleted: the snapshot method refuses, naming the disk.
+    ebs.delete_snapshot(&ids[&("disk1".into(), 3)])
+        .await
+        .unwrap();
+    let run = start(&env, db01_request("snapshot", json!({"point": at(45)})))
+        .await
+        .unwrap();
+    assert_eq!(run.phase, Phase::Failed);
+    let why = run.reason.unwrap();
+    assert!(
+        why.contains("site1/db-01/disk1 generation 3") && why.contains("--method import"),
+        "{why}"
+    );
+    // ... and auto falls back to import, saying why.
+    let mut r = db01_request("auto", json!({"point": at(45)}));
+    r["dry_run"] = json!(true);
+    let run = start(&env, r).await.unwrap();
+    assert_eq!(run.method, Some(Method::Import));
+    assert!(run.method_reason.unwrap().contains("disk1 generation 3"));
+
+    // RegisterImage refused (a permanent error): failed, nothing launched, hold given
+    // back only at cleanup for a drill.
+    env.ec2.inner.faults.add(
+        Fault::on("RegisterImage")
+            .times(1)
+            .kind(ErrorKind::AccessDenied, Some("UnauthorizedOperation")),
+    );
+    let mut run = start(&env, db01_request("snapshot", json!("latest")))
+        .await
+        .unwrap();
+    advance_until_final(&env, &mut run).await;
+    assert_eq!(run.phase, Phase::Failed);
+    let why = run.reason.clone().unwrap();
+    assert!(
+        why.contains("RegisterImage refused") && why.contains("UnauthorizedOperation"),
+        "{why}"
+    );
+    assert!(run.instance_ids.is_empty());
+
+    // A throttled RegisterImage is retried, and a second registration of the same run
+    // finds the AMI by its name instead of making another.
+    env.ec2
+        .inner
+        .faults
+        .add(Fault::on("RegisterImage").times(2).throttle());
+    let mut run = start(&env, db01_request("snapshot", json!("latest")))
+        .await
+        .unwrap();
+    advance_until_final(&env, &mut run).await;
+    assert_eq!(run.phase, Phase::Done, "{:?}", run.reason);
+
+    // A launch template that does not exist.
+    let mut r = db01_request("snapshot", json!("latest"));
+    r["launch"]["launch_template"] = json!("lt-0123456789abcdef0:3");
+    let mut run = start(&env, r).await.unwrap();
+    advance_until_final(&env, &mut run).await;
+    assert_eq!(run.phase, Phase::Failed);
+    let why = run.reason.clone().unwrap();
+    assert!(why.contains("InvalidLaunchTemplateId.NotFound"), "{why}");
+    // A real recovery that failed gives its point back to retention.
+    let mut r = db01_request("snapshot", json!("latest"));
+    r["drill"] = json!(false);
+    r["launch"]["launch_template"] = json!("lt-0123456789abcdef0");
+    let mut run = start(&env, r).await.unwrap();
+    advance_until_final(&env, &mut run).await;
+    assert_eq!(run.phase, Phase::Failed);
+    assert!(run.held.is_empty(), "released: {:?}", run.held);
+    let hold = format!("pilotlight:hold:{}", run.run_id);
+    for d in ["disk0", "disk1"] {
+        let snap = ebs.get(&ids[&(d.into(), 4)]).unwrap();
+        assert!(!snap.tags.contains_key(&hold), "{d}: {:?}", snap.tags);
+    }
+    // ... while the failed drills before it still hold theirs.
+    let snap = ebs.get(&ids[&("disk0".into(), 4)]).unwrap();
+    assert!(snap.tags.keys().any(|k| k.starts_with("pilotlight:hold:")));
+    // An existing template is used as the base, with the version given.
+    env.ec2
+        .inner
+        .state
+        .lock()
+        .unwrap()
+        .launch_templates
+        .push("lt-0123456789abcdef0".into());
+    let mut r = db01_request("snapshot", json!("latest"));
+    r["launch"]["launch_template"] = json!("lt-0123456789abcdef0:3");
+    let mut run = start(&env, r).await.unwrap();
+    advance_until_final(&env, &mut run).await;
+    assert_eq!(run.phase, Phase::Done, "{:?}", run.reason);
+    let inst = &env.ec2.inner.snapshot().instances[&run.instance_ids[0]];
+    assert_eq!(
+        inst.launch_template,
+        Some(("lt-0123456789abcdef0".into(), "3".into()))
+    );
 }
