@@ -225,3 +225,216 @@ fn differing_blocks(got: &[u8], want: &[u8]) -> Vec<usize> {
         .map(|(i, _)| i)
         .collect()
 }
+
+/// `pilotlight-dr` with the stack's points, `--json`: the run it printed.
+fn dr_run(stack: &LocalStack, args: &[&str]) -> serde_json::Value {
+    let out = run_ok(&mut dr(
+        stack,
+        "ok",
+        &[&["--stack", "e2e", "--json"], args].concat(),
+    ));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    match v {
+        serde_json::Value::Array(mut runs) => runs.pop().unwrap(),
+        v => v,
+    }
+}
+
+/// The snapshot method end to end: a two-disk VM replicated over four generations (a
+/// point each), a drill `--method snapshot --at` generation 2's time registers an AMI
+/// from that point's snapshots and launches it on the emulator, passes verification,
+/// marks the VM snapshot-ready (so `auto` now chooses snapshot); cleanup removes exactly
+/// its AMI and instance and gives the point back to retention. moto's RegisterImage keeps
+/// only the name and description: the block device mappings are checked at the EC2 seam
+/// by lambdas/dr/tests/handler.rs; here the run's snapshots, the AMI and the instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_drill_from_a_past_point_launches_verifies_and_cleans_up_on_the_emulator() {
+    let stack = LocalStack::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let rx = tmp.path().join("rx");
+    for k in 1..=4u64 {
+        let t = format!("2026-11-29T10:{:02}:00Z", 5 * k);
+        send_disk(&stack, tmp.path(), "disk0", k, 30, &t);
+        send_disk(&stack, tmp.path(), "disk1", k, 20, &t);
+        sync(&stack, &rx);
+    }
+    let ec2 = stack.ec2().await;
+    // A bystander AMI and instance: cleanup leaves them.
+    let bystander_ami = ec2
+        .register_image()
+        .name("bystander")
+        .root_device_name("/dev/xvda")
+        .send()
+        .await
+        .unwrap()
+        .image_id
+        .unwrap();
+    let bystander = ec2
+        .run_instances()
+        .image_id("ami-12c6146b")
+        .min_count(1)
+        .max_count(1)
+        .send()
+        .await
+        .unwrap()
+        .instances()[0]
+        .instance_id()
+        .unwrap()
+        .to_string();
+    let vm = [
+        "--site", "site1", "--vm", "vm1", "--disk", "disk0", "--disk", "disk1",
+    ];
+
+    // Never verified: auto chooses import, and says why.
+    let plan = dr_run(&stack, &[&["start", "--dry-run"][..], &vm].concat());
+    assert_eq!(plan["method"], "import", "{plan:#}");
+    assert!(plan["method_reason"]
+        .as_str()
+        .unwrap()
+        .contains("no snapshot-method run that passed"));
+
+    // The points at 10:10 (generation 2), as `points` lists them.
+    let out = run_ok(&mut dr(&stack, "ok", &["points", "--vm", "vm1", "--json"]));
+    let points: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let p2 = points
+        .iter()
+        .find(|p| p["snapshot_time"] == "2026-11-29T10:10:00Z")
+        .unwrap();
+    let want: Vec<&str> = p2["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["snapshot_id"].as_str().unwrap())
+        .collect();
+
+    let run = dr_run(
+        &stack,
+        &[
+            &[
+                "start",
+                "--drill",
+                "--method",
+                "snapshot",
+                "--at",
+                "2026-11-29T10:12Z",
+            ][..],
+            &vm,
+        ]
+        .concat(),
+    );
+    let id = run["run_id"].as_str().unwrap().to_string();
+    let run = if run["phase"] == "done" {
+        run
+    } else {
+        dr_run(&stack, &["status", &id, "--wait", "--poll-every", "200ms"])
+    };
+    assert_eq!(run["phase"], "done", "{run:#}");
+    assert_eq!(run["method"], "snapshot");
+    let gens: Vec<u64> = run["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["generation"].as_u64().unwrap())
+        .collect();
+    assert_eq!(gens, [2, 2]);
+    let snaps: Vec<&str> = run["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["snapshot_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(snaps, want, "the run uses exactly generation 2's points");
+    let phases: Vec<&str> = run["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["phase"].as_str().unwrap())
+        .collect();
+    assert_eq!(phases, ["registering", "launching", "verifying"]);
+    assert_eq!(run["verification"]["passed"], true, "{run:#}");
+
+    // The AMI as the emulator keeps it, and the instance launched from it.
+    let ami = run["image_id"].as_str().unwrap();
+    let images = ec2.describe_images().image_ids(ami).send().await.unwrap();
+    let image = &images.images()[0];
+    assert!(image.name().unwrap().contains(&id), "{image:?}");
+    assert!(image
+        .description()
+        .unwrap()
+        .contains("2026-11-29T10:10:00Z"));
+    let inst = run["instance_ids"][0].as_str().unwrap();
+    let out = ec2
+        .describe_instances()
+        .instance_ids(inst)
+        .send()
+        .await
+        .unwrap();
+    let i = &out.reservations()[0].instances()[0];
+    assert_eq!(i.image_id(), Some(ami));
+    assert!(i
+        .tags()
+        .iter()
+        .any(|t| t.key() == Some("pilotlight:dr-run") && t.value() == Some(id.as_str())));
+    // The point is held by the drill.
+    let ebs = emulator(&stack.endpoint).await.ebs();
+    let hold = format!("pilotlight:hold:{id}");
+    for s in &want {
+        let info = ebs
+            .describe_snapshots(&SnapshotFilter::id(*s))
+            .await
+            .unwrap();
+        assert_eq!(info[0].tags.get(&hold).map(String::as_str), Some("1"));
+    }
+    // Snapshot-ready: auto now chooses the snapshot method, naming the drill.
+    assert!(!stack
+        .get("pilotlight-dr/ready/site1/vm1.json")
+        .await
+        .is_empty());
+    let plan = dr_run(&stack, &[&["start", "--dry-run"][..], &vm].concat());
+    assert_eq!(plan["method"], "snapshot", "{plan:#}");
+    assert!(plan["method_reason"].as_str().unwrap().contains(&id));
+
+    // Cleanup: exactly its AMI and instance; the points stay, released.
+    let cleaned = dr_run(&stack, &["cleanup", &id]);
+    assert_eq!(cleaned["phase"], "cleaned_up", "{cleaned:#}");
+    let left = ec2
+        .describe_images()
+        .owners("self")
+        .send()
+        .await
+        .unwrap()
+        .images()
+        .iter()
+        .filter_map(|i| i.image_id().map(String::from))
+        .collect::<Vec<_>>();
+    assert!(
+        left.contains(&bystander_ami) && !left.iter().any(|i| i == ami),
+        "{left:?}"
+    );
+    let state = |id: String| {
+        let ec2 = ec2.clone();
+        async move {
+            let out = ec2
+                .describe_instances()
+                .instance_ids(id)
+                .send()
+                .await
+                .unwrap();
+            out.reservations()[0].instances()[0]
+                .state()
+                .and_then(|s| s.name())
+                .map(|n| n.as_str().to_string())
+                .unwrap()
+        }
+    };
+    assert_eq!(state(inst.to_string()).await, "terminated");
+    assert_eq!(state(bystander).await, "running");
+    for s in &want {
+        let info = ebs
+            .describe_snapshots(&SnapshotFilter::id(*s))
+            .await
+            .unwrap();
+        assert_eq!(info[0].status, SnapshotStatus::Completed, "the point stays");
+        assert!(!info[0].tags.contains_key(&hold), "released");
+    }
+}

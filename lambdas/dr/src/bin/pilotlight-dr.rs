@@ -82,12 +82,27 @@ struct StartArgs {
     disks: Vec<String>,
     /// Recover the boot disk's generation N (and the other disks at its snapshot time)
     /// instead of the latest.
-    #[arg(long, conflicts_with = "at")]
+    #[arg(long, conflicts_with_all = ["at", "point"])]
     generation: Option<u64>,
     /// Recover the newest snapshot time at or before this one (RFC 3339, or
     /// 2026-11-29T10:15Z), every disk at that one time.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "point")]
     at: Option<String>,
+    /// Recover exactly this VM recovery point (its time as `pilotlight-dr points` lists
+    /// it); fails when there is none at that time.
+    #[arg(long)]
+    point: Option<String>,
+    /// snapshot: an AMI from the point's EBS snapshots (minutes; the guest must boot on
+    /// Nitro); import: EC2 VM Import converts the disks (slow); auto: snapshot for a VM
+    /// that passed a snapshot-method drill, else import.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "snapshot", "import"])]
+    method: String,
+    /// An EC2 launch template as the base: lt-0123...[:VERSION]; the flags below override it.
+    #[arg(long)]
+    launch_template: Option<String>,
+    /// The guest's architecture for the snapshot method: x86_64 or arm64.
+    #[arg(long, value_parser = ["x86_64", "arm64"])]
+    architecture: Option<String>,
     #[arg(long, default_value = "t3.medium")]
     instance_type: String,
     #[arg(long)]
@@ -145,11 +160,13 @@ fn start_request(a: &StartArgs) -> anyhow::Result<Value> {
         "site": a.site,
         "vm": a.vm,
         "disks": a.disks,
-        "recovery_point": match (a.generation, &a.at) {
-            (Some(g), _) => json!({"generation": g}),
-            (None, Some(t)) => json!({"at": parse_time(t)?}),
-            (None, None) => json!("latest"),
+        "recovery_point": match (a.generation, &a.at, &a.point) {
+            (Some(g), _, _) => json!({"generation": g}),
+            (None, Some(t), _) => json!({"at": parse_time(t)?}),
+            (None, None, Some(t)) => json!({"point": parse_time(t)?}),
+            (None, None, None) => json!("latest"),
         },
+        "method": a.method,
         "launch": {
             "instance_type": a.instance_type,
             "subnet_id": a.subnet,
@@ -158,6 +175,8 @@ fn start_request(a: &StartArgs) -> anyhow::Result<Value> {
             "tags": tags,
             "boot_mode": a.boot_mode,
             "license_type": a.license_type,
+            "launch_template": a.launch_template,
+            "architecture": a.architecture,
         },
         "drill": a.drill,
         "dry_run": a.dry_run,
@@ -312,6 +331,10 @@ fn progress_line(run: &Run) -> String {
                 .map(|p| format!(" {p}%"))
                 .unwrap_or_default()
         ),
+        (Phase::Verifying, _) => format!(
+            "verifying: {}",
+            run.reason.as_deref().unwrap_or("waiting for status checks")
+        ),
         (Phase::Exporting, _) => format!(
             "exporting: {}/{} disks exported",
             run.disks.iter().filter(|d| d.image_key.is_some()).count(),
@@ -337,7 +360,26 @@ fn show(cli: &Cli, run: &Run) {
     if let Some(r) = &run.reason {
         println!("  {r}");
     }
+    if let Some(why) = &run.method_reason {
+        println!("  method: {why}");
+    }
+    if let (Some(t), Some(age)) = (run.point_time, run.point_age_seconds) {
+        println!(
+            "  recovery point {} ({} old at the start: the RPO achieved)",
+            pilotlight_protocol::points::time_tag(t),
+            humantime::format_duration(Duration::from_secs(age.max(0.0) as u64))
+        );
+    }
     for d in &run.disks {
+        if let Some(snap) = &d.snapshot_id {
+            if run.method == Some(pilotlight_dr::model::Method::Snapshot) {
+                println!(
+                    "  disk {} generation {}: recovery point snapshot {snap}",
+                    d.disk, d.generation
+                );
+                continue;
+            }
+        }
         match (&d.image_key, d.size) {
             (Some(k), Some(size)) => println!(
                 "  disk {} generation {}: exported to {k} ({size} bytes, sha256 {})",
@@ -364,6 +406,25 @@ fn show(cli: &Cli, run: &Run) {
     }
     for i in &run.instance_ids {
         println!("  instance {i}");
+    }
+    if let Some(v) = &run.verification {
+        println!(
+            "  verification: {} (instance {}: {}, instance check {}, system check {})",
+            if v.passed { "passed" } else { "FAILED" },
+            v.instance_id,
+            v.state,
+            v.instance_status,
+            v.system_status
+        );
+        if let Some(tail) = &v.console_tail {
+            println!("  console output, last lines:");
+            for l in tail.lines() {
+                println!("    {l}");
+            }
+        }
+    }
+    if !run.held.is_empty() {
+        println!("  holds recovery point snapshots {}", run.held.join(", "));
     }
     if !run.phases.is_empty() {
         let parts: Vec<String> = run
