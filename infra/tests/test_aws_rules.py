@@ -279,6 +279,26 @@ def deletes_not_tag_scoped(template: dict) -> list[str]:
     return problems
 
 
+def dr_points_beyond_own_stack(template: dict) -> list[str]:
+    """Service Authorization Reference, Amazon EC2: RegisterImage takes the snapshot
+    resources of its block device mappings (with aws:ResourceTag) and the new image (with
+    aws:RequestTag); DeleteTags a snapshot with aws:ResourceTag and aws:TagKeys. The DR
+    function may register AMIs only from this stack's recovery points, and add or remove
+    only its hold tags on them: never retag, unhold or use another stack's snapshots."""
+    problems = []
+    for st in statements(template, "DrFunctionRole"):
+        if st.get("Effect") != "Allow":
+            continue
+        cond = str(st.get("Condition", {}))
+        on_snapshots = any(":snapshot/" in text(r) or text(r) == "*" for r in as_list(st.get("Resource", [])))
+        if grants(st, "ec2:RegisterImage") and on_snapshots and "aws:ResourceTag/pilotlight:stack" not in cond:
+            problems.append(f"RegisterImage ({st.get('Sid')}) may use any snapshot, not only this stack's points")
+        if grants(st, "ec2:DeleteTags") and on_snapshots:
+            if "aws:ResourceTag/pilotlight:stack" not in cond or "pilotlight:hold:*" not in cond:
+                problems.append(f"DeleteTags ({st.get('Sid')}) may remove any tag of any snapshot")
+    return problems
+
+
 def points_beyond_own_stack(template: dict, code: str) -> list[str]:
     """EBS User Guide, "Control access to EBS direct APIs using IAM", and the Service
     Authorization Reference: ebs:StartSnapshot takes aws:RequestTag, PutSnapshotBlock,
@@ -494,6 +514,22 @@ class AwsRules(unittest.TestCase):
         self.assertTrue(points_beyond_own_stack(self.mutated(unscoped), code))
         # The code renaming its tag key breaks the policy's scoping: caught.
         self.assertTrue(points_beyond_own_stack(self.t, code.replace("pilotlight:stack", "pilotlight:owner")))
+
+    def test_dr_registers_and_holds_only_its_stacks_points(self):
+        self.assertEqual(dr_points_beyond_own_stack(self.t), [])
+
+        def unscoped(sid):
+            def edit(res, _):
+                for st in res["DrFunctionRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]:
+                    if isinstance(st, dict) and st.get("Sid") == sid:
+                        st.pop("Condition")
+            return edit
+        self.assertTrue(dr_points_beyond_own_stack(self.mutated(unscoped("RegisterFromOwnPoints"))))
+        self.assertTrue(dr_points_beyond_own_stack(self.mutated(unscoped("HoldOwnPoints"))))
+        # The code's hold tag is the policy's.
+        code = (ROOT / "protocol/src/points.rs").read_text()
+        self.assertIn('format!("{HOLD}:{run_id}")', code)
+        self.assertIn('pub const HOLD: &str = "pilotlight:hold";', code)
 
     def test_the_iam_evaluator_itself(self):
         st = [{"Effect": "Allow", "Action": "s3:PutObject", "Resource": "arn:b/p/*"},

@@ -344,6 +344,11 @@ EXPECTED_ACTIONS = {
         "ec2:DeregisterImage", "ec2:DeleteSnapshot",
         "xray:PutTraceSegments", "xray:PutTelemetryRecords",
         "kms:Decrypt", "kms:GenerateDataKey",
+        # the snapshot method: register from points, hold them, verify
+        "ec2:RegisterImage", "ec2:DeleteTags", "ec2:DescribeSnapshots", "ec2:DescribeImages",
+        "ec2:DescribeInstanceStatus", "ec2:GetConsoleOutput",
+        "kms:CreateGrant", "kms:DescribeKey", "kms:GenerateDataKeyWithoutPlaintext",
+        "kms:ReEncrypt*",
     },
     "vm_import_role": {
         "s3:GetBucketLocation", "s3:ListBucket", "s3:GetObject",

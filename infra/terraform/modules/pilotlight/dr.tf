@@ -111,9 +111,12 @@ data "aws_iam_policy_document" "dr_function_role" {
     ]
   }
   statement {
-    sid       = "CleanUpExports"
-    actions   = ["s3:DeleteObject"]
-    resources = ["${aws_s3_bucket.data_bucket.arn}/${var.prefix}/*/x/*"]
+    sid     = "CleanUpExportsAndReadyMarks"
+    actions = ["s3:DeleteObject"]
+    resources = [
+      "${aws_s3_bucket.data_bucket.arn}/${var.prefix}/*/x/*",
+      "${aws_s3_bucket.data_bucket.arn}/pilotlight-dr/ready/*",
+    ]
   }
   statement {
     sid = "ImportImages"
@@ -154,6 +157,8 @@ data "aws_iam_policy_document" "dr_function_role" {
       "arn:${local.partition}:ec2:${local.region}:${local.account}:network-interface/*",
       "arn:${local.partition}:ec2:${local.region}:${local.account}:security-group/*",
       "arn:${local.partition}:ec2:${local.region}:${local.account}:volume/*",
+      "arn:${local.partition}:ec2:${local.region}::snapshot/*",
+      "arn:${local.partition}:ec2:${local.region}:${local.account}:launch-template/*",
     ]
   }
   statement {
@@ -163,11 +168,66 @@ data "aws_iam_policy_document" "dr_function_role" {
       "arn:${local.partition}:ec2:${local.region}:${local.account}:instance/*",
       "arn:${local.partition}:ec2:${local.region}:${local.account}:volume/*",
       "arn:${local.partition}:ec2:${local.region}:${local.account}:import-image-task/*",
+      "arn:${local.partition}:ec2:${local.region}::image/*",
     ]
     condition {
       test     = "StringEquals"
       variable = "ec2:CreateAction"
-      values   = ["RunInstances", "ImportImage"]
+      values   = ["RunInstances", "ImportImage", "RegisterImage"]
+    }
+  }
+  # The snapshot method: an AMI from this stack's recovery points only, tagged with the
+  # run on creation.
+  statement {
+    sid       = "RegisterFromOwnPoints"
+    actions   = ["ec2:RegisterImage"]
+    resources = ["arn:${local.partition}:ec2:${local.region}::snapshot/*"]
+    condition {
+      test     = "StringEquals"
+      variable = "aws:ResourceTag/pilotlight:stack"
+      values   = [var.name]
+    }
+  }
+  statement {
+    sid       = "RegisterTaggedImages"
+    actions   = ["ec2:RegisterImage"]
+    resources = ["arn:${local.partition}:ec2:${local.region}::image/*"]
+    condition {
+      test     = "Null"
+      variable = "aws:RequestTag/pilotlight:dr-run"
+      values   = ["false"]
+    }
+  }
+  # A run holds its point (tag pilotlight:hold:RUN) so retention keeps it.
+  statement {
+    sid       = "HoldOwnPoints"
+    actions   = ["ec2:CreateTags", "ec2:DeleteTags"]
+    resources = ["arn:${local.partition}:ec2:${local.region}::snapshot/*"]
+    condition {
+      test     = "StringEquals"
+      variable = "aws:ResourceTag/pilotlight:stack"
+      values   = [var.name]
+    }
+    condition {
+      test     = "ForAllValues:StringLike"
+      variable = "aws:TagKeys"
+      values   = ["pilotlight:hold:*"]
+    }
+  }
+  statement {
+    sid = "FindPointsImagesAndStatus"
+    # No resource-level permissions for these three.
+    actions   = ["ec2:DescribeSnapshots", "ec2:DescribeImages", "ec2:DescribeInstanceStatus"]
+    resources = ["*"]
+  }
+  statement {
+    sid       = "ConsoleOfOwnInstances"
+    actions   = ["ec2:GetConsoleOutput"]
+    resources = ["arn:${local.partition}:ec2:${local.region}:${local.account}:instance/*"]
+    condition {
+      test     = "Null"
+      variable = "aws:ResourceTag/pilotlight:dr-run"
+      values   = ["false"]
     }
   }
   statement {
@@ -270,6 +330,7 @@ resource "aws_lambda_function" "dr_function" {
         PILOTLIGHT_BUCKET           = aws_s3_bucket.data_bucket.id
         PILOTLIGHT_PREFIX           = var.prefix
         PILOTLIGHT_DR_VMIMPORT_ROLE = aws_iam_role.vm_import_role.name
+        PILOTLIGHT_DR_STACK         = var.name
         RUST_LOG                    = "info"
       },
       local.use_kms ? { PILOTLIGHT_DR_KMS_KEY = var.kms_key_arn } : {},

@@ -95,13 +95,19 @@ data "aws_iam_policy_document" "kms_points_policy" {
 resource "aws_iam_policy" "kms_points_policy" {
   count       = var.recovery_points && local.use_kms ? 1 : 0
   name_prefix = "${var.name}-kms-points-"
-  description = "pilotlight receiver - encrypt recovery points with the customer KMS key"
+  description = "pilotlight receiver and DR - write recovery points with the customer KMS key, launch from them"
   policy      = data.aws_iam_policy_document.kms_points_policy.json
 }
 
 resource "aws_iam_role_policy_attachment" "kms_points_policy" {
   count      = var.recovery_points && local.use_kms ? 1 : 0
   role       = aws_iam_role.receiver_role.name
+  policy_arn = aws_iam_policy.kms_points_policy[0].arn
+}
+
+resource "aws_iam_role_policy_attachment" "kms_points_policy_dr" {
+  count      = var.recovery_points && local.use_kms ? 1 : 0
+  role       = aws_iam_role.dr_function_role.name
   policy_arn = aws_iam_policy.kms_points_policy[0].arn
 }
 
