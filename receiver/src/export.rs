@@ -6,9 +6,11 @@
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
+use pilotlight_cloud::ebs::{BlockRef, EbsApi, BLOCK_SIZE};
 use pilotlight_cloud::{CloudError, ObjectStore, PutOptions};
 use pilotlight_protocol::Sha256Hex;
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -29,6 +31,17 @@ pub enum ExportError {
     },
     #[error(transparent)]
     Put(#[from] CloudError),
+    #[error("reading recovery point {snapshot}: {source}")]
+    Point {
+        snapshot: String,
+        source: Box<CloudError>,
+    },
+    #[error("recovery point {snapshot} has block {index}, past the disk's {size} bytes")]
+    PointTooLarge {
+        snapshot: String,
+        index: u64,
+        size: u64,
+    },
     #[error("export task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -73,21 +86,16 @@ pub async fn export_image<K: ObjectStore>(
     key: &str,
     opts: &ExportOptions,
 ) -> Result<ExportReport, ExportError> {
-    let started = Instant::now();
     let read_err = |source| ExportError::Read {
         path: path.display().to_string(),
         source,
     };
     let file = Arc::new(File::open(path).map_err(read_err)?);
     let size = file.metadata().map_err(read_err)?.len();
-    let part = part_size_for(size, opts.part_size);
-    let count = size.div_ceil(part).max(1);
-    let read_part = |n: u64| {
+    let read_part = |at: u64, len: usize| {
         let (file, path) = (file.clone(), path.display().to_string());
         async move {
             tokio::task::spawn_blocking(move || {
-                let at = n * part;
-                let len = part.min(size - at.min(size)) as usize;
                 let mut buf = vec![0u8; len];
                 file.read_exact_at(&mut buf, at)
                     .map_err(|source| ExportError::Read { path, source })?;
@@ -95,6 +103,94 @@ pub async fn export_image<K: ObjectStore>(
             })
             .await?
         }
+    };
+    upload_parts(sink, size, key, opts, read_part).await
+}
+
+/// Blocks read at once from a recovery point.
+const POINT_READS: usize = 16;
+
+/// Uploads recovery point `snapshot` as a raw disk of `size` bytes to `key`: its blocks
+/// (ListSnapshotBlocks, GetSnapshotBlock) at their offsets, holes as zeroes (never read).
+pub async fn export_point<K: ObjectStore, E: EbsApi>(
+    sink: &K,
+    ebs: &E,
+    snapshot: &str,
+    size: u64,
+    key: &str,
+    opts: &ExportOptions,
+) -> Result<ExportReport, ExportError> {
+    let point_err = |source| ExportError::Point {
+        snapshot: snapshot.to_string(),
+        source: Box::new(source),
+    };
+    let blocks: BTreeMap<u64, BlockRef> = ebs
+        .list_snapshot_blocks(snapshot)
+        .await
+        .map_err(point_err)?
+        .into_iter()
+        .map(|b| (b.index, b))
+        .collect();
+    // A block wholly past the disk is not this disk's (the snapshot is whole GiB, the
+    // disk need not be); one that overlaps the end is cut.
+    if let Some((&index, _)) = blocks.range(size.div_ceil(BLOCK_SIZE)..).next() {
+        return Err(ExportError::PointTooLarge {
+            snapshot: snapshot.to_string(),
+            index,
+            size,
+        });
+    }
+    let blocks = &blocks;
+    let read_part = |at: u64, len: usize| async move {
+        let mut buf = vec![0u8; len];
+        let first = at / BLOCK_SIZE;
+        let last = (at + len as u64).div_ceil(BLOCK_SIZE);
+        let fetched: Vec<(u64, Bytes)> = futures::stream::iter(blocks.range(first..last))
+            .map(|(&i, b)| async move {
+                let data = ebs
+                    .get_snapshot_block(snapshot, b)
+                    .await
+                    .map_err(point_err)?;
+                Ok::<_, ExportError>((i, data))
+            })
+            .buffer_unordered(POINT_READS)
+            .try_collect()
+            .await?;
+        for (i, data) in fetched {
+            // The part's window of this block (parts are whole blocks but the last).
+            let start = i * BLOCK_SIZE;
+            let from = start.max(at);
+            let to = (start + data.len() as u64).min(at + len as u64);
+            if from < to {
+                buf[(from - at) as usize..(to - at) as usize]
+                    .copy_from_slice(&data[(from - start) as usize..(to - start) as usize]);
+            }
+        }
+        Ok::<_, ExportError>(Bytes::from(buf))
+    };
+    upload_parts(sink, size, key, opts, read_part).await
+}
+
+/// The upload both exports share: parts of the whole disk read in order (two ahead),
+/// hashed in order, uploaded several at once; a single PUT for a one-part disk.
+async fn upload_parts<K, R, F>(
+    sink: &K,
+    size: u64,
+    key: &str,
+    opts: &ExportOptions,
+    read: R,
+) -> Result<ExportReport, ExportError>
+where
+    K: ObjectStore,
+    R: Fn(u64, usize) -> F,
+    F: std::future::Future<Output = Result<Bytes, ExportError>>,
+{
+    let started = Instant::now();
+    let part = part_size_for(size, opts.part_size);
+    let count = size.div_ceil(part).max(1);
+    let read_part = |n: u64| {
+        let at = n * part;
+        read(at, part.min(size - at.min(size)) as usize)
     };
     let mut hasher = Sha256::new();
     if count == 1 {

@@ -197,7 +197,7 @@ pub async fn drive_disk<S: ObjectStore, Q: Queue + Clone + 'static, E: EbsApi + 
             }
         }
         // Exports at this boundary run before anything newer is applied.
-        run_exports(id, d, src, queue, cfg).await;
+        run_exports(id, d, src, queue, cfg, points).await;
         let Some(g) = d.next() else {
             break;
         };

@@ -3,13 +3,17 @@
 //! before anything newer is applied, so it is never half-applied. Its outcome goes to
 //! `x/{id}/result.json`; the request's messages are deleted after that.
 
+use super::disk::read_manifest;
 use super::disk::Disk;
 use super::lifetime::{delete_messages, hold, Held, KeepAlive};
 use super::{Engine, EngineConfig};
-use crate::export::{export_image, ExportOptions};
+use crate::export::{export_image, export_point, ExportOptions};
+use crate::points::PointWriter;
 use chrono::Utc;
 use pilotlight_cloud::ebs::EbsApi;
+use pilotlight_cloud::ebs::{SnapshotFilter, SnapshotStatus};
 use pilotlight_cloud::{Message, ObjectStore, PutOptions, Queue};
+use pilotlight_protocol::points::{tag, Point};
 use pilotlight_protocol::{
     DiskId, ExportRequest, ExportResult, ExportStatus, Name, ObjectKey, Prefix, EXPORT_VERSION,
     MAX_EXPORT_DOC_BYTES,
@@ -93,7 +97,8 @@ impl<S: ObjectStore + Clone + 'static, Q: Queue + Clone + 'static, E: EbsApi + '
             }
         };
         let applied = self.disks.get(disk).and_then(|d| d.state.applied);
-        if applied.is_some_and(|a| a > req.generation) {
+        // An older generation: from its recovery point, when there are points.
+        if applied.is_some_and(|a| a > req.generation) && self.points.is_none() {
             let why = superseded(req.generation, applied);
             self.answer_failed(disk, id, applied, why).await;
             return false;
@@ -182,14 +187,99 @@ async fn write_result<S: ObjectStore>(
     }
 }
 
-/// Runs the exports that want the generation the image holds now; fails those that want
-/// an older one.
-pub async fn run_exports<S: ObjectStore, Q: Queue + Clone + 'static>(
+/// Exports generation `g` from its recovery point (the image has moved on): the disk's
+/// size from the generation's manifest, the bytes from the point's snapshot.
+async fn export_from_point<S: ObjectStore, E: EbsApi>(
+    id: &DiskId,
+    name: &Name,
+    g: u64,
+    src: &S,
+    cfg: &EngineConfig,
+    pw: &PointWriter<E>,
+) -> ExportResult {
+    let started = Instant::now();
+    let fail = |why: String| failed_result(name, Some(g), why, started.elapsed().as_secs_f64());
+    let mut f = SnapshotFilter::default()
+        .tag(tag::POINT, "1")
+        .tag(tag::SITE, id.site.to_string())
+        .tag(tag::VM, id.vm.to_string())
+        .tag(tag::DISK, id.disk.to_string())
+        .tag(tag::GENERATION, g.to_string());
+    if !pw.cfg.stack.is_empty() {
+        f = f.tag(tag::STACK, pw.cfg.stack.clone());
+    }
+    let point = match pw.ebs.describe_snapshots(&f).await {
+        Ok(found) => found
+            .into_iter()
+            .filter(|s| s.status == SnapshotStatus::Completed)
+            .filter_map(|s| Point::from_tags(&s.id, &s.tags))
+            .find(|p| p.disk == *id && p.generation == g),
+        Err(e) => {
+            return fail(format!(
+                "cannot look up the recovery point of generation {g}: {e}"
+            ))
+        }
+    };
+    let Some(point) = point else {
+        return fail(format!(
+            "generation {g} is no longer in the image and has no recovery point (recovery points off then, or pruned): ask for a newer point (`pilotlight-dr points`)"
+        ));
+    };
+    let m = match read_manifest(src, &cfg.prefix, id, g).await {
+        Ok(m) => m,
+        Err(e) => return fail(format!("cannot read the manifest of generation {g}: {e}")),
+    };
+    let key = ObjectKey::ExportImage {
+        disk: id.clone(),
+        id: name.clone(),
+    }
+    .to_key(&cfg.prefix);
+    tracing::info!(disk = %id, export = %name, generation = g, snapshot = %point.snapshot_id, %key, "exporting from the recovery point");
+    let opts = ExportOptions {
+        concurrency: cfg.concurrency.clamp(1, 8),
+        ..ExportOptions::default()
+    };
+    match export_point(
+        src,
+        pw.ebs.as_ref(),
+        &point.snapshot_id,
+        m.disk_size,
+        &key,
+        &opts,
+    )
+    .await
+    {
+        Ok(r) => {
+            tracing::info!(disk = %id, export = %name, generation = g, bytes = r.size, parts = r.parts, seconds = r.seconds, "exported from the recovery point");
+            ExportResult {
+                version: EXPORT_VERSION,
+                id: name.clone(),
+                status: ExportStatus::Done,
+                generation: Some(g),
+                image_key: Some(key),
+                size: Some(r.size),
+                sha256: Some(r.sha256),
+                reason: None,
+                seconds: r.seconds,
+                finished_at: Utc::now(),
+            }
+        }
+        Err(e) => fail(format!(
+            "export of generation {g} from recovery point {} failed: {e}",
+            point.snapshot_id
+        )),
+    }
+}
+
+/// Runs the exports that want the generation the image holds now, and those that want
+/// an older one from its recovery point (without points they fail).
+pub async fn run_exports<S: ObjectStore, Q: Queue + Clone + 'static, E: EbsApi + 'static>(
     id: &DiskId,
     d: &mut Disk,
     src: &S,
     queue: &Q,
     cfg: &EngineConfig,
+    points: Option<&PointWriter<E>>,
 ) {
     let applied = d.state.applied;
     let ready: Vec<Name> = d
@@ -204,7 +294,17 @@ pub async fn run_exports<S: ObjectStore, Q: Queue + Clone + 'static>(
         };
         let g = p.req.generation;
         let result = if applied != Some(g) {
-            failed_result(&name, applied, superseded(g, applied), 0.0)
+            match points {
+                Some(pw) => {
+                    let receipts: Vec<String> =
+                        p.messages.iter().map(|w| w.receipt.clone()).collect();
+                    let keepalive = KeepAlive::start(queue, receipts, cfg.visibility_secs);
+                    let r = export_from_point(id, &name, g, src, cfg, pw).await;
+                    drop(keepalive);
+                    r
+                }
+                None => failed_result(&name, applied, superseded(g, applied), 0.0),
+            }
         } else {
             let key = ObjectKey::ExportImage {
                 disk: id.clone(),
