@@ -313,6 +313,14 @@ mod tests {
         assert_eq!(p.snapshot_time, t0());
         assert_eq!(p.parent.as_deref(), Some("snap-1"));
         assert!(!p.hold);
+        // A run's hold: its own key, so runs never release each other's.
+        let mut held = tags.clone();
+        held.insert(tag::hold("dr-1"), "1".into());
+        assert_eq!(tag::hold("dr-1"), "pilotlight:hold:dr-1");
+        assert!(Point::from_tags("snap-1", &held).unwrap().hold);
+        let mut other = tags.clone();
+        other.insert("pilotlight:holdings".into(), "1".into());
+        assert!(!Point::from_tags("snap-1", &other).unwrap().hold);
         let mut bad = tags.clone();
         bad.insert(tag::VM.into(), "..".into());
         assert!(Point::from_tags("x", &bad).is_none());

@@ -509,6 +509,22 @@ async fn an_import_of_an_older_point_exports_it_from_the_recovery_point() {
     }
     // The import was started with those objects.
     assert!(run["import"]["task_id"].as_str().is_some(), "{run:#}");
+    // The points were held while exporting, and given back once exported.
+    assert_eq!(run["held"].as_array().map(Vec::len), Some(0), "{run:#}");
+    let ebs = emulator(&stack.endpoint).await.ebs();
+    let hold = format!("pilotlight:hold:{id}");
+    for d in run["disks"].as_array().unwrap() {
+        let s = d["snapshot_id"].as_str().expect("the point was found");
+        let info = ebs
+            .describe_snapshots(&SnapshotFilter::id(s))
+            .await
+            .unwrap();
+        assert!(
+            !info[0].tags.contains_key(&hold),
+            "released: {:?}",
+            info[0].tags
+        );
+    }
     assert!(run["created"]
         .as_array()
         .unwrap()

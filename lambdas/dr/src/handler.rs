@@ -12,8 +12,8 @@
 //! ```
 
 use crate::model::{
-    Claim, DrRequest, ImportProgress, Method, Phase, RecoveryPoint, Run, RunDisk, SnapshotReady,
-    StartRequest, Verification, TAG_DRILL, TAG_RUN,
+    Claim, DrRequest, Group, ImportProgress, Method, Phase, RecoverRequest, RecoveryPoint, Run,
+    RunDisk, SnapshotReady, StartRequest, Verification, VmSettings, TAG_DRILL, TAG_RUN,
 };
 use chrono::{DateTime, Utc};
 use pilotlight_cloud::ebs::{EbsApi, NoEbs, SnapshotFilter, SnapshotStatus};
@@ -88,13 +88,21 @@ impl DrConfig {
         format!("{}{run_id}.json", self.runs_prefix)
     }
 
+    /// Beside the run records (`pilotlight-dr/` by default).
+    fn base(&self) -> &str {
+        self.runs_prefix
+            .strip_suffix("runs/")
+            .unwrap_or(&self.runs_prefix)
+    }
+
     /// Where a VM's snapshot-ready marker lives: beside the run records.
     pub fn ready_key(&self, site: &str, vm: &str) -> String {
-        let base = self
-            .runs_prefix
-            .strip_suffix("runs/")
-            .unwrap_or(&self.runs_prefix);
-        format!("{base}ready/{site}/{vm}.json")
+        format!("{}ready/{site}/{vm}.json", self.base())
+    }
+
+    /// Where a VM's saved recovery settings live.
+    pub fn vm_settings_key(&self, site: &str, vm: &str) -> String {
+        format!("{}vms/{site}/{vm}.json", self.base())
     }
 }
 
@@ -146,13 +154,15 @@ pub async fn handle<S: ObjectStore, E: Ec2Api, B: EbsApi>(
     }
     let req: DrRequest = serde_json::from_value(event).map_err(|e| {
         DrError::BadRequest(format!(
-            "{e} (expected {{\"action\": \"start\" | \"status\" | \"cleanup\", ...}})"
+            "{e} (expected {{\"action\": \"start\" | \"status\" | \"cleanup\" | \"configure\" | \"recover\", ...}})"
         ))
     })?;
     match req {
         DrRequest::Start(_) => Err(DrError::BadRequest("unreachable start".into())),
         DrRequest::Status { run_id } => to_json(&status(env, run_id.as_deref()).await?),
         DrRequest::Cleanup { run_id } => to_json(&cleanup(env, &run_id).await?),
+        DrRequest::Configure(settings) => to_json(&configure(env, *settings).await?),
+        DrRequest::Recover(req) => to_json(&recover(env, req).await?),
     }
 }
 
@@ -481,6 +491,135 @@ async fn release_holds<S, E, B: EbsApi>(env: &DrEnv<S, E, B>, run: &mut Run) {
         }
     }
     run.held = kept;
+}
+
+/// Saves a VM's recovery settings after checking them as a start would.
+pub async fn configure<S: ObjectStore, E, B>(
+    env: &DrEnv<S, E, B>,
+    settings: VmSettings,
+) -> Result<VmSettings, DrError> {
+    let as_start = StartRequest {
+        site: settings.site.clone(),
+        vm: settings.vm.clone(),
+        disks: settings.disks.clone(),
+        recovery_point: RecoveryPoint::Latest,
+        method: settings.method,
+        launch: settings.launch.clone(),
+        drill: false,
+        dry_run: true,
+        group: None,
+    };
+    validate(&env.cfg, &as_start).map_err(DrError::BadRequest)?;
+    let key = env.cfg.vm_settings_key(&settings.site, &settings.vm);
+    let body =
+        serde_json::to_vec_pretty(&settings).map_err(|e| DrError::BadRequest(e.to_string()))?;
+    env.store.put(&key, body.into(), PutOptions::json()).await?;
+    tracing::info!(site = %settings.site, vm = %settings.vm, %key, "VM recovery settings saved");
+    Ok(settings)
+}
+
+/// A VM's saved settings (`None`: never configured).
+pub async fn vm_settings<S: ObjectStore, E, B>(
+    env: &DrEnv<S, E, B>,
+    site: &str,
+    vm: &str,
+) -> Result<Option<VmSettings>, DrError> {
+    if Name::new(site).is_err() || Name::new(vm).is_err() {
+        return Ok(None);
+    }
+    let key = env.cfg.vm_settings_key(site, vm);
+    match env.store.get_if_exists(&key, 1 << 20).await? {
+        None => Ok(None),
+        Some(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| DrError::BadRun {
+                key,
+                detail: e.to_string(),
+            }),
+    }
+}
+
+/// At most this many VMs in one recovery.
+pub const MAX_GROUP_VMS: usize = 50;
+
+/// Recovers several VMs, each from its saved settings and each independently: a VM that
+/// cannot start (no settings, no point) is a failed run of its own; the others go on.
+pub async fn recover<S: ObjectStore, E: Ec2Api, B: EbsApi>(
+    env: &DrEnv<S, E, B>,
+    req: RecoverRequest,
+) -> Result<Group, DrError> {
+    if req.vms.is_empty() || req.vms.len() > MAX_GROUP_VMS {
+        return Err(DrError::BadRequest(format!(
+            "vms: 1 to {MAX_GROUP_VMS} VMs, {} given",
+            req.vms.len()
+        )));
+    }
+    for (i, vm) in req.vms.iter().enumerate() {
+        if req.vms[..i].contains(vm) {
+            return Err(DrError::BadRequest(format!("vms: {vm:?} is listed twice")));
+        }
+    }
+    let now = Utc::now();
+    let group = format!(
+        "grp-{}",
+        new_run_id(now, &serde_json::to_value(&req).unwrap_or_default()).trim_start_matches("dr-")
+    );
+    let mut runs = Vec::new();
+    for vm in &req.vms {
+        let request = match vm_settings(env, &req.site, vm).await {
+            Ok(Some(s)) => serde_json::json!({
+                "action": "start",
+                "site": req.site,
+                "vm": vm,
+                "disks": s.disks,
+                "recovery_point": req.recovery_point,
+                "method": req.method.unwrap_or(s.method),
+                "launch": s.launch,
+                "drill": req.drill,
+                "dry_run": req.dry_run,
+                "group": group,
+            }),
+            Ok(None) => {
+                let request = serde_json::json!({"action": "start", "site": req.site, "vm": vm,
+                    "drill": req.drill, "dry_run": req.dry_run, "group": group});
+                let mut run = Run::new(new_run_id(Utc::now(), &request), request, Utc::now());
+                run.fail(
+                    format!(
+                        "no saved recovery settings for {}/{vm}: save them first (`pilotlight-dr configure --site {} --vm {vm} --disk ...`)",
+                        req.site, req.site
+                    ),
+                    Utc::now(),
+                );
+                if !run.dry_run {
+                    save(env, &mut run).await?;
+                }
+                runs.push(run);
+                continue;
+            }
+            Err(e) => {
+                let request = serde_json::json!({"action": "start", "site": req.site, "vm": vm,
+                    "drill": req.drill, "dry_run": req.dry_run, "group": group});
+                let mut run = Run::new(new_run_id(Utc::now(), &request), request, Utc::now());
+                run.fail(
+                    format!("cannot read the VM's saved settings: {e}"),
+                    Utc::now(),
+                );
+                runs.push(run);
+                continue;
+            }
+        };
+        match start(env, request.clone()).await {
+            Ok(run) => runs.push(run),
+            // This VM could not start now (the bucket failing): said, the others go on.
+            Err(e) => {
+                let mut run = Run::new(new_run_id(Utc::now(), &request), request, Utc::now());
+                run.fail(format!("not started: {e}; start this VM again"), Utc::now());
+                runs.push(run);
+            }
+        }
+    }
+    tracing::info!(%group, vms = runs.len(), failed = runs.iter().filter(|r| r.phase == Phase::Failed).count(), "recovery of several VMs started");
+    Ok(Group { group, runs })
 }
 
 fn valid_id(s: &str, prefix: &str) -> bool {
@@ -840,9 +979,11 @@ async fn advance_from<S: ObjectStore, E: Ec2Api, B: EbsApi>(
             Phase::Verifying => verifying(env, run).await?,
             _ => {}
         }
-        // A real recovery that failed gives its point back to retention; a drill's
-        // stays held until its cleanup.
-        if run.phase == Phase::Failed && !run.drill && !run.held.is_empty() {
+        // A real recovery that failed gives its point back to retention (a drill's stays
+        // held until its cleanup); an import needs its point only until it is exported.
+        let exported = run.method == Some(Method::Import)
+            && !matches!(run.phase, Phase::Exporting | Phase::Failed | Phase::Planned);
+        if !run.held.is_empty() && ((run.phase == Phase::Failed && !run.drill) || exported) {
             release_holds(env, run).await;
         }
         if *run == before {

@@ -21,6 +21,48 @@ pub enum DrRequest {
     Status { run_id: Option<String> },
     /// Remove what a drill made: instances, AMI, snapshots, exported objects.
     Cleanup { run_id: String },
+    /// Save a VM's recovery settings (disks, launch settings, method), so a recovery
+    /// needs only its name.
+    Configure(Box<VmSettings>),
+    /// Recover several VMs by name, each from its saved settings and independently: one
+    /// run per VM, one group.
+    Recover(RecoverRequest),
+}
+
+/// A VM's saved recovery settings (`{base}vms/{site}/{vm}.json`, beside the runs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSettings {
+    pub site: String,
+    pub vm: String,
+    /// Boot disk first.
+    pub disks: Vec<String>,
+    pub launch: LaunchSettings,
+    #[serde(default)]
+    pub method: Method,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoverRequest {
+    pub site: String,
+    pub vms: Vec<String>,
+    #[serde(default)]
+    pub recovery_point: RecoveryPoint,
+    /// Overrides each VM's saved method.
+    #[serde(default)]
+    pub method: Option<Method>,
+    #[serde(default)]
+    pub drill: bool,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// What a recovery of several VMs started: one run per VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Group {
+    pub group: String,
+    pub runs: Vec<Run>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +82,9 @@ pub struct StartRequest {
     pub drill: bool,
     #[serde(default)]
     pub dry_run: bool,
+    /// The group of runs this one belongs to (a recovery of several VMs).
+    #[serde(default)]
+    pub group: Option<String>,
 }
 
 /// `"latest"`, `{"at": "2026-11-29T10:15:00Z"}` or `{"generation": N}`. Every disk of a
@@ -256,6 +301,9 @@ pub struct Run {
     pub phases: Vec<PhaseTime>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The group of runs (several VMs recovered together).
+    #[serde(default)]
+    pub group: Option<String>,
     /// The method chosen (never `auto`) and why.
     #[serde(default)]
     pub method: Option<Method>,
@@ -312,6 +360,10 @@ impl PartialEq for Etag {
 impl Run {
     pub fn new(run_id: String, request: serde_json::Value, now: DateTime<Utc>) -> Self {
         let flag = |k: &str| request.get(k).and_then(|v| v.as_bool()).unwrap_or(false);
+        let group = request
+            .get("group")
+            .and_then(|g| g.as_str())
+            .map(String::from);
         Self {
             version: RUN_VERSION,
             drill: flag("drill"),
@@ -330,6 +382,7 @@ impl Run {
             phases: Vec::new(),
             created_at: now,
             updated_at: now,
+            group,
             method: None,
             method_reason: None,
             point_time: None,

@@ -1201,3 +1201,111 @@ async fn snapshot_method_failures_fail_the_run_with_the_reason() {
         Some(("lt-0123456789abcdef0".into(), "3".into()))
     );
 }
+
+/// Several VMs by name: each from its saved settings, each independently. One VM without
+/// a recovery point at the time fails with its reason; one never configured fails saying
+/// so; the other recovers; the group names each.
+#[tokio::test]
+async fn several_vms_recover_independently_from_their_saved_settings() {
+    use pilotlight_dr::handler::{configure, recover};
+    use pilotlight_dr::model::{Group, RecoverRequest, VmSettings};
+    let store = MemoryStore::default();
+    let ebs = Arc::new(MemoryEbs::new());
+    points_of_db01(&store, &ebs).await;
+    // web-01: one disk, committed only at 10:40 (no point at 10:35 or before).
+    let web = DiskId::parse("site1/web-01/disk0").unwrap();
+    commit(&store, &web, 1, 40);
+    let env = snapshot_env(&store, &ebs);
+    let launch: pilotlight_dr::model::LaunchSettings =
+        serde_json::from_value(request()["launch"].clone()).unwrap();
+    for (vm, disks) in [("db-01", vec!["disk0", "disk1"]), ("web-01", vec!["disk0"])] {
+        configure(
+            &env,
+            VmSettings {
+                site: "site1".into(),
+                vm: vm.into(),
+                disks: disks.into_iter().map(String::from).collect(),
+                launch: launch.clone(),
+                method: Method::Snapshot,
+            },
+        )
+        .await
+        .unwrap();
+    }
+    // Settings are checked as a start would be.
+    let mut bad = launch.clone();
+    bad.instance_type = "huge".into();
+    let e = configure(
+        &env,
+        VmSettings {
+            site: "site1".into(),
+            vm: "db-01".into(),
+            disks: vec!["disk0".into()],
+            launch: bad,
+            method: Method::Auto,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("instance_type"), "{e}");
+
+    let group: Group = recover(
+        &env,
+        RecoverRequest {
+            site: "site1".into(),
+            vms: vec!["db-01".into(), "web-01".into(), "mail-01".into()],
+            recovery_point: pilotlight_dr::model::RecoveryPoint::At(at(35)),
+            method: None,
+            drill: true,
+            dry_run: false,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(group.runs.len(), 3);
+    assert!(group
+        .runs
+        .iter()
+        .all(|r| r.group.as_deref() == Some(group.group.as_str())));
+    let (db, web, mail) = (&group.runs[0], &group.runs[1], &group.runs[2]);
+    assert_eq!(db.phase, Phase::Done, "{:?}", db.reason);
+    assert_eq!(db.method, Some(Method::Snapshot), "the saved method");
+    assert_eq!(db.disks.len(), 2, "the saved disks");
+    assert_eq!(web.phase, Phase::Failed);
+    let why = web.reason.clone().unwrap();
+    assert!(
+        why.contains("site1/web-01/disk0") && why.contains("10:35"),
+        "{why}"
+    );
+    assert_eq!(mail.phase, Phase::Failed);
+    assert!(mail
+        .reason
+        .clone()
+        .unwrap()
+        .contains("pilotlight-dr configure"));
+    // Each run is recorded, failed ones too, and found by status.
+    for r in &group.runs {
+        assert!(store
+            .get_if_exists(&format!("pilotlight-dr/runs/{}.json", r.run_id), 1 << 20)
+            .await
+            .unwrap()
+            .is_some());
+    }
+    // Through the Lambda's entry, as the CLI sends it.
+    let v = pilotlight_dr::handle(
+        &env,
+        json!({"action": "recover", "site": "site1", "vms": ["db-01"], "dry_run": true}),
+    )
+    .await
+    .unwrap();
+    let g: Group = serde_json::from_value(v).unwrap();
+    assert_eq!(g.runs[0].phase, Phase::Planned, "{:?}", g.runs[0].reason);
+    // Bad lists are refused as a whole.
+    let e = pilotlight_dr::handle(
+        &env,
+        json!({"action": "recover", "site": "site1", "vms": ["a", "a"]}),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("twice"), "{e}");
+}

@@ -9,11 +9,15 @@
 //!   AWS_PROFILE=... AWS_REGION=... cargo test -p pilotlight-dr --test real_aws -- --nocapture
 //! ```
 //!
-//! It starts a drill through the deployed DR function (`pilotlight-dr --function ...
-//! start --drill --wait`): the receiver exports, EC2 imports (encrypted), the instance
-//! launches in the drill subnet; the run must end `done` with one instance. Then it
-//! cleans the drill up (instances, AMI, snapshots, exported objects, all tagged by the
-//! run) and checks the run ends `cleaned_up`. What it exercises that the emulator cannot:
+//! It starts two drills of the newest point through the deployed DR function
+//! (`pilotlight-dr --function ... start --drill --wait`), one per method (set
+//! `PILOTLIGHT_REAL_AWS_METHODS` to run fewer): `snapshot` registers an AMI from the
+//! point's snapshots and launches it (the VM must boot natively on Nitro); `import` has
+//! the receiver export, EC2 import (encrypted), and launches; each instance must pass its
+//! status checks, each run end `done` with one instance; their RTO breakdowns are printed
+//! side by side. Then it cleans each drill up (instances, AMI, snapshots, exported
+//! objects, all tagged by the run; the point's hold released) and checks it ends
+//! `cleaned_up`. What it exercises that the emulator cannot:
 //! ImportImage, the IAM policies as AWS evaluates them (403s for missing keys, tag-scoped
 //! deletes, PassRole), KMS grants, and the schedule advancing the run alongside `--wait`
 //! (two advancers on one run record).
@@ -111,29 +115,57 @@ fn drill_on_real_aws() {
             "pilotlight-dr {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        serde_json::from_slice(&out.stdout).unwrap()
+        // `start --wait` prints the run as started, then as it ended: the last one.
+        serde_json::Deserializer::from_slice(&out.stdout)
+            .into_iter::<serde_json::Value>()
+            .last()
+            .unwrap()
+            .unwrap()
     };
-    let mut start = vec!["start", "--site", site, "--vm", vm];
-    for d in disks.split(',') {
-        start.extend(["--disk", d]);
+    let methods =
+        std::env::var("PILOTLIGHT_REAL_AWS_METHODS").unwrap_or_else(|_| "snapshot import".into());
+    let mut rto = vec![];
+    for method in methods.split_whitespace() {
+        let mut start = vec!["start", "--site", site, "--vm", vm, "--method", method];
+        for d in disks.split(',') {
+            start.extend(["--disk", d]);
+        }
+        start.extend([
+            "--instance-type",
+            instance_type,
+            "--drill",
+            "--wait",
+            "--wait-timeout",
+            "3h",
+        ]);
+        let run = dr(&start);
+        eprintln!("{run:#}");
+        assert_eq!(run["phase"], "done", "{method}: {run:#}");
+        assert_eq!(run["method"], method);
+        assert_eq!(run["verification"]["passed"], true, "{run:#}");
+        assert_eq!(
+            run["instance_ids"].as_array().map(Vec::len),
+            Some(1),
+            "{run:#}"
+        );
+        rto.push((method.to_string(), run["phases"].clone()));
+        let run_id = run["run_id"].as_str().unwrap();
+        let cleaned = dr(&["cleanup", run_id]);
+        assert_eq!(cleaned["phase"], "cleaned_up", "{cleaned:#}");
     }
-    start.extend([
-        "--instance-type",
-        instance_type,
-        "--drill",
-        "--wait",
-        "--wait-timeout",
-        "3h",
-    ]);
-    let run = dr(&start);
-    eprintln!("{run:#}");
-    assert_eq!(run["phase"], "done", "{run:#}");
-    assert_eq!(
-        run["instance_ids"].as_array().map(Vec::len),
-        Some(1),
-        "{run:#}"
-    );
-    let run_id = run["run_id"].as_str().unwrap();
-    let cleaned = dr(&["cleanup", run_id]);
-    assert_eq!(cleaned["phase"], "cleaned_up", "{cleaned:#}");
+    for (method, phases) in rto {
+        let parts: Vec<String> = phases
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} {:.0} s",
+                    p["phase"].as_str().unwrap(),
+                    p["seconds"].as_f64().unwrap_or(0.0)
+                )
+            })
+            .collect();
+        eprintln!("RTO {method}: {}", parts.join(", "));
+    }
 }

@@ -5,7 +5,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use pilotlight_cli::LogArgs;
 use pilotlight_dr::config::DrSettings;
-use pilotlight_dr::model::{Phase, Run};
+use pilotlight_dr::model::{Group, Phase, Run};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -48,6 +48,9 @@ enum Cmd {
     },
     /// Remove what a drill created: instances, AMI, snapshots, exported objects.
     Cleanup { run_id: String },
+    /// Save a VM's recovery settings (disks, launch settings, method), so that
+    /// `start --vm NAME` (and several VMs at once) needs only its name.
+    Configure(Box<ConfigureArgs>),
     /// Every VM recovery point (a snapshot time every disk of the VM has a point for),
     /// from the points' snapshot tags; `--json` for a machine-readable list.
     Points {
@@ -75,10 +78,13 @@ struct StartArgs {
     request: Option<PathBuf>,
     #[arg(long, required_unless_present = "request")]
     site: Option<String>,
-    #[arg(long, required_unless_present = "request")]
-    vm: Option<String>,
-    /// A disk of the VM; repeat, boot disk first.
-    #[arg(long = "disk", required_unless_present = "request")]
+    /// The VM; repeat to recover several at once, each from its saved settings
+    /// (`configure`), each independently.
+    #[arg(long = "vm", required_unless_present = "request")]
+    vms: Vec<String>,
+    /// A disk of the VM; repeat, boot disk first. Without it, the VM's saved settings
+    /// (`configure`) give the disks and launch settings.
+    #[arg(long = "disk")]
     disks: Vec<String>,
     /// Recover the boot disk's generation N (and the other disks at its snapshot time)
     /// instead of the latest.
@@ -94,15 +100,28 @@ struct StartArgs {
     point: Option<String>,
     /// snapshot: an AMI from the point's EBS snapshots (minutes; the guest must boot on
     /// Nitro); import: EC2 VM Import converts the disks (slow); auto: snapshot for a VM
-    /// that passed a snapshot-method drill, else import.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "snapshot", "import"])]
-    method: String,
-    /// An EC2 launch template as the base: lt-0123...[:VERSION]; the flags below override it.
+    /// that passed a snapshot-method drill, else import. Default: auto, or the VM's saved
+    /// method.
+    #[arg(long, value_parser = ["auto", "snapshot", "import"])]
+    method: Option<String>,
+    #[command(flatten)]
+    launch: LaunchArgs,
+    /// A drill: instances tagged as such, in the drill subnet, removable by `cleanup`.
     #[arg(long)]
-    launch_template: Option<String>,
-    /// The guest's architecture for the snapshot method: x86_64 or arm64.
-    #[arg(long, value_parser = ["x86_64", "arm64"])]
-    architecture: Option<String>,
+    drill: bool,
+    /// Validate and resolve only.
+    #[arg(long)]
+    dry_run: bool,
+    /// Keep polling until the run is done or failed.
+    #[arg(long)]
+    wait: bool,
+    #[command(flatten)]
+    poll: PollArgs,
+}
+
+/// Launch settings, as `start` and `configure` take them.
+#[derive(Debug, clap::Args)]
+struct LaunchArgs {
     #[arg(long, default_value = "t3.medium")]
     instance_type: String,
     #[arg(long)]
@@ -121,17 +140,51 @@ struct StartArgs {
     /// AWS or BYOL.
     #[arg(long)]
     license_type: Option<String>,
-    /// A drill: instances tagged as such, in the drill subnet, removable by `cleanup`.
+    /// An EC2 launch template as the base: lt-0123...[:VERSION]; these flags override it.
     #[arg(long)]
-    drill: bool,
-    /// Validate and resolve only.
+    launch_template: Option<String>,
+    /// The guest's architecture for the snapshot method: x86_64 or arm64.
+    #[arg(long, value_parser = ["x86_64", "arm64"])]
+    architecture: Option<String>,
+}
+
+impl LaunchArgs {
+    fn to_json(&self) -> anyhow::Result<Value> {
+        let mut tags = BTreeMap::new();
+        for t in &self.tags {
+            let Some((k, v)) = t.split_once('=') else {
+                bail!("--tag {t:?}: expected KEY=VALUE");
+            };
+            tags.insert(k.to_string(), v.to_string());
+        }
+        Ok(json!({
+            "instance_type": self.instance_type,
+            "subnet_id": self.subnet,
+            "security_group_ids": self.security_groups,
+            "private_ip": self.private_ip,
+            "tags": tags,
+            "boot_mode": self.boot_mode,
+            "license_type": self.license_type,
+            "launch_template": self.launch_template,
+            "architecture": self.architecture,
+        }))
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct ConfigureArgs {
     #[arg(long)]
-    dry_run: bool,
-    /// Keep polling until the run is done or failed.
+    site: String,
     #[arg(long)]
-    wait: bool,
+    vm: String,
+    /// A disk of the VM; repeat, boot disk first.
+    #[arg(long = "disk", required = true)]
+    disks: Vec<String>,
+    /// The VM's default method: auto, snapshot or import.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "snapshot", "import"])]
+    method: String,
     #[command(flatten)]
-    poll: PollArgs,
+    launch: LaunchArgs,
 }
 
 fn main() -> ExitCode {
@@ -148,36 +201,35 @@ fn start_request(a: &StartArgs) -> anyhow::Result<Value> {
         v["action"] = json!("start");
         return Ok(v);
     }
-    let mut tags = BTreeMap::new();
-    for t in &a.tags {
-        let Some((k, v)) = t.split_once('=') else {
-            bail!("--tag {t:?}: expected KEY=VALUE");
-        };
-        tags.insert(k.to_string(), v.to_string());
+    let recovery_point = match (a.generation, &a.at, &a.point) {
+        (Some(g), _, _) => json!({"generation": g}),
+        (None, Some(t), _) => json!({"at": parse_time(t)?}),
+        (None, None, Some(t)) => json!({"point": parse_time(t)?}),
+        (None, None, None) => json!("latest"),
+    };
+    // Without disks: the VMs' saved settings, one run per VM.
+    if a.disks.is_empty() {
+        return Ok(json!({
+            "action": "recover",
+            "site": a.site,
+            "vms": a.vms,
+            "recovery_point": recovery_point,
+            "method": a.method,
+            "drill": a.drill,
+            "dry_run": a.dry_run,
+        }));
+    }
+    if a.vms.len() != 1 {
+        bail!("--disk names the disks of one VM; to recover several VMs at once, save each one's settings (`pilotlight-dr configure`) and give only their --vm");
     }
     Ok(json!({
         "action": "start",
         "site": a.site,
-        "vm": a.vm,
+        "vm": a.vms[0],
         "disks": a.disks,
-        "recovery_point": match (a.generation, &a.at, &a.point) {
-            (Some(g), _, _) => json!({"generation": g}),
-            (None, Some(t), _) => json!({"at": parse_time(t)?}),
-            (None, None, Some(t)) => json!({"point": parse_time(t)?}),
-            (None, None, None) => json!("latest"),
-        },
-        "method": a.method,
-        "launch": {
-            "instance_type": a.instance_type,
-            "subnet_id": a.subnet,
-            "security_group_ids": a.security_groups,
-            "private_ip": a.private_ip,
-            "tags": tags,
-            "boot_mode": a.boot_mode,
-            "license_type": a.license_type,
-            "launch_template": a.launch_template,
-            "architecture": a.architecture,
-        },
+        "recovery_point": recovery_point,
+        "method": a.method.as_deref().unwrap_or("auto"),
+        "launch": a.launch.to_json()?,
         "drill": a.drill,
         "dry_run": a.dry_run,
     }))
@@ -227,16 +279,66 @@ fn parse_time(s: &str) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.cmd {
         Cmd::Start(a) => {
-            let v = call(&cli, start_request(a)?).await?;
-            let run: Run = serde_json::from_value(v).context("unexpected answer to start")?;
-            show(&cli, &run);
-            if a.wait && !run.phase.is_final() {
-                wait(&cli, &run.run_id, &a.poll).await?;
-            } else if run.phase == Phase::Failed {
-                bail!(
-                    "DR run {} failed: {}",
-                    run.run_id,
-                    run.reason.unwrap_or_default()
+            let req = start_request(a)?;
+            let v = call(&cli, req).await?;
+            let runs: Vec<Run> = match serde_json::from_value::<Group>(v.clone()) {
+                Ok(g) => {
+                    if !cli.json {
+                        println!(
+                            "group {}: {} VMs, each recovered independently",
+                            g.group,
+                            g.runs.len()
+                        );
+                    }
+                    g.runs
+                }
+                Err(_) => vec![serde_json::from_value(v).context("unexpected answer to start")?],
+            };
+            for run in &runs {
+                show(&cli, run);
+            }
+            let mut failed = Vec::new();
+            for run in &runs {
+                if a.wait && !run.phase.is_final() {
+                    if let Err(e) = wait(&cli, &run.run_id, &a.poll).await {
+                        failed.push(e.to_string());
+                    }
+                } else if run.phase == Phase::Failed {
+                    failed.push(format!(
+                        "DR run {} ({}) failed: {}",
+                        run.run_id,
+                        run.request.get("vm").and_then(Value::as_str).unwrap_or("?"),
+                        run.reason.clone().unwrap_or_default()
+                    ));
+                }
+            }
+            if !failed.is_empty() {
+                bail!("{}", failed.join("\n"));
+            }
+        }
+        Cmd::Configure(c) => {
+            let v = call(
+                &cli,
+                json!({
+                    "action": "configure",
+                    "site": c.site,
+                    "vm": c.vm,
+                    "disks": c.disks,
+                    "launch": c.launch.to_json()?,
+                    "method": c.method,
+                }),
+            )
+            .await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "saved recovery settings of {}/{}: disks {}; `pilotlight-dr start --site {} --vm {}` uses them",
+                    c.site,
+                    c.vm,
+                    c.disks.join(", "),
+                    c.site,
+                    c.vm
                 );
             }
         }
@@ -350,8 +452,15 @@ fn show(cli: &Cli, run: &Run) {
         return;
     }
     let now = chrono::Utc::now();
+    let vm = match (
+        run.request.get("site").and_then(Value::as_str),
+        run.request.get("vm").and_then(Value::as_str),
+    ) {
+        (Some(s), Some(v)) => format!(" {s}/{v}"),
+        _ => String::new(),
+    };
     println!(
-        "run {}{}: {} ({:.1} s)",
+        "run {}{vm}{}: {} ({:.1} s)",
         run.run_id,
         if run.drill { " [drill]" } else { "" },
         format!("{:?}", run.phase).to_lowercase(),
