@@ -184,6 +184,8 @@ impl Aws {
     pub fn ec2(&self) -> crate::ec2::SdkEc2 {
         crate::ec2::SdkEc2 {
             client: self.ec2_client(),
+            #[cfg(feature = "ssm")]
+            ssm: Some(aws_sdk_ssm::Client::new(&self.sdk)),
         }
     }
 

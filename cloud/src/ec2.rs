@@ -96,6 +96,9 @@ pub struct LaunchRequest {
     pub launch_template: Option<(String, String)>,
     /// Require IMDSv2 (session tokens) on the instance.
     pub imds_v2: bool,
+    /// An IAM instance profile (name or ARN) for the instance (its role lets the SSM
+    /// agent register, for one).
+    pub instance_profile: Option<String>,
 }
 
 /// One disk of an AMI registered from snapshots.
@@ -259,6 +262,17 @@ pub trait Ec2Api: Send + Sync {
         &self,
         id: &str,
     ) -> impl Future<Output = Result<Option<String>, CloudError>> + Send;
+    /// The instance's IAM instance profile (ARN), if it has one (DescribeInstances): an
+    /// instance with one may run the SSM agent.
+    fn instance_profile(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<String>, CloudError>> + Send;
+    /// Systems Manager's ping status of the instance (`Online`, `ConnectionLost`,
+    /// `Inactive`; SSM `DescribeInstanceInformation`), `None` while it is not a managed
+    /// instance (yet).
+    fn ssm_ping(&self, id: &str)
+        -> impl Future<Output = Result<Option<String>, CloudError>> + Send;
 }
 
 /// What [`MemoryEc2`] holds.
@@ -282,6 +296,8 @@ pub struct MemoryEc2State {
     pub console: BTreeMap<String, String>,
     /// Launch templates that exist (`lt-...`); any other is `NotFound`.
     pub launch_templates: Vec<String>,
+    /// SSM ping status by instance id (or `*`); absent: not a managed instance.
+    pub ssm: BTreeMap<String, String>,
     /// Snapshots RegisterImage accepts (beside those made by `create_snapshot`): point
     /// snapshots of the in-memory EBS. `None`: any id.
     pub known_snapshots: Option<Vec<String>>,
@@ -492,6 +508,16 @@ impl Ec2Api for MemoryEc2 {
             s.console.get(id).or_else(|| s.console.get("*")).cloned()
         })
     }
+    async fn instance_profile(&self, id: &str) -> Result<Option<String>, CloudError> {
+        self.call("DescribeInstances", |s| {
+            s.instances.get(id).and_then(|r| r.instance_profile.clone())
+        })
+    }
+    async fn ssm_ping(&self, id: &str) -> Result<Option<String>, CloudError> {
+        self.call("DescribeInstanceInformation", |s| {
+            s.ssm.get(id).or_else(|| s.ssm.get("*")).cloned()
+        })
+    }
 }
 
 #[cfg(feature = "ec2")]
@@ -511,10 +537,13 @@ mod sdk {
         from_sdk("EC2", op, "", e)
     }
 
-    /// EC2 through the AWS SDK.
+    /// EC2 through the AWS SDK (and, with the feature `ssm`, Systems Manager's view of
+    /// its instances).
     #[derive(Debug, Clone)]
     pub struct SdkEc2 {
         pub client: aws_sdk_ec2::Client,
+        #[cfg(feature = "ssm")]
+        pub ssm: Option<aws_sdk_ssm::Client>,
     }
 
     fn ec2_tags(tags: &[(String, String)]) -> Vec<aws_sdk_ec2::types::Tag> {
@@ -628,6 +657,14 @@ mod sdk {
                         .launch_template_id(id)
                         .version(version)
                         .build()
+                }))
+                .set_iam_instance_profile(req.instance_profile.as_ref().map(|p| {
+                    let b = aws_sdk_ec2::types::IamInstanceProfileSpecification::builder();
+                    if p.starts_with("arn:") {
+                        b.arn(p).build()
+                    } else {
+                        b.name(p).build()
+                    }
                 }))
                 .set_metadata_options(req.imds_v2.then(|| {
                     aws_sdk_ec2::types::InstanceMetadataOptionsRequest::builder()
@@ -806,6 +843,61 @@ mod sdk {
             }))
         }
 
+        async fn instance_profile(&self, id: &str) -> Result<Option<String>, CloudError> {
+            let out = self
+                .client
+                .describe_instances()
+                .instance_ids(id)
+                .send()
+                .await
+                .map_err(|e| ec2_err("DescribeInstances", &e))?;
+            Ok(out
+                .reservations()
+                .iter()
+                .flat_map(|r| r.instances())
+                .find(|i| i.instance_id() == Some(id))
+                .and_then(|i| i.iam_instance_profile())
+                .and_then(|p| p.arn().map(String::from)))
+        }
+
+        async fn ssm_ping(&self, id: &str) -> Result<Option<String>, CloudError> {
+            #[cfg(feature = "ssm")]
+            if let Some(ssm) = &self.ssm {
+                let out = ssm
+                    .describe_instance_information()
+                    .filters(
+                        aws_sdk_ssm::types::InstanceInformationStringFilter::builder()
+                            .key("InstanceIds")
+                            .values(id)
+                            .build()
+                            .map_err(|e| {
+                                ec2_error(
+                                    "DescribeInstanceInformation",
+                                    ErrorKind::Invalid,
+                                    None,
+                                    e.to_string(),
+                                )
+                            })?,
+                    )
+                    .send()
+                    .await
+                    .map_err(|e| from_sdk("SSM", "DescribeInstanceInformation", "", &e))?;
+                return Ok(out
+                    .instance_information_list()
+                    .iter()
+                    .find(|i| i.instance_id() == Some(id))
+                    .and_then(|i| i.ping_status())
+                    .map(|p| p.as_str().to_string()));
+            }
+            let _ = id;
+            Err(ec2_error(
+                "DescribeInstanceInformation",
+                ErrorKind::Invalid,
+                None,
+                "built without SSM (feature `ssm`)",
+            ))
+        }
+
         async fn console_output(&self, id: &str) -> Result<Option<String>, CloudError> {
             use base64::Engine;
             let out = self
@@ -841,6 +933,7 @@ mod tests {
             client_token: token.into(),
             launch_template: None,
             imds_v2: false,
+            instance_profile: None,
         }
     }
 

@@ -346,7 +346,8 @@ EXPECTED_ACTIONS = {
         "kms:Decrypt", "kms:GenerateDataKey",
         # the snapshot method: register from points, hold them, verify
         "ec2:RegisterImage", "ec2:DeleteTags", "ec2:DescribeSnapshots", "ec2:DescribeImages",
-        "ec2:DescribeInstanceStatus", "ec2:GetConsoleOutput",
+        "ec2:DescribeInstanceStatus", "ec2:GetConsoleOutput", "ec2:DescribeInstances",
+        "ssm:DescribeInstanceInformation",
         "kms:CreateGrant", "kms:DescribeKey", "kms:GenerateDataKeyWithoutPlaintext",
         "kms:ReEncrypt*",
     },

@@ -191,4 +191,10 @@ impl Ec2Api for AnyEc2 {
     async fn console_output(&self, id: &str) -> Result<Option<String>, CloudError> {
         both!(self, e => e.console_output(id).await)
     }
+    async fn instance_profile(&self, id: &str) -> Result<Option<String>, CloudError> {
+        both!(self, e => e.instance_profile(id).await)
+    }
+    async fn ssm_ping(&self, id: &str) -> Result<Option<String>, CloudError> {
+        both!(self, e => e.ssm_ping(id).await)
+    }
 }

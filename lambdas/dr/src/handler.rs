@@ -1358,6 +1358,7 @@ async fn launching<S: ObjectStore, E: Ec2Api, B: EbsApi>(
         client_token: format!("{}-launch", run.run_id),
         launch_template: start.launch.launch_template.as_deref().map(launch_template),
         imds_v2: true,
+        instance_profile: start.launch.instance_profile.clone(),
     };
     let result = env.ec2.run_instance(&req).await;
     run.claim = None;
@@ -1544,9 +1545,43 @@ async fn verifying<S: ObjectStore, E: Ec2Api, B>(
             return mark_ready(env, run, false).await;
         }
     };
-    let passed = health.as_ref().is_some_and(|h| h.passed());
-    let failed = health.as_ref().is_some_and(|h| h.failed());
+    let mut passed = health.as_ref().is_some_and(|h| h.passed());
+    let mut failed = health.as_ref().is_some_and(|h| h.failed());
+    // With an instance profile the instance may run the SSM agent: it must come online.
+    let mut ssm_ping = None;
+    let mut ssm_problem = None;
+    if passed {
+        match ssm_check(env, &id).await {
+            Ok(SsmCheck::NotManaged) => {}
+            Ok(SsmCheck::Ping(p)) if p == "Online" => ssm_ping = Some(p),
+            Ok(SsmCheck::Ping(p)) => {
+                passed = false;
+                failed = p != "Registering";
+                ssm_problem = Some(format!("SSM agent {p}"));
+                ssm_ping = Some(p);
+            }
+            Ok(SsmCheck::NotYet) => {
+                passed = false;
+                ssm_problem = Some("SSM agent not registered".into());
+            }
+            Err(e) if e.is_transient() => {
+                passed = false;
+                ssm_problem = Some(format!("SSM unreadable for now: {e}"));
+            }
+            Err(e) => {
+                passed = false;
+                failed = true;
+                ssm_problem = Some(format!("SSM ping unreadable: {e}"));
+            }
+        }
+    }
     if !passed && !failed && waited <= env.cfg.verify_timeout {
+        if let Some(why) = &ssm_problem {
+            run.reason = Some(format!(
+                "status checks of {id} passed; waiting for the SSM agent ({why})"
+            ));
+            return Ok(());
+        }
         run.reason = Some(match &health {
             Some(h) => format!(
                 "waiting for status checks of {id}: {}, instance {}, system {}",
@@ -1569,6 +1604,7 @@ async fn verifying<S: ObjectStore, E: Ec2Api, B>(
         system_status: h.system_status.clone(),
         checked_at: now,
         console_tail: None,
+        ssm_ping,
     };
     if passed {
         run.verification = Some(v);
@@ -1588,15 +1624,37 @@ async fn verifying<S: ObjectStore, E: Ec2Api, B>(
     run.verification = Some(v);
     run.fail(
         format!(
-            "verification failed: instance {id} is {}, instance check {}, system check {}{} (console output's last lines in the run record; the instance is kept)",
+            "verification failed: instance {id} is {}, instance check {}, system check {}{}{} (console output's last lines in the run record; the instance is kept)",
             h.state,
             h.instance_status,
             h.system_status,
+            ssm_problem.map(|p| format!(", {p}")).unwrap_or_default(),
             if failed { "" } else { " when the verify timeout ran out" }
         ),
         Utc::now(),
     );
     mark_ready(env, run, false).await
+}
+
+enum SsmCheck {
+    /// No instance profile: no SSM agent to expect.
+    NotManaged,
+    /// An instance profile, but SSM does not list the instance yet.
+    NotYet,
+    Ping(String),
+}
+
+async fn ssm_check<S, E: Ec2Api, B>(
+    env: &DrEnv<S, E, B>,
+    id: &str,
+) -> Result<SsmCheck, CloudError> {
+    if env.ec2.instance_profile(id).await?.is_none() {
+        return Ok(SsmCheck::NotManaged);
+    }
+    Ok(match env.ec2.ssm_ping(id).await? {
+        Some(p) => SsmCheck::Ping(p),
+        None => SsmCheck::NotYet,
+    })
 }
 
 /// Marks the VM snapshot-ready after a snapshot-method run passed, or clears the mark

@@ -147,6 +147,10 @@ pub struct LaunchSettings {
     /// The guest's architecture for the snapshot method: `x86_64` (default) or `arm64`.
     #[serde(default)]
     pub architecture: Option<String>,
+    /// An IAM instance profile (name or ARN) for the instance; with one, verification
+    /// also waits for the SSM agent to be online.
+    #[serde(default)]
+    pub instance_profile: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -237,6 +241,10 @@ pub struct Verification {
     pub checked_at: DateTime<Utc>,
     /// The console output's last lines, on failure.
     pub console_tail: Option<String>,
+    /// SSM's ping status, for an instance with an instance profile (else `None`: not
+    /// checked).
+    #[serde(default)]
+    pub ssm_ping: Option<String>,
 }
 
 /// Beside the run records: `{site}/{vm}.json` under the ready prefix, written when a

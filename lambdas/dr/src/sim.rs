@@ -254,6 +254,12 @@ impl<E: Ec2Api + SimBackend, S: ObjectStore> Ec2Api for SimulatedImport<E, S> {
     async fn console_output(&self, id: &str) -> Result<Option<String>, CloudError> {
         self.inner.console_output(id).await
     }
+    async fn instance_profile(&self, id: &str) -> Result<Option<String>, CloudError> {
+        self.inner.instance_profile(id).await
+    }
+    async fn ssm_ping(&self, id: &str) -> Result<Option<String>, CloudError> {
+        self.inner.ssm_ping(id).await
+    }
 }
 
 impl SimBackend for SdkEc2 {

@@ -1309,3 +1309,131 @@ async fn several_vms_recover_independently_from_their_saved_settings() {
     .unwrap_err();
     assert!(e.to_string().contains("twice"), "{e}");
 }
+
+/// A caller that died after RegisterImage and before saving its outcome: the next caller
+/// registers again, EC2 refuses the run's AMI name as a duplicate, and the run takes the
+/// AMI made the first time (DescribeImages by name) instead of a second; the launch's
+/// client token returns the first instance.
+#[tokio::test]
+async fn a_registration_repeated_after_a_crash_finds_the_first_ami() {
+    let store = MemoryStore::default();
+    let ebs = Arc::new(MemoryEbs::new());
+    points_of_db01(&store, &ebs).await;
+    let env = snapshot_env(&store, &ebs);
+    let mut run = start(&env, db01_request("snapshot", json!("latest")))
+        .await
+        .unwrap();
+    advance_until_final(&env, &mut run).await;
+    assert_eq!(run.phase, Phase::Done, "{:?}", run.reason);
+    let (ami, instance) = (run.image_id.clone().unwrap(), run.instance_ids[0].clone());
+    // The record as it was saved before the registration's outcome.
+    let mut stale = run.clone();
+    stale.image_id = None;
+    stale.instance_ids.clear();
+    stale.verification = None;
+    stale.created.clear();
+    stale.phases.truncate(1);
+    stale.phases[0].ended_at = None;
+    stale.phases[0].seconds = None;
+    stale.phase = Phase::Registering;
+    stale.claim = None;
+    advance_until_final(&env, &mut stale).await;
+    assert_eq!(stale.phase, Phase::Done, "{:?}", stale.reason);
+    assert_eq!(stale.image_id.as_deref(), Some(ami.as_str()));
+    assert_eq!(stale.instance_ids, [instance]);
+    let ec2 = env.ec2.inner.snapshot();
+    assert_eq!(ec2.registered.len(), 1, "one AMI");
+    assert_eq!(ec2.instances.len(), 1, "one instance");
+    let registers = ec2.calls.iter().filter(|c| *c == "RegisterImage").count();
+    assert_eq!(registers, 2, "the second call was made and refused");
+}
+
+/// With an instance profile the instance may run the SSM agent: verification also waits
+/// for SSM's ping to be `Online`; `ConnectionLost` fails at once, never registering fails
+/// when the verify timeout runs out; without a profile SSM is not asked.
+#[tokio::test]
+async fn with_an_instance_profile_verification_waits_for_the_ssm_agent() {
+    let store = MemoryStore::default();
+    let ebs = Arc::new(MemoryEbs::new());
+    points_of_db01(&store, &ebs).await;
+    let mut env = snapshot_env(&store, &ebs);
+    let with_profile = || {
+        let mut r = db01_request("snapshot", json!("latest"));
+        r["launch"]["instance_profile"] = json!("pilotlight-recovered");
+        r
+    };
+    // Not registered yet: the run waits in verifying, saying why.
+    let mut run = start(&env, with_profile()).await.unwrap();
+    assert_eq!(run.phase, Phase::Verifying, "{:?}", run.reason);
+    assert!(
+        run.reason.as_deref().unwrap().contains("SSM agent"),
+        "{:?}",
+        run.reason
+    );
+    let inst = &env.ec2.inner.snapshot().instances[&run.instance_ids[0]];
+    assert_eq!(
+        inst.instance_profile.as_deref(),
+        Some("pilotlight-recovered")
+    );
+    // Online: passed, recorded.
+    env.ec2
+        .inner
+        .state
+        .lock()
+        .unwrap()
+        .ssm
+        .insert(run.instance_ids[0].clone(), "Online".into());
+    advance_until_final(&env, &mut run).await;
+    assert_eq!(run.phase, Phase::Done, "{:?}", run.reason);
+    assert_eq!(
+        run.verification.unwrap().ssm_ping.as_deref(),
+        Some("Online")
+    );
+    // ConnectionLost: failed at once, with the reason.
+    env.ec2
+        .inner
+        .state
+        .lock()
+        .unwrap()
+        .ssm
+        .insert("*".into(), "ConnectionLost".into());
+    let mut run = start(&env, with_profile()).await.unwrap();
+    advance_until_final(&env, &mut run).await;
+    assert_eq!(run.phase, Phase::Failed);
+    assert!(run.reason.unwrap().contains("SSM agent ConnectionLost"));
+    // Never registered: failed when the verify timeout runs out.
+    env.ec2.inner.state.lock().unwrap().ssm.clear();
+    env.cfg.verify_timeout = Duration::ZERO;
+    let mut run = start(&env, with_profile()).await.unwrap();
+    advance_until_final(&env, &mut run).await;
+    assert_eq!(run.phase, Phase::Failed);
+    let why = run.reason.unwrap();
+    assert!(
+        why.contains("SSM agent not registered") && why.contains("timeout"),
+        "{why}"
+    );
+    // Without a profile SSM is not asked.
+    let before = env
+        .ec2
+        .inner
+        .snapshot()
+        .calls
+        .iter()
+        .filter(|c| *c == "DescribeInstanceInformation")
+        .count();
+    let mut run = start(&env, db01_request("snapshot", json!("latest")))
+        .await
+        .unwrap();
+    advance_until_final(&env, &mut run).await;
+    assert_eq!(run.phase, Phase::Done, "{:?}", run.reason);
+    assert_eq!(run.verification.unwrap().ssm_ping, None);
+    let after = env
+        .ec2
+        .inner
+        .snapshot()
+        .calls
+        .iter()
+        .filter(|c| *c == "DescribeInstanceInformation")
+        .count();
+    assert_eq!(before, after);
+}

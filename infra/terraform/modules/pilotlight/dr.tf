@@ -216,9 +216,22 @@ data "aws_iam_policy_document" "dr_function_role" {
   }
   statement {
     sid = "FindPointsImagesAndStatus"
-    # No resource-level permissions for these three.
-    actions   = ["ec2:DescribeSnapshots", "ec2:DescribeImages", "ec2:DescribeInstanceStatus"]
+    # No resource-level permissions for these.
+    actions   = ["ec2:DescribeSnapshots", "ec2:DescribeImages", "ec2:DescribeInstanceStatus", "ec2:DescribeInstances", "ssm:DescribeInstanceInformation"]
     resources = ["*"]
+  }
+  dynamic "statement" {
+    for_each = var.recovered_instance_role_arn != "" ? [1] : []
+    content {
+      sid       = "PassRecoveredInstanceRole"
+      actions   = ["iam:PassRole"]
+      resources = [var.recovered_instance_role_arn]
+      condition {
+        test     = "StringEquals"
+        variable = "iam:PassedToService"
+        values   = ["ec2.amazonaws.com"]
+      }
+    }
   }
   statement {
     sid       = "ConsoleOfOwnInstances"

@@ -131,6 +131,12 @@ variable "drill_security_group_ids" {
   default     = ""
 }
 
+variable "recovered_instance_role_arn" {
+  description = "The role of the instance profile recovered instances may get (--instance-profile, e.g. with SSM access, so verification can ping the SSM agent); the DR function may pass only this role, only to EC2. Empty means none."
+  type        = string
+  default     = ""
+}
+
 variable "alert_email" {
   description = "Email subscribed to the alert topic (confirm the subscription mail); empty means none."
   type        = string

@@ -146,6 +146,10 @@ struct LaunchArgs {
     /// The guest's architecture for the snapshot method: x86_64 or arm64.
     #[arg(long, value_parser = ["x86_64", "arm64"])]
     architecture: Option<String>,
+    /// An IAM instance profile (name or ARN) for the instance; verification then also
+    /// waits for its SSM agent to be online.
+    #[arg(long)]
+    instance_profile: Option<String>,
 }
 
 impl LaunchArgs {
@@ -167,6 +171,7 @@ impl LaunchArgs {
             "license_type": self.license_type,
             "launch_template": self.launch_template,
             "architecture": self.architecture,
+            "instance_profile": self.instance_profile,
         }))
     }
 }
@@ -518,12 +523,15 @@ fn show(cli: &Cli, run: &Run) {
     }
     if let Some(v) = &run.verification {
         println!(
-            "  verification: {} (instance {}: {}, instance check {}, system check {})",
+            "  verification: {} (instance {}: {}, instance check {}, system check {}, SSM {})",
             if v.passed { "passed" } else { "FAILED" },
             v.instance_id,
             v.state,
             v.instance_status,
-            v.system_status
+            v.system_status,
+            v.ssm_ping
+                .as_deref()
+                .unwrap_or("not checked: no instance profile")
         );
         if let Some(tail) = &v.console_tail {
             println!("  console output, last lines:");
