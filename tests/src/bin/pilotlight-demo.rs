@@ -205,8 +205,8 @@ async fn main() -> Result<()> {
     if !drill.status.success() {
         bail!("the DR drill failed:\n{shown}");
     }
-    // The last block is the finished run.
-    let last = shown.rfind("run ").map_or(shown.as_str(), |i| &shown[i..]);
+    // The last block is the finished run (a line starting with "run ").
+    let last = last_run(&shown);
     for line in last.lines() {
         println!("   {line}");
     }
@@ -234,6 +234,58 @@ async fn main() -> Result<()> {
             .count()
     );
 
+    println!(
+        "== DR drill, snapshot method: pilotlight-dr start --site site1 --vm web-01 --disk disk0 --drill --method snapshot --wait"
+    );
+    println!("   (RegisterImage from the point's EBS snapshot, RunInstances, status checks: real emulator calls; no export, no import)");
+    let fast = dr(
+        &stack,
+        "ok",
+        &[
+            "start",
+            "--site",
+            "site1",
+            "--vm",
+            "web-01",
+            "--disk",
+            "disk0",
+            "--drill",
+            "--method",
+            "snapshot",
+            "--instance-type",
+            "t3.small",
+            "--wait",
+            "--poll-every",
+            "500ms",
+            "--wait-timeout",
+            "120s",
+        ],
+    )
+    .stderr(Stdio::inherit())
+    .output()
+    .context("run pilotlight-dr")?;
+    let shown = String::from_utf8_lossy(&fast.stdout).to_string();
+    if !fast.status.success() {
+        bail!("the snapshot-method drill failed:\n{shown}");
+    }
+    let last = last_run(&shown);
+    for line in last.lines() {
+        println!("   {line}");
+    }
+    let run_id = last
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    let cleaned = dr(&stack, "ok", &["cleanup", &run_id]).output()?;
+    if !cleaned.status.success() {
+        bail!(
+            "drill cleanup failed: {}",
+            String::from_utf8_lossy(&cleaned.stderr)
+        );
+    }
+    println!("== drill cleanup: pilotlight-dr cleanup {run_id}: its AMI and instance removed, the point kept and released; web-01 is now snapshot-ready, so `auto` chooses the snapshot method");
+
     println!("== summary");
     println!("   generation   changed MiB   uploaded MiB   send s   commit-to-applied s");
     for (g, data, up, send, lag) in rows {
@@ -245,4 +297,12 @@ async fn main() -> Result<()> {
         work.display()
     );
     Ok(())
+}
+
+/// The last run block `pilotlight-dr` printed: from the last line starting with "run ".
+fn last_run(shown: &str) -> &str {
+    if shown.starts_with("run ") && !shown.contains("\nrun ") {
+        return shown;
+    }
+    shown.rfind("\nrun ").map_or(shown, |i| &shown[i + 1..])
 }

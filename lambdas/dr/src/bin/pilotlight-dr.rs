@@ -516,7 +516,11 @@ fn show(cli: &Cli, run: &Run) {
         );
     }
     if let Some(img) = &run.image_id {
-        println!("  AMI {img}; snapshots {}", run.snapshot_ids.join(", "));
+        if run.snapshot_ids.is_empty() {
+            println!("  AMI {img}");
+        } else {
+            println!("  AMI {img}; snapshots {}", run.snapshot_ids.join(", "));
+        }
     }
     for i in &run.instance_ids {
         println!("  instance {i}");
