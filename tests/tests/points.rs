@@ -450,6 +450,68 @@ async fn a_snapshot_drill_from_a_past_point_launches_verifies_and_cleans_up_on_t
         assert_eq!(info[0].status, SnapshotStatus::Completed, "the point stays");
         assert!(!info[0].tags.contains_key(&hold), "released");
     }
+
+    // Saved settings, and several VMs by name: vm1 from its settings, an unconfigured VM
+    // failing on its own (the command says so and exits non-zero).
+    let out = run_ok(&mut dr(
+        &stack,
+        "ok",
+        &[
+            "configure",
+            "--site",
+            "site1",
+            "--vm",
+            "vm1",
+            "--disk",
+            "disk0",
+            "--disk",
+            "disk1",
+            "--method",
+            "snapshot",
+            "--instance-type",
+            "t3.large",
+        ],
+    ));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("saved recovery settings of site1/vm1"));
+    let out = dr(
+        &stack,
+        "ok",
+        &[
+            "--stack",
+            "e2e",
+            "--json",
+            "start",
+            "--site",
+            "site1",
+            "--vm",
+            "vm1",
+            "--vm",
+            "ghost",
+            "--dry-run",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(!out.status.success(), "one VM failed: the command says so");
+    let runs: Vec<serde_json::Value> = serde_json::Deserializer::from_slice(&out.stdout)
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(runs.len(), 2, "{runs:#?}");
+    assert_eq!(runs[0]["phase"], "planned", "{:#}", runs[0]);
+    assert_eq!(runs[0]["method"], "snapshot", "the saved method");
+    assert_eq!(
+        runs[0]["disks"].as_array().unwrap().len(),
+        2,
+        "the saved disks"
+    );
+    assert_eq!(runs[0]["group"], runs[1]["group"]);
+    assert_eq!(runs[1]["phase"], "failed");
+    assert!(runs[1]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("pilotlight-dr configure"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ghost"));
 }
 
 /// Import from any point, end to end: generation 2 of a two-disk VM recovered by
