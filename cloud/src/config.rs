@@ -189,6 +189,19 @@ impl Aws {
         }
     }
 
+    /// CloudWatch metrics, through the SDK; at `endpoint` instead of the configuration's
+    /// when given (a VPC endpoint, say).
+    #[cfg(feature = "metrics")]
+    pub fn metrics(&self, endpoint: Option<&str>) -> crate::metrics::SdkMetrics {
+        let mut b = aws_sdk_cloudwatch::config::Builder::from(&self.sdk);
+        if let Some(url) = endpoint {
+            b = b.endpoint_url(url);
+        }
+        crate::metrics::SdkMetrics {
+            client: aws_sdk_cloudwatch::Client::from_conf(b.build()),
+        }
+    }
+
     #[cfg(feature = "ebs")]
     pub fn ebs(&self) -> crate::ebs::SdkEbs {
         crate::ebs::SdkEbs {

@@ -15,6 +15,7 @@ pub mod ebs;
 pub mod ec2;
 pub mod error;
 pub mod fault;
+pub mod metrics;
 pub mod s3;
 pub mod sqs;
 

@@ -15,5 +15,6 @@ pub mod apply;
 pub mod engine;
 pub mod export;
 pub mod image;
+pub mod metrics;
 pub mod points;
 pub mod state;

@@ -3,6 +3,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use pilotlight_cloud::ebs::{LockMode, SdkEbs};
+use pilotlight_cloud::metrics::SdkMetrics;
 use pilotlight_cloud::s3::SdkS3;
 use pilotlight_cloud::sqs::SqsQueue;
 use pilotlight_cloud::AwsSettings;
@@ -10,6 +11,7 @@ use pilotlight_cloud::{MemoryQueue, Queue};
 use pilotlight_protocol::points::Tiers;
 use pilotlight_protocol::Prefix;
 use pilotlight_receiver::engine::{local_status, Engine, EngineConfig};
+use pilotlight_receiver::metrics::{metric_data, MetricsConfig, Publisher};
 use pilotlight_receiver::points::{PointWriter, PointsConfig};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -140,6 +142,22 @@ struct Settings {
     /// Snapshot Lock): governance, compliance or off [default: off].
     #[arg(long)]
     point_lock: Option<String>,
+    /// Publish CloudWatch metrics (namespace Pilotlight: per disk replication lag,
+    /// pending generations, bytes applied, apply time, point lag and failures; a
+    /// heartbeat and the largest lag per receiver); `--metrics=false` publishes none
+    /// [default: true].
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    metrics: Option<bool>,
+    /// How often metrics are published [default: 1m].
+    #[arg(long)]
+    metrics_every: Option<String>,
+    /// Endpoint for CloudWatch alone (a VPC endpoint, say) [default: --endpoint-url].
+    #[arg(long, env = "PILOTLIGHT_METRICS_ENDPOINT_URL")]
+    metrics_endpoint_url: Option<String>,
+    /// The recovery point objective: `status` marks a disk whose lag exceeds it STALLED
+    /// (the stack's RPO alarm uses the same target) [default: 30m].
+    #[arg(long)]
+    rpo_target: Option<String>,
 }
 
 impl Settings {
@@ -258,6 +276,29 @@ impl Settings {
         })
     }
 
+    fn duration(&self, what: &str, v: Option<&str>, default: &str) -> Result<Duration> {
+        let s = v.unwrap_or(default);
+        humantime::parse_duration(s)
+            .with_context(|| format!("--{what} {s:?} is not a duration (e.g. 1m, 30m)"))
+    }
+
+    fn rpo_target(&self) -> Result<Duration> {
+        self.duration("rpo-target", self.rpo_target.as_deref(), "30m")
+    }
+
+    /// The metrics publisher of `run`, or none when metrics are off.
+    fn metrics(&self, aws: &pilotlight_cloud::Aws) -> Result<Option<Publisher<SdkMetrics>>> {
+        if !self.metrics.unwrap_or(true) {
+            return Ok(None);
+        }
+        let mut cfg = MetricsConfig::new(self.stack.as_deref().unwrap_or("pilotlight"));
+        cfg.interval = self.duration("metrics-every", self.metrics_every.as_deref(), "1m")?;
+        Ok(Some(Publisher::new(
+            Arc::new(aws.metrics(self.metrics_endpoint_url.as_deref())),
+            cfg,
+        )))
+    }
+
     fn image_dir(&self) -> PathBuf {
         self.image_dir
             .clone()
@@ -281,6 +322,8 @@ async fn run(cli: Cli) -> Result<()> {
                 .clone()
                 .context("--queue-url is required (or PILOTLIGHT_QUEUE_URL)")?;
             let mut engine = s.engine(cfg, queue_url).await?;
+            let mut metrics = s.metrics(&s.aws().await)?;
+            engine.load_known_disks();
             tracing::info!("receiver started");
             let stop = pilotlight_cli::shutdown_signal();
             tokio::pin!(stop);
@@ -294,6 +337,20 @@ async fn run(cli: Cli) -> Result<()> {
                             tracing::error!("{e}; retrying in 5 s");
                             tokio::time::sleep(Duration::from_secs(5)).await;
                         }
+                    }
+                }
+                // Never waits for CloudWatch: a put runs on its own.
+                if let Some(m) = metrics.as_mut() {
+                    if m.due() {
+                        let data = metric_data(
+                            &m.cfg.stack,
+                            &engine.status(),
+                            &engine.take_applied(),
+                            std::time::SystemTime::now(),
+                        );
+                        m.queue(data).await;
+                    } else {
+                        m.pump().await;
                     }
                 }
             }
@@ -328,6 +385,7 @@ async fn run(cli: Cli) -> Result<()> {
             local,
         } => {
             let s = settings.with_file()?;
+            let rpo = s.rpo_target()?;
             // Without a bucket (or with --local), status shows the local state only and
             // makes no AWS call.
             let st = if !local && s.bucket.is_some() {
@@ -346,9 +404,16 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("no disks yet");
             } else {
                 for d in st {
+                    // DRS's word for a disk whose replication stopped keeping up.
+                    let stalled = d.lag_seconds.is_some_and(|l| l > rpo.as_secs() as i64);
                     println!(
-                        "{}: applied {} (snapshot {}, lag {}), pending {:?}, image {} ({} of {} bytes allocated)",
+                        "{}{}: applied {} (snapshot {}, lag {}), pending {:?}, image {} ({} of {} bytes allocated)",
                         d.disk,
+                        if stalled {
+                            format!(" STALLED (lag over the RPO target {})", humantime::format_duration(rpo))
+                        } else {
+                            String::new()
+                        },
                         d.applied.map_or("none".into(), |g| g.to_string()),
                         d.snapshot_time.map_or("-".into(), |t| t.to_rfc3339()),
                         d.lag_seconds.map_or("-".into(), |l| humantime::format_duration(Duration::from_secs(l.max(0) as u64)).to_string()),

@@ -100,6 +100,8 @@ pub struct Disk {
     pub prefetch_floor: Arc<AtomicU64>,
     /// Objects (generation, offset) prefetched or being prefetched.
     pub prefetched: std::collections::BTreeSet<(u64, u64)>,
+    /// Bytes written and seconds spent applying since the metrics last took them.
+    pub applied_since: crate::metrics::ApplyTotals,
 }
 
 impl Disk {
@@ -124,6 +126,7 @@ impl Disk {
             failures: 0,
             prefetch_floor: Arc::new(AtomicU64::new(0)),
             prefetched: Default::default(),
+            applied_since: Default::default(),
         })
     }
 
@@ -249,6 +252,8 @@ pub async fn drive_disk<S: ObjectStore, Q: Queue + Clone + 'static, E: EbsApi + 
                 d.prefetched = d.prefetched.split_off(&(g + 1, 0));
                 d.failures = 0;
                 d.retry_after = None;
+                d.applied_since.bytes += report.bytes_written + report.bytes_zeroed;
+                d.applied_since.seconds += report.seconds;
                 applied += 1;
                 let lag = (Utc::now() - m.snapshot_time).num_seconds();
                 tracing::info!(

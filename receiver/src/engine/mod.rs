@@ -75,8 +75,9 @@ pub struct DiskStatus {
     pub image: String,
     pub disk_size: u64,
     pub allocated_bytes: u64,
-    /// The newest recovery point's snapshot id and generation.
+    /// The newest recovery point's snapshot id and generation, and its snapshot time.
     pub newest_point: Option<(String, u64)>,
+    pub newest_point_time: Option<chrono::DateTime<Utc>>,
     /// The generation whose point is still to be written.
     pub point_due: Option<u64>,
     /// Points given up (permission, unreadable image, too many failures), and the last reason.
@@ -413,6 +414,14 @@ impl<S: ObjectStore + Clone + 'static, Q: Queue + Clone + 'static, E: EbsApi + '
             .collect()
     }
 
+    /// What each disk applied since the last call (bytes, seconds), for the metrics.
+    pub fn take_applied(&mut self) -> BTreeMap<String, crate::metrics::ApplyTotals> {
+        self.disks
+            .iter_mut()
+            .map(|(id, d)| (id.to_string(), std::mem::take(&mut d.applied_since)))
+            .collect()
+    }
+
     /// Loads every disk that has a state file (for `status`).
     pub fn load_known_disks(&mut self) {
         for id in known_disks(&self.cfg.state_dir) {
@@ -484,6 +493,7 @@ pub fn disk_status(
             .points
             .last()
             .map(|p| (p.snapshot_id.clone(), p.generation)),
+        newest_point_time: st.points.last().map(|p| p.snapshot_time),
         point_due: st.point_due.as_ref().map(|p| p.generation),
         points_failed: st.points_failed,
         point_error: st.point_error.clone(),
