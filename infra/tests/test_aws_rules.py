@@ -531,6 +531,18 @@ class AwsRules(unittest.TestCase):
         self.assertIn('format!("{HOLD}:{run_id}")', code)
         self.assertIn('pub const HOLD: &str = "pilotlight:hold";', code)
 
+    def test_the_receiver_may_publish_only_into_the_namespace_the_code_uses(self):
+        code = (ROOT / "receiver/src/metrics.rs").read_text()
+        m = re.search(r'namespace: "([^"]+)"\.into\(\)', code)
+        self.assertIsNotNone(m, "the code's namespace")
+        grants_put = [st for st in statements(self.t, "ReceiverRole")
+                      if st.get("Effect") == "Allow" and grants(st, "cloudwatch:PutMetricData")]
+        self.assertEqual(len(grants_put), 1)
+        cond = grants_put[0]["Condition"]["StringEquals"]["cloudwatch:namespace"]
+        self.assertEqual(cond, m.group(1))
+        tf = (MODULE / "receiver.tf").read_text()
+        self.assertIn(f'values   = ["{m.group(1)}"]', tf)
+
     def test_the_iam_evaluator_itself(self):
         st = [{"Effect": "Allow", "Action": "s3:PutObject", "Resource": "arn:b/p/*"},
               {"Effect": "Deny", "Action": "s3:PutObject", "Resource": "arn:b/p/*/x/*"}]

@@ -335,6 +335,8 @@ EXPECTED_ACTIONS = {
         "ebs:StartSnapshot", "ebs:PutSnapshotBlock", "ebs:CompleteSnapshot",
         "ec2:DescribeSnapshots", "ec2:DeleteSnapshot", "ec2:LockSnapshot", "ec2:CreateTags",
         "kms:GenerateDataKeyWithoutPlaintext", "kms:ReEncrypt*",
+        # metrics
+        "cloudwatch:PutMetricData",
     },
     "dr_function_role": {
         "logs:CreateLogStream", "logs:PutLogEvents",

@@ -99,6 +99,17 @@ data "aws_iam_policy_document" "receiver_role" {
       values   = [var.name]
     }
   }
+  statement {
+    sid = "PublishMetrics"
+    # No resource-level permissions; only pilotlight's namespace.
+    actions   = ["cloudwatch:PutMetricData"]
+    resources = ["*"]
+    condition {
+      test     = "StringEquals"
+      variable = "cloudwatch:namespace"
+      values   = ["Pilotlight"]
+    }
+  }
 }
 
 # The receiver's journal, shipped by the CloudWatch agent: it outlives the instance the
