@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use pilotlight_cloud::ebs::{EbsApi, SnapshotFilter, SnapshotStatus};
 use pilotlight_cloud::CloudError;
 use pilotlight_protocol::points::{tag, vm_points, Point, VmPoint};
+use pilotlight_protocol::DiskId;
 use std::fmt::Write;
 
 /// The VM points of completed point snapshots, newest first per VM, optionally of one
@@ -30,6 +31,32 @@ pub async fn list<E: EbsApi>(
         .filter_map(|s| Point::from_tags(&s.id, &s.tags))
         .collect();
     Ok(vm_points(&points))
+}
+
+/// The completed point of generation `generation` of `disk` (of `stack`, when given),
+/// found by its tags.
+pub async fn of_generation<E: EbsApi>(
+    ebs: &E,
+    disk: &DiskId,
+    generation: u64,
+    stack: Option<&str>,
+) -> Result<Option<Point>, CloudError> {
+    let mut f = SnapshotFilter::default()
+        .tag(tag::POINT, "1")
+        .tag(tag::SITE, disk.site.as_str())
+        .tag(tag::VM, disk.vm.as_str())
+        .tag(tag::DISK, disk.disk.as_str())
+        .tag(tag::GENERATION, generation.to_string());
+    if let Some(stack) = stack.filter(|s| !s.is_empty()) {
+        f = f.tag(tag::STACK, stack);
+    }
+    Ok(ebs
+        .describe_snapshots(&f)
+        .await?
+        .into_iter()
+        .filter(|s| s.status == SnapshotStatus::Completed)
+        .filter_map(|s| Point::from_tags(&s.id, &s.tags))
+        .find(|p| p.disk == *disk && p.generation == generation))
 }
 
 /// One block per VM point: time, age, consistency, then each disk's generation,

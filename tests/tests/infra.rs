@@ -449,6 +449,7 @@ async fn the_cloudformation_stack_deploys_and_the_sender_replicates_through_it()
             "logs:PutLogEvents",
             "logs:DescribeLogStreams",
             "autoscaling:SetInstanceHealth",
+            "cloudwatch:PutMetricData",
         ])
     );
     // (AmazonSSMManagedInstanceCore is attached too, but moto knows AWS managed policies

@@ -16,11 +16,11 @@ use crate::model::{
     RunDisk, SnapshotReady, StartRequest, Verification, VmSettings, TAG_DRILL, TAG_RUN,
 };
 use chrono::{DateTime, Utc};
-use pilotlight_cloud::ebs::{EbsApi, NoEbs, SnapshotFilter, SnapshotStatus};
+use pilotlight_cloud::ebs::{EbsApi, NoEbs};
 use pilotlight_cloud::ec2::{BlockMapping, Ec2Api, ImportRequest, LaunchRequest, RegisterRequest};
 use pilotlight_cloud::{CloudError, ErrorKind, ObjectStore, PutOptions};
 use pilotlight_protocol::keys::{disk_prefix, generation_prefix};
-use pilotlight_protocol::points::{tag, time_tag, Point};
+use pilotlight_protocol::points::{tag, time_tag};
 use pilotlight_protocol::{
     DiskId, ExportFormat, ExportRequest, ExportResult, ExportStatus, Manifest, Name, ObjectKey,
     Prefix, EXPORT_VERSION, MAX_EXPORT_DOC_BYTES, MAX_MANIFEST_BYTES,
@@ -434,25 +434,14 @@ async fn find_points<S, E, B: EbsApi>(
 ) -> Result<Result<Vec<String>, String>, CloudError> {
     let mut out = Vec::new();
     for (disk, g) in disks {
-        let mut f = SnapshotFilter::default()
-            .tag(tag::POINT, "1")
-            .tag(tag::SITE, disk.site.to_string())
-            .tag(tag::VM, disk.vm.to_string())
-            .tag(tag::DISK, disk.disk.to_string())
-            .tag(tag::GENERATION, g.to_string());
-        if let Some(stack) = &env.cfg.stack {
-            f = f.tag(tag::STACK, stack.clone());
-        }
-        let found = match env.ebs.describe_snapshots(&f).await {
-            Ok(f) => f,
+        let found =
+            pilotlight_cli::points::of_generation(&env.ebs, disk, *g, env.cfg.stack.as_deref())
+                .await;
+        let point = match found {
+            Ok(p) => p.filter(|p| p.snapshot_time == time),
             Err(e) if e.is_transient() => return Err(e),
             Err(e) => return Ok(Err(format!("recovery points cannot be read ({e})"))),
         };
-        let point = found
-            .iter()
-            .filter(|s| s.status == SnapshotStatus::Completed)
-            .filter_map(|s| Point::from_tags(&s.id, &s.tags))
-            .find(|p| p.disk == *disk && p.generation == *g && p.snapshot_time == time);
         match point {
             Some(p) => out.push(p.snapshot_id),
             None => {

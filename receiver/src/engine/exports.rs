@@ -7,13 +7,11 @@ use super::disk::read_manifest;
 use super::disk::Disk;
 use super::lifetime::{delete_messages, hold, Held, KeepAlive};
 use super::{Engine, EngineConfig};
-use crate::export::{export_image, export_point, ExportOptions};
+use crate::export::{export_image, export_point, ExportOptions, ExportReport};
 use crate::points::PointWriter;
 use chrono::Utc;
 use pilotlight_cloud::ebs::EbsApi;
-use pilotlight_cloud::ebs::{SnapshotFilter, SnapshotStatus};
 use pilotlight_cloud::{Message, ObjectStore, PutOptions, Queue};
-use pilotlight_protocol::points::{tag, Point};
 use pilotlight_protocol::{
     DiskId, ExportRequest, ExportResult, ExportStatus, Name, ObjectKey, Prefix, EXPORT_VERSION,
     MAX_EXPORT_DOC_BYTES,
@@ -143,6 +141,21 @@ fn superseded(wanted: u64, applied: Option<u64>) -> String {
     )
 }
 
+fn done_result(id: &Name, generation: u64, key: String, r: &ExportReport) -> ExportResult {
+    ExportResult {
+        version: EXPORT_VERSION,
+        id: id.clone(),
+        status: ExportStatus::Done,
+        generation: Some(generation),
+        image_key: Some(key),
+        size: Some(r.size),
+        sha256: Some(r.sha256),
+        reason: None,
+        seconds: r.seconds,
+        finished_at: Utc::now(),
+    }
+}
+
 fn failed_result(id: &Name, generation: Option<u64>, why: String, seconds: f64) -> ExportResult {
     ExportResult {
         version: EXPORT_VERSION,
@@ -199,21 +212,10 @@ async fn export_from_point<S: ObjectStore, E: EbsApi>(
 ) -> ExportResult {
     let started = Instant::now();
     let fail = |why: String| failed_result(name, Some(g), why, started.elapsed().as_secs_f64());
-    let mut f = SnapshotFilter::default()
-        .tag(tag::POINT, "1")
-        .tag(tag::SITE, id.site.to_string())
-        .tag(tag::VM, id.vm.to_string())
-        .tag(tag::DISK, id.disk.to_string())
-        .tag(tag::GENERATION, g.to_string());
-    if !pw.cfg.stack.is_empty() {
-        f = f.tag(tag::STACK, pw.cfg.stack.clone());
-    }
-    let point = match pw.ebs.describe_snapshots(&f).await {
-        Ok(found) => found
-            .into_iter()
-            .filter(|s| s.status == SnapshotStatus::Completed)
-            .filter_map(|s| Point::from_tags(&s.id, &s.tags))
-            .find(|p| p.disk == *id && p.generation == g),
+    let found =
+        pilotlight_cli::points::of_generation(pw.ebs.as_ref(), id, g, Some(&pw.cfg.stack)).await;
+    let point = match found {
+        Ok(p) => p,
         Err(e) => {
             return fail(format!(
                 "cannot look up the recovery point of generation {g}: {e}"
@@ -251,18 +253,7 @@ async fn export_from_point<S: ObjectStore, E: EbsApi>(
     {
         Ok(r) => {
             tracing::info!(disk = %id, export = %name, generation = g, bytes = r.size, parts = r.parts, seconds = r.seconds, "exported from the recovery point");
-            ExportResult {
-                version: EXPORT_VERSION,
-                id: name.clone(),
-                status: ExportStatus::Done,
-                generation: Some(g),
-                image_key: Some(key),
-                size: Some(r.size),
-                sha256: Some(r.sha256),
-                reason: None,
-                seconds: r.seconds,
-                finished_at: Utc::now(),
-            }
+            done_result(name, g, key, &r)
         }
         Err(e) => fail(format!(
             "export of generation {g} from recovery point {} failed: {e}",
@@ -324,18 +315,7 @@ pub async fn run_exports<S: ObjectStore, Q: Queue + Clone + 'static, E: EbsApi +
             match res {
                 Ok(r) => {
                     tracing::info!(disk = %id, export = %name, generation = g, bytes = r.size, parts = r.parts, seconds = r.seconds, "exported");
-                    ExportResult {
-                        version: EXPORT_VERSION,
-                        id: name.clone(),
-                        status: ExportStatus::Done,
-                        generation: Some(g),
-                        image_key: Some(key),
-                        size: Some(r.size),
-                        sha256: Some(r.sha256),
-                        reason: None,
-                        seconds: r.seconds,
-                        finished_at: Utc::now(),
-                    }
+                    done_result(&name, g, key, &r)
                 }
                 Err(e) => failed_result(
                     &name,

@@ -175,46 +175,7 @@ async fn main() -> Result<()> {
         "== DR drill: pilotlight-dr start --site site1 --vm web-01 --disk disk0 --drill --wait"
     );
     println!("   (EC2 image import is simulated: the emulator has none; export, S3, RunInstances and cleanup are real calls)");
-    let drill = dr(
-        &stack,
-        "ok",
-        &[
-            "start",
-            "--site",
-            "site1",
-            "--vm",
-            "web-01",
-            "--disk",
-            "disk0",
-            "--drill",
-            "--instance-type",
-            "t3.small",
-            "--tag",
-            "Name=web-01-drill",
-            "--wait",
-            "--poll-every",
-            "500ms",
-            "--wait-timeout",
-            "120s",
-        ],
-    )
-    .stderr(Stdio::inherit())
-    .output()
-    .context("run pilotlight-dr")?;
-    let shown = String::from_utf8_lossy(&drill.stdout).to_string();
-    if !drill.status.success() {
-        bail!("the DR drill failed:\n{shown}");
-    }
-    // The last block is the finished run (a line starting with "run ").
-    let last = last_run(&shown);
-    for line in last.lines() {
-        println!("   {line}");
-    }
-    let run_id = last
-        .split_whitespace()
-        .nth(1)
-        .unwrap_or_default()
-        .to_string();
+    let (last, run_id) = drill(&stack, &[])?;
     let source_sha = hex::encode(pilotlight_tests::disk::sha256_file(&disk));
     if !last.contains(&format!("sha256 {source_sha}")) {
         bail!("the exported image's SHA-256 is not the source's ({source_sha})");
@@ -238,45 +199,7 @@ async fn main() -> Result<()> {
         "== DR drill, snapshot method: pilotlight-dr start --site site1 --vm web-01 --disk disk0 --drill --method snapshot --wait"
     );
     println!("   (RegisterImage from the point's EBS snapshot, RunInstances, status checks: real emulator calls; no export, no import)");
-    let fast = dr(
-        &stack,
-        "ok",
-        &[
-            "start",
-            "--site",
-            "site1",
-            "--vm",
-            "web-01",
-            "--disk",
-            "disk0",
-            "--drill",
-            "--method",
-            "snapshot",
-            "--instance-type",
-            "t3.small",
-            "--wait",
-            "--poll-every",
-            "500ms",
-            "--wait-timeout",
-            "120s",
-        ],
-    )
-    .stderr(Stdio::inherit())
-    .output()
-    .context("run pilotlight-dr")?;
-    let shown = String::from_utf8_lossy(&fast.stdout).to_string();
-    if !fast.status.success() {
-        bail!("the snapshot-method drill failed:\n{shown}");
-    }
-    let last = last_run(&shown);
-    for line in last.lines() {
-        println!("   {line}");
-    }
-    let run_id = last
-        .split_whitespace()
-        .nth(1)
-        .unwrap_or_default()
-        .to_string();
+    let (_, run_id) = drill(&stack, &["--method", "snapshot"])?;
     let cleaned = dr(&stack, "ok", &["cleanup", &run_id]).output()?;
     if !cleaned.status.success() {
         bail!(
@@ -305,4 +228,46 @@ fn last_run(shown: &str) -> &str {
         return shown;
     }
     shown.rfind("\nrun ").map_or(shown, |i| &shown[i + 1..])
+}
+
+/// A drill of web-01's disk0 (`pilotlight-dr start ... --drill --wait` plus `extra`):
+/// prints the finished run's block and returns it with the run id.
+fn drill(stack: &LocalStack, extra: &[&str]) -> anyhow::Result<(String, String)> {
+    let base = [
+        "start",
+        "--site",
+        "site1",
+        "--vm",
+        "web-01",
+        "--disk",
+        "disk0",
+        "--drill",
+        "--instance-type",
+        "t3.small",
+        "--tag",
+        "Name=web-01-drill",
+        "--wait",
+        "--poll-every",
+        "500ms",
+        "--wait-timeout",
+        "120s",
+    ];
+    let out = dr(stack, "ok", &[&base[..], extra].concat())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("run pilotlight-dr")?;
+    let shown = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() {
+        bail!("the DR drill failed:\n{shown}");
+    }
+    let last = last_run(&shown).to_string();
+    for line in last.lines() {
+        println!("   {line}");
+    }
+    let run_id = last
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    Ok((last, run_id))
 }
