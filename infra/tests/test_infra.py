@@ -11,6 +11,7 @@ A CloudFormation logical ID `ReceiverRole` is the Terraform resource `receiver_r
 from __future__ import annotations
 
 import copy
+import json
 import re
 import unittest
 from pathlib import Path
@@ -43,6 +44,7 @@ PRIMARY = {
     "AWS::SNS::Topic": "aws_sns_topic",
     "AWS::SNS::Subscription": "aws_sns_topic_subscription",
     "AWS::CloudWatch::Alarm": "aws_cloudwatch_metric_alarm",
+    "AWS::CloudWatch::Dashboard": "aws_cloudwatch_dashboard",
     "AWS::Logs::MetricFilter": "aws_cloudwatch_log_metric_filter",
 }
 # Terraform types that are properties (or inline policies) of a primary resource in
@@ -79,6 +81,7 @@ USER_DATA_VARS = {
     "KeepHourlyDays": "keep_hourly_days",
     "KeepDailyDays": "keep_daily_days",
     "PointLock": "point_lock",
+    "RpoTargetSeconds": "rpo_target_seconds",
 }
 
 
@@ -382,6 +385,46 @@ class SameStack(unittest.TestCase):
         # and the comparison saw the whole stack
         self.assertGreaterEqual(len(self.cfn["resources"]), 25)
         self.assertEqual(set(self.cfn["principals"]), set(EXPECTED_ACTIONS))
+
+    def test_the_dashboards_are_json_and_name_only_metrics_the_receiver_publishes(self):
+        code = (INFRA.parent / "receiver/src/metrics.rs").read_text()
+        published = set(re.findall(r'pub const [A-Z_]+: &str = "([A-Za-z]+)";', code))
+        self.assertIn("ReplicationLagSeconds", published)
+        body = self.template["Resources"]["Dashboard"]["Properties"]["DashboardBody"]["Fn::Sub"]
+        body = body.replace("${RpoTargetSeconds}", "1800")
+        doc = json.loads(re.sub(r"\$\{[^}]+\}", "X", body))
+        cfn_names = set()
+        for w in doc["widgets"]:
+            for m in w["properties"]["metrics"]:
+                if m and m[0] == "Pilotlight":
+                    cfn_names.add(m[1])
+                for part in m:
+                    if isinstance(part, dict) and "expression" in part:
+                        self.assertIn("{Pilotlight,", part["expression"])
+                        cfn_names.update(re.findall(r'MetricName="(\w+)"', part["expression"]))
+        self.assertTrue(cfn_names, "the dashboard shows pilotlight's metrics")
+        self.assertLessEqual(cfn_names, published, cfn_names - published)
+        self.assertIn("ReplicationLagSeconds", cfn_names)
+        tf = (MODULE / "alarms.tf").read_text()
+        dash = tf[tf.index('resource "aws_cloudwatch_dashboard"'):]
+        per_disk = re.search(r"for m in \[([^\]]+)\]", tf).group(1)
+        tf_names = set(re.findall(r'"(\w+)"', per_disk)) | set(re.findall(r'"Pilotlight", "(\w+)"', dash))
+        self.assertEqual(tf_names, cfn_names)
+        # The alarms watch published metrics too, breaching when they go missing. (moto's
+        # CloudFormation creates no AWS::CloudWatch::Alarm, so this is checked here.)
+        for name in ("RpoAlarm", "ReceiverHeartbeatAlarm"):
+            p = self.template["Resources"][name]["Properties"]
+            self.assertIn(p["MetricName"], published)
+            self.assertEqual(p["Namespace"], "Pilotlight")
+            self.assertEqual(p["TreatMissingData"], "breaching")
+            self.assertEqual(p["Dimensions"], [{"Name": "Stack", "Value": {"Ref": "AWS::StackName"}}])
+        rpo = self.template["Resources"]["RpoAlarm"]["Properties"]
+        self.assertEqual(rpo["MetricName"], "MaxReplicationLagSeconds")
+        self.assertEqual(rpo["Threshold"], {"Ref": "RpoTargetSeconds"})
+        self.assertEqual(rpo["ComparisonOperator"], "GreaterThanThreshold")
+        self.assertEqual(self.template["Parameters"]["RpoTargetSeconds"]["Default"], 1800)
+        self.assertIn('treat_missing_data  = "breaching"', tf)
+        self.assertIn("threshold           = var.rpo_target_seconds", tf)
 
     def test_each_principal_gets_exactly_its_documented_actions(self):
         for name, expected in EXPECTED_ACTIONS.items():

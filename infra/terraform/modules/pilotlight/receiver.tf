@@ -211,6 +211,7 @@ resource "aws_launch_template" "receiver_launch_template" {
     keep_hourly_days      = var.keep_hourly_days
     keep_daily_days       = var.keep_daily_days
     point_lock            = var.point_lock
+    rpo_target_seconds    = var.rpo_target_seconds
   }))
 }
 

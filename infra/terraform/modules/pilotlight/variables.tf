@@ -161,6 +161,16 @@ variable "log_retention_days" {
   default     = 365
 }
 
+variable "rpo_target_seconds" {
+  description = "The recovery point objective in seconds (1800 = 30 min): the RPO alarm fires when a disk's replication lag exceeds it, or when the receiver publishes nothing; the receiver's status marks such a disk STALLED."
+  type        = number
+  default     = 1800
+  validation {
+    condition     = var.rpo_target_seconds >= 60
+    error_message = "rpo_target_seconds must be at least 60."
+  }
+}
+
 variable "lag_alarm_seconds" {
   description = "Alarm when the oldest unprocessed event is older than this (replication lag)."
   type        = number
