@@ -90,12 +90,11 @@ async fn the_receiver_publishes_lag_per_disk_and_cloudwatch_failing_stops_nothin
     let rx = tmp.path().join("rx");
     let want0 = send_disk(&stack, tmp.path(), "disk0");
     let want1 = send_disk(&stack, tmp.path(), "disk1");
-    let _receiver = running_receiver_with(
-        &stack,
-        &rx,
-        &[
+    // Metrics every second, short polls: the test waits seconds, not minutes.
+    let args = |extra: &[&'static str]| -> Vec<String> {
+        let mut a: Vec<String> = [
             "--queue-url",
-            &stack.queue_url,
+            stack.queue_url.as_str(),
             "--reconcile-every",
             "1s",
             "--stack",
@@ -105,9 +104,17 @@ async fn the_receiver_publishes_lag_per_disk_and_cloudwatch_failing_stops_nothin
             "--wait-seconds",
             "1",
             "--points=false",
-        ],
-        &tmp.path().join("receiver.log"),
-    );
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let first_args = args(&[]);
+    let first_args: Vec<&str> = first_args.iter().map(String::as_str).collect();
+    let _receiver =
+        running_receiver_with(&stack, &rx, &first_args, &tmp.path().join("receiver.log"));
     let d0 = DiskId::parse("site1/vm1/disk0").unwrap();
     let d1 = DiskId::parse("site1/vm1/disk1").unwrap();
     poll_until("both disks applied", WAIT, || async {
@@ -161,26 +168,10 @@ async fn the_receiver_publishes_lag_per_disk_and_cloudwatch_failing_stops_nothin
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let closed_url = format!("http://{}", closed.local_addr().unwrap());
     drop(closed);
-    let mut second = running_receiver_with(
-        &stack,
-        &rx2,
-        &[
-            "--queue-url",
-            &stack.queue_url,
-            "--reconcile-every",
-            "1s",
-            "--stack",
-            "metrics-e2e",
-            "--metrics-every",
-            "1s",
-            "--wait-seconds",
-            "1",
-            "--metrics-endpoint-url",
-            &closed_url,
-            "--points=false",
-        ],
-        &log,
-    );
+    let mut second_args = args(&["--metrics-endpoint-url"]);
+    second_args.push(closed_url);
+    let second_args: Vec<&str> = second_args.iter().map(String::as_str).collect();
+    let mut second = running_receiver_with(&stack, &rx2, &second_args, &log);
     poll_until("both disks applied without CloudWatch", WAIT, || async {
         (applied(&rx2, &d0) == Some(1) && applied(&rx2, &d1) == Some(1)).then_some(())
     })
