@@ -241,14 +241,14 @@ impl Settings {
     }
 
     /// The engine of `run`: the bucket, the queue and EBS through the SDK.
-    async fn engine(
+    fn engine(
         &self,
+        aws: &pilotlight_cloud::Aws,
         cfg: EngineConfig,
         queue_url: String,
     ) -> Result<Engine<SdkS3, SqsQueue, SdkEbs>> {
-        let aws = self.aws().await;
         let bucket = aws.s3(cfg.bucket.clone());
-        self.with_points(Engine::new(cfg, bucket, aws.sqs(queue_url)), &aws)
+        self.with_points(Engine::new(cfg, bucket, aws.sqs(queue_url)), aws)
     }
 
     /// The engine of `sync` and `status`, which list the bucket and read no queue: an
@@ -321,8 +321,10 @@ async fn run(cli: Cli) -> Result<()> {
                 .queue_url
                 .clone()
                 .context("--queue-url is required (or PILOTLIGHT_QUEUE_URL)")?;
-            let mut engine = s.engine(cfg, queue_url).await?;
-            let mut metrics = s.metrics(&s.aws().await)?;
+            // One SDK configuration for the bucket, the queue, EBS and CloudWatch.
+            let aws = s.aws().await;
+            let mut engine = s.engine(&aws, cfg, queue_url)?;
+            let mut metrics = s.metrics(&aws)?;
             engine.load_known_disks();
             tracing::info!("receiver started");
             let stop = pilotlight_cli::shutdown_signal();

@@ -392,7 +392,11 @@ async fn choose_method<S: ObjectStore, E, B: EbsApi>(
     time: DateTime<Utc>,
 ) -> Result<Result<Chosen, String>, CloudError> {
     let points = find_points(env, disks, time).await?;
-    let ready = read_ready(env, &req.site, &req.vm).await?;
+    // Only `auto` asks whether the VM is snapshot-ready.
+    let ready = match req.method {
+        Method::Auto => read_ready(env, &req.site, &req.vm).await?,
+        Method::Snapshot | Method::Import => None,
+    };
     let vm = format!("{}/{}", req.site, req.vm);
     Ok(match (req.method, points) {
         (Method::Snapshot, Ok(p)) => Ok((Method::Snapshot, "snapshot: as asked".into(), Some(p))),
@@ -554,6 +558,11 @@ pub async fn recover<S: ObjectStore, E: Ec2Api, B: EbsApi>(
         new_run_id(now, &serde_json::to_value(&req).unwrap_or_default()).trim_start_matches("dr-")
     );
     let mut runs = Vec::new();
+    // The request of a VM that has no settings to start from.
+    let bare = |vm: &str| {
+        serde_json::json!({"action": "start", "site": req.site, "vm": vm,
+            "drill": req.drill, "dry_run": req.dry_run, "group": group})
+    };
     for vm in &req.vms {
         let request = match vm_settings(env, &req.site, vm).await {
             Ok(Some(s)) => serde_json::json!({
@@ -569,16 +578,11 @@ pub async fn recover<S: ObjectStore, E: Ec2Api, B: EbsApi>(
                 "group": group,
             }),
             Ok(None) => {
-                let request = serde_json::json!({"action": "start", "site": req.site, "vm": vm,
-                    "drill": req.drill, "dry_run": req.dry_run, "group": group});
-                let mut run = Run::new(new_run_id(Utc::now(), &request), request, Utc::now());
-                run.fail(
-                    format!(
-                        "no saved recovery settings for {}/{vm}: save them first (`pilotlight-dr configure --site {} --vm {vm} --disk ...`)",
-                        req.site, req.site
-                    ),
-                    Utc::now(),
+                let why = format!(
+                    "no saved recovery settings for {}/{vm}: save them first (`pilotlight-dr configure --site {} --vm {vm} --disk ...`)",
+                    req.site, req.site
                 );
+                let mut run = failed_run(bare(vm), why);
                 if !run.dry_run {
                     save(env, &mut run).await?;
                 }
@@ -586,14 +590,8 @@ pub async fn recover<S: ObjectStore, E: Ec2Api, B: EbsApi>(
                 continue;
             }
             Err(e) => {
-                let request = serde_json::json!({"action": "start", "site": req.site, "vm": vm,
-                    "drill": req.drill, "dry_run": req.dry_run, "group": group});
-                let mut run = Run::new(new_run_id(Utc::now(), &request), request, Utc::now());
-                run.fail(
-                    format!("cannot read the VM's saved settings: {e}"),
-                    Utc::now(),
-                );
-                runs.push(run);
+                let why = format!("cannot read the VM's saved settings: {e}");
+                runs.push(failed_run(bare(vm), why));
                 continue;
             }
         };
@@ -601,14 +599,20 @@ pub async fn recover<S: ObjectStore, E: Ec2Api, B: EbsApi>(
             Ok(run) => runs.push(run),
             // This VM could not start now (the bucket failing): said, the others go on.
             Err(e) => {
-                let mut run = Run::new(new_run_id(Utc::now(), &request), request, Utc::now());
-                run.fail(format!("not started: {e}; start this VM again"), Utc::now());
-                runs.push(run);
+                let why = format!("not started: {e}; start this VM again");
+                runs.push(failed_run(request, why));
             }
         }
     }
     tracing::info!(%group, vms = runs.len(), failed = runs.iter().filter(|r| r.phase == Phase::Failed).count(), "recovery of several VMs started");
     Ok(Group { group, runs })
+}
+
+/// The run of a VM of a group that could not start, saying why.
+fn failed_run(request: Value, why: String) -> Run {
+    let mut run = Run::new(new_run_id(Utc::now(), &request), request, Utc::now());
+    run.fail(why, Utc::now());
+    run
 }
 
 fn valid_id(s: &str, prefix: &str) -> bool {

@@ -627,8 +627,18 @@ async fn a_step_repeated_by_a_second_advancer_creates_nothing_twice() {
 /// How many times EC2 was asked to launch (not how many instances exist: the token
 /// would hide a second call).
 fn launches(env: &Env<'_>) -> usize {
-    let calls = env.ec2.inner.snapshot().calls;
-    calls.iter().filter(|c| *c == "RunInstances").count()
+    calls(env, "RunInstances")
+}
+
+/// How often the EC2 twin was called with `op`.
+fn calls<B>(env: &Env<'_, B>, op: &str) -> usize {
+    env.ec2
+        .inner
+        .snapshot()
+        .calls
+        .iter()
+        .filter(|c| *c == op)
+        .count()
 }
 
 fn run_key(run: &Run) -> String {
@@ -1344,7 +1354,7 @@ async fn a_registration_repeated_after_a_crash_finds_the_first_ami() {
     let ec2 = env.ec2.inner.snapshot();
     assert_eq!(ec2.registered.len(), 1, "one AMI");
     assert_eq!(ec2.instances.len(), 1, "one instance");
-    let registers = ec2.calls.iter().filter(|c| *c == "RegisterImage").count();
+    let registers = calls(&env, "RegisterImage");
     assert_eq!(registers, 2, "the second call was made and refused");
 }
 
@@ -1413,27 +1423,13 @@ async fn with_an_instance_profile_verification_waits_for_the_ssm_agent() {
         "{why}"
     );
     // Without a profile SSM is not asked.
-    let before = env
-        .ec2
-        .inner
-        .snapshot()
-        .calls
-        .iter()
-        .filter(|c| *c == "DescribeInstanceInformation")
-        .count();
+    let before = calls(&env, "DescribeInstanceInformation");
     let mut run = start(&env, db01_request("snapshot", json!("latest")))
         .await
         .unwrap();
     advance_until_final(&env, &mut run).await;
     assert_eq!(run.phase, Phase::Done, "{:?}", run.reason);
     assert_eq!(run.verification.unwrap().ssm_ping, None);
-    let after = env
-        .ec2
-        .inner
-        .snapshot()
-        .calls
-        .iter()
-        .filter(|c| *c == "DescribeInstanceInformation")
-        .count();
+    let after = calls(&env, "DescribeInstanceInformation");
     assert_eq!(before, after);
 }
