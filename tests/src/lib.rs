@@ -5,6 +5,7 @@
 //! real AWS (design.md asks for it, env-gated, never in CI) is not wired up yet:
 //! `LocalStack` is the one place to add it.
 
+pub mod browser;
 pub mod cli;
 pub mod disk;
 pub mod proxy;

@@ -451,6 +451,52 @@ async fn a_snapshot_drill_from_a_past_point_launches_verifies_and_cleans_up_on_t
         assert!(!info[0].tags.contains_key(&hold), "released");
     }
 
+    // The drill's report: written when it ended, rewritten by the cleanup, downloaded by
+    // `pilotlight-dr report`, and as headless Chromium draws it: the figures, the
+    // resources, and a bar in each phase's colour on the timeline.
+    let page = tmp.path().join("report.html");
+    let out = run_ok(&mut dr(
+        &stack,
+        "ok",
+        &["--stack", "e2e", "report", &id, "--out", s(&page)],
+    ));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("as kept in the bucket"), "{said}");
+    let png = tmp.path().join("report.png");
+    let shot = pilotlight_tests::browser::render(&page, &png, 1000, 1700);
+    let text = shot.text();
+    for want in [
+        "pilotlight DR drill report: site1/vm1",
+        "Drill succeeded: running and verified, cleaned up",
+        "RPO achieved",
+        "RTO achieved",
+        "2026-11-29 10:10:00 UTC",
+        "snapshot",
+        ami,
+        inst,
+        "Removed by cleanup",
+        "site1/vm1/disk1",
+    ] {
+        assert!(text.contains(want), "{want} not on the page: {text}");
+    }
+    for (phase, rgb) in [
+        ("registering", [0xd7, 0x9b, 0x00]),
+        ("launching", [0x82, 0xb3, 0x66]),
+        ("verifying", [0x3a, 0x9e, 0x8f]),
+    ] {
+        assert!(text.contains(phase), "{phase}");
+        let n = shot.pixels_of(rgb, 6);
+        assert!(
+            n >= 30,
+            "the {phase} bar: {n} pixels of its colour in {}",
+            png.display()
+        );
+    }
+    // Kept for the README when asked (`PILOTLIGHT_SCREENSHOT_DIR=docs`).
+    if let Some(dir) = std::env::var_os("PILOTLIGHT_SCREENSHOT_DIR") {
+        std::fs::copy(&png, Path::new(&dir).join("drill-report.png")).unwrap();
+    }
+
     // Saved settings, and several VMs by name: vm1 from its settings, an unconfigured VM
     // failing on its own (the command says so and exits non-zero).
     let out = run_ok(&mut dr(

@@ -88,6 +88,11 @@ impl DrConfig {
         format!("{}{run_id}.json", self.runs_prefix)
     }
 
+    /// The run's HTML report, beside its record.
+    pub fn report_key(&self, run_id: &str) -> String {
+        format!("{}{run_id}.html", self.runs_prefix)
+    }
+
     /// Beside the run records (`pilotlight-dr/` by default).
     fn base(&self) -> &str {
         self.runs_prefix
@@ -163,6 +168,7 @@ pub async fn handle<S: ObjectStore, E: Ec2Api, B: EbsApi>(
         DrRequest::Cleanup { run_id } => to_json(&cleanup(env, &run_id).await?),
         DrRequest::Configure(settings) => to_json(&configure(env, *settings).await?),
         DrRequest::Recover(req) => to_json(&recover(env, req).await?),
+        DrRequest::Report { run_id } => to_json(&report(env, &run_id).await?),
     }
 }
 
@@ -217,7 +223,67 @@ async fn save<S: ObjectStore, E, B>(env: &DrEnv<S, E, B>, run: &mut Run) -> Resu
         }
         Err(e) => return Err(e.into()),
     }
+    if run.phase.is_final() {
+        write_report(env, run).await;
+    }
     Ok(())
+}
+
+/// Writes the run's report beside its record (after the record: the record is the
+/// truth). A report that cannot be written now is no reason to fail the run: `report`
+/// renders one from the record and writes it again.
+async fn write_report<S: ObjectStore, E, B>(env: &DrEnv<S, E, B>, run: &Run) {
+    let key = env.cfg.report_key(&run.run_id);
+    let html = crate::report::render(run, Utc::now());
+    let opts = PutOptions {
+        content_type: Some("text/html; charset=utf-8"),
+        ..Default::default()
+    };
+    if let Err(e) = env.store.put(&key, html.into_bytes().into(), opts).await {
+        tracing::warn!(run = %run.run_id, key, error = %e, "the run's report was not written; `pilotlight-dr report` renders it from the record");
+    }
+}
+
+/// A report is small; a larger object under its key is not ours.
+const MAX_REPORT: u64 = 4 << 20;
+
+/// The run's report: the stored one when it was written from the record as it is now,
+/// else rendered from the record (and, for a run that has ended, stored again).
+pub async fn report<S: ObjectStore, E, B>(
+    env: &DrEnv<S, E, B>,
+    run_id: &str,
+) -> Result<crate::model::Report, DrError> {
+    let run = load(env, run_id).await?;
+    let key = env.cfg.report_key(run_id);
+    let stamp = crate::report::stamp(&run);
+    match env.store.get_versioned(&key, MAX_REPORT).await {
+        Ok(Some(found)) => {
+            if let Ok(html) = String::from_utf8(found.body.to_vec()) {
+                if html.contains(&stamp) {
+                    return Ok(crate::model::Report {
+                        run_id: run.run_id,
+                        key,
+                        stored: true,
+                        html,
+                    });
+                }
+            }
+        }
+        Ok(None) => {}
+        // The record is here, so the report can always be rendered from it.
+        Err(e) => {
+            tracing::warn!(key, error = %e, "the stored report is unreadable; rendering one from the record")
+        }
+    }
+    if run.phase.is_final() {
+        write_report(env, &run).await;
+    }
+    Ok(crate::model::Report {
+        html: crate::report::render(&run, Utc::now()),
+        run_id: run.run_id,
+        key,
+        stored: false,
+    })
 }
 
 async fn load<S: ObjectStore, E, B>(env: &DrEnv<S, E, B>, run_id: &str) -> Result<Run, DrError> {

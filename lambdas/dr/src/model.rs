@@ -27,6 +27,20 @@ pub enum DrRequest {
     /// Recover several VMs by name, each from its saved settings and independently: one
     /// run per VM, one group.
     Recover(RecoverRequest),
+    /// A run's HTML report: the one written when it ended, or rendered now from its
+    /// record (a run still going, or one whose report could not be written).
+    Report { run_id: String },
+}
+
+/// The answer to a report request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    pub run_id: String,
+    /// Where the report is kept (`{runs_prefix}{run_id}.html`).
+    pub key: String,
+    /// Whether `html` is the stored report (else rendered from the record now).
+    pub stored: bool,
+    pub html: String,
 }
 
 /// A VM's saved recovery settings (`{base}vms/{site}/{vm}.json`, beside the runs).
@@ -439,6 +453,17 @@ impl Run {
     /// When the current phase began.
     pub fn phase_started(&self) -> DateTime<Utc> {
         self.phases.last().map_or(self.created_at, |p| p.started_at)
+    }
+
+    /// Seconds from the start to the end of the last phase (the recovery time: a later
+    /// cleanup does not count), or to now while a phase runs.
+    pub fn recovery_seconds(&self, now: DateTime<Utc>) -> f64 {
+        let end = match self.phases.last() {
+            Some(p) => p.ended_at.unwrap_or(now),
+            None if self.phase.is_final() => self.updated_at,
+            None => now,
+        };
+        (end - self.created_at).num_milliseconds() as f64 / 1000.0
     }
 
     /// Seconds from the start to now (or to the end).

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use pilotlight_cloud::ebs::{EbsApi, MemoryEbs, NoEbs};
 use pilotlight_cloud::ec2::MemoryEc2;
 use pilotlight_cloud::{ErrorKind, Fault, MemoryStore, ObjectStore, PutOptions};
-use pilotlight_dr::handler::{advance, cleanup, start, status, DrConfig, DrEnv, DrError};
+use pilotlight_dr::handler::{advance, cleanup, report, start, status, DrConfig, DrEnv, DrError};
 use pilotlight_dr::model::{Method, Phase, Run};
 use pilotlight_dr::sim::SimulatedImport;
 use pilotlight_protocol::{
@@ -1432,4 +1432,77 @@ async fn with_an_instance_profile_verification_waits_for_the_ssm_agent() {
     assert_eq!(run.verification.unwrap().ssm_ping, None);
     let after = calls(&env, "DescribeInstanceInformation");
     assert_eq!(before, after);
+}
+
+/// Every run that ends has its HTML report beside its record; a cleanup rewrites it with
+/// what it removed; a report that could not be written is rendered from the record on
+/// request and written then.
+#[tokio::test]
+async fn an_ended_run_has_its_report_beside_the_record() {
+    let store = MemoryStore::default();
+    replicated(&store, 3);
+    let env = env(&store, None);
+    let mut run = start(&env, request()).await.unwrap();
+    receiver_answers(&store, &run, true).await;
+    advance_until_final(&env, &mut run).await;
+    assert_eq!(run.phase, Phase::Done, "{:?}", run.reason);
+    let key = format!("pilotlight-dr/runs/{}.html", run.run_id);
+    let stored = |key: String| {
+        let store = &store;
+        async move { String::from_utf8(store.get(&key, 1 << 22).await.unwrap().to_vec()).unwrap() }
+    };
+    let html = stored(key.clone()).await;
+    for want in [
+        "site1/vm1",
+        "Drill succeeded: running and verified",
+        ">exporting<",
+        ">importing<",
+        ">launching<",
+        ">verifying<",
+        run.instance_ids[0].as_str(),
+        "t3.medium",
+        "Not cleaned up yet",
+    ] {
+        assert!(html.contains(want), "{want} missing");
+    }
+    // A report is not a run record: listing runs still reads records only.
+    status(&env, None).await.unwrap();
+    let asked = report(&env, &run.run_id).await.unwrap();
+    assert!(asked.stored && asked.html == html && asked.key == key);
+
+    let cleaned = cleanup(&env, &run.run_id).await.unwrap();
+    assert_eq!(cleaned.phase, Phase::CleanedUp);
+    let html = stored(key.clone()).await;
+    assert!(
+        html.contains("Removed by cleanup") && html.contains("cleaned up"),
+        "{html}"
+    );
+    assert!(!html.contains("Not cleaned up yet"));
+    let removed = html.split("Removed by cleanup").nth(1).unwrap();
+    assert!(removed.contains(run.instance_ids[0].as_str()), "{removed}");
+
+    // A failed start whose report cannot be written now: the run is recorded all the
+    // same; the report is rendered from the record when asked, and written then.
+    store
+        .faults
+        .add(Fault::on("PutObject").resource_contains(".html"));
+    let mut req = request();
+    req["vm"] = json!("nope");
+    let failed = start(&env, req).await.unwrap();
+    assert_eq!(failed.phase, Phase::Failed);
+    let key = format!("pilotlight-dr/runs/{}.html", failed.run_id);
+    assert!(store.head(&key).await.unwrap().is_none());
+    let asked = report(&env, &failed.run_id).await.unwrap();
+    assert!(!asked.stored);
+    assert!(
+        asked.html.contains("FAILED") && asked.html.contains("nope"),
+        "{}",
+        asked.html
+    );
+    assert!(report(&env, &failed.run_id).await.unwrap().stored);
+    // No such run: the same error as status.
+    assert!(matches!(
+        report(&env, "dr-nope").await,
+        Err(DrError::NoSuchRun(_))
+    ));
 }

@@ -194,6 +194,7 @@ async fn main() -> Result<()> {
             .matches("removed ")
             .count()
     );
+    report(&stack, &run_id, &work.join("import-drill-report.html"))?;
 
     println!(
         "== DR drill, snapshot method: pilotlight-dr start --site site1 --vm web-01 --disk disk0 --drill --method snapshot --wait"
@@ -208,6 +209,7 @@ async fn main() -> Result<()> {
         );
     }
     println!("== drill cleanup: pilotlight-dr cleanup {run_id}: its AMI and instance removed, the point kept and released; web-01 is now snapshot-ready, so `auto` chooses the snapshot method");
+    report(&stack, &run_id, &work.join("snapshot-drill-report.html"))?;
 
     println!("== summary");
     println!("   generation   changed MiB   uploaded MiB   send s   commit-to-applied s");
@@ -218,6 +220,27 @@ async fn main() -> Result<()> {
         "   done in {:.1} s; files and receiver.log in {}",
         started.elapsed().as_secs_f64(),
         work.display()
+    );
+    Ok(())
+}
+
+/// `pilotlight-dr report RUN_ID --out PATH`: the drill's HTML report, for a browser.
+fn report(stack: &LocalStack, run_id: &str, path: &std::path::Path) -> anyhow::Result<()> {
+    let out = dr(
+        stack,
+        "ok",
+        &["report", run_id, "--out", &path.display().to_string()],
+    )
+    .output()?;
+    if !out.status.success() {
+        bail!(
+            "pilotlight-dr report {run_id} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    println!(
+        "== report: pilotlight-dr report {run_id}: {} (RPO and RTO achieved, timeline, resources; open it in a browser)",
+        path.display()
     );
     Ok(())
 }

@@ -5,7 +5,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use pilotlight_cli::LogArgs;
 use pilotlight_dr::config::DrSettings;
-use pilotlight_dr::model::{Group, Phase, Run};
+use pilotlight_dr::model::{Group, Phase, Report, Run};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -51,6 +51,17 @@ enum Cmd {
     /// Save a VM's recovery settings (disks, launch settings, method), so that
     /// `start --vm NAME` (and several VMs at once) needs only its name.
     Configure(Box<ConfigureArgs>),
+    /// Download a run's HTML report (RPO and RTO achieved, a timeline of the phases,
+    /// launch settings, verification, resources created and removed, failures).
+    Report {
+        run_id: String,
+        /// Where to write it [default: RUN_ID.html in the current directory].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Open it in the browser ($BROWSER, else xdg-open).
+        #[arg(long)]
+        open: bool,
+    },
     /// Every VM recovery point (a snapshot time every disk of the VM has a point for),
     /// from the points' snapshot tags; `--json` for a machine-readable list.
     Points {
@@ -381,6 +392,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
+        Cmd::Report { run_id, out, open } => {
+            let v = call(&cli, json!({"action": "report", "run_id": run_id})).await?;
+            let report: Report =
+                serde_json::from_value(v).context("unexpected answer to report")?;
+            let path = out
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(format!("{}.html", report.run_id)));
+            std::fs::write(&path, &report.html)
+                .with_context(|| format!("writing the report to {}", path.display()))?;
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({"run_id": report.run_id, "key": report.key, "stored": report.stored, "path": path})
+                );
+            } else {
+                println!(
+                    "report of {} written to {} ({})",
+                    report.run_id,
+                    path.display(),
+                    if report.stored {
+                        format!("as kept in the bucket at {}", report.key)
+                    } else {
+                        "rendered from the run record".to_string()
+                    }
+                );
+            }
+            if *open {
+                open_in_browser(&path)?;
+            }
+        }
         Cmd::Cleanup { run_id } => {
             let v = call(&cli, json!({"action": "cleanup", "run_id": run_id})).await?;
             let run: Run = serde_json::from_value(v).context("unexpected answer to cleanup")?;
@@ -393,6 +434,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// Opens `path` with `$BROWSER` or `xdg-open`, without waiting for the browser.
+fn open_in_browser(path: &std::path::Path) -> anyhow::Result<()> {
+    let opener = std::env::var("BROWSER")
+        .ok()
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| "xdg-open".into());
+    std::process::Command::new(&opener)
+        .arg(path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| {
+            format!(
+                "opening {} with {opener} (set BROWSER, or open the file yourself)",
+                path.display()
+            )
+        })?;
     Ok(())
 }
 

@@ -1,0 +1,572 @@
+//! The drill and recovery report: one self-contained HTML page per run (no scripts, no
+//! fonts, no external references), kept beside the run record as
+//! `{runs_prefix}{run_id}.html` and written when the run ends. It says what an auditor
+//! asks of a test failover: which VM, from which point (the RPO achieved), how long each
+//! phase took (the RTO achieved, drawn as an SVG timeline), with which launch settings,
+//! whether the instance passed verification, what was created and removed, and why
+//! anything failed.
+//!
+//! Everything in a run record can come from a request or from AWS: every string is
+//! escaped before it reaches the page.
+
+use crate::model::{Created, Phase, Run};
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use std::fmt::Write;
+
+/// HTML text and attribute escaping.
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn phase_name(p: Phase) -> &'static str {
+    match p {
+        Phase::Planned => "planned",
+        Phase::Exporting => "exporting",
+        Phase::Importing => "importing",
+        Phase::Registering => "registering",
+        Phase::Launching => "launching",
+        Phase::Verifying => "verifying",
+        Phase::Done => "done",
+        Phase::Failed => "failed",
+        Phase::CleanedUp => "cleaned up",
+    }
+}
+
+fn phase_colour(p: Phase) -> &'static str {
+    match p {
+        Phase::Exporting => "#6c8ebf",
+        Phase::Importing => "#9673a6",
+        Phase::Registering => "#d79b00",
+        Phase::Launching => "#82b366",
+        Phase::Verifying => "#3a9e8f",
+        _ => "#999999",
+    }
+}
+
+/// `1 h 2 min 3.4 s`, `2 min 5.0 s`, `0.3 s`.
+pub fn duration(seconds: f64) -> String {
+    let s = seconds.max(0.0);
+    let whole = s as u64;
+    let (h, m) = (whole / 3600, (whole % 3600) / 60);
+    let rest = s - (h * 3600 + m * 60) as f64;
+    match (h, m) {
+        (0, 0) if rest < 1.0 => format!("{rest:.2} s"),
+        (0, 0) => format!("{rest:.1} s"),
+        (0, m) => format!("{m} min {rest:.1} s"),
+        (h, m) => format!("{h} h {m} min {rest:.0} s"),
+    }
+}
+
+fn time(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+}
+
+fn seconds_between(a: DateTime<Utc>, b: DateTime<Utc>) -> f64 {
+    (b - a).num_milliseconds() as f64 / 1000.0
+}
+
+/// The run's VM as `site/vm`, from the request or its disks.
+pub fn vm_of(run: &Run) -> String {
+    let field = |k: &str| run.request.get(k).and_then(Value::as_str);
+    match (field("site"), field("vm")) {
+        (Some(s), Some(v)) => format!("{s}/{v}"),
+        _ => run
+            .disks
+            .first()
+            .and_then(|d| d.disk.rsplit_once('/').map(|(vm, _)| vm.to_string()))
+            .unwrap_or_else(|| "(no VM: the request was not readable)".into()),
+    }
+}
+
+/// The outcome in a few words, and whether it is good news.
+fn outcome(run: &Run) -> (String, bool) {
+    let verified = run.verification.as_ref().map(|v| v.passed);
+    match run.phase {
+        Phase::Planned => ("Planned (dry run): nothing was created".into(), true),
+        Phase::Failed => ("FAILED".into(), false),
+        Phase::Done | Phase::CleanedUp if verified == Some(false) => {
+            ("Launched, verification FAILED".into(), false)
+        }
+        Phase::Done | Phase::CleanedUp => {
+            let what = if run.drill { "Drill" } else { "Recovery" };
+            let cleaned = if run.phase == Phase::CleanedUp {
+                ", cleaned up"
+            } else {
+                ""
+            };
+            let checked = if verified == Some(true) {
+                " and verified"
+            } else {
+                ""
+            };
+            (format!("{what} succeeded: running{checked}{cleaned}"), true)
+        }
+        p => (format!("In progress ({})", phase_name(p)), true),
+    }
+}
+
+/// The phases as SVG: one bar per phase on a shared time axis, with its duration.
+fn timeline(run: &Run, now: DateTime<Utc>) -> String {
+    if run.phases.is_empty() {
+        return "<p>No phases ran.</p>".into();
+    }
+    let start = run.created_at;
+    let end_of = |p: &crate::model::PhaseTime| p.ended_at.unwrap_or(now);
+    let total = run
+        .phases
+        .iter()
+        .map(|p| seconds_between(start, end_of(p)))
+        .fold(0.0_f64, f64::max)
+        .max(0.001);
+    let (label_w, bar_w, row_h, top) = (120.0, 560.0, 30.0, 10.0);
+    let width = label_w + bar_w + 150.0;
+    let axis_y = top + row_h * run.phases.len() as f64 + 6.0;
+    let height = axis_y + 30.0;
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" role="img" aria-label="Timeline of the run's phases" width="{width}" height="{height}" viewBox="0 0 {width} {height}">"#
+    );
+    for (i, p) in run.phases.iter().enumerate() {
+        let y = top + row_h * i as f64;
+        let from = seconds_between(start, p.started_at).max(0.0);
+        let secs = p
+            .seconds
+            .unwrap_or_else(|| seconds_between(p.started_at, end_of(p)))
+            .max(0.0);
+        let x = label_w + bar_w * from / total;
+        let w = (bar_w * secs / total).max(2.0);
+        let name = phase_name(p.phase);
+        let open = if p.ended_at.is_none() {
+            " (running)"
+        } else {
+            ""
+        };
+        let _ = write!(
+            svg,
+            r#"<text x="{tx}" y="{ty}" text-anchor="end" class="label">{name}</text><rect class="bar" x="{x:.1}" y="{ry}" width="{w:.1}" height="{rh}" rx="3" fill="{fill}"><title>{name}: {d}</title></rect><text x="{dx:.1}" y="{ty}" class="secs">{d}{open}</text>"#,
+            tx = label_w - 8.0,
+            ty = y + 19.0,
+            ry = y + 5.0,
+            rh = row_h - 10.0,
+            fill = phase_colour(p.phase),
+            d = esc(&duration(secs)),
+            dx = x + w + 6.0,
+        );
+    }
+    // The axis: start, quarters, end.
+    let _ = write!(
+        svg,
+        r##"<line x1="{label_w}" y1="{axis_y}" x2="{x2}" y2="{axis_y}" stroke="#555"/>"##,
+        x2 = label_w + bar_w
+    );
+    for q in 0..=4 {
+        let x = label_w + bar_w * q as f64 / 4.0;
+        let _ = write!(
+            svg,
+            r##"<line x1="{x:.1}" y1="{axis_y}" x2="{x:.1}" y2="{t}" stroke="#555"/><text x="{x:.1}" y="{ty}" text-anchor="middle" class="tick">{label}</text>"##,
+            t = axis_y + 5.0,
+            ty = axis_y + 20.0,
+            label = esc(&duration(total * q as f64 / 4.0)),
+        );
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+fn row(out: &mut String, key: &str, value: &str) {
+    let _ = write!(out, "<tr><th>{}</th><td>{}</td></tr>", esc(key), esc(value));
+}
+
+fn resources(out: &mut String, title: &str, items: &[Created], none: &str) {
+    let _ = write!(out, "<h2>{}</h2>", esc(title));
+    if items.is_empty() {
+        let _ = write!(out, "<p>{}</p>", esc(none));
+        return;
+    }
+    out.push_str("<table class=\"list\"><tr><th>Kind</th><th>Id</th><th>At</th></tr>");
+    for c in items {
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td><code>{}</code></td><td>{}</td></tr>",
+            esc(&c.kind),
+            esc(&c.id),
+            esc(&time(c.at))
+        );
+    }
+    out.push_str("</table>");
+}
+
+const STYLE: &str = "body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;max-width:60em;color:#222;padding:0 1em}\
+h1{font-size:1.5em;margin-bottom:.2em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:.2em}\
+.outcome{font-size:1.2em;font-weight:600;padding:.5em .8em;border-radius:4px}.good{background:#e3f4e1;color:#1f5f1b}.bad{background:#fbe3e1;color:#8a1c12}\
+table{border-collapse:collapse;margin:.4em 0}th,td{text-align:left;padding:.25em .8em .25em 0;vertical-align:top}th{white-space:nowrap}\
+table.list th{border-bottom:1px solid #ccc}code,pre{font-family:ui-monospace,'DejaVu Sans Mono',monospace;font-size:.9em}\
+pre{background:#f6f6f6;padding:.6em;overflow-x:auto}.label,.secs,.tick{font-size:12px;fill:#222}.tick{fill:#555}\
+.figures{display:flex;gap:2em}.figure{font-size:1.6em;font-weight:600}.caption{color:#555;font-size:.85em}footer{margin-top:2em;color:#777;font-size:.8em}";
+
+/// Names the version of the run record a report was written from, so a stored report
+/// older than its record is known as such.
+pub fn stamp(run: &Run) -> String {
+    format!(
+        "<meta name=\"pilotlight-run\" content=\"{} {}\">",
+        esc(&run.run_id),
+        run.updated_at.to_rfc3339()
+    )
+}
+
+/// The report of `run`, as of `now` (only phases still running use it).
+pub fn render(run: &Run, now: DateTime<Utc>) -> String {
+    let vm = vm_of(run);
+    let kind = if run.drill { "DR drill" } else { "DR recovery" };
+    let (said, good) = outcome(run);
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">{stamp}<title>pilotlight {kind} report: {vm} ({id})</title><style>{STYLE}</style></head><body>",
+        vm = esc(&vm),
+        id = esc(&run.run_id),
+        stamp = stamp(run),
+    );
+    let _ = write!(
+        out,
+        "<h1>pilotlight {kind} report: {}</h1><p>Run <code>{}</code>{}</p><p class=\"outcome {}\">{}</p>",
+        esc(&vm),
+        esc(&run.run_id),
+        run.group
+            .as_ref()
+            .map_or(String::new(), |g| format!(", one VM of group <code>{}</code>", esc(g))),
+        if good { "good" } else { "bad" },
+        esc(&said),
+    );
+
+    // The two promises, as achieved.
+    let rto = run.recovery_seconds(now);
+    let rpo = run.point_age_seconds.map_or("unknown".into(), duration);
+    let _ = write!(
+        out,
+        "<div class=\"figures\"><div><div class=\"figure\" id=\"rpo\">{}</div><div class=\"caption\">RPO achieved: the recovery point's age when the run started</div></div><div><div class=\"figure\" id=\"rto\">{}</div><div class=\"caption\">RTO achieved: start to the end of its last phase{}</div></div></div>",
+        esc(&rpo),
+        esc(&duration(rto)),
+        if run.phase.is_final() { "" } else { " (still going)" },
+    );
+
+    out.push_str("<h2>Run</h2><table>");
+    row(&mut out, "VM", &vm);
+    row(
+        &mut out,
+        "Kind",
+        if run.drill {
+            "drill (a test: cleaned up afterwards, production untouched)"
+        } else {
+            "recovery"
+        },
+    );
+    if let Some(m) = run.method {
+        // The reason names the method already ("snapshot: as asked").
+        let said = match &run.method_reason {
+            Some(r) if r.starts_with(m.as_str()) => r.clone(),
+            Some(r) => format!("{}: {r}", m.as_str()),
+            None => m.as_str().to_string(),
+        };
+        row(&mut out, "Method", &said);
+    }
+    if let Some(t) = run.point_time {
+        row(&mut out, "Recovery point", &time(t));
+    }
+    row(&mut out, "Started", &time(run.created_at));
+    if run.phase.is_final() {
+        row(&mut out, "Ended", &time(run.updated_at));
+    }
+    row(&mut out, "Outcome", phase_name(run.phase));
+    out.push_str("</table>");
+
+    out.push_str("<h2>Timeline (RTO per phase)</h2>");
+    out.push_str(&timeline(run, now));
+
+    out.push_str("<h2>Disks</h2>");
+    if run.disks.is_empty() {
+        out.push_str("<p>None resolved.</p>");
+    } else {
+        out.push_str("<table class=\"list\"><tr><th>Disk</th><th>Generation</th><th>Source</th><th>SHA-256</th></tr>");
+        for d in &run.disks {
+            let source = match (&d.snapshot_id, &d.image_key) {
+                (Some(s), _) if run.method == Some(crate::model::Method::Snapshot) => {
+                    format!("recovery point snapshot {s}")
+                }
+                (_, Some(k)) => format!(
+                    "exported to {k}{}",
+                    d.size.map_or(String::new(), |s| format!(" ({s} bytes)"))
+                ),
+                (Some(s), None) => format!("recovery point snapshot {s}"),
+                (None, None) => "export requested".into(),
+            };
+            let _ = write!(
+                out,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td></tr>",
+                esc(&d.disk),
+                d.generation,
+                esc(&source),
+                esc(d.sha256.as_deref().unwrap_or("-"))
+            );
+        }
+        out.push_str("</table>");
+    }
+
+    out.push_str("<h2>Launch settings</h2><table>");
+    match run.request.get("launch").and_then(Value::as_object) {
+        Some(launch) if !launch.is_empty() => {
+            for (k, v) in launch {
+                let shown = match v {
+                    Value::String(s) => s.clone(),
+                    Value::Array(a) if !a.is_empty() => a
+                        .iter()
+                        .map(|x| x.as_str().map_or_else(|| x.to_string(), String::from))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    Value::Object(o) if !o.is_empty() => o
+                        .iter()
+                        .map(|(k, x)| {
+                            format!(
+                                "{k}={}",
+                                x.as_str().map_or_else(|| x.to_string(), String::from)
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    Value::Null | Value::Array(_) | Value::Object(_) => continue,
+                    other => other.to_string(),
+                };
+                row(&mut out, &k.replace('_', " "), &shown);
+            }
+        }
+        _ => row(&mut out, "Launch", "not given"),
+    }
+    out.push_str("</table>");
+
+    out.push_str("<h2>Verification</h2>");
+    match &run.verification {
+        Some(v) => {
+            out.push_str("<table>");
+            row(
+                &mut out,
+                "Result",
+                if v.passed { "passed" } else { "FAILED" },
+            );
+            row(&mut out, "Instance", &v.instance_id);
+            row(&mut out, "State", &v.state);
+            row(&mut out, "Instance status check", &v.instance_status);
+            row(&mut out, "System status check", &v.system_status);
+            row(
+                &mut out,
+                "SSM agent",
+                v.ssm_ping
+                    .as_deref()
+                    .unwrap_or("not checked (no instance profile)"),
+            );
+            row(&mut out, "Checked at", &time(v.checked_at));
+            out.push_str("</table>");
+            if let Some(tail) = &v.console_tail {
+                let _ = write!(
+                    out,
+                    "<p>Console output, last lines:</p><pre>{}</pre>",
+                    esc(tail)
+                );
+            }
+        }
+        None => out.push_str("<p>Not verified (no instance was launched).</p>"),
+    }
+
+    resources(
+        &mut out,
+        "Resources created",
+        &run.created,
+        "None: nothing was created.",
+    );
+    if run.drill {
+        resources(
+            &mut out,
+            "Removed by cleanup",
+            &run.removed,
+            if run.phase == Phase::CleanedUp {
+                "Nothing needed removing."
+            } else {
+                "Not cleaned up yet (`pilotlight-dr cleanup RUN_ID`)."
+            },
+        );
+    }
+    if !run.held.is_empty() {
+        let _ = write!(
+            out,
+            "<p>Recovery point snapshots held by this run: <code>{}</code></p>",
+            esc(&run.held.join(", "))
+        );
+    }
+
+    out.push_str("<h2>Failures</h2>");
+    match (&run.reason, run.phase) {
+        (Some(r), Phase::Failed) => {
+            let _ = write!(out, "<p class=\"outcome bad\">{}</p>", esc(r));
+        }
+        (Some(r), _) if run.verification.as_ref().is_some_and(|v| !v.passed) => {
+            let _ = write!(out, "<p class=\"outcome bad\">{}</p>", esc(r));
+        }
+        _ => out.push_str("<p>None.</p>"),
+    }
+    let _ = writeln!(
+        out,
+        "<footer>Written by pilotlight {} at {} from the run record <code>{}.json</code>.</footer></body></html>",
+        env!("CARGO_PKG_VERSION"),
+        esc(&time(now)),
+        esc(&run.run_id)
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Method, RunDisk, Verification};
+    use chrono::TimeZone;
+
+    fn at(s: i64) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 29, 10, 0, 0).unwrap() + chrono::Duration::seconds(s)
+    }
+
+    fn drill() -> Run {
+        let request = serde_json::json!({
+            "action": "start", "site": "site1", "vm": "db-01", "drill": true,
+            "disks": ["disk0"],
+            "launch": {"instance_type": "t3.small", "subnet_id": "subnet-1", "tags": {}}
+        });
+        let mut run = Run::new("dr-1".into(), request, at(0));
+        run.method = Some(Method::Snapshot);
+        run.method_reason = Some("asked for".into());
+        run.request["launch"]["security_group_ids"] = serde_json::json!(["sg-1", "sg-2"]);
+        run.point_time = Some(at(-600));
+        run.point_age_seconds = Some(600.0);
+        run.disks.push(RunDisk {
+            disk: "site1/db-01/disk0".into(),
+            generation: 3,
+            export_id: "e".into(),
+            image_key: None,
+            size: None,
+            sha256: None,
+            snapshot_id: Some("snap-1".into()),
+        });
+        run.enter(Phase::Registering, at(0));
+        run.record("image", "ami-1", at(1));
+        run.enter(Phase::Launching, at(5));
+        run.record("instance", "i-1", at(6));
+        run.enter(Phase::Verifying, at(7));
+        run.verification = Some(Verification {
+            passed: true,
+            instance_id: "i-1".into(),
+            state: "running".into(),
+            instance_status: "ok".into(),
+            system_status: "ok".into(),
+            checked_at: at(67),
+            console_tail: None,
+            ssm_ping: None,
+        });
+        run.enter(Phase::Done, at(67));
+        run
+    }
+
+    #[test]
+    fn a_report_names_the_figures_phases_and_resources() {
+        let run = drill();
+        let html = render(&run, at(100));
+        for want in [
+            "site1/db-01",
+            "Drill succeeded: running and verified",
+            "10 min 0.0 s", // RPO: the point's age
+            "1 min 7.0 s",  // RTO: start to end
+            "registering",
+            "launching",
+            "verifying",
+            "5.0 s", // registering's bar
+            "ami-1",
+            "i-1",
+            "t3.small",
+            "Method</th><td>snapshot: asked for<",
+            "Not cleaned up yet",
+            "sg-1, sg-2",
+        ] {
+            assert!(html.contains(want), "{want} missing from the report");
+        }
+        // One bar per phase, and nothing loaded from anywhere.
+        assert_eq!(html.matches("<rect class=\"bar\"").count(), 3);
+        for external in ["<script", "src=", "href=", "@import", "url("] {
+            assert!(
+                !html.contains(external),
+                "{external} in a self-contained page"
+            );
+        }
+        // A cleanup long after does not count in the recovery time.
+        let mut cleaned = run.clone();
+        cleaned.enter(Phase::CleanedUp, at(4000));
+        let html = render(&cleaned, at(4000));
+        assert!(html.contains("id=\"rto\">1 min 7.0 s<"), "{html}");
+        assert!(html.contains("running and verified, cleaned up"));
+    }
+
+    #[test]
+    fn every_string_from_the_record_is_escaped() {
+        let mut run = drill();
+        run.request["vm"] = Value::String("<script>alert(1)</script>".into());
+        run.request["launch"]["instance_type"] = Value::String("\"><img src=x>".into());
+        run.fail("bad <b>thing</b> & more", at(80));
+        let html = render(&run, at(100));
+        assert!(!html.contains("<script>alert"), "{html}");
+        assert!(!html.contains("<img"), "{html}");
+        assert!(!html.contains("<b>thing"), "{html}");
+        assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+        assert!(html.contains("bad &lt;b&gt;thing&lt;/b&gt; &amp; more"));
+        assert!(html.contains("FAILED"));
+    }
+
+    #[test]
+    fn a_run_still_going_draws_its_open_phase_up_to_now() {
+        let mut run = drill();
+        run.phase = Phase::Verifying;
+        let last = run.phases.last_mut().unwrap();
+        last.ended_at = None;
+        last.seconds = None;
+        let html = render(&run, at(30));
+        assert!(html.contains("23.0 s (running)"), "{html}");
+        assert!(html.contains("In progress (verifying)"));
+        let none = render(&Run::new("dr-2".into(), Value::Null, at(0)), at(1));
+        assert!(none.contains("No phases ran") && none.contains("the request was not readable"));
+    }
+
+    #[test]
+    fn phase_times_are_drawn_in_order() {
+        let run = drill();
+        let html = render(&run, at(100));
+        let pos = |s: &str| html.find(s).unwrap();
+        assert!(pos(">registering<") < pos(">launching<"));
+        assert!(pos(">launching<") < pos(">verifying<"));
+    }
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(duration(0.26), "0.26 s");
+        assert_eq!(duration(2.26), "2.3 s");
+        assert_eq!(duration(65.0), "1 min 5.0 s");
+        assert_eq!(duration(3725.0), "1 h 2 min 5 s");
+        assert_eq!(duration(-3.0), "0.00 s");
+    }
+}
