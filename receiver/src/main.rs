@@ -407,7 +407,9 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 for d in st {
                     // DRS's word for a disk whose replication stopped keeping up.
-                    let stalled = d.lag_seconds.is_some_and(|l| l > rpo.as_secs() as i64);
+                    let stalled = d
+                        .lag_seconds
+                        .is_some_and(|l| pilotlight_cli::points::stalled(l, rpo));
                     println!(
                         "{}{}: applied {} (snapshot {}, lag {}), pending {:?}, image {} ({} of {} bytes allocated)",
                         d.disk,

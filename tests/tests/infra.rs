@@ -8,7 +8,8 @@
 //!   notification through the S3 API after `create-stack`; the rest is checked
 //!   statically by cfn-lint, checkov and `infra/tests`.
 //! - `AWS::SQS::QueuePolicy`, `AWS::S3::BucketPolicy` and `AWS::CloudWatch::Alarm` are
-//!   skipped with a warning; IAM is not enforced; volumes lose Encrypted, VolumeType
+//!   skipped with a warning (the alarms are put through CloudWatch's API as the template
+//!   declares them instead: the last test); IAM is not enforced; volumes lose Encrypted, VolumeType
 //!   and KmsKeyId.
 //! - Lambda invoke needs Docker: the artifact is a placeholder zip (the real binary runs
 //!   under `cargo lambda` in `tests/tests/dr.rs`).
@@ -561,4 +562,142 @@ async fn with_a_customer_kms_key_the_stack_encrypts_with_it_and_grants_its_use()
             "vmimport:use"
         ])
     );
+}
+
+/// The template's alarms as deployed. moto's CloudFormation skips
+/// `AWS::CloudWatch::Alarm`, so each alarm the template declares is resolved against the
+/// deployed stack (its parameters, name and resources: `infra/tests/alarms_as_deployed.py`)
+/// and put into the emulator's CloudWatch with PutMetricAlarm, then read back: the RPO
+/// alarm watches the largest lag the receiver publishes for this stack, at the stack's
+/// RpoTargetSeconds, and missing data breaches (a silent receiver or site pages).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_templates_alarms_as_deployed_page_on_missing_data_at_the_rpo_target() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stack = LocalStack::start_empty().await;
+    let d = deploy(
+        &stack,
+        tmp.path(),
+        "pl-alarms",
+        &[("RpoTargetSeconds", "900")],
+    )
+    .await;
+
+    let mut ctx = serde_json::Map::new();
+    let described = stack.aws_cli(&["cloudformation", "describe-stacks", "--stack-name", &d.name]);
+    for p in described["Stacks"][0]["Parameters"].as_array().unwrap() {
+        ctx.insert(
+            p["ParameterKey"].as_str().unwrap().into(),
+            p["ParameterValue"].clone(),
+        );
+    }
+    ctx.insert("AWS::StackName".into(), d.name.clone().into());
+    ctx.insert("AWS::Region".into(), "us-east-1".into());
+    ctx.insert("AWS::AccountId".into(), "123456789012".into());
+    let resources = stack.aws_cli(&[
+        "cloudformation",
+        "list-stack-resources",
+        "--stack-name",
+        &d.name,
+    ]);
+    for r in resources["StackResourceSummaries"].as_array().unwrap() {
+        if let Some(id) = r["PhysicalResourceId"].as_str() {
+            ctx.insert(r["LogicalResourceId"].as_str().unwrap().into(), id.into());
+        }
+    }
+    let root = pilotlight_tests::repo_root();
+    let out = std::process::Command::new(root.join(".venv/tools/bin/python"))
+        .arg(root.join("infra/tests/alarms_as_deployed.py"))
+        .arg(root.join("infra/cloudformation/pilotlight.yaml"))
+        .arg(Value::Object(ctx).to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let alarms: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    for a in &alarms {
+        let mut input = a.clone();
+        input.as_object_mut().unwrap().remove("LogicalId");
+        let file = tmp.path().join("alarm.json");
+        std::fs::write(&file, input.to_string()).unwrap();
+        stack.aws_cli(&[
+            "cloudwatch",
+            "put-metric-alarm",
+            "--cli-input-json",
+            &format!("file://{}", file.display()),
+        ]);
+    }
+
+    let got = stack.aws_cli(&[
+        "cloudwatch",
+        "describe-alarms",
+        "--alarm-name-prefix",
+        &format!("{}-", d.name),
+    ]);
+    let got = got["MetricAlarms"].as_array().unwrap();
+    let alarm = |logical: &str| -> &Value {
+        let name = format!("{}-{logical}", d.name);
+        got.iter()
+            .find(|a| a["AlarmName"] == name.as_str())
+            .unwrap_or_else(|| panic!("no alarm {name} in {got:#?}"))
+    };
+    let names: BTreeSet<String> = got
+        .iter()
+        .map(|a| {
+            a["AlarmName"]
+                .as_str()
+                .unwrap()
+                .replace(&format!("{}-", d.name), "")
+        })
+        .collect();
+    assert_eq!(
+        names,
+        set(&[
+            "DeadLetterAlarm",
+            "DrErrorsAlarm",
+            "LagAlarm",
+            "PointsFailingAlarm",
+            "ReceiverHeartbeatAlarm",
+            "RpoAlarm"
+        ])
+    );
+    let topic = d.physical_id(&stack, "AlertTopic");
+    let stack_dim = serde_json::json!([{"Name": "Stack", "Value": d.name}]);
+
+    let rpo = alarm("RpoAlarm");
+    assert_eq!(rpo["Namespace"], "Pilotlight");
+    assert_eq!(
+        rpo["MetricName"],
+        pilotlight_receiver::metrics::name::MAX_REPLICATION_LAG
+    );
+    assert_eq!(rpo["Dimensions"], stack_dim);
+    assert_eq!(rpo["Threshold"], 900.0, "the stack's RpoTargetSeconds");
+    assert_eq!(rpo["ComparisonOperator"], "GreaterThanThreshold");
+    assert_eq!(rpo["TreatMissingData"], "breaching");
+    assert_eq!(rpo["AlarmActions"], serde_json::json!([topic]));
+
+    let heartbeat = alarm("ReceiverHeartbeatAlarm");
+    assert_eq!(
+        heartbeat["MetricName"],
+        pilotlight_receiver::metrics::name::HEARTBEAT
+    );
+    assert_eq!(heartbeat["Dimensions"], stack_dim);
+    assert_eq!(heartbeat["ComparisonOperator"], "LessThanThreshold");
+    assert_eq!(heartbeat["TreatMissingData"], "breaching");
+
+    // The dead-letter alarm watches this stack's dead-letter queue.
+    let dlq_name = d
+        .out("DeadLetterQueueUrl")
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let dead = alarm("DeadLetterAlarm");
+    assert_eq!(
+        dead["Dimensions"],
+        serde_json::json!([{"Name": "QueueName", "Value": dlq_name}])
+    );
+    assert_eq!(dead["TreatMissingData"], "notBreaching");
 }

@@ -492,6 +492,32 @@ async fn a_snapshot_drill_from_a_past_point_launches_verifies_and_cleans_up_on_t
             png.display()
         );
     }
+    // `pilotlight-dr status`: the VM's newest point (generation 4, 10:20) and its age,
+    // STALLED over the RPO target, as the receiver's PointLagSeconds carries it.
+    let status = |target: &str| {
+        let out = run_ok(&mut dr(
+            &stack,
+            "ok",
+            &["--stack", "e2e", "status", "--rpo-target", target],
+        ));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let stalled = status("30m");
+    assert!(
+        stalled.contains("site1/vm1 STALLED (over the RPO target 30m): newest recovery point 2026-11-29T10:20:00Z"),
+        "{stalled}"
+    );
+    assert_eq!(
+        stalled.matches("newest point generation 4").count(),
+        2,
+        "{stalled}"
+    );
+    let fine = status("1000days");
+    assert!(
+        !fine.contains("STALLED") && fine.contains("site1/vm1: newest recovery point"),
+        "{fine}"
+    );
+
     // Kept for the README when asked (`PILOTLIGHT_SCREENSHOT_DIR=docs`).
     if let Some(dir) = std::env::var_os("PILOTLIGHT_SCREENSHOT_DIR") {
         std::fs::copy(&png, Path::new(&dir).join("drill-report.png")).unwrap();

@@ -37,7 +37,8 @@ struct Cli {
 enum Cmd {
     /// Start a DR run (or a drill): export, import, launch. Prints the run id at once.
     Start(Box<StartArgs>),
-    /// Advance and show one run, or every unfinished one.
+    /// Advance and show one run, or every unfinished one and each protected VM's newest
+    /// recovery point with its age (`STALLED` over the RPO target).
     Status {
         run_id: Option<String>,
         /// Keep polling until the run is done or failed.
@@ -45,6 +46,10 @@ enum Cmd {
         wait: bool,
         #[command(flatten)]
         poll: PollArgs,
+        /// The recovery point objective: a VM or disk whose newest point is older is
+        /// marked STALLED (the stack's RpoTargetSeconds).
+        #[arg(long, env = "PILOTLIGHT_RPO_TARGET", default_value = "30m", value_parser = humantime::parse_duration)]
+        rpo_target: Duration,
     },
     /// Remove what a drill created: instances, AMI, snapshots, exported objects.
     Cleanup { run_id: String },
@@ -362,6 +367,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             run_id,
             wait: w,
             poll,
+            rpo_target,
         } => match (run_id, w) {
             (Some(id), true) => wait(&cli, id, poll).await?,
             _ => {
@@ -376,6 +382,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 if !cli.json {
                     for r in &runs {
                         show(&cli, r);
+                    }
+                    if run_id.is_none() {
+                        replication(&cli, *rpo_target).await;
                     }
                 }
             }
@@ -435,6 +444,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Each protected VM's newest recovery point and its age, each disk's newest point (the
+/// receiver's `PointLagSeconds`), STALLED over the target. Status goes on without it when
+/// the points cannot be read (say, no `ec2:DescribeSnapshots` where the CLI runs).
+async fn replication(cli: &Cli, target: Duration) {
+    let ebs = cli.settings.aws().await.ebs();
+    match pilotlight_cli::points::disk_points(&ebs, None, None).await {
+        Ok(mut points) => {
+            if let Some(stack) = cli.settings.stack.as_deref().filter(|s| !s.is_empty()) {
+                points.retain(|p| p.stack == stack);
+            }
+            let lags = pilotlight_cli::points::lags(&points, chrono::Utc::now(), target);
+            println!(
+                "recovery points (RPO target {}):",
+                humantime::format_duration(target)
+            );
+            for line in pilotlight_cli::points::render_lags(&lags, target).lines() {
+                println!("  {line}");
+            }
+        }
+        Err(e) => println!("recovery points: not read ({e})"),
+    }
 }
 
 /// Opens `path` with `$BROWSER` or `xdg-open`, without waiting for the browser.
