@@ -182,6 +182,7 @@ EXISTENCE_PROBES = {
     "DrFunctionRole": [
         "pilotlight/site1/vm1/disk0/x/run.d0/result.json",  # export not answered yet
         "pilotlight-dr/runs/dr-1.json",  # a run id that does not exist
+        "pilotlight-dr/runs/dr-1.html",  # a report not written (the run still going)
     ],
     "ReceiverRole": [
         "pilotlight/site1/vm1/disk0/x/run.d0/result.json",  # an export not written yet
