@@ -181,18 +181,10 @@ async fn main() -> Result<()> {
         bail!("the exported image's SHA-256 is not the source's ({source_sha})");
     }
     println!("   the exported image's SHA-256 is the source disk's: byte-identical");
-    let cleaned = dr(&stack, "ok", &["cleanup", &run_id]).output()?;
-    if !cleaned.status.success() {
-        bail!(
-            "drill cleanup failed: {}",
-            String::from_utf8_lossy(&cleaned.stderr)
-        );
-    }
+    let cleaned = dr_ok(&stack, &["cleanup", &run_id])?;
     println!(
         "== drill cleanup: pilotlight-dr cleanup {run_id}: {} resources removed",
-        String::from_utf8_lossy(&cleaned.stdout)
-            .matches("removed ")
-            .count()
+        cleaned.matches("removed ").count()
     );
     report(&stack, &run_id, &work.join("import-drill-report.html"))?;
 
@@ -201,13 +193,7 @@ async fn main() -> Result<()> {
     );
     println!("   (RegisterImage from the point's EBS snapshot, RunInstances, status checks: real emulator calls; no export, no import)");
     let (_, run_id) = drill(&stack, &["--method", "snapshot"])?;
-    let cleaned = dr(&stack, "ok", &["cleanup", &run_id]).output()?;
-    if !cleaned.status.success() {
-        bail!(
-            "drill cleanup failed: {}",
-            String::from_utf8_lossy(&cleaned.stderr)
-        );
-    }
+    dr_ok(&stack, &["cleanup", &run_id])?;
     println!("== drill cleanup: pilotlight-dr cleanup {run_id}: its AMI and instance removed, the point kept and released; web-01 is now snapshot-ready, so `auto` chooses the snapshot method");
     report(&stack, &run_id, &work.join("snapshot-drill-report.html"))?;
 
@@ -224,20 +210,25 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-/// `pilotlight-dr report RUN_ID --out PATH`: the drill's HTML report, for a browser.
-fn report(stack: &LocalStack, run_id: &str, path: &std::path::Path) -> anyhow::Result<()> {
-    let out = dr(
-        stack,
-        "ok",
-        &["report", run_id, "--out", &path.display().to_string()],
-    )
-    .output()?;
+/// `pilotlight-dr ARGS` on the emulator: its stdout, or its stderr as the error.
+fn dr_ok(stack: &LocalStack, args: &[&str]) -> anyhow::Result<String> {
+    let out = dr(stack, "ok", args).output()?;
     if !out.status.success() {
         bail!(
-            "pilotlight-dr report {run_id} failed: {}",
+            "pilotlight-dr {} failed: {}",
+            args.join(" "),
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `pilotlight-dr report RUN_ID --out PATH`: the drill's HTML report, for a browser.
+fn report(stack: &LocalStack, run_id: &str, path: &std::path::Path) -> anyhow::Result<()> {
+    dr_ok(
+        stack,
+        &["report", run_id, "--out", &path.display().to_string()],
+    )?;
     println!(
         "== report: pilotlight-dr report {run_id}: {} (RPO and RTO achieved, timeline, resources; open it in a browser)",
         path.display()
