@@ -16,6 +16,8 @@ pub struct Vcsim {
     child: Child,
     /// `http://127.0.0.1:PORT/sdk` (credentials: user / pass).
     pub url: String,
+    /// vcsim's datastores (Go's temp dir): removed with it, not left in /tmp.
+    _tmp: tempfile::TempDir,
 }
 
 impl Drop for Vcsim {
@@ -33,7 +35,9 @@ impl Vcsim {
             "{} is missing: run scripts/setup",
             bin.display()
         );
+        let tmp = tempfile::tempdir().expect("a temp dir for vcsim");
         let mut child = Command::new(&bin)
+            .env("TMPDIR", tmp.path())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -52,7 +56,11 @@ impl Vcsim {
             .expect("vcsim printed no URL within 30 s");
         let url = line.trim().replace("//user:pass@", "//");
         assert!(url.starts_with("http://"), "vcsim said {line:?}");
-        Self { child, url }
+        Self {
+            child,
+            url,
+            _tmp: tmp,
+        }
     }
 }
 

@@ -224,23 +224,22 @@ async fn save<S: ObjectStore, E, B>(env: &DrEnv<S, E, B>, run: &mut Run) -> Resu
         Err(e) => return Err(e.into()),
     }
     if run.phase.is_final() {
-        write_report(env, run).await;
+        write_report(env, &run.run_id, crate::report::render(run, Utc::now())).await;
     }
     Ok(())
 }
 
-/// Writes the run's report beside its record (after the record: the record is the
-/// truth). A report that cannot be written now is no reason to fail the run: `report`
-/// renders one from the record and writes it again.
-async fn write_report<S: ObjectStore, E, B>(env: &DrEnv<S, E, B>, run: &Run) {
-    let key = env.cfg.report_key(&run.run_id);
-    let html = crate::report::render(run, Utc::now());
+/// Writes a run's report beside its record (after the record: the record is the truth).
+/// A report that cannot be written now is no reason to fail the run: `report` renders
+/// one from the record and writes it again.
+async fn write_report<S: ObjectStore, E, B>(env: &DrEnv<S, E, B>, run_id: &str, html: String) {
+    let key = env.cfg.report_key(run_id);
     let opts = PutOptions {
         content_type: Some("text/html; charset=utf-8"),
         ..Default::default()
     };
     if let Err(e) = env.store.put(&key, html.into_bytes().into(), opts).await {
-        tracing::warn!(run = %run.run_id, key, error = %e, "the run's report was not written; `pilotlight-dr report` renders it from the record");
+        tracing::warn!(run = %run_id, key, error = %e, "the run's report was not written; `pilotlight-dr report` renders it from the record");
     }
 }
 
@@ -275,11 +274,12 @@ pub async fn report<S: ObjectStore, E, B>(
             tracing::warn!(key, error = %e, "the stored report is unreadable; rendering one from the record")
         }
     }
+    let html = crate::report::render(&run, Utc::now());
     if run.phase.is_final() {
-        write_report(env, &run).await;
+        write_report(env, &run.run_id, html.clone()).await;
     }
     Ok(crate::model::Report {
-        html: crate::report::render(&run, Utc::now()),
+        html,
         run_id: run.run_id,
         key,
         stored: false,
