@@ -388,7 +388,7 @@ async fn bad_dr_starts_and_export_requests_fail_clearly() {
 /// cargo-lambda's local Lambda runtime emulator (`cargo lambda watch --only-lambda-apis`:
 /// the emulator does not build or start the function; the test starts the binary
 /// pointed at it) and driven with `cargo lambda invoke` and the JSON fixtures: start, the
-/// EventBridge schedule, status, cleanup, and a bad request.
+/// EventBridge schedule, status, cleanup, the run's report, and a bad request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lambda_binary_runs_the_flow_under_cargo_lambda() {
     use pilotlight_tests::cli::Running;
@@ -499,6 +499,15 @@ async fn the_lambda_binary_runs_the_flow_under_cargo_lambda() {
     assert_eq!(done["instance_ids"].as_array().unwrap().len(), 1);
     let (ok, out) = invoke(&format!(r#"{{"action": "cleanup", "run_id": "{run_id}"}}"#));
     assert!(ok && out.contains("cleaned_up"), "{out}");
+    // The report the function wrote when the drill ended, rewritten by the cleanup.
+    let (ok, out) = invoke(&format!(r#"{{"action": "report", "run_id": "{run_id}"}}"#));
+    let report: Value = serde_json::from_str(out.trim()).unwrap_or(Value::Null);
+    assert!(ok && report["stored"] == true, "{out}");
+    let html = report["html"].as_str().unwrap();
+    assert!(
+        html.contains("Removed by cleanup") && html.contains("cleaned up"),
+        "{html}"
+    );
     let (ok, out) = invoke(r#"{"action": "explode"}"#);
     assert!(!ok && out.contains("invalid request"), "{out}");
 }
