@@ -320,6 +320,7 @@ async fn a_snapshot_drill_from_a_past_point_launches_verifies_and_cleans_up_on_t
         .map(|d| d["snapshot_id"].as_str().unwrap())
         .collect();
 
+    // `--json --wait` prints one document: the finished run (dr_run parses exactly one).
     let run = dr_run(
         &stack,
         &[
@@ -330,17 +331,15 @@ async fn a_snapshot_drill_from_a_past_point_launches_verifies_and_cleans_up_on_t
                 "snapshot",
                 "--at",
                 "2026-11-29T10:12Z",
+                "--wait",
+                "--poll-every",
+                "200ms",
             ][..],
             &vm,
         ]
         .concat(),
     );
     let id = run["run_id"].as_str().unwrap().to_string();
-    let run = if run["phase"] == "done" {
-        run
-    } else {
-        dr_run(&stack, &["status", &id, "--wait", "--poll-every", "200ms"])
-    };
     assert_eq!(run["phase"], "done", "{run:#}");
     assert_eq!(run["method"], "snapshot");
     let gens: Vec<u64> = run["disks"]

@@ -115,7 +115,7 @@ fn drill_on_real_aws() {
             "pilotlight-dr {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        // `start --wait` prints the run as started, then as it ended: the last one.
+        // One document per run (`start --wait`: the finished run); the last one.
         serde_json::Deserializer::from_slice(&out.stdout)
             .into_iter::<serde_json::Value>()
             .last()

@@ -316,7 +316,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Err(_) => vec![serde_json::from_value(v).context("unexpected answer to start")?],
             };
             for run in &runs {
-                show(&cli, run);
+                if cli.json && a.wait && !run.phase.is_final() {
+                    // One JSON document per run, the finished one; the id goes to stderr
+                    // at once, for whoever wants to follow the run elsewhere.
+                    eprintln!("run {} started; waiting for it to finish", run.run_id);
+                } else {
+                    show(&cli, run);
+                }
             }
             let mut failed = Vec::new();
             for run in &runs {
