@@ -58,14 +58,17 @@ fn phase_colour(p: Phase) -> &'static str {
 /// `1 h 2 min 3.4 s`, `2 min 5.0 s`, `0.3 s`.
 pub fn duration(seconds: f64) -> String {
     let s = seconds.max(0.0);
-    let whole = s as u64;
-    let (h, m) = (whole / 3600, (whole % 3600) / 60);
-    let rest = s - (h * 3600 + m * 60) as f64;
+    if s < 0.995 {
+        return format!("{s:.2} s");
+    }
+    // Rounded before splitting, so 59.96 s reads "1 min 0.0 s", never "60.0 s".
+    let tenths = (s * 10.0).round() as u64;
+    let (h, m) = (tenths / 36_000, (tenths % 36_000) / 600);
+    let rest = (tenths % 600) as f64 / 10.0;
     match (h, m) {
-        (0, 0) if rest < 1.0 => format!("{rest:.2} s"),
         (0, 0) => format!("{rest:.1} s"),
         (0, m) => format!("{m} min {rest:.1} s"),
-        (h, m) => format!("{h} h {m} min {rest:.0} s"),
+        (h, m) => format!("{h} h {m} min {:.0} s", rest.floor()),
     }
 }
 
@@ -568,5 +571,8 @@ mod tests {
         assert_eq!(duration(65.0), "1 min 5.0 s");
         assert_eq!(duration(3725.0), "1 h 2 min 5 s");
         assert_eq!(duration(-3.0), "0.00 s");
+        assert_eq!(duration(59.96), "1 min 0.0 s");
+        assert_eq!(duration(0.999), "1.0 s");
+        assert_eq!(duration(3599.99), "1 h 0 min 0 s");
     }
 }
