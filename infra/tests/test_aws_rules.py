@@ -183,6 +183,7 @@ EXISTENCE_PROBES = {
         "pilotlight/site1/vm1/disk0/x/run.d0/result.json",  # export not answered yet
         "pilotlight-dr/runs/dr-1.json",  # a run id that does not exist
         "pilotlight-dr/runs/dr-1.html",  # a report not written (the run still going)
+        "pilotlight-dr/runs/groups/grp-1.json",  # a group id that does not exist
     ],
     "ReceiverRole": [
         "pilotlight/site1/vm1/disk0/x/run.d0/result.json",  # an export not written yet

@@ -12,8 +12,9 @@
 //! ```
 
 use crate::model::{
-    Claim, DrRequest, Group, ImportProgress, Method, Phase, RecoverRequest, RecoveryPoint, Run,
-    RunDisk, SnapshotReady, StartRequest, Verification, VmSettings, TAG_DRILL, TAG_RUN,
+    Claim, DrRequest, Group, GroupRecord, ImportProgress, Method, Phase, RecoverRequest,
+    RecoveryPoint, Run, RunDisk, SnapshotReady, StartRequest, Verification, VmSettings, TAG_DRILL,
+    TAG_RUN,
 };
 use chrono::{DateTime, Utc};
 use pilotlight_cloud::ebs::{EbsApi, NoEbs};
@@ -91,6 +92,12 @@ impl DrConfig {
     /// The run's HTML report, beside its record.
     pub fn report_key(&self, run_id: &str) -> String {
         format!("{}{run_id}.html", self.runs_prefix)
+    }
+
+    /// The run ids of a recovery of several VMs (`groups/` is not a run: `status` lists
+    /// only the records directly under the runs prefix).
+    pub fn group_key(&self, group: &str) -> String {
+        format!("{}groups/{group}.json", self.runs_prefix)
     }
 
     /// Beside the run records (`pilotlight-dr/` by default).
@@ -246,12 +253,62 @@ async fn write_report<S: ObjectStore, E, B>(env: &DrEnv<S, E, B>, run_id: &str, 
 /// A report is small; a larger object under its key is not ours.
 const MAX_REPORT: u64 = 4 << 20;
 
+/// The report of a recovery of several VMs (`grp-...`): rendered from its runs' records
+/// as they are now, and stored beside them once every run has ended.
+async fn group_report<S: ObjectStore, E, B>(
+    env: &DrEnv<S, E, B>,
+    group: &str,
+) -> Result<crate::model::Report, DrError> {
+    let key = env.cfg.group_key(group);
+    let found = match Name::new(group) {
+        Ok(_) => env.store.get_if_exists(&key, MAX_RUN_RECORD).await?,
+        Err(_) => None,
+    };
+    let record: GroupRecord = match found {
+        Some(body) => serde_json::from_slice(&body).map_err(|e| DrError::BadRun {
+            key: key.clone(),
+            detail: e.to_string(),
+        })?,
+        None => return Err(DrError::NoSuchRun(group.into())),
+    };
+    let mut runs = Vec::new();
+    for (vm, id) in &record.runs {
+        match load(env, id).await {
+            Ok(run) => runs.push(run),
+            // A VM whose run could not be recorded (the bucket failing when it started).
+            Err(DrError::NoSuchRun(_)) => {
+                let request = serde_json::json!({"site": record.site, "vm": vm, "group": group});
+                runs.push(failed_run(
+                    request,
+                    format!("not started (run {id} was never recorded): start this VM again"),
+                ));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let html = crate::report::render_group(group, &runs, Utc::now());
+    let report_key = env.cfg.report_key(group);
+    if runs.iter().all(|r| r.phase.is_final()) {
+        write_report(env, group, html.clone()).await;
+    }
+    Ok(crate::model::Report {
+        run_id: group.into(),
+        key: report_key,
+        stored: false,
+        html,
+    })
+}
+
 /// The run's report: the stored one when it was written from the record as it is now,
-/// else rendered from the record (and, for a run that has ended, stored again).
+/// else rendered from the record (and, for a run that has ended, stored again). A group
+/// id (`grp-...`) gets the group's report.
 pub async fn report<S: ObjectStore, E, B>(
     env: &DrEnv<S, E, B>,
     run_id: &str,
 ) -> Result<crate::model::Report, DrError> {
+    if run_id.starts_with("grp-") {
+        return group_report(env, run_id).await;
+    }
     let run = load(env, run_id).await?;
     let key = env.cfg.report_key(run_id);
     let stamp = crate::report::stamp(&run);
@@ -671,6 +728,30 @@ pub async fn recover<S: ObjectStore, E: Ec2Api, B: EbsApi>(
         }
     }
     tracing::info!(%group, vms = runs.len(), failed = runs.iter().filter(|r| r.phase == Phase::Failed).count(), "recovery of several VMs started");
+    if !req.dry_run {
+        // What `report GROUP` reads; the runs are recorded already, so a group record that
+        // cannot be written costs only the group's report (each run keeps its own).
+        let record = GroupRecord {
+            group: group.clone(),
+            site: req.site.clone(),
+            runs: req
+                .vms
+                .iter()
+                .cloned()
+                .zip(runs.iter().map(|r| r.run_id.clone()))
+                .collect(),
+            created_at: now,
+        };
+        let key = env.cfg.group_key(&group);
+        let body = serde_json::to_vec_pretty(&record).unwrap_or_default();
+        if let Err(e) = env
+            .store
+            .put(&key, body.into(), PutOptions::json().create_only())
+            .await
+        {
+            tracing::warn!(%group, key, error = %e, "the group record was not written: `pilotlight-dr report` works per run");
+        }
+    }
     Ok(Group { group, runs })
 }
 

@@ -32,6 +32,17 @@ pub enum DrRequest {
     Report { run_id: String },
 }
 
+/// A recovery of several VMs as kept beside the runs (`{runs_prefix}groups/{group}.json`):
+/// which runs it made, so its report can find them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRecord {
+    pub group: String,
+    pub site: String,
+    /// `(vm, run_id)` in the order asked.
+    pub runs: Vec<(String, String)>,
+    pub created_at: DateTime<Utc>,
+}
+
 /// The answer to a report request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Report {

@@ -230,27 +230,101 @@ pub fn stamp(run: &Run) -> String {
     )
 }
 
+fn kind(run: &Run) -> &'static str {
+    if run.drill {
+        "DR drill"
+    } else {
+        "DR recovery"
+    }
+}
+
+/// The page around a body: head (title, the record's stamp, the style sheet) and footer.
+fn page(title: &str, stamp: &str, body: &str, from: &str, now: DateTime<Utc>) -> String {
+    format!(
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">{stamp}<title>{title}</title><style>{STYLE}</style></head><body><h1>{title}</h1>{body}<footer>Written by pilotlight {} at {} from {from}.</footer></body></html>\n",
+        env!("CARGO_PKG_VERSION"),
+        esc(&time(now)),
+        title = esc(title),
+    )
+}
+
 /// The report of `run`, as of `now` (only phases still running use it).
 pub fn render(run: &Run, now: DateTime<Utc>) -> String {
-    let vm = vm_of(run);
-    let kind = if run.drill { "DR drill" } else { "DR recovery" };
-    let (said, good) = outcome(run);
-    let mut out = String::new();
+    let mut body = String::new();
     let _ = write!(
-        out,
-        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">{stamp}<title>pilotlight {kind} report: {vm} ({id})</title><style>{STYLE}</style></head><body>",
-        vm = esc(&vm),
-        id = esc(&run.run_id),
-        stamp = stamp(run),
-    );
-    let _ = write!(
-        out,
-        "<h1>pilotlight {kind} report: {}</h1><p>Run <code>{}</code>{}</p><p class=\"outcome {}\">{}</p>",
-        esc(&vm),
+        body,
+        "<p>Run <code>{}</code>{}</p>",
         esc(&run.run_id),
-        run.group
-            .as_ref()
-            .map_or(String::new(), |g| format!(", one VM of group <code>{}</code>", esc(g))),
+        run.group.as_ref().map_or(String::new(), |g| format!(
+            ", one VM of group <code>{}</code>",
+            esc(g)
+        )),
+    );
+    section(&mut body, run, now);
+    page(
+        &format!("pilotlight {} report: {}", kind(run), vm_of(run)),
+        &stamp(run),
+        &body,
+        &format!("the run record <code>{}.json</code>", esc(&run.run_id)),
+        now,
+    )
+}
+
+/// The report of a recovery of several VMs: a summary line per VM, then each run's
+/// report with its headings one level down.
+pub fn render_group(group: &str, runs: &[Run], now: DateTime<Utc>) -> String {
+    let mut body = String::new();
+    let ok = runs.iter().filter(|r| outcome(r).1).count();
+    let _ = write!(
+        body,
+        "<p>Group <code>{}</code>: {} VMs, each recovered independently; {ok} without failure.</p>",
+        esc(group),
+        runs.len()
+    );
+    body.push_str("<table class=\"list\"><tr><th>VM</th><th>Run</th><th>Method</th><th>Outcome</th><th>RPO achieved</th><th>RTO achieved</th></tr>");
+    for r in runs {
+        let _ = write!(
+            body,
+            "<tr><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&vm_of(r)),
+            esc(&r.run_id),
+            r.method.map_or("-", |m| m.as_str()),
+            esc(&outcome(r).0),
+            esc(&r.point_age_seconds.map_or("unknown".into(), duration)),
+            esc(&duration(r.recovery_seconds(now))),
+        );
+    }
+    body.push_str("</table>");
+    for r in runs {
+        let mut one = String::new();
+        section(&mut one, r, now);
+        let _ = write!(
+            body,
+            "<h2>{}</h2><p>Run <code>{}</code></p>{}",
+            esc(&vm_of(r)),
+            esc(&r.run_id),
+            // Every string from a record is escaped: these tags are only the section's own.
+            one.replace("<h2>", "<h3>").replace("</h2>", "</h3>")
+        );
+    }
+    let kind = runs.first().map_or("DR", kind);
+    page(
+        &format!("pilotlight {kind} report: group {group}"),
+        "",
+        &body,
+        "the group's run records",
+        now,
+    )
+}
+
+/// One run's report: outcome, figures, run, timeline, disks, launch settings,
+/// verification, resources, failures (sub-headings `h2`).
+fn section(out: &mut String, run: &Run, now: DateTime<Utc>) {
+    let vm = vm_of(run);
+    let (said, good) = outcome(run);
+    let _ = write!(
+        out,
+        "<p class=\"outcome {}\">{}</p>",
         if good { "good" } else { "bad" },
         esc(&said),
     );
@@ -260,16 +334,16 @@ pub fn render(run: &Run, now: DateTime<Utc>) -> String {
     let rpo = run.point_age_seconds.map_or("unknown".into(), duration);
     let _ = write!(
         out,
-        "<div class=\"figures\"><div><div class=\"figure\" id=\"rpo\">{}</div><div class=\"caption\">RPO achieved: the recovery point's age when the run started</div></div><div><div class=\"figure\" id=\"rto\">{}</div><div class=\"caption\">RTO achieved: start to the end of its last phase{}</div></div></div>",
+        "<div class=\"figures\"><div><div class=\"figure rpo\">{}</div><div class=\"caption\">RPO achieved: the recovery point's age when the run started</div></div><div><div class=\"figure rto\">{}</div><div class=\"caption\">RTO achieved: start to the end of its last phase{}</div></div></div>",
         esc(&rpo),
         esc(&duration(rto)),
         if run.phase.is_final() { "" } else { " (still going)" },
     );
 
     out.push_str("<h2>Run</h2><table>");
-    row(&mut out, "VM", &vm);
+    row(out, "VM", &vm);
     row(
-        &mut out,
+        out,
         "Kind",
         if run.drill {
             "drill (a test: cleaned up afterwards, production untouched)"
@@ -284,16 +358,16 @@ pub fn render(run: &Run, now: DateTime<Utc>) -> String {
             Some(r) => format!("{}: {r}", m.as_str()),
             None => m.as_str().to_string(),
         };
-        row(&mut out, "Method", &said);
+        row(out, "Method", &said);
     }
     if let Some(t) = run.point_time {
-        row(&mut out, "Recovery point", &time(t));
+        row(out, "Recovery point", &time(t));
     }
-    row(&mut out, "Started", &time(run.created_at));
+    row(out, "Started", &time(run.created_at));
     if run.phase.is_final() {
-        row(&mut out, "Ended", &time(run.updated_at));
+        row(out, "Ended", &time(run.updated_at));
     }
-    row(&mut out, "Outcome", phase_name(run.phase));
+    row(out, "Outcome", phase_name(run.phase));
     out.push_str("</table>");
 
     out.push_str("<h2>Timeline (RTO per phase)</h2>");
@@ -352,10 +426,10 @@ pub fn render(run: &Run, now: DateTime<Utc>) -> String {
                     Value::Null | Value::Array(_) | Value::Object(_) => continue,
                     other => other.to_string(),
                 };
-                row(&mut out, &k.replace('_', " "), &shown);
+                row(out, &k.replace('_', " "), &shown);
             }
         }
-        _ => row(&mut out, "Launch", "not given"),
+        _ => row(out, "Launch", "not given"),
     }
     out.push_str("</table>");
 
@@ -363,23 +437,19 @@ pub fn render(run: &Run, now: DateTime<Utc>) -> String {
     match &run.verification {
         Some(v) => {
             out.push_str("<table>");
+            row(out, "Result", if v.passed { "passed" } else { "FAILED" });
+            row(out, "Instance", &v.instance_id);
+            row(out, "State", &v.state);
+            row(out, "Instance status check", &v.instance_status);
+            row(out, "System status check", &v.system_status);
             row(
-                &mut out,
-                "Result",
-                if v.passed { "passed" } else { "FAILED" },
-            );
-            row(&mut out, "Instance", &v.instance_id);
-            row(&mut out, "State", &v.state);
-            row(&mut out, "Instance status check", &v.instance_status);
-            row(&mut out, "System status check", &v.system_status);
-            row(
-                &mut out,
+                out,
                 "SSM agent",
                 v.ssm_ping
                     .as_deref()
                     .unwrap_or("not checked (no instance profile)"),
             );
-            row(&mut out, "Checked at", &time(v.checked_at));
+            row(out, "Checked at", &time(v.checked_at));
             out.push_str("</table>");
             if let Some(tail) = &v.console_tail {
                 let _ = write!(
@@ -393,14 +463,14 @@ pub fn render(run: &Run, now: DateTime<Utc>) -> String {
     }
 
     resources(
-        &mut out,
+        out,
         "Resources created",
         &run.created,
         "None: nothing was created.",
     );
     if run.drill {
         resources(
-            &mut out,
+            out,
             "Removed by cleanup",
             &run.removed,
             if run.phase == Phase::CleanedUp {
@@ -428,14 +498,6 @@ pub fn render(run: &Run, now: DateTime<Utc>) -> String {
         }
         _ => out.push_str("<p>None.</p>"),
     }
-    let _ = writeln!(
-        out,
-        "<footer>Written by pilotlight {} at {} from the run record <code>{}.json</code>.</footer></body></html>",
-        env!("CARGO_PKG_VERSION"),
-        esc(&time(now)),
-        esc(&run.run_id)
-    );
-    out
 }
 
 #[cfg(test)]
@@ -522,7 +584,7 @@ mod tests {
         let mut cleaned = run.clone();
         cleaned.enter(Phase::CleanedUp, at(4000));
         let html = render(&cleaned, at(4000));
-        assert!(html.contains("id=\"rto\">1 min 7.0 s<"), "{html}");
+        assert!(html.contains("figure rto\">1 min 7.0 s<"), "{html}");
         assert!(html.contains("running and verified, cleaned up"));
     }
 
@@ -539,6 +601,28 @@ mod tests {
         assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
         assert!(html.contains("bad &lt;b&gt;thing&lt;/b&gt; &amp; more"));
         assert!(html.contains("FAILED"));
+    }
+
+    #[test]
+    fn a_group_report_sums_up_each_vm_then_shows_each_run() {
+        let ok = drill();
+        let mut bad = drill();
+        bad.run_id = "dr-2".into();
+        bad.request["vm"] = Value::String("<h2>web</h2>".into());
+        bad.fail("no point <at> 10:35", at(70));
+        let html = render_group("grp-1", &[ok, bad], at(100));
+        assert!(html.contains("2 VMs, each recovered independently; 1 without failure"));
+        assert!(html.contains("<h2>site1/db-01</h2>"));
+        // A name that looks like a heading stays text, before and after the headings move.
+        assert!(
+            html.contains("<h2>site1/&lt;h2&gt;web&lt;/h2&gt;</h2>"),
+            "{html}"
+        );
+        assert!(!html.contains("<h3>web"));
+        assert_eq!(html.matches("<h3>Timeline (RTO per phase)</h3>").count(), 2);
+        assert_eq!(html.matches("<svg").count(), 2);
+        assert!(html.contains("no point &lt;at&gt; 10:35"));
+        assert!(!html.contains("figure rpo\" id"));
     }
 
     #[test]

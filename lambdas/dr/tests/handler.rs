@@ -1301,6 +1301,29 @@ async fn several_vms_recover_independently_from_their_saved_settings() {
             .unwrap()
             .is_some());
     }
+    // One report for the group: a summary line per VM, then each VM's report with its
+    // headings one level down; stored beside the runs, since every run has ended.
+    let r = report(&env, &group.group).await.unwrap();
+    assert_eq!(r.key, format!("pilotlight-dr/runs/{}.html", group.group));
+    let html = &r.html;
+    assert!(
+        html.contains("3 VMs, each recovered independently; 1 without failure"),
+        "{html}"
+    );
+    let summary = &html[..html.find("<h2>").unwrap()];
+    for run in &group.runs {
+        assert!(summary.contains(&run.run_id), "{summary}");
+    }
+    for vm in ["site1/db-01", "site1/web-01", "site1/mail-01"] {
+        assert!(html.contains(&format!("<h2>{vm}</h2>")), "{vm}");
+    }
+    assert!(html.contains("<h3>Timeline (RTO per phase)</h3>") && !html.contains("<h2>Timeline"));
+    assert!(html.contains("pilotlight-dr configure"), "mail-01's reason");
+    assert!(store.head(&r.key).await.unwrap().is_some());
+    assert!(matches!(
+        report(&env, "grp-nope").await,
+        Err(DrError::NoSuchRun(_))
+    ));
     // Through the Lambda's entry, as the CLI sends it.
     let v = pilotlight_dr::handle(
         &env,
@@ -1310,6 +1333,15 @@ async fn several_vms_recover_independently_from_their_saved_settings() {
     .unwrap();
     let g: Group = serde_json::from_value(v).unwrap();
     assert_eq!(g.runs[0].phase, Phase::Planned, "{:?}", g.runs[0].reason);
+    // A dry run records no group.
+    let groups = store
+        .list("pilotlight-dr/runs/groups/", |_| true)
+        .await
+        .unwrap();
+    assert_eq!(
+        groups,
+        [format!("pilotlight-dr/runs/groups/{}.json", group.group)]
+    );
     // Bad lists are refused as a whole.
     let e = pilotlight_dr::handle(
         &env,

@@ -57,8 +57,10 @@ enum Cmd {
     /// `start --vm NAME` (and several VMs at once) needs only its name.
     Configure(Box<ConfigureArgs>),
     /// Download a run's HTML report (RPO and RTO achieved, a timeline of the phases,
-    /// launch settings, verification, resources created and removed, failures).
+    /// launch settings, verification, resources created and removed, failures), or a
+    /// group's (`grp-...`: every VM of a recovery of several).
     Report {
+        /// A run id, or a group id.
         run_id: String,
         /// Where to write it [default: RUN_ID.html in the current directory].
         #[arg(long)]
@@ -306,9 +308,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(g) => {
                     if !cli.json {
                         println!(
-                            "group {}: {} VMs, each recovered independently",
+                            "group {}: {} VMs, each recovered independently (`pilotlight-dr report {}` for all of them)",
                             g.group,
-                            g.runs.len()
+                            g.runs.len(),
+                            g.group
                         );
                     }
                     g.runs
