@@ -583,6 +583,49 @@ async fn a_snapshot_drill_from_a_past_point_launches_verifies_and_cleans_up_on_t
         .unwrap()
         .contains("pilotlight-dr configure"));
     assert!(String::from_utf8_lossy(&out.stderr).contains("ghost"));
+
+    // The same for real (a drill): vm1 recovers, ghost fails on its own; one report for
+    // the group names both, from the runs as they ended.
+    let out = dr(
+        &stack,
+        "ok",
+        &[
+            "--stack", "e2e", "--json", "start", "--site", "site1", "--vm", "vm1", "--vm", "ghost",
+            "--drill",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(!out.status.success(), "ghost failed");
+    let runs: Vec<serde_json::Value> = serde_json::Deserializer::from_slice(&out.stdout)
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let group = runs[0]["group"].as_str().unwrap().to_string();
+    let vm1 = runs[0]["run_id"].as_str().unwrap().to_string();
+    let done = dr_run(&stack, &["status", &vm1, "--wait", "--poll-every", "200ms"]);
+    assert_eq!(done["phase"], "done", "{done:#}");
+    let page = tmp.path().join("group.html");
+    let out = run_ok(&mut dr(
+        &stack,
+        "ok",
+        &["--stack", "e2e", "report", &group, "--out", s(&page)],
+    ));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&group));
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(
+        html.contains("2 VMs, each recovered independently; 1 without failure")
+            && html.contains("<h2>site1/vm1</h2>")
+            && html.contains("<h2>site1/ghost</h2>")
+            && html.contains("pilotlight-dr configure"),
+        "{html}"
+    );
+    assert!(!stack
+        .get(&format!("pilotlight-dr/runs/{group}.html"))
+        .await
+        .is_empty());
+    let cleaned = dr_run(&stack, &["cleanup", &vm1]);
+    assert_eq!(cleaned["phase"], "cleaned_up", "{cleaned:#}");
 }
 
 /// Import from any point, end to end: generation 2 of a two-disk VM recovered by
