@@ -544,30 +544,26 @@ async fn a_snapshot_drill_from_a_past_point_launches_verifies_and_cleans_up_on_t
         ],
     ));
     assert!(String::from_utf8_lossy(&out.stdout).contains("saved recovery settings of site1/vm1"));
-    let out = dr(
-        &stack,
-        "ok",
-        &[
-            "--stack",
-            "e2e",
-            "--json",
-            "start",
-            "--site",
-            "site1",
-            "--vm",
-            "vm1",
-            "--vm",
-            "ghost",
-            "--dry-run",
-        ],
-    )
-    .output()
-    .unwrap();
+    // `start --vm vm1 --vm ghost` plus `how`, `--json`: one document per run.
+    let vm1_and_ghost = |how: &str| {
+        let out = dr(
+            &stack,
+            "ok",
+            &[
+                "--stack", "e2e", "--json", "start", "--site", "site1", "--vm", "vm1", "--vm",
+                "ghost", how,
+            ],
+        )
+        .output()
+        .unwrap();
+        let runs: Vec<serde_json::Value> = serde_json::Deserializer::from_slice(&out.stdout)
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        (out, runs)
+    };
+    let (out, runs) = vm1_and_ghost("--dry-run");
     assert!(!out.status.success(), "one VM failed: the command says so");
-    let runs: Vec<serde_json::Value> = serde_json::Deserializer::from_slice(&out.stdout)
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
     assert_eq!(runs.len(), 2, "{runs:#?}");
     assert_eq!(runs[0]["phase"], "planned", "{:#}", runs[0]);
     assert_eq!(runs[0]["method"], "snapshot", "the saved method");
@@ -586,21 +582,8 @@ async fn a_snapshot_drill_from_a_past_point_launches_verifies_and_cleans_up_on_t
 
     // The same for real (a drill): vm1 recovers, ghost fails on its own; one report for
     // the group names both, from the runs as they ended.
-    let out = dr(
-        &stack,
-        "ok",
-        &[
-            "--stack", "e2e", "--json", "start", "--site", "site1", "--vm", "vm1", "--vm", "ghost",
-            "--drill",
-        ],
-    )
-    .output()
-    .unwrap();
+    let (out, runs) = vm1_and_ghost("--drill");
     assert!(!out.status.success(), "ghost failed");
-    let runs: Vec<serde_json::Value> = serde_json::Deserializer::from_slice(&out.stdout)
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
     let group = runs[0]["group"].as_str().unwrap().to_string();
     let vm1 = runs[0]["run_id"].as_str().unwrap().to_string();
     let done = dr_run(&stack, &["status", &vm1, "--wait", "--poll-every", "200ms"]);
