@@ -33,8 +33,13 @@ pub async fn disk_points<E: EbsApi>(
     if let Some(v) = vm {
         f = f.tag(tag::VM, v);
     }
+    completed(ebs, &f).await
+}
+
+/// The completed point snapshots `f` matches, read from their tags.
+async fn completed<E: EbsApi>(ebs: &E, f: &SnapshotFilter) -> Result<Vec<Point>, CloudError> {
     Ok(ebs
-        .describe_snapshots(&f)
+        .describe_snapshots(f)
         .await?
         .into_iter()
         .filter(|s| s.status == SnapshotStatus::Completed)
@@ -186,12 +191,9 @@ pub async fn of_generation<E: EbsApi>(
     if let Some(stack) = stack.filter(|s| !s.is_empty()) {
         f = f.tag(tag::STACK, stack);
     }
-    Ok(ebs
-        .describe_snapshots(&f)
+    Ok(completed(ebs, &f)
         .await?
         .into_iter()
-        .filter(|s| s.status == SnapshotStatus::Completed)
-        .filter_map(|s| Point::from_tags(&s.id, &s.tags))
         .find(|p| p.disk == *disk && p.generation == generation))
 }
 

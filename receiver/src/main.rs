@@ -170,9 +170,7 @@ impl Settings {
         let prefix_s = self.prefix.as_deref().unwrap_or("pilotlight");
         let reconcile_every = match self.reconcile_every.as_deref().unwrap_or("5m") {
             "off" | "never" => None,
-            s => Some(humantime::parse_duration(s).with_context(|| {
-                format!("--reconcile-every {s:?} is not a duration (e.g. 5m) or off")
-            })?),
+            s => Some(self.duration("reconcile-every", Some(s), "5m")?),
         };
         let concurrency = self.concurrency.unwrap_or(8);
         if concurrency == 0 || concurrency > 64 {
@@ -201,10 +199,11 @@ impl Settings {
             return Ok(None);
         }
         let dur = |name: &str, v: &Option<String>, default: &str| -> Result<chrono::Duration> {
-            let s = v.as_deref().unwrap_or(default);
-            let d = humantime::parse_duration(s)
-                .with_context(|| format!("--{name} {s:?} is not a duration (e.g. 24h, 7d)"))?;
-            Ok(chrono::Duration::from_std(d)?)
+            Ok(chrono::Duration::from_std(self.duration(
+                name,
+                v.as_deref(),
+                default,
+            )?)?)
         };
         let tiers = Tiers {
             keep_all: dur("keep-all", &self.keep_all, "24h")?,
@@ -279,7 +278,7 @@ impl Settings {
     fn duration(&self, what: &str, v: Option<&str>, default: &str) -> Result<Duration> {
         let s = v.unwrap_or(default);
         humantime::parse_duration(s)
-            .with_context(|| format!("--{what} {s:?} is not a duration (e.g. 1m, 30m)"))
+            .with_context(|| format!("--{what} {s:?} is not a duration (e.g. 1m, 30m, 24h, 7d)"))
     }
 
     fn rpo_target(&self) -> Result<Duration> {

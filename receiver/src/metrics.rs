@@ -199,17 +199,7 @@ impl<M: MetricsApi + 'static> Publisher<M> {
     /// Collects a finished put and starts the next. Never waits for a put in flight.
     pub async fn pump(&mut self) {
         if self.in_flight.as_ref().is_some_and(|h| h.is_finished()) {
-            if let Some(h) = self.in_flight.take() {
-                match h.await {
-                    Ok((_, Ok(()))) => self.published += 1,
-                    Ok((batch, Err(e))) => {
-                        self.failures += 1;
-                        tracing::warn!(error = %e, "metrics not published; kept for the next try (replication goes on)");
-                        self.backlog.push_front(batch);
-                    }
-                    Err(e) => tracing::warn!(error = %e, "metrics task failed"),
-                }
-            }
+            self.collect().await;
         }
         if self.in_flight.is_none() {
             if let Some(batch) = self.backlog.pop_front() {
@@ -224,16 +214,23 @@ impl<M: MetricsApi + 'static> Publisher<M> {
 
     /// Waits for the put in flight (a clean stop, tests).
     pub async fn flush(&mut self) {
-        if let Some(h) = self.in_flight.take() {
-            match h.await {
-                Ok((_, Ok(()))) => self.published += 1,
-                Ok((batch, Err(e))) => {
-                    self.failures += 1;
-                    tracing::warn!(error = %e, "metrics not published");
-                    self.backlog.push_front(batch);
-                }
-                Err(_) => {}
+        self.collect().await;
+    }
+
+    /// Waits for the put in flight, if any, and counts it; a failed batch goes back to
+    /// the front of the backlog.
+    async fn collect(&mut self) {
+        let Some(h) = self.in_flight.take() else {
+            return;
+        };
+        match h.await {
+            Ok((_, Ok(()))) => self.published += 1,
+            Ok((batch, Err(e))) => {
+                self.failures += 1;
+                tracing::warn!(error = %e, "metrics not published; kept for the next try (replication goes on)");
+                self.backlog.push_front(batch);
             }
+            Err(e) => tracing::warn!(error = %e, "metrics task failed"),
         }
     }
 }
