@@ -1,10 +1,17 @@
 //! Local files shared by the sender and the receiver: durable state files (below) and
 //! sparse files' allocation maps ([`sparse`]).
 //!
-//! A state file is JSON `{"version": V, "checksum": SHA-256 of the state's JSON,
-//! "state": {...}}`, written to a temp file, fsynced, renamed over the old one, and the
-//! directory fsynced: a crash leaves the old file or the new one, never a mix, and a
-//! damaged file is detected rather than believed.
+//! A state file is JSON `{"version": V, "checksum": SHA-256, "state": {...}}`, written to
+//! a temp file, fsynced, renamed over the old one, and the directory fsynced: a crash
+//! leaves the old file or the new one, never a mix, and a damaged file is detected rather
+//! than believed.
+//!
+//! The checksum covers the state *as stored*: the SHA-256 of the `state` value's text with
+//! the whitespace between JSON tokens removed (what `serde_json::to_vec` writes). It never
+//! depends on the reading build's types, so a newer build that adds optional fields
+//! (`#[serde(default)]`) verifies and loads files older builds wrote. The rule for every
+//! persisted format: new fields are optional with defaults; a breaking change bumps the
+//! version and ships a migration with its test.
 
 pub mod sparse;
 
@@ -30,6 +37,10 @@ pub enum DurableError {
         found: u64,
         expected: u32,
     },
+    #[error(
+        "state for {path} cannot be written as JSON ({why}), which is a bug; the old file is kept"
+    )]
+    Encode { path: String, why: String },
 }
 
 fn io(path: &Path, source: std::io::Error) -> DurableError {
@@ -47,10 +58,11 @@ struct EnvelopeOut<'a, T> {
 }
 
 #[derive(Deserialize)]
-struct EnvelopeIn<T> {
+struct EnvelopeIn<'a> {
     version: u32,
     checksum: String,
-    state: T,
+    #[serde(borrow)]
+    state: &'a serde_json::value::RawValue,
 }
 
 #[derive(Deserialize)]
@@ -58,24 +70,49 @@ struct Probe {
     version: u64,
 }
 
-fn checksum<T: Serialize>(state: &T) -> String {
-    hex::encode(Sha256::digest(
-        serde_json::to_vec(state).unwrap_or_default(),
-    ))
+/// `json` without the whitespace between its tokens (JSON strings hold none unescaped
+/// but spaces, which are kept): the compact form `serde_json::to_vec` writes.
+fn compact(json: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(json.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in json.as_bytes() {
+        if in_string {
+            out.push(b);
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if !matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            in_string = b == b'"';
+            out.push(b);
+        }
+    }
+    out
 }
 
-/// The bytes of a state file holding `state` at format `version`.
-pub fn encode<T: Serialize>(version: u32, state: &T) -> Vec<u8> {
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// The bytes of a state file holding `state` at format `version`. `path` is for messages.
+pub fn encode<T: Serialize>(path: &Path, version: u32, state: &T) -> Result<Vec<u8>, DurableError> {
+    let failed = |e: serde_json::Error| DurableError::Encode {
+        path: path.display().to_string(),
+        why: e.to_string(),
+    };
     let env = EnvelopeOut {
         version,
-        checksum: checksum(state),
+        checksum: sha256_hex(&serde_json::to_vec(state).map_err(failed)?),
         state,
     };
-    serde_json::to_vec_pretty(&env).unwrap_or_default()
+    serde_json::to_vec_pretty(&env).map_err(failed)
 }
 
 /// Parses a state file, checking version and checksum. `path` is for messages.
-pub fn decode<T: Serialize + DeserializeOwned>(
+pub fn decode<T: DeserializeOwned>(
     path: &Path,
     version: u32,
     bytes: &[u8],
@@ -93,18 +130,15 @@ pub fn decode<T: Serialize + DeserializeOwned>(
             expected: version,
         });
     }
-    let env: EnvelopeIn<T> = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
-    if env.version != version || checksum(&env.state) != env.checksum {
+    let env: EnvelopeIn = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+    if env.version != version || sha256_hex(&compact(env.state.get())) != env.checksum {
         return Err(corrupt("checksum mismatch".into()));
     }
-    Ok(env.state)
+    serde_json::from_str(env.state.get()).map_err(|e| corrupt(e.to_string()))
 }
 
 /// Reads a state file; `Ok(None)` when it does not exist.
-pub fn load<T: Serialize + DeserializeOwned>(
-    path: &Path,
-    version: u32,
-) -> Result<Option<T>, DurableError> {
+pub fn load<T: DeserializeOwned>(path: &Path, version: u32) -> Result<Option<T>, DurableError> {
     match std::fs::read(path) {
         Ok(bytes) => decode(path, version, &bytes).map(Some),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -114,7 +148,7 @@ pub fn load<T: Serialize + DeserializeOwned>(
 
 /// Writes `state` durably at `path`.
 pub fn save<T: Serialize>(path: &Path, version: u32, state: &T) -> Result<(), DurableError> {
-    write_atomic(path, &encode(version, state))
+    write_atomic(path, &encode(path, version, state)?)
 }
 
 /// Temp file, fsync, rename, fsync the directory.
@@ -167,12 +201,14 @@ mod tests {
         std::fs::write(
             &p,
             encode(
+                &p,
                 2,
                 &S {
                     applied: None,
                     name: "y".into(),
                 },
-            ),
+            )
+            .unwrap(),
         )
         .unwrap();
         assert!(matches!(
@@ -184,5 +220,60 @@ mod tests {
             load::<S>(&p, 1),
             Err(DurableError::Corrupt { .. })
         ));
+    }
+
+    /// A newer build with one more optional field reads a file an older build wrote, and
+    /// writing it again keeps the new field.
+    #[test]
+    fn a_file_of_an_older_build_loads_in_a_newer_one() {
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct Newer {
+            applied: Option<u64>,
+            name: String,
+            #[serde(default)]
+            points: Vec<u64>,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.json");
+        save(
+            &p,
+            1,
+            &S {
+                applied: Some(3),
+                name: "a \"quoted\" name\\ with  spaces".into(),
+            },
+        )
+        .unwrap();
+        let newer: Newer = load(&p, 1).unwrap().unwrap();
+        assert_eq!(newer.points, Vec::<u64>::new());
+        assert_eq!(newer.name, "a \"quoted\" name\\ with  spaces");
+        // Reformatted whitespace between tokens is still the same state.
+        let text = std::fs::read_to_string(&p).unwrap();
+        std::fs::write(&p, text.replace('\n', "\n\t ")).unwrap();
+        assert!(load::<Newer>(&p, 1).unwrap().is_some());
+        // A space inside a string is part of the state.
+        std::fs::write(&p, text.replace("with  spaces", "with spaces")).unwrap();
+        assert!(matches!(
+            load::<Newer>(&p, 1),
+            Err(DurableError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn a_state_that_cannot_be_written_is_an_error_not_an_empty_file() {
+        struct Unwritable;
+        impl Serialize for Unwritable {
+            fn serialize<Z: serde::Serializer>(&self, _: Z) -> Result<Z::Ok, Z::Error> {
+                Err(serde::ser::Error::custom("no"))
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.json");
+        std::fs::write(&p, b"old").unwrap();
+        assert!(matches!(
+            save(&p, 1, &Unwritable),
+            Err(DurableError::Encode { .. })
+        ));
+        assert_eq!(std::fs::read(&p).unwrap(), b"old");
     }
 }

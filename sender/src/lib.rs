@@ -5,6 +5,7 @@
 //! The local state ([`state`]) makes a re-run after a crash reuse the generation and
 //! converge to the same manifest.
 
+pub mod history;
 pub mod pipeline;
 pub mod source;
 pub mod state;
@@ -73,11 +74,20 @@ pub enum SendError {
         generation: u64,
         why: String,
     },
-    #[error("{disk}: the bucket already has generation {generation} (its newest is {newest}), so this sender's state is behind the bucket (the state directory was lost or restored from an old copy); nothing was written. Continue with `pilotlight-sender send --rebase --source full` (or `pilotlight-sender vsphere --rebase`), same disk and bucket: a full generation after the bucket's newest, which the receiver applies as a new base")]
+    #[error("{disk}: the bucket already has generation {newest} ({key}), a valid manifest of this disk newer than this sender's state (last committed: {}), so the state is behind the bucket (the state directory was lost or restored from an old copy, or another sender writes this disk); nothing was written. Continue with `pilotlight-sender send --rebase --source full` (or `pilotlight-sender vsphere --rebase`), same disk and bucket: a full generation after the bucket's newest, which the receiver applies as a new base", last_committed.map_or("none".to_string(), |g| format!("generation {g}")))]
     AlreadyCommitted {
         disk: String,
-        generation: u64,
+        /// The newest valid generation in the bucket, and the key of its manifest.
         newest: u64,
+        key: String,
+        last_committed: Option<u64>,
+    },
+    #[error("{disk}: {key}, where generation {generation} was to be committed, holds an object that is not a manifest of this disk ({why}); nothing was committed. Run again: the next run numbers its generation past that key")]
+    Occupied {
+        disk: String,
+        generation: u64,
+        key: String,
+        why: String,
     },
     #[error("--rebase needs a source that describes the whole disk (--source full, or vSphere's changeId \"*\"): a new base must")]
     RebaseNeedsFull,
@@ -169,12 +179,14 @@ pub async fn send_generation<S: ObjectStore>(
 
     // Validate all input before anything is uploaded.
     let source = Arc::new(OpenSource::open_async(&target.source).await?);
-    // A committed generation is never written again: the bucket's newest generation of
-    // this disk must be below the one this run writes (one LIST of the disk's manifests).
-    let newest = if lock.is_some() {
-        newest_committed(store, &up.prefix, &target.disk).await?
+    // A committed generation is never written again, and a valid manifest newer than the
+    // state means the state is behind: one LIST of the disk's manifests, and a read of
+    // each above the state's last commit (usually none). Other objects at manifest keys
+    // are stepped over: numbered past, never believed.
+    let history = if lock.is_some() {
+        history::read(store, &up.prefix, &target.disk, st.last_committed).await?
     } else {
-        None
+        history::BucketHistory::default()
     };
     if up.rebase {
         if !source.self_contained {
@@ -182,7 +194,24 @@ pub async fn send_generation<S: ObjectStore>(
         }
         // A fresh base after everything there is; whatever was under way is dropped.
         st.pending = None;
-        st.last_committed = newest.max(st.last_committed);
+    } else if let Some(c) = &history.newest_valid {
+        return Err(SendError::AlreadyCommitted {
+            disk: target.disk.to_string(),
+            newest: c.generation,
+            key: c.key.clone(),
+            last_committed: st.last_committed,
+        });
+    }
+    if let Some(p) = st.pending.as_mut() {
+        if history.highest_key >= Some(p.generation) {
+            let next = history.next_generation(st.last_committed);
+            tracing::warn!(
+                disk = %target.disk,
+                "generation {} was under way, but a key at or above it is taken: it becomes generation {next}",
+                p.generation
+            );
+            p.generation = next;
+        }
     }
     let resumed = st.pending.is_some();
     let (generation, snapshot_time) = match &st.pending {
@@ -191,19 +220,12 @@ pub async fn send_generation<S: ObjectStore>(
             target.snapshot_time.unwrap_or(p.snapshot_time),
         ),
         None => (
-            st.last_committed.map_or(1, |g| g + 1),
+            history.next_generation(st.last_committed),
             target
                 .snapshot_time
                 .unwrap_or_else(|| Utc::now().trunc_subsecs(3)),
         ),
     };
-    if let Some(newest) = newest.filter(|n| *n >= generation) {
-        return Err(SendError::AlreadyCommitted {
-            disk: target.disk.to_string(),
-            generation,
-            newest,
-        });
-    }
     let parent = if source.self_contained {
         None
     } else {
@@ -359,12 +381,34 @@ async fn finish_commit<S: ObjectStore>(
                 .get(&key, pilotlight_protocol::MAX_MANIFEST_BYTES as u64)
                 .await?;
             if there != bytes {
-                return Err(SendError::AlreadyCommitted {
+                let known = pending.generation.checked_sub(1).filter(|g| *g > 0);
+                let history = history::read(store, &up.prefix, &target.disk, known).await?;
+                if let Some(c) = history.newest_valid {
+                    return Err(SendError::AlreadyCommitted {
+                        disk: target.disk.to_string(),
+                        newest: c.generation,
+                        key: c.key,
+                        last_committed: st.last_committed,
+                    });
+                }
+                // Not a manifest of ours: this generation cannot be committed at its
+                // number. Drop it (its data objects are inert without a manifest); the
+                // next run numbers past the key.
+                st.pending = None;
+                sd.save(st)?;
+                sd.remove_pending_manifest()?;
+                return Err(SendError::Occupied {
                     disk: target.disk.to_string(),
                     generation: pending.generation,
-                    newest: newest_committed(store, &up.prefix, &target.disk)
-                        .await?
-                        .unwrap_or(pending.generation),
+                    why: history
+                        .stepped_over
+                        .into_iter()
+                        .find(|(k, _)| *k == key)
+                        .map_or_else(
+                            || "it changed while this run read it".into(),
+                            |(_, why)| why,
+                        ),
+                    key,
                 });
             }
         }
@@ -378,27 +422,6 @@ async fn finish_commit<S: ObjectStore>(
     sd.remove_pending_manifest()?;
     tracing::info!(key, "committed");
     Ok(())
-}
-
-/// The newest generation of `disk` with a manifest in the bucket.
-async fn newest_committed<S: ObjectStore>(
-    store: &S,
-    prefix: &Prefix,
-    disk: &DiskId,
-) -> Result<Option<u64>, SendError> {
-    let keys = store
-        .list(
-            &pilotlight_protocol::keys::generation_prefix(prefix, disk),
-            |k| k.ends_with("/manifest.json"),
-        )
-        .await?;
-    Ok(keys
-        .iter()
-        .filter_map(|k| match ObjectKey::parse(prefix, k) {
-            Ok(ObjectKey::Manifest { generation, .. }) => Some(generation),
-            _ => None,
-        })
-        .max())
 }
 
 /// Makes a progress display for a run of `total` bytes.
@@ -538,14 +561,19 @@ mod tests {
             matches!(
                 err,
                 SendError::AlreadyCommitted {
-                    generation: 1,
                     newest: 3,
+                    last_committed: None,
                     ..
                 }
             ),
             "{err}"
         );
-        assert!(err.to_string().contains("--rebase"), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("--rebase"), "{msg}");
+        assert!(
+            msg.contains("generation 3 (p/s/v/d/g/00000000000000000003/manifest.json)"),
+            "{msg}"
+        );
         assert_eq!(
             store.objects(),
             before,
@@ -597,11 +625,162 @@ mod tests {
         send_generation(&o2, &t2, &other, &NoProgress)
             .await
             .unwrap_err();
+        // A valid manifest of this disk (another sender's): refused, nothing written.
+        let mut theirs = Manifest::from_json(&saved).unwrap();
+        theirs.created_by = "another sender".into();
+        other.insert(
+            "p/s/v/d/g/00000000000000000001/manifest.json",
+            theirs.to_json(),
+        );
+        let before = other.objects();
+        let err = send_generation(&o2, &t2, &other, &NoProgress)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, SendError::AlreadyCommitted { newest: 1, .. }),
+            "{err}"
+        );
+        assert_eq!(other.objects(), before);
+        // Garbage there instead: this run commits nothing and drops the generation; the
+        // next run numbers past the key, and the garbage stays as it was.
         other.insert("p/s/v/d/g/00000000000000000001/manifest.json", &b"{}"[..]);
         let err = send_generation(&o2, &t2, &other, &NoProgress)
             .await
             .unwrap_err();
-        assert!(matches!(err, SendError::AlreadyCommitted { .. }), "{err}");
+        assert!(
+            matches!(err, SendError::Occupied { generation: 1, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("Run again"), "{err}");
+        let s = send_generation(&o2, &t2, &other, &NoProgress)
+            .await
+            .unwrap();
+        assert_eq!((s.generation, s.parent), (2, None));
+        assert_eq!(
+            other
+                .object("p/s/v/d/g/00000000000000000001/manifest.json")
+                .as_deref(),
+            Some(&b"{}"[..])
+        );
+    }
+
+    const G2: &str = "p/s/v/d/g/00000000000000000002/manifest.json";
+
+    /// Two generations committed; returns the store and generation 2's manifest.
+    async fn two_generations(o: &UploadSettings, t: &Target) -> (MemoryStore, Manifest) {
+        let store = MemoryStore::default();
+        for _ in 0..2 {
+            send_generation(o, t, &store, &NoProgress).await.unwrap();
+        }
+        let m2 = Manifest::from_json(&store.object(G2).unwrap()).unwrap();
+        (store, m2)
+    }
+
+    fn incremental(disk: &std::path::Path, t: &Target) -> Target {
+        let list = disk.with_extension("txt");
+        std::fs::write(&list, format!("{} {}\n", 1 << 20, 1 << 20)).unwrap();
+        Target {
+            source: SourceSpec::ExtentList {
+                list,
+                disk: disk.into(),
+            },
+            ..t.clone()
+        }
+    }
+
+    #[tokio::test]
+    async fn garbage_and_foreign_manifests_at_higher_numbers_are_stepped_over() {
+        let tmp = tempfile::tempdir().unwrap();
+        let disk = sample_disk(tmp.path());
+        let (o, t) = opts(&disk, &tmp.path().join("state"));
+        let (store, m2) = two_generations(&o, &t).await;
+        // Garbage far above, and a valid manifest of another disk under this disk's key.
+        let garbage = "p/s/v/d/g/00000000000000099990/manifest.json";
+        store.insert(garbage, &b"\x00 not json"[..]);
+        let mut foreign = m2.clone();
+        foreign.disk = DiskId::parse("s/v/other").unwrap();
+        foreign.generation = 5;
+        store.insert(
+            "p/s/v/d/g/00000000000000000005/manifest.json",
+            foreign.to_json(),
+        );
+        let history = history::read(&store, &o.prefix, &t.disk, Some(2))
+            .await
+            .unwrap();
+        assert_eq!(history.newest_valid, None);
+        assert_eq!(history.highest_key, Some(99990));
+        assert_eq!(history.stepped_over.len(), 2, "{history:?}");
+        let s = send_generation(&o, &incremental(&disk, &t), &store, &NoProgress)
+            .await
+            .unwrap();
+        assert_eq!((s.generation, s.parent), (99991, Some(2)));
+        assert_eq!(
+            store.object(garbage).as_deref(),
+            Some(&b"\x00 not json"[..])
+        );
+        let m = Manifest::from_json(
+            &store
+                .object("p/s/v/d/g/00000000000000099991/manifest.json")
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(m.parent, Some(2));
+        // And the state carries on from there.
+        let s = send_generation(&o, &incremental(&disk, &t), &store, &NoProgress)
+            .await
+            .unwrap();
+        assert_eq!((s.generation, s.parent), (99992, Some(99991)));
+    }
+
+    #[tokio::test]
+    async fn a_valid_manifest_above_the_state_is_refused_naming_it_even_under_garbage() {
+        let tmp = tempfile::tempdir().unwrap();
+        let disk = sample_disk(tmp.path());
+        let (o, t) = opts(&disk, &tmp.path().join("state"));
+        let (store, m2) = two_generations(&o, &t).await;
+        store.insert("p/s/v/d/g/00000000000000099990/manifest.json", &b"{}"[..]);
+        let mut theirs = m2.clone();
+        theirs.generation = 7;
+        let key7 = "p/s/v/d/g/00000000000000000007/manifest.json";
+        store.insert(key7, theirs.to_json());
+        let before = store.objects();
+        let err = send_generation(&o, &incremental(&disk, &t), &store, &NoProgress)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, SendError::AlreadyCommitted { newest: 7, key, last_committed: Some(2), .. } if key == key7),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("already has generation 7 ({key7})"))
+                && msg.contains("last committed: generation 2"),
+            "{msg}"
+        );
+        assert_eq!(store.objects(), before, "nothing written");
+        // --rebase goes past every occupied key.
+        let rebase = UploadSettings {
+            rebase: true,
+            ..o.clone()
+        };
+        let s = send_generation(&rebase, &t, &store, &NoProgress)
+            .await
+            .unwrap();
+        assert_eq!((s.generation, s.parent), (99991, None));
+    }
+
+    #[tokio::test]
+    async fn a_generation_under_way_is_renumbered_when_its_key_is_taken() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (o, t) = opts(&sample_disk(tmp.path()), &tmp.path().join("state"));
+        let store = MemoryStore::default();
+        store.faults.add(Fault::on("PutObject").after(1).times(1));
+        send_generation(&o, &t, &store, &NoProgress)
+            .await
+            .unwrap_err();
+        store.insert("p/s/v/d/g/00000000000000000001/manifest.json", &b"junk"[..]);
+        let s = send_generation(&o, &t, &store, &NoProgress).await.unwrap();
+        assert_eq!((s.generation, s.resumed), (2, true));
     }
 
     #[tokio::test]

@@ -1,11 +1,12 @@
 //! Recovery points end to end against the emulator: the real sender and receiver, points
 //! written through the AWS SDK's EBS direct APIs to moto, listed by `pilotlight-dr points`
-//! and read back with ListSnapshotBlocks/GetSnapshotBlock. moto keeps no parent chain (a
-//! child holds only its own blocks), so the read-back walks the points' parent tags; the
-//! chain semantics themselves are tested against the faithful in-memory EBS
-//! (receiver/tests/points.rs).
+//! and read back with ListSnapshotBlocks/GetSnapshotBlock. The test kit's moto extension
+//! (tests/moto) makes the emulator follow AWS's documented EBS rules: incremental points
+//! inherit their parent's blocks, the encryption outcomes, 512 KiB blocks, checksums,
+//! pending until completed; every point is read back as itself, through its chain.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
+use chrono::{DateTime, DurationRound, Utc};
 use pilotlight_cloud::ebs::{EbsApi, SdkEbs, SnapshotFilter, SnapshotStatus};
 use pilotlight_protocol::points::{tag, Point};
 use pilotlight_protocol::DiskId;
@@ -17,22 +18,30 @@ use std::time::Duration;
 
 const SIZE: u64 = 16 * MIB;
 
-/// Sends generation `k` of `site1/vm1/{name}`: `count` extents scribbled into its file,
-/// at snapshot time `t` (the same for every disk of the VM, as one vSphere snapshot).
-fn send_disk(stack: &LocalStack, dir: &Path, name: &str, k: u64, count: usize, t: &str) -> Vec<u8> {
-    send_disk_as(stack, dir, name, k, count, t, k == 1)
+/// The hour the snapshot times of these tests count from: two hours before now, whole,
+/// so every point falls within retention's keep-everything day whatever date the tests
+/// run on (fixed dates passed only on the day they were written).
+fn hour() -> DateTime<Utc> {
+    let two_hours_ago = Utc::now() - chrono::Duration::hours(2);
+    two_hours_ago
+        .duration_trunc(chrono::Duration::hours(1))
+        .unwrap()
 }
 
-/// [`send_disk`], as a full generation (a base: its point is a full one) when `full`.
-fn send_disk_as(
-    stack: &LocalStack,
-    dir: &Path,
-    name: &str,
-    k: u64,
-    count: usize,
-    t: &str,
-    full: bool,
-) -> Vec<u8> {
+/// `minutes` after [`hour`], as `format` writes it (e.g. `%Y-%m-%dT%H:%M:%SZ`).
+fn at(base: DateTime<Utc>, minutes: i64, format: &str) -> String {
+    (base + chrono::Duration::minutes(minutes))
+        .format(format)
+        .to_string()
+}
+
+const RFC3339: &str = "%Y-%m-%dT%H:%M:%SZ";
+
+/// Sends generation `k` of `site1/vm1/{name}`: `count` extents scribbled into its file,
+/// at snapshot time `t` (the same for every disk of the VM, as one vSphere snapshot); the
+/// first a full base, the others changed-area lists.
+fn send_disk(stack: &LocalStack, dir: &Path, name: &str, k: u64, count: usize, t: &str) -> Vec<u8> {
+    let full = k == 1;
     let disk = dir.join(format!("{name}.raw"));
     let f = create_sparse(&disk, SIZE);
     let w = scribble(
@@ -62,30 +71,16 @@ fn sync(stack: &LocalStack, rx: &Path) {
     run_ok(&mut receiver(stack, "sync", rx, &["--stack", "e2e"]));
 }
 
-/// A point's disk as moto serves it: its ancestors' blocks (by the parent tags, oldest
-/// first), then its own.
+/// A point's disk as a user's tools read it: ListSnapshotBlocks (every page) and
+/// GetSnapshotBlock of that one snapshot, its inherited blocks included (the emulator
+/// keeps parent chains through the test kit's moto extension).
 async fn read_back(ebs: &SdkEbs, snapshot: &str) -> Vec<u8> {
-    let mut chain = vec![snapshot.to_string()];
-    loop {
-        let id = chain.last().unwrap().clone();
-        let info = ebs
-            .describe_snapshots(&SnapshotFilter::id(&id))
-            .await
-            .unwrap();
-        let p = Point::from_tags(&id, &info[0].tags).unwrap();
-        match p.parent {
-            Some(parent) => chain.push(parent),
-            None => break,
-        }
-    }
     let mut out = vec![0u8; SIZE as usize];
-    for id in chain.iter().rev() {
-        for b in ebs.list_snapshot_blocks(id).await.unwrap() {
-            let data = ebs.get_snapshot_block(id, &b).await.unwrap();
-            assert_eq!(data.len(), 512 * 1024);
-            let at = b.index as usize * 512 * 1024;
-            out[at..at + data.len()].copy_from_slice(&data);
-        }
+    for b in ebs.list_snapshot_blocks(snapshot).await.unwrap() {
+        let data = ebs.get_snapshot_block(snapshot, &b).await.unwrap();
+        assert_eq!(data.len(), 512 * 1024);
+        let at = b.index as usize * 512 * 1024;
+        out[at..at + data.len()].copy_from_slice(&data);
     }
     out
 }
@@ -95,16 +90,17 @@ async fn five_generations_of_a_two_disk_vm_are_five_vm_points_that_read_back() {
     let stack = LocalStack::start().await;
     let tmp = tempfile::tempdir().unwrap();
     let rx = tmp.path().join("rx");
+    let base = hour();
     let mut history = vec![];
     for k in 1..=5u64 {
-        let t = format!("2026-11-29T10:{:02}:00Z", 5 * k);
+        let t = at(base, 5 * k as i64, RFC3339);
         let d0 = send_disk(&stack, tmp.path(), "disk0", k, 40, &t);
         let d1 = send_disk(&stack, tmp.path(), "disk1", k, 25, &t);
         sync(&stack, &rx);
         history.push((t, [d0, d1]));
     }
-    // A sixth generation of disk0 only (disk1's still uploading): the VM stays at 10:25.
-    send_disk(&stack, tmp.path(), "disk0", 6, 10, "2026-11-29T10:30:00Z");
+    // A sixth generation of disk0 only (disk1's still uploading): the VM stays at :25.
+    send_disk(&stack, tmp.path(), "disk0", 6, 10, &at(base, 30, RFC3339));
     sync(&stack, &rx);
     assert_eq!(
         applied(&rx, &DiskId::parse("site1/vm1/disk0").unwrap()),
@@ -140,7 +136,10 @@ async fn five_generations_of_a_two_disk_vm_are_five_vm_points_that_read_back() {
         &["points", "--site", "site1", "--vm", "vm1"],
     ));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.starts_with("site1/vm1 2026-11-29T10:25:00Z"), "{text}");
+    assert!(
+        text.starts_with(&format!("site1/vm1 {}", at(base, 25, RFC3339))),
+        "{text}"
+    );
     assert_eq!(text.matches("generation 5").count(), 2, "{text}");
     assert_eq!(text.matches("MiB written").count(), 10, "{text}");
     // The receiver lists the same.
@@ -161,8 +160,9 @@ async fn sigkill_while_writing_points_leaves_no_incomplete_or_wrong_point() {
     let ebs = emulator(&stack.endpoint).await.ebs();
     let mut history = vec![];
     let mut killed_in_point = 0;
+    let base = hour();
     for k in 1..=10u64 {
-        let t = format!("2026-11-29T11:{:02}:00Z", k);
+        let t = at(base, 60 + k as i64, RFC3339);
         history.push(send_disk(&stack, tmp.path(), "disk0", k, 60, &t));
         let mut child = receiver(
             &stack,
@@ -265,8 +265,9 @@ async fn a_snapshot_drill_from_a_past_point_launches_verifies_and_cleans_up_on_t
     let stack = LocalStack::start().await;
     let tmp = tempfile::tempdir().unwrap();
     let rx = tmp.path().join("rx");
+    let base = hour();
     for k in 1..=4u64 {
-        let t = format!("2026-11-29T10:{:02}:00Z", 5 * k);
+        let t = at(base, 5 * k as i64, RFC3339);
         send_disk(&stack, tmp.path(), "disk0", k, 30, &t);
         send_disk(&stack, tmp.path(), "disk1", k, 20, &t);
         sync(&stack, &rx);
@@ -306,12 +307,12 @@ async fn a_snapshot_drill_from_a_past_point_launches_verifies_and_cleans_up_on_t
         .unwrap()
         .contains("no snapshot-method run that passed"));
 
-    // The points at 10:10 (generation 2), as `points` lists them.
+    // The points at :10 (generation 2), as `points` lists them.
     let out = run_ok(&mut dr(&stack, "ok", &["points", "--vm", "vm1", "--json"]));
     let points: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     let p2 = points
         .iter()
-        .find(|p| p["snapshot_time"] == "2026-11-29T10:10:00Z")
+        .find(|p| p["snapshot_time"] == at(base, 10, RFC3339).as_str())
         .unwrap();
     let want: Vec<&str> = p2["disks"]
         .as_array()
@@ -330,7 +331,7 @@ async fn a_snapshot_drill_from_a_past_point_launches_verifies_and_cleans_up_on_t
                 "--method",
                 "snapshot",
                 "--at",
-                "2026-11-29T10:12Z",
+                &at(base, 12, "%Y-%m-%dT%H:%MZ"),
                 "--wait",
                 "--poll-every",
                 "200ms",
@@ -373,7 +374,7 @@ async fn a_snapshot_drill_from_a_past_point_launches_verifies_and_cleans_up_on_t
     assert!(image
         .description()
         .unwrap()
-        .contains("2026-11-29T10:10:00Z"));
+        .contains(&at(base, 10, RFC3339)));
     let inst = run["instance_ids"][0].as_str().unwrap();
     let out = ec2
         .describe_instances()
@@ -464,12 +465,13 @@ async fn a_snapshot_drill_from_a_past_point_launches_verifies_and_cleans_up_on_t
     let png = tmp.path().join("report.png");
     let shot = pilotlight_tests::browser::render(&page, &png, 1000, 1700);
     let text = shot.text();
+    let point_time = at(base, 10, "%Y-%m-%d %H:%M:%S UTC");
     for want in [
         "pilotlight DR drill report: site1/vm1",
         "Drill succeeded: running and verified, cleaned up",
         "RPO achieved",
         "RTO achieved",
-        "2026-11-29 10:10:00 UTC",
+        &point_time,
         "snapshot",
         ami,
         inst,
@@ -491,7 +493,7 @@ async fn a_snapshot_drill_from_a_past_point_launches_verifies_and_cleans_up_on_t
             png.display()
         );
     }
-    // `pilotlight-dr status`: the VM's newest point (generation 4, 10:20) and its age,
+    // `pilotlight-dr status`: the VM's newest point (generation 4, :20) and its age,
     // STALLED over the RPO target, as the receiver's PointLagSeconds carries it.
     let status = |target: &str| {
         let out = run_ok(&mut dr(
@@ -503,7 +505,10 @@ async fn a_snapshot_drill_from_a_past_point_launches_verifies_and_cleans_up_on_t
     };
     let stalled = status("30m");
     assert!(
-        stalled.contains("site1/vm1 STALLED (over the RPO target 30m): newest recovery point 2026-11-29T10:20:00Z"),
+        stalled.contains(&format!(
+            "site1/vm1 STALLED (over the RPO target 30m): newest recovery point {}",
+            at(base, 20, RFC3339)
+        )),
         "{stalled}"
     );
     assert_eq!(
@@ -613,9 +618,9 @@ async fn a_snapshot_drill_from_a_past_point_launches_verifies_and_cleans_up_on_t
 
 /// Import from any point, end to end: generation 2 of a two-disk VM recovered by
 /// `--method import` after generation 4 was applied. The receiver exports each disk from
-/// its generation-2 recovery point (moto keeps no parent chain, so generation 2 is a full
-/// one here; chains are the in-memory EBS's test, receiver/tests/points.rs); the exported
-/// objects' SHA-256 equal the disks at generation 2; the import is started with them.
+/// its generation-2 recovery point, an incremental one read through its chain; the
+/// exported objects' SHA-256 equal the disks at generation 2; the import is started with
+/// them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_import_of_an_older_point_exports_it_from_the_recovery_point() {
     use sha2::{Digest, Sha256};
@@ -623,11 +628,11 @@ async fn an_import_of_an_older_point_exports_it_from_the_recovery_point() {
     let tmp = tempfile::tempdir().unwrap();
     let rx = tmp.path().join("rx");
     let mut at_2 = vec![];
+    let base = hour();
     for k in 1..=4u64 {
-        let t = format!("2026-11-29T10:{:02}:00Z", 5 * k);
-        let full = k <= 2;
-        let d0 = send_disk_as(&stack, tmp.path(), "disk0", k, 30, &t, full);
-        let d1 = send_disk_as(&stack, tmp.path(), "disk1", k, 20, &t, full);
+        let t = at(base, 5 * k as i64, RFC3339);
+        let d0 = send_disk(&stack, tmp.path(), "disk0", k, 30, &t);
+        let d1 = send_disk(&stack, tmp.path(), "disk1", k, 20, &t);
         if k == 2 {
             at_2 = vec![d0, d1];
         }
@@ -641,7 +646,7 @@ async fn an_import_of_an_older_point_exports_it_from_the_recovery_point() {
             "--method",
             "import",
             "--at",
-            "2026-11-29T10:10Z",
+            &at(base, 10, "%Y-%m-%dT%H:%MZ"),
             "--site",
             "site1",
             "--vm",

@@ -584,7 +584,7 @@ async fn a_lost_sender_state_overwrites_nothing_and_rebase_continues() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        err.contains("already has generation 1") && err.contains("--rebase"),
+        err.contains("already has generation 3 (") && err.contains("--rebase"),
         "{err}"
     );
     let after = snapshot(stack.keys(&prefix).await).await;
@@ -603,4 +603,39 @@ async fn a_lost_sender_state_overwrites_nothing_and_rebase_continues() {
     // Replication continues on top of the new base.
     let sha = send_generation(&stack, tmp.path(), 64 * MIB, 30, 99, 5);
     assert_eq!(sync_applies(&stack, &rx, 5), sha);
+}
+
+/// Stray objects at manifest keys never stop a disk: garbage far above and another disk's
+/// valid manifest under this disk's keys are stepped over by the sender (its next
+/// generation is numbered past them, parented on the last valid one), ignored by the
+/// receiver, and what follows applies to the byte. Both objects are left as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stray_manifest_keys_are_stepped_over_and_replication_goes_on() {
+    let stack = LocalStack::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    for k in 1..=2 {
+        send_generation(&stack, tmp.path(), 64 * MIB, 30, 60 + k, k);
+    }
+    let g = |n: u64| format!("{}/site1/vm1/disk0/g/{n:020}/manifest.json", stack.prefix);
+    let garbage = b"{\"format_version\": 1, \"not\": \"a manifest\"}".to_vec();
+    stack.put(&g(99990), garbage.clone()).await;
+    let mut foreign = Manifest::from_json(&stack.get(&g(2)).await).unwrap();
+    foreign.disk = DiskId::parse("site1/vm1/disk9").unwrap();
+    foreign.generation = 7;
+    stack.put(&g(7), foreign.to_json()).await;
+
+    let sha = send_generation(&stack, tmp.path(), 64 * MIB, 30, 77, 99991);
+    let m = Manifest::from_json(&stack.get(&g(99991)).await).unwrap();
+    assert_eq!(m.parent, Some(2));
+    let rx = tmp.path().join("rx");
+    assert_eq!(
+        sync_applies(&stack, &rx, 99991),
+        sha,
+        "the image is the source, to the byte"
+    );
+    assert_eq!(stack.get(&g(99990)).await, garbage);
+    assert_eq!(stack.get(&g(7)).await, foreign.to_json());
+    // And the next one follows on.
+    let sha = send_generation(&stack, tmp.path(), 64 * MIB, 30, 78, 99992);
+    assert_eq!(sync_applies(&stack, &rx, 99992), sha);
 }

@@ -54,6 +54,9 @@ pub struct DrSettings {
     /// Use only this stack's recovery points (their `pilotlight:stack` tag).
     #[arg(long, env = "PILOTLIGHT_DR_STACK")]
     pub stack: Option<String>,
+    /// How long a registered AMI (snapshot method) may take to become available.
+    #[arg(long, env = "PILOTLIGHT_DR_REGISTER_TIMEOUT", default_value = "30m", value_parser = humantime::parse_duration)]
+    pub register_timeout: Duration,
     /// How long a launched instance may take to pass its status checks.
     #[arg(long, env = "PILOTLIGHT_DR_VERIFY_TIMEOUT", default_value = "20m", value_parser = humantime::parse_duration)]
     pub verify_timeout: Duration,
@@ -99,6 +102,7 @@ impl DrSettings {
         c.kms_key_id = self.kms_key.clone().filter(|k| !k.is_empty());
         c.stack = self.stack.clone().filter(|k| !k.is_empty());
         c.verify_timeout = self.verify_timeout;
+        c.register_timeout = self.register_timeout;
         Ok(c)
     }
 

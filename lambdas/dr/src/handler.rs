@@ -12,7 +12,7 @@
 //! ```
 
 use crate::model::{
-    Claim, DrRequest, Group, GroupRecord, ImportProgress, Method, Phase, RecoverRequest,
+    BootMode, Claim, DrRequest, Group, GroupRecord, ImportProgress, Method, Phase, RecoverRequest,
     RecoveryPoint, Run, RunDisk, SnapshotReady, StartRequest, Verification, VmSettings, TAG_DRILL,
     TAG_RUN,
 };
@@ -21,7 +21,7 @@ use pilotlight_cloud::ebs::{EbsApi, NoEbs};
 use pilotlight_cloud::ec2::{BlockMapping, Ec2Api, ImportRequest, LaunchRequest, RegisterRequest};
 use pilotlight_cloud::{CloudError, ErrorKind, ObjectStore, PutOptions};
 use pilotlight_protocol::keys::{disk_prefix, generation_prefix};
-use pilotlight_protocol::points::{tag, time_tag};
+use pilotlight_protocol::points::{at_most, tag, time_tag, MAX_DESCRIPTION};
 use pilotlight_protocol::{
     DiskId, ExportFormat, ExportRequest, ExportResult, ExportStatus, Manifest, Name, ObjectKey,
     Prefix, EXPORT_VERSION, MAX_EXPORT_DOC_BYTES, MAX_MANIFEST_BYTES,
@@ -134,6 +134,16 @@ pub enum DrError {
         "run {0} was changed by another caller since it was read; read it again (`dr status {0}`)"
     )]
     Conflict(String),
+    #[error("{what} cannot be written as JSON ({detail}), which is a bug in the DR function; nothing was changed")]
+    Encode { what: &'static str, detail: String },
+}
+
+/// `v` as JSON bytes for the bucket; a failure is [`DrError::Encode`], never a bad request.
+fn json_bytes<T: serde::Serialize>(what: &'static str, v: &T) -> Result<Vec<u8>, DrError> {
+    serde_json::to_vec_pretty(v).map_err(|e| DrError::Encode {
+        what,
+        detail: e.to_string(),
+    })
 }
 
 /// Everything a handler call needs.
@@ -158,29 +168,27 @@ pub async fn handle<S: ObjectStore, E: Ec2Api, B: EbsApi>(
             serde_json::json!({ "advanced": runs.iter().map(|r| &r.run_id).collect::<Vec<_>>() }),
         );
     }
-    let action = event.get("action").and_then(Value::as_str).unwrap_or("");
-    if action == "start" {
+    let is_start = event.get("action").and_then(Value::as_str) == Some("start");
+    match serde_json::from_value::<DrRequest>(event.clone()) {
         // A start is recorded even when it is invalid: the run says why it failed.
-        let run = start(env, event).await?;
-        return to_json(&run);
-    }
-    let req: DrRequest = serde_json::from_value(event).map_err(|e| {
-        DrError::BadRequest(format!(
-            "{e} (expected {{\"action\": \"start\" | \"status\" | \"cleanup\" | \"configure\" | \"recover\", ...}})"
-        ))
-    })?;
-    match req {
-        DrRequest::Start(_) => Err(DrError::BadRequest("unreachable start".into())),
-        DrRequest::Status { run_id } => to_json(&status(env, run_id.as_deref()).await?),
-        DrRequest::Cleanup { run_id } => to_json(&cleanup(env, &run_id).await?),
-        DrRequest::Configure(settings) => to_json(&configure(env, *settings).await?),
-        DrRequest::Recover(req) => to_json(&recover(env, req).await?),
-        DrRequest::Report { run_id } => to_json(&report(env, &run_id).await?),
+        Ok(DrRequest::Start(_)) => to_json(&start(env, event).await?),
+        Err(_) if is_start => to_json(&start(env, event).await?),
+        Err(e) => Err(DrError::BadRequest(format!(
+            "{e} (expected {{\"action\": \"start\" | \"status\" | \"cleanup\" | \"configure\" | \"recover\" | \"report\", ...}})"
+        ))),
+        Ok(DrRequest::Status { run_id }) => to_json(&status(env, run_id.as_deref()).await?),
+        Ok(DrRequest::Cleanup { run_id }) => to_json(&cleanup(env, &run_id).await?),
+        Ok(DrRequest::Configure(settings)) => to_json(&configure(env, *settings).await?),
+        Ok(DrRequest::Recover(req)) => to_json(&recover(env, req).await?),
+        Ok(DrRequest::Report { run_id }) => to_json(&report(env, &run_id).await?),
     }
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> Result<Value, DrError> {
-    serde_json::to_value(v).map_err(|e| DrError::BadRequest(e.to_string()))
+    serde_json::to_value(v).map_err(|e| DrError::Encode {
+        what: "the answer",
+        detail: e.to_string(),
+    })
 }
 
 /// An EventBridge scheduled event (`aws_lambda_events`' type).
@@ -207,10 +215,7 @@ fn new_run_id(now: DateTime<Utc>, request: &Value) -> String {
 /// has changed nothing.
 async fn save<S: ObjectStore, E, B>(env: &DrEnv<S, E, B>, run: &mut Run) -> Result<(), DrError> {
     let key = env.cfg.run_key(&run.run_id);
-    let body = serde_json::to_vec_pretty(run).map_err(|e| DrError::BadRun {
-        key: key.clone(),
-        detail: e.to_string(),
-    })?;
+    let body = json_bytes("the run record", run)?;
     let opts = match &run.etag.0 {
         Some(etag) => PutOptions::json().replacing(etag.clone()),
         None => PutOptions::json().create_only(),
@@ -484,8 +489,7 @@ pub async fn start<S: ObjectStore, E: Ec2Api, B: EbsApi>(
             id,
         }
         .to_key(&env.cfg.prefix);
-        let body =
-            serde_json::to_vec_pretty(&req).map_err(|e| DrError::BadRequest(e.to_string()))?;
+        let body = json_bytes("the export request", &req)?;
         if let Err(e) = env.store.put(&key, body.into(), PutOptions::json()).await {
             run.fail(
                 format!("cannot request the export of {disk}: {e}"),
@@ -627,8 +631,7 @@ pub async fn configure<S: ObjectStore, E, B>(
     };
     validate(&env.cfg, &as_start).map_err(DrError::BadRequest)?;
     let key = env.cfg.vm_settings_key(&settings.site, &settings.vm);
-    let body =
-        serde_json::to_vec_pretty(&settings).map_err(|e| DrError::BadRequest(e.to_string()))?;
+    let body = json_bytes("the VM settings", &settings)?;
     env.store.put(&key, body.into(), PutOptions::json()).await?;
     tracing::info!(site = %settings.site, vm = %settings.vm, %key, "VM recovery settings saved");
     Ok(settings)
@@ -743,12 +746,16 @@ pub async fn recover<S: ObjectStore, E: Ec2Api, B: EbsApi>(
             created_at: now,
         };
         let key = env.cfg.group_key(&group);
-        let body = serde_json::to_vec_pretty(&record).unwrap_or_default();
-        if let Err(e) = env
-            .store
-            .put(&key, body.into(), PutOptions::json().create_only())
-            .await
-        {
+        let written = match json_bytes("the group record", &record) {
+            Ok(body) => env
+                .store
+                .put(&key, body.into(), PutOptions::json().create_only())
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = written {
             tracing::warn!(%group, key, error = %e, "the group record was not written: `pilotlight-dr report` works per run");
         }
     }
@@ -814,6 +821,11 @@ pub fn validate(cfg: &DrConfig, req: &StartRequest) -> Result<(), String> {
         return Err(format!(
             "launch.instance_type {it:?} is not an EC2 instance type (like \"t3.medium\")"
         ));
+    }
+    // ImportImage API reference, BootMode: "The uefi-preferred boot mode isn't supported
+    // for importing images."
+    if req.method == Method::Import && l.boot_mode == Some(BootMode::UefiPreferred) {
+        return Err("launch.boot_mode uefi-preferred: EC2 image import does not support it; use uefi or legacy-bios with --method import (or the snapshot method)".into());
     }
     if let Some(s) = &l.subnet_id {
         if !valid_id(s, "subnet-") {
@@ -980,17 +992,31 @@ async fn one_time<S: ObjectStore, E, B>(
                 )));
             }
         }
+        // A point names the time exactly: name each disk that lacks it.
+        if let RecoveryPoint::Point(want) = point {
+            let lacking: Vec<String> = cs
+                .iter()
+                .zip(&found)
+                .filter(|(_, (_, t))| *t != want)
+                .map(|(c, (g, t))| {
+                    format!(
+                        "{} (its newest before is generation {g} at {})",
+                        c.disk,
+                        time_tag(*t)
+                    )
+                })
+                .collect();
+            if !lacking.is_empty() {
+                return Ok(Err(format!(
+                    "no VM recovery point at {}: {} lacking it: {} (`pilotlight-dr points` lists the points every disk has)",
+                    time_tag(want),
+                    if lacking.len() == 1 { "a disk is" } else { "disks are" },
+                    lacking.join(", ")
+                )));
+            }
+        }
         let oldest = found.iter().map(|(_, t)| *t).min();
         if let (Some(t), true) = (oldest, found.iter().all(|(_, t)| Some(*t) == oldest)) {
-            if let RecoveryPoint::Point(want) = point {
-                if t != want {
-                    return Ok(Err(format!(
-                        "no VM recovery point at {}: the newest before it is {} (`pilotlight-dr points` lists them)",
-                        time_tag(want),
-                        time_tag(t)
-                    )));
-                }
-            }
             let disks = cs
                 .iter()
                 .zip(found)
@@ -1302,7 +1328,13 @@ async fn start_import<S: ObjectStore, E: Ec2Api, B: EbsApi>(env: &DrEnv<S, E, B>
             })
             .collect(),
         role_name: env.cfg.vmimport_role.clone(),
-        boot_mode: start.launch.boot_mode.map(|b| b.as_str().to_string()),
+        // `auto` may choose an import for a uefi-preferred VM: ImportImage refuses that
+        // mode, so it is left to VM Import to detect (what uefi-preferred leaves open).
+        boot_mode: start
+            .launch
+            .boot_mode
+            .filter(|b| *b != BootMode::UefiPreferred)
+            .map(|b| b.as_str().to_string()),
         license_type: start.launch.license_type.map(|l| l.as_str().to_string()),
         description: format!("pilotlight {} {vm} from {first}", run.run_id),
         tags: run_tags(run, &start),
@@ -1587,20 +1619,24 @@ async fn registering<S: ObjectStore, E: Ec2Api, B: EbsApi>(
     let time = run
         .point_time
         .map(|t| t.format("%Y%m%dT%H%M%SZ").to_string());
+    // RegisterImage API reference: Name "3-128 alphanumeric characters ..."; Description
+    // up to 255. Long site and VM names give way; the run id (unique) stays whole.
+    let tail = format!(" {} {}", time.as_deref().unwrap_or("latest"), run.run_id);
+    let who = at_most(
+        &format!("pilotlight {}-{}", start.site, start.vm),
+        128usize.saturating_sub(tail.chars().count()),
+    );
     let req = RegisterRequest {
-        name: format!(
-            "pilotlight {}-{} {} {}",
-            start.site,
-            start.vm,
-            time.as_deref().unwrap_or("latest"),
-            run.run_id
-        ),
-        description: format!(
-            "pilotlight {}/{} recovery point {} (run {})",
-            start.site,
-            start.vm,
-            run.point_time.map(time_tag).unwrap_or_default(),
-            run.run_id
+        name: format!("{who}{tail}"),
+        description: at_most(
+            &format!(
+                "pilotlight {}/{} recovery point {} (run {})",
+                start.site,
+                start.vm,
+                run.point_time.map(time_tag).unwrap_or_default(),
+                run.run_id
+            ),
+            MAX_DESCRIPTION,
         ),
         root_device_name: device_name(0),
         mappings,
@@ -1820,8 +1856,7 @@ async fn mark_ready<S: ObjectStore, E, B>(
             passed_at: Utc::now(),
             point_time: run.point_time,
         };
-        let body =
-            serde_json::to_vec_pretty(&mark).map_err(|e| DrError::BadRequest(e.to_string()))?;
+        let body = json_bytes("the snapshot-ready mark", &mark)?;
         env.store.put(&key, body.into(), PutOptions::json()).await?;
     } else if env.store.head(&key).await?.is_some() {
         env.store.delete(&key).await?;

@@ -402,6 +402,13 @@ async fn bad_starts_fail_with_a_clear_reason_and_request_nothing() {
             "listed twice",
             Box::new(|r| r["disks"] = json!(["disk0", "disk0"])),
         ),
+        (
+            "EC2 image import does not support it",
+            Box::new(|r| {
+                r["method"] = json!("import");
+                r["launch"]["boot_mode"] = json!("uefi-preferred")
+            }),
+        ),
         ("vm \"../x\"", Box::new(|r| r["vm"] = json!("../x"))),
     ];
     for (want, edit) in cases {
@@ -881,7 +888,7 @@ async fn points_of_db01(
                     description: format!("{disk} g{g}"),
                     tags: info.tags(),
                     client_token: format!("{disk}-{g}"),
-                    encrypted: false,
+                    encrypted: None,
                     kms_key_arn: None,
                     timeout_minutes: 60,
                 })
@@ -1114,6 +1121,13 @@ async fn snapshot_method_failures_fail_the_run_with_the_reason() {
     let why = run.reason.unwrap();
     assert!(
         why.contains("no VM recovery point at") && why.contains("10:30"),
+        "{why}"
+    );
+    // Each disk that lacks it is named, with its newest generation before.
+    assert!(
+        why.contains("disks are lacking it")
+            && why.contains("site1/db-01/disk0 (its newest before is generation 2 at")
+            && why.contains("site1/db-01/disk1 (its newest before is generation 2 at"),
         "{why}"
     );
 
