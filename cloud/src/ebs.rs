@@ -77,11 +77,31 @@ pub struct StartSnapshot {
     /// Idempotency token (at most 64 characters): a retried request with the same token
     /// returns the snapshot the first one started.
     pub client_token: String,
-    pub encrypted: bool,
-    /// A customer KMS key; requires `encrypted`.
+    /// `Encrypted`, sent only when `Some`. Never with a parent: "You can't specify
+    /// ParentSnapshotId and Encrypted in the same request" (StartSnapshot API reference);
+    /// a child inherits its parent's encryption. See [`StartSnapshot::encryption`].
+    pub encrypted: Option<bool>,
+    /// A customer KMS key; requires `encrypted: Some(true)` and no parent.
     pub kms_key_arn: Option<String>,
     /// Minutes after which a snapshot not completed goes to `error` (10 to 4 320).
     pub timeout_minutes: u32,
+}
+
+impl StartSnapshot {
+    /// The `Encrypted` and `KmsKeyArn` a request sends, per the "Encryption outcomes for
+    /// EBS direct APIs" table (EBS User Guide): with a parent, neither (the snapshot is
+    /// encrypted exactly as its parent, with the parent's key); without one, `Encrypted`
+    /// true and the key when encrypting with a customer key, else neither (the account's
+    /// encryption-by-default setting decides).
+    pub fn encryption(
+        parent: Option<&str>,
+        kms_key_arn: Option<&str>,
+    ) -> (Option<bool>, Option<String>) {
+        match (parent, kms_key_arn) {
+            (Some(_), _) | (None, None) => (None, None),
+            (None, Some(k)) => (Some(true), Some(k.to_string())),
+        }
+    }
 }
 
 /// One snapshot as DescribeSnapshots reports it.
@@ -313,6 +333,9 @@ pub struct MemoryEbs {
     pub page_size: usize,
     /// Added to every call (for benchmarks: a realistic round trip).
     pub latency: Option<Duration>,
+    /// The account has EBS encryption by default on (with its default key): "you can't
+    /// create unencrypted snapshots" (Encryption outcomes for EBS direct APIs).
+    pub encryption_by_default: bool,
     /// The next this-many sealed snapshots go to `error` instead of `completed` (as EBS
     /// does when it fails to process one).
     pub fail_completions: std::sync::atomic::AtomicU32,
@@ -394,34 +417,91 @@ impl EbsApi for MemoryEbs {
             if !(10..=4320).contains(&req.timeout_minutes) {
                 return Err(invalid(OP, "", "Timeout must be 10 to 4320 minutes"));
             }
-            if req.kms_key_arn.is_some() && !req.encrypted {
-                return Err(invalid(OP, "", "KmsKeyArn requires Encrypted"));
+            // StartSnapshot API reference: Description "Maximum length of 255"; Tags
+            // "Maximum number of 50 items"; Tag: Key "Maximum length of 127", Value
+            // "Maximum length of 255".
+            if req.description.chars().count() > 255 {
+                return Err(invalid(OP, "", "Description is longer than 255 characters"));
             }
-            let mut blocks = BTreeMap::new();
-            let mut encrypted = req.encrypted;
-            if let Some(p) = &req.parent {
-                let parent = st.snapshots.get(p).ok_or_else(|| not_found(OP, p))?;
-                if parent.status != SnapshotStatus::Completed {
-                    return Err(invalid(OP, p, "the parent snapshot is not completed"));
-                }
-                if req.volume_size_gib < parent.volume_size_gib {
-                    return Err(invalid(
-                        OP,
-                        p,
-                        "VolumeSize is smaller than the parent snapshot's",
-                    ));
-                }
-                if parent.encrypted && !req.encrypted {
-                    return Err(invalid(
-                        OP,
-                        p,
-                        "the parent is encrypted: Encrypted must be set",
-                    ));
-                }
-                encrypted |= parent.encrypted;
-                // Shared, not copied: the child keeps them whatever happens to the parent.
-                blocks = parent.blocks.clone();
+            if req.tags.len() > 50 {
+                return Err(invalid(OP, "", "more than 50 tags"));
             }
+            if let Some((k, _)) = req
+                .tags
+                .iter()
+                .find(|(k, v)| k.chars().count() > 127 || v.chars().count() > 255)
+            {
+                return Err(invalid(
+                    OP,
+                    "",
+                    &format!("tag {k}: keys are at most 127 characters, values 255"),
+                ));
+            }
+            let (encrypted, kms_key_arn, blocks) = match &req.parent {
+                Some(p) => {
+                    // StartSnapshot API reference: "You can't specify ParentSnapshotId
+                    // and Encrypted in the same request. If you specify both parameters,
+                    // the request fails with ValidationException."
+                    if req.encrypted.is_some() || req.kms_key_arn.is_some() {
+                        return Err(invalid(
+                            OP,
+                            p,
+                            "You can't specify ParentSnapshotId and Encrypted (or KmsKeyArn) in the same request",
+                        ));
+                    }
+                    let parent = st.snapshots.get(p).ok_or_else(|| not_found(OP, p))?;
+                    if parent.status != SnapshotStatus::Completed {
+                        return Err(invalid(OP, p, "the parent snapshot is not completed"));
+                    }
+                    if req.volume_size_gib < parent.volume_size_gib {
+                        return Err(invalid(
+                            OP,
+                            p,
+                            "VolumeSize is smaller than the parent snapshot's",
+                        ));
+                    }
+                    // Encryption outcomes, unencrypted parent: "If Amazon EBS encryption
+                    // by default is enabled on your AWS account, you cannot start a new
+                    // snapshot using an unencrypted parent snapshot."
+                    if !parent.encrypted && self.encryption_by_default {
+                        return Err(invalid(
+                            OP,
+                            p,
+                            "encryption by default is on: an unencrypted parent cannot be used",
+                        ));
+                    }
+                    // Encrypted parent, both omitted: "The snapshot is encrypted using the
+                    // same KMS key as the parent snapshot." Blocks are shared, not
+                    // copied: the child keeps them whatever happens to the parent.
+                    (
+                        parent.encrypted,
+                        parent.kms_key_arn.clone(),
+                        parent.blocks.clone(),
+                    )
+                }
+                None => {
+                    let (encrypted, key) = match (req.encrypted, &req.kms_key_arn) {
+                        // KmsKeyArn (API reference): "If you specify a KmsKeyArn, you must
+                        // set Encrypted to true."
+                        (None | Some(false), Some(_)) => {
+                            return Err(invalid(OP, "", "KmsKeyArn requires Encrypted true"))
+                        }
+                        (Some(true), key) => (true, key.clone()),
+                        // "If Amazon EBS encryption by default is enabled on your AWS
+                        // account, you can't create unencrypted snapshots."
+                        (Some(false), None) if self.encryption_by_default => {
+                            return Err(invalid(
+                                OP,
+                                "",
+                                "encryption by default is on: Encrypted false is refused",
+                            ))
+                        }
+                        (Some(false), None) => (false, None),
+                        (None, None) => (self.encryption_by_default, None),
+                    };
+                    (encrypted, key, BTreeMap::new())
+                }
+            };
             st.next += 1;
             let id = format!("snap-{:017x}", st.next);
             st.tokens.insert(req.client_token.clone(), id.clone());
@@ -434,7 +514,7 @@ impl EbsApi for MemoryEbs {
                     description: req.description.clone(),
                     tags: req.tags.iter().cloned().collect(),
                     encrypted,
-                    kms_key_arn: req.kms_key_arn.clone(),
+                    kms_key_arn,
                     blocks,
                     written: BTreeMap::new(),
                     settling: 0,
@@ -797,7 +877,7 @@ mod sdk {
                 .description(&req.description)
                 .set_tags(Some(tags))
                 .client_token(&req.client_token)
-                .encrypted(req.encrypted)
+                .set_encrypted(req.encrypted)
                 .set_kms_key_arn(req.kms_key_arn.clone())
                 .timeout(req.timeout_minutes as i32)
                 .send()
@@ -1031,10 +1111,141 @@ mod tests {
             description: "t".into(),
             tags: vec![("k".into(), "v".into())],
             client_token: token.into(),
-            encrypted: false,
+            encrypted: None,
             kms_key_arn: None,
             timeout_minutes: 60,
         }
+    }
+
+    /// Every row of the "Encryption outcomes for EBS direct APIs" tables (EBS User
+    /// Guide): unencrypted parent, encrypted parent, no parent; encryption by default on
+    /// and off.
+    #[tokio::test]
+    async fn start_snapshot_follows_the_encryption_outcomes_table() {
+        const KEY: &str = "arn:aws:kms:eu-west-1:111122223333:key/k";
+        let req = |parent: Option<&str>, enc: Option<bool>, key: bool, token: &str| StartSnapshot {
+            encrypted: enc,
+            kms_key_arn: key.then(|| KEY.to_string()),
+            ..start(parent, token)
+        };
+        for by_default in [false, true] {
+            let ebs = MemoryEbs {
+                encryption_by_default: by_default,
+                ..MemoryEbs::new()
+            };
+            let outcome = |r: StartSnapshot| {
+                let ebs = &ebs;
+                async move {
+                    match ebs.start_snapshot(&r).await {
+                        Ok(id) => {
+                            let s = ebs.get(&id).unwrap();
+                            Ok((s.encrypted, s.kms_key_arn))
+                        }
+                        Err(e) => {
+                            assert_eq!(e.code.as_deref(), Some("ValidationException"), "{e}");
+                            Err(())
+                        }
+                    }
+                }
+            };
+            // No parent.
+            let default_outcome = if by_default {
+                Ok((true, None))
+            } else {
+                Ok((false, None))
+            };
+            assert_eq!(outcome(req(None, None, false, "n1")).await, default_outcome);
+            assert_eq!(outcome(req(None, None, true, "n2")).await, Err(()));
+            assert_eq!(
+                outcome(req(None, Some(true), false, "n3")).await,
+                Ok((true, None))
+            );
+            assert_eq!(
+                outcome(req(None, Some(true), true, "n4")).await,
+                Ok((true, Some(KEY.into())))
+            );
+            let unencrypted = if by_default {
+                Err(())
+            } else {
+                Ok((false, None))
+            };
+            assert_eq!(
+                outcome(req(None, Some(false), false, "n5")).await,
+                unencrypted
+            );
+            assert_eq!(outcome(req(None, Some(false), true, "n6")).await, Err(()));
+
+            // Parents, completed: one encrypted with the key, one not (made before
+            // encryption by default was turned on).
+            let enc_parent = {
+                let id = ebs
+                    .start_snapshot(&req(None, Some(true), true, "pe"))
+                    .await
+                    .unwrap();
+                ebs.complete_snapshot(&id, 0, &linear_checksum([]))
+                    .await
+                    .unwrap();
+                id
+            };
+            let plain_parent = {
+                let id = ebs.start_snapshot(&start(None, "pp")).await.unwrap();
+                ebs.complete_snapshot(&id, 0, &linear_checksum([]))
+                    .await
+                    .unwrap();
+                lock(&ebs.state).snapshots.get_mut(&id).unwrap().encrypted = false;
+                id
+            };
+            // Encrypted parent: inherited with its key; anything specified fails.
+            assert_eq!(
+                outcome(req(Some(&enc_parent), None, false, "e1")).await,
+                Ok((true, Some(KEY.into())))
+            );
+            for (enc, key, t) in [
+                (None, true, "e2"),
+                (Some(true), false, "e3"),
+                (Some(true), true, "e4"),
+                (Some(false), false, "e5"),
+                (Some(false), true, "e6"),
+            ] {
+                assert_eq!(
+                    outcome(req(Some(&enc_parent), enc, key, t)).await,
+                    Err(()),
+                    "{t}"
+                );
+            }
+            // Unencrypted parent: unencrypted only with encryption by default off and
+            // nothing specified.
+            let plain_child = if by_default {
+                Err(())
+            } else {
+                Ok((false, None))
+            };
+            assert_eq!(
+                outcome(req(Some(&plain_parent), None, false, "u1")).await,
+                plain_child
+            );
+            for (enc, key, t) in [
+                (None, true, "u2"),
+                (Some(true), false, "u3"),
+                (Some(false), false, "u4"),
+            ] {
+                assert_eq!(
+                    outcome(req(Some(&plain_parent), enc, key, t)).await,
+                    Err(()),
+                    "{t}"
+                );
+            }
+        }
+        // What the receiver sends is valid in every case.
+        assert_eq!(
+            StartSnapshot::encryption(Some("snap-1"), Some(KEY)),
+            (None, None)
+        );
+        assert_eq!(StartSnapshot::encryption(None, None), (None, None));
+        assert_eq!(
+            StartSnapshot::encryption(None, Some(KEY)),
+            (Some(true), Some(KEY.to_string()))
+        );
     }
 
     async fn write(

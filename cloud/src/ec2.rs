@@ -900,13 +900,24 @@ mod sdk {
 
         async fn console_output(&self, id: &str) -> Result<Option<String>, CloudError> {
             use base64::Engine;
-            let out = self
-                .client
-                .get_console_output()
-                .instance_id(id)
-                .send()
-                .await
-                .map_err(|e| ec2_err("GetConsoleOutput", &e))?;
+            // GetConsoleOutput API reference, Latest: "When enabled, retrieves the latest
+            // console output for the instance" (default: the last buffered one, which on
+            // Nitro can be stale or empty). Instance types that do not support it refuse
+            // the parameter: ask again without it.
+            let ask = |latest: bool| {
+                self.client
+                    .get_console_output()
+                    .instance_id(id)
+                    .latest(latest)
+                    .send()
+            };
+            let out = match ask(true).await {
+                Ok(out) => out,
+                Err(e) if ec2_err("GetConsoleOutput", &e).kind == ErrorKind::Invalid => ask(false)
+                    .await
+                    .map_err(|e| ec2_err("GetConsoleOutput", &e))?,
+                Err(e) => return Err(ec2_err("GetConsoleOutput", &e)),
+            };
             Ok(out.output().map(|b64| {
                 let bytes = base64::engine::general_purpose::STANDARD
                     .decode(b64.trim())

@@ -141,6 +141,18 @@ impl CloudError {
     pub fn is_not_found(&self) -> bool {
         self.kind == ErrorKind::NotFound
     }
+
+    /// A snapshot the service says does not exist: `ResourceNotFoundException`,
+    /// `InvalidSnapshot.NotFound`, or the EBS direct APIs' `ValidationException` with
+    /// reason `INVALID_SNAPSHOT_ID` ("The snapshot '...' does not exist"). Just after
+    /// StartSnapshot or CompleteSnapshot this is eventual consistency, not absence
+    /// (awslabs/coldsnap issue 43: the EBS team recommends retrying for about 2 minutes).
+    pub fn is_snapshot_not_visible(&self) -> bool {
+        self.is_not_found()
+            || (self.code.as_deref() == Some("ValidationException")
+                && (self.detail.contains("INVALID_SNAPSHOT_ID")
+                    || self.detail.contains("does not exist")))
+    }
 }
 
 /// Classifies an SDK error code and HTTP status (either may be missing).

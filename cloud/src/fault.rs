@@ -17,6 +17,7 @@ pub struct Fault {
     times: u64,
     kind: ErrorKind,
     code: Option<String>,
+    detail: Option<String>,
 }
 
 impl Fault {
@@ -29,6 +30,7 @@ impl Fault {
             times: 1,
             kind: ErrorKind::ServerError,
             code: Some("InternalError".into()),
+            detail: None,
         }
     }
 
@@ -98,6 +100,19 @@ impl Fault {
         self.code = code.map(String::from);
         self
     }
+
+    /// The service's message (default: "injected fault").
+    pub fn detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    /// The EBS direct APIs' answer for a snapshot not visible yet: `ValidationException`,
+    /// reason `INVALID_SNAPSHOT_ID`, "The snapshot '...' does not exist."
+    pub fn snapshot_not_visible(self) -> Self {
+        self.kind(ErrorKind::Invalid, Some("ValidationException"))
+            .detail("INVALID_SNAPSHOT_ID: The snapshot does not exist.")
+    }
 }
 
 /// The rules of one twin and its call counts.
@@ -148,7 +163,8 @@ impl Faults {
             if r.times != u64::MAX {
                 r.times -= 1;
             }
-            let mut e = CloudError::new(service, op, resource, r.kind, "injected fault");
+            let detail = r.detail.as_deref().unwrap_or("injected fault");
+            let mut e = CloudError::new(service, op, resource, r.kind, detail);
             e.code = r.code.clone();
             return Err(e);
         }

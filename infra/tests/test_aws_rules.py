@@ -80,18 +80,35 @@ def iam_match(pattern: str, value: str) -> bool:
 def allowed(stmts: list[dict], action: str, resource: str, context: dict | None = None) -> bool:
     """IAM policy evaluation for one request (AWS IAM User Guide, "Policy evaluation
     logic"): an explicit Deny wins, else an Allow whose resource and conditions match.
-    Conditions understood: StringLike/StringEquals on the context keys given."""
+    Conditions understood: StringLike/StringEquals (with ForAllValues/ForAnyValue over a
+    list value, e.g. aws:TagKeys) and Null, on the context keys given."""
+
+    def one(base: str, pats: list[str], have: str) -> bool:
+        if base == "StringLike":
+            return any(iam_match(p, have) for p in pats)
+        if base == "StringEquals":
+            return have in pats
+        raise AssertionError(f"condition operator {base} is not modelled")
 
     def conditions_hold(st):
         for op, keys in st.get("Condition", {}).items():
+            qualifier, _, base = op.rpartition(":")
             for key, want in keys.items():
                 have = (context or {}).get(key)
-                if have is None:
-                    return False
                 pats = [text(w) for w in as_list(want)]
-                if op == "StringLike" and not any(iam_match(p, have) for p in pats):
-                    return False
-                if op == "StringEquals" and have not in pats:
+                if base == "Null":
+                    # "true": the key is absent; "false": present (IAM User Guide,
+                    # "Condition operator to check existence of condition keys").
+                    if (have is None) != (pats == ["true"]):
+                        return False
+                elif qualifier == "ForAllValues":
+                    # Every value in the request matches (vacuously true without any).
+                    if not all(one(base, pats, h) for h in as_list(have or [])):
+                        return False
+                elif qualifier == "ForAnyValue":
+                    if not any(one(base, pats, h) for h in as_list(have or [])):
+                        return False
+                elif have is None or not one(base, pats, have):
                     return False
         return True
 
@@ -108,6 +125,78 @@ def allowed(stmts: list[dict], action: str, resource: str, context: dict | None 
 
 
 BUCKET = "${DataBucket.Arn}"
+
+
+SNAPSHOT = "arn:${AWS::Partition}:ec2:${AWS::Region}::snapshot/snap-1"
+STACK = "${AWS::StackName}"
+
+
+def points_unstartable_or_unreadable(template: dict) -> list[str]:
+    """Service Authorization Reference, Amazon Elastic Block Store, "API operations":
+    the StartSnapshot operation authorises ebs:StartSnapshot *and* ec2:CreateTags on the
+    new snapshot, which has no tags yet (only aws:RequestTag can scope it). EBS User
+    Guide, "Control access to EBS direct APIs using IAM": reading a snapshot's blocks
+    needs ebs:ListSnapshotBlocks and ebs:GetSnapshotBlock. The receiver starts its points
+    with tags, and exports a generation the image moved past from its point."""
+    stmts = statements(template, "ReceiverRole")
+    problems = []
+    start = {"aws:RequestTag/pilotlight:stack": STACK, "aws:RequestTag/pilotlight:point": "1",
+             "aws:TagKeys": ["pilotlight:stack", "pilotlight:point"]}
+    for action in ("ebs:StartSnapshot", "ec2:CreateTags"):
+        if not allowed(stmts, action, SNAPSHOT, start):
+            problems.append(f"a tagged StartSnapshot is denied: no {action} with the request's tags")
+    for action in ("ebs:ListSnapshotBlocks", "ebs:GetSnapshotBlock"):
+        if not allowed(stmts, action, SNAPSHOT, {"aws:ResourceTag/pilotlight:stack": STACK}):
+            problems.append(f"exports cannot read this stack's points: no {action}")
+        if allowed(stmts, action, SNAPSHOT, {"aws:ResourceTag/pilotlight:stack": "other"}):
+            problems.append(f"{action} reads other stacks' snapshots")
+    return problems
+
+
+def dr_can_remove_points(template: dict) -> list[str]:
+    """IAM User Guide, "Policy evaluation logic": an explicit Deny overrides any Allow.
+    The DR function deletes snapshots carrying a run tag (what its imports made) and tags
+    imported snapshots with a run: without denies it could tag a recovery point with a run
+    and then delete it. It may still hold this stack's points, tag and delete what an
+    import made."""
+    stmts = statements(template, "DrFunctionRole")
+    problems = []
+    point = {"aws:ResourceTag/pilotlight:stack": "any-stack", "aws:ResourceTag/pilotlight:dr-run": "r"}
+    if allowed(stmts, "ec2:DeleteSnapshot", SNAPSHOT, point):
+        problems.append("the DR function may delete a recovery point (carrying a run tag)")
+    run_tag = {"aws:RequestTag/pilotlight:dr-run": "r", "aws:TagKeys": ["pilotlight:dr-run"]}
+    if allowed(stmts, "ec2:CreateTags", SNAPSHOT, {**run_tag, "aws:ResourceTag/pilotlight:stack": "any-stack"}):
+        problems.append("the DR function may put a run tag on a recovery point")
+    if not allowed(stmts, "ec2:CreateTags", SNAPSHOT, run_tag):
+        problems.append("the DR function can no longer tag what its import made")
+    if not allowed(stmts, "ec2:DeleteSnapshot", SNAPSHOT, {"aws:ResourceTag/pilotlight:dr-run": "r"}):
+        problems.append("the DR function can no longer delete what its import made")
+    hold = {"aws:ResourceTag/pilotlight:stack": STACK, "aws:TagKeys": ["pilotlight:hold:r"]}
+    if not allowed(stmts, "ec2:CreateTags", SNAPSHOT, hold):
+        problems.append("the DR function can no longer hold this stack's points")
+    return problems
+
+
+def launch_needs_points_for_kms(template: dict) -> list[str]:
+    """EC2 User Guide, "Amazon EBS encryption" (KMS key permissions): launching from an
+    AMI whose snapshots a customer key encrypts needs kms:CreateGrant, kms:Decrypt,
+    kms:DescribeKey, kms:GenerateDataKeyWithoutPlaintext and kms:ReEncrypt* on it, else
+    the instance ends in Client.InternalError. Imports are always encrypted with the stack
+    key (ImportImage KmsKeyId), so the DR role needs them whenever the stack has a key."""
+    problems = []
+    res = template["Resources"]
+    granted = False
+    for name, r in res.items():
+        if r["Type"] != "AWS::IAM::ManagedPolicy" or {"Ref": "DrFunctionRole"} not in r["Properties"].get("Roles", []):
+            continue
+        for st in as_list(r["Properties"]["PolicyDocument"]["Statement"]):
+            if st.get("Effect") == "Allow" and grants(st, "kms:CreateGrant"):
+                if r.get("Condition") != "UseKms":
+                    problems.append(f"{name}: the DR role's key grant exists only under {r.get('Condition')}")
+                granted = True
+    if not granted:
+        problems.append("the DR role is never granted the stack key for launches")
+    return problems
 
 
 # ---- the rules ---------------------------------------------------------------------------
@@ -356,6 +445,12 @@ def receiver_bootstrap_fragile(template: dict, user_data: str) -> list[str]:
             problems.append(f"a package install outside an `if` stops the bootstrap: {line.strip()}")
     if "set-instance-health" not in user_data or "trap " not in user_data:
         problems.append("a failed bootstrap does not mark the instance unhealthy")
+    # EC2 Auto Scaling API reference, SetInstanceHealth, ShouldRespectGracePeriod: "If
+    # the health check grace period is in effect ... the call is ignored" by default; a
+    # bootstrap fails within the grace period, so it must not be respected.
+    for line in user_data.splitlines():
+        if "set-instance-health" in line and "--no-should-respect-grace-period" not in line:
+            problems.append("SetInstanceHealth respects the grace period: a failed bootstrap is ignored")
     stmts = statements(template, "ReceiverRole")
     if not any(grants(st, "autoscaling:SetInstanceHealth") for st in stmts):
         problems.append("the receiver role may not mark its instance unhealthy")
@@ -491,6 +586,11 @@ class AwsRules(unittest.TestCase):
         problems = receiver_bootstrap_fragile(self.t, broken)
         self.assertTrue(any("unzip" in p for p in problems), problems)
         self.assertTrue(any("dnf install" in p for p in problems), problems)
+        grace = receiver_bootstrap_fragile(
+            self.t, self.user_data.replace(" --no-should-respect-grace-period", ""))
+        self.assertTrue(any("grace period" in p for p in grace), grace)
+        tf_user_data = (MODULE / "receiver-user-data.sh.tftpl").read_text()
+        self.assertIn("--no-should-respect-grace-period", tf_user_data)
 
         def no_update_policy(res, _):
             res["ReceiverGroup"].pop("UpdatePolicy")
@@ -545,6 +645,43 @@ class AwsRules(unittest.TestCase):
         tf = (MODULE / "receiver.tf").read_text()
         self.assertIn(f'values   = ["{m.group(1)}"]', tf)
 
+    def test_the_receiver_can_start_tagged_points_and_read_them_back(self):
+        self.assertEqual(points_unstartable_or_unreadable(self.t), [])
+
+        def drop(sid):
+            def edit(res, _):
+                doc = res["ReceiverPointsPolicy"]["Properties"]["PolicyDocument"]
+                doc["Statement"] = [st for st in doc["Statement"] if st.get("Sid") != sid]
+            return edit
+        self.assertTrue(points_unstartable_or_unreadable(self.mutated(drop("TagPointsAtStart"))))
+        self.assertTrue(points_unstartable_or_unreadable(self.mutated(drop("ReadOwnPoints"))))
+        tf = (MODULE / "points.tf").read_text()
+        for sid in ("TagPointsAtStart", "ReadOwnPoints"):
+            self.assertIn(f'sid       = "{sid}"', tf)
+
+    def test_dr_can_neither_delete_nor_run_tag_a_recovery_point(self):
+        self.assertEqual(dr_can_remove_points(self.t), [])
+
+        def drop(sid):
+            def edit(res, _):
+                doc = res["DrFunctionRole"]["Properties"]["Policies"][0]["PolicyDocument"]
+                doc["Statement"] = [st for st in doc["Statement"] if not (isinstance(st, dict) and st.get("Sid") == sid)]
+            return edit
+        self.assertTrue(dr_can_remove_points(self.mutated(drop("NeverDeletePoints"))))
+        self.assertTrue(dr_can_remove_points(self.mutated(drop("NeverRunTagPoints"))))
+        tf = (MODULE / "dr.tf").read_text()
+        for sid in ("NeverDeletePoints", "NeverRunTagPoints"):
+            self.assertIn(f'sid       = "{sid}"', tf)
+
+    def test_dr_may_launch_encrypted_images_whenever_the_stack_has_a_key(self):
+        self.assertEqual(launch_needs_points_for_kms(self.t), [])
+
+        def points_only(res, _):
+            res["KmsLaunchPolicy"]["Condition"] = "PointsWithKms"
+        self.assertTrue(launch_needs_points_for_kms(self.mutated(points_only)))
+        tf = (MODULE / "points.tf").read_text()
+        self.assertIn('resource "aws_iam_role_policy_attachment" "kms_launch_policy" {\n  count      = local.use_kms ? 1 : 0', tf)
+
     def test_the_iam_evaluator_itself(self):
         st = [{"Effect": "Allow", "Action": "s3:PutObject", "Resource": "arn:b/p/*"},
               {"Effect": "Deny", "Action": "s3:PutObject", "Resource": "arn:b/p/*/x/*"}]
@@ -556,6 +693,17 @@ class AwsRules(unittest.TestCase):
         self.assertTrue(allowed(cond, "s3:ListBucket", "arn:b", {"s3:prefix": "p/k"}))
         self.assertFalse(allowed(cond, "s3:ListBucket", "arn:b", {"s3:prefix": "q/k"}))
         self.assertFalse(allowed(cond, "s3:ListBucket", "arn:b"), "no prefix, no match (a GET)")
+        null = [{"Effect": "Allow", "Action": "ec2:DeleteSnapshot", "Resource": "*",
+                 "Condition": {"Null": {"aws:ResourceTag/t": "false"}}}]
+        self.assertTrue(allowed(null, "ec2:DeleteSnapshot", "s", {"aws:ResourceTag/t": "x"}))
+        self.assertFalse(allowed(null, "ec2:DeleteSnapshot", "s"))
+        keys = [{"Effect": "Allow", "Action": "ec2:CreateTags", "Resource": "*",
+                 "Condition": {"ForAllValues:StringLike": {"aws:TagKeys": ["h:*"]}}},
+                {"Effect": "Deny", "Action": "ec2:CreateTags", "Resource": "*",
+                 "Condition": {"ForAnyValue:StringEquals": {"aws:TagKeys": ["bad"]}}}]
+        self.assertTrue(allowed(keys, "ec2:CreateTags", "s", {"aws:TagKeys": ["h:1", "h:2"]}))
+        self.assertFalse(allowed(keys, "ec2:CreateTags", "s", {"aws:TagKeys": ["h:1", "x"]}))
+        self.assertFalse(allowed(keys, "ec2:CreateTags", "s", {"aws:TagKeys": ["h:1", "bad"]}))
 
 
 if __name__ == "__main__":

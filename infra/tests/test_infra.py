@@ -336,6 +336,7 @@ EXPECTED_ACTIONS = {
         "kms:Decrypt", "kms:GenerateDataKey", "kms:CreateGrant", "kms:DescribeKey",
         # recovery points
         "ebs:StartSnapshot", "ebs:PutSnapshotBlock", "ebs:CompleteSnapshot",
+        "ebs:ListSnapshotBlocks", "ebs:GetSnapshotBlock",
         "ec2:DescribeSnapshots", "ec2:DeleteSnapshot", "ec2:LockSnapshot", "ec2:CreateTags",
         "kms:GenerateDataKeyWithoutPlaintext", "kms:ReEncrypt*",
         # metrics

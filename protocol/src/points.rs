@@ -48,8 +48,18 @@ pub mod tag {
     pub const NAME: &str = "Name";
 }
 
-/// EC2 tag values are at most 256 characters.
-const MAX_TAG_VALUE: usize = 256;
+/// Points are tagged by StartSnapshot, whose tags follow the EBS direct APIs' `Tag` type
+/// (EBS API reference, Tag: Value "Maximum length of 255", Key "Maximum length of 127";
+/// EC2's own limit, 256, is one more).
+const MAX_TAG_VALUE: usize = 255;
+
+/// StartSnapshot API reference, Description: "Maximum length of 255".
+pub const MAX_DESCRIPTION: usize = 255;
+
+/// `s` cut to at most `max` characters (never inside a character).
+pub fn at_most(s: &str, max: usize) -> String {
+    s.chars().take(max).collect()
+}
 
 /// One point's time as its tag writes it (second precision and below kept, UTC, `Z`).
 pub fn time_tag(t: DateTime<Utc>) -> String {

@@ -55,6 +55,9 @@ pub struct PointsConfig {
     pub call_attempts: u32,
     /// Lock each day's kept point (EBS Snapshot Lock) until it leaves the daily tier.
     pub lock: Option<LockMode>,
+    /// How long after StartSnapshot or CompleteSnapshot "no such snapshot" is taken for
+    /// eventual consistency and retried, not believed (coldsnap: about 2 minutes).
+    pub visibility_window: Duration,
 }
 
 impl PointsConfig {
@@ -69,6 +72,7 @@ impl PointsConfig {
             retry_base: Duration::from_millis(250),
             call_attempts: 8,
             lock: None,
+            visibility_window: Duration::from_secs(120),
         }
     }
 }
@@ -175,6 +179,19 @@ pub enum PointError {
     State(String),
     #[error("snapshot {id} not completed within {secs} s of sealing it; waiting again later")]
     Unsettled { id: String, secs: u64 },
+    /// Sealed, but DescribeSnapshots has not listed it within the visibility window.
+    #[error("snapshot {id} was sealed but is still not listed after {secs} s; the point is written again")]
+    Vanished { id: String, secs: u64 },
+}
+
+/// How a sealed snapshot ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sealed {
+    Completed,
+    /// EBS put it in `error`.
+    Failed,
+    /// Not listed within the visibility window.
+    Vanished,
 }
 
 impl PointError {
@@ -248,9 +265,17 @@ impl<E: EbsApi + 'static> PointWriter<E> {
                 (true, Some(SnapshotStatus::Completed)) => {
                     return self.record(st, paths, &due, sid, None).map(Some)
                 }
-                (true, Some(SnapshotStatus::Pending)) => {
-                    self.settle(&sid).await?;
-                    return self.record(st, paths, &due, sid, None).map(Some);
+                // Sealed: it becomes the point once EBS says completed. Not listed (yet)
+                // is waited for within the visibility window, never deleted: just after
+                // CompleteSnapshot, EC2 may not list it. Still not listed after that: gone.
+                (true, Some(SnapshotStatus::Pending) | None) => {
+                    match self.settle(&sid, self.visible_by()).await? {
+                        Sealed::Completed => {
+                            return self.record(st, paths, &due, sid, None).map(Some)
+                        }
+                        Sealed::Failed => return Err(self.failed(st, paths, due, &sid).await),
+                        Sealed::Vanished => {}
+                    }
                 }
                 (_, Some(_)) => self.delete_quietly(&sid).await,
                 (_, None) => {}
@@ -272,18 +297,23 @@ impl<E: EbsApi + 'static> PointWriter<E> {
             stack: self.cfg.stack.clone(),
             parent: parent.as_ref().map(|p| p.snapshot_id.clone()),
         };
+        let (encrypted, kms_key_arn) =
+            StartSnapshot::encryption(info.parent.as_deref(), self.cfg.kms_key_arn.as_deref());
         let req = StartSnapshot {
             volume_size_gib: volume_gib(due.disk_size),
             parent: info.parent.clone(),
-            description: format!(
-                "pilotlight recovery point: {id} generation {} at {}",
-                due.generation,
-                pilotlight_protocol::points::time_tag(due.snapshot_time)
+            description: pilotlight_protocol::points::at_most(
+                &format!(
+                    "pilotlight recovery point: {id} generation {} at {}",
+                    due.generation,
+                    pilotlight_protocol::points::time_tag(due.snapshot_time)
+                ),
+                pilotlight_protocol::points::MAX_DESCRIPTION,
             ),
             tags: info.tags(),
             client_token: client_token(&self.cfg.stack, id, due.generation, due.attempt),
-            encrypted: self.cfg.kms_key_arn.is_some(),
-            kms_key_arn: self.cfg.kms_key_arn.clone(),
+            encrypted,
+            kms_key_arn,
             timeout_minutes: self.cfg.timeout_minutes,
         };
         let sid = match self.retrying(|| self.ebs.start_snapshot(&req)).await {
@@ -296,31 +326,49 @@ impl<E: EbsApi + 'static> PointWriter<E> {
             }
             Err(e) => return Err(e.into()),
         };
+        // A snapshot just started may read as "does not exist" for a while.
+        let visible_by = tokio::time::Instant::now() + self.cfg.visibility_window;
         due.snapshot_id = Some(sid.clone());
         st.point_due = Some(due.clone());
         save(paths, st)?;
 
-        let digests = self.put_blocks(&sid, paths, &due, parent.is_none()).await?;
-        let aggregate = linear_checksum(digests.values());
-        let status = self
-            .retrying(|| {
-                self.ebs
-                    .complete_snapshot(&sid, digests.len() as u64, &aggregate)
-            })
+        let digests = self
+            .put_blocks(&sid, paths, &due, parent.is_none(), visible_by)
             .await?;
+        let aggregate = linear_checksum(digests.values());
+        let status = retrying_with(&self.cfg, 0, Some(visible_by), || {
+            self.ebs
+                .complete_snapshot(&sid, digests.len() as u64, &aggregate)
+        })
+        .await?;
         // Sealed: after a crash, it is waited for and recorded, not written again.
         due.sealed = true;
         st.point_due = Some(due.clone());
         save(paths, st)?;
-        match status {
-            SnapshotStatus::Completed => {}
-            SnapshotStatus::Error => return Err(self.failed(&sid).await),
-            SnapshotStatus::Pending => self.settle(&sid).await?,
+        let settled = match status {
+            SnapshotStatus::Completed => Sealed::Completed,
+            SnapshotStatus::Error => Sealed::Failed,
+            SnapshotStatus::Pending => self.settle(&sid, self.visible_by()).await?,
+        };
+        match settled {
+            Sealed::Completed => {}
+            Sealed::Failed => return Err(self.failed(st, paths, due, &sid).await),
+            Sealed::Vanished => {
+                return Err(PointError::Vanished {
+                    id: sid,
+                    secs: self.cfg.visibility_window.as_secs(),
+                })
+            }
         }
         // What it wrote, for `points` (the size of each point); only informational.
         let n = digests.len() as u64;
         let tags = [(tag::BLOCKS.to_string(), n.to_string())];
-        if let Err(e) = self.retrying(|| self.ebs.create_tags(&sid, &tags)).await {
+        let visible_by = tokio::time::Instant::now() + self.cfg.visibility_window;
+        if let Err(e) = retrying_with(&self.cfg, 0, Some(visible_by), || {
+            self.ebs.create_tags(&sid, &tags)
+        })
+        .await
+        {
             tracing::warn!(snapshot = %sid, "cannot tag the point with its block count: {e}");
         }
         self.record(st, paths, &due, sid, Some(n)).map(Some)
@@ -348,6 +396,7 @@ impl<E: EbsApi + 'static> PointWriter<E> {
         paths: &DiskPaths,
         due: &PointDue,
         full: bool,
+        visible_by: tokio::time::Instant,
     ) -> Result<BTreeMap<u64, [u8; 32]>, PointError> {
         let path = paths.image.display().to_string();
         let image_err = |detail: String| PointError::Image {
@@ -388,7 +437,7 @@ impl<E: EbsApi + 'static> PointWriter<E> {
                         return Ok(None);
                     }
                     let sum = block_checksum(&digest);
-                    retrying(&self.cfg, i, || {
+                    retrying_with(&self.cfg, i, Some(visible_by), || {
                         self.ebs.put_snapshot_block(sid, i, data.clone(), &sum)
                     })
                     .await?;
@@ -410,15 +459,27 @@ impl<E: EbsApi + 'static> PointWriter<E> {
         }
     }
 
-    /// Waits until a sealed snapshot is `completed`.
-    async fn settle(&self, sid: &str) -> Result<(), PointError> {
+    /// When "not listed" stops meaning "not visible yet" for a snapshot sealed now.
+    fn visible_by(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now() + self.cfg.visibility_window
+    }
+
+    /// Waits until a sealed snapshot is `completed` or `error`. Not listed by
+    /// DescribeSnapshots (EC2 reads are eventually consistent) is waited for until
+    /// `visible_by`, and never deleted.
+    async fn settle(
+        &self,
+        sid: &str,
+        visible_by: tokio::time::Instant,
+    ) -> Result<Sealed, PointError> {
         let deadline = tokio::time::Instant::now() + self.cfg.settle_timeout;
         let mut wait = self.cfg.retry_base;
         loop {
             match self.status_of(sid).await? {
-                Some(SnapshotStatus::Completed) => return Ok(()),
-                Some(SnapshotStatus::Error) | None => return Err(self.failed(sid).await),
-                Some(SnapshotStatus::Pending) => {}
+                Some(SnapshotStatus::Completed) => return Ok(Sealed::Completed),
+                Some(SnapshotStatus::Error) => return Ok(Sealed::Failed),
+                None if tokio::time::Instant::now() >= visible_by => return Ok(Sealed::Vanished),
+                Some(SnapshotStatus::Pending) | None => {}
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(PointError::Unsettled {
@@ -431,8 +492,22 @@ impl<E: EbsApi + 'static> PointWriter<E> {
         }
     }
 
-    async fn failed(&self, sid: &str) -> PointError {
+    /// A sealed snapshot EBS put in `error`: deleted, and forgotten by the due point (its
+    /// next attempt starts a new snapshot at once).
+    async fn failed(
+        &self,
+        st: &mut DiskState,
+        paths: &DiskPaths,
+        mut due: PointDue,
+        sid: &str,
+    ) -> PointError {
         self.delete_quietly(sid).await;
+        due.snapshot_id = None;
+        due.sealed = false;
+        st.point_due = Some(due);
+        if let Err(e) = save(paths, st) {
+            return e;
+        }
         PointError::Failed { id: sid.into() }
     }
 
@@ -547,12 +622,21 @@ impl<E: EbsApi + 'static> PointWriter<E> {
                 .filter(|p| !locked.contains(&p.snapshot_id))
                 .map(|p| p.snapshot_id.clone()),
         );
+        // One snapshot that cannot go (e.g. InvalidSnapshot.InUse: an AMI registered from
+        // it) never keeps the others: each is tried, a failure logged and tried again at
+        // the next pruning.
         let mut deleted = 0;
         for sid in &doomed {
             match self.retrying(|| self.ebs.delete_snapshot(sid)).await {
                 Ok(()) => deleted += 1,
                 Err(e) if e.is_not_found() => {}
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    tracing::warn!(
+                        snapshot = %sid,
+                        "a pruned recovery point cannot be deleted yet, tried again at the next pruning: {e}"
+                    );
+                    continue;
+                }
             }
             st.points.retain(|p| &p.snapshot_id != sid);
         }
@@ -630,10 +714,36 @@ where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = Result<T, CloudError>>,
 {
+    retrying_with(cfg, salt, None, f).await
+}
+
+/// [`retrying`], and until `visible_by` also "no such snapshot" (a snapshot just started
+/// or completed is not visible everywhere at once).
+async fn retrying_with<T, F, Fut>(
+    cfg: &PointsConfig,
+    salt: u64,
+    visible_by: Option<tokio::time::Instant>,
+    f: F,
+) -> Result<T, CloudError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, CloudError>>,
+{
     let mut attempt = 0u32;
     loop {
+        let not_visible_yet = |e: &CloudError| {
+            e.is_snapshot_not_visible()
+                && visible_by.is_some_and(|t| tokio::time::Instant::now() < t)
+        };
         match f().await {
             Ok(v) => return Ok(v),
+            Err(e) if not_visible_yet(&e) => {
+                let wait = (cfg.retry_base * 2u32.saturating_pow(attempt.min(10)))
+                    .min(Duration::from_secs(20));
+                tracing::debug!("{e}; not visible yet, retrying in {wait:?}");
+                tokio::time::sleep(wait).await;
+                attempt = attempt.saturating_add(1);
+            }
             Err(e) if e.is_transient() && attempt + 1 < cfg.call_attempts.max(1) => {
                 let wait = (cfg.retry_base * 2u32.saturating_pow(attempt.min(10)))
                     .min(Duration::from_secs(20))

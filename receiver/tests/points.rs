@@ -41,6 +41,8 @@ fn points_config() -> PointsConfig {
     c.call_attempts = 4;
     c.concurrency = 4;
     c.settle_timeout = Duration::from_secs(5);
+    // The twin is consistent at once: a snapshot it does not list is gone.
+    c.visibility_window = Duration::from_millis(20);
     c
 }
 
@@ -771,4 +773,136 @@ async fn an_export_of_an_older_generation_is_read_from_its_recovery_point() {
     assert_eq!(r.status, pilotlight_protocol::ExportStatus::Failed);
     let why = r.reason.unwrap();
     assert!(why.contains("has no recovery point"), "{why}");
+}
+
+/// A pruned point that cannot be deleted (EC2 `InvalidSnapshot.InUse`: an AMI registered
+/// from it) is logged and kept; the points after it are pruned all the same, and it goes
+/// once it can.
+#[tokio::test]
+async fn a_point_in_use_never_keeps_pruning_from_the_others() {
+    let tmp = tempfile::tempdir().unwrap();
+    let id = disk(0);
+    let cfg = config(tmp.path());
+    let paths = DiskPaths::new(&cfg.image_dir, &cfg.state_dir, &id);
+    paths.create_dirs().unwrap();
+    let mut pc = points_config();
+    pc.tiers = Tiers {
+        keep_all: Age::hours(1),
+        keep_hourly: Age::hours(1),
+        keep_daily: Age::hours(1),
+    };
+    let ebs = Arc::new(MemoryEbs::new());
+    let pw = PointWriter::new(ebs.clone(), pc);
+    let image = std::fs::File::create(&paths.image).unwrap();
+    image.set_len(1 << 20).unwrap();
+    let start: DateTime<Utc> = "2026-11-01T00:10:00Z".parse().unwrap();
+    let mut st = state::DiskState::new(&id);
+    let mut ids = vec![];
+    for g in 1..=4 {
+        let p = sim_point(
+            &pw,
+            &mut st,
+            &paths,
+            &image,
+            g,
+            start + Age::minutes(g as i64),
+        )
+        .await;
+        ids.push(p.snapshot_id);
+    }
+    // The oldest is in use; a day later all four are past every tier but the newest.
+    ebs.faults.add(
+        Fault::on("DeleteSnapshot")
+            .resource_contains(ids[0].clone())
+            .kind(ErrorKind::Invalid, Some("InvalidSnapshot.InUse"))
+            .always(),
+    );
+    let later = start + Age::days(1);
+    let deleted = pw.prune(&id, &mut st, &paths, later).await.unwrap();
+    assert_eq!(deleted, 2, "the two after the one in use");
+    let left: Vec<String> = points_of(&ebs, &id)
+        .await
+        .into_values()
+        .map(|ps| ps[0].snapshot_id.clone())
+        .collect();
+    assert_eq!(left, [ids[0].clone(), ids[3].clone()]);
+    assert!(
+        st.points.iter().any(|p| p.snapshot_id == ids[0]),
+        "still recorded"
+    );
+    // Its AMI deregistered: the next pruning deletes it.
+    ebs.faults.clear();
+    assert_eq!(pw.prune(&id, &mut st, &paths, later).await.unwrap(), 1);
+    assert!(ebs.get(&ids[0]).is_none());
+}
+
+/// A snapshot just started, or just completed, can read as "does not exist" for a while
+/// (EBS and EC2 are eventually consistent; awslabs/coldsnap issue 43): within the
+/// visibility window that is retried, and a sealed snapshot DescribeSnapshots does not
+/// list yet is waited for, never deleted.
+#[tokio::test]
+async fn a_snapshot_not_visible_yet_is_retried_not_given_up_or_deleted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let id = disk(0);
+    let cfg = config(tmp.path());
+    let paths = DiskPaths::new(&cfg.image_dir, &cfg.state_dir, &id);
+    paths.create_dirs().unwrap();
+    let ebs = Arc::new(MemoryEbs {
+        settle_describes: 1,
+        ..MemoryEbs::new()
+    });
+    // Every first PutSnapshotBlock and the first CompleteSnapshot: "does not exist", as
+    // the EBS direct APIs answer it (ValidationException, reason INVALID_SNAPSHOT_ID).
+    ebs.faults.add(
+        Fault::on("PutSnapshotBlock")
+            .snapshot_not_visible()
+            .times(3),
+    );
+    ebs.faults.add(
+        Fault::on("CompleteSnapshot")
+            .snapshot_not_visible()
+            .times(1),
+    );
+    // And DescribeSnapshots lists nothing for a while after completion.
+    ebs.faults.add(
+        Fault::on("DescribeSnapshots")
+            .kind(ErrorKind::NotFound, Some("InvalidSnapshot.NotFound"))
+            .times(2),
+    );
+    let mut pc = points_config();
+    pc.visibility_window = Duration::from_secs(30);
+    let pw = PointWriter::new(ebs.clone(), pc);
+    let image = std::fs::File::create(&paths.image).unwrap();
+    image.set_len(1 << 20).unwrap();
+    let mut st = state::DiskState::new(&id);
+    let start: DateTime<Utc> = "2026-11-01T00:10:00Z".parse().unwrap();
+    let p = sim_point(&pw, &mut st, &paths, &image, 1, start).await;
+    assert_eq!(
+        ebs.get(&p.snapshot_id).unwrap().status,
+        SnapshotStatus::Completed
+    );
+    assert_eq!(ebs.faults.calls("DeleteSnapshot"), 0);
+}
+
+/// The longest names a disk can have (three 128-character names) still make points: the
+/// description and tags stay within StartSnapshot's limits, which the twin enforces
+/// (Description 255, tag values 255, keys 127).
+#[tokio::test]
+async fn the_longest_disk_names_still_make_points() {
+    let tmp = tempfile::tempdir().unwrap();
+    let long = |c: char| std::iter::repeat_n(c, 128).collect::<String>();
+    let id = DiskId::new(&long('s'), &long('v'), &long('d')).unwrap();
+    let cfg = config(tmp.path());
+    let paths = DiskPaths::new(&cfg.image_dir, &cfg.state_dir, &id);
+    paths.create_dirs().unwrap();
+    let ebs = Arc::new(MemoryEbs::new());
+    let pw = PointWriter::new(ebs.clone(), points_config());
+    let image = std::fs::File::create(&paths.image).unwrap();
+    image.set_len(1 << 20).unwrap();
+    let mut st = state::DiskState::new(&id);
+    let start: DateTime<Utc> = "2026-11-01T00:10:00Z".parse().unwrap();
+    let p = sim_point(&pw, &mut st, &paths, &image, 1, start).await;
+    let snap = ebs.get(&p.snapshot_id).unwrap();
+    assert_eq!(snap.description.chars().count(), 255);
+    assert_eq!(snap.tags[tag::VM], long('v'));
 }

@@ -286,6 +286,36 @@ data "aws_iam_policy_document" "dr_function_role" {
       values   = ["false"]
     }
   }
+  # Recovery points (any stack's: they carry pilotlight:stack) are never the DR
+  # function's to delete, nor to mark with a run tag that would make them deletable
+  # above. Explicit denies win (IAM User Guide, "Policy evaluation logic").
+  statement {
+    sid       = "NeverDeletePoints"
+    effect    = "Deny"
+    actions   = ["ec2:DeleteSnapshot"]
+    resources = ["arn:${local.partition}:ec2:${local.region}::snapshot/*"]
+    condition {
+      test     = "Null"
+      variable = "aws:ResourceTag/pilotlight:stack"
+      values   = ["false"]
+    }
+  }
+  statement {
+    sid       = "NeverRunTagPoints"
+    effect    = "Deny"
+    actions   = ["ec2:CreateTags"]
+    resources = ["arn:${local.partition}:ec2:${local.region}::snapshot/*"]
+    condition {
+      test     = "Null"
+      variable = "aws:ResourceTag/pilotlight:stack"
+      values   = ["false"]
+    }
+    condition {
+      test     = "ForAnyValue:StringEquals"
+      variable = "aws:TagKeys"
+      values   = ["pilotlight:dr-run", "pilotlight:drill"]
+    }
+  }
   dynamic "statement" {
     for_each = var.dr_tracing ? [1] : []
     content {

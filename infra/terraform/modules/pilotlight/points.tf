@@ -24,6 +24,37 @@ data "aws_iam_policy_document" "receiver_points_policy" {
       values   = [var.name]
     }
   }
+  # StartSnapshot with tags is authorised as ec2:CreateTags too (Service Authorization
+  # Reference, Amazon Elastic Block Store, API operations: StartSnapshot maps to
+  # ebs:StartSnapshot and ec2:CreateTags). The snapshot has no tags yet: the condition is
+  # on the request's tags.
+  statement {
+    sid       = "TagPointsAtStart"
+    actions   = ["ec2:CreateTags"]
+    resources = ["arn:${local.partition}:ec2:${local.region}::snapshot/*"]
+    condition {
+      test     = "StringEquals"
+      variable = "aws:RequestTag/pilotlight:stack"
+      values   = [var.name]
+    }
+    condition {
+      test     = "StringEquals"
+      variable = "aws:RequestTag/pilotlight:point"
+      values   = ["1"]
+    }
+  }
+  # Exports of a generation the image has moved past are read from its point (EBS User
+  # Guide, "Control access to EBS direct APIs using IAM").
+  statement {
+    sid       = "ReadOwnPoints"
+    actions   = ["ebs:ListSnapshotBlocks", "ebs:GetSnapshotBlock"]
+    resources = ["arn:${local.partition}:ec2:${local.region}::snapshot/*"]
+    condition {
+      test     = "StringEquals"
+      variable = "aws:ResourceTag/pilotlight:stack"
+      values   = [var.name]
+    }
+  }
   statement {
     sid       = "FindPoints"
     actions   = ["ec2:DescribeSnapshots"] # no resource-level permissions
@@ -95,7 +126,7 @@ data "aws_iam_policy_document" "kms_points_policy" {
 resource "aws_iam_policy" "kms_points_policy" {
   count       = var.recovery_points && local.use_kms ? 1 : 0
   name_prefix = "${var.name}-kms-points-"
-  description = "pilotlight receiver and DR - write recovery points with the customer KMS key, launch from them"
+  description = "pilotlight receiver - write recovery points with the customer KMS key"
   policy      = data.aws_iam_policy_document.kms_points_policy.json
 }
 
@@ -105,10 +136,28 @@ resource "aws_iam_role_policy_attachment" "kms_points_policy" {
   policy_arn = aws_iam_policy.kms_points_policy[0].arn
 }
 
-resource "aws_iam_role_policy_attachment" "kms_points_policy_dr" {
-  count      = var.recovery_points && local.use_kms ? 1 : 0
+# Launching from an AMI whose snapshots the key encrypts: imports always are (ImportImage
+# with the stack key), points when they are on. Whenever the stack has a key (EC2 User
+# Guide, "Amazon EBS encryption"; without it RunInstances ends in Client.InternalError).
+data "aws_iam_policy_document" "kms_launch_policy" {
+  statement {
+    sid       = "LaunchEncrypted"
+    actions   = ["kms:CreateGrant", "kms:Decrypt", "kms:DescribeKey", "kms:GenerateDataKeyWithoutPlaintext", "kms:ReEncrypt*"]
+    resources = [local.use_kms ? var.kms_key_arn : "*"]
+  }
+}
+
+resource "aws_iam_policy" "kms_launch_policy" {
+  count       = local.use_kms ? 1 : 0
+  name_prefix = "${var.name}-kms-launch-"
+  description = "pilotlight DR - launch from images encrypted with the customer KMS key"
+  policy      = data.aws_iam_policy_document.kms_launch_policy.json
+}
+
+resource "aws_iam_role_policy_attachment" "kms_launch_policy" {
+  count      = local.use_kms ? 1 : 0
   role       = aws_iam_role.dr_function_role.name
-  policy_arn = aws_iam_policy.kms_points_policy[0].arn
+  policy_arn = aws_iam_policy.kms_launch_policy[0].arn
 }
 
 # The receiver logs "recovery point failed" when it gives a point up (no EBS permission,

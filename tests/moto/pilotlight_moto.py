@@ -1,0 +1,304 @@
+"""A moto extension that makes the emulator's EBS direct APIs follow AWS's documentation.
+
+moto 5.2 answers StartSnapshot, PutSnapshotBlock, CompleteSnapshot, ListSnapshotBlocks,
+GetSnapshotBlock and ListChangedBlocks thinly: no parents, no client tokens, no
+encryption rules, 512-byte blocks, checksums taken at face value, no paging, and a
+snapshot reads `completed` from the start. pilotlight's recovery points depend on each of
+those rules, so `scripts/moto-server` loads this module (`install()`) and the emulator
+enforces them. Each rule cites the document it follows; `test_pilotlight_moto.py` tests
+each one alone.
+
+Sources (EBS direct APIs API reference unless said otherwise):
+- StartSnapshot: ParentSnapshotId "You can't specify ParentSnapshotId and Encrypted in
+  the same request. If you specify both parameters, the request fails with
+  ValidationException"; ClientToken idempotency; "The new snapshot enters the pending
+  state after the request completes".
+- EBS User Guide, "Encryption outcomes for EBS direct APIs": the outcome tables.
+- PutSnapshotBlock: "Data written to a snapshot must be aligned with 512-KiB sectors";
+  DataLength 524288; Checksum "the SHA256 checksum ... Base64-encoded"; ChecksumAlgorithm
+  SHA256; a block index beyond the volume is refused.
+- CompleteSnapshot: ChangedBlocksCount "The number of blocks that were written to the
+  snapshot"; Checksum with ChecksumAggregationMethod LINEAR: "the checksum of the
+  written blocks' checksums, in ascending block index order"; a mismatch leaves the
+  snapshot in the error state.
+- ListSnapshotBlocks / ListChangedBlocks: MaxResults 100 to 10000, NextToken paging;
+  BlockSize 524288; the snapshot must be completed; ListChangedBlocks needs two
+  snapshots of one lineage.
+- A child snapshot holds its parent's blocks as they were when it started, and keeps
+  them when the parent is deleted (EBS User Guide, "How incremental snapshots work").
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+BLOCK_SIZE = 512 * 1024
+BLOCKS_PER_GIB = (1 << 30) // BLOCK_SIZE
+
+
+def _errors():
+    from moto.core.exceptions import JsonRESTError
+
+    class ValidationException(JsonRESTError):
+        code = 400
+
+        def __init__(self, message: str, reason: str = "INVALID_PARAMETER_VALUE"):
+            super().__init__("ValidationException", message)
+            self.description = f'{{"__type": "ValidationException", "Message": "{message}", "Reason": "{reason}"}}'
+
+    class ResourceNotFoundException(JsonRESTError):
+        code = 404
+
+        def __init__(self, message: str):
+            super().__init__("ResourceNotFoundException", message)
+
+    return ValidationException, ResourceNotFoundException
+
+
+def _sha256_b64(data: bytes) -> str:
+    return base64.b64encode(hashlib.sha256(data).digest()).decode()
+
+
+def install() -> None:
+    """Patches moto's EBS responses (idempotent)."""
+    from moto.core.responses import ActionResult
+    from moto.ebs import responses as ebs_responses
+    from moto.ebs.models import Block, EBSBackend, EBSSnapshot
+
+    cls = ebs_responses.EBSResponse
+    if getattr(cls, "_pilotlight", False):
+        return
+    cls._pilotlight = True
+    Invalid, NotFound = _errors()
+
+    def state(backend: EBSBackend) -> dict:
+        if not hasattr(backend, "_pl_tokens"):
+            backend._pl_tokens = {}
+        return backend._pl_tokens
+
+    def snapshot(backend: EBSBackend, sid: str) -> EBSSnapshot:
+        """An EBS-direct snapshot that EC2 still has (DeleteSnapshot removes it there)."""
+        snap = backend.snapshots.get(sid)
+        if snap is None or sid not in backend.ec2_backend.snapshots:
+            raise NotFound(f"The snapshot '{sid}' does not exist.")
+        return snap
+
+    def ec2_snapshot(backend: EBSBackend, sid: str):
+        return backend.ec2_backend.snapshots[sid]
+
+    def param_int(self, name):
+        v = self._get_param(name)
+        return None if v is None else int(v)
+
+    def start_snapshot(self) -> ActionResult:
+        backend = self.ebs_backend
+        volume_size = param_int(self, "VolumeSize")
+        tags = self._get_param("Tags") or []
+        description = self._get_param("Description") or ""
+        parent_id = self._get_param("ParentSnapshotId")
+        token = self._get_param("ClientToken")
+        encrypted = self._get_param("Encrypted")
+        kms = self._get_param("KmsKeyArn")
+        tokens = state(backend)
+        # ClientToken: "Idempotency ensures that an API request completes only once ...
+        # subsequent retries with the same client token return the result from the
+        # original successful request".
+        if token and token in tokens:
+            return ActionResult(result(backend.snapshots[tokens[token]]))
+        if volume_size is None or not 1 <= volume_size <= 65536:
+            raise Invalid("VolumeSize must be 1 to 65536 GiB")
+        if len(description) > 255:
+            raise Invalid("Description is longer than 255 characters")
+        for t in tags:
+            if len(t.get("Key", "")) > 127 or len(t.get("Value", "")) > 255:
+                raise Invalid("tag keys are at most 127 characters, values 255")
+        by_default = backend.ec2_backend.ebs_encryption_by_default
+        blocks: dict = {}
+        lineage = None
+        if parent_id:
+            # "You can't specify ParentSnapshotId and Encrypted in the same request."
+            if encrypted is not None or kms is not None:
+                raise Invalid("You can't specify ParentSnapshotId and Encrypted (or KmsKeyArn) in the same request.")
+            parent = snapshot(backend, parent_id)
+            if parent.status != "completed":
+                raise Invalid(f"The parent snapshot '{parent_id}' is not completed.")
+            if volume_size < parent.volume_size:
+                raise Invalid("VolumeSize is smaller than the parent snapshot's")
+            p_ec2 = ec2_snapshot(backend, parent_id)
+            # Unencrypted parent: "If Amazon EBS encryption by default is enabled ... you
+            # cannot start a new snapshot using an unencrypted parent snapshot."
+            if not p_ec2.encrypted and by_default:
+                raise Invalid("encryption by default is enabled: an unencrypted parent cannot be used")
+            # Encrypted parent: "The snapshot is encrypted using the same KMS key as the
+            # parent snapshot."
+            is_encrypted, key = p_ec2.encrypted, p_ec2.kms_key_id
+            blocks = dict(parent.blocks)
+            lineage = parent._pl_lineage
+        else:
+            if kms is not None and encrypted is not True:
+                raise Invalid("KmsKeyArn requires Encrypted true")
+            if encrypted is False and by_default:
+                raise Invalid("encryption by default is enabled: unencrypted snapshots cannot be created")
+            is_encrypted = bool(encrypted) or (encrypted is None and by_default)
+            key = kms
+        snap = backend.start_snapshot(volume_size=volume_size, tags=tags, description=description)
+        snap.block_size = BLOCK_SIZE
+        snap.blocks = blocks
+        snap._pl_written = {}
+        snap._pl_parent = parent_id
+        snap._pl_lineage = lineage or snap.snapshot_id
+        snap._pl_kms = key
+        snap._pl_encrypted = is_encrypted
+        ec2 = ec2_snapshot(backend, snap.snapshot_id)
+        ec2.status = "pending"
+        ec2.encrypted = is_encrypted
+        ec2.kms_key_id = key
+        if token:
+            tokens[token] = snap.snapshot_id
+        return ActionResult(result(snap))
+
+    def result(snap) -> dict:
+        out = {
+            "SnapshotId": snap.snapshot_id,
+            "OwnerId": snap.account_id,
+            "Status": snap.status,
+            "StartTime": snap.start_time,
+            "VolumeSize": snap.volume_size,
+            "BlockSize": snap.block_size,
+            "Tags": snap.tags,
+            "Description": snap.description,
+        }
+        if snap._pl_parent:
+            out["ParentSnapshotId"] = snap._pl_parent
+        if snap._pl_kms:
+            out["KmsKeyArn"] = snap._pl_kms
+        return out
+
+    def put_snapshot_block(self) -> ActionResult:
+        backend = self.ebs_backend
+        sid = self._get_param("SnapshotId")
+        snap = snapshot(backend, sid)
+        if snap.status != "pending":
+            raise Invalid(f"The snapshot '{sid}' is {snap.status}, not pending.")
+        index = param_int(self, "BlockIndex")
+        data = self._get_param("BlockData") or b""
+        if isinstance(data, str):
+            data = data.encode()
+        length = param_int(self, "DataLength")
+        checksum = self._get_param("Checksum")
+        algorithm = self._get_param("ChecksumAlgorithm")
+        if index is None or index < 0 or index >= snap.volume_size * BLOCKS_PER_GIB:
+            raise Invalid("BlockIndex is beyond the volume size", "INVALID_BLOCK")
+        if length != BLOCK_SIZE or len(data) != BLOCK_SIZE:
+            raise Invalid("DataLength must be 524288 and match the data", "INVALID_BLOCK")
+        if algorithm != "SHA256" or checksum != _sha256_b64(data):
+            raise Invalid("The checksum of the block does not match its data", "INVALID_CHECKSUM")
+        snap.put_block(index, data, checksum, algorithm, length)
+        snap._pl_written[index] = hashlib.sha256(data).digest()
+        return ActionResult({"Checksum": checksum, "ChecksumAlgorithm": algorithm})
+
+    def complete_snapshot(self) -> ActionResult:
+        backend = self.ebs_backend
+        sid = self._get_param("SnapshotId")
+        snap = snapshot(backend, sid)
+        if snap.status == "completed":
+            return ActionResult({"Status": "completed"})
+        if snap.status == "error":
+            raise Invalid(f"The snapshot '{sid}' is in the error state.")
+        count = param_int(self, "ChangedBlocksCount")
+        checksum = self._get_param("Checksum")
+        method = self._get_param("ChecksumAggregationMethod")
+        written = snap._pl_written
+        ok = count == len(written)
+        if checksum is not None:
+            digest = hashlib.sha256(b"".join(written[i] for i in sorted(written))).digest()
+            ok = ok and method == "LINEAR" and checksum == base64.b64encode(digest).decode()
+        snap.status = "completed" if ok else "error"
+        ec2_snapshot(backend, sid).status = snap.status
+        return ActionResult({"Status": snap.status})
+
+    def page(self, items: list, token_of) -> tuple[list, str | None]:
+        max_results = param_int(self, "MaxResults")
+        if max_results is not None and not 100 <= max_results <= 10000:
+            raise Invalid("MaxResults must be 100 to 10000")
+        size = max_results or 10000
+        start = param_int(self, "StartingBlockIndex") or 0
+        token = self._get_param("NextToken")
+        if token:
+            try:
+                start = int(base64.b64decode(token).decode())
+            except ValueError as e:
+                raise Invalid("NextToken is not valid", "INVALID_PAGE_TOKEN") from e
+        rest = [i for i in items if token_of(i) >= start]
+        chunk = rest[:size]
+        more = rest[size:]
+        next_token = base64.b64encode(str(token_of(more[0])).encode()).decode() if more else None
+        return chunk, next_token
+
+    def readable(backend, sid) -> EBSSnapshot:
+        snap = snapshot(backend, sid)
+        if snap.status != "completed":
+            raise Invalid(f"The snapshot '{sid}' is {snap.status}, not completed.")
+        return snap
+
+    def list_snapshot_blocks(self) -> ActionResult:
+        snap = readable(self.ebs_backend, self._get_param("SnapshotId"))
+        indices = sorted(snap.blocks)
+        chunk, next_token = page(self, indices, lambda i: i)
+        out = {
+            "Blocks": [{"BlockIndex": i, "BlockToken": snap.blocks[i].block_token} for i in chunk],
+            "VolumeSize": snap.volume_size,
+            "BlockSize": BLOCK_SIZE,
+            "ExpiryTime": snap.start_time,
+        }
+        if next_token:
+            out["NextToken"] = next_token
+        return ActionResult(out)
+
+    def get_snapshot_block(self) -> ActionResult:
+        snap = readable(self.ebs_backend, self._get_param("SnapshotId"))
+        index = param_int(self, "BlockIndex")
+        token = self._get_param("BlockToken")
+        block: Block | None = snap.blocks.get(index)
+        if block is None or block.block_token != token:
+            raise Invalid("The block token is not valid for this snapshot and index", "INVALID_BLOCK_TOKEN")
+        return ActionResult({
+            "DataLength": BLOCK_SIZE,
+            "BlockData": block.block_data,
+            "Checksum": _sha256_b64(block.block_data),
+            "ChecksumAlgorithm": "SHA256",
+        })
+
+    def list_changed_blocks(self) -> ActionResult:
+        backend = self.ebs_backend
+        first_id = self._get_param("FirstSnapshotId")
+        second = readable(backend, self._get_param("SecondSnapshotId"))
+        first = readable(backend, first_id) if first_id else None
+        if first is not None and first._pl_lineage != second._pl_lineage:
+            raise Invalid("The snapshots are not of the same lineage", "UNRELATED_SNAPSHOTS")
+        changed = []
+        indices = sorted(set(second.blocks) | (set(first.blocks) if first else set()))
+        for i in indices:
+            a = first.blocks.get(i) if first else None
+            b = second.blocks.get(i)
+            if a is b:
+                continue
+            entry = {"BlockIndex": i}
+            if a is not None:
+                entry["FirstBlockToken"] = a.block_token
+            if b is not None:
+                entry["SecondBlockToken"] = b.block_token
+            changed.append(entry)
+        chunk, next_token = page(self, changed, lambda e: e["BlockIndex"])
+        out = {"ChangedBlocks": chunk, "VolumeSize": second.volume_size, "BlockSize": BLOCK_SIZE}
+        if next_token:
+            out["NextToken"] = next_token
+        return ActionResult(out)
+
+    cls.start_snapshot = start_snapshot
+    cls.put_snapshot_block = put_snapshot_block
+    cls.complete_snapshot = complete_snapshot
+    cls.list_snapshot_blocks = list_snapshot_blocks
+    cls.get_snapshot_block = get_snapshot_block
+    cls.list_changed_blocks = list_changed_blocks
