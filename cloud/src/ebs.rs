@@ -536,6 +536,10 @@ impl EbsApi for MemoryEbs {
         const OP: &str = "PutSnapshotBlock";
         self.call(OP, id, |st| {
             let s = st.snapshots.get_mut(id).ok_or_else(|| not_found(OP, id))?;
+            // PutSnapshotBlock API reference: blocks are written to a snapshot "in the
+            // pending state"; BlockIndex within the volume; DataLength 524288 ("Data
+            // written to a snapshot must be aligned with 512-KiB sectors"); Checksum the
+            // Base64 SHA-256 of the block, checked by the service.
             if s.status != SnapshotStatus::Pending {
                 return Err(invalid(OP, id, "the snapshot is not pending"));
             }
@@ -576,8 +580,11 @@ impl EbsApi for MemoryEbs {
             if s.status == SnapshotStatus::Error {
                 return Err(invalid(OP, id, "the snapshot is in the error state"));
             }
-            // A count or aggregate that does not match what was written: the snapshot
-            // fails (it never becomes a point anyone can launch from).
+            // CompleteSnapshot API reference: ChangedBlocksCount "The number of blocks that
+            // were written to the snapshot"; Checksum with ChecksumAggregationMethod
+            // LINEAR over the blocks' checksums in ascending index order. A count or
+            // aggregate that does not match what was written: the snapshot goes to
+            // `error` (it never becomes a point anyone can launch from).
             if changed_blocks != s.written.len() as u64
                 || linear_checksum(s.written.values()) != checksum
             {
@@ -609,7 +616,9 @@ impl EbsApi for MemoryEbs {
         let page = self.page_size.max(1);
         let mut out = Vec::new();
         let mut from = 0u64;
-        // One call per page, as the service pages (at most `page_size` blocks each).
+        // One call per page, as the service pages (ListSnapshotBlocks API reference:
+        // MaxResults 100 to 10000, NextToken), at most `page_size` blocks each; the
+        // snapshot must be completed to be read.
         loop {
             let batch = self
                 .call(OP, id, |st| {
@@ -662,6 +671,9 @@ impl EbsApi for MemoryEbs {
         f: &SnapshotFilter,
     ) -> Result<Vec<SnapshotInfo>, CloudError> {
         self.call("DescribeSnapshots", "", |st| {
+            // DescribeSnapshots API reference: a SnapshotId that does not exist is the
+            // error InvalidSnapshot.NotFound (a filter that matches nothing is an empty
+            // list).
             if let [id] = f.ids.as_slice() {
                 if !st.snapshots.contains_key(id) {
                     return Err(CloudError::new(
@@ -709,6 +721,8 @@ impl EbsApi for MemoryEbs {
                 )
                 .with_code("InvalidSnapshot.NotFound")
             })?;
+            // EBS User Guide, "Lock Amazon EBS snapshots": a locked snapshot "can't be
+            // deleted" until the lock expires (governance: or an authorised user unlocks it).
             if let Some((mode, _)) = s.lock {
                 return Err(CloudError::new(
                     "EC2",
@@ -726,6 +740,8 @@ impl EbsApi for MemoryEbs {
 
     async fn lock_snapshot(&self, id: &str, mode: LockMode, days: u32) -> Result<(), CloudError> {
         self.call("LockSnapshot", id, |st| {
+            // LockSnapshot API reference, LockDuration: "1 to 36500" days; only a
+            // snapshot in the completed state can be locked here.
             if !(1..=36_500).contains(&days) {
                 return Err(invalid(
                     "LockSnapshot",

@@ -78,6 +78,23 @@ pub struct ImportTask {
     pub snapshot_ids: Vec<String>,
 }
 
+/// The states an import task walks, one per DescribeImportImageTasks call here: EC2 API
+/// reference, ImportImageTask: `status` "A brief status" (the task-state filter's values:
+/// `active`, `completed`, `deleting`, `deleted`), `statusMessage` "A descriptive status
+/// message" (VM Import/Export User Guide, "Monitor an import image task": pending,
+/// converting, updating, preparing ami), `progress` a percentage. The in-memory EC2 and
+/// the emulator's simulated import both walk it.
+pub const IMPORT_STEPS: &[(&str, Option<&str>, Option<u32>)] = &[
+    ("active", Some("pending"), Some(0)),
+    ("active", Some("converting"), Some(28)),
+    ("active", Some("updating"), Some(57)),
+    ("active", Some("preparing ami"), Some(85)),
+];
+
+/// Describe calls after which a task told to fail is `deleted` with its message (a
+/// failed import ends deleted: VM Import/Export User Guide, "Troubleshooting").
+pub const IMPORT_FAILS_AFTER: usize = 2;
+
 /// One instance to launch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LaunchRequest {
@@ -301,11 +318,18 @@ pub struct MemoryEc2State {
     /// Snapshots RegisterImage accepts (beside those made by `create_snapshot`): point
     /// snapshots of the in-memory EBS. `None`: any id.
     pub known_snapshots: Option<Vec<String>>,
+    /// Import tasks by id: the request, describe calls so far, what it made.
+    pub imports: BTreeMap<String, (ImportRequest, usize, ImportTask)>,
+    /// ImportImage client tokens and the task each started.
+    pub import_tokens: BTreeMap<String, String>,
+    /// Make every import fail with this status message.
+    pub fail_imports: Option<String>,
 }
 
-/// EC2 in memory (unit tests). Like the emulator, it has no `ImportImage`: wrap it in
-/// the DR crate's `SimulatedImport`. A launch into subnet `subnet-00000000` fails, as an unknown
-/// subnet does.
+/// EC2 in memory (unit tests). `ImportImage` walks the documented task states
+/// ([`IMPORT_STEPS`]), one per describe call, and completes with a snapshot per disk and
+/// an AMI (or ends `deleted` with `fail_imports`' message). A launch into subnet
+/// `subnet-00000000` fails, as an unknown subnet does.
 #[derive(Debug, Default)]
 pub struct MemoryEc2 {
     pub state: Mutex<MemoryEc2State>,
@@ -348,21 +372,83 @@ impl MemoryEc2 {
 }
 
 impl Ec2Api for MemoryEc2 {
-    async fn import_image(&self, _req: &ImportRequest) -> Result<String, CloudError> {
-        Err(ec2_error(
-            "ImportImage",
-            ErrorKind::Invalid,
-            None,
-            "not implemented in memory: wrap it in the DR crate's SimulatedImport",
-        ))
+    async fn import_image(&self, req: &ImportRequest) -> Result<String, CloudError> {
+        req.check()?;
+        if req.disks.is_empty() {
+            return Err(ec2_error(
+                "ImportImage",
+                ErrorKind::Invalid,
+                Some("InvalidParameter"),
+                "no disk containers",
+            ));
+        }
+        self.call("ImportImage", |s| {
+            // ImportImage API reference, ClientToken: "The token to enable idempotency for
+            // VM import requests": the same token finds the same task.
+            if let Some(id) = s.import_tokens.get(&req.client_token) {
+                return id.clone();
+            }
+            let id = format!("import-ami-{:017x}", s.imports.len() + 1);
+            let task = ImportTask {
+                task_id: id.clone(),
+                ..ImportTask::default()
+            };
+            s.imports.insert(id.clone(), (req.clone(), 0, task));
+            s.import_tokens.insert(req.client_token.clone(), id.clone());
+            id
+        })
     }
-    async fn describe_import_image_task(&self, _id: &str) -> Result<ImportTask, CloudError> {
-        Err(ec2_error(
-            "DescribeImportImageTasks",
-            ErrorKind::Invalid,
-            None,
-            "not implemented in memory",
-        ))
+    async fn describe_import_image_task(&self, id: &str) -> Result<ImportTask, CloudError> {
+        const OP: &str = "DescribeImportImageTasks";
+        self.call(OP, |s| {
+            let fail = s.fail_imports.clone();
+            let (req, polls, task) = s.imports.get_mut(id).ok_or_else(|| {
+                ec2_error(
+                    OP,
+                    ErrorKind::NotFound,
+                    Some("InvalidConversionTaskId.Malformed"),
+                    format!("import task {id} does not exist"),
+                )
+            })?;
+            *polls += 1;
+            let step = *polls - 1;
+            if task.status == "completed" || task.status == "deleted" {
+                return Ok(task.clone());
+            }
+            if let Some(why) = fail.filter(|_| step >= IMPORT_FAILS_AFTER) {
+                task.status = "deleted".into();
+                task.status_message = Some(why);
+                task.progress = None;
+                return Ok(task.clone());
+            }
+            if let Some((status, msg, progress)) = IMPORT_STEPS.get(step) {
+                task.status = (*status).into();
+                task.status_message = msg.map(String::from);
+                task.progress = *progress;
+                return Ok(task.clone());
+            }
+            // Completed: a snapshot per disk and the AMI, as the import makes them.
+            let n = req.disks.len();
+            let mut snaps = Vec::with_capacity(n);
+            for _ in 0..n {
+                let sid = format!("snap-{:017x}", s.snapshots.len() + 1);
+                s.snapshots.push(sid.clone());
+                snaps.push(sid);
+            }
+            let ami = format!("ami-{:017x}", s.images.len() + 1);
+            s.images
+                .insert(ami.clone(), format!("import {id} {}", snaps.join(" ")));
+            let (_, _, task) = s
+                .imports
+                .get_mut(id)
+                .ok_or_else(|| ec2_error(OP, ErrorKind::NotFound, None, "the task vanished"))?;
+            task.status = "completed".into();
+            task.status_message = None;
+            task.progress = None;
+            task.image_id = Some(ami);
+            task.snapshot_ids = snaps;
+            Ok(task.clone())
+        })?
     }
     async fn run_instance(&self, req: &LaunchRequest) -> Result<String, CloudError> {
         if req.subnet_id.as_deref() == Some("subnet-00000000") {
@@ -976,6 +1062,63 @@ mod tests {
             ..ok
         };
         assert!(long.check().is_err());
+    }
+
+    #[test]
+    fn an_import_walks_the_documented_states_and_makes_an_image() {
+        let ec2 = MemoryEc2::default();
+        let req = ImportRequest {
+            disks: vec![("b".into(), "d0".into()), ("b".into(), "d1".into())],
+            role_name: "vmimport".into(),
+            boot_mode: None,
+            license_type: None,
+            description: String::new(),
+            tags: vec![],
+            encrypted: true,
+            kms_key_id: None,
+            client_token: "run-1-import".into(),
+        };
+        block_on(async {
+            let id = ec2.import_image(&req).await.unwrap();
+            assert_eq!(
+                ec2.import_image(&req).await.unwrap(),
+                id,
+                "same token, same task"
+            );
+            let mut seen = vec![];
+            let done = loop {
+                let t = ec2.describe_import_image_task(&id).await.unwrap();
+                if t.status != "active" {
+                    break t;
+                }
+                seen.push(t.status_message.unwrap());
+            };
+            assert_eq!(seen, ["pending", "converting", "updating", "preparing ami"]);
+            assert_eq!(done.status, "completed");
+            assert_eq!(done.snapshot_ids.len(), 2);
+            assert!(ec2.snapshot().images.contains_key(&done.image_id.unwrap()));
+            // Told to fail: deleted, with the message.
+            lock(&ec2.state).fail_imports = Some("ClientError: Unknown OS".into());
+            let other = ImportRequest {
+                client_token: "run-2-import".into(),
+                ..req
+            };
+            let id = ec2.import_image(&other).await.unwrap();
+            let mut last = ImportTask::default();
+            for _ in 0..=IMPORT_FAILS_AFTER {
+                last = ec2.describe_import_image_task(&id).await.unwrap();
+            }
+            assert_eq!(last.status, "deleted");
+            assert_eq!(
+                last.status_message.as_deref(),
+                Some("ClientError: Unknown OS")
+            );
+            assert!(ec2
+                .describe_import_image_task("import-ami-nope")
+                .await
+                .unwrap_err()
+                .is_not_found());
+        });
     }
 
     #[test]

@@ -310,7 +310,11 @@ impl MemoryStore {
         CloudError::new("S3", op, s3_resource(&self.bucket, key), kind, detail).with_code(code)
     }
 
-    /// What a read of a missing key gets: 404, or 403 in `deny_missing_keys` mode.
+    /// What a read of a missing key gets: 404, or 403 in `deny_missing_keys` mode. S3 API
+    /// reference, GetObject, Permissions: "If you have the s3:ListBucket permission on
+    /// the bucket, Amazon S3 returns an HTTP status code 404 Not Found error. If you
+    /// don't have the s3:ListBucket permission, Amazon S3 returns an HTTP status code 403
+    /// Access Denied error."
     fn not_found(&self, op: &'static str, key: &str) -> CloudError {
         if self.missing_is_denied.load(Ordering::Relaxed) {
             return self.err(
@@ -411,6 +415,8 @@ impl ObjectStore for MemoryStore {
         opts: PutOptions,
     ) -> Result<Option<String>, CloudError> {
         self.check("PutObject", key)?;
+        // PutObject API reference, x-amz-checksum-sha256: the object's checksum; S3
+        // refuses an object whose bytes do not match it (BadDigest).
         if let Some(sum) = opts.sha256 {
             use sha2::Digest;
             if <[u8; 32]>::from(sha2::Sha256::digest(&body)) != sum {
@@ -433,11 +439,19 @@ impl ObjectStore for MemoryStore {
                 "At least one of the pre-conditions you specified did not hold",
             )
         };
+        // PutObject API reference, If-None-Match: "Uploads the object only if the object
+        // key name does not already exist in the bucket specified. Otherwise, Amazon S3
+        // returns a 412 Precondition Failed error."
         if opts.if_none_match && objects.contains_key(key) {
             return Err(precondition_failed());
         }
         if let Some(want) = &opts.if_match {
-            // S3: If-Match on a missing key is 404 NoSuchKey; on another version, 412.
+            // PutObject API reference, If-Match: "Uploads the object only if the ETag
+            // (entity tag) value provided during the WRITE operation matches the ETag of
+            // the object in S3. If the ETag values do not match, the operation returns a
+            // 412 Precondition Failed error. If a conflicting operation occurs during the
+            // upload S3 returns a 409 ConditionalRequestConflict response." A missing
+            // key: 404 NoSuchKey (S3 User Guide, "Conditional writes").
             match objects.get(key) {
                 None => return Err(self.no_such_key("PutObject", key)),
                 Some(b) if Self::etag_of(b) != *want => return Err(precondition_failed()),

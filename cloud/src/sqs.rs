@@ -171,6 +171,7 @@ impl MemoryQueue {
 impl Queue for MemoryQueue {
     async fn receive(&self, max: i32, _wait: Duration) -> Result<Vec<Message>, CloudError> {
         self.faults.check("SQS", "ReceiveMessage", "memory-queue")?;
+        // ReceiveMessage API reference, MaxNumberOfMessages: "Valid values: 1 to 10."
         if !(1..=10).contains(&max) {
             return Err(self.err(
                 "ReceiveMessage",
@@ -181,7 +182,10 @@ impl Queue for MemoryQueue {
         }
         let mut s = lock(&self.state);
         let now = s.now;
-        // Redrive first: a visible message already received max_receive_count times.
+        // Redrive first: a visible message already received max_receive_count times (SQS
+        // Developer Guide, dead-letter queues: "when the ReceiveCount for a message
+        // exceeds the maxReceiveCount for a queue, Amazon SQS moves the message to the
+        // dead-letter queue").
         if let Some(limit) = self.max_receive_count {
             let mut i = 0;
             while i < s.messages.len() {
@@ -193,6 +197,9 @@ impl Queue for MemoryQueue {
                 }
             }
         }
+        // Standard queues: "at-least-once delivery" and "best-effort ordering" (SQS
+        // Developer Guide, standard queues): any visible message, in any order; a received
+        // one is hidden for the visibility timeout.
         let mut idx: Vec<usize> = (0..s.messages.len())
             .filter(|&i| s.messages[i].visible_at <= now)
             .collect();
@@ -226,6 +233,8 @@ impl Queue for MemoryQueue {
     async fn delete_batch(&self, receipts: &[String]) -> Result<Vec<String>, CloudError> {
         self.faults
             .check("SQS", "DeleteMessageBatch", "memory-queue")?;
+        // DeleteMessageBatch API reference, errors: EmptyBatchRequest ("The batch request
+        // doesn't contain any entries") and TooManyEntriesInBatchRequest (more than 10).
         if receipts.is_empty() {
             return Err(self.err(
                 "DeleteMessageBatch",
@@ -243,8 +252,9 @@ impl Queue for MemoryQueue {
             ));
         }
         let mut s = lock(&self.state);
-        // As documented for SQS: only the newest receipt deletes; an older one "succeeds"
-        // and the message stays.
+        // DeleteMessage API reference: "you must provide the most recently received
+        // ReceiptHandle for the message (otherwise, the request succeeds, but the message
+        // will not be deleted)".
         s.messages
             .retain(|m| !m.receipt.as_ref().is_some_and(|r| receipts.contains(r)));
         Ok(Vec::new())
@@ -253,6 +263,8 @@ impl Queue for MemoryQueue {
     async fn change_visibility(&self, receipt: &str, secs: i32) -> Result<(), CloudError> {
         self.faults
             .check("SQS", "ChangeMessageVisibility", receipt)?;
+        // ChangeMessageVisibility API reference, VisibilityTimeout: "Values range: 0 to
+        // 43200. Maximum: 12 hours."
         if !(0..=43_200).contains(&secs) {
             return Err(self.err(
                 "ChangeMessageVisibility",

@@ -129,6 +129,7 @@ async fn write_point<E: EbsApi + 'static>(
         snapshot_id: None,
         sealed: false,
         parent_snapshot: None,
+        token_salt: None,
     });
     let t = Instant::now();
     let p = pw.write_due(id, &mut st, &paths).await.unwrap().unwrap();

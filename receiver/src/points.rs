@@ -111,6 +111,14 @@ pub struct PointDue {
     /// The parent point of the current attempt (none: a full point).
     #[serde(default)]
     pub parent_snapshot: Option<String>,
+    /// Random, made with the due point: part of every attempt's StartSnapshot client
+    /// token, so a receiver whose state was lost and that applies the same generation
+    /// again never gets an older receiver's snapshot back from the token ("subsequent
+    /// retries with the same client token return the result from the original
+    /// successful request", StartSnapshot API reference). Absent in older state files:
+    /// made before the next attempt.
+    #[serde(default)]
+    pub token_salt: Option<String>,
 }
 
 impl PointDue {
@@ -133,8 +141,14 @@ impl PointDue {
             snapshot_id: None,
             sealed: false,
             parent_snapshot: None,
+            token_salt: Some(new_token_salt()),
         }
     }
+}
+
+/// 64 random bits, hex.
+fn new_token_salt() -> String {
+    format!("{:016x}", rand::random::<u64>())
 }
 
 /// The 512 KiB block index ranges covering `extents`, sorted and merged.
@@ -212,8 +226,10 @@ pub struct PointWriter<E> {
     pub cfg: PointsConfig,
 }
 
-fn client_token(stack: &str, id: &DiskId, generation: u64, attempt: u32) -> String {
-    let h = Sha256::digest(format!("{stack}\n{id}\n{generation}\n{attempt}"));
+fn client_token(stack: &str, id: &DiskId, due: &PointDue) -> String {
+    let (generation, attempt) = (due.generation, due.attempt);
+    let salt = due.token_salt.as_deref().unwrap_or("");
+    let h = Sha256::digest(format!("{stack}\n{id}\n{generation}\n{attempt}\n{salt}"));
     format!("pl-{}", &hex::encode(h)[..48])
 }
 
@@ -285,6 +301,7 @@ impl<E: EbsApi + 'static> PointWriter<E> {
         }
         let parent = self.parent_for(st, &due);
         due.attempt += 1;
+        due.token_salt.get_or_insert_with(new_token_salt);
         due.parent_snapshot = parent.as_ref().map(|p| p.snapshot_id.clone());
         st.point_due = Some(due.clone());
         save(paths, st)?;
@@ -311,7 +328,7 @@ impl<E: EbsApi + 'static> PointWriter<E> {
                 pilotlight_protocol::points::MAX_DESCRIPTION,
             ),
             tags: info.tags(),
-            client_token: client_token(&self.cfg.stack, id, due.generation, due.attempt),
+            client_token: client_token(&self.cfg.stack, id, &due),
             encrypted,
             kms_key_arn,
             timeout_minutes: self.cfg.timeout_minutes,

@@ -906,3 +906,32 @@ async fn the_longest_disk_names_still_make_points() {
     assert_eq!(snap.description.chars().count(), 255);
     assert_eq!(snap.tags[tag::VM], long('v'));
 }
+
+/// A receiver whose state was lost applies generation 1 again and writes its point
+/// again: its StartSnapshot client token is new (a random salt made with the due point),
+/// so EBS does not hand back the first receiver's snapshot for it (idempotency returns
+/// "the result from the original successful request").
+#[tokio::test]
+async fn a_receiver_started_over_never_reuses_an_earlier_client_token() {
+    let ebs = Arc::new(MemoryEbs::new());
+    let id = disk(0);
+    let start: DateTime<Utc> = "2026-11-01T00:10:00Z".parse().unwrap();
+    let mut ids = vec![];
+    for _ in 0..2 {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = config(tmp.path());
+        let paths = DiskPaths::new(&cfg.image_dir, &cfg.state_dir, &id);
+        paths.create_dirs().unwrap();
+        let pw = PointWriter::new(ebs.clone(), points_config());
+        let image = std::fs::File::create(&paths.image).unwrap();
+        image.set_len(1 << 20).unwrap();
+        let mut st = state::DiskState::new(&id);
+        ids.push(
+            sim_point(&pw, &mut st, &paths, &image, 1, start)
+                .await
+                .snapshot_id,
+        );
+    }
+    assert_ne!(ids[0], ids[1]);
+    assert_eq!(ebs.get(&ids[1]).unwrap().status, SnapshotStatus::Completed);
+}

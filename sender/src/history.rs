@@ -61,7 +61,7 @@ pub async fn read<S: ObjectStore>(
             _ => None,
         })
         .collect();
-    above.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    above.sort_unstable_by_key(|(g, _)| std::cmp::Reverse(*g));
     let mut history = BucketHistory {
         highest_key: above.first().map(|(g, _)| *g),
         ..BucketHistory::default()

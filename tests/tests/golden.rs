@@ -64,10 +64,12 @@ fn receiver_state_files_of_every_version_load() {
     );
 
     let current = load("receiver-state-v1-current.json");
+    let due = current.point_due.unwrap();
     assert_eq!(
-        current.point_due.unwrap().parent_snapshot.as_deref(),
+        due.parent_snapshot.as_deref(),
         Some("snap-0123456789abcdef1")
     );
+    assert_eq!(due.token_salt.as_deref(), Some("5f3a9c0e12d4b7a8"));
 }
 
 /// Today's state files are written exactly as the golden ones: the same bytes back, so

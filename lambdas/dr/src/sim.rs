@@ -1,9 +1,10 @@
 //! A stand-in for what the emulator lacks (EMULATOR ONLY: never used unless asked for).
 //!
 //! moto does not implement `ImportImage` or `DescribeImportImageTasks` (HTTP 500).
-//! [`SimulatedImport`] walks an import task through the documented states (`active` with
-//! the status messages `pending`, `converting`, `updating`, `preparing ami` and rising
-//! progress, then `completed`; or `deleted` with a `StatusMessage` when told to fail),
+//! [`SimulatedImport`] walks an import task through the documented states, the same walk
+//! as the in-memory EC2 ([`IMPORT_STEPS`]: `active` with the status messages `pending`,
+//! `converting`, `updating`, `preparing ami` and rising progress, then `completed`; or
+//! `deleted` with a `StatusMessage` when told to fail),
 //! one step per describe call, keeping the task in the bucket so separate invocations see
 //! it. On completion it makes a real snapshot and AMI through the backend (moto's EC2
 //! for the end-to-end tests), so `RunInstances` and a drill cleanup run for real.
@@ -12,7 +13,7 @@
 
 use pilotlight_cloud::ec2::{
     Ec2Api, ImportRequest, ImportTask, InstanceHealth, LaunchRequest, MemoryEc2, RegisterRequest,
-    SdkEc2,
+    SdkEc2, IMPORT_FAILS_AFTER, IMPORT_STEPS,
 };
 use pilotlight_cloud::{CloudError, ErrorKind, ObjectStore, PutOptions};
 use serde::{Deserialize, Serialize};
@@ -36,14 +37,6 @@ pub trait SimBackend: Send + Sync {
         boot_mode: Option<&str>,
     ) -> impl Future<Output = Result<String, CloudError>> + Send;
 }
-
-/// The steps a simulated task walks, one per describe call.
-const STEPS: &[(&str, Option<&str>, Option<u32>)] = &[
-    ("active", Some("pending"), Some(0)),
-    ("active", Some("converting"), Some(28)),
-    ("active", Some("updating"), Some(57)),
-    ("active", Some("preparing ami"), Some(85)),
-];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct SimTask {
@@ -187,10 +180,10 @@ impl<E: Ec2Api + SimBackend, S: ObjectStore> Ec2Api for SimulatedImport<E, S> {
             task_id: task_id.into(),
             ..ImportTask::default()
         };
-        if let Some(why) = t.fail.clone().filter(|_| step >= 2) {
+        if let Some(why) = t.fail.clone().filter(|_| step >= IMPORT_FAILS_AFTER) {
             out.status = "deleted".into();
             out.status_message = Some(why);
-        } else if let Some((status, msg, progress)) = STEPS.get(step) {
+        } else if let Some((status, msg, progress)) = IMPORT_STEPS.get(step) {
             out.status = (*status).into();
             out.status_message = msg.map(String::from);
             out.progress = *progress;

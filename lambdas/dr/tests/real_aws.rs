@@ -2,7 +2,8 @@
 //!
 //! **A deploy-and-drill run in your account** (`drill_on_real_aws`): deploy the stack as
 //! infra/README.md "Deploy to AWS" says (build and upload the artifacts, create the stack,
-//! point a sender at it and replicate a bootable VM's disks once), then
+//! point a sender at it and replicate a bootable VM's disks at least twice, so the newest
+//! point of each disk is an incremental one, parented on the one before), then
 //!
 //! ```sh
 //! PILOTLIGHT_REAL_AWS_DRILL="<DrFunctionName> <site> <vm> <disk>[,<disk>...] <instance type>" \
@@ -18,7 +19,9 @@
 //! side by side. Then it cleans each drill up (instances, AMI, snapshots, exported
 //! objects, all tagged by the run; the point's hold released) and checks it ends
 //! `cleaned_up`. What it exercises that the emulator cannot:
-//! ImportImage, the IAM policies as AWS evaluates them (403s for missing keys, tag-scoped
+//! incremental recovery points as EBS makes them (StartSnapshot with a parent; the test
+//! first checks the newest point of each disk has one), ImportImage, the IAM policies as
+//! AWS evaluates them (403s for missing keys, tag-scoped
 //! deletes, PassRole), KMS grants, and the schedule advancing the run alongside `--wait`
 //! (two advancers on one run record).
 //!
@@ -122,6 +125,35 @@ fn drill_on_real_aws() {
             .unwrap()
             .unwrap()
     };
+    // The newest point of each disk must be an incremental one (a parent), so the drill
+    // exercises what the first real run of points would: StartSnapshot with a parent and
+    // nothing else of encryption (issue 28). Replicate at least twice before running.
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        use pilotlight_cloud::ebs::{EbsApi, SnapshotFilter};
+        use pilotlight_protocol::points::{tag, Point};
+        let ebs = AwsSettings::default().load().await.ebs();
+        for d in disks.split(',') {
+            let filter = SnapshotFilter::default()
+                .tag(tag::POINT, "1")
+                .tag(tag::SITE, *site)
+                .tag(tag::VM, *vm)
+                .tag(tag::DISK, d);
+            let newest = ebs
+                .describe_snapshots(&filter)
+                .await
+                .unwrap()
+                .iter()
+                .filter_map(|s| Point::from_tags(&s.id, &s.tags))
+                .max_by_key(|p| p.generation)
+                .unwrap_or_else(|| panic!("{site}/{vm}/{d} has no recovery point"));
+            assert!(
+                newest.parent.is_some(),
+                "{site}/{vm}/{d}: the newest point {} is a full one; replicate once more so it is incremental",
+                newest.snapshot_id
+            );
+            eprintln!("{site}/{vm}/{d}: newest point {} (parent {:?})", newest.snapshot_id, newest.parent);
+        }
+    });
     let methods =
         std::env::var("PILOTLIGHT_REAL_AWS_METHODS").unwrap_or_else(|_| "snapshot import".into());
     let mut rto = vec![];
