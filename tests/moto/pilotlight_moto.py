@@ -26,6 +26,13 @@ Sources (EBS direct APIs API reference unless said otherwise):
   snapshots of one lineage.
 - A child snapshot holds its parent's blocks as they were when it started, and keeps
   them when the parent is deleted (EBS User Guide, "How incremental snapshots work").
+
+And two EC2 calls the DR function relies on (EC2 API reference):
+- RegisterImage keeps its BlockDeviceMappings, RootDeviceName, BootMode, EnaSupport and
+  Architecture (moto keeps only name and description), and a snapshot an AMI maps is
+  in use: DeleteSnapshot answers InvalidSnapshot.InUse until the AMI is deregistered.
+- RunInstances ClientToken: "If you repeat the request with the same client token, the
+  same response is returned" (EC2 User Guide, "Ensure idempotency"): one instance.
 """
 
 from __future__ import annotations
@@ -296,9 +303,60 @@ def install() -> None:
             out["NextToken"] = next_token
         return ActionResult(out)
 
+    install_ec2()
     cls.start_snapshot = start_snapshot
     cls.put_snapshot_block = put_snapshot_block
     cls.complete_snapshot = complete_snapshot
     cls.list_snapshot_blocks = list_snapshot_blocks
     cls.get_snapshot_block = get_snapshot_block
     cls.list_changed_blocks = list_changed_blocks
+
+
+def install_ec2() -> None:
+    """RegisterImage with its mappings; RunInstances idempotent on ClientToken."""
+    from moto.core.responses import ActionResult
+    from moto.ec2.models.amis import Ami
+    from moto.ec2.models.instances import InstanceBackend
+    from moto.ec2.responses.amis import AmisResponse
+    from moto.ec2.responses.instances import InstanceResponse
+
+    def register_image(self) -> ActionResult:
+        name = self._get_param("Name")
+        description = self._get_param("Description", "")
+        self.error_on_dryrun()
+        mappings = InstanceResponse._parse_block_device_mapping(self)
+        image = self.ec2_backend.register_image(name, description)
+        image.root_device_name = self._get_param("RootDeviceName") or image.root_device_name
+        image.boot_mode = self._get_param("BootMode") or image.boot_mode
+        image.architecture = self._get_param("Architecture") or image.architecture
+        image._pl_ena = self._get_param("EnaSupport")
+        image._pl_mappings = mappings
+        for m in mappings:
+            sid = (m.get("Ebs") or {}).get("SnapshotId")
+            snap = self.ec2_backend.snapshots.get(sid) if sid else None
+            if snap is not None:
+                # DeleteSnapshot: "InvalidSnapshot.InUse" while an AMI uses it.
+                snap.from_ami = image.id
+        return ActionResult({"ImageId": image.id})
+
+    original_mappings = Ami.block_device_mappings
+
+    def block_device_mappings(self):
+        mine = getattr(self, "_pl_mappings", None)
+        return mine if mine else original_mappings.fget(self)
+
+    original_run = InstanceBackend.run_instances
+
+    def run_instances(self, image_id, count, user_data, security_group_names, **kwargs):
+        token = kwargs.get("client_token")
+        # moto's response fills in "ABCDE" when the request has no token.
+        if not token or token == "ABCDE":
+            return original_run(self, image_id, count, user_data, security_group_names, **kwargs)
+        seen = self.__dict__.setdefault("_pl_run_tokens", {})
+        if token not in seen:
+            seen[token] = original_run(self, image_id, count, user_data, security_group_names, **kwargs)
+        return seen[token]
+
+    AmisResponse.register_image = register_image
+    Ami.block_device_mappings = property(block_device_mappings)
+    InstanceBackend.run_instances = run_instances

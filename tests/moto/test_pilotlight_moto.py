@@ -185,5 +185,44 @@ class Ebs(unittest.TestCase):
                          "ValidationException")
 
 
+class Ec2(unittest.TestCase):
+    def setUp(self):
+        self.mock = mock_aws()
+        self.mock.start()
+        self.ec2 = boto3.client("ec2", region_name="us-east-1")
+        self.ebs = boto3.client("ebs", region_name="us-east-1")
+
+    def tearDown(self):
+        self.mock.stop()
+
+    def test_register_image_keeps_its_mappings_and_its_snapshots_are_in_use(self):
+        sid = self.ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
+        self.ebs.complete_snapshot(SnapshotId=sid, ChangedBlocksCount=0)
+        ami = self.ec2.register_image(
+            Name="pilotlight run", RootDeviceName="/dev/xvda", BootMode="uefi", EnaSupport=True,
+            Architecture="x86_64", VirtualizationType="hvm",
+            BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": sid, "VolumeType": "gp3"}}],
+        )["ImageId"]
+        image = self.ec2.describe_images(ImageIds=[ami])["Images"][0]
+        self.assertEqual(image["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"], sid)
+        self.assertEqual(image["RootDeviceName"], "/dev/xvda")
+        self.assertEqual(image["BootMode"], "uefi")
+        with self.assertRaises(ClientError) as e:
+            self.ec2.delete_snapshot(SnapshotId=sid)
+        self.assertEqual(e.exception.response["Error"]["Code"], "InvalidSnapshot.InUse")
+        self.ec2.deregister_image(ImageId=ami)
+        self.ec2.delete_snapshot(SnapshotId=sid)
+
+    def test_run_instances_is_idempotent_on_its_client_token(self):
+        kw = {"ImageId": "ami-12c6146b", "MinCount": 1, "MaxCount": 1}
+        a = self.ec2.run_instances(ClientToken="run-1-launch", **kw)["Instances"][0]["InstanceId"]
+        b = self.ec2.run_instances(ClientToken="run-1-launch", **kw)["Instances"][0]["InstanceId"]
+        c = self.ec2.run_instances(ClientToken="run-2-launch", **kw)["Instances"][0]["InstanceId"]
+        self.assertEqual(a, b)
+        self.assertNotEqual(a, c)
+        reservations = self.ec2.describe_instances()["Reservations"]
+        self.assertEqual(sum(len(r["Instances"]) for r in reservations), 2)
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -257,9 +257,8 @@ fn dr_run(stack: &LocalStack, args: &[&str]) -> serde_json::Value {
 /// point each), a drill `--method snapshot --at` generation 2's time registers an AMI
 /// from that point's snapshots and launches it on the emulator, passes verification,
 /// marks the VM snapshot-ready (so `auto` now chooses snapshot); cleanup removes exactly
-/// its AMI and instance and gives the point back to retention. moto's RegisterImage keeps
-/// only the name and description: the block device mappings are checked at the EC2 seam
-/// by lambdas/dr/tests/handler.rs; here the run's snapshots, the AMI and the instance.
+/// its AMI and instance and gives the point back to retention. The AMI maps exactly the
+/// point's snapshots (the test kit's moto extension keeps RegisterImage's mappings).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_drill_from_a_past_point_launches_verifies_and_cleans_up_on_the_emulator() {
     let stack = LocalStack::start().await;
@@ -375,6 +374,14 @@ async fn a_snapshot_drill_from_a_past_point_launches_verifies_and_cleans_up_on_t
         .description()
         .unwrap()
         .contains(&at(base, 10, RFC3339)));
+    // Its block device mappings are the point's snapshots, boot disk first (the test
+    // kit's moto extension keeps them, as EC2 does).
+    let mapped: Vec<&str> = image
+        .block_device_mappings()
+        .iter()
+        .filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()))
+        .collect();
+    assert_eq!(mapped, want, "{image:?}");
     let inst = run["instance_ids"][0].as_str().unwrap();
     let out = ec2
         .describe_instances()
