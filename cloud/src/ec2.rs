@@ -1034,18 +1034,28 @@ mod tests {
         }
     }
 
-    #[test]
-    fn an_import_request_is_checked_as_ec2_does() {
-        let ok = ImportRequest {
-            disks: vec![("b".into(), "k".into())],
+    fn import_request(disks: &[&str]) -> ImportRequest {
+        ImportRequest {
+            disks: disks
+                .iter()
+                .map(|k| ("b".to_string(), k.to_string()))
+                .collect(),
             role_name: "vmimport".into(),
             boot_mode: None,
             license_type: None,
             description: String::new(),
             tags: vec![],
             encrypted: true,
-            kms_key_id: Some("arn:aws:kms:us-east-1:1:key/k".into()),
+            kms_key_id: None,
             client_token: "run-1-import".into(),
+        }
+    }
+
+    #[test]
+    fn an_import_request_is_checked_as_ec2_does() {
+        let ok = ImportRequest {
+            kms_key_id: Some("arn:aws:kms:us-east-1:1:key/k".into()),
+            ..import_request(&["k"])
         };
         ok.check().unwrap();
         let no_flag = ImportRequest {
@@ -1067,17 +1077,7 @@ mod tests {
     #[test]
     fn an_import_walks_the_documented_states_and_makes_an_image() {
         let ec2 = MemoryEc2::default();
-        let req = ImportRequest {
-            disks: vec![("b".into(), "d0".into()), ("b".into(), "d1".into())],
-            role_name: "vmimport".into(),
-            boot_mode: None,
-            license_type: None,
-            description: String::new(),
-            tags: vec![],
-            encrypted: true,
-            kms_key_id: None,
-            client_token: "run-1-import".into(),
-        };
+        let req = import_request(&["d0", "d1"]);
         block_on(async {
             let id = ec2.import_image(&req).await.unwrap();
             assert_eq!(

@@ -199,6 +199,15 @@ def launch_needs_points_for_kms(template: dict) -> list[str]:
     return problems
 
 
+def without_statement(document_of, sid: str):
+    """A template mutation (for `mutated`): the statement `sid` removed from the policy
+    document `document_of(resources)`."""
+    def edit(res, _):
+        doc = document_of(res)
+        doc["Statement"] = [st for st in doc["Statement"] if not (isinstance(st, dict) and st.get("Sid") == sid)]
+    return edit
+
+
 # ---- the rules ---------------------------------------------------------------------------
 
 
@@ -649,10 +658,7 @@ class AwsRules(unittest.TestCase):
         self.assertEqual(points_unstartable_or_unreadable(self.t), [])
 
         def drop(sid):
-            def edit(res, _):
-                doc = res["ReceiverPointsPolicy"]["Properties"]["PolicyDocument"]
-                doc["Statement"] = [st for st in doc["Statement"] if st.get("Sid") != sid]
-            return edit
+            return without_statement(lambda res: res["ReceiverPointsPolicy"]["Properties"]["PolicyDocument"], sid)
         self.assertTrue(points_unstartable_or_unreadable(self.mutated(drop("TagPointsAtStart"))))
         self.assertTrue(points_unstartable_or_unreadable(self.mutated(drop("ReadOwnPoints"))))
         tf = (MODULE / "points.tf").read_text()
@@ -663,10 +669,7 @@ class AwsRules(unittest.TestCase):
         self.assertEqual(dr_can_remove_points(self.t), [])
 
         def drop(sid):
-            def edit(res, _):
-                doc = res["DrFunctionRole"]["Properties"]["Policies"][0]["PolicyDocument"]
-                doc["Statement"] = [st for st in doc["Statement"] if not (isinstance(st, dict) and st.get("Sid") == sid)]
-            return edit
+            return without_statement(lambda res: res["DrFunctionRole"]["Properties"]["Policies"][0]["PolicyDocument"], sid)
         self.assertTrue(dr_can_remove_points(self.mutated(drop("NeverDeletePoints"))))
         self.assertTrue(dr_can_remove_points(self.mutated(drop("NeverRunTagPoints"))))
         tf = (MODULE / "dr.tf").read_text()

@@ -620,6 +620,17 @@ async fn sim_point(
     pw.write_due(&id, st, paths).await.unwrap().unwrap()
 }
 
+/// One disk's files under `root` for [`sim_point`]: its paths, a 1 MiB image, a fresh
+/// state.
+fn sim_disk(root: &Path, id: &DiskId) -> (DiskPaths, std::fs::File, state::DiskState) {
+    let cfg = config(root);
+    let paths = DiskPaths::new(&cfg.image_dir, &cfg.state_dir, id);
+    paths.create_dirs().unwrap();
+    let image = std::fs::File::create(&paths.image).unwrap();
+    image.set_len(1 << 20).unwrap();
+    (paths, image, state::DiskState::new(id))
+}
+
 /// With a lock mode, each day's kept point is locked (EBS Snapshot Lock) until it would
 /// leave the daily tier, tagged with that time, and never offered for deletion before
 /// (the twin refuses to delete a locked snapshot, which would fail the pruning); once its
@@ -628,9 +639,7 @@ async fn sim_point(
 async fn daily_points_are_locked_until_they_leave_the_daily_tier() {
     let tmp = tempfile::tempdir().unwrap();
     let id = disk(0);
-    let cfg = config(tmp.path());
-    let paths = DiskPaths::new(&cfg.image_dir, &cfg.state_dir, &id);
-    paths.create_dirs().unwrap();
+    let (paths, image, mut st) = sim_disk(tmp.path(), &id);
     let mut pc = points_config();
     pc.tiers = Tiers {
         keep_all: Age::hours(2),
@@ -640,10 +649,7 @@ async fn daily_points_are_locked_until_they_leave_the_daily_tier() {
     pc.lock = Some(pilotlight_cloud::ebs::LockMode::Governance);
     let ebs = Arc::new(MemoryEbs::new());
     let pw = PointWriter::new(ebs.clone(), pc);
-    let image = std::fs::File::create(&paths.image).unwrap();
-    image.set_len(1 << 20).unwrap();
     let start: DateTime<Utc> = "2026-11-01T00:10:00Z".parse().unwrap();
-    let mut st = state::DiskState::new(&id);
     for g in 1..=(5 * 48) {
         let now = start + Age::minutes(30 * (g as i64 - 1));
         sim_point(&pw, &mut st, &paths, &image, g, now).await;
@@ -782,9 +788,7 @@ async fn an_export_of_an_older_generation_is_read_from_its_recovery_point() {
 async fn a_point_in_use_never_keeps_pruning_from_the_others() {
     let tmp = tempfile::tempdir().unwrap();
     let id = disk(0);
-    let cfg = config(tmp.path());
-    let paths = DiskPaths::new(&cfg.image_dir, &cfg.state_dir, &id);
-    paths.create_dirs().unwrap();
+    let (paths, image, mut st) = sim_disk(tmp.path(), &id);
     let mut pc = points_config();
     pc.tiers = Tiers {
         keep_all: Age::hours(1),
@@ -793,10 +797,7 @@ async fn a_point_in_use_never_keeps_pruning_from_the_others() {
     };
     let ebs = Arc::new(MemoryEbs::new());
     let pw = PointWriter::new(ebs.clone(), pc);
-    let image = std::fs::File::create(&paths.image).unwrap();
-    image.set_len(1 << 20).unwrap();
     let start: DateTime<Utc> = "2026-11-01T00:10:00Z".parse().unwrap();
-    let mut st = state::DiskState::new(&id);
     let mut ids = vec![];
     for g in 1..=4 {
         let p = sim_point(
@@ -844,9 +845,7 @@ async fn a_point_in_use_never_keeps_pruning_from_the_others() {
 async fn a_snapshot_not_visible_yet_is_retried_not_given_up_or_deleted() {
     let tmp = tempfile::tempdir().unwrap();
     let id = disk(0);
-    let cfg = config(tmp.path());
-    let paths = DiskPaths::new(&cfg.image_dir, &cfg.state_dir, &id);
-    paths.create_dirs().unwrap();
+    let (paths, image, mut st) = sim_disk(tmp.path(), &id);
     let ebs = Arc::new(MemoryEbs {
         settle_describes: 1,
         ..MemoryEbs::new()
@@ -872,9 +871,6 @@ async fn a_snapshot_not_visible_yet_is_retried_not_given_up_or_deleted() {
     let mut pc = points_config();
     pc.visibility_window = Duration::from_secs(30);
     let pw = PointWriter::new(ebs.clone(), pc);
-    let image = std::fs::File::create(&paths.image).unwrap();
-    image.set_len(1 << 20).unwrap();
-    let mut st = state::DiskState::new(&id);
     let start: DateTime<Utc> = "2026-11-01T00:10:00Z".parse().unwrap();
     let p = sim_point(&pw, &mut st, &paths, &image, 1, start).await;
     assert_eq!(
@@ -892,14 +888,9 @@ async fn the_longest_disk_names_still_make_points() {
     let tmp = tempfile::tempdir().unwrap();
     let long = |c: char| std::iter::repeat_n(c, 128).collect::<String>();
     let id = DiskId::new(&long('s'), &long('v'), &long('d')).unwrap();
-    let cfg = config(tmp.path());
-    let paths = DiskPaths::new(&cfg.image_dir, &cfg.state_dir, &id);
-    paths.create_dirs().unwrap();
+    let (paths, image, mut st) = sim_disk(tmp.path(), &id);
     let ebs = Arc::new(MemoryEbs::new());
     let pw = PointWriter::new(ebs.clone(), points_config());
-    let image = std::fs::File::create(&paths.image).unwrap();
-    image.set_len(1 << 20).unwrap();
-    let mut st = state::DiskState::new(&id);
     let start: DateTime<Utc> = "2026-11-01T00:10:00Z".parse().unwrap();
     let p = sim_point(&pw, &mut st, &paths, &image, 1, start).await;
     let snap = ebs.get(&p.snapshot_id).unwrap();
@@ -919,13 +910,8 @@ async fn a_receiver_started_over_never_reuses_an_earlier_client_token() {
     let mut ids = vec![];
     for _ in 0..2 {
         let tmp = tempfile::tempdir().unwrap();
-        let cfg = config(tmp.path());
-        let paths = DiskPaths::new(&cfg.image_dir, &cfg.state_dir, &id);
-        paths.create_dirs().unwrap();
+        let (paths, image, mut st) = sim_disk(tmp.path(), &id);
         let pw = PointWriter::new(ebs.clone(), points_config());
-        let image = std::fs::File::create(&paths.image).unwrap();
-        image.set_len(1 << 20).unwrap();
-        let mut st = state::DiskState::new(&id);
         ids.push(
             sim_point(&pw, &mut st, &paths, &image, 1, start)
                 .await
