@@ -451,6 +451,8 @@ impl Ec2Api for MemoryEc2 {
         })?
     }
     async fn run_instance(&self, req: &LaunchRequest) -> Result<String, CloudError> {
+        // EC2 API reference, error codes: InvalidSubnetID.NotFound "The specified subnet
+        // does not exist" (this twin's unknown subnet is subnet-00000000).
         if req.subnet_id.as_deref() == Some("subnet-00000000") {
             return Err(ec2_error(
                 "RunInstances",
@@ -459,6 +461,8 @@ impl Ec2Api for MemoryEc2 {
                 "The subnet ID 'subnet-00000000' does not exist",
             ));
         }
+        // RunInstances API reference, ClientToken: "Constraints: Maximum 64 ASCII
+        // characters".
         if req.client_token.is_empty() || req.client_token.len() > 64 {
             return Err(ec2_error(
                 "RunInstances",
@@ -467,6 +471,7 @@ impl Ec2Api for MemoryEc2 {
                 "ClientToken must be 1 to 64 ASCII characters",
             ));
         }
+        // EC2 API reference, error codes: InvalidLaunchTemplateId.NotFound.
         if let Some((lt, _)) = &req.launch_template {
             let known = lock(&self.state).launch_templates.contains(lt);
             if !known {
@@ -481,7 +486,9 @@ impl Ec2Api for MemoryEc2 {
             }
         }
         self.call("RunInstances", |s| {
-            // As EC2 documents: the same token and parameters return the first launch.
+            // EC2 User Guide, "Ensure idempotency": a repeated request with the same client
+            // token returns the first one's result; other parameters with the same token
+            // are IdempotentParameterMismatch.
             if let Some(id) = s.launch_tokens.get(&req.client_token) {
                 return if s.instances.get(id) == Some(req) {
                     Ok(id.clone())
@@ -511,7 +518,24 @@ impl Ec2Api for MemoryEc2 {
         })
     }
     async fn delete_snapshot(&self, id: &str) -> Result<(), CloudError> {
-        self.call("DeleteSnapshot", |s| s.snapshots.retain(|x| x != id))
+        self.call("DeleteSnapshot", |s| {
+            // DeleteSnapshot API reference: "You cannot delete a snapshot of the root
+            // device of an EBS volume used by a registered AMI. You must first de-register
+            // the AMI" (InvalidSnapshot.InUse).
+            let in_use = s.registered.iter().any(|(ami, r)| {
+                s.images.contains_key(ami) && r.mappings.iter().any(|m| m.snapshot_id == id)
+            });
+            if in_use {
+                return Err(ec2_error(
+                    "DeleteSnapshot",
+                    ErrorKind::Invalid,
+                    Some("InvalidSnapshot.InUse"),
+                    format!("The snapshot {id} is currently in use by an AMI"),
+                ));
+            }
+            s.snapshots.retain(|x| x != id);
+            Ok(())
+        })?
     }
     async fn create_tags(
         &self,
@@ -528,6 +552,9 @@ impl Ec2Api for MemoryEc2 {
     async fn register_image(&self, req: &RegisterRequest) -> Result<String, CloudError> {
         req.check()?;
         self.call("RegisterImage", |s| {
+            // RegisterImage: an AMI name is unique in the account and Region
+            // (InvalidAMIName.Duplicate); every mapped snapshot must exist
+            // (InvalidSnapshot.NotFound).
             if s.registered.values().any(|r| r.name == req.name) {
                 return Err(ec2_error(
                     "RegisterImage",
