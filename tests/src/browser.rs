@@ -46,11 +46,21 @@ impl Rendered {
     }
 }
 
+/// A command without the shifted clock of `scripts/lib/a-year-ahead` (libfaketime,
+/// inherited through `LD_PRELOAD`): Chromium only renders a page, and stalls under it.
+fn real_clock(exe: &str) -> Command {
+    let mut cmd = Command::new(exe);
+    cmd.env_remove("LD_PRELOAD")
+        .env_remove("FAKETIME")
+        .env_remove("FAKETIME_DONT_FAKE_MONOTONIC");
+    cmd
+}
+
 fn chromium() -> Command {
     let exe = ["chromium", "/usr/bin/chromium", "chromium-browser"]
         .into_iter()
         .find(|c| {
-            Command::new(c)
+            real_clock(c)
                 .arg("--version")
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -58,7 +68,7 @@ fn chromium() -> Command {
                 .is_ok_and(|s| s.success())
         })
         .unwrap_or_else(|| panic!("chromium is not installed: run scripts/setup (apt: chromium)"));
-    let mut cmd = Command::new(exe);
+    let mut cmd = real_clock(exe);
     // As root in a sandboxed machine with no network: no sandbox, no GPU, and none of
     // the background connections a closed network refuses.
     cmd.args([
