@@ -344,7 +344,7 @@ impl<E: EbsApi + 'static> PointWriter<E> {
             Err(e) => return Err(e.into()),
         };
         // A snapshot just started may read as "does not exist" for a while.
-        let visible_by = tokio::time::Instant::now() + self.cfg.visibility_window;
+        let visible_by = self.visible_by();
         due.snapshot_id = Some(sid.clone());
         st.point_due = Some(due.clone());
         save(paths, st)?;
@@ -380,7 +380,7 @@ impl<E: EbsApi + 'static> PointWriter<E> {
         // What it wrote, for `points` (the size of each point); only informational.
         let n = digests.len() as u64;
         let tags = [(tag::BLOCKS.to_string(), n.to_string())];
-        let visible_by = tokio::time::Instant::now() + self.cfg.visibility_window;
+        let visible_by = self.visible_by();
         if let Err(e) = retrying_with(&self.cfg, 0, Some(visible_by), || {
             self.ebs.create_tags(&sid, &tags)
         })
