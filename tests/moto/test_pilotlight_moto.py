@@ -30,7 +30,9 @@ def linear(digests: list[bytes]) -> str:
     return base64.b64encode(hashlib.sha256(b"".join(digests)).digest()).decode()
 
 
-class Ebs(unittest.TestCase):
+class Mocked(unittest.TestCase):
+    """moto in-process, with the extension installed, and EBS and EC2 clients."""
+
     def setUp(self):
         self.mock = mock_aws()
         self.mock.start()
@@ -39,6 +41,9 @@ class Ebs(unittest.TestCase):
 
     def tearDown(self):
         self.mock.stop()
+
+
+class Ebs(Mocked):
 
     def start(self, **kw) -> str:
         kw.setdefault("VolumeSize", 1)
@@ -185,15 +190,7 @@ class Ebs(unittest.TestCase):
                          "ValidationException")
 
 
-class Ec2(unittest.TestCase):
-    def setUp(self):
-        self.mock = mock_aws()
-        self.mock.start()
-        self.ec2 = boto3.client("ec2", region_name="us-east-1")
-        self.ebs = boto3.client("ebs", region_name="us-east-1")
-
-    def tearDown(self):
-        self.mock.stop()
+class Ec2(Mocked):
 
     def test_register_image_keeps_its_mappings_and_its_snapshots_are_in_use(self):
         sid = self.ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
