@@ -1,51 +1,10 @@
-//! `points`, as both the receiver's and the DR CLI's subcommand: every VM recovery point,
-//! found by DescribeSnapshots on the points' tags (so it works from anywhere with
-//! `ec2:DescribeSnapshots`, not only on the receiver).
+//! `points`, as both the receiver's and the DR CLI's subcommand: every VM recovery point
+//! (read by `pilotlight_store::points`), its age against the RPO target, rendered.
 
 use chrono::{DateTime, Utc};
-use pilotlight_cloud::ebs::{EbsApi, SnapshotFilter, SnapshotStatus};
-use pilotlight_cloud::CloudError;
-use pilotlight_protocol::points::{tag, vm_points, Point, VmPoint};
-use pilotlight_protocol::DiskId;
+use pilotlight_protocol::points::{vm_points, Point, VmPoint};
 use std::fmt::Write;
 use std::time::Duration;
-
-/// The VM points of completed point snapshots, newest first per VM, optionally of one
-/// site and VM.
-pub async fn list<E: EbsApi>(
-    ebs: &E,
-    site: Option<&str>,
-    vm: Option<&str>,
-) -> Result<Vec<VmPoint>, CloudError> {
-    Ok(vm_points(&disk_points(ebs, site, vm).await?))
-}
-
-/// Every completed point snapshot, optionally of one site and VM.
-pub async fn disk_points<E: EbsApi>(
-    ebs: &E,
-    site: Option<&str>,
-    vm: Option<&str>,
-) -> Result<Vec<Point>, CloudError> {
-    let mut f = SnapshotFilter::default().tag(tag::POINT, "1");
-    if let Some(s) = site {
-        f = f.tag(tag::SITE, s);
-    }
-    if let Some(v) = vm {
-        f = f.tag(tag::VM, v);
-    }
-    completed(ebs, &f).await
-}
-
-/// The completed point snapshots `f` matches, read from their tags.
-async fn completed<E: EbsApi>(ebs: &E, f: &SnapshotFilter) -> Result<Vec<Point>, CloudError> {
-    Ok(ebs
-        .describe_snapshots(f)
-        .await?
-        .into_iter()
-        .filter(|s| s.status == SnapshotStatus::Completed)
-        .filter_map(|s| Point::from_tags(&s.id, &s.tags))
-        .collect())
-}
 
 /// Whether a lag is over the recovery point objective: DRS's `STALLED`. The receiver's
 /// `status` and the DR CLI's use this one rule.
@@ -174,29 +133,6 @@ pub fn render_lags(vms: &[VmLag], target: Duration) -> String {
     out
 }
 
-/// The completed point of generation `generation` of `disk` (of `stack`, when given),
-/// found by its tags.
-pub async fn of_generation<E: EbsApi>(
-    ebs: &E,
-    disk: &DiskId,
-    generation: u64,
-    stack: Option<&str>,
-) -> Result<Option<Point>, CloudError> {
-    let mut f = SnapshotFilter::default()
-        .tag(tag::POINT, "1")
-        .tag(tag::SITE, disk.site.as_str())
-        .tag(tag::VM, disk.vm.as_str())
-        .tag(tag::DISK, disk.disk.as_str())
-        .tag(tag::GENERATION, generation.to_string());
-    if let Some(stack) = stack.filter(|s| !s.is_empty()) {
-        f = f.tag(tag::STACK, stack);
-    }
-    Ok(completed(ebs, &f)
-        .await?
-        .into_iter()
-        .find(|p| p.disk == *disk && p.generation == generation))
-}
-
 /// One block per VM point: time, age, consistency, then each disk's generation,
 /// snapshot and size written (and `held` when a DR run holds it).
 pub fn render(points: &[VmPoint], now: DateTime<Utc>) -> String {
@@ -239,6 +175,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use chrono::TimeZone;
+    use pilotlight_protocol::DiskId;
 
     fn point(disk: &str, generation: u64, minutes_ago: i64, now: DateTime<Utc>) -> Point {
         Point {

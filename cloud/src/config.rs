@@ -210,3 +210,108 @@ impl Aws {
         }
     }
 }
+
+#[cfg(feature = "s3")]
+pub use lazy::LazyS3;
+
+#[cfg(feature = "s3")]
+mod lazy {
+    use super::AwsSettings;
+    use crate::error::CloudError;
+    use crate::s3::{ObjectStore, PutOptions, SdkS3, Versioned};
+    use bytes::Bytes;
+
+    /// [`SdkS3`], configured on first use: a command that fails on its own input (a
+    /// missing file, a bad flag) never resolves a region or credentials first.
+    #[derive(Debug)]
+    pub struct LazyS3 {
+        settings: AwsSettings,
+        bucket: String,
+        cell: tokio::sync::OnceCell<SdkS3>,
+    }
+
+    impl LazyS3 {
+        pub fn new(settings: AwsSettings, bucket: impl Into<String>) -> Self {
+            LazyS3 {
+                settings,
+                bucket: bucket.into(),
+                cell: tokio::sync::OnceCell::new(),
+            }
+        }
+
+        pub async fn get(&self) -> &SdkS3 {
+            self.cell
+                .get_or_init(|| async { self.settings.load().await.s3(self.bucket.clone()) })
+                .await
+        }
+    }
+
+    impl ObjectStore for LazyS3 {
+        fn bucket(&self) -> &str {
+            &self.bucket
+        }
+        async fn get(&self, key: &str, max_len: u64) -> Result<Bytes, CloudError> {
+            ObjectStore::get(self.get().await, key, max_len).await
+        }
+        async fn get_range(&self, key: &str, start: u64, len: u64) -> Result<Bytes, CloudError> {
+            self.get().await.get_range(key, start, len).await
+        }
+        async fn head(&self, key: &str) -> Result<Option<u64>, CloudError> {
+            self.get().await.head(key).await
+        }
+        async fn list(
+            &self,
+            prefix: &str,
+            keep: fn(&str) -> bool,
+        ) -> Result<Vec<String>, CloudError> {
+            self.get().await.list(prefix, keep).await
+        }
+        async fn put(
+            &self,
+            key: &str,
+            body: Bytes,
+            opts: PutOptions,
+        ) -> Result<Option<String>, CloudError> {
+            self.get().await.put(key, body, opts).await
+        }
+        async fn get_versioned(
+            &self,
+            key: &str,
+            max_len: u64,
+        ) -> Result<Option<Versioned>, CloudError> {
+            self.get().await.get_versioned(key, max_len).await
+        }
+        async fn delete(&self, key: &str) -> Result<(), CloudError> {
+            self.get().await.delete(key).await
+        }
+        async fn create_multipart(&self, key: &str) -> Result<String, CloudError> {
+            self.get().await.create_multipart(key).await
+        }
+        async fn upload_part(
+            &self,
+            key: &str,
+            upload_id: &str,
+            number: i32,
+            body: Bytes,
+        ) -> Result<String, CloudError> {
+            self.get()
+                .await
+                .upload_part(key, upload_id, number, body)
+                .await
+        }
+        async fn complete_multipart(
+            &self,
+            key: &str,
+            upload_id: &str,
+            parts: Vec<(i32, String)>,
+        ) -> Result<(), CloudError> {
+            self.get()
+                .await
+                .complete_multipart(key, upload_id, parts)
+                .await
+        }
+        async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), CloudError> {
+            self.get().await.abort_multipart(key, upload_id).await
+        }
+    }
+}

@@ -9,6 +9,9 @@
 //!   through the SDK to the emulator;
 //! - one error type, [`CloudError`], that says whether trying again later can help;
 //! - one SDK configuration builder, [`config::AwsSettings`], for every binary and the test kit.
+//!
+//! Each service is a folder: `mod.rs` the trait and its request types, `memory.rs` the
+//! in-memory twin, `sdk.rs` the SDK client, `tests.rs` the twin's tests.
 
 pub mod config;
 pub mod ebs;
@@ -19,6 +22,8 @@ pub mod metrics;
 pub mod s3;
 pub mod sqs;
 
+#[cfg(feature = "s3")]
+pub use config::LazyS3;
 pub use config::{Aws, AwsSettings};
 pub use error::{CloudError, ErrorKind};
 pub use fault::{Fault, Faults};

@@ -6,7 +6,8 @@
 //! - [`state`]: what each image holds, saved atomically after fsync;
 //! - [`export`]: an image to the bucket, import-ready (DR);
 //! - [`points`]: recovery points: each applied generation as an EBS snapshot, pruned by tiers;
-//! - [`engine`]: the loop: events in, generations applied in order per disk.
+//! - [`engine`]: the loop: events in, generations applied in order per disk;
+//! - [`status`]: each disk's status from its state (the `status` command, the metrics).
 //!
 //! The bucket, the queue and EBS are reached through `pilotlight-cloud`'s `ObjectStore`,
 //! `Queue` and `EbsApi` (the SDK against AWS or the emulator, or in-memory twins in tests).
@@ -18,3 +19,4 @@ pub mod image;
 pub mod metrics;
 pub mod points;
 pub mod state;
+pub mod status;

@@ -450,7 +450,8 @@ async fn run(cli: Cli) -> Result<()> {
         } => {
             let s = settings.with_file()?;
             let ebs = s.aws().await.ebs();
-            let points = pilotlight_cli::points::list(&ebs, site.as_deref(), vm.as_deref()).await?;
+            let points =
+                pilotlight_store::points::list(&ebs, site.as_deref(), vm.as_deref()).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&points)?);
             } else {

@@ -5,7 +5,7 @@
 //! time; a failed put is logged and its data kept for the next one, up to a bound, then
 //! the oldest is dropped (CloudWatch down for long loses metrics, never replication).
 
-use crate::engine::DiskStatus;
+use crate::status::DiskStatus;
 use pilotlight_cloud::metrics::{Datum, MetricsApi, Unit};
 use pilotlight_cloud::CloudError;
 use pilotlight_protocol::DiskId;

@@ -10,7 +10,10 @@
 //! one, whatever its state, is deleted and the point written again. A point is recorded
 //! only once EBS reports it `completed`; pruning deletes what a crash orphaned.
 
+mod retention;
+
 use crate::state::{self, DiskPaths, DiskState};
+pub use crate::state::{PointDue, PointRecord};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
@@ -20,8 +23,7 @@ use pilotlight_cloud::ebs::{
 };
 use pilotlight_cloud::CloudError;
 use pilotlight_protocol::points::{retained, tag, Point, PointInfo, Tiers};
-use pilotlight_protocol::{Consistency, DiskId, Extent, Manifest};
-use serde::{Deserialize, Serialize};
+use pilotlight_protocol::{DiskId, Extent, Manifest};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
@@ -75,50 +77,6 @@ impl PointsConfig {
             visibility_window: Duration::from_secs(120),
         }
     }
-}
-
-/// A point that was written and completed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PointRecord {
-    pub generation: u64,
-    pub snapshot_id: String,
-    pub snapshot_time: DateTime<Utc>,
-    pub disk_size: u64,
-    /// Blocks written into it (unknown when a restart found it completed).
-    pub blocks_written: Option<u64>,
-    pub parent: Option<String>,
-}
-
-/// The point the applied generation still needs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PointDue {
-    pub generation: u64,
-    /// The generation's parent: the previous point is this point's parent only when it
-    /// holds exactly that generation.
-    pub parent_generation: Option<u64>,
-    pub snapshot_time: DateTime<Utc>,
-    pub consistency: Consistency,
-    pub change_id: Option<String>,
-    pub disk_size: u64,
-    /// Block index ranges `[start, end)` the generation touched.
-    pub blocks: Vec<(u64, u64)>,
-    /// Attempts so far (the client token of each is different).
-    pub attempt: u32,
-    /// The snapshot of the current attempt, once started.
-    pub snapshot_id: Option<String>,
-    /// CompleteSnapshot was accepted for it.
-    pub sealed: bool,
-    /// The parent point of the current attempt (none: a full point).
-    #[serde(default)]
-    pub parent_snapshot: Option<String>,
-    /// Random, made with the due point: part of every attempt's StartSnapshot client
-    /// token, so a receiver whose state was lost and that applies the same generation
-    /// again never gets an older receiver's snapshot back from the token ("subsequent
-    /// retries with the same client token return the result from the original
-    /// successful request", StartSnapshot API reference). Absent in older state files:
-    /// made before the next attempt.
-    #[serde(default)]
-    pub token_salt: Option<String>,
 }
 
 impl PointDue {
@@ -587,141 +545,6 @@ impl<E: EbsApi + 'static> PointWriter<E> {
         st.point_error = Some(why.to_string());
         save(paths, st)
     }
-
-    /// Applies the retention tiers to this disk's points (this stack's only) and deletes
-    /// what a crash left unfinished. Idempotent. Returns how many snapshots it deleted.
-    pub async fn prune(
-        &self,
-        id: &DiskId,
-        st: &mut DiskState,
-        paths: &DiskPaths,
-        now: DateTime<Utc>,
-    ) -> Result<usize, PointError> {
-        let filter = SnapshotFilter::default()
-            .tag(tag::POINT, "1")
-            .tag(tag::STACK, &self.cfg.stack)
-            .tag(tag::SITE, id.site.as_str())
-            .tag(tag::VM, id.vm.as_str())
-            .tag(tag::DISK, id.disk.as_str());
-        let found = self
-            .retrying(|| self.ebs.describe_snapshots(&filter))
-            .await?;
-        let under_way = st.point_due.as_ref().and_then(|d| d.snapshot_id.clone());
-        let mut doomed = Vec::new();
-        let mut completed = Vec::new();
-        for s in found {
-            if s.status == SnapshotStatus::Completed {
-                if let Some(p) = Point::from_tags(&s.id, &s.tags) {
-                    completed.push(p);
-                }
-            } else if under_way.as_deref() != Some(s.id.as_str()) {
-                doomed.push(s.id);
-            }
-        }
-        let keep = retained(
-            completed
-                .iter()
-                .map(|p| (p.snapshot_id.as_str(), p.snapshot_time, p.hold)),
-            now,
-            &self.cfg.tiers,
-        );
-        let mut locked = self.lock_daily(&completed, now).await;
-        locked.extend(
-            completed
-                .iter()
-                .filter(|p| p.locked_until.is_some_and(|t| t > now))
-                .map(|p| p.snapshot_id.clone()),
-        );
-        doomed.extend(
-            completed
-                .iter()
-                .filter(|p| !keep.contains(p.snapshot_id.as_str()))
-                .filter(|p| !locked.contains(&p.snapshot_id))
-                .map(|p| p.snapshot_id.clone()),
-        );
-        // One snapshot that cannot go (e.g. InvalidSnapshot.InUse: an AMI registered from
-        // it) never keeps the others: each is tried, a failure logged and tried again at
-        // the next pruning.
-        let mut deleted = 0;
-        for sid in &doomed {
-            match self.retrying(|| self.ebs.delete_snapshot(sid)).await {
-                Ok(()) => deleted += 1,
-                Err(e) if e.is_not_found() => {}
-                Err(e) => {
-                    tracing::warn!(
-                        snapshot = %sid,
-                        "a pruned recovery point cannot be deleted yet, tried again at the next pruning: {e}"
-                    );
-                    continue;
-                }
-            }
-            st.points.retain(|p| &p.snapshot_id != sid);
-        }
-        if deleted > 0 {
-            save(paths, st)?;
-        }
-        Ok(deleted)
-    }
-}
-
-impl<E: EbsApi + 'static> PointWriter<E> {
-    /// With a lock mode set: locks each UTC day's first point (the one the daily tier
-    /// keeps) that is not locked yet, until it would leave the daily tier, and tags it
-    /// `pilotlight:locked-until`; such a point is never offered for deletion before then.
-    /// A lock that fails is logged and tried again at the next pruning. Returns the ids
-    /// it locked.
-    async fn lock_daily(&self, completed: &[Point], now: DateTime<Utc>) -> Vec<String> {
-        let Some(mode) = self.cfg.lock else {
-            return Vec::new();
-        };
-        let mut first_of_day: BTreeMap<chrono::NaiveDate, &Point> = BTreeMap::new();
-        for p in completed {
-            let slot = first_of_day
-                .entry(p.snapshot_time.date_naive())
-                .or_insert(p);
-            if p.snapshot_time < slot.snapshot_time {
-                *slot = p;
-            }
-        }
-        let mut locked = Vec::new();
-        for p in first_of_day.values().filter(|p| p.locked_until.is_none()) {
-            let left = self.cfg.tiers.keep_daily - (now - p.snapshot_time);
-            if left <= chrono::Duration::zero() {
-                continue;
-            }
-            let days = (left.num_seconds() as u64)
-                .div_ceil(86_400)
-                .clamp(1, 36_500) as u32;
-            let until = now + chrono::Duration::days(days as i64);
-            let tags = [(
-                tag::LOCKED_UNTIL.to_string(),
-                pilotlight_protocol::points::time_tag(until),
-            )];
-            let sid = p.snapshot_id.as_str();
-            let res = async {
-                self.retrying(|| self.ebs.lock_snapshot(sid, mode, days))
-                    .await?;
-                self.retrying(|| self.ebs.create_tags(sid, &tags)).await
-            }
-            .await;
-            match res {
-                Ok(()) => {
-                    tracing::info!(
-                        snapshot = sid,
-                        mode = mode.as_str(),
-                        days,
-                        "recovery point locked"
-                    );
-                    locked.push(p.snapshot_id.clone());
-                }
-                Err(e) => tracing::warn!(
-                    snapshot = sid,
-                    "cannot lock a daily recovery point, tried again at the next pruning: {e}"
-                ),
-            }
-        }
-        locked
-    }
 }
 
 /// `f` until it succeeds, fails for good, or `cfg.call_attempts` attempts have failed;
@@ -789,21 +612,4 @@ pub fn read_block(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn blocks_cover_touched_extents() {
-        let b = BLOCK_SIZE;
-        let r = block_ranges([
-            Extent::new(0, 512),
-            Extent::new(b - 512, 1024),
-            Extent::new(10 * b, b),
-            Extent::new(3 * b + 4096, 0),
-        ]);
-        assert_eq!(r, vec![(0, 2), (10, 11)]);
-        assert_eq!(volume_gib(1), 1);
-        assert_eq!(volume_gib(1 << 30), 1);
-        assert_eq!(volume_gib((1 << 30) + 512), 2);
-    }
-}
+mod tests;

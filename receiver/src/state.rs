@@ -5,10 +5,9 @@
 //! Saved only after the image is fsynced, so the state never claims a generation whose
 //! bytes are not on disk.
 
-use crate::points::{PointDue, PointRecord};
 use chrono::{DateTime, Utc};
 use pilotlight_durable::DurableError;
-use pilotlight_protocol::DiskId;
+use pilotlight_protocol::{Consistency, DiskId};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -91,4 +90,48 @@ pub fn load(paths: &DiskPaths, disk: &DiskId) -> Result<DiskState, DurableError>
 
 pub fn save(paths: &DiskPaths, st: &DiskState) -> Result<(), DurableError> {
     pilotlight_durable::save(&paths.state, STATE_VERSION, st)
+}
+
+/// A point that was written and completed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointRecord {
+    pub generation: u64,
+    pub snapshot_id: String,
+    pub snapshot_time: DateTime<Utc>,
+    pub disk_size: u64,
+    /// Blocks written into it (unknown when a restart found it completed).
+    pub blocks_written: Option<u64>,
+    pub parent: Option<String>,
+}
+
+/// The point the applied generation still needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointDue {
+    pub generation: u64,
+    /// The generation's parent: the previous point is this point's parent only when it
+    /// holds exactly that generation.
+    pub parent_generation: Option<u64>,
+    pub snapshot_time: DateTime<Utc>,
+    pub consistency: Consistency,
+    pub change_id: Option<String>,
+    pub disk_size: u64,
+    /// Block index ranges `[start, end)` the generation touched.
+    pub blocks: Vec<(u64, u64)>,
+    /// Attempts so far (the client token of each is different).
+    pub attempt: u32,
+    /// The snapshot of the current attempt, once started.
+    pub snapshot_id: Option<String>,
+    /// CompleteSnapshot was accepted for it.
+    pub sealed: bool,
+    /// The parent point of the current attempt (none: a full point).
+    #[serde(default)]
+    pub parent_snapshot: Option<String>,
+    /// Random, made with the due point: part of every attempt's StartSnapshot client
+    /// token, so a receiver whose state was lost and that applies the same generation
+    /// again never gets an older receiver's snapshot back from the token ("subsequent
+    /// retries with the same client token return the result from the original
+    /// successful request", StartSnapshot API reference). Absent in older state files:
+    /// made before the next attempt.
+    #[serde(default)]
+    pub token_salt: Option<String>,
 }

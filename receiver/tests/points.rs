@@ -324,7 +324,7 @@ async fn five_generations_of_a_two_disk_vm_are_five_vm_points() {
         }
         settle(&mut eng, root, &ids, &[g as u64 + 1; 2]).await;
     }
-    let vm = pilotlight_cli::points::list(&ebs, Some("s"), Some("vm0"))
+    let vm = pilotlight_store::points::list(&ebs, Some("s"), Some("vm0"))
         .await
         .unwrap();
     assert_eq!(vm.len(), 5, "{vm:?}");
@@ -369,7 +369,7 @@ async fn five_generations_of_a_two_disk_vm_are_five_vm_points() {
     );
     commit(&store, &more, 5);
     settle(&mut eng, root, &ids, &[6, 5]).await;
-    let vm = pilotlight_cli::points::list(&ebs, Some("s"), Some("vm0"))
+    let vm = pilotlight_store::points::list(&ebs, Some("s"), Some("vm0"))
         .await
         .unwrap();
     assert_eq!(

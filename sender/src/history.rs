@@ -7,8 +7,9 @@
 //! are stepped over (the next generation goes past them; the receiver follows parents, so
 //! the gap is harmless) and logged with their key.
 
-use pilotlight_cloud::{CloudError, ErrorKind, ObjectStore};
-use pilotlight_protocol::{DiskId, Manifest, ObjectKey, Prefix, MAX_MANIFEST_BYTES};
+use pilotlight_cloud::{CloudError, ObjectStore};
+use pilotlight_protocol::{DiskId, Prefix};
+use pilotlight_store::{manifests, DocError};
 
 /// A valid manifest the bucket holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,21 +46,11 @@ pub async fn read<S: ObjectStore>(
     disk: &DiskId,
     known: Option<u64>,
 ) -> Result<BucketHistory, CloudError> {
-    let keys = store
-        .list(
-            &pilotlight_protocol::keys::generation_prefix(prefix, disk),
-            |k| k.ends_with("/manifest.json"),
-        )
-        .await?;
-    let mut above: Vec<(u64, String)> = keys
+    let mut above: Vec<(u64, String)> = manifests::list(store, prefix, disk)
+        .await?
         .into_iter()
-        .filter_map(|k| match ObjectKey::parse(prefix, &k) {
-            Ok(ObjectKey::Manifest {
-                disk: d,
-                generation,
-            }) if d == *disk && Some(generation) > known => Some((generation, k)),
-            _ => None,
-        })
+        .filter(|g| Some(*g) > known)
+        .map(|g| (g, manifests::key(prefix, disk, g)))
         .collect();
     above.sort_unstable_by_key(|(g, _)| std::cmp::Reverse(*g));
     let mut history = BucketHistory {
@@ -67,7 +58,7 @@ pub async fn read<S: ObjectStore>(
         ..BucketHistory::default()
     };
     for (generation, key) in above {
-        match check(store, disk, generation, &key).await? {
+        match check(store, prefix, disk, generation).await? {
             Verdict::Valid => {
                 history.newest_valid = Some(Committed { generation, key });
                 break;
@@ -93,33 +84,17 @@ enum Verdict {
     NotOurs(String),
 }
 
-/// Reads and checks the object at `key` (a failure to read it is the error).
+/// Reads and checks the manifest of `generation` (a failure to read it is the error).
 async fn check<S: ObjectStore>(
     store: &S,
+    prefix: &Prefix,
     disk: &DiskId,
     generation: u64,
-    key: &str,
 ) -> Result<Verdict, CloudError> {
-    let bytes = match store.get(key, MAX_MANIFEST_BYTES as u64).await {
-        Ok(b) => b,
-        Err(e) if e.kind == ErrorKind::NotFound => {
-            return Ok(Verdict::NotOurs("it is gone".into()))
-        }
-        Err(e) if e.kind == ErrorKind::TooLarge => {
-            return Ok(Verdict::NotOurs(format!(
-                "it is larger than a manifest may be ({MAX_MANIFEST_BYTES} bytes)"
-            )))
-        }
-        Err(e) => return Err(e),
-    };
-    let key_of = ObjectKey::Manifest {
-        disk: disk.clone(),
-        generation,
-    };
-    Ok(
-        match Manifest::from_json(&bytes).and_then(|m| m.check_key(&key_of)) {
-            Ok(()) => Verdict::Valid,
-            Err(e) => Verdict::NotOurs(e.to_string()),
-        },
-    )
+    match manifests::read(store, prefix, disk, generation).await {
+        Ok(_) => Ok(Verdict::Valid),
+        Err(DocError::Missing { .. }) => Ok(Verdict::NotOurs("it is gone".into())),
+        Err(DocError::Invalid { detail, .. }) => Ok(Verdict::NotOurs(detail)),
+        Err(DocError::Read(e)) => Err(e),
+    }
 }

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use pilotlight_cloud::s3::LazyS3;
+use pilotlight_cloud::config::LazyS3;
 use pilotlight_cloud::{AwsSettings, MemoryStore};
 use pilotlight_protocol::{
     Consistency, DiskId, Prefix, DEFAULT_MAX_OBJECT, MAX_OBJECT_LIMIT, SPLIT_ALIGN,

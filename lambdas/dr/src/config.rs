@@ -1,13 +1,11 @@
 //! Settings (environment variables, or flags of the CLI) and the AWS clients.
 
-use crate::handler::{DrConfig, DrEnv};
-use crate::sim::SimulatedImport;
+use pilotlight_cloud::ebs::NoEbs;
 use pilotlight_cloud::ebs::SdkEbs;
-use pilotlight_cloud::ec2::{
-    Ec2Api, ImportRequest, ImportTask, InstanceHealth, LaunchRequest, RegisterRequest, SdkEc2,
-};
+#[cfg(not(feature = "sim"))]
+use pilotlight_cloud::ec2::SdkEc2;
 use pilotlight_cloud::s3::SdkS3;
-use pilotlight_cloud::{Aws, AwsSettings, CloudError};
+use pilotlight_cloud::{Aws, AwsSettings};
 use pilotlight_protocol::Prefix;
 use std::time::Duration;
 
@@ -65,8 +63,10 @@ pub struct DrSettings {
     pub endpoint_url: Option<String>,
     #[arg(long, env = "AWS_REGION")]
     pub region: Option<String>,
-    /// EMULATOR ONLY: simulate EC2 image import, which the emulator lacks. The value
+    /// EMULATOR ONLY (builds with the `sim` feature: tests, the demo, never the
+    /// packaged Lambda): simulate EC2 image import, which the emulator lacks. The value
     /// `ok` completes; any other value is the failure's StatusMessage.
+    #[cfg(feature = "sim")]
     #[arg(long, env = "PILOTLIGHT_DR_SIMULATE_IMPORT")]
     pub simulate_import: Option<String>,
 }
@@ -115,23 +115,19 @@ impl DrSettings {
     }
 
     /// The handler's environment: clients for the bucket and EC2.
-    pub async fn env(&self) -> Result<DrEnv<SdkS3, AnyEc2, SdkEbs>, ConfigError> {
+    pub async fn env(&self) -> Result<DrEnv<SdkS3, DrEc2, SdkEbs>, ConfigError> {
         let cfg = self.dr_config()?;
         let aws = self.aws().await;
         let store = aws.s3(cfg.bucket.clone());
-        let sdk = aws.ec2();
-        let ec2 = match &self.simulate_import {
-            None => AnyEc2::Sdk(sdk),
-            Some(mode) => AnyEc2::Simulated(SimulatedImport {
-                inner: sdk,
-                store: store.clone(),
-                prefix: format!(
-                    "{}simulated-imports/",
-                    cfg.runs_prefix.trim_end_matches("runs/")
-                ),
-                fail: (mode != "ok" && !mode.is_empty()).then(|| mode.clone()),
-            }),
-        };
+        #[cfg(feature = "sim")]
+        let ec2 = crate::sim::AnyEc2::new(
+            aws.ec2(),
+            &store,
+            &cfg.runs_prefix,
+            self.simulate_import.as_deref(),
+        );
+        #[cfg(not(feature = "sim"))]
+        let ec2 = aws.ec2();
         Ok(DrEnv {
             store,
             ec2,
@@ -141,64 +137,98 @@ impl DrSettings {
     }
 }
 
-/// The real EC2, or the same with a simulated import (emulator only).
+/// The EC2 client of the handler: the SDK's; in builds with the `sim` feature, the same
+/// with a simulated image import that `--simulate-import` switches on.
+#[cfg(feature = "sim")]
+pub type DrEc2 = crate::sim::AnyEc2;
+#[cfg(not(feature = "sim"))]
+pub type DrEc2 = SdkEc2;
+
+/// Settings of the DR function (environment variables in the Lambda).
 #[derive(Debug, Clone)]
-pub enum AnyEc2 {
-    Sdk(SdkEc2),
-    Simulated(SimulatedImport<SdkEc2, SdkS3>),
+pub struct DrConfig {
+    pub bucket: String,
+    /// The replication prefix (the receiver's).
+    pub prefix: Prefix,
+    /// Where run records live; outside the replication prefix, so the receiver's
+    /// notification never carries them.
+    pub runs_prefix: String,
+    /// The service role ImportImage uses (`vmimport`).
+    pub vmimport_role: String,
+    /// How long the receiver may take to export before the run fails.
+    pub export_timeout: Duration,
+    /// How long EC2 may take to import before the run fails.
+    pub import_timeout: Duration,
+    /// Drills launch here instead of the request's subnet and security groups.
+    pub drill_subnet_id: Option<String>,
+    pub drill_security_group_ids: Vec<String>,
+    /// Customer KMS key for imported snapshots; `None`: the account's EBS default key.
+    pub kms_key_id: Option<String>,
+    /// Only recovery points of this stack (tag `pilotlight:stack`); `None`: any.
+    pub stack: Option<String>,
+    /// How long a launched instance may take to pass its status checks.
+    pub verify_timeout: Duration,
+    /// How long RegisterImage may keep failing for now before the run fails.
+    pub register_timeout: Duration,
 }
 
-macro_rules! both {
-    ($self:ident, $e:ident => $call:expr) => {
-        match $self {
-            AnyEc2::Sdk($e) => $call,
-            AnyEc2::Simulated($e) => $call,
+impl DrConfig {
+    pub fn new(bucket: &str, prefix: Prefix) -> Self {
+        Self {
+            bucket: bucket.into(),
+            prefix,
+            runs_prefix: "pilotlight-dr/runs/".into(),
+            vmimport_role: "vmimport".into(),
+            export_timeout: Duration::from_secs(6 * 3600),
+            import_timeout: Duration::from_secs(12 * 3600),
+            drill_subnet_id: None,
+            drill_security_group_ids: Vec::new(),
+            kms_key_id: None,
+            stack: None,
+            verify_timeout: Duration::from_secs(20 * 60),
+            register_timeout: Duration::from_secs(30 * 60),
         }
-    };
+    }
+
+    pub(crate) fn run_key(&self, run_id: &str) -> String {
+        format!("{}{run_id}.json", self.runs_prefix)
+    }
+
+    /// The run's HTML report, beside its record.
+    pub fn report_key(&self, run_id: &str) -> String {
+        format!("{}{run_id}.html", self.runs_prefix)
+    }
+
+    /// The run ids of a recovery of several VMs (`groups/` is not a run: `status` lists
+    /// only the records directly under the runs prefix).
+    pub fn group_key(&self, group: &str) -> String {
+        format!("{}groups/{group}.json", self.runs_prefix)
+    }
+
+    /// Beside the run records (`pilotlight-dr/` by default).
+    pub(crate) fn base(&self) -> &str {
+        self.runs_prefix
+            .strip_suffix("runs/")
+            .unwrap_or(&self.runs_prefix)
+    }
+
+    /// Where a VM's snapshot-ready marker lives: beside the run records.
+    pub fn ready_key(&self, site: &str, vm: &str) -> String {
+        format!("{}ready/{site}/{vm}.json", self.base())
+    }
+
+    /// Where a VM's saved recovery settings live.
+    pub fn vm_settings_key(&self, site: &str, vm: &str) -> String {
+        format!("{}vms/{site}/{vm}.json", self.base())
+    }
 }
 
-impl Ec2Api for AnyEc2 {
-    async fn import_image(&self, req: &ImportRequest) -> Result<String, CloudError> {
-        both!(self, e => e.import_image(req).await)
-    }
-    async fn describe_import_image_task(&self, id: &str) -> Result<ImportTask, CloudError> {
-        both!(self, e => e.describe_import_image_task(id).await)
-    }
-    async fn run_instance(&self, req: &LaunchRequest) -> Result<String, CloudError> {
-        both!(self, e => e.run_instance(req).await)
-    }
-    async fn terminate_instances(&self, ids: &[String]) -> Result<(), CloudError> {
-        both!(self, e => e.terminate_instances(ids).await)
-    }
-    async fn deregister_image(&self, id: &str) -> Result<(), CloudError> {
-        both!(self, e => e.deregister_image(id).await)
-    }
-    async fn delete_snapshot(&self, id: &str) -> Result<(), CloudError> {
-        both!(self, e => e.delete_snapshot(id).await)
-    }
-    async fn create_tags(
-        &self,
-        ids: &[String],
-        tags: &[(String, String)],
-    ) -> Result<(), CloudError> {
-        both!(self, e => e.create_tags(ids, tags).await)
-    }
-    async fn register_image(&self, req: &RegisterRequest) -> Result<String, CloudError> {
-        both!(self, e => e.register_image(req).await)
-    }
-    async fn find_image(&self, name: &str) -> Result<Option<String>, CloudError> {
-        both!(self, e => e.find_image(name).await)
-    }
-    async fn instance_health(&self, id: &str) -> Result<Option<InstanceHealth>, CloudError> {
-        both!(self, e => e.instance_health(id).await)
-    }
-    async fn console_output(&self, id: &str) -> Result<Option<String>, CloudError> {
-        both!(self, e => e.console_output(id).await)
-    }
-    async fn instance_profile(&self, id: &str) -> Result<Option<String>, CloudError> {
-        both!(self, e => e.instance_profile(id).await)
-    }
-    async fn ssm_ping(&self, id: &str) -> Result<Option<String>, CloudError> {
-        both!(self, e => e.ssm_ping(id).await)
-    }
+/// Everything a handler call needs.
+#[derive(Debug)]
+pub struct DrEnv<S, E, B = NoEbs> {
+    pub store: S,
+    pub ec2: E,
+    /// The recovery points (EC2 DescribeSnapshots and tags on them).
+    pub ebs: B,
+    pub cfg: DrConfig,
 }

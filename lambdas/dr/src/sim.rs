@@ -15,6 +15,7 @@ use pilotlight_cloud::ec2::{
     Ec2Api, ImportRequest, ImportTask, InstanceHealth, LaunchRequest, MemoryEc2, RegisterRequest,
     SdkEc2, IMPORT_FAILS_AFTER, IMPORT_STEPS,
 };
+use pilotlight_cloud::s3::SdkS3;
 use pilotlight_cloud::{CloudError, ErrorKind, ObjectStore, PutOptions};
 use serde::{Deserialize, Serialize};
 use std::future::Future;
@@ -318,5 +319,87 @@ impl SimBackend for MemoryEc2 {
         _boot_mode: Option<&str>,
     ) -> Result<String, CloudError> {
         self.register_image(name, snapshot)
+    }
+}
+
+/// The real EC2, or the same with a simulated import (emulator only).
+#[derive(Debug, Clone)]
+pub enum AnyEc2 {
+    Sdk(SdkEc2),
+    Simulated(SimulatedImport<SdkEc2, SdkS3>),
+}
+
+impl AnyEc2 {
+    /// The SDK's EC2, wrapped with a simulated import when `mode` is given (`ok`
+    /// completes; any other value is the failure's StatusMessage) that keeps its tasks
+    /// beside the run records (`runs_prefix`).
+    pub fn new(sdk: SdkEc2, store: &SdkS3, runs_prefix: &str, mode: Option<&str>) -> Self {
+        match mode {
+            None => AnyEc2::Sdk(sdk),
+            Some(mode) => AnyEc2::Simulated(SimulatedImport {
+                inner: sdk,
+                store: store.clone(),
+                prefix: format!(
+                    "{}simulated-imports/",
+                    runs_prefix.trim_end_matches("runs/")
+                ),
+                fail: (mode != "ok" && !mode.is_empty()).then(|| mode.to_string()),
+            }),
+        }
+    }
+}
+
+macro_rules! both {
+    ($self:ident, $e:ident => $call:expr) => {
+        match $self {
+            AnyEc2::Sdk($e) => $call,
+            AnyEc2::Simulated($e) => $call,
+        }
+    };
+}
+
+impl Ec2Api for AnyEc2 {
+    async fn import_image(&self, req: &ImportRequest) -> Result<String, CloudError> {
+        both!(self, e => e.import_image(req).await)
+    }
+    async fn describe_import_image_task(&self, id: &str) -> Result<ImportTask, CloudError> {
+        both!(self, e => e.describe_import_image_task(id).await)
+    }
+    async fn run_instance(&self, req: &LaunchRequest) -> Result<String, CloudError> {
+        both!(self, e => e.run_instance(req).await)
+    }
+    async fn terminate_instances(&self, ids: &[String]) -> Result<(), CloudError> {
+        both!(self, e => e.terminate_instances(ids).await)
+    }
+    async fn deregister_image(&self, id: &str) -> Result<(), CloudError> {
+        both!(self, e => e.deregister_image(id).await)
+    }
+    async fn delete_snapshot(&self, id: &str) -> Result<(), CloudError> {
+        both!(self, e => e.delete_snapshot(id).await)
+    }
+    async fn create_tags(
+        &self,
+        ids: &[String],
+        tags: &[(String, String)],
+    ) -> Result<(), CloudError> {
+        both!(self, e => e.create_tags(ids, tags).await)
+    }
+    async fn register_image(&self, req: &RegisterRequest) -> Result<String, CloudError> {
+        both!(self, e => e.register_image(req).await)
+    }
+    async fn find_image(&self, name: &str) -> Result<Option<String>, CloudError> {
+        both!(self, e => e.find_image(name).await)
+    }
+    async fn instance_health(&self, id: &str) -> Result<Option<InstanceHealth>, CloudError> {
+        both!(self, e => e.instance_health(id).await)
+    }
+    async fn console_output(&self, id: &str) -> Result<Option<String>, CloudError> {
+        both!(self, e => e.console_output(id).await)
+    }
+    async fn instance_profile(&self, id: &str) -> Result<Option<String>, CloudError> {
+        both!(self, e => e.instance_profile(id).await)
+    }
+    async fn ssm_ping(&self, id: &str) -> Result<Option<String>, CloudError> {
+        both!(self, e => e.ssm_ping(id).await)
     }
 }

@@ -1,6 +1,6 @@
 //! What a received message is, decided from its body alone (no I/O).
 
-use super::EngineConfig;
+use super::context::EngineConfig;
 use pilotlight_protocol::keys::{EXPORT_REQUEST_FILE, EXPORT_RESULT_FILE, MANIFEST_FILE};
 use pilotlight_protocol::{parse_notification, DiskId, Name, ObjectKey, S3Notification};
 

@@ -1,192 +1,29 @@
 //! One disk's turn: which generation comes next (its parent applied, else the newest
 //! base), applying it, saving the state, and only then deleting its messages.
 
-use super::exports::{run_exports, PendingExport};
-use super::lifetime::{delete_messages, Held, KeepAlive};
+use super::context::{Disk, Turn};
+use super::exports::run_exports;
+use super::lifetime::{delete_messages, KeepAlive};
 use super::prefetch::{prefetch_dir, remove_prefetched_up_to};
-use super::EngineConfig;
 use crate::apply::{apply, ApplyOptions};
 use crate::image::FileImage;
 use crate::points::{PointDue, PointWriter, MAX_POINT_ATTEMPTS};
-use crate::state::{self, DiskPaths, DiskState};
+use crate::state::{self};
 use chrono::Utc;
 use pilotlight_cloud::ebs::EbsApi;
-use pilotlight_cloud::{CloudError, ErrorKind, ObjectStore, Queue};
-use pilotlight_protocol::{DiskId, Manifest, Name, ObjectKey, Prefix, MAX_MANIFEST_BYTES};
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use pilotlight_cloud::{ObjectStore, Queue};
+use pilotlight_protocol::DiskId;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-/// Why a manifest could not be taken up.
-#[derive(Debug, thiserror::Error)]
-pub enum LearnError {
-    /// The bucket did not answer as it should: transient (throttling, 5xx, timeout) or
-    /// not (missing, access denied).
-    #[error("{0}")]
-    Read(CloudError),
-    /// The manifest itself is wrong: it goes to the dead-letter queue.
-    #[error("{key}: {detail}")]
-    Invalid { key: String, detail: String },
-    /// The receiver's own disk (directories, state file).
-    #[error("disk {disk}: {detail}")]
-    Local { disk: String, detail: String },
-}
-
-impl LearnError {
-    /// True when trying again later may succeed with nobody changing anything.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            LearnError::Read(e) => e.is_transient(),
-            LearnError::Invalid { .. } => false,
-            LearnError::Local { .. } => true,
-        }
-    }
-}
-
-/// Reads and validates one manifest.
-pub async fn read_manifest<S: ObjectStore>(
-    src: &S,
-    prefix: &Prefix,
-    id: &DiskId,
-    generation: u64,
-) -> Result<Manifest, LearnError> {
-    let key = ObjectKey::Manifest {
-        disk: id.clone(),
-        generation,
-    };
-    let k = key.to_key(prefix);
-    // get_if_exists: to this role S3 answers a missing key 403, not 404 (its ListBucket
-    // is conditioned on the prefix); a manifest gone is "not found", not "denied".
-    let bytes = src
-        .get_if_exists(&k, MAX_MANIFEST_BYTES as u64)
-        .await
-        .map_err(LearnError::Read)?
-        .ok_or_else(|| {
-            LearnError::Read(CloudError::new(
-                "S3",
-                "GetObject",
-                format!("s3://{}/{k}", src.bucket()),
-                ErrorKind::NotFound,
-                "no such manifest (expired, deleted, or announced by an event from elsewhere)",
-            ))
-        })?;
-    let invalid = |detail: String| LearnError::Invalid {
-        key: k.clone(),
-        detail,
-    };
-    let m = Manifest::from_json(&bytes).map_err(|e| invalid(e.to_string()))?;
-    m.check_key(&key).map_err(|e| invalid(e.to_string()))?;
-    Ok(m)
-}
-
-#[derive(Debug)]
-pub struct Disk {
-    pub paths: DiskPaths,
-    /// Export requests not answered yet, by id.
-    pub exports: BTreeMap<Name, PendingExport>,
-    pub state: DiskState,
-    pub pending: BTreeMap<u64, Arc<Manifest>>,
-    /// Messages to delete once the generation (key) is applied.
-    pub messages: BTreeMap<u64, Vec<Held>>,
-    /// Manifests announced but not read yet because the bucket failed transiently: read
-    /// again at the instant given, their messages held meanwhile.
-    pub unread: BTreeMap<u64, (Instant, u32)>,
-    /// After a failed apply: no retry before this.
-    pub retry_after: Option<Instant>,
-    pub failures: u32,
-    /// The generation being (or last) applied: queued prefetches at or below it give
-    /// up, since the apply fetches what it does not find.
-    pub prefetch_floor: Arc<AtomicU64>,
-    /// Objects (generation, offset) prefetched or being prefetched.
-    pub prefetched: std::collections::BTreeSet<(u64, u64)>,
-    /// Bytes written and seconds spent applying since the metrics last took them.
-    pub applied_since: crate::metrics::ApplyTotals,
-}
-
-impl Disk {
-    pub fn open(cfg: &EngineConfig, id: &DiskId) -> Result<Disk, LearnError> {
-        let local = |detail: String| LearnError::Local {
-            disk: id.to_string(),
-            detail,
-        };
-        let paths = DiskPaths::new(&cfg.image_dir, &cfg.state_dir, id);
-        paths
-            .create_dirs()
-            .map_err(|e| local(format!("cannot create its directories: {e}")))?;
-        let state = state::load(&paths, id).map_err(|e| local(e.to_string()))?;
-        Ok(Disk {
-            paths,
-            exports: BTreeMap::new(),
-            state,
-            pending: BTreeMap::new(),
-            messages: BTreeMap::new(),
-            unread: BTreeMap::new(),
-            retry_after: None,
-            failures: 0,
-            prefetch_floor: Arc::new(AtomicU64::new(0)),
-            prefetched: Default::default(),
-            applied_since: Default::default(),
-        })
-    }
-
-    /// Whether generation `g` is already in the image.
-    pub fn is_applied(&self, g: u64) -> bool {
-        self.state.applied.is_some_and(|a| g <= a)
-    }
-
-    /// The next generation to apply: the one whose parent is applied, else the newest
-    /// base (which needs nothing before it).
-    pub fn next(&self) -> Option<u64> {
-        let applied = self.state.applied;
-        let above = |g: &u64| applied.is_none_or(|a| *g > a);
-        if let Some((g, _)) = self
-            .pending
-            .iter()
-            .find(|(g, m)| above(g) && m.parent.is_some() && m.parent == applied)
-        {
-            return Some(*g);
-        }
-        self.pending
-            .iter()
-            .rev()
-            .find(|(g, m)| above(g) && m.parent.is_none())
-            .map(|(g, _)| *g)
-    }
-
-    /// Remembers a manifest to read again after a transient failure.
-    pub fn read_later(&mut self, g: u64, base: Duration) {
-        let tries = self.unread.get(&g).map_or(0, |(_, n)| *n) + 1;
-        let wait = (base * 2u32.saturating_pow(tries.min(6))).min(Duration::from_secs(60));
-        self.unread.insert(g, (Instant::now() + wait, tries));
-    }
-
-    /// Every held message (for keeping them invisible).
-    pub fn held_mut(&mut self) -> impl Iterator<Item = &mut Held> {
-        let exports = self
-            .exports
-            .values_mut()
-            .flat_map(|p| p.messages.iter_mut());
-        self.messages.values_mut().flatten().chain(exports)
-    }
-
-    pub fn backoff(&mut self, base: Duration) {
-        self.failures += 1;
-        let wait = (base * 2u32.saturating_pow(self.failures.min(8))).min(Duration::from_secs(300));
-        self.retry_after = Some(Instant::now() + wait);
-    }
-}
+use std::time::Instant;
 
 /// Applies every generation of one disk that can be applied now, in order; runs the
 /// exports that wait at each boundary first. Returns how many generations it applied.
 pub async fn drive_disk<S: ObjectStore, Q: Queue + Clone + 'static, E: EbsApi + 'static>(
-    id: &DiskId,
+    t: &Turn<'_, S, Q, E>,
     d: &mut Disk,
-    src: &S,
-    queue: &Q,
-    cfg: &EngineConfig,
-    points: Option<&PointWriter<E>>,
 ) -> usize {
+    let (id, src, queue, cfg, points) = (t.id, t.src, t.queue, t.cfg, t.points);
     let mut applied = 0;
     if d.retry_after.is_some_and(|t| Instant::now() < t) {
         return 0;
@@ -200,7 +37,7 @@ pub async fn drive_disk<S: ObjectStore, Q: Queue + Clone + 'static, E: EbsApi + 
             }
         }
         // Exports at this boundary run before anything newer is applied.
-        run_exports(id, d, src, queue, cfg, points).await;
+        run_exports(t, d).await;
         let Some(g) = d.next() else {
             break;
         };

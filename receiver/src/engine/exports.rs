@@ -3,26 +3,17 @@
 //! before anything newer is applied, so it is never half-applied. Its outcome goes to
 //! `x/{id}/result.json`; the request's messages are deleted after that.
 
-use super::disk::read_manifest;
-use super::disk::Disk;
+use super::context::{read_manifest, Disk, EngineConfig, PendingExport, Turn};
 use super::lifetime::{delete_messages, hold, Held, KeepAlive};
-use super::{Engine, EngineConfig};
+use super::Engine;
 use crate::export::{export_image, export_point, ExportOptions, ExportReport};
 use crate::points::PointWriter;
 use chrono::Utc;
 use pilotlight_cloud::ebs::EbsApi;
-use pilotlight_cloud::{Message, ObjectStore, PutOptions, Queue};
-use pilotlight_protocol::{
-    DiskId, ExportRequest, ExportResult, ExportStatus, Name, ObjectKey, Prefix, EXPORT_VERSION,
-    MAX_EXPORT_DOC_BYTES,
-};
+use pilotlight_cloud::{Message, ObjectStore, Queue};
+use pilotlight_protocol::{DiskId, ExportResult, ExportStatus, Name, Prefix, EXPORT_VERSION};
+use pilotlight_store::{exports, DocError};
 use std::time::Instant;
-
-#[derive(Debug)]
-pub struct PendingExport {
-    pub req: ExportRequest,
-    pub messages: Vec<Held>,
-}
 
 impl<S: ObjectStore + Clone + 'static, Q: Queue + Clone + 'static, E: EbsApi + 'static>
     Engine<S, Q, E>
@@ -50,35 +41,22 @@ impl<S: ObjectStore + Clone + 'static, Q: Queue + Clone + 'static, E: EbsApi + '
             }
             return true;
         }
-        let result_key = ObjectKey::ExportResult {
-            disk: disk.clone(),
-            id: id.clone(),
-        }
-        .to_key(&prefix);
-        match self
-            .src
-            .get_if_exists(&result_key, MAX_EXPORT_DOC_BYTES as u64)
-            .await
-        {
-            Ok(Some(_)) => {
+        match exports::read_result(&self.src, &prefix, disk, id).await {
+            Ok(_) => {
                 tracing::debug!(%disk, export = %id, "export already answered");
                 return false;
             }
-            Ok(None) => {}
+            Err(DocError::Missing { .. }) => {}
             Err(e) if e.is_transient() => {
                 tracing::warn!(%disk, export = %id, "{e}; will retry");
                 return true;
             }
-            // Not readable for another reason: answer it (again); the answer is the same.
+            // Not readable or not a result (garbage at its key): answer it (again); the
+            // answer is the same.
             Err(e) => tracing::debug!(%disk, export = %id, "result not readable: {e}"),
         }
-        let req_key = ObjectKey::ExportRequest {
-            disk: disk.clone(),
-            id: id.clone(),
-        }
-        .to_key(&prefix);
-        let req = match self.src.get(&req_key, MAX_EXPORT_DOC_BYTES as u64).await {
-            Ok(b) => ExportRequest::from_json(&b, id).map_err(|e| format!("{req_key}: {e}")),
+        let req = match exports::read_request(&self.src, &prefix, disk, id).await {
+            Ok(r) => Ok(r),
             // Transient: keep the message; it comes back and is tried again.
             Err(e) if e.is_transient() => {
                 tracing::warn!(%disk, export = %id, "{e}; will retry");
@@ -179,22 +157,10 @@ async fn write_result<S: ObjectStore>(
     disk: &DiskId,
     r: &ExportResult,
 ) -> bool {
-    let key = ObjectKey::ExportResult {
-        disk: disk.clone(),
-        id: r.id.clone(),
-    }
-    .to_key(prefix);
-    let body = match serde_json::to_vec_pretty(r) {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::error!(%key, "cannot encode export result: {e}");
-            return false;
-        }
-    };
-    match src.put(&key, body.into(), PutOptions::json()).await {
+    match exports::write_result(src, prefix, disk, r).await {
         Ok(_) => true,
         Err(e) => {
-            tracing::error!(%key, "export result not written: {e}");
+            tracing::error!(disk = %disk, export = %r.id, "export result not written: {e}");
             false
         }
     }
@@ -213,7 +179,7 @@ async fn export_from_point<S: ObjectStore, E: EbsApi>(
     let started = Instant::now();
     let fail = |why: String| failed_result(name, Some(g), why, started.elapsed().as_secs_f64());
     let found =
-        pilotlight_cli::points::of_generation(pw.ebs.as_ref(), id, g, Some(&pw.cfg.stack)).await;
+        pilotlight_store::points::of_generation(pw.ebs.as_ref(), id, g, Some(&pw.cfg.stack)).await;
     let point = match found {
         Ok(p) => p,
         Err(e) => {
@@ -231,11 +197,7 @@ async fn export_from_point<S: ObjectStore, E: EbsApi>(
         Ok(m) => m,
         Err(e) => return fail(format!("cannot read the manifest of generation {g}: {e}")),
     };
-    let key = ObjectKey::ExportImage {
-        disk: id.clone(),
-        id: name.clone(),
-    }
-    .to_key(&cfg.prefix);
+    let key = exports::image_key(&cfg.prefix, id, name);
     tracing::info!(disk = %id, export = %name, generation = g, snapshot = %point.snapshot_id, %key, "exporting from the recovery point");
     let opts = ExportOptions {
         concurrency: cfg.concurrency.clamp(1, 8),
@@ -265,13 +227,10 @@ async fn export_from_point<S: ObjectStore, E: EbsApi>(
 /// Runs the exports that want the generation the image holds now, and those that want
 /// an older one from its recovery point (without points they fail).
 pub async fn run_exports<S: ObjectStore, Q: Queue + Clone + 'static, E: EbsApi + 'static>(
-    id: &DiskId,
+    t: &Turn<'_, S, Q, E>,
     d: &mut Disk,
-    src: &S,
-    queue: &Q,
-    cfg: &EngineConfig,
-    points: Option<&PointWriter<E>>,
 ) {
+    let (id, src, queue, cfg, points) = (t.id, t.src, t.queue, t.cfg, t.points);
     let applied = d.state.applied;
     let ready: Vec<Name> = d
         .exports
@@ -297,11 +256,7 @@ pub async fn run_exports<S: ObjectStore, Q: Queue + Clone + 'static, E: EbsApi +
                 None => failed_result(&name, applied, superseded(g, applied), 0.0),
             }
         } else {
-            let key = ObjectKey::ExportImage {
-                disk: id.clone(),
-                id: name.clone(),
-            }
-            .to_key(&cfg.prefix);
+            let key = exports::image_key(&cfg.prefix, id, &name);
             let receipts: Vec<String> = p.messages.iter().map(|w| w.receipt.clone()).collect();
             let keepalive = KeepAlive::start(queue, receipts, cfg.visibility_secs);
             tracing::info!(disk = %id, export = %name, generation = g, %key, "exporting");

@@ -19,71 +19,27 @@
 //! deleting messages).
 
 pub mod classify;
+pub mod context;
 pub mod disk;
 pub mod exports;
 pub mod lifetime;
 pub mod prefetch;
 
+pub use crate::status::{disk_status, known_disks, local_status, DiskStatus};
 pub use classify::{classify, is_control_key, Disposition};
-pub use disk::LearnError;
+pub use context::{read_manifest, Disk, EngineConfig, LearnError, PendingExport, Turn};
 
 use crate::points::PointWriter;
-use crate::state::{DiskPaths, DiskState};
-use chrono::Utc;
-use disk::{drive_disk, read_manifest, Disk};
+use disk::drive_disk;
 use lifetime::{delete_messages, extend_due, hold};
 use pilotlight_cloud::ebs::{EbsApi, NoEbs};
 use pilotlight_cloud::{CloudError, Message, ObjectStore, Queue};
 use pilotlight_protocol::keys::{EXPORT_REQUEST_FILE, EXPORT_RESULT_FILE, MANIFEST_FILE};
-use pilotlight_protocol::{DiskId, ObjectKey, Prefix};
+use pilotlight_protocol::{DiskId, ObjectKey};
 use prefetch::Prefetcher;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-#[derive(Debug, Clone)]
-pub struct EngineConfig {
-    pub bucket: String,
-    pub prefix: Prefix,
-    pub image_dir: PathBuf,
-    pub state_dir: PathBuf,
-    /// Objects fetched and written at once per disk.
-    pub concurrency: usize,
-    /// SQS long-poll wait.
-    pub wait: Duration,
-    /// How long messages stay invisible while their generation waits or applies.
-    pub visibility_secs: i32,
-    /// List the bucket this often to find manifests whose events were lost.
-    pub reconcile_every: Option<Duration>,
-    /// Fetch data objects as their events arrive, before their manifest: the apply then
-    /// finds them on local disk.
-    pub prefetch: bool,
-    /// First back-off after a failure (a transient read, a failed apply); it doubles
-    /// with each failure in a row, up to 5 minutes.
-    pub retry_base: Duration,
-}
-
-/// Per-disk summary for `status`.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct DiskStatus {
-    pub disk: String,
-    pub applied: Option<u64>,
-    pub snapshot_time: Option<chrono::DateTime<Utc>>,
-    pub lag_seconds: Option<i64>,
-    pub pending: Vec<u64>,
-    pub image: String,
-    pub disk_size: u64,
-    pub allocated_bytes: u64,
-    /// The newest recovery point's snapshot id and generation, and its snapshot time.
-    pub newest_point: Option<(String, u64)>,
-    pub newest_point_time: Option<chrono::DateTime<Utc>>,
-    /// The generation whose point is still to be written.
-    pub point_due: Option<u64>,
-    /// Points given up (permission, unreadable image, too many failures), and the last reason.
-    pub points_failed: u64,
-    pub point_error: Option<String>,
-}
 
 pub struct Engine<S, Q, E = NoEbs> {
     cfg: EngineConfig,
@@ -349,11 +305,16 @@ impl<S: ObjectStore + Clone + 'static, Q: Queue + Clone + 'static, E: EbsApi + '
     pub async fn drive(&mut self) -> usize {
         let (src, queue, cfg) = (&self.src, &self.queue, &self.cfg);
         let points = self.points.as_ref();
-        let results = futures::future::join_all(
-            self.disks
-                .iter_mut()
-                .map(|(id, d)| drive_disk(id, d, src, queue, cfg, points)),
-        )
+        let results = futures::future::join_all(self.disks.iter_mut().map(|(id, d)| async move {
+            let turn = Turn {
+                id,
+                cfg,
+                src,
+                queue,
+                points,
+            };
+            drive_disk(&turn, d).await
+        }))
         .await;
         results.into_iter().sum()
     }
@@ -427,75 +388,5 @@ impl<S: ObjectStore + Clone + 'static, Q: Queue + Clone + 'static, E: EbsApi + '
         for id in known_disks(&self.cfg.state_dir) {
             let _ = self.disk(&id);
         }
-    }
-}
-
-/// Disks with a state file under `state_dir` (`site/vm/disk.json`).
-pub fn known_disks(state_dir: &std::path::Path) -> Vec<DiskId> {
-    let mut out = Vec::new();
-    let dirs = |p: &std::path::Path| -> Vec<(String, PathBuf)> {
-        std::fs::read_dir(p)
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    for (site, sp) in dirs(state_dir) {
-        for (vm, vp) in dirs(&sp) {
-            for (file, _) in dirs(&vp) {
-                if let Some(disk) = file.strip_suffix(".json") {
-                    if let Ok(id) = DiskId::new(&site, &vm, disk) {
-                        out.push(id);
-                    }
-                }
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
-/// Every known disk's status from local state alone (no bucket, no queue).
-pub fn local_status(image_dir: &std::path::Path, state_dir: &std::path::Path) -> Vec<DiskStatus> {
-    known_disks(state_dir)
-        .into_iter()
-        .filter_map(|id| {
-            let paths = DiskPaths::new(image_dir, state_dir, &id);
-            match crate::state::load(&paths, &id) {
-                Ok(st) => Some(disk_status(&id, &st, &paths, Vec::new())),
-                Err(e) => {
-                    tracing::warn!(disk = %id, "{e}");
-                    None
-                }
-            }
-        })
-        .collect()
-}
-
-pub fn disk_status(
-    id: &DiskId,
-    st: &DiskState,
-    paths: &DiskPaths,
-    pending: Vec<u64>,
-) -> DiskStatus {
-    DiskStatus {
-        disk: id.to_string(),
-        applied: st.applied,
-        snapshot_time: st.snapshot_time,
-        lag_seconds: st.snapshot_time.map(|t| (Utc::now() - t).num_seconds()),
-        pending,
-        image: paths.image.display().to_string(),
-        disk_size: st.disk_size,
-        allocated_bytes: crate::image::allocated_bytes(&paths.image).unwrap_or(0),
-        newest_point: st
-            .points
-            .last()
-            .map(|p| (p.snapshot_id.clone(), p.generation)),
-        newest_point_time: st.points.last().map(|p| p.snapshot_time),
-        point_due: st.point_due.as_ref().map(|p| p.generation),
-        points_failed: st.points_failed,
-        point_error: st.point_error.clone(),
     }
 }

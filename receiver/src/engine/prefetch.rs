@@ -1,7 +1,7 @@
 //! Prefetch: data objects fetched, decoded and hashed as their events arrive, before
 //! their manifest, so the apply that follows the manifest is a local copy.
 
-use super::disk::Disk;
+use super::context::Disk;
 use crate::apply::store_prefetched;
 use crate::state::DiskPaths;
 use pilotlight_cloud::ObjectStore;

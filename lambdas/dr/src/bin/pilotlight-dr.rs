@@ -400,7 +400,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         },
         Cmd::Points { site, vm } => {
             let ebs = cli.settings.aws().await.ebs();
-            let points = pilotlight_cli::points::list(&ebs, site.as_deref(), vm.as_deref()).await?;
+            let points =
+                pilotlight_store::points::list(&ebs, site.as_deref(), vm.as_deref()).await?;
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&points)?);
             } else {
@@ -460,7 +461,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 /// the points cannot be read (say, no `ec2:DescribeSnapshots` where the CLI runs).
 async fn replication(cli: &Cli, target: Duration) {
     let ebs = cli.settings.aws().await.ebs();
-    match pilotlight_cli::points::disk_points(&ebs, None, None).await {
+    match pilotlight_store::points::disk_points(&ebs, None, None).await {
         Ok(mut points) => {
             if let Some(stack) = cli.settings.stack.as_deref().filter(|s| !s.is_empty()) {
                 points.retain(|p| p.stack == stack);

@@ -1,0 +1,272 @@
+use super::*;
+
+fn block(byte: u8) -> (Bytes, String, [u8; 32]) {
+    let data = Bytes::from(vec![byte; BLOCK_SIZE as usize]);
+    let d: [u8; 32] = Sha256::digest(&data).into();
+    (data, block_checksum(&d), d)
+}
+
+fn start(parent: Option<&str>, token: &str) -> StartSnapshot {
+    StartSnapshot {
+        volume_size_gib: 1,
+        parent: parent.map(String::from),
+        description: "t".into(),
+        tags: vec![("k".into(), "v".into())],
+        client_token: token.into(),
+        encrypted: None,
+        kms_key_arn: None,
+        timeout_minutes: 60,
+    }
+}
+
+/// Every row of the "Encryption outcomes for EBS direct APIs" tables (EBS User
+/// Guide): unencrypted parent, encrypted parent, no parent; encryption by default on
+/// and off.
+#[tokio::test]
+async fn start_snapshot_follows_the_encryption_outcomes_table() {
+    const KEY: &str = "arn:aws:kms:eu-west-1:111122223333:key/k";
+    let req = |parent: Option<&str>, enc: Option<bool>, key: bool, token: &str| StartSnapshot {
+        encrypted: enc,
+        kms_key_arn: key.then(|| KEY.to_string()),
+        ..start(parent, token)
+    };
+    for by_default in [false, true] {
+        let ebs = MemoryEbs {
+            encryption_by_default: by_default,
+            ..MemoryEbs::new()
+        };
+        let outcome = |r: StartSnapshot| {
+            let ebs = &ebs;
+            async move {
+                match ebs.start_snapshot(&r).await {
+                    Ok(id) => {
+                        let s = ebs.get(&id).unwrap();
+                        Ok((s.encrypted, s.kms_key_arn))
+                    }
+                    Err(e) => {
+                        assert_eq!(e.code.as_deref(), Some("ValidationException"), "{e}");
+                        Err(())
+                    }
+                }
+            }
+        };
+        // No parent.
+        let default_outcome = if by_default {
+            Ok((true, None))
+        } else {
+            Ok((false, None))
+        };
+        assert_eq!(outcome(req(None, None, false, "n1")).await, default_outcome);
+        assert_eq!(outcome(req(None, None, true, "n2")).await, Err(()));
+        assert_eq!(
+            outcome(req(None, Some(true), false, "n3")).await,
+            Ok((true, None))
+        );
+        assert_eq!(
+            outcome(req(None, Some(true), true, "n4")).await,
+            Ok((true, Some(KEY.into())))
+        );
+        let unencrypted = if by_default {
+            Err(())
+        } else {
+            Ok((false, None))
+        };
+        assert_eq!(
+            outcome(req(None, Some(false), false, "n5")).await,
+            unencrypted
+        );
+        assert_eq!(outcome(req(None, Some(false), true, "n6")).await, Err(()));
+
+        // Parents, completed: one encrypted with the key, one not (made before
+        // encryption by default was turned on).
+        let enc_parent = {
+            let id = ebs
+                .start_snapshot(&req(None, Some(true), true, "pe"))
+                .await
+                .unwrap();
+            ebs.complete_snapshot(&id, 0, &linear_checksum([]))
+                .await
+                .unwrap();
+            id
+        };
+        let plain_parent = {
+            let id = ebs.start_snapshot(&start(None, "pp")).await.unwrap();
+            ebs.complete_snapshot(&id, 0, &linear_checksum([]))
+                .await
+                .unwrap();
+            lock(&ebs.state).snapshots.get_mut(&id).unwrap().encrypted = false;
+            id
+        };
+        // Encrypted parent: inherited with its key; anything specified fails.
+        assert_eq!(
+            outcome(req(Some(&enc_parent), None, false, "e1")).await,
+            Ok((true, Some(KEY.into())))
+        );
+        for (enc, key, t) in [
+            (None, true, "e2"),
+            (Some(true), false, "e3"),
+            (Some(true), true, "e4"),
+            (Some(false), false, "e5"),
+            (Some(false), true, "e6"),
+        ] {
+            assert_eq!(
+                outcome(req(Some(&enc_parent), enc, key, t)).await,
+                Err(()),
+                "{t}"
+            );
+        }
+        // Unencrypted parent: unencrypted only with encryption by default off and
+        // nothing specified.
+        let plain_child = if by_default {
+            Err(())
+        } else {
+            Ok((false, None))
+        };
+        assert_eq!(
+            outcome(req(Some(&plain_parent), None, false, "u1")).await,
+            plain_child
+        );
+        for (enc, key, t) in [
+            (None, true, "u2"),
+            (Some(true), false, "u3"),
+            (Some(false), false, "u4"),
+        ] {
+            assert_eq!(
+                outcome(req(Some(&plain_parent), enc, key, t)).await,
+                Err(()),
+                "{t}"
+            );
+        }
+    }
+    // What the receiver sends is valid in every case.
+    assert_eq!(
+        StartSnapshot::encryption(Some("snap-1"), Some(KEY)),
+        (None, None)
+    );
+    assert_eq!(StartSnapshot::encryption(None, None), (None, None));
+    assert_eq!(
+        StartSnapshot::encryption(None, Some(KEY)),
+        (Some(true), Some(KEY.to_string()))
+    );
+}
+
+async fn write(ebs: &MemoryEbs, parent: Option<&str>, token: &str, blocks: &[(u64, u8)]) -> String {
+    let id = ebs.start_snapshot(&start(parent, token)).await.unwrap();
+    let mut digests = BTreeMap::new();
+    for (i, b) in blocks {
+        let (data, sum, d) = block(*b);
+        ebs.put_snapshot_block(&id, *i, data, &sum).await.unwrap();
+        digests.insert(*i, d);
+    }
+    let st = ebs
+        .complete_snapshot(
+            &id,
+            digests.len() as u64,
+            &linear_checksum(digests.values()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(st, SnapshotStatus::Completed);
+    id
+}
+
+#[tokio::test]
+async fn a_child_inherits_and_outlives_its_parent() {
+    let ebs = MemoryEbs::new();
+    let a = write(&ebs, None, "a", &[(0, 1), (5, 2)]).await;
+    let b = write(&ebs, Some(&a), "b", &[(5, 3), (7, 4)]).await;
+    ebs.delete_snapshot(&a).await.unwrap();
+    let blocks = ebs.list_snapshot_blocks(&b).await.unwrap();
+    assert_eq!(
+        blocks.iter().map(|b| b.index).collect::<Vec<_>>(),
+        [0, 5, 7]
+    );
+    let got = ebs.get_snapshot_block(&b, &blocks[1]).await.unwrap();
+    assert_eq!(got[0], 3);
+    let got = ebs.get_snapshot_block(&b, &blocks[0]).await.unwrap();
+    assert_eq!(got[0], 1);
+    assert!(ebs
+        .list_snapshot_blocks(&a)
+        .await
+        .unwrap_err()
+        .is_not_found());
+}
+
+#[tokio::test]
+async fn checksums_sizes_and_states_are_enforced() {
+    let ebs = MemoryEbs::new();
+    let id = ebs.start_snapshot(&start(None, "t")).await.unwrap();
+    // Same token: same snapshot.
+    assert_eq!(ebs.start_snapshot(&start(None, "t")).await.unwrap(), id);
+    let (data, sum, d) = block(9);
+    let (_, wrong, _) = block(8);
+    let e = ebs
+        .put_snapshot_block(&id, 0, data.clone(), &wrong)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Invalid);
+    let e = ebs
+        .put_snapshot_block(&id, 0, data.slice(..512), &sum)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("524288"), "{e}");
+    let e = ebs
+        .put_snapshot_block(&id, 2048, data.clone(), &sum)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("beyond"), "{e}");
+    ebs.put_snapshot_block(&id, 1, data, &sum).await.unwrap();
+    // Not completed: not readable, and not a parent.
+    assert!(ebs.list_snapshot_blocks(&id).await.is_err());
+    assert!(ebs.start_snapshot(&start(Some(&id), "c")).await.is_err());
+    // A wrong aggregate sends it to error.
+    let st = ebs
+        .complete_snapshot(&id, 1, &linear_checksum([&[0u8; 32]]))
+        .await
+        .unwrap();
+    assert_eq!(st, SnapshotStatus::Error);
+    let good = linear_checksum([&d]);
+    assert!(ebs.complete_snapshot(&id, 1, &good).await.is_err());
+    // A missing parent is "not found".
+    assert!(ebs
+        .start_snapshot(&start(Some("snap-nope"), "d"))
+        .await
+        .unwrap_err()
+        .is_not_found());
+}
+
+#[tokio::test]
+async fn completion_settles_and_listing_pages() {
+    let ebs = MemoryEbs {
+        settle_describes: 2,
+        page_size: 2,
+        ..MemoryEbs::new()
+    };
+    let id = ebs.start_snapshot(&start(None, "s")).await.unwrap();
+    let mut ds = vec![];
+    for i in 0..5 {
+        let (data, sum, d) = block(i as u8 + 1);
+        ebs.put_snapshot_block(&id, i, data, &sum).await.unwrap();
+        ds.push(d);
+    }
+    let st = ebs
+        .complete_snapshot(&id, 5, &linear_checksum(&ds))
+        .await
+        .unwrap();
+    assert_eq!(st, SnapshotStatus::Pending);
+    let f = SnapshotFilter::default().tag("k", "v");
+    let mut states = vec![];
+    for _ in 0..3 {
+        states.push(ebs.describe_snapshots(&f).await.unwrap()[0].status);
+    }
+    assert_eq!(
+        states,
+        [
+            SnapshotStatus::Pending,
+            SnapshotStatus::Pending,
+            SnapshotStatus::Completed
+        ]
+    );
+    assert_eq!(ebs.list_snapshot_blocks(&id).await.unwrap().len(), 5);
+    assert_eq!(ebs.faults.calls("ListSnapshotBlocks"), 3);
+}

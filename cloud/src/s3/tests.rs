@@ -1,0 +1,184 @@
+use super::*;
+use crate::fault::Fault;
+use futures::executor::block_on;
+
+#[test]
+fn memory_store_behaves_like_s3() {
+    let s = MemoryStore::new("b");
+    block_on(async {
+        s.put("a/1", Bytes::from_static(b"hello"), PutOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(s.get("a/1", 5).await.unwrap(), Bytes::from_static(b"hello"));
+        assert_eq!(s.get("a/1", 4).await.unwrap_err().kind, ErrorKind::TooLarge);
+        assert_eq!(s.get("a/2", 9).await.unwrap_err().kind, ErrorKind::NotFound);
+        assert_eq!(s.get_if_exists("a/2", 9).await.unwrap(), None);
+        assert_eq!(
+            s.get_range("a/1", 1, 3).await.unwrap(),
+            Bytes::from_static(b"ell")
+        );
+        assert_eq!(
+            s.get_range("a/1", 3, 10).await.unwrap(),
+            Bytes::from_static(b"lo")
+        );
+        assert_eq!(s.head("a/1").await.unwrap(), Some(5));
+        assert_eq!(s.head("a/2").await.unwrap(), None);
+        // If-None-Match: *
+        let e = s
+            .put(
+                "a/1",
+                Bytes::from_static(b"x"),
+                PutOptions::default().create_only(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::PreconditionFailed);
+        assert_eq!(s.object("a/1").unwrap(), Bytes::from_static(b"hello"));
+        // A wrong checksum is refused, as S3 does (BadDigest).
+        let e = s
+            .put(
+                "a/3",
+                Bytes::from_static(b"x"),
+                PutOptions::checksum([0; 32]),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.code.as_deref(), Some("BadDigest"));
+        s.insert("a/d/2", b"d".to_vec());
+        s.insert("b/1", b"d".to_vec());
+        assert_eq!(s.list("a/", |_| true).await.unwrap(), vec!["a/1", "a/d/2"]);
+        assert_eq!(
+            s.list("a/", |k| !k.contains("/d/")).await.unwrap(),
+            vec!["a/1"]
+        );
+        // Multipart: parts in order, an unknown upload refused.
+        let id = s.create_multipart("big").await.unwrap();
+        let e2 = s
+            .upload_part("big", &id, 2, Bytes::from_static(b"world"))
+            .await
+            .unwrap();
+        let e1 = s
+            .upload_part("big", &id, 1, Bytes::from_static(b"hello "))
+            .await
+            .unwrap();
+        assert_eq!(s.open_uploads(), 1);
+        s.complete_multipart("big", &id, vec![(1, e1), (2, e2)])
+            .await
+            .unwrap();
+        assert_eq!(s.object("big").unwrap(), Bytes::from_static(b"hello world"));
+        assert_eq!(s.open_uploads(), 0);
+        let e = s
+            .upload_part("big", &id, 3, Bytes::new())
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotFound);
+        s.delete("big").await.unwrap();
+        assert_eq!(s.head("big").await.unwrap(), None);
+    });
+}
+
+#[test]
+fn faults_fail_the_chosen_calls() {
+    let s = MemoryStore::new("b");
+    s.insert("g/manifest.json", b"{}".to_vec());
+    s.faults.add(
+        Fault::on("GetObject")
+            .resource_contains("manifest.json")
+            .times(2)
+            .throttle(),
+    );
+    block_on(async {
+        let e = s.get("g/manifest.json", 10).await.unwrap_err();
+        assert!(e.is_transient(), "{e}");
+        assert!(s.get("g/manifest.json", 10).await.is_err());
+        assert!(s.get("g/manifest.json", 10).await.is_ok());
+    });
+    assert_eq!(s.faults.calls("GetObject"), 3);
+}
+
+#[test]
+fn conditional_writes_let_one_of_two_writers_of_a_version_win() {
+    let s = MemoryStore::new("b");
+    block_on(async {
+        let v1 = s
+            .put(
+                "r",
+                Bytes::from_static(b"v1"),
+                PutOptions::default().create_only(),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        let read = s.get_versioned("r", 9).await.unwrap().unwrap();
+        assert_eq!(read.etag, v1);
+        // Two writers read v1; the first wins, the second is refused (412).
+        s.put(
+            "r",
+            Bytes::from_static(b"a"),
+            PutOptions::default().replacing(&v1),
+        )
+        .await
+        .unwrap();
+        let e = s
+            .put(
+                "r",
+                Bytes::from_static(b"b"),
+                PutOptions::default().replacing(&v1),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::PreconditionFailed);
+        assert_eq!(s.object("r").unwrap(), Bytes::from_static(b"a"));
+        // If-Match on a missing key: 404, as S3.
+        let e = s
+            .put(
+                "gone",
+                Bytes::from_static(b"x"),
+                PutOptions::default().replacing(&v1),
+            )
+            .await
+            .unwrap_err();
+        assert!(e.is_not_found(), "{e}");
+        assert_eq!(s.get_versioned("gone", 9).await.unwrap(), None);
+    });
+}
+
+#[test]
+fn a_403_for_a_missing_key_is_told_from_a_real_denial_by_listing() {
+    let s = MemoryStore::new("b");
+    s.insert("p/here", Bytes::from_static(b"x"));
+    s.deny_missing_keys(true);
+    block_on(async {
+        // Missing: S3 says 403 to a caller without ListBucket; the listing says absent.
+        assert_eq!(
+            s.get("p/missing", 9).await.unwrap_err().kind,
+            ErrorKind::AccessDenied
+        );
+        assert_eq!(s.get_if_exists("p/missing", 9).await.unwrap(), None);
+        assert_eq!(s.get_versioned("p/missing", 9).await.unwrap(), None);
+        // A key that is listed but denied is a real denial (a planted one here).
+        s.faults.add(
+            Fault::on("GetObject")
+                .resource_contains("p/here")
+                .kind(ErrorKind::AccessDenied, Some("AccessDenied")),
+        );
+        let e = s.get_if_exists("p/here", 9).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::AccessDenied);
+        // Listing denied too: an error that says what to grant, never "absent".
+        s.faults.add(
+            Fault::on("ListObjectsV2")
+                .always()
+                .kind(ErrorKind::AccessDenied, Some("AccessDenied")),
+        );
+        let e = s.get_if_exists("p/missing", 9).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::AccessDenied);
+        assert!(e.to_string().contains("s3:ListBucket"), "{e}");
+    });
+}
+
+#[test]
+fn discarding_store_keeps_no_bytes() {
+    let s = MemoryStore::discarding();
+    block_on(s.put("k", Bytes::from(vec![1u8; 1 << 20]), PutOptions::default())).unwrap();
+    assert_eq!(s.object("k").unwrap().len(), 0);
+}

@@ -1,0 +1,62 @@
+//! The documents pilotlight keeps, read and written in one place each: one key function,
+//! one size cap, one parse-and-validate, as rustic's `repofile` does for its repository.
+//!
+//! - [`manifests`]: a disk's generation listing and its manifests (the sender numbering a
+//!   generation, the receiver applying one, the DR function resolving a point);
+//! - [`exports`]: export requests (DR → receiver) and their results (receiver → DR);
+//! - [`points`]: recovery points, read from their EBS snapshots' tags (one query for the
+//!   receiver, the DR function and both CLIs).
+//!
+//! Everything read here is untrusted: a document that is too large, does not parse, or
+//! names another key is an `Invalid` error that says which key and why, never a panic.
+//! The DR run records and the documents kept beside them (ready marks, VM settings) are
+//! the DR function's own and live in its `runs` module.
+
+pub mod exports;
+pub mod manifests;
+pub mod points;
+
+use bytes::Bytes;
+use pilotlight_cloud::{CloudError, ErrorKind, ObjectStore};
+
+/// Why a document could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum DocError {
+    /// The bucket did not answer as it should (throttling, 5xx, denied): the error's kind
+    /// says whether trying again can help.
+    #[error(transparent)]
+    Read(CloudError),
+    /// No object at the key (or a 403 that listing the key shows is one: see
+    /// `ObjectStore::get_if_exists`).
+    #[error("{key}: no such object")]
+    Missing { key: String },
+    /// An object is there but is not the document its key promises: too large, not JSON,
+    /// invalid, or naming another disk, generation or id. It never becomes valid.
+    #[error("{key}: {detail}")]
+    Invalid { key: String, detail: String },
+}
+
+impl DocError {
+    /// True when trying again later may succeed with nobody changing anything.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, DocError::Read(e) if e.is_transient())
+    }
+}
+
+/// The object at `key`, at most `cap` bytes (`what` names the document in the error).
+async fn get<S: ObjectStore + ?Sized>(
+    store: &S,
+    key: &str,
+    cap: usize,
+    what: &str,
+) -> Result<Bytes, DocError> {
+    match store.get_if_exists(key, cap as u64).await {
+        Ok(Some(b)) => Ok(b),
+        Ok(None) => Err(DocError::Missing { key: key.into() }),
+        Err(e) if e.kind == ErrorKind::TooLarge => Err(DocError::Invalid {
+            key: key.into(),
+            detail: format!("larger than {what} may be ({cap} bytes)"),
+        }),
+        Err(e) => Err(DocError::Read(e)),
+    }
+}
