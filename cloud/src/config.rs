@@ -168,8 +168,8 @@ impl Aws {
 
     /// The queue, through the SDK.
     #[cfg(feature = "sqs")]
-    pub fn sqs(&self, url: impl Into<String>) -> crate::sqs::SqsQueue {
-        crate::sqs::SqsQueue {
+    pub fn sqs(&self, url: impl Into<String>) -> crate::sqs::SdkSqs {
+        crate::sqs::SdkSqs {
             client: self.sqs_client(),
             url: url.into(),
         }

@@ -2,16 +2,22 @@
 //!
 //! - [`s3::ObjectStore`], [`sqs::Queue`], [`ec2::Ec2Api`], [`ebs::EbsApi`]: narrow traits, one per service,
 //!   as pilotlight's code uses them;
-//! - each implemented once for the AWS SDK for Rust (`SdkS3`, `SqsQueue`, `SdkEc2`, `SdkEbs`, behind
-//!   the features `s3`, `sqs`, `ec2`, `ebs`, so a crate compiles only the SDK crates it needs) and
+//! - each implemented once for the AWS SDK for Rust (`SdkS3`, `SdkSqs`, `SdkEc2`, `SdkEbs`, `SdkMetrics`,
+//!   behind the features `s3`, `sqs`, `ec2`, `ebs`, `metrics`, so a crate compiles only the SDK crates it needs) and
 //!   once in memory (`MemoryStore`, `MemoryQueue`, `MemoryEc2`, `MemoryEbs`) with fault injection
 //!   ([`fault`]): the logic above is tested at unit speed, the end-to-end tests still go
 //!   through the SDK to the emulator;
 //! - one error type, [`CloudError`], that says whether trying again later can help;
 //! - one SDK configuration builder, [`config::AwsSettings`], for every binary and the test kit.
 //!
-//! Each service is a folder: `mod.rs` the trait and its request types, `memory.rs` the
-//! in-memory twin, `sdk.rs` the SDK client, `tests.rs` the twin's tests.
+//! Names follow one pattern: the SDK client of a service is `Sdk<Service>` (`SdkS3`,
+//! `SdkSqs`, `SdkEc2`, `SdkEbs`, `SdkMetrics`), its twin `Memory<...>`, and its trait is
+//! named for what pilotlight asks of it: a role where the service is one (`ObjectStore`,
+//! `Queue`), `<Service>Api` where the trait is a slice of the service's own calls
+//! (`Ec2Api`, `EbsApi`, `MetricsApi`).
+//!
+//! Each large service is a folder: `mod.rs` the trait and its request types, `memory.rs`
+//! the in-memory twin, `sdk.rs` the SDK client, `tests.rs` the twin's tests.
 
 pub mod config;
 pub mod ebs;

@@ -1,5 +1,5 @@
 //! SQS as the receiver uses it: one trait ([`Queue`]), implemented for the AWS SDK's
-//! client ([`SqsQueue`], feature `sqs`) and in memory ([`MemoryQueue`]: visibility
+//! client ([`SdkSqs`], feature `sqs`) and in memory ([`MemoryQueue`]: visibility
 //! timeouts on a clock the test moves, receive counts, redrive to a dead-letter list,
 //! the newest-receipt-only rule, faults).
 
@@ -295,7 +295,7 @@ impl Queue for MemoryQueue {
 }
 
 #[cfg(feature = "sqs")]
-pub use sdk::SqsQueue;
+pub use sdk::SdkSqs;
 
 #[cfg(feature = "sqs")]
 mod sdk {
@@ -305,12 +305,12 @@ mod sdk {
 
     /// SQS through the AWS SDK for Rust, bound to one queue.
     #[derive(Debug, Clone)]
-    pub struct SqsQueue {
+    pub struct SdkSqs {
         pub client: aws_sdk_sqs::Client,
         pub url: String,
     }
 
-    impl Queue for SqsQueue {
+    impl Queue for SdkSqs {
         async fn receive(&self, max: i32, wait: Duration) -> Result<Vec<Message>, CloudError> {
             let out = self
                 .client

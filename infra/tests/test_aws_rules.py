@@ -19,7 +19,7 @@ from test_infra import INFRA, MODULE, USER_DATA, as_list, load_cfn
 
 ROOT = INFRA.parent
 README = INFRA / "README.md"
-EC2_CODE = ROOT / "cloud" / "src" / "ec2.rs"
+EC2_CODE = ROOT / "cloud" / "src" / "ec2" / "sdk.rs"
 POINTS_CODE = ROOT / "protocol" / "src" / "points.rs"
 
 

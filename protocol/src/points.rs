@@ -174,6 +174,55 @@ pub struct VmPoint {
     pub disks: Vec<Point>,
 }
 
+/// One step of the rule that makes a VM recovery time, shared by `points` (over point
+/// snapshots, [`vm_points`]) and the DR function (over manifests, read lazily): given each
+/// disk's newest snapshot time at or before the current target, either every disk has
+/// that one time ([`Common::Agreed`]: it is the VM's newest time at or before the
+/// target), or no disk has a time newer than the oldest of them, which is the next
+/// target ([`Common::Lower`]). `None` for no disks.
+pub fn common_step(newest_per_disk: &[DateTime<Utc>]) -> Option<Common> {
+    let oldest = newest_per_disk.iter().min().copied()?;
+    Some(if newest_per_disk.iter().all(|t| *t == oldest) {
+        Common::Agreed(oldest)
+    } else {
+        Common::Lower(oldest)
+    })
+}
+
+/// What [`common_step`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Common {
+    Agreed(DateTime<Utc>),
+    Lower(DateTime<Utc>),
+}
+
+/// Every time each of the disks has, newest first, by [`common_step`]: `times` are each
+/// disk's snapshot times.
+fn common_times(times: &[&BTreeSet<DateTime<Utc>>]) -> Vec<DateTime<Utc>> {
+    let mut out = Vec::new();
+    let mut target: Option<DateTime<Utc>> = None;
+    loop {
+        let newest: Option<Vec<DateTime<Utc>>> = times
+            .iter()
+            .map(|ts| match target {
+                None => ts.iter().next_back().copied(),
+                Some(t) => ts.range(..=t).next_back().copied(),
+            })
+            .collect();
+        match newest.as_deref().and_then(common_step) {
+            Some(Common::Agreed(t)) => {
+                out.push(t);
+                match t.checked_sub_signed(Duration::nanoseconds(1)) {
+                    Some(before) => target = Some(before),
+                    None => return out,
+                }
+            }
+            Some(Common::Lower(t)) => target = Some(t),
+            None => return out,
+        }
+    }
+}
+
 /// Groups points into VM points, newest first per VM. A VM's disks are every disk that
 /// has any point; a time counts only when each of them has a point at exactly that time,
 /// so a disk whose newest generation has not arrived yet holds the VM at its previous
@@ -196,15 +245,12 @@ pub fn vm_points(points: &[Point]) -> Vec<VmPoint> {
     }
     let mut out = Vec::new();
     for ((site, vm), disks) in by_vm {
-        let mut common: Option<BTreeSet<DateTime<Utc>>> = None;
-        for times in disks.values() {
-            let t: BTreeSet<_> = times.keys().copied().collect();
-            common = Some(match common {
-                None => t,
-                Some(c) => c.intersection(&t).copied().collect(),
-            });
-        }
-        for t in common.unwrap_or_default().into_iter().rev() {
+        let sets: Vec<BTreeSet<DateTime<Utc>>> = disks
+            .values()
+            .map(|times| times.keys().copied().collect())
+            .collect();
+        let refs: Vec<&BTreeSet<DateTime<Utc>>> = sets.iter().collect();
+        for t in common_times(&refs) {
             let ps: Vec<Point> = disks.values().map(|times| times[&t].clone()).collect();
             let app = Consistency::Application.as_str();
             let consistency = if ps.iter().all(|p| p.consistency == app) {
@@ -392,5 +438,35 @@ mod tests {
             retained(kept.iter().copied(), now, &tiers).len(),
             kept.len()
         );
+    }
+
+    proptest::proptest! {
+        /// The step rule, applied until it runs out, finds exactly the times every disk
+        /// has (the model: the sets' intersection), newest first.
+        #[test]
+        fn common_times_are_the_intersection(
+            sets in proptest::collection::vec(proptest::collection::btree_set(0i64..40, 0..12), 1..5)
+        ) {
+            let sets: Vec<BTreeSet<DateTime<Utc>>> = sets
+                .iter()
+                .map(|s| s.iter().map(|m| t0() + Duration::minutes(*m)).collect())
+                .collect();
+            let mut model: Vec<DateTime<Utc>> = sets[0]
+                .iter()
+                .filter(|t| sets.iter().all(|s| s.contains(t)))
+                .copied()
+                .collect();
+            model.reverse();
+            let refs: Vec<&BTreeSet<DateTime<Utc>>> = sets.iter().collect();
+            proptest::prop_assert_eq!(common_times(&refs), model);
+        }
+    }
+
+    #[test]
+    fn the_step_agrees_or_lowers_to_the_oldest() {
+        let t = |m| t0() + Duration::minutes(m);
+        assert_eq!(common_step(&[]), None);
+        assert_eq!(common_step(&[t(5), t(5)]), Some(Common::Agreed(t(5))));
+        assert_eq!(common_step(&[t(5), t(3), t(9)]), Some(Common::Lower(t(3))));
     }
 }

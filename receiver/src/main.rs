@@ -5,7 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use pilotlight_cloud::ebs::{LockMode, SdkEbs};
 use pilotlight_cloud::metrics::SdkMetrics;
 use pilotlight_cloud::s3::SdkS3;
-use pilotlight_cloud::sqs::SqsQueue;
+use pilotlight_cloud::sqs::SdkSqs;
 use pilotlight_cloud::AwsSettings;
 use pilotlight_cloud::{MemoryQueue, Queue};
 use pilotlight_protocol::points::Tiers;
@@ -245,7 +245,7 @@ impl Settings {
         aws: &pilotlight_cloud::Aws,
         cfg: EngineConfig,
         queue_url: String,
-    ) -> Result<Engine<SdkS3, SqsQueue, SdkEbs>> {
+    ) -> Result<Engine<SdkS3, SdkSqs, SdkEbs>> {
         let bucket = aws.s3(cfg.bucket.clone());
         self.with_points(Engine::new(cfg, bucket, aws.sqs(queue_url)), aws)
     }

@@ -19,8 +19,8 @@ pub use crate::steps::{advance, CLAIM_LEASE};
 
 use crate::error::json_bytes;
 use crate::model::{
-    DrRequest, Group, GroupRecord, Method, Phase, RecoverRequest, RecoveryPoint, Run, RunDisk,
-    StartRequest, VmSettings,
+    ClaimStep, DrRequest, Group, GroupRecord, Method, Phase, RecoverRequest, RecoveryPoint,
+    ResourceKind, Run, RunDisk, StartRequest, VmSettings,
 };
 use crate::plan::{choose_method, resolve, PlanError};
 use crate::runs::{failed_run, load, new_run_id, save};
@@ -181,7 +181,7 @@ pub async fn start<S: ObjectStore, E: Ec2Api, B: EbsApi>(
         save(env, &mut run).await?;
     }
     if method == Method::Snapshot {
-        claim(&mut run, "register", Utc::now());
+        claim(&mut run, ClaimStep::Register, Utc::now());
         save(env, &mut run).await?;
         tracing::info!(run = %run.run_id, disks = run.disks.len(), drill = run.drill, method = "snapshot", "DR run started");
         // Register at once (this caller holds the claim just saved).
@@ -212,7 +212,7 @@ pub async fn start<S: ObjectStore, E: Ec2Api, B: EbsApi>(
                 return Ok(run);
             }
         };
-        run.record("s3-object", key, Utc::now());
+        run.record(ResourceKind::S3Object, key, Utc::now());
     }
     run.updated_at = Utc::now();
     save(env, &mut run).await?;
@@ -420,7 +420,7 @@ pub async fn cleanup<S: ObjectStore, E: Ec2Api, B: EbsApi>(
     let now = Utc::now();
     let mut problems = Vec::new();
     let created = run.created.clone();
-    let of = |kind: &str| -> Vec<String> {
+    let of = |kind: ResourceKind| -> Vec<String> {
         created
             .iter()
             .filter(|c| c.kind == kind)
@@ -428,20 +428,24 @@ pub async fn cleanup<S: ObjectStore, E: Ec2Api, B: EbsApi>(
             .collect()
     };
     let mut removed = Vec::new();
-    let instances = of("instance");
+    let instances = of(ResourceKind::Instance);
     match env.ec2.terminate_instances(&instances).await {
-        Ok(()) => removed.extend(instances.iter().map(|i| ("instance", i.clone()))),
+        Ok(()) => removed.extend(
+            instances
+                .iter()
+                .map(|i| (ResourceKind::Instance, i.clone())),
+        ),
         Err(e) => problems.push(e.to_string()),
     }
-    for image in of("image") {
+    for image in of(ResourceKind::Image) {
         match env.ec2.deregister_image(&image).await {
-            Ok(()) => removed.push(("image", image)),
+            Ok(()) => removed.push((ResourceKind::Image, image)),
             Err(e) => problems.push(e.to_string()),
         }
     }
-    for snap in of("snapshot") {
+    for snap in of(ResourceKind::Snapshot) {
         match env.ec2.delete_snapshot(&snap).await {
-            Ok(()) => removed.push(("snapshot", snap)),
+            Ok(()) => removed.push((ResourceKind::Snapshot, snap)),
             Err(e) => problems.push(e.to_string()),
         }
     }
@@ -460,7 +464,7 @@ pub async fn cleanup<S: ObjectStore, E: Ec2Api, B: EbsApi>(
                 continue;
             }
             match env.store.delete(&key).await {
-                Ok(()) => removed.push(("s3-object", key)),
+                Ok(()) => removed.push((ResourceKind::S3Object, key)),
                 Err(e) => problems.push(e.to_string()),
             }
         }
@@ -473,11 +477,8 @@ pub async fn cleanup<S: ObjectStore, E: Ec2Api, B: EbsApi>(
         ));
     }
     for (kind, id) in removed {
-        run.removed.push(crate::model::Created {
-            kind: kind.into(),
-            id,
-            at: now,
-        });
+        run.removed
+            .push(crate::model::Created { kind, id, at: now });
     }
     if problems.is_empty() {
         run.reason = Some(format!(

@@ -284,11 +284,40 @@ pub struct SnapshotReady {
     pub point_time: Option<DateTime<Utc>>,
 }
 
+/// What kind of resource a run created (as the run record names it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ResourceKind {
+    /// An object in the bucket: an export request, an exported image.
+    S3Object,
+    ImportImageTask,
+    Image,
+    Snapshot,
+    Instance,
+}
+
+impl ResourceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResourceKind::S3Object => "s3-object",
+            ResourceKind::ImportImageTask => "import-image-task",
+            ResourceKind::Image => "image",
+            ResourceKind::Snapshot => "snapshot",
+            ResourceKind::Instance => "instance",
+        }
+    }
+}
+
+impl std::fmt::Display for ResourceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Something the run created in AWS (what a cleanup removes).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Created {
-    /// `s3-object`, `import-image-task`, `image`, `snapshot`, `instance`.
-    pub kind: String,
+    pub kind: ResourceKind,
     pub id: String,
     pub at: DateTime<Utc>,
 }
@@ -358,6 +387,10 @@ pub struct Run {
     /// call, cleared when its outcome is saved (see `handler::advance`).
     #[serde(default)]
     pub claim: Option<Claim>,
+    /// The start request, parsed once from `request` (none: a start that never
+    /// validated). Not part of the record: `request` is.
+    #[serde(skip)]
+    pub start: ParsedStart,
     /// The ETag of the stored version this was read from (or last saved as): the next
     /// save is made `If-Match` on it, so of two callers holding one version only one
     /// saves. Not part of the record.
@@ -365,10 +398,22 @@ pub struct Run {
     pub etag: Etag,
 }
 
+/// The creating EC2 call a claim is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClaimStep {
+    /// ImportImage.
+    Import,
+    /// RegisterImage (the snapshot method).
+    Register,
+    /// RunInstances.
+    Launch,
+}
+
 /// A step claimed by one caller until `until`: others leave it alone until then.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claim {
-    pub step: String,
+    pub step: ClaimStep,
     pub until: DateTime<Utc>,
 }
 
@@ -376,6 +421,17 @@ impl Claim {
     /// Whether another caller must still leave the step alone at `now`.
     pub fn holds(&self, now: DateTime<Utc>) -> bool {
         now < self.until
+    }
+}
+
+/// A run's start request as parsed from its `request` (none: it never validated). Not
+/// part of the record, and equal whenever the requests are: it is made from them.
+#[derive(Debug, Clone, Default)]
+pub struct ParsedStart(pub Option<Box<StartRequest>>);
+
+impl PartialEq for ParsedStart {
+    fn eq(&self, _: &Self) -> bool {
+        true
     }
 }
 
@@ -423,7 +479,23 @@ impl Run {
             held: Vec::new(),
             verification: None,
             claim: None,
+            start: ParsedStart(None),
             etag: Etag(None),
+        }
+        .with_start()
+    }
+
+    /// `start` parsed from `request` (after reading a record, whose `start` is not stored).
+    pub fn with_start(mut self) -> Self {
+        self.start = ParsedStart(Self::parse_start(&self.request));
+        self
+    }
+
+    /// The start request in a run's `request`, if it is a valid one.
+    pub fn parse_start(request: &serde_json::Value) -> Option<Box<StartRequest>> {
+        match serde_json::from_value::<DrRequest>(request.clone()) {
+            Ok(DrRequest::Start(s)) => Some(s),
+            _ => None,
         }
     }
 
@@ -453,9 +525,9 @@ impl Run {
         self.enter(Phase::Failed, now);
     }
 
-    pub fn record(&mut self, kind: &str, id: impl Into<String>, now: DateTime<Utc>) {
+    pub fn record(&mut self, kind: ResourceKind, id: impl Into<String>, now: DateTime<Utc>) {
         self.created.push(Created {
-            kind: kind.into(),
+            kind,
             id: id.into(),
             at: now,
         });

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use pilotlight_cloud::ebs::EbsApi;
 use pilotlight_cloud::{CloudError, ObjectStore};
 use pilotlight_protocol::keys::{disk_prefix, generation_prefix};
-use pilotlight_protocol::points::time_tag;
+use pilotlight_protocol::points::{common_step, time_tag, Common};
 use pilotlight_protocol::{DiskId, Name};
 use pilotlight_store::{manifests, DocError};
 
@@ -363,16 +363,20 @@ pub(crate) async fn one_time<S: ObjectStore, E, B>(
                 )));
             }
         }
-        let oldest = found.iter().map(|(_, t)| *t).min();
-        if let (Some(t), true) = (oldest, found.iter().all(|(_, t)| Some(*t) == oldest)) {
-            let disks = cs
-                .iter()
-                .zip(found)
-                .map(|(c, (g, _))| (c.disk.clone(), g))
-                .collect();
-            return Ok((disks, t));
+        // The rule `points` uses too: all agree, or the oldest is the next target.
+        let times: Vec<DateTime<Utc>> = found.iter().map(|(_, t)| *t).collect();
+        match common_step(&times) {
+            Some(Common::Agreed(t)) => {
+                let disks = cs
+                    .iter()
+                    .zip(found)
+                    .map(|(c, (g, _))| (c.disk.clone(), g))
+                    .collect();
+                return Ok((disks, t));
+            }
+            Some(Common::Lower(t)) => target = Some(t),
+            None => return Err(PlanError::Unservable("no disks".into())),
         }
-        target = oldest;
     }
 }
 

@@ -204,7 +204,7 @@ fn resources(out: &mut String, title: &str, items: &[Created], none: &str) {
         let _ = write!(
             out,
             "<tr><td>{}</td><td><code>{}</code></td><td>{}</td></tr>",
-            esc(&c.kind),
+            esc(c.kind.as_str()),
             esc(&c.id),
             esc(&time(c.at))
         );

@@ -185,7 +185,7 @@ pub(crate) async fn load<S: ObjectStore, E, B>(
         detail: e.to_string(),
     })?;
     run.etag.0 = Some(found.etag);
-    Ok(run)
+    Ok(run.with_start())
 }
 
 pub(crate) async fn read_ready<S: ObjectStore, E, B>(

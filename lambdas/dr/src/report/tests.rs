@@ -1,5 +1,5 @@
 use super::*;
-use crate::model::{Method, RunDisk, Verification};
+use crate::model::{Method, ResourceKind, RunDisk, Verification};
 use chrono::TimeZone;
 
 fn at(s: i64) -> DateTime<Utc> {
@@ -28,9 +28,9 @@ fn drill() -> Run {
         snapshot_id: Some("snap-1".into()),
     });
     run.enter(Phase::Registering, at(0));
-    run.record("image", "ami-1", at(1));
+    run.record(ResourceKind::Image, "ami-1", at(1));
     run.enter(Phase::Launching, at(5));
-    run.record("instance", "i-1", at(6));
+    run.record(ResourceKind::Instance, "i-1", at(6));
     run.enter(Phase::Verifying, at(7));
     run.verification = Some(Verification {
         passed: true,

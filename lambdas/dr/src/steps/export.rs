@@ -2,7 +2,7 @@
 
 use crate::config::DrEnv;
 use crate::error::DrError;
-use crate::model::{Phase, Run};
+use crate::model::{ClaimStep, Phase, ResourceKind, Run};
 use crate::steps::claim;
 use chrono::Utc;
 use pilotlight_cloud::ebs::EbsApi;
@@ -55,7 +55,7 @@ pub(crate) async fn exporting<S: ObjectStore, E: Ec2Api, B: EbsApi>(
                 return Ok(());
             }
             (ExportStatus::Done, Some(image_key)) if r.generation == Some(d.generation) => {
-                run.record("s3-object", image_key.clone(), Utc::now());
+                run.record(ResourceKind::S3Object, image_key.clone(), Utc::now());
                 let disk = &mut run.disks[i];
                 disk.image_key = Some(image_key);
                 disk.size = r.size;
@@ -108,6 +108,6 @@ pub(crate) async fn exporting<S: ObjectStore, E: Ec2Api, B: EbsApi>(
     // Every disk is exported: on to the import, claimed (saved before the call).
     run.reason = None;
     run.enter(Phase::Importing, now);
-    claim(run, "import", now);
+    claim(run, ClaimStep::Import, now);
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! `importing`: start EC2 image import (claimed), follow its task, tag what it made.
 
 use crate::config::DrEnv;
-use crate::model::{BootMode, ImportProgress, Phase, Run, TAG_DRILL, TAG_RUN};
+use crate::model::{
+    BootMode, ClaimStep, ImportProgress, Phase, ResourceKind, Run, TAG_DRILL, TAG_RUN,
+};
 use crate::steps::{claim, run_tags, start_request};
 use chrono::Utc;
 use pilotlight_cloud::ebs::EbsApi;
@@ -55,7 +57,7 @@ pub(crate) async fn start_import<S: ObjectStore, E: Ec2Api, B: EbsApi>(
     };
     match env.ec2.import_image(&req).await {
         Ok(task_id) => {
-            run.record("import-image-task", task_id.clone(), now);
+            run.record(ResourceKind::ImportImageTask, task_id.clone(), now);
             run.import = Some(ImportProgress {
                 task_id,
                 status: "active".into(),
@@ -81,7 +83,7 @@ pub(crate) async fn importing<S: ObjectStore, E: Ec2Api, B: EbsApi>(
             start_import(env, run).await;
             run.claim = None;
         } else {
-            claim(run, "import", Utc::now());
+            claim(run, ClaimStep::Import, Utc::now());
         }
         return;
     };
@@ -123,16 +125,16 @@ pub(crate) async fn importing<S: ObjectStore, E: Ec2Api, B: EbsApi>(
                 run.reason = Some(format!("could not tag the imported AMI {image}: {e}"));
                 return;
             }
-            run.record("image", image.clone(), now);
+            run.record(ResourceKind::Image, image.clone(), now);
             for s in &t.snapshot_ids {
-                run.record("snapshot", s.clone(), now);
+                run.record(ResourceKind::Snapshot, s.clone(), now);
             }
             run.image_id = Some(image);
             run.snapshot_ids = t.snapshot_ids;
             run.reason = None;
             // On to the launch, claimed (saved before the call).
             run.enter(Phase::Launching, now);
-            claim(run, "launch", now);
+            claim(run, ClaimStep::Launch, now);
         }
         "deleted" | "deleting" => run.fail(
             format!(

@@ -1,7 +1,7 @@
 //! `launching`: RunInstances from the run's AMI (claimed, with a client token).
 
 use crate::config::DrEnv;
-use crate::model::{Phase, Run};
+use crate::model::{ClaimStep, Phase, ResourceKind, Run};
 use crate::steps::{claim, run_tags, start_request};
 use chrono::Utc;
 use pilotlight_cloud::ebs::EbsApi;
@@ -15,7 +15,7 @@ pub(crate) async fn launching<S: ObjectStore, E: Ec2Api, B: EbsApi>(
 ) {
     let now = Utc::now();
     if run.instance_ids.is_empty() && !claimed_here {
-        claim(run, "launch", now);
+        claim(run, ClaimStep::Launch, now);
         return;
     }
     let Some(start) = start_request(run, now) else {
@@ -65,7 +65,7 @@ pub(crate) async fn launching<S: ObjectStore, E: Ec2Api, B: EbsApi>(
     run.claim = None;
     match result {
         Ok(id) => {
-            run.record("instance", id.clone(), Utc::now());
+            run.record(ResourceKind::Instance, id.clone(), Utc::now());
             run.instance_ids.push(id);
             run.reason = None;
             run.enter(Phase::Verifying, Utc::now());

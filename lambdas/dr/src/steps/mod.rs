@@ -19,7 +19,7 @@ pub(crate) mod verify;
 
 use crate::config::DrEnv;
 use crate::error::DrError;
-use crate::model::{Claim, DrRequest, Method, Phase, Run, StartRequest, TAG_DRILL, TAG_RUN};
+use crate::model::{Claim, ClaimStep, Method, Phase, Run, StartRequest, TAG_DRILL, TAG_RUN};
 use crate::runs::{load, save};
 use crate::steps::export::exporting;
 use crate::steps::import::importing;
@@ -115,12 +115,12 @@ pub(crate) async fn advance_from<S: ObjectStore, E: Ec2Api, B: EbsApi>(
 /// Claims `step` for this caller, unless another caller's claim still holds (then the
 /// run is left as it is). The caller returns after claiming: `advance` saves the claim,
 /// and makes the call only if that save wins.
-pub(crate) fn claim(run: &mut Run, step: &str, now: DateTime<Utc>) {
+pub(crate) fn claim(run: &mut Run, step: ClaimStep, now: DateTime<Utc>) {
     if run.claim.as_ref().is_some_and(|c| c.holds(now)) {
         return;
     }
     run.claim = Some(Claim {
-        step: step.into(),
+        step,
         until: now + chrono::Duration::from_std(CLAIM_LEASE).unwrap_or_default(),
     });
 }
@@ -140,9 +140,13 @@ pub(crate) async fn release_holds<S, E, B: EbsApi>(env: &DrEnv<S, E, B>, run: &m
 
 /// The start request a run was made from; a run whose record lost it fails.
 pub(crate) fn start_request(run: &mut Run, now: DateTime<Utc>) -> Option<StartRequest> {
-    match serde_json::from_value(run.request.clone()) {
-        Ok(DrRequest::Start(s)) => Some(*s),
-        _ => {
+    if run.start.0.is_none() {
+        // A run made or read elsewhere (a test's record): parse it once here.
+        run.start.0 = Run::parse_start(&run.request);
+    }
+    match &run.start.0 {
+        Some(s) => Some((**s).clone()),
+        None => {
             run.fail("run record lost its request", now);
             None
         }

@@ -1,7 +1,7 @@
 //! `registering`: RegisterImage from the recovery point's snapshots (snapshot method).
 
 use crate::config::DrEnv;
-use crate::model::{Phase, Run};
+use crate::model::{ClaimStep, Phase, ResourceKind, Run};
 use crate::steps::{claim, run_tags, start_request};
 use chrono::Utc;
 use pilotlight_cloud::ebs::EbsApi;
@@ -31,11 +31,11 @@ pub(crate) async fn registering<S: ObjectStore, E: Ec2Api, B: EbsApi>(
     let now = Utc::now();
     if run.image_id.is_some() {
         run.enter(Phase::Launching, now);
-        claim(run, "launch", now);
+        claim(run, ClaimStep::Launch, now);
         return;
     }
     if !claimed_here {
-        claim(run, "register", now);
+        claim(run, ClaimStep::Register, now);
         return;
     }
     let Some(start) = start_request(run, now) else {
@@ -104,12 +104,12 @@ pub(crate) async fn registering<S: ObjectStore, E: Ec2Api, B: EbsApi>(
     run.claim = None;
     match result {
         Ok(id) => {
-            run.record("image", id.clone(), Utc::now());
+            run.record(ResourceKind::Image, id.clone(), Utc::now());
             run.image_id = Some(id);
             run.reason = None;
             let now = Utc::now();
             run.enter(Phase::Launching, now);
-            claim(run, "launch", now);
+            claim(run, ClaimStep::Launch, now);
         }
         Err(e) if e.is_transient() => {
             run.reason = Some(format!("registering the AMI failed for now, retried: {e}"));

@@ -105,7 +105,10 @@ async fn a_snapshot_drill_at_a_past_point_registers_that_points_snapshots_and_ve
         assert!(!snap.tags.keys().any(|k| k.starts_with("pilotlight:hold")));
     }
     assert!(cleaned.held.is_empty());
-    assert!(!cleaned.removed.iter().any(|r| r.kind == "snapshot"));
+    assert!(!cleaned
+        .removed
+        .iter()
+        .any(|r| r.kind == pilotlight_dr::model::ResourceKind::Snapshot));
 }
 
 /// `auto` takes import for a VM never verified with the snapshot method, snapshot after a

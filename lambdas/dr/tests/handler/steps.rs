@@ -192,7 +192,7 @@ async fn a_failed_launch_keeps_the_ami_on_record() {
         "{:?}",
         run.reason
     );
-    assert!(run.created.iter().any(|c| c.kind == "image"));
+    assert!(run.created.iter().any(|c| c.kind.as_str() == "image"));
 }
 
 /// Two advancers on one run (the schedule and a CLI `status`, or a retry after a Lambda
@@ -280,7 +280,7 @@ async fn two_advancers_racing_on_one_run_make_one_import_one_instance_and_one_re
         stored
             .created
             .iter()
-            .filter(|c| c.kind == "instance")
+            .filter(|c| c.kind.as_str() == "instance")
             .count(),
         1
     );
