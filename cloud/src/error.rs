@@ -29,6 +29,14 @@ pub enum ErrorKind {
     ServerError,
     /// The request itself is wrong (another 4xx): retrying it unchanged cannot help.
     Invalid,
+    /// No credentials: no source of the default chain gave any.
+    NoCredentials,
+    /// The credentials were refused: expired, or not valid for this account
+    /// (`ExpiredToken`, `InvalidAccessKeyId`, `SignatureDoesNotMatch`, ...).
+    BadCredentials,
+    /// The bucket is in another region than the client's (S3 `PermanentRedirect`, 301,
+    /// `AuthorizationHeaderMalformed` naming the expected region).
+    WrongRegion,
 }
 
 impl ErrorKind {
@@ -51,6 +59,9 @@ impl ErrorKind {
             ErrorKind::Unreachable => "cannot reach the endpoint",
             ErrorKind::ServerError => "service error",
             ErrorKind::Invalid => "request refused",
+            ErrorKind::NoCredentials => "no AWS credentials",
+            ErrorKind::BadCredentials => "the credentials were refused",
+            ErrorKind::WrongRegion => "the bucket is in another region",
         }
     }
 
@@ -61,6 +72,13 @@ impl ErrorKind {
                 "; check the role's IAM policy (and the bucket or key policy) allows this call"
             }
             ErrorKind::Unreachable => "; check the endpoint URL, the region and the network",
+            ErrorKind::NoCredentials => {
+                "; none of the default chain's sources gave any: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile in ~/.aws/credentials or ~/.aws/config (AWS_PROFILE; `aws configure`, or `aws sso login` for SSO), or run with an instance or task role"
+            }
+            ErrorKind::BadCredentials => {
+                "; they are expired or not valid for this account: refresh them (`aws sso login`, new access keys or session token) and check this machine's clock"
+            }
+            ErrorKind::WrongRegion => "; set --region (AWS_REGION) to the bucket's region",
             ErrorKind::Throttled | ErrorKind::ServerError => "; it is retried",
             _ => "",
         }
@@ -102,8 +120,43 @@ impl fmt::Display for CloudError {
             (Some(c), true) => write!(f, " ({c})")?,
             (None, true) => {}
         }
+        if self.kind == ErrorKind::AccessDenied {
+            let action = iam_action(self.service, self.op);
+            return write!(
+                f,
+                "; the caller may not {action} on {}: the IAM policy of its role must allow it (infra/ grants each program what it calls: SenderPolicy to the sender, ReceiverRole and ReceiverPointsPolicy to the receiver, DrFunctionRole to the DR function), and the bucket or key policy must not deny it",
+                if self.resource.is_empty() { "it" } else { &self.resource }
+            );
+        }
         f.write_str(self.kind.hint())
     }
+}
+
+/// The IAM action that authorises a call (Service Authorization Reference): mostly
+/// `service:Operation`, with S3's exceptions (ListObjectsV2 is `s3:ListBucket`, HEAD is
+/// `s3:GetObject`, multipart parts are `s3:PutObject`).
+pub fn iam_action(service: &str, op: &str) -> String {
+    let prefix = match service {
+        "S3" => "s3",
+        "SQS" => "sqs",
+        "EC2" => "ec2",
+        "EBS" => "ebs",
+        "SSM" => "ssm",
+        "CloudWatch" => "cloudwatch",
+        other => return format!("{}:{op}", other.to_ascii_lowercase()),
+    };
+    let op = match (prefix, op) {
+        ("s3", "ListObjectsV2" | "ListObjects") => "ListBucket",
+        ("s3", "HeadObject") => "GetObject",
+        ("s3", "CreateMultipartUpload" | "UploadPart" | "CompleteMultipartUpload") => "PutObject",
+        ("s3", "AbortMultipartUpload") => "AbortMultipartUpload",
+        // DescribeSnapshots, DeleteSnapshot and tags are EC2's even when EBS asks.
+        ("ebs", o @ ("DescribeSnapshots" | "DeleteSnapshot" | "CreateTags" | "DeleteTags")) => {
+            return format!("ec2:{o}")
+        }
+        (_, o) => o,
+    };
+    format!("{prefix}:{op}")
 }
 
 impl CloudError {
@@ -168,16 +221,22 @@ pub fn kind_of(code: Option<&str>, status: Option<u16>) -> ErrorKind {
         ) => return ErrorKind::NotFound,
         Some(c) if c.ends_with(".NotFound") => return ErrorKind::NotFound,
         Some("NoSuchBucket") => return ErrorKind::NoSuchBucket,
+        Some("AccessDenied" | "AccessDeniedException" | "UnauthorizedOperation") => {
+            return ErrorKind::AccessDenied
+        }
         Some(
-            "AccessDenied"
-            | "AccessDeniedException"
-            | "InvalidAccessKeyId"
+            "InvalidAccessKeyId"
             | "SignatureDoesNotMatch"
-            | "UnauthorizedOperation"
             | "ExpiredToken"
+            | "ExpiredTokenException"
             | "InvalidClientTokenId"
+            | "UnrecognizedClientException"
+            | "InvalidToken"
             | "AuthFailure",
-        ) => return ErrorKind::AccessDenied,
+        ) => return ErrorKind::BadCredentials,
+        Some("PermanentRedirect" | "AuthorizationHeaderMalformed" | "IllegalLocationConstraintException") => {
+            return ErrorKind::WrongRegion
+        }
         Some("PreconditionFailed") => return ErrorKind::PreconditionFailed,
         Some(
             "SlowDown"
@@ -210,6 +269,7 @@ pub fn kind_of(code: Option<&str>, status: Option<u16>) -> ErrorKind {
         _ => {}
     }
     match status {
+        Some(301) => ErrorKind::WrongRegion,
         Some(404) => ErrorKind::NotFound,
         Some(403) => ErrorKind::AccessDenied,
         Some(412) => ErrorKind::PreconditionFailed,
@@ -234,15 +294,25 @@ where
     E: aws_smithy_types::error::metadata::ProvideErrorMetadata + std::error::Error + 'static,
 {
     use aws_smithy_runtime_api::client::result::SdkError;
-    let detail = causes(e);
+    let mut detail = causes(e);
     let (kind, code) = match e {
+        // Before anything else: a client without credentials fails before it sends, and
+        // the SDK reports that as a dispatch failure, which would read as the network.
+        _ if is_credentials_error(e) => (ErrorKind::NoCredentials, None),
         SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
             (ErrorKind::Unreachable, None)
         }
         SdkError::ServiceError(se) => {
             let code = se.err().code().map(String::from);
             let status = se.raw().status().as_u16();
-            (kind_of(code.as_deref(), Some(status)), code)
+            let kind = kind_of(code.as_deref(), Some(status));
+            // S3 names the bucket's region in a header of its redirect.
+            if let (ErrorKind::WrongRegion, Some(region)) =
+                (kind, se.raw().headers().get("x-amz-bucket-region"))
+            {
+                detail = format!("the bucket is in {region}; {detail}");
+            }
+            (kind, code)
         }
         SdkError::ConstructionFailure(_) => (ErrorKind::Invalid, None),
         _ => (ErrorKind::Invalid, None),
@@ -255,6 +325,21 @@ where
         code,
         detail,
     }
+}
+
+/// Whether an error or one of its sources is the credential chain failing to produce
+/// credentials (`CredentialsError`, whatever wraps it).
+fn is_credentials_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if c.downcast_ref::<aws_credential_types::provider::error::CredentialsError>()
+            .is_some()
+        {
+            return true;
+        }
+        cur = c.source();
+    }
+    false
 }
 
 /// An error and its sources by their Display only (no Debug dumps), each said once.
@@ -339,5 +424,122 @@ mod tests {
         assert_eq!(s.matches("AccessDenied").count(), 1, "{s}");
         assert!(s.starts_with("S3 GetObject s3://b/k: access denied"), "{s}");
         assert!(s.contains("IAM policy"), "{s}");
+    }
+
+    #[test]
+    fn credentials_and_region_failures_are_their_own_kinds() {
+        for code in [
+            "ExpiredToken",
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "InvalidClientTokenId",
+            "AuthFailure",
+        ] {
+            assert_eq!(
+                kind_of(Some(code), Some(403)),
+                ErrorKind::BadCredentials,
+                "{code}"
+            );
+        }
+        assert_eq!(
+            kind_of(Some("PermanentRedirect"), Some(301)),
+            ErrorKind::WrongRegion
+        );
+        assert_eq!(kind_of(None, Some(301)), ErrorKind::WrongRegion);
+        assert_eq!(
+            kind_of(Some("AuthorizationHeaderMalformed"), Some(400)),
+            ErrorKind::WrongRegion
+        );
+        for k in [
+            ErrorKind::NoCredentials,
+            ErrorKind::BadCredentials,
+            ErrorKind::WrongRegion,
+        ] {
+            assert!(!k.is_transient(), "{k:?}");
+        }
+        let e = CloudError::new(
+            "S3",
+            "ListObjectsV2",
+            "s3://b/p/",
+            ErrorKind::NoCredentials,
+            "",
+        );
+        let s = e.to_string();
+        assert!(
+            s.contains("no AWS credentials") && s.contains("AWS_PROFILE"),
+            "{s}"
+        );
+        assert!(!s.contains("network"), "{s}");
+        let s = CloudError::new("S3", "GetObject", "s3://b/k", ErrorKind::BadCredentials, "")
+            .to_string();
+        assert!(s.contains("expired"), "{s}");
+        let s =
+            CloudError::new("S3", "GetObject", "s3://b/k", ErrorKind::WrongRegion, "").to_string();
+        assert!(s.contains("--region"), "{s}");
+    }
+
+    #[test]
+    fn access_denied_names_the_action_and_the_policies_that_grant_it() {
+        let s = CloudError::new(
+            "S3",
+            "ListObjectsV2",
+            "s3://b/dr/",
+            ErrorKind::AccessDenied,
+            "",
+        )
+        .to_string();
+        assert!(s.contains("may not s3:ListBucket on s3://b/dr/"), "{s}");
+        assert!(
+            s.contains("SenderPolicy") && s.contains("DrFunctionRole"),
+            "{s}"
+        );
+        assert_eq!(iam_action("S3", "HeadObject"), "s3:GetObject");
+        assert_eq!(iam_action("S3", "UploadPart"), "s3:PutObject");
+        assert_eq!(iam_action("EBS", "StartSnapshot"), "ebs:StartSnapshot");
+        assert_eq!(
+            iam_action("EBS", "DescribeSnapshots"),
+            "ec2:DescribeSnapshots"
+        );
+        assert_eq!(iam_action("SQS", "ReceiveMessage"), "sqs:ReceiveMessage");
+    }
+
+    /// A client whose credential chain gives nothing: the SDK fails before sending, and
+    /// that is "no credentials", not the network (the SDK reports it as a dispatch
+    /// failure).
+    #[cfg(feature = "s3")]
+    #[test]
+    fn a_client_without_credentials_says_so() {
+        use aws_credential_types::provider::error::CredentialsError;
+        use aws_credential_types::provider::{future, ProvideCredentials};
+        #[derive(Debug)]
+        struct Nothing;
+        impl ProvideCredentials for Nothing {
+            fn provide_credentials<'a>(&'a self) -> future::ProvideCredentials<'a>
+            where
+                Self: 'a,
+            {
+                future::ProvideCredentials::ready(Err(CredentialsError::not_loaded(
+                    "no credentials in this test",
+                )))
+            }
+        }
+        let conf = aws_sdk_s3::Config::builder()
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            // Nothing listens here; the call must fail before it would connect.
+            .endpoint_url("http://127.0.0.1:9")
+            .force_path_style(true)
+            .credentials_provider(Nothing)
+            .build();
+        let client = aws_sdk_s3::Client::from_conf(conf);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let err = rt
+            .block_on(client.list_objects_v2().bucket("b").send())
+            .unwrap_err();
+        let e = from_sdk("S3", "ListObjectsV2", "s3://b/", &err);
+        assert_eq!(e.kind, ErrorKind::NoCredentials, "{e}");
     }
 }

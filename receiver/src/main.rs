@@ -394,7 +394,11 @@ async fn run(cli: Cli) -> Result<()> {
                 cfg.reconcile_every = None;
                 let mut engine = s.listing_engine(cfg).await?;
                 engine.load_known_disks();
-                engine.reconcile().await;
+                // A bucket that cannot be listed is an error, never an empty status.
+                engine
+                    .reconcile()
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot read the bucket: {e}"))?;
                 engine.status()
             } else {
                 local_status(&s.image_dir(), &s.state_dir())

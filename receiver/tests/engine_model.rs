@@ -148,7 +148,9 @@ fn run_case(
                         .resource_contains("manifest.json")
                         .times(n as u64),
                 ),
-                Action::Reconcile => engine.reconcile().await,
+                Action::Reconcile => {
+                    let _ = engine.reconcile().await;
+                }
             }
             check_states(root, &chains)?;
         }
@@ -162,7 +164,7 @@ fn run_case(
         }
         store.faults.clear();
         if lost.get() {
-            engine.reconcile().await;
+            let _ = engine.reconcile().await;
         }
         for _ in 0..200 {
             engine.step().await.unwrap();

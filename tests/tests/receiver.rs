@@ -639,3 +639,71 @@ async fn stray_manifest_keys_are_stepped_over_and_replication_goes_on() {
     let sha = send_generation(&stack, tmp.path(), 64 * MIB, 30, 78, 99992);
     assert_eq!(sync_applies(&stack, &rx, 99992), sha);
 }
+
+/// The first hour (issue 33): a status that cannot read the bucket fails with the cause,
+/// never an empty listing; the DR CLI takes its settings after the subcommand too; and a
+/// machine without credentials is told so, not sent to check the network.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_hours_mistakes_fail_with_their_cause() {
+    let stack = LocalStack::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let text = |o: &std::process::Output| {
+        String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr)
+    };
+
+    // A bucket that does not exist: the receiver's status fails and says so.
+    let out = receiver(
+        &stack,
+        "status",
+        tmp.path(),
+        &["--bucket", "no-such-bucket"],
+    )
+    .output()
+    .unwrap();
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("the bucket does not exist"), "{said}");
+    assert!(!said.contains("no disks yet"), "{said}");
+
+    // The DR CLI's settings after the subcommand: accepted, and a missing bucket is an error.
+    let out = pilotlight_tests::cli::dr(&stack, "ok", &["status", "--bucket", "no-such-bucket"])
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(!said.contains("unexpected argument"), "{said}");
+    assert!(said.contains("the bucket does not exist"), "{said}");
+    let out = pilotlight_tests::cli::dr(&stack, "ok", &["status", "--bucket", &stack.bucket])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+
+    // No credentials anywhere the default chain looks: named as such, with how to give
+    // some, and never as a network problem.
+    let mut c = pilotlight_tests::cli::dr(&stack, "ok", &["status"]);
+    for v in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    ] {
+        c.env_remove(v);
+    }
+    let out = c
+        .env(
+            "AWS_SHARED_CREDENTIALS_FILE",
+            tmp.path().join("no-credentials"),
+        )
+        .env("AWS_CONFIG_FILE", tmp.path().join("no-config"))
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("no AWS credentials"), "{said}");
+    assert!(said.contains("AWS_PROFILE"), "{said}");
+    assert!(!said.contains("check the endpoint URL"), "{said}");
+}

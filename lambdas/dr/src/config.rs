@@ -10,64 +10,76 @@ use pilotlight_protocol::Prefix;
 use std::time::Duration;
 
 /// One definition for both: the Lambda reads these from its environment, the CLI also
-/// takes them as flags.
+/// takes them as flags, before or after the subcommand (`global`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct DrSettings {
     /// The replication bucket.
-    #[arg(long, env = "PILOTLIGHT_BUCKET")]
+    #[arg(long, global = true, env = "PILOTLIGHT_BUCKET")]
     pub bucket: Option<String>,
     /// The replication prefix.
-    #[arg(long, env = "PILOTLIGHT_PREFIX", default_value = "pilotlight")]
+    #[arg(
+        long,
+        global = true,
+        env = "PILOTLIGHT_PREFIX",
+        default_value = "pilotlight"
+    )]
     pub prefix: String,
     /// Where DR run records are kept (outside the replication prefix).
     #[arg(
         long,
+        global = true,
         env = "PILOTLIGHT_DR_RUNS_PREFIX",
         default_value = "pilotlight-dr/runs/"
     )]
     pub runs_prefix: String,
     /// The VM Import service role.
-    #[arg(long, env = "PILOTLIGHT_DR_VMIMPORT_ROLE", default_value = "vmimport")]
+    #[arg(
+        long,
+        global = true,
+        env = "PILOTLIGHT_DR_VMIMPORT_ROLE",
+        default_value = "vmimport"
+    )]
     pub vmimport_role: String,
     /// How long the receiver may take to export.
-    #[arg(long, env = "PILOTLIGHT_DR_EXPORT_TIMEOUT", default_value = "6h", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "PILOTLIGHT_DR_EXPORT_TIMEOUT", default_value = "6h", value_parser = humantime::parse_duration)]
     pub export_timeout: Duration,
     /// How long EC2 may take to import.
-    #[arg(long, env = "PILOTLIGHT_DR_IMPORT_TIMEOUT", default_value = "12h", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "PILOTLIGHT_DR_IMPORT_TIMEOUT", default_value = "12h", value_parser = humantime::parse_duration)]
     pub import_timeout: Duration,
     /// Drills launch into this subnet (instead of the request's).
-    #[arg(long, env = "PILOTLIGHT_DR_DRILL_SUBNET")]
+    #[arg(long, global = true, env = "PILOTLIGHT_DR_DRILL_SUBNET")]
     pub drill_subnet: Option<String>,
     /// Drills get these security groups (comma-separated).
     #[arg(
         long,
+        global = true,
         env = "PILOTLIGHT_DR_DRILL_SECURITY_GROUPS",
         value_delimiter = ','
     )]
     pub drill_security_groups: Vec<String>,
     /// Customer KMS key for the imported snapshots (the stack's key); without it they are
     /// encrypted with the account's EBS default key.
-    #[arg(long, env = "PILOTLIGHT_DR_KMS_KEY")]
+    #[arg(long, global = true, env = "PILOTLIGHT_DR_KMS_KEY")]
     pub kms_key: Option<String>,
     /// Use only this stack's recovery points (their `pilotlight:stack` tag).
-    #[arg(long, env = "PILOTLIGHT_DR_STACK")]
+    #[arg(long, global = true, env = "PILOTLIGHT_DR_STACK")]
     pub stack: Option<String>,
     /// How long a registered AMI (snapshot method) may take to become available.
-    #[arg(long, env = "PILOTLIGHT_DR_REGISTER_TIMEOUT", default_value = "30m", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "PILOTLIGHT_DR_REGISTER_TIMEOUT", default_value = "30m", value_parser = humantime::parse_duration)]
     pub register_timeout: Duration,
     /// How long a launched instance may take to pass its status checks.
-    #[arg(long, env = "PILOTLIGHT_DR_VERIFY_TIMEOUT", default_value = "20m", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "PILOTLIGHT_DR_VERIFY_TIMEOUT", default_value = "20m", value_parser = humantime::parse_duration)]
     pub verify_timeout: Duration,
     /// AWS endpoint URL (the local emulator).
-    #[arg(long, env = "PILOTLIGHT_ENDPOINT_URL")]
+    #[arg(long, global = true, env = "PILOTLIGHT_ENDPOINT_URL")]
     pub endpoint_url: Option<String>,
-    #[arg(long, env = "AWS_REGION")]
+    #[arg(long, global = true, env = "AWS_REGION")]
     pub region: Option<String>,
     /// EMULATOR ONLY (builds with the `sim` feature: tests, the demo, never the
     /// packaged Lambda): simulate EC2 image import, which the emulator lacks. The value
     /// `ok` completes; any other value is the failure's StatusMessage.
     #[cfg(feature = "sim")]
-    #[arg(long, env = "PILOTLIGHT_DR_SIMULATE_IMPORT")]
+    #[arg(long, global = true, env = "PILOTLIGHT_DR_SIMULATE_IMPORT")]
     pub simulate_import: Option<String>,
 }
 

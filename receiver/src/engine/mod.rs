@@ -260,19 +260,12 @@ impl<S: ObjectStore + Clone + 'static, Q: Queue + Clone + 'static, E: EbsApi + '
     }
 
     /// Lists the bucket and learns every manifest newer than what is applied.
-    pub async fn reconcile(&mut self) {
+    pub async fn reconcile(&mut self) -> Result<(), CloudError> {
         self.last_reconcile = Some(Instant::now());
-        let keys = match self
+        let keys = self
             .src
             .list(&self.cfg.prefix.key_start(), is_control_key)
-            .await
-        {
-            Ok(k) => k,
-            Err(e) => {
-                tracing::warn!("reconcile: {e}");
-                return;
-            }
-        };
+            .await?;
         let answered: std::collections::BTreeSet<&str> = keys
             .iter()
             .filter_map(|k| k.strip_suffix(EXPORT_RESULT_FILE))
@@ -298,6 +291,7 @@ impl<S: ObjectStore + Clone + 'static, Q: Queue + Clone + 'static, E: EbsApi + '
                 Err(e) => tracing::warn!("reconcile: {e}"),
             }
         }
+        Ok(())
     }
 
     /// Applies every generation that can be applied now; disks in parallel, each disk's
@@ -330,7 +324,9 @@ impl<S: ObjectStore + Clone + 'static, Q: Queue + Clone + 'static, E: EbsApi + '
     /// Reconciles once and applies everything possible (the `sync` command). Manifests
     /// the bucket failed to serve are read again a few times first.
     pub async fn sync_once(&mut self) -> usize {
-        self.reconcile().await;
+        if let Err(e) = self.reconcile().await {
+            tracing::warn!("reconcile: {e}");
+        }
         let mut total = 0;
         let mut retries = 0;
         loop {
@@ -353,7 +349,9 @@ impl<S: ObjectStore + Clone + 'static, Q: Queue + Clone + 'static, E: EbsApi + '
     pub async fn step(&mut self) -> Result<usize, CloudError> {
         if let Some(every) = self.cfg.reconcile_every {
             if self.last_reconcile.is_none_or(|t| t.elapsed() >= every) {
-                self.reconcile().await;
+                if let Err(e) = self.reconcile().await {
+                    tracing::warn!("reconcile: {e}");
+                }
             }
         }
         self.prefetcher.reap();

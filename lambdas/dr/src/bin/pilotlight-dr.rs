@@ -393,7 +393,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         show(&cli, r);
                     }
                     if run_id.is_none() {
-                        replication(&cli, *rpo_target).await;
+                        replication(&cli, *rpo_target).await?;
                     }
                 }
             }
@@ -457,9 +457,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// Each protected VM's newest recovery point and its age, each disk's newest point (the
-/// receiver's `PointLagSeconds`), STALLED over the target. Status goes on without it when
-/// the points cannot be read (say, no `ec2:DescribeSnapshots` where the CLI runs).
-async fn replication(cli: &Cli, target: Duration) {
+/// receiver's `PointLagSeconds`), STALLED over the target. Points that cannot be read
+/// (say, no `ec2:DescribeSnapshots` where the CLI runs) are said after the runs, and the
+/// command fails: a status that could not read what it reports on never looks healthy.
+async fn replication(cli: &Cli, target: Duration) -> anyhow::Result<()> {
     let ebs = cli.settings.aws().await.ebs();
     match pilotlight_store::points::disk_points(&ebs, None, None).await {
         Ok(mut points) => {
@@ -475,8 +476,12 @@ async fn replication(cli: &Cli, target: Duration) {
                 println!("  {line}");
             }
         }
-        Err(e) => println!("recovery points: not read ({e})"),
+        Err(e) => {
+            println!("recovery points: not read ({e})");
+            anyhow::bail!("recovery points could not be read: {e}");
+        }
     }
+    Ok(())
 }
 
 /// Opens `path` with `$BROWSER` or `xdg-open`, without waiting for the browser.
