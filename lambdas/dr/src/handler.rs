@@ -1,13 +1,16 @@
-//! The DR flow: start a run, advance it phase by phase, clean up a drill.
+//! The DR function's commands: `start` (validate and plan, record the run, hold its
+//! point, request exports or register at once), `status` (advance and report one run or
+//! every unfinished one), `cleanup` (remove what a drill made), `configure` (save a VM's
+//! settings), `recover` (several VMs from their settings), and the Lambda's entry
+//! [`handle`], which also serves the EventBridge schedule.
 //!
 //! A run lives in the bucket as JSON (`{runs_prefix}/{run_id}.json`); every call reads
 //! it, does one step, and writes it back, so the Lambda keeps no state between
-//! invocations and any invocation (the schedule, `dr status`, a retry) can advance it.
+//! invocations and any invocation (the schedule, `dr status`, a retry) can advance it
+//! ([`crate::steps`]).
 //!
 //! ```text
-//! start ─► exporting ─► importing (%) ─► launching ─► done
-//!             │             │                │
-//!             └─────────────┴────────────────┴──► failed (reason; what was created)
+//! start ─► (phases: crate::steps) ─► done | failed
 //! done|failed (drill) ─► cleanup ─► cleaned_up
 //! ```
 

@@ -1,14 +1,11 @@
-//! The phase machine: advance a run by what can be done now, one file per phase.
-//!
-//! A run lives in the bucket as JSON (`{runs_prefix}/{run_id}.json`); every call reads
-//! it, does one step, and writes it back, so the Lambda keeps no state between
-//! invocations and any invocation (the schedule, `dr status`, a retry) can advance it.
+//! The phase machine: advance a run by what can be done now, one file per phase group
+//! ([`export`], [`import`], [`register`], [`launch`], [`verify`]); the claims that make a
+//! creating EC2 call happen once however many callers advance the run; the point holds.
 //!
 //! ```text
-//! start ─► exporting ─► importing (%) ─► launching ─► done
-//!             │             │                │
-//!             └─────────────┴────────────────┴──► failed (reason; what was created)
-//! done|failed (drill) ─► cleanup ─► cleaned_up
+//! import method:   exporting ─► importing (%) ─► launching ─► verifying ─► done
+//! snapshot method: registering ──────────────► launching ─► verifying ─► done
+//!                  any phase ─► failed (reason; what was created)
 //! ```
 
 pub(crate) mod export;
