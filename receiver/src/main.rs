@@ -27,6 +27,9 @@ use std::time::Duration;
 struct Cli {
     #[command(flatten)]
     log: pilotlight_cli::LogArgs,
+    /// The settings every subcommand shares: before or after the subcommand (`global`).
+    #[command(flatten)]
+    settings: Settings,
     #[command(subcommand)]
     command: Command,
 }
@@ -34,13 +37,11 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run until SIGTERM: SQS events in, generations applied.
-    Run(Settings),
+    Run,
     /// List the bucket once, apply every generation that can be, and exit.
-    Sync(Settings),
+    Sync,
     /// Per disk: applied generation, snapshot time, lag, pending generations, image.
     Status {
-        #[command(flatten)]
-        settings: Settings,
         /// JSON output.
         #[arg(long)]
         json: bool,
@@ -51,8 +52,6 @@ enum Command {
     /// Every VM recovery point (a snapshot time every disk of the VM has a point for),
     /// found by the points' snapshot tags.
     Points {
-        #[command(flatten)]
-        settings: Settings,
         #[arg(long)]
         site: Option<String>,
         #[arg(long)]
@@ -69,94 +68,94 @@ enum Command {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct Settings {
     /// TOML config file with any of these settings.
-    #[arg(long, env = "PILOTLIGHT_RECEIVER_CONFIG")]
+    #[arg(long, global = true, env = "PILOTLIGHT_RECEIVER_CONFIG")]
     #[serde(skip)]
     config: Option<PathBuf>,
     /// SQS queue URL receiving the bucket's ObjectCreated events.
-    #[arg(long, env = "PILOTLIGHT_QUEUE_URL")]
+    #[arg(long, global = true, env = "PILOTLIGHT_QUEUE_URL")]
     queue_url: Option<String>,
     /// S3 bucket.
-    #[arg(long, env = "PILOTLIGHT_BUCKET")]
+    #[arg(long, global = true, env = "PILOTLIGHT_BUCKET")]
     bucket: Option<String>,
     /// Key prefix [default: pilotlight].
-    #[arg(long, env = "PILOTLIGHT_PREFIX")]
+    #[arg(long, global = true, env = "PILOTLIGHT_PREFIX")]
     prefix: Option<String>,
     /// Endpoint for S3 and SQS (the local emulator); default: AWS.
-    #[arg(long, env = "PILOTLIGHT_ENDPOINT_URL")]
+    #[arg(long, global = true, env = "PILOTLIGHT_ENDPOINT_URL")]
     endpoint_url: Option<String>,
     /// AWS region [default: the AWS default chain, else us-east-1].
-    #[arg(long, env = "AWS_REGION")]
+    #[arg(long, global = true, env = "AWS_REGION")]
     region: Option<String>,
     /// Attempts per S3 or SQS request, the first included (standard retry with
     /// exponential back-off); after them a manifest is held and read again later [default: 6].
-    #[arg(long)]
+    #[arg(long, global = true)]
     max_attempts: Option<u32>,
     /// Where images live: IMAGE_DIR/site/vm/disk.raw [default: /var/lib/pilotlight/images].
-    #[arg(long, env = "PILOTLIGHT_IMAGE_DIR")]
+    #[arg(long, global = true, env = "PILOTLIGHT_IMAGE_DIR")]
     image_dir: Option<PathBuf>,
     /// Receiver state [default: /var/lib/pilotlight/receiver].
-    #[arg(long, env = "PILOTLIGHT_RECEIVER_STATE_DIR")]
+    #[arg(long, global = true, env = "PILOTLIGHT_RECEIVER_STATE_DIR")]
     state_dir: Option<PathBuf>,
     /// Objects fetched and written at once per disk [default: 8].
-    #[arg(long)]
+    #[arg(long, global = true)]
     concurrency: Option<usize>,
     /// SQS long-poll wait in seconds, 0 to 20 [default: 20].
-    #[arg(long)]
+    #[arg(long, global = true)]
     wait_seconds: Option<u64>,
     /// Seconds messages stay invisible while their generation waits or applies [default: 300].
-    #[arg(long)]
+    #[arg(long, global = true)]
     visibility_timeout: Option<i32>,
     /// List the bucket this often for manifests whose events were lost, or "off" [default: 5m].
-    #[arg(long)]
+    #[arg(long, global = true)]
     reconcile_every: Option<String>,
     /// Fetch, decode and hash data objects as their events arrive, so that applying a
     /// generation once its manifest arrives is a local copy; `--prefetch=false` fetches
     /// everything at apply time instead [default: true].
-    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    #[arg(long, global = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     prefetch: Option<bool>,
     /// Write a recovery point (an EBS snapshot via the EBS direct APIs) after each applied
     /// generation; `--points=false` keeps the raw images only [default: true].
-    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    #[arg(long, global = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     points: Option<bool>,
     /// The stack's name: tagged on every point; pruning touches only this stack's points
     /// [default: pilotlight].
-    #[arg(long, env = "PILOTLIGHT_STACK")]
+    #[arg(long, global = true, env = "PILOTLIGHT_STACK")]
     stack: Option<String>,
     /// KMS key (ARN) to encrypt points with; default: EBS's account default.
-    #[arg(long, env = "PILOTLIGHT_POINTS_KMS_KEY")]
+    #[arg(long, global = true, env = "PILOTLIGHT_POINTS_KMS_KEY")]
     points_kms_key: Option<String>,
     /// Keep every point this long [default: 24h].
-    #[arg(long)]
+    #[arg(long, global = true)]
     keep_all: Option<String>,
     /// Then the first point of each hour up to this age [default: 7d].
-    #[arg(long)]
+    #[arg(long, global = true)]
     keep_hourly: Option<String>,
     /// Then the first point of each day up to this age; older ones are deleted
     /// (except the newest and those a DR run holds) [default: 30d].
-    #[arg(long)]
+    #[arg(long, global = true)]
     keep_daily: Option<String>,
     /// PutSnapshotBlock requests in flight per disk [default: 16].
-    #[arg(long)]
+    #[arg(long, global = true)]
     point_concurrency: Option<usize>,
     /// Lock each day's kept point against deletion until it leaves the daily tier (EBS
     /// Snapshot Lock): governance, compliance or off [default: off].
-    #[arg(long)]
+    #[arg(long, global = true)]
     point_lock: Option<String>,
     /// Publish CloudWatch metrics (namespace Pilotlight: per disk replication lag,
     /// pending generations, bytes applied, apply time, point lag and failures; a
     /// heartbeat and the largest lag per receiver); `--metrics=false` publishes none
     /// [default: true].
-    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    #[arg(long, global = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     metrics: Option<bool>,
     /// How often metrics are published [default: 1m].
-    #[arg(long)]
+    #[arg(long, global = true)]
     metrics_every: Option<String>,
     /// Endpoint for CloudWatch alone (a VPC endpoint, say) [default: --endpoint-url].
-    #[arg(long, env = "PILOTLIGHT_METRICS_ENDPOINT_URL")]
+    #[arg(long, global = true, env = "PILOTLIGHT_METRICS_ENDPOINT_URL")]
     metrics_endpoint_url: Option<String>,
     /// The recovery point objective: `status` marks a disk whose lag exceeds it STALLED
     /// (the stack's RPO alarm uses the same target) [default: 30m].
-    #[arg(long)]
+    #[arg(long, global = true)]
     rpo_target: Option<String>,
 }
 
@@ -313,8 +312,8 @@ impl Settings {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run(s) => {
-            let s = s.with_file()?;
+        Command::Run => {
+            let s = cli.settings.with_file()?;
             let cfg = s.engine_config()?;
             let queue_url = s
                 .queue_url
@@ -356,8 +355,8 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Command::Sync(s) => {
-            let s = s.with_file()?;
+        Command::Sync => {
+            let s = cli.settings.with_file()?;
             let cfg = s.engine_config()?;
             let mut engine = s.listing_engine(cfg).await?;
             engine.load_known_disks();
@@ -380,12 +379,8 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Status {
-            settings,
-            json,
-            local,
-        } => {
-            let s = settings.with_file()?;
+        Command::Status { json, local } => {
+            let s = cli.settings.with_file()?;
             let rpo = s.rpo_target()?;
             // Without a bucket (or with --local), status shows the local state only and
             // makes no AWS call.
@@ -446,13 +441,8 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Points {
-            settings,
-            site,
-            vm,
-            json,
-        } => {
-            let s = settings.with_file()?;
+        Command::Points { site, vm, json } => {
+            let s = cli.settings.with_file()?;
             let ebs = s.aws().await.ebs();
             let points =
                 pilotlight_store::points::list(&ebs, site.as_deref(), vm.as_deref()).await?;

@@ -664,6 +664,17 @@ async fn the_first_hours_mistakes_fail_with_their_cause() {
     assert!(!out.status.success(), "{said}");
     assert!(said.contains("the bucket does not exist"), "{said}");
     assert!(!said.contains("no disks yet"), "{said}");
+    // The receiver's settings before the subcommand too.
+    let out = std::process::Command::new(pilotlight_tests::bin("pilotlight-receiver"))
+        .args(["--bucket", "no-such-bucket", "--state-dir"])
+        .arg(tmp.path().join("state"))
+        .arg("status")
+        .envs(stack.env())
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("the bucket does not exist"), "{said}");
 
     // The DR CLI's settings after the subcommand: accepted, and a missing bucket is an error.
     let out = pilotlight_tests::cli::dr(&stack, "ok", &["status", "--bucket", "no-such-bucket"])
