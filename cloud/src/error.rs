@@ -133,8 +133,9 @@ impl fmt::Display for CloudError {
 }
 
 /// The IAM action that authorises a call (Service Authorization Reference): mostly
-/// `service:Operation`, with S3's exceptions (ListObjectsV2 is `s3:ListBucket`, HEAD is
-/// `s3:GetObject`, multipart parts are `s3:PutObject`).
+/// `service:Operation`, with S3's exceptions: ListObjectsV2 "you must have permission to
+/// perform the s3:ListBucket action" (its API reference), HEAD needs `s3:GetObject`, and
+/// multipart parts are `s3:PutObject`.
 pub fn iam_action(service: &str, op: &str) -> String {
     let prefix = match service {
         "S3" => "s3",
@@ -224,6 +225,13 @@ pub fn kind_of(code: Option<&str>, status: Option<u16>) -> ErrorKind {
         Some("AccessDenied" | "AccessDeniedException" | "UnauthorizedOperation") => {
             return ErrorKind::AccessDenied
         }
+        // S3 User Guide, "Billing for Amazon S3 error responses" (its table of 3xx/4xx
+        // codes): ExpiredToken "The provided token has expired"; PermanentRedirect (301)
+        // "must be addressed using the specified endpoint"; IllegalLocationConstraint-
+        // Exception: "accessing a bucket from a different Region than where the bucket
+        // exists"; AuthorizationHeaderMalformed names the region S3 expected. EC2 answers
+        // bad credentials with AuthFailure, STS-style services with InvalidClientTokenId
+        // or UnrecognizedClientException.
         Some(
             "InvalidAccessKeyId"
             | "SignatureDoesNotMatch"
