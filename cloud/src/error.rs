@@ -68,9 +68,7 @@ impl ErrorKind {
     fn hint(self) -> &'static str {
         match self {
             ErrorKind::NoSuchBucket => "; create it, or check the bucket name and region",
-            ErrorKind::AccessDenied => {
-                "; check the role's IAM policy (and the bucket or key policy) allows this call"
-            }
+            // AccessDenied's advice names the action and resource: see `Display`.
             ErrorKind::Unreachable => "; check the endpoint URL, the region and the network",
             ErrorKind::NoCredentials => {
                 "; none of the default chain's sources gave any: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile in ~/.aws/credentials or ~/.aws/config (AWS_PROFILE; `aws configure`, or `aws sso login` for SSO), or run with an instance or task role"

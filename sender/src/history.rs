@@ -46,13 +46,14 @@ pub async fn read<S: ObjectStore>(
     disk: &DiskId,
     known: Option<u64>,
 ) -> Result<BucketHistory, CloudError> {
-    let mut above: Vec<(u64, String)> = manifests::list(store, prefix, disk)
+    // Newest first (the listing is ascending).
+    let above: Vec<(u64, String)> = manifests::list(store, prefix, disk)
         .await?
         .into_iter()
+        .rev()
         .filter(|g| Some(*g) > known)
         .map(|g| (g, manifests::key(prefix, disk, g)))
         .collect();
-    above.sort_unstable_by_key(|(g, _)| std::cmp::Reverse(*g));
     let mut history = BucketHistory {
         highest_key: above.first().map(|(g, _)| *g),
         ..BucketHistory::default()

@@ -51,11 +51,10 @@ pub async fn read_request<S: ObjectStore + ?Sized>(
     id: &Name,
 ) -> Result<ExportRequest, DocError> {
     let key = request_key(prefix, disk, id);
-    let bytes = crate::get(store, &key, MAX_EXPORT_DOC_BYTES, "an export request").await?;
-    ExportRequest::from_json(&bytes, id).map_err(|e| DocError::Invalid {
-        key,
-        detail: e.to_string(),
+    crate::read(store, key, MAX_EXPORT_DOC_BYTES, "an export request", |b| {
+        ExportRequest::from_json(b, id)
     })
+    .await
 }
 
 pub async fn read_result<S: ObjectStore + ?Sized>(
@@ -65,11 +64,10 @@ pub async fn read_result<S: ObjectStore + ?Sized>(
     id: &Name,
 ) -> Result<ExportResult, DocError> {
     let key = result_key(prefix, disk, id);
-    let bytes = crate::get(store, &key, MAX_EXPORT_DOC_BYTES, "an export result").await?;
-    ExportResult::from_json(&bytes, id).map_err(|e| DocError::Invalid {
-        key,
-        detail: e.to_string(),
+    crate::read(store, key, MAX_EXPORT_DOC_BYTES, "an export result", |b| {
+        ExportResult::from_json(b, id)
     })
+    .await
 }
 
 /// Writes an export request; returns its key.

@@ -43,20 +43,28 @@ impl DocError {
     }
 }
 
-/// The object at `key`, at most `cap` bytes (`what` names the document in the error).
-async fn get<S: ObjectStore + ?Sized>(
+/// The document at `key`: at most `cap` bytes (`what` names it in the error), then
+/// `parse` (parse and validate; its error is the `Invalid` detail).
+async fn read<S: ObjectStore + ?Sized, T, E: std::fmt::Display>(
     store: &S,
-    key: &str,
+    key: String,
     cap: usize,
     what: &str,
-) -> Result<Bytes, DocError> {
-    match store.get_if_exists(key, cap as u64).await {
-        Ok(Some(b)) => Ok(b),
-        Ok(None) => Err(DocError::Missing { key: key.into() }),
-        Err(e) if e.kind == ErrorKind::TooLarge => Err(DocError::Invalid {
-            key: key.into(),
-            detail: format!("larger than {what} may be ({cap} bytes)"),
-        }),
-        Err(e) => Err(DocError::Read(e)),
-    }
+    parse: impl FnOnce(&[u8]) -> Result<T, E>,
+) -> Result<T, DocError> {
+    let bytes: Bytes = match store.get_if_exists(&key, cap as u64).await {
+        Ok(Some(b)) => b,
+        Ok(None) => return Err(DocError::Missing { key }),
+        Err(e) if e.kind == ErrorKind::TooLarge => {
+            return Err(DocError::Invalid {
+                key,
+                detail: format!("larger than {what} may be ({cap} bytes)"),
+            })
+        }
+        Err(e) => return Err(DocError::Read(e)),
+    };
+    parse(&bytes).map_err(|e| DocError::Invalid {
+        key,
+        detail: e.to_string(),
+    })
 }

@@ -29,14 +29,12 @@ pub async fn read<S: ObjectStore + ?Sized>(
         generation,
     };
     let key = of.to_key(prefix);
-    let invalid = |detail: String| DocError::Invalid {
-        key: key.clone(),
-        detail,
-    };
-    let bytes = crate::get(store, &key, MAX_MANIFEST_BYTES, "a manifest").await?;
-    let m = Manifest::from_json(&bytes).map_err(|e| invalid(e.to_string()))?;
-    m.check_key(&of).map_err(|e| invalid(e.to_string()))?;
-    Ok(m)
+    crate::read(store, key, MAX_MANIFEST_BYTES, "a manifest", |b| {
+        let m = Manifest::from_json(b)?;
+        m.check_key(&of)?;
+        Ok::<_, pilotlight_protocol::ManifestError>(m)
+    })
+    .await
 }
 
 /// The generations of `disk` whose keys a listing shows a manifest at, ascending (keys

@@ -476,10 +476,8 @@ async fn replication(cli: &Cli, target: Duration) -> anyhow::Result<()> {
                 println!("  {line}");
             }
         }
-        Err(e) => {
-            println!("recovery points: not read ({e})");
-            anyhow::bail!("recovery points could not be read: {e}");
-        }
+        // Said once, as the command's error (the runs are printed already).
+        Err(e) => anyhow::bail!("recovery points could not be read: {e}"),
     }
     Ok(())
 }
