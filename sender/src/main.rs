@@ -25,8 +25,53 @@ use std::time::Duration;
 struct Cli {
     #[command(flatten)]
     log: pilotlight_cli::LogArgs,
+    /// The settings every subcommand shares: before or after the subcommand (`global`).
+    #[command(flatten)]
+    shared: SharedArgs,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Where the bucket and the local state are: the same for every subcommand, so accepted
+/// before or after it. Each also has a key of the same name in the config file.
+#[derive(Args, Debug, Default)]
+struct SharedArgs {
+    /// TOML config file with any of the settings of `send`.
+    #[arg(long, global = true, env = "PILOTLIGHT_CONFIG")]
+    config: Option<PathBuf>,
+    /// S3 bucket.
+    #[arg(long, global = true, env = "PILOTLIGHT_BUCKET")]
+    bucket: Option<String>,
+    /// Key prefix in the bucket [default: pilotlight].
+    #[arg(long, global = true, env = "PILOTLIGHT_PREFIX")]
+    prefix: Option<String>,
+    /// S3-compatible endpoint (the local emulator, MinIO, ...); default: AWS.
+    #[arg(long, global = true, env = "PILOTLIGHT_ENDPOINT_URL")]
+    endpoint_url: Option<String>,
+    /// AWS region [default: the AWS default chain, else us-east-1].
+    #[arg(long, global = true, env = "AWS_REGION")]
+    region: Option<String>,
+    /// Attempts per S3 request, with exponential backoff [default: 6].
+    #[arg(long, global = true)]
+    max_attempts: Option<u32>,
+    /// Local state directory [default: /var/lib/pilotlight/sender].
+    #[arg(long, global = true, env = "PILOTLIGHT_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+impl SharedArgs {
+    /// The shared settings given by flag or environment, into the settings of a run (where
+    /// the config file then fills what is still unset).
+    fn into_send(self, mut a: SendArgs) -> SendArgs {
+        a.config = self.config;
+        a.bucket = self.bucket;
+        a.prefix = self.prefix;
+        a.endpoint_url = self.endpoint_url;
+        a.region = self.region;
+        a.max_attempts = self.max_attempts;
+        a.state_dir = self.state_dir;
+        a
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -120,25 +165,22 @@ enum ConsistencyArg {
 }
 
 /// Settings of `send`. Each comes from a flag, else its environment variable, else the
-/// TOML config file (same names, kebab-case), else its default.
+/// TOML config file (same names, kebab-case), else its default. The `#[arg(skip)]` ones
+/// are the shared settings, given as flags through `SharedArgs` (before or after the
+/// subcommand) and read here from the config file.
 #[derive(Args, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct SendArgs {
-    /// TOML config file with any of these settings.
-    #[arg(long, env = "PILOTLIGHT_CONFIG")]
+    #[arg(skip)]
     #[serde(skip)]
     config: Option<PathBuf>,
-    /// S3 bucket.
-    #[arg(long, env = "PILOTLIGHT_BUCKET")]
+    #[arg(skip)]
     bucket: Option<String>,
-    /// Key prefix in the bucket [default: pilotlight].
-    #[arg(long, env = "PILOTLIGHT_PREFIX")]
+    #[arg(skip)]
     prefix: Option<String>,
-    /// S3-compatible endpoint (the local emulator, MinIO, ...); default: AWS.
-    #[arg(long, env = "PILOTLIGHT_ENDPOINT_URL")]
+    #[arg(skip)]
     endpoint_url: Option<String>,
-    /// AWS region [default: the AWS default chain, else us-east-1].
-    #[arg(long, env = "AWS_REGION")]
+    #[arg(skip)]
     region: Option<String>,
     /// The disk: site/vm/disk.
     #[arg(long, env = "PILOTLIGHT_DISK_ID")]
@@ -200,11 +242,9 @@ struct SendArgs {
     /// Upload bandwidth limit in bytes per second, e.g. 50MiB.
     #[arg(long)]
     bwlimit: Option<String>,
-    /// Attempts per S3 request, with exponential backoff [default: 6].
-    #[arg(long)]
+    #[arg(skip)]
     max_attempts: Option<u32>,
-    /// Local state directory [default: /var/lib/pilotlight/sender].
-    #[arg(long, env = "PILOTLIGHT_STATE_DIR")]
+    #[arg(skip)]
     state_dir: Option<PathBuf>,
     /// Read, zero-skip and compress, but upload nothing and keep the state.
     #[arg(long)]
@@ -236,14 +276,9 @@ struct StatusArgs {
     /// The disk: site/vm/disk.
     #[arg(long, env = "PILOTLIGHT_DISK_ID")]
     disk_id: String,
-    /// Local state directory.
-    #[arg(
-        long,
-        env = "PILOTLIGHT_STATE_DIR",
-        default_value = "/var/lib/pilotlight/sender"
-    )]
-    state_dir: PathBuf,
 }
+
+const DEFAULT_STATE_DIR: &str = "/var/lib/pilotlight/sender";
 
 fn parse_size(what: &str, s: &str) -> Result<u64> {
     if let Ok(n) = s.trim().parse::<u64>() {
@@ -394,7 +429,7 @@ fn resolve(a: SendArgs, with_target: bool) -> Result<Resolved> {
             state_dir: a
                 .state_dir
                 .clone()
-                .unwrap_or_else(|| PathBuf::from("/var/lib/pilotlight/sender")),
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
             dry_run: a.dry_run,
             pack: !a.no_pack,
             rebase: a.rebase,
@@ -438,15 +473,21 @@ async fn send_once(r: &Resolved, target: &Target, store: &LazyS3) -> Result<()> 
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    let shared = cli.shared;
     match cli.command {
         Command::Status(a) => {
             let disk =
                 DiskId::parse(&a.disk_id).with_context(|| format!("--disk-id {:?}", a.disk_id))?;
-            match pilotlight_sender::state::peek(&a.state_dir, &disk)? {
+            let state_dir = shared
+                .into_send(SendArgs::default())
+                .with_file()?
+                .state_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+            match pilotlight_sender::state::peek(&state_dir, &disk)? {
                 Some(st) => println!("{}", serde_json::to_string_pretty(&st)?),
                 None => println!(
                     "{disk}: no state in {} (nothing sent yet)",
-                    a.state_dir.display()
+                    state_dir.display()
                 ),
             }
             Ok(())
@@ -469,7 +510,7 @@ async fn run(cli: Cli) -> Result<()> {
                     format!("{what} {name:?}: names are [A-Za-z0-9._-]; give --vm-id")
                 })?;
             }
-            let r = resolve(v.send.with_file()?, false)?;
+            let r = resolve(shared.into_send(v.send), false)?;
             let store = s3_store(&r);
             let run = pilotlight_sender::vsphere::VsphereRun {
                 connect: pilotlight_vsphere::ConnectOptions {
@@ -542,7 +583,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Send(a) => {
-            let r = resolve(*a, true)?;
+            let r = resolve(shared.into_send(*a), true)?;
             let target = r.target.clone().context("no disk to send")?;
             let store = s3_store(&r);
             let Some(every) = r.every else {

@@ -689,6 +689,40 @@ async fn the_first_hours_mistakes_fail_with_their_cause() {
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
 
+    // The sender's shared settings before the subcommand: a missing bucket is named, and
+    // the state directory given first is the one `status` and `send` use.
+    let disk = tmp.path().join("disk.raw");
+    std::fs::write(&disk, vec![7u8; 1 << 20]).unwrap();
+    let state = tmp.path().join("sender-state");
+    let sender_first = |bucket: &str, rest: &[&str]| {
+        let mut c = std::process::Command::new(pilotlight_tests::bin("pilotlight-sender"));
+        c.args(["--bucket", bucket, "--state-dir"])
+            .arg(&state)
+            .args(rest)
+            .envs(stack.env())
+            .env("RUST_LOG", "warn");
+        c
+    };
+    let send = |bucket: &str| {
+        let mut c = sender_first(bucket, &["send", "--disk-id", "s/v/d", "--source", "full"]);
+        c.arg("--disk").arg(&disk);
+        c.output().unwrap()
+    };
+    let out = send("no-such-bucket");
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(!said.contains("unexpected argument"), "{said}");
+    assert!(said.contains("the bucket does not exist"), "{said}");
+    let out = send(&stack.bucket);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = sender_first(&stack.bucket, &["status", "--disk-id", "s/v/d"])
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("\"last_committed\": 1"), "{said}");
+    assert!(!said.contains("no state"), "{said}");
+
     // No credentials anywhere the default chain looks: named as such, with how to give
     // some, and never as a network problem.
     let mut c = pilotlight_tests::cli::dr(&stack, "ok", &["status"]);
