@@ -1,7 +1,8 @@
 //! An async NBD client: fixed newstyle handshake with `NBD_OPT_GO`, structured replies,
 //! `NBD_CMD_READ` and `NBD_CMD_BLOCK_STATUS` with meta contexts (`base:allocation`,
-//! `qemu:dirty-bitmap:NAME`), over TCP or a Unix socket, with many requests in flight on
-//! one connection.
+//! `qemu:dirty-bitmap:NAME`), and for writable exports `NBD_CMD_WRITE`, `NBD_CMD_FLUSH`,
+//! `NBD_CMD_WRITE_ZEROES` and `NBD_CMD_TRIM` (failback writes into the site's disks), over
+//! TCP or a Unix socket, with many requests in flight on one connection.
 //!
 //! Everything the server sends is checked: magic numbers, handles, chunk types and
 //! lengths, offsets against the request. A protocol error or a disconnect fails every
@@ -115,6 +116,15 @@ impl ExportInfo {
     pub fn can_multi_conn(&self) -> bool {
         self.transmission_flags & TFLAG_CAN_MULTI_CONN != 0
     }
+    pub fn can_flush(&self) -> bool {
+        self.transmission_flags & TFLAG_SEND_FLUSH != 0
+    }
+    pub fn can_write_zeroes(&self) -> bool {
+        self.transmission_flags & TFLAG_SEND_WRITE_ZEROES != 0
+    }
+    pub fn can_trim(&self) -> bool {
+        self.transmission_flags & TFLAG_SEND_TRIM != 0
+    }
 }
 
 /// One block status descriptor: `length` bytes from `offset` have `flags`.
@@ -173,11 +183,14 @@ enum State {
         context: u32,
         found: Vec<(u32, u32)>,
     },
+    /// A command answered by success or an error only (write, flush, trim, zeroes).
+    Ack,
 }
 
 enum Done {
     Read(Vec<u8>),
     Status(Vec<(u32, u32)>),
+    Ack,
 }
 
 impl Client {
@@ -281,9 +294,12 @@ impl Client {
             buf: Vec::with_capacity(length as usize),
             covered: 0,
         };
-        match self.request(CMD_READ, 0, offset, length, state).await? {
+        match self
+            .request(CMD_READ, 0, offset, length, state, &[])
+            .await?
+        {
             Done::Read(buf) => Ok(buf),
-            Done::Status(_) => unreachable_reply(&self.shared.uri),
+            _ => unreachable_reply(&self.shared.uri),
         }
     }
 
@@ -312,7 +328,9 @@ impl Client {
                 context: id,
                 found: Vec::new(),
             };
-            let Done::Status(found) = self.request(CMD_BLOCK_STATUS, 0, pos, len, state).await?
+            let Done::Status(found) = self
+                .request(CMD_BLOCK_STATUS, 0, pos, len, state, &[])
+                .await?
             else {
                 return unreachable_reply(&self.shared.uri);
             };
@@ -341,6 +359,87 @@ impl Client {
             }
         }
         Ok(out)
+    }
+
+    /// Writes `data` at `offset`; longer writes are split into requests the server
+    /// accepts, sent together. Durable only after [`Client::flush`].
+    pub async fn write(&self, offset: u64, data: &[u8]) -> Result<(), NbdError> {
+        self.check_range(offset, data.len() as u64)?;
+        self.check_writable("write")?;
+        let max = self.max_read() as usize;
+        let pieces = data.chunks(max).enumerate().map(|(i, piece)| {
+            let at = offset + (i * max) as u64;
+            self.request(CMD_WRITE, 0, at, piece.len() as u32, State::Ack, piece)
+        });
+        futures::future::try_join_all(pieces).await?;
+        Ok(())
+    }
+
+    /// Makes every completed write durable (`NBD_CMD_FLUSH`); a no-op on a server that
+    /// does not offer it (it writes through).
+    pub async fn flush(&self) -> Result<(), NbdError> {
+        self.check_writable("flush")?;
+        if !self.info.can_flush() {
+            return Ok(());
+        }
+        self.request(CMD_FLUSH, 0, 0, 0, State::Ack, &[]).await?;
+        Ok(())
+    }
+
+    /// Makes `[offset, offset+length)` read as zeroes: `NBD_CMD_WRITE_ZEROES` (which may
+    /// punch holes) where the server offers it, else written zero buffers.
+    pub async fn write_zeroes(&self, offset: u64, length: u64) -> Result<(), NbdError> {
+        self.check_range(offset, length)?;
+        self.check_writable("write zeroes")?;
+        let end = offset + length;
+        if !self.info.can_write_zeroes() {
+            let step = u64::from(self.max_read());
+            let zeroes = vec![0u8; step.min(length) as usize];
+            let mut pos = offset;
+            while pos < end {
+                let n = step.min(end - pos) as usize;
+                self.write(pos, &zeroes[..n]).await?;
+                pos += n as u64;
+            }
+            return Ok(());
+        }
+        let mut pos = offset;
+        while pos < end {
+            let n = (end - pos).min(MAX_STATUS_REQUEST) as u32;
+            self.request(CMD_WRITE_ZEROES, 0, pos, n, State::Ack, &[])
+                .await?;
+            pos += u64::from(n);
+        }
+        Ok(())
+    }
+
+    /// Tells the server `[offset, offset+length)` is no longer needed (`NBD_CMD_TRIM`):
+    /// it may read back as anything, so failback never uses it for data that must be
+    /// zero. A no-op where the server does not offer it.
+    pub async fn trim(&self, offset: u64, length: u64) -> Result<(), NbdError> {
+        self.check_range(offset, length)?;
+        self.check_writable("trim")?;
+        if !self.info.can_trim() {
+            return Ok(());
+        }
+        let end = offset + length;
+        let mut pos = offset;
+        while pos < end {
+            let n = (end - pos).min(MAX_STATUS_REQUEST) as u32;
+            self.request(CMD_TRIM, 0, pos, n, State::Ack, &[]).await?;
+            pos += u64::from(n);
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self, what: &str) -> Result<(), NbdError> {
+        if self.info.read_only() {
+            return Err(NbdError::Unsupported {
+                uri: self.shared.uri.clone(),
+                what: format!("cannot {what}: the export is read-only (qemu-nbd without -r, nbdkit without -r)"),
+            });
+        }
+        Ok(())
     }
 
     /// Ends the session politely (`NBD_CMD_DISC`).
@@ -384,6 +483,7 @@ impl Client {
         offset: u64,
         length: u32,
         state: State,
+        payload: &[u8],
     ) -> Result<Done, NbdError> {
         let s = &self.shared;
         let handle = s.next_handle.fetch_add(1, Ordering::Relaxed);
@@ -415,6 +515,9 @@ impl Client {
         let sent = tokio::time::timeout(s.timeout, async {
             let mut w = s.writer.lock().await;
             w.write_all(&header).await?;
+            if !payload.is_empty() {
+                w.write_all(payload).await?;
+            }
             w.flush().await
         })
         .await;

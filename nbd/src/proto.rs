@@ -42,11 +42,18 @@ pub const INFO_BLOCK_SIZE: u16 = 3;
 // Transmission flags.
 pub const TFLAG_HAS_FLAGS: u16 = 1;
 pub const TFLAG_READ_ONLY: u16 = 2;
+pub const TFLAG_SEND_FLUSH: u16 = 1 << 2;
+pub const TFLAG_SEND_TRIM: u16 = 1 << 5;
+pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
 pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 
 // Commands.
 pub const CMD_READ: u16 = 0;
+pub const CMD_WRITE: u16 = 1;
 pub const CMD_DISC: u16 = 2;
+pub const CMD_FLUSH: u16 = 3;
+pub const CMD_TRIM: u16 = 4;
+pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const CMD_BLOCK_STATUS: u16 = 7;
 
 // Structured reply chunks.
@@ -99,7 +106,11 @@ pub fn errno_name(e: u32) -> &'static str {
 pub fn command_name(c: u16) -> &'static str {
     match c {
         CMD_READ => "READ",
+        CMD_WRITE => "WRITE",
         CMD_DISC => "DISC",
+        CMD_FLUSH => "FLUSH",
+        CMD_TRIM => "TRIM",
+        CMD_WRITE_ZEROES => "WRITE_ZEROES",
         CMD_BLOCK_STATUS => "BLOCK_STATUS",
         _ => "command",
     }

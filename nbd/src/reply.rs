@@ -111,6 +111,7 @@ pub(super) async fn simple_reply(r: &mut Reader, shared: &Shared) -> Result<(), 
         State::Status { .. } => {
             return Err("simple reply to BLOCK_STATUS (it needs structured replies)".into())
         }
+        State::Ack => Done::Ack,
     };
     let _ = p.done.send(Ok(done));
     Ok(())
@@ -264,6 +265,7 @@ pub(super) async fn structured_chunk(r: &mut Reader, shared: &Shared) -> Result<
             }
             Ok(Done::Status(std::mem::take(found)))
         }
+        (None, State::Ack) => Ok(Done::Ack),
     };
     let _ = p.done.send(result);
     Ok(())

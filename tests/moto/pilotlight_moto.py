@@ -21,7 +21,9 @@ Sources (EBS direct APIs API reference unless said otherwise):
   snapshot"; Checksum with ChecksumAggregationMethod LINEAR: "the checksum of the
   written blocks' checksums, in ascending block index order"; a mismatch leaves the
   snapshot in the error state.
-- ListSnapshotBlocks / ListChangedBlocks: MaxResults 100 to 10000, NextToken paging;
+- ListSnapshotBlocks / ListChangedBlocks: MaxResults 100 to 10000, NextToken paging
+  ("the request can return less blocks than MaxResults": at most PAGE_CAP per page here,
+  so callers' paging runs on disks of test size);
   BlockSize 524288; the snapshot must be completed; ListChangedBlocks needs two
   snapshots of one lineage.
 - A child snapshot holds its parent's blocks as they were when it started, and keeps
@@ -41,6 +43,8 @@ import base64
 import hashlib
 
 BLOCK_SIZE = 512 * 1024
+# Blocks per listing page at most, whatever MaxResults asks (the service may answer fewer).
+PAGE_CAP = 1000
 BLOCKS_PER_GIB = (1 << 30) // BLOCK_SIZE
 
 
@@ -229,7 +233,7 @@ def install() -> None:
         max_results = param_int(self, "MaxResults")
         if max_results is not None and not 100 <= max_results <= 10000:
             raise Invalid("MaxResults must be 100 to 10000")
-        size = max_results or 10000
+        size = min(max_results or 10000, PAGE_CAP)
         start = param_int(self, "StartingBlockIndex") or 0
         token = self._get_param("NextToken")
         if token:

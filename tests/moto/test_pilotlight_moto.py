@@ -145,6 +145,25 @@ class Ebs(Mocked):
         loose = boto3.client("ebs", region_name="us-east-1", config=Config(parameter_validation=False))
         self.assertEqual(self.code(loose.list_snapshot_blocks, SnapshotId=sid, MaxResults=5), "ValidationException")
 
+    def test_pages_may_hold_fewer_than_max_results(self):
+        parent = self.write({0: 1, 1: 1})
+        child = self.write({i: 2 for i in range(1, 5)}, ParentSnapshotId=parent)
+        cap = pilotlight_moto.PAGE_CAP
+        pilotlight_moto.PAGE_CAP = 2
+        try:
+            page = self.ebs.list_changed_blocks(FirstSnapshotId=parent, SecondSnapshotId=child,
+                                                MaxResults=10000)
+            self.assertEqual([b["BlockIndex"] for b in page["ChangedBlocks"]], [1, 2])
+            page = self.ebs.list_changed_blocks(FirstSnapshotId=parent, SecondSnapshotId=child,
+                                                NextToken=page["NextToken"])
+            self.assertEqual([b["BlockIndex"] for b in page["ChangedBlocks"]], [3, 4])
+            self.assertNotIn("NextToken", page)
+            page = self.ebs.list_snapshot_blocks(SnapshotId=child, MaxResults=10000)
+            self.assertEqual(len(page["Blocks"]), 2)
+            self.assertIn("NextToken", page)
+        finally:
+            pilotlight_moto.PAGE_CAP = cap
+
     def test_client_tokens_make_start_idempotent(self):
         a = self.start(ClientToken="t-1")
         self.assertEqual(self.start(ClientToken="t-1"), a)

@@ -335,3 +335,87 @@ async fn a_full_generation_from_nbdkit_serving_a_sparse_file() {
     assert_eq!(applied(&rx, &d), Some(1));
     assert_eq!(sha256_file(&image_path(&rx, &d)), sha256_file(&disk));
 }
+
+/// The NBD client writes (failback's target): WRITE, WRITE_ZEROES and FLUSH into a qcow2
+/// served by qemu-nbd and a raw file served by nbdkit; what the client wrote is what
+/// `qemu-img compare` finds against a file written the same way; a read-only export
+/// refuses writes with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_land_in_qemu_nbd_and_nbdkit_exports() {
+    use pilotlight_nbd::{Client, ConnectOptions, NbdUri};
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 8 * MIB;
+    let expected = tmp.path().join("expected.raw");
+    let mut want = vec![0u8; size as usize];
+    let qcow = tmp.path().join("t.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", s(&qcow), "8M"]);
+    // Data everywhere first, so zeroes must really be written.
+    writes(&qcow, &[(Some(0x11), 0, size)]);
+    let raw = tmp.path().join("t.raw");
+    std::fs::write(&raw, vec![0x11u8; size as usize]).unwrap();
+    want.fill(0x11);
+    let edits: Vec<(u64, Option<u8>, u64)> = vec![
+        (0, Some(0xa1), 512 * 1024),
+        (3 * MIB + 4096, Some(0xb2), 40 * 1024),
+        (MIB, None, 2 * MIB),
+        (size - 512 * 1024, None, 512 * 1024),
+    ];
+    for (at, byte, len) in &edits {
+        want[*at as usize..(*at + *len) as usize].fill(byte.unwrap_or(0));
+    }
+    std::fs::write(&expected, &want).unwrap();
+
+    let qsock = tmp.path().join("q.sock");
+    let mut qemu_nbd = Command::new("qemu-nbd");
+    qemu_nbd
+        .args(["-f", "qcow2", "-x", "disk", "-k"])
+        .arg(&qsock)
+        .arg(&qcow);
+    let ksock = tmp.path().join("k.sock");
+    let mut nbdkit = Command::new("nbdkit");
+    nbdkit
+        .args(["--foreground", "--exportname", "disk", "-U"])
+        .arg(&ksock)
+        .args(["file", s(&raw)]);
+    for (server, sock, image, format) in [
+        (qemu_nbd, &qsock, &qcow, "qcow2"),
+        (nbdkit, &ksock, &raw, "raw"),
+    ] {
+        let running = serve_unix(server, sock).await;
+        let uri = NbdUri::parse(&format!("nbd+unix:///disk?socket={}", sock.display())).unwrap();
+        let c = Client::connect(&uri, &ConnectOptions::default())
+            .await
+            .unwrap();
+        assert!(!c.info().read_only());
+        for (at, byte, len) in &edits {
+            match byte {
+                Some(b) => c.write(*at, &vec![*b; *len as usize]).await.unwrap(),
+                None => c.write_zeroes(*at, *len).await.unwrap(),
+            }
+        }
+        c.flush().await.unwrap();
+        assert_eq!(c.read(3 * MIB + 4096, 4).await.unwrap(), [0xb2; 4]);
+        let e = c.write(size - 512, &[0u8; 1024]).await.unwrap_err();
+        assert!(e.to_string().contains("out of range"), "{e}");
+        c.disconnect().await;
+        drop(running);
+        run(
+            "qemu-img",
+            &["compare", "-f", format, "-F", "raw", s(image), s(&expected)],
+        );
+    }
+
+    // A read-only export: writes are refused before anything is sent.
+    let rsock = tmp.path().join("r.sock");
+    let mut ro = Command::new("nbdkit");
+    ro.args(["--foreground", "--readonly", "--exportname", "disk", "-U"])
+        .arg(&rsock)
+        .args(["file", s(&raw)]);
+    let _ro = serve_unix(ro, &rsock).await;
+    let uri = NbdUri::parse(&format!("nbd+unix:///disk?socket={}", rsock.display())).unwrap();
+    let c = Client::connect(&uri, &ConnectOptions::default())
+        .await
+        .unwrap();
+    let e = c.write(0, &[1u8; 512]).await.unwrap_err();
+    assert!(e.to_string().contains("read-only"), "{e}");
+}

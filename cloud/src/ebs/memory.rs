@@ -9,6 +9,9 @@ pub struct MemorySnapshot {
     pub status: SnapshotStatus,
     pub volume_size_gib: u64,
     pub parent: Option<String>,
+    /// The first snapshot of its parent chain: ListChangedBlocks compares only two
+    /// snapshots of one lineage.
+    pub lineage: String,
     pub description: String,
     pub tags: BTreeMap<String, String>,
     pub encrypted: bool,
@@ -41,8 +44,12 @@ pub struct MemoryEbs {
     /// DescribeSnapshots answers `pending` this many times after CompleteSnapshot before
     /// `completed` (EBS takes a while to seal a snapshot).
     pub settle_describes: u32,
-    /// ListSnapshotBlocks page size (AWS: at most 10 000).
+    /// ListSnapshotBlocks and ListChangedBlocks page size (AWS: at most 10 000).
     pub page_size: usize,
+    /// Every listing answers an empty page with a next token before each page of blocks
+    /// (the service may: EBS direct APIs FAQ), so a caller that stops at an empty page
+    /// is caught.
+    pub empty_pages: bool,
     /// Added to every call (for benchmarks: a realistic round trip).
     pub latency: Option<Duration>,
     /// The account has EBS encryption by default on (with its default key): "you can't
@@ -113,6 +120,83 @@ impl MemoryEbs {
     }
 }
 
+/// A completed snapshot, or why it cannot be read ("The snapshot can be accessed only if it
+/// has a completed status", EBS direct APIs FAQ).
+fn readable<'a>(
+    st: &'a MemoryEbsState,
+    op: &'static str,
+    id: &str,
+) -> Result<&'a MemorySnapshot, CloudError> {
+    let s = st.snapshots.get(id).ok_or_else(|| not_found(op, id))?;
+    if s.status != SnapshotStatus::Completed {
+        return Err(invalid(op, id, "the snapshot is not completed"));
+    }
+    Ok(s)
+}
+
+/// Where a twin page starts, and whether the previous one was an empty page.
+#[derive(Debug, Clone, Copy)]
+struct From {
+    index: u64,
+    after_empty: bool,
+}
+
+/// The twin's page tokens: `i<index>` (the next page starts there), `e<index>` (an empty
+/// page was answered; the next starts there). Anything else is refused as the service
+/// refuses a bad token (ValidationException, Reason INVALID_PAGE_TOKEN).
+fn page_from(op: &'static str, id: &str, start: PageStart<'_>) -> Result<From, CloudError> {
+    match start {
+        PageStart::Index(index) => Ok(From {
+            index,
+            after_empty: false,
+        }),
+        PageStart::Token(t) => {
+            let bad = || {
+                ebs_error(
+                    op,
+                    id,
+                    ErrorKind::Invalid,
+                    "INVALID_PAGE_TOKEN",
+                    "NextToken is not valid",
+                )
+            };
+            let (kind, n) = t.split_at_checked(1).ok_or_else(bad)?;
+            let index = n.parse().map_err(|_| bad())?;
+            match kind {
+                "i" => Ok(From {
+                    index,
+                    after_empty: false,
+                }),
+                "e" => Ok(From {
+                    index,
+                    after_empty: true,
+                }),
+                _ => Err(bad()),
+            }
+        }
+    }
+}
+
+/// One page of `items` (already from `from.index` on, in index order): at most `size`,
+/// or, with `empty` on, an empty page with a token first (as the service may answer).
+fn one_page<T>(
+    mut items: impl Iterator<Item = T>,
+    index_of: impl Fn(&T) -> u64,
+    from: From,
+    size: usize,
+    empty: bool,
+) -> BlockPage<T> {
+    if empty && !from.after_empty {
+        return BlockPage {
+            blocks: Vec::new(),
+            next_token: Some(format!("e{}", from.index)),
+        };
+    }
+    let blocks: Vec<T> = items.by_ref().take(size).collect();
+    let next_token = items.next().map(|n| format!("i{}", index_of(&n)));
+    BlockPage { blocks, next_token }
+}
+
 impl EbsApi for MemoryEbs {
     async fn start_snapshot(&self, req: &StartSnapshot) -> Result<String, CloudError> {
         const OP: &str = "StartSnapshot";
@@ -149,7 +233,9 @@ impl EbsApi for MemoryEbs {
                     &format!("tag {k}: keys are at most 127 characters, values 255"),
                 ));
             }
-            let (encrypted, kms_key_arn, blocks) = match &req.parent {
+            st.next += 1;
+            let id = format!("snap-{:017x}", st.next);
+            let (encrypted, kms_key_arn, blocks, lineage) = match &req.parent {
                 Some(p) => {
                     // StartSnapshot API reference: "You can't specify ParentSnapshotId
                     // and Encrypted in the same request. If you specify both parameters,
@@ -189,6 +275,7 @@ impl EbsApi for MemoryEbs {
                         parent.encrypted,
                         parent.kms_key_arn.clone(),
                         parent.blocks.clone(),
+                        parent.lineage.clone(),
                     )
                 }
                 None => {
@@ -211,11 +298,9 @@ impl EbsApi for MemoryEbs {
                         (Some(false), None) => (false, None),
                         (None, None) => (self.encryption_by_default, None),
                     };
-                    (encrypted, key, BTreeMap::new())
+                    (encrypted, key, BTreeMap::new(), id.clone())
                 }
             };
-            st.next += 1;
-            let id = format!("snap-{:017x}", st.next);
             st.tokens.insert(req.client_token.clone(), id.clone());
             st.snapshots.insert(
                 id.clone(),
@@ -223,6 +308,7 @@ impl EbsApi for MemoryEbs {
                     status: SnapshotStatus::Pending,
                     volume_size_gib: req.volume_size_gib,
                     parent: req.parent.clone(),
+                    lineage,
                     description: req.description.clone(),
                     tags: req.tags.iter().cloned().collect(),
                     encrypted,
@@ -324,39 +410,90 @@ impl EbsApi for MemoryEbs {
     }
 
     async fn list_snapshot_blocks(&self, id: &str) -> Result<Vec<BlockRef>, CloudError> {
-        const OP: &str = "ListSnapshotBlocks";
-        let page = self.page_size.max(1);
+        // One call per page, as the service pages.
         let mut out = Vec::new();
-        let mut from = 0u64;
-        // One call per page, as the service pages (ListSnapshotBlocks API reference:
-        // MaxResults 100 to 10000, NextToken), at most `page_size` blocks each; the
-        // snapshot must be completed to be read.
+        let mut token: Option<String> = None;
         loop {
-            let batch = self
-                .call(OP, id, |st| {
-                    let s = st.snapshots.get(id).ok_or_else(|| not_found(OP, id))?;
-                    if s.status != SnapshotStatus::Completed {
-                        return Err(invalid(OP, id, "the snapshot is not completed"));
-                    }
-                    Ok(s.blocks
-                        .range(from..)
-                        .take(page)
-                        .map(|(i, _)| BlockRef {
-                            index: *i,
-                            token: format!("tok-{id}-{i}"),
-                        })
-                        .collect::<Vec<_>>())
-                })
-                .await?;
-            let full = batch.len() == page;
-            if let Some(last) = batch.last() {
-                from = last.index + 1;
-            }
-            out.extend(batch);
-            if !full {
-                return Ok(out);
+            let start = token
+                .as_deref()
+                .map_or(PageStart::Index(0), PageStart::Token);
+            let page = self.list_snapshot_blocks_page(id, start).await?;
+            out.extend(page.blocks);
+            match page.next_token {
+                Some(t) => token = Some(t),
+                None => return Ok(out),
             }
         }
+    }
+
+    async fn list_snapshot_blocks_page(
+        &self,
+        id: &str,
+        start: PageStart<'_>,
+    ) -> Result<BlockPage<BlockRef>, CloudError> {
+        const OP: &str = "ListSnapshotBlocks";
+        let (size, empty) = (self.page_size.max(1), self.empty_pages);
+        self.call(OP, id, |st| {
+            let s = readable(st, OP, id)?;
+            let from = page_from(OP, id, start)?;
+            Ok(one_page(
+                s.blocks.range(from.index..).map(|(i, _)| BlockRef {
+                    index: *i,
+                    token: format!("tok-{id}-{i}"),
+                }),
+                |b| b.index,
+                from,
+                size,
+                empty,
+            ))
+        })
+        .await
+    }
+
+    async fn list_changed_blocks_page(
+        &self,
+        first: &str,
+        second: &str,
+        start: PageStart<'_>,
+    ) -> Result<BlockPage<ChangedBlock>, CloudError> {
+        const OP: &str = "ListChangedBlocks";
+        let (size, empty) = (self.page_size.max(1), self.empty_pages);
+        self.call(OP, second, |st| {
+            let a = readable(st, OP, first)?;
+            let b = readable(st, OP, second)?;
+            // ListChangedBlocks API reference: "blocks that are different between two
+            // Amazon Elastic Block Store snapshots of the same volume/snapshot lineage";
+            // other pairs: ValidationException, Reason UNRELATED_SNAPSHOTS.
+            if a.lineage != b.lineage {
+                return Err(ebs_error(
+                    OP,
+                    second,
+                    ErrorKind::Invalid,
+                    UNRELATED_SNAPSHOTS,
+                    &format!("{first} and {second} are not of the same lineage"),
+                ));
+            }
+            let from = page_from(OP, second, start)?;
+            // A block differs when it was written after the two parted: a block both
+            // share (inherited) is the same allocation in both.
+            let indices: std::collections::BTreeSet<u64> = a
+                .blocks
+                .range(from.index..)
+                .chain(b.blocks.range(from.index..))
+                .map(|(i, _)| *i)
+                .collect();
+            let changed = indices.into_iter().filter_map(|i| {
+                let (x, y) = (a.blocks.get(&i), b.blocks.get(&i));
+                let same = matches!((x, y), (Some(x), Some(y)) if Arc::ptr_eq(x, y));
+                (!same).then(|| ChangedBlock {
+                    index: i,
+                    first: x.map(|_| format!("tok-{first}-{i}")),
+                    second: y.map(|_| format!("tok-{second}-{i}")),
+                })
+            });
+            Ok(one_page(changed, |c| c.index, from, size, empty))
+        })
+        .await
     }
 
     async fn get_snapshot_block(&self, id: &str, b: &BlockRef) -> Result<Bytes, CloudError> {

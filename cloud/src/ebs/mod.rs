@@ -154,6 +154,41 @@ pub struct BlockRef {
     pub token: String,
 }
 
+/// A block that differs between two snapshots of one lineage, as ListChangedBlocks
+/// returns it: the block's token in each snapshot that has it ("FirstBlockToken ... is
+/// absent if the first snapshot does not have the changed block that is on the second
+/// snapshot", ChangedBlock API reference). A block without a second token is not in the
+/// second snapshot: it reads as zeroes there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangedBlock {
+    pub index: u64,
+    pub first: Option<String>,
+    pub second: Option<String>,
+}
+
+/// One page of a block listing, and the token of the next (none: the last page). A page
+/// can be empty and still have a next one ("the response may be empty, but the API
+/// returns a next page token", EBS direct APIs FAQ).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockPage<T> {
+    pub blocks: Vec<T>,
+    pub next_token: Option<String>,
+}
+
+/// Where a listing page starts: a block index (`StartingBlockIndex`, how a resumed
+/// listing starts), or the previous page's `NextToken` (valid 60 minutes; when given,
+/// "StartingBlockIndex is ignored").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageStart<'a> {
+    Index(u64),
+    Token(&'a str),
+}
+
+/// The `Reason` of the ValidationException ListChangedBlocks answers for two snapshots
+/// that are not of one lineage (ValidationException API reference): a [`CloudError`]
+/// with this code means "compare them another way", not "failed".
+pub const UNRELATED_SNAPSHOTS: &str = "UNRELATED_SNAPSHOTS";
+
 /// The SHA-256 of a block, base64 (what PutSnapshotBlock and GetSnapshotBlock carry).
 pub fn block_checksum(digest: &[u8; 32]) -> String {
     base64::engine::general_purpose::STANDARD.encode(digest)
@@ -199,6 +234,21 @@ pub trait EbsApi: Send + Sync {
         &self,
         id: &str,
     ) -> impl Future<Output = Result<Vec<BlockRef>, CloudError>> + Send;
+    /// One page of the blocks a completed snapshot holds.
+    fn list_snapshot_blocks_page(
+        &self,
+        id: &str,
+        start: PageStart<'_>,
+    ) -> impl Future<Output = Result<BlockPage<BlockRef>, CloudError>> + Send;
+    /// One page of the blocks that differ between two completed snapshots of one lineage
+    /// (ListChangedBlocks); a [`CloudError`] with code [`UNRELATED_SNAPSHOTS`] when they
+    /// are not of one lineage.
+    fn list_changed_blocks_page(
+        &self,
+        first: &str,
+        second: &str,
+        start: PageStart<'_>,
+    ) -> impl Future<Output = Result<BlockPage<ChangedBlock>, CloudError>> + Send;
     /// One block's bytes, checked against the checksum the service sends with them.
     fn get_snapshot_block(
         &self,
@@ -254,6 +304,23 @@ impl<T: EbsApi> EbsApi for Arc<T> {
     }
     async fn list_snapshot_blocks(&self, id: &str) -> Result<Vec<BlockRef>, CloudError> {
         (**self).list_snapshot_blocks(id).await
+    }
+    async fn list_snapshot_blocks_page(
+        &self,
+        id: &str,
+        start: PageStart<'_>,
+    ) -> Result<BlockPage<BlockRef>, CloudError> {
+        (**self).list_snapshot_blocks_page(id, start).await
+    }
+    async fn list_changed_blocks_page(
+        &self,
+        first: &str,
+        second: &str,
+        start: PageStart<'_>,
+    ) -> Result<BlockPage<ChangedBlock>, CloudError> {
+        (**self)
+            .list_changed_blocks_page(first, second, start)
+            .await
     }
     async fn get_snapshot_block(&self, id: &str, b: &BlockRef) -> Result<Bytes, CloudError> {
         (**self).get_snapshot_block(id, b).await
@@ -327,6 +394,21 @@ impl EbsApi for NoEbs {
     }
     async fn list_snapshot_blocks(&self, _: &str) -> Result<Vec<BlockRef>, CloudError> {
         Err(off("ListSnapshotBlocks"))
+    }
+    async fn list_snapshot_blocks_page(
+        &self,
+        _: &str,
+        _: PageStart<'_>,
+    ) -> Result<BlockPage<BlockRef>, CloudError> {
+        Err(off("ListSnapshotBlocks"))
+    }
+    async fn list_changed_blocks_page(
+        &self,
+        _: &str,
+        _: &str,
+        _: PageStart<'_>,
+    ) -> Result<BlockPage<ChangedBlock>, CloudError> {
+        Err(off("ListChangedBlocks"))
     }
     async fn get_snapshot_block(&self, _: &str, _: &BlockRef) -> Result<Bytes, CloudError> {
         Err(off("GetSnapshotBlock"))

@@ -19,6 +19,13 @@ fn ec2_tags(tags: &[(String, String)]) -> Vec<aws_sdk_ec2::types::Tag> {
         .collect()
 }
 
+/// Blocks per listing page: the most the service allows (MaxResults 100 to 10 000).
+const PAGE: i32 = 10_000;
+
+fn block_index(op: &'static str, id: &str, i: u64) -> Result<i32, CloudError> {
+    i32::try_from(i).map_err(|_| invalid(op, id, "block index too large"))
+}
+
 fn broken(op: &'static str, id: &str, detail: &str) -> CloudError {
     CloudError::new("EBS", op, id, ErrorKind::Unreachable, detail)
 }
@@ -99,28 +106,101 @@ impl EbsApi for SdkEbs {
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
-            let page = self
-                .ebs
-                .list_snapshot_blocks()
-                .snapshot_id(id)
-                .max_results(10_000)
-                .set_next_token(token.take())
-                .send()
-                .await
-                .map_err(|e| from_sdk("EBS", "ListSnapshotBlocks", id, &e))?;
-            for b in page.blocks() {
-                if let (Some(i), Some(t)) = (b.block_index(), b.block_token()) {
-                    out.push(BlockRef {
-                        index: i as u64,
-                        token: t.to_string(),
-                    });
-                }
-            }
-            match page.next_token() {
-                Some(t) if !t.is_empty() => token = Some(t.to_string()),
-                _ => return Ok(out),
+            let start = token
+                .as_deref()
+                .map_or(PageStart::Index(0), PageStart::Token);
+            let page = self.list_snapshot_blocks_page(id, start).await?;
+            out.extend(page.blocks);
+            match page.next_token {
+                Some(t) => token = Some(t),
+                None => return Ok(out),
             }
         }
+    }
+
+    async fn list_snapshot_blocks_page(
+        &self,
+        id: &str,
+        start: PageStart<'_>,
+    ) -> Result<BlockPage<BlockRef>, CloudError> {
+        const OP: &str = "ListSnapshotBlocks";
+        let mut req = self
+            .ebs
+            .list_snapshot_blocks()
+            .snapshot_id(id)
+            .max_results(PAGE);
+        req = match start {
+            PageStart::Index(i) => req.starting_block_index(block_index(OP, id, i)?),
+            PageStart::Token(t) => req.next_token(t),
+        };
+        let page = req.send().await.map_err(|e| from_sdk("EBS", OP, id, &e))?;
+        Ok(BlockPage {
+            blocks: page
+                .blocks()
+                .iter()
+                .filter_map(|b| {
+                    Some(BlockRef {
+                        index: u64::try_from(b.block_index()?).ok()?,
+                        token: b.block_token()?.to_string(),
+                    })
+                })
+                .collect(),
+            next_token: page
+                .next_token()
+                .filter(|t| !t.is_empty())
+                .map(String::from),
+        })
+    }
+
+    async fn list_changed_blocks_page(
+        &self,
+        first: &str,
+        second: &str,
+        start: PageStart<'_>,
+    ) -> Result<BlockPage<ChangedBlock>, CloudError> {
+        use aws_sdk_ebs::operation::list_changed_blocks::ListChangedBlocksError;
+        use aws_sdk_ebs::types::ValidationExceptionReason;
+        const OP: &str = "ListChangedBlocks";
+        let mut req = self
+            .ebs
+            .list_changed_blocks()
+            .first_snapshot_id(first)
+            .second_snapshot_id(second)
+            .max_results(PAGE);
+        req = match start {
+            PageStart::Index(i) => req.starting_block_index(block_index(OP, second, i)?),
+            PageStart::Token(t) => req.next_token(t),
+        };
+        let page = req.send().await.map_err(|e| {
+            let err = from_sdk("EBS", OP, second, &e);
+            // The reason, not only the code: two snapshots of different lineages are an
+            // answer (compare another way), not a failure.
+            match e.as_service_error() {
+                Some(ListChangedBlocksError::ValidationException(v))
+                    if v.reason() == Some(&ValidationExceptionReason::UnrelatedSnapshots) =>
+                {
+                    err.with_code(UNRELATED_SNAPSHOTS)
+                }
+                _ => err,
+            }
+        })?;
+        Ok(BlockPage {
+            blocks: page
+                .changed_blocks()
+                .iter()
+                .filter_map(|b| {
+                    Some(ChangedBlock {
+                        index: u64::try_from(b.block_index()?).ok()?,
+                        first: b.first_block_token().map(String::from),
+                        second: b.second_block_token().map(String::from),
+                    })
+                })
+                .collect(),
+            next_token: page
+                .next_token()
+                .filter(|t| !t.is_empty())
+                .map(String::from),
+        })
     }
 
     async fn get_snapshot_block(&self, id: &str, b: &BlockRef) -> Result<Bytes, CloudError> {

@@ -270,3 +270,158 @@ async fn completion_settles_and_listing_pages() {
     assert_eq!(ebs.list_snapshot_blocks(&id).await.unwrap().len(), 5);
     assert_eq!(ebs.faults.calls("ListSnapshotBlocks"), 3);
 }
+
+/// Writes `blocks` (index, byte) into a new snapshot on `parent` and completes it.
+async fn snapshot_with(
+    ebs: &MemoryEbs,
+    parent: Option<&str>,
+    token: &str,
+    blocks: &[(u64, u8)],
+) -> String {
+    let id = ebs.start_snapshot(&start(parent, token)).await.unwrap();
+    let mut digests = BTreeMap::new();
+    for &(i, b) in blocks {
+        let (data, sum, d) = block(b);
+        ebs.put_snapshot_block(&id, i, data, &sum).await.unwrap();
+        digests.insert(i, d);
+    }
+    let n = digests.len() as u64;
+    ebs.complete_snapshot(&id, n, &linear_checksum(digests.values()))
+        .await
+        .unwrap();
+    id
+}
+
+/// Every page of ListChangedBlocks, following NextToken through empty pages.
+async fn all_changed(ebs: &MemoryEbs, a: &str, b: &str, from: u64) -> Vec<ChangedBlock> {
+    let mut out = Vec::new();
+    let mut token: Option<String> = None;
+    let mut calls = 0;
+    loop {
+        let start = token
+            .as_deref()
+            .map_or(PageStart::Index(from), PageStart::Token);
+        let page = ebs.list_changed_blocks_page(a, b, start).await.unwrap();
+        calls += 1;
+        assert!(calls < 1000, "paging does not end");
+        out.extend(page.blocks);
+        match page.next_token {
+            Some(t) => token = Some(t),
+            None => return out,
+        }
+    }
+}
+
+/// ListChangedBlocks (API reference and the ChangedBlock type): the blocks that differ
+/// between two snapshots of one lineage, each with its token in the snapshots that have
+/// it; pages of at most MaxResults, possibly empty with a next token (EBS direct APIs
+/// FAQ); StartingBlockIndex starts a listing part way; two snapshots of different
+/// lineages are refused with Reason UNRELATED_SNAPSHOTS; a pending snapshot cannot be
+/// read.
+#[tokio::test]
+async fn list_changed_blocks_follows_the_api_reference() {
+    for (page_size, empty_pages) in [(10_000, false), (1, true), (2, false)] {
+        let ebs = MemoryEbs {
+            page_size,
+            empty_pages,
+            ..MemoryEbs::new()
+        };
+        let point = snapshot_with(&ebs, None, "p", &[(0, 1), (1, 1), (2, 1), (7, 1)]).await;
+        // The recovered instance's writes: block 1 rewritten, 5 new, 7 rewritten with the
+        // same bytes (a write is a change, whatever it wrote).
+        let back = snapshot_with(&ebs, Some(&point), "r1", &[(1, 2), (5, 2), (7, 1)]).await;
+        let changed = all_changed(&ebs, &point, &back, 0).await;
+        let summary: Vec<(u64, bool, bool)> = changed
+            .iter()
+            .map(|c| (c.index, c.first.is_some(), c.second.is_some()))
+            .collect();
+        assert_eq!(
+            summary,
+            [(1, true, true), (5, false, true), (7, true, true)]
+        );
+        for c in &changed {
+            let tok = c.second.clone().unwrap();
+            let data = ebs
+                .get_snapshot_block(
+                    &back,
+                    &BlockRef {
+                        index: c.index,
+                        token: tok,
+                    },
+                )
+                .await
+                .unwrap();
+            assert_eq!(data[0], if c.index == 7 { 1 } else { 2 });
+        }
+        // Part way, and the other direction.
+        let later: Vec<u64> = all_changed(&ebs, &point, &back, 2)
+            .await
+            .iter()
+            .map(|c| c.index)
+            .collect();
+        assert_eq!(later, [5, 7]);
+        let reverse: Vec<(u64, bool)> = all_changed(&ebs, &back, &point, 0)
+            .await
+            .iter()
+            .map(|c| (c.index, c.second.is_some()))
+            .collect();
+        assert_eq!(reverse, [(1, true), (5, false), (7, true)]);
+        // A grandchild compares with its grandparent: one lineage.
+        let back2 = snapshot_with(&ebs, Some(&back), "r2", &[(9, 3)]).await;
+        let idx: Vec<u64> = all_changed(&ebs, &point, &back2, 0)
+            .await
+            .iter()
+            .map(|c| c.index)
+            .collect();
+        assert_eq!(idx, [1, 5, 7, 9]);
+        let idx: Vec<u64> = all_changed(&ebs, &back, &back2, 0)
+            .await
+            .iter()
+            .map(|c| c.index)
+            .collect();
+        assert_eq!(idx, [9]);
+
+        // Another lineage: refused with the reason, not an empty difference.
+        let other = snapshot_with(&ebs, None, "o", &[(1, 2)]).await;
+        let e = ebs
+            .list_changed_blocks_page(&point, &other, PageStart::Index(0))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code.as_deref(), Some(UNRELATED_SNAPSHOTS), "{e}");
+        // A pending snapshot is not readable; a made-up token is refused.
+        let pending = ebs
+            .start_snapshot(&start(Some(&point), "pend"))
+            .await
+            .unwrap();
+        let e = ebs
+            .list_changed_blocks_page(&point, &pending, PageStart::Index(0))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
+        let e = ebs
+            .list_changed_blocks_page(&point, &back, PageStart::Token("zzz"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code.as_deref(), Some("INVALID_PAGE_TOKEN"), "{e}");
+        // ListSnapshotBlocks pages the same way.
+        let mut blocks = Vec::new();
+        let mut start_at = PageStart::Index(0);
+        let mut token;
+        loop {
+            let page = ebs
+                .list_snapshot_blocks_page(&back2, start_at)
+                .await
+                .unwrap();
+            blocks.extend(page.blocks.into_iter().map(|b| b.index));
+            match page.next_token {
+                Some(t) => {
+                    token = t;
+                    start_at = PageStart::Token(&token);
+                }
+                None => break,
+            }
+        }
+        assert_eq!(blocks, [0, 1, 2, 5, 7, 9]);
+        assert_eq!(ebs.list_snapshot_blocks(&back2).await.unwrap().len(), 6);
+    }
+}
