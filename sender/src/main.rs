@@ -16,6 +16,8 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod cmd_failback;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "pilotlight-sender",
@@ -83,6 +85,9 @@ enum Command {
     Vsphere(Box<VsphereArgs>),
     /// Show the local state of a disk.
     Status(StatusArgs),
+    /// After a real recovery: write what the recovered instance changed (a return
+    /// snapshot, EBS direct APIs) back into the site's disk, one round per run.
+    Failback(Box<cmd_failback::FailbackArgs>),
 }
 
 /// Settings of `vsphere` (plus the S3 and tuning settings of `send`; its --source,
@@ -475,6 +480,18 @@ async fn send_once(r: &Resolved, target: &Target, store: &LazyS3) -> Result<()> 
 async fn run(cli: Cli) -> Result<()> {
     let shared = cli.shared;
     match cli.command {
+        Command::Failback(a) => {
+            let s = shared.into_send(SendArgs::default()).with_file()?;
+            let shared = cmd_failback::Shared {
+                region: s.region,
+                endpoint_url: s.endpoint_url,
+                max_attempts: s.max_attempts.unwrap_or(6).max(1),
+                state_dir: s
+                    .state_dir
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            };
+            cmd_failback::run(*a, shared).await
+        }
         Command::Status(a) => {
             let disk =
                 DiskId::parse(&a.disk_id).with_context(|| format!("--disk-id {:?}", a.disk_id))?;

@@ -368,7 +368,7 @@ async fn writes_land_in_qemu_nbd_and_nbdkit_exports() {
     let qsock = tmp.path().join("q.sock");
     let mut qemu_nbd = Command::new("qemu-nbd");
     qemu_nbd
-        .args(["-f", "qcow2", "-x", "disk", "-k"])
+        .args(["-t", "-f", "qcow2", "-x", "disk", "-k"])
         .arg(&qsock)
         .arg(&qcow);
     let ksock = tmp.path().join("k.sock");

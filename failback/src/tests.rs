@@ -1,0 +1,450 @@
+//! Failback rounds against the in-memory EBS twin (small pages with empty pages between,
+//! so every listing pages) and real files as targets.
+#![allow(clippy::unwrap_used)]
+
+use crate::state::{Mode, Phase};
+use crate::*;
+use bytes::Bytes;
+use pilotlight_cloud::ebs::{
+    block_checksum, linear_checksum, EbsApi, MemoryEbs, StartSnapshot, BLOCK_SIZE,
+};
+use pilotlight_cloud::fault::Fault;
+use pilotlight_protocol::DiskId;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+const B: usize = BLOCK_SIZE as usize;
+
+fn ebs() -> MemoryEbs {
+    MemoryEbs {
+        page_size: 3,
+        empty_pages: true,
+        ..MemoryEbs::new()
+    }
+}
+
+fn disk() -> DiskId {
+    DiskId::parse("site1/vm1/disk0").unwrap()
+}
+
+/// A block of `byte`s; 0 is a block of zeroes (written, so it is in the snapshot).
+fn block(byte: u8) -> Vec<u8> {
+    let mut v = vec![byte; B];
+    if byte != 0 {
+        v[7] = byte.wrapping_mul(31); // not one repeated byte: offsets matter
+    }
+    v
+}
+
+/// A completed snapshot on `parent` with `blocks` written.
+async fn snapshot(ebs: &MemoryEbs, parent: Option<&str>, blocks: &[(u64, u8)]) -> String {
+    let token = format!("t{}", ebs.state.lock().unwrap().snapshots.len());
+    let id = ebs
+        .start_snapshot(&StartSnapshot {
+            volume_size_gib: 1,
+            parent: parent.map(String::from),
+            description: "test".into(),
+            tags: vec![],
+            client_token: token,
+            encrypted: None,
+            kms_key_arn: None,
+            timeout_minutes: 60,
+        })
+        .await
+        .unwrap();
+    let mut digests = BTreeMap::new();
+    for &(i, byte) in blocks {
+        let data = block(byte);
+        let d: [u8; 32] = Sha256::digest(&data).into();
+        ebs.put_snapshot_block(&id, i, Bytes::from(data), &block_checksum(&d))
+            .await
+            .unwrap();
+        digests.insert(i, d);
+    }
+    ebs.complete_snapshot(
+        &id,
+        digests.len() as u64,
+        &linear_checksum(digests.values()),
+    )
+    .await
+    .unwrap();
+    id
+}
+
+/// The first `size` bytes of a snapshot (zeroes where it has no block).
+fn content(ebs: &MemoryEbs, id: &str, size: u64) -> Vec<u8> {
+    let mut all = ebs.read_all(id).unwrap();
+    all.truncate(size as usize);
+    all
+}
+
+async fn file_target(path: &Path, bytes: &[u8]) -> Target {
+    std::fs::write(path, bytes).unwrap();
+    Target::open(path.to_str().unwrap()).await.unwrap()
+}
+
+fn request(point: &str, snapshot: &str, site: Vec<(u64, u64)>) -> RoundRequest {
+    RoundRequest {
+        disk: disk(),
+        point: point.into(),
+        snapshot: snapshot.into(),
+        site_changes: site,
+    }
+}
+
+const SIZE: u64 = 12 * BLOCK_SIZE + 4096; // the last block is partial
+
+#[tokio::test]
+async fn two_rounds_make_the_target_equal_each_snapshot_moving_only_what_changed() {
+    let ebs = ebs();
+    let tmp = tempfile::tempdir().unwrap();
+    let point = snapshot(&ebs, None, &[(0, 1), (1, 1), (2, 1), (5, 1), (12, 0)]).await;
+    // The instance's writes: two blocks rewritten, one new, one zeroed by a write of
+    // zeroes, and the partial last block (zeroes past the disk's end, as a snapshot of
+    // the disk has there).
+    let r1 = snapshot(&ebs, Some(&point), &[(1, 2), (3, 2), (5, 0)]).await;
+    let r1 = {
+        let mut last = vec![0u8; B];
+        last[..4096].fill(9);
+        put_raw(&ebs, Some(&r1), 12, last).await
+    };
+    let path = tmp.path().join("site.raw");
+    let target = file_target(&path, &content(&ebs, &point, SIZE)).await;
+    let state = tmp.path().join("state");
+    let opts = Options::default();
+
+    let done = apply(
+        &ebs,
+        &target,
+        &state,
+        &request(&point, &r1, vec![]),
+        &opts,
+        &(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), content(&ebs, &r1, SIZE));
+    assert_eq!(done.len(), 1);
+    let s = &done[0];
+    assert_eq!(s.mode, Mode::Changed);
+    // Blocks 1, 3, 5 (zeroes, written), 12 (partial): only those.
+    assert_eq!(s.counters.blocks_written, 4, "{s:?}");
+    assert_eq!(s.counters.bytes_written, 3 * BLOCK_SIZE + 4096);
+    assert_eq!(s.counters.blocks_verified, 4);
+
+    // Round 2: only what changed since round 1's snapshot.
+    let r2 = snapshot(&ebs, Some(&r1), &[(7, 3)]).await;
+    let done = apply(
+        &ebs,
+        &target,
+        &state,
+        &request(&point, &r2, vec![]),
+        &opts,
+        &(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), content(&ebs, &r2, SIZE));
+    assert_eq!(done[0].counters.blocks_written, 1);
+    assert_eq!(done[0].base, r1);
+    // Again: nothing to do.
+    let done = apply(
+        &ebs,
+        &target,
+        &state,
+        &request(&point, &r2, vec![]),
+        &opts,
+        &(),
+    )
+    .await
+    .unwrap();
+    assert!(done.is_empty());
+    let st = state::load(&state::path(&state, &disk())).unwrap().unwrap();
+    assert_eq!(st.applied.as_deref(), Some(r2.as_str()));
+    assert_eq!(st.rounds.len(), 2);
+    assert!(st.round.is_none());
+}
+
+/// Writes one raw block (any bytes) into a new snapshot on `parent`.
+async fn put_raw(ebs: &MemoryEbs, parent: Option<&str>, index: u64, data: Vec<u8>) -> String {
+    let token = format!("raw{}", ebs.state.lock().unwrap().snapshots.len());
+    let id = ebs
+        .start_snapshot(&StartSnapshot {
+            volume_size_gib: 1,
+            parent: parent.map(String::from),
+            description: "test".into(),
+            tags: vec![],
+            client_token: token,
+            encrypted: None,
+            kms_key_arn: None,
+            timeout_minutes: 60,
+        })
+        .await
+        .unwrap();
+    let d: [u8; 32] = Sha256::digest(&data).into();
+    ebs.put_snapshot_block(&id, index, Bytes::from(data), &block_checksum(&d))
+        .await
+        .unwrap();
+    ebs.complete_snapshot(&id, 1, &linear_checksum([&d]))
+        .await
+        .unwrap();
+    id
+}
+
+#[tokio::test]
+async fn the_sites_own_changes_after_the_point_are_rewritten_from_the_snapshot() {
+    let ebs = ebs();
+    let tmp = tempfile::tempdir().unwrap();
+    let point = snapshot(&ebs, None, &[(0, 1), (2, 1), (4, 1)]).await;
+    let r1 = snapshot(&ebs, Some(&point), &[(0, 2)]).await;
+    // The site kept running after the point: it wrote blocks 2 (the snapshot has it),
+    // 6 and 7 (the snapshot has none: zeroes), none of which AWS changed.
+    let mut site = content(&ebs, &point, SIZE);
+    for i in [2usize, 6, 7] {
+        site[i * B + 100..i * B + 300].fill(0xee);
+    }
+    let site_changes = vec![
+        (2 * BLOCK_SIZE + 100, 200),
+        (6 * BLOCK_SIZE, 2 * BLOCK_SIZE),
+    ];
+    for (with, name) in [(false, "without"), (true, "with")] {
+        let path = tmp.path().join(format!("{name}.raw"));
+        let target = file_target(&path, &site).await;
+        let state = tmp.path().join(format!("state-{name}"));
+        let req = request(
+            &point,
+            &r1,
+            if with { site_changes.clone() } else { vec![] },
+        );
+        let done = apply(&ebs, &target, &state, &req, &Options::default(), &())
+            .await
+            .unwrap();
+        let equal = std::fs::read(&path).unwrap() == content(&ebs, &r1, SIZE);
+        // Without the site's changes the target keeps them: the feature is what fixes it.
+        assert_eq!(equal, with, "{name} the site's changes");
+        if with {
+            assert_eq!(done[0].site_blocks, 3);
+            assert_eq!(done[0].counters.bytes_zeroed, 2 * BLOCK_SIZE);
+        }
+    }
+}
+
+#[tokio::test]
+async fn snapshots_of_different_lineages_fall_back_to_every_block_and_zeroes() {
+    let ebs = ebs();
+    let tmp = tempfile::tempdir().unwrap();
+    let point = snapshot(&ebs, None, &[(0, 1), (1, 1)]).await;
+    // An instance launched by the import method: its volumes come from other snapshots.
+    let other = snapshot(&ebs, None, &[(1, 5), (4, 5), (9, 5)]).await;
+    let path = tmp.path().join("site.raw");
+    // Garbage everywhere: a full round leaves none of it.
+    let target = file_target(&path, &vec![0x5a; SIZE as usize]).await;
+    let done = apply(
+        &ebs,
+        &target,
+        &tmp.path().join("state"),
+        &request(&point, &other, vec![(0, 4096)]),
+        &Options::default(),
+        &(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(done[0].mode, Mode::Full);
+    assert_eq!(done[0].counters.blocks_written, 3);
+    assert_eq!(std::fs::read(&path).unwrap(), content(&ebs, &other, SIZE));
+}
+
+#[tokio::test]
+async fn a_target_smaller_than_the_snapshots_data_is_refused_and_nothing_is_claimed() {
+    let ebs = ebs();
+    let tmp = tempfile::tempdir().unwrap();
+    let point = snapshot(&ebs, None, &[(0, 1)]).await;
+    let r1 = snapshot(&ebs, Some(&point), &[(1, 2), (20, 2)]).await;
+    let path = tmp.path().join("small.raw");
+    let target = file_target(&path, &content(&ebs, &point, SIZE)).await;
+    let state = tmp.path().join("state");
+    let e = apply(
+        &ebs,
+        &target,
+        &state,
+        &request(&point, &r1, vec![]),
+        &Options::default(),
+        &(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, FailbackError::TooSmall { .. }), "{e}");
+    assert!(e.to_string().contains("as large as the disk"), "{e}");
+    let st = state::load(&state::path(&state, &disk())).unwrap().unwrap();
+    assert_eq!(st.applied, None);
+    // A site-change extent outside the disk, and another failback's state, are refused.
+    let e = apply(
+        &ebs,
+        &target,
+        &tmp.path().join("s2"),
+        &request(&point, &r1, vec![(SIZE - 512, 1024)]),
+        &Options::default(),
+        &(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, FailbackError::SiteExtent { .. }), "{e}");
+    let e = apply(
+        &ebs,
+        &target,
+        &state,
+        &request(&r1, &r1, vec![]),
+        &Options::default(),
+        &(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, FailbackError::OtherFailback { .. }), "{e}");
+}
+
+/// A round cut short (a failed GetSnapshotBlock, as a crash would) leaves every block
+/// equal to the base's or the snapshot's; asked for a newer snapshot next, the applier
+/// first finishes the interrupted round against its own snapshot, then the new one, and
+/// the target equals the newest.
+#[tokio::test]
+async fn an_interrupted_round_is_finished_against_its_own_snapshot_first() {
+    let ebs = ebs();
+    let tmp = tempfile::tempdir().unwrap();
+    let point = snapshot(&ebs, None, &[(0, 1), (1, 1), (2, 1), (3, 1)]).await;
+    let r1 = snapshot(
+        &ebs,
+        Some(&point),
+        &(0..12).map(|i| (i, 2)).collect::<Vec<_>>(),
+    )
+    .await;
+    // R2 writes block 3 back to the point's bytes: its delta from R1 includes it, but
+    // the delta from the point would not.
+    let r2 = snapshot(&ebs, Some(&r1), &[(3, 1), (8, 4)]).await;
+    let path = tmp.path().join("site.raw");
+    let target = file_target(&path, &content(&ebs, &point, SIZE)).await;
+    let state = tmp.path().join("state");
+    let opts = Options {
+        concurrency: 2,
+        checkpoint_blocks: 2,
+        ..Options::default()
+    };
+    ebs.faults.add(Fault::on("GetSnapshotBlock").nth(7));
+    let e = apply(
+        &ebs,
+        &target,
+        &state,
+        &request(&point, &r1, vec![]),
+        &opts,
+        &(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, FailbackError::Cloud(_)), "{e}");
+    assert!(e.to_string().contains("resumes"), "{e}");
+    let (base, snap, now) = (
+        content(&ebs, &point, SIZE),
+        content(&ebs, &r1, SIZE),
+        std::fs::read(&path).unwrap(),
+    );
+    let mut partly = false;
+    for (i, c) in now.chunks(B).enumerate() {
+        let (a, b) = (&base[i * B..i * B + c.len()], &snap[i * B..i * B + c.len()]);
+        assert!(
+            c == a || c == b,
+            "block {i} is neither the base's nor the snapshot's"
+        );
+        partly |= c == a && a != b;
+    }
+    assert!(partly, "the round was cut short");
+    let st = state::load(&state::path(&state, &disk())).unwrap().unwrap();
+    let round = st.round.clone().unwrap();
+    assert_eq!(
+        (round.snapshot.as_str(), round.phase),
+        (r1.as_str(), Phase::Delta)
+    );
+    assert!(round.next_index > 0, "{round:?}");
+
+    let done = apply(
+        &ebs,
+        &target,
+        &state,
+        &request(&point, &r2, vec![]),
+        &opts,
+        &(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(done.len(), 2);
+    assert_eq!(
+        (done[0].snapshot.as_str(), done[1].snapshot.as_str()),
+        (r1.as_str(), r2.as_str())
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), content(&ebs, &r2, SIZE));
+}
+
+/// The state's first format loads (golden file: fields only ever grow).
+#[test]
+fn the_first_state_format_loads() {
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/state-v1.json");
+    let st = state::load(&golden).unwrap().unwrap();
+    assert_eq!(st.disk, disk());
+    assert_eq!(st.point, "snap-0123456789abcdef0");
+    let r = st.round.unwrap();
+    assert_eq!(
+        (r.mode, r.phase, r.next_index),
+        (Some(Mode::Changed), Phase::Delta, 42)
+    );
+    assert_eq!(st.rounds[0].counters.blocks_written, 300);
+}
+
+mod model {
+    //! Random snapshots, random cuts: the target always ends equal to the newest.
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+        #[test]
+        fn rounds_with_random_cuts_converge_on_the_newest_snapshot(
+            point in proptest::collection::btree_map(0u64..12, 1u8..4, 0..8),
+            chain in proptest::collection::vec(proptest::collection::btree_map(0u64..12, 0u8..6, 0..6), 1..4),
+            site in proptest::collection::vec((0u64..12, 1u64..3), 0..3),
+            cuts in proptest::collection::vec(1u64..20, 0..3),
+            unrelated in any::<bool>(),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let ebs = ebs();
+                let tmp = tempfile::tempdir().unwrap();
+                let size = 12 * BLOCK_SIZE;
+                let p: Vec<(u64, u8)> = point.into_iter().collect();
+                let point = snapshot(&ebs, None, &p).await;
+                let mut site_disk = content(&ebs, &point, size);
+                let site: Vec<(u64, u64)> = site.iter().map(|&(i, n)| {
+                    let n = n.min(12 - i);
+                    site_disk[(i * BLOCK_SIZE) as usize..((i + n) * BLOCK_SIZE) as usize].fill(0xcc);
+                    (i * BLOCK_SIZE, n * BLOCK_SIZE)
+                }).collect();
+                let path = tmp.path().join("t.raw");
+                let target = file_target(&path, &site_disk).await;
+                let state = tmp.path().join("state");
+                let opts = Options { concurrency: 3, checkpoint_blocks: 2, ..Options::default() };
+                let mut parent = if unrelated { None } else { Some(point.clone()) };
+                let mut cuts = cuts.into_iter();
+                for blocks in chain {
+                    let b: Vec<(u64, u8)> = blocks.into_iter().collect();
+                    let snap = snapshot(&ebs, parent.as_deref(), &b).await;
+                    if let Some(n) = cuts.next() {
+                        ebs.faults.add(Fault::on("GetSnapshotBlock").nth(ebs.faults.calls("GetSnapshotBlock") + n));
+                        let _ = apply(&ebs, &target, &state, &request(&point, &snap, site.clone()), &opts, &()).await;
+                        ebs.faults.clear();
+                    }
+                    apply(&ebs, &target, &state, &request(&point, &snap, site.clone()), &opts, &()).await.unwrap();
+                    assert_eq!(std::fs::read(&path).unwrap(), content(&ebs, &snap, size));
+                    parent = Some(snap);
+                }
+            });
+        }
+    }
+}
