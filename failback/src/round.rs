@@ -17,9 +17,11 @@ use futures::StreamExt;
 use pilotlight_cloud::ebs::{
     BlockPage, BlockRef, EbsApi, PageStart, BLOCK_SIZE, UNRELATED_SNAPSHOTS,
 };
+use pilotlight_cloud::error::CloudError;
 use pilotlight_protocol::DiskId;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// What to fail back.
 #[derive(Debug, Clone)]
@@ -44,6 +46,11 @@ pub struct Options {
     pub verify: bool,
     /// Blocks between durable marks (flush, read back, state saved).
     pub checkpoint_blocks: usize,
+    /// Attempts per EBS call when it fails transiently (throttled, e.g.
+    /// ConcurrentLimitExceededException, which the SDK does not retry itself; 5xx),
+    /// with exponential back-off from `retry_base`.
+    pub call_attempts: u32,
+    pub retry_base: Duration,
 }
 
 impl Default for Options {
@@ -52,6 +59,8 @@ impl Default for Options {
             concurrency: 16,
             verify: true,
             checkpoint_blocks: 64,
+            call_attempts: 5,
+            retry_base: Duration::from_millis(200),
         }
     }
 }
@@ -296,8 +305,10 @@ impl<E: EbsApi> Runner<'_, E> {
         match (r.phase, r.mode.unwrap_or(Mode::Full)) {
             (Phase::Delta, Mode::Changed) => {
                 let page = self
-                    .ebs
-                    .list_changed_blocks_page(&r.base, &r.snapshot, start(cursor))
+                    .retrying(|| {
+                        self.ebs
+                            .list_changed_blocks_page(&r.base, &r.snapshot, start(cursor))
+                    })
                     .await?;
                 let actions = page
                     .blocks
@@ -400,7 +411,30 @@ impl<E: EbsApi> Runner<'_, E> {
         snapshot: &str,
         start: PageStart<'_>,
     ) -> Result<BlockPage<BlockRef>, FailbackError> {
-        Ok(self.ebs.list_snapshot_blocks_page(snapshot, start).await?)
+        Ok(self
+            .retrying(|| self.ebs.list_snapshot_blocks_page(snapshot, start))
+            .await?)
+    }
+
+    /// `f` until it succeeds, fails for good, or `call_attempts` attempts failed.
+    async fn retrying<T, F, Fut>(&self, f: F) -> Result<T, CloudError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, CloudError>>,
+    {
+        let mut attempt = 0u32;
+        loop {
+            match f().await {
+                Err(e) if e.is_transient() && attempt + 1 < self.opts.call_attempts.max(1) => {
+                    let wait = (self.opts.retry_base * 2u32.saturating_pow(attempt.min(10)))
+                        .min(Duration::from_secs(20));
+                    tracing::debug!("{e}; retrying in {wait:?}");
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Does a page's actions, `concurrency` at a time, completing in order; a durable
@@ -412,27 +446,50 @@ impl<E: EbsApi> Runner<'_, E> {
         w: &Work,
     ) -> Result<(), FailbackError> {
         let snapshot = r.snapshot.clone();
-        let mut results = futures::stream::iter(w.actions.iter().cloned())
-            .map(|a| self.act(&snapshot, a))
-            .buffered(self.opts.concurrency.max(1));
-        let mut since = Counters::default();
-        let mut written = Vec::new();
-        let mut mark = r.next_index;
-        while let Some(did) = results.next().await {
-            let did = did?;
-            since.blocks_written += did.counters.blocks_written;
-            since.bytes_written += did.counters.bytes_written;
-            since.bytes_zeroed += did.counters.bytes_zeroed;
-            written.extend(did.written);
-            mark = mark.max(did.end);
-            if written.len() >= self.opts.checkpoint_blocks.max(1) {
-                self.checkpoint(st, r, mark, &mut since, &mut written, &snapshot)
-                    .await?;
+        // Fetching and writing run ahead while a mark is taken (flush, read back, save):
+        // the producer keeps `concurrency` blocks in flight, the consumer takes what they
+        // did in order and marks. The channel holds only those small records (the bytes
+        // are written already), so it can hold a few marks' worth.
+        let ahead = 4 * self
+            .opts
+            .checkpoint_blocks
+            .max(self.opts.concurrency)
+            .max(1);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(ahead);
+        let produce = async {
+            let mut results = futures::stream::iter(w.actions.iter().cloned())
+                .map(|a| self.act(&snapshot, a))
+                .buffered(self.opts.concurrency.max(1));
+            while let Some(did) = results.next().await {
+                if tx.send(did).await.is_err() {
+                    break; // the consumer stopped on an error
+                }
             }
-        }
-        let covered = w.covered.unwrap_or(mark).max(mark);
-        self.checkpoint(st, r, covered, &mut since, &mut written, &snapshot)
-            .await
+            drop(tx);
+        };
+        let snapshot = &snapshot;
+        let consume = async move {
+            let mut since = Counters::default();
+            let mut written = Vec::new();
+            let mut mark = r.next_index;
+            while let Some(did) = rx.recv().await {
+                let did = did?;
+                since.blocks_written += did.counters.blocks_written;
+                since.bytes_written += did.counters.bytes_written;
+                since.bytes_zeroed += did.counters.bytes_zeroed;
+                written.extend(did.written);
+                mark = mark.max(did.end);
+                if written.len() >= self.opts.checkpoint_blocks.max(1) {
+                    self.checkpoint(st, r, mark, &mut since, &mut written, snapshot)
+                        .await?;
+                }
+            }
+            let covered = w.covered.unwrap_or(mark).max(mark);
+            self.checkpoint(st, r, covered, &mut since, &mut written, snapshot)
+                .await
+        };
+        let ((), result) = futures::join!(produce, consume);
+        result
     }
 
     /// Flushes the target, reads back what was written since the last mark, then saves
@@ -477,9 +534,9 @@ impl<E: EbsApi> Runner<'_, E> {
         let end = a.end();
         match a {
             Action::Write { index, token } => {
-                let data = self
-                    .ebs
-                    .get_snapshot_block(snapshot, &BlockRef { index, token })
+                let block = BlockRef { index, token };
+                let (data, whole) = self
+                    .retrying(|| self.ebs.get_snapshot_block_checked(snapshot, &block))
                     .await?;
                 if data.len() as u64 != BLOCK_SIZE {
                     return Err(FailbackError::BadBlock {
@@ -508,7 +565,13 @@ impl<E: EbsApi> Runner<'_, E> {
                     });
                 }
                 let part: Bytes = data.slice(..len);
-                let digest: [u8; 32] = Sha256::digest(&part).into();
+                // The service's checksum covers the whole block: hashed again only when
+                // the disk ends inside it.
+                let digest: [u8; 32] = if len == data.len() {
+                    whole
+                } else {
+                    Sha256::digest(&part).into()
+                };
                 self.target.write(offset, part).await?;
                 self.progress.advance(len as u64);
                 Ok(Did {

@@ -327,6 +327,7 @@ async fn an_interrupted_round_is_finished_against_its_own_snapshot_first() {
     let opts = Options {
         concurrency: 2,
         checkpoint_blocks: 2,
+        call_attempts: 1,
         ..Options::default()
     };
     ebs.faults.add(Fault::on("GetSnapshotBlock").nth(7));
@@ -383,6 +384,54 @@ async fn an_interrupted_round_is_finished_against_its_own_snapshot_first() {
     assert_eq!(std::fs::read(&path).unwrap(), content(&ebs, &r2, SIZE));
 }
 
+/// Throttling (ConcurrentLimitExceededException is not retried by the SDK) and 5xx are
+/// retried with back-off; a round gives up only after `call_attempts`.
+#[tokio::test]
+async fn throttled_calls_are_retried() {
+    let ebs = ebs();
+    let tmp = tempfile::tempdir().unwrap();
+    let point = snapshot(&ebs, None, &[(0, 1)]).await;
+    let r1 = snapshot(&ebs, Some(&point), &[(1, 2), (2, 2)]).await;
+    let path = tmp.path().join("site.raw");
+    let target = file_target(&path, &content(&ebs, &point, SIZE)).await;
+    let opts = Options {
+        retry_base: std::time::Duration::from_millis(1),
+        ..Options::default()
+    };
+    ebs.faults
+        .add(Fault::on("GetSnapshotBlock").throttle().times(3));
+    ebs.faults
+        .add(Fault::on("ListChangedBlocks").nth(2).transient());
+    let before = ebs.faults.calls("GetSnapshotBlock");
+    apply(
+        &ebs,
+        &target,
+        &tmp.path().join("s"),
+        &request(&point, &r1, vec![]),
+        &opts,
+        &(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), content(&ebs, &r1, SIZE));
+    assert_eq!(ebs.faults.calls("GetSnapshotBlock") - before, 2 + 3);
+    // Past the attempts: the error, and the round resumes next time.
+    let r2 = snapshot(&ebs, Some(&r1), &[(3, 2)]).await;
+    ebs.faults
+        .add(Fault::on("GetSnapshotBlock").throttle().always());
+    let e = apply(
+        &ebs,
+        &target,
+        &tmp.path().join("s"),
+        &request(&point, &r2, vec![]),
+        &opts,
+        &(),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("throttled"), "{e}");
+}
+
 /// The state's first format loads (golden file: fields only ever grow).
 #[test]
 fn the_first_state_format_loads() {
@@ -429,7 +478,7 @@ mod model {
                 let path = tmp.path().join("t.raw");
                 let target = file_target(&path, &site_disk).await;
                 let state = tmp.path().join("state");
-                let opts = Options { concurrency: 3, checkpoint_blocks: 2, ..Options::default() };
+                let opts = Options { concurrency: 3, checkpoint_blocks: 2, call_attempts: 1, ..Options::default() };
                 let mut parent = if unrelated { None } else { Some(point.clone()) };
                 let mut cuts = cuts.into_iter();
                 for blocks in chain {

@@ -342,6 +342,28 @@ def sender_writes_exports(template: dict) -> list[str]:
     return problems
 
 
+def sender_reads_other_snapshots(template: dict) -> list[str]:
+    """Failback: the sender reads EBS snapshots (return snapshots and points) of its own
+    site and stack only (Service Authorization Reference, Amazon EBS: the read APIs take
+    the snapshot resource and aws:ResourceTag)."""
+    stmts = template["Resources"]["SenderPolicy"]["Properties"]["PolicyDocument"]["Statement"]
+    snap = "arn:${AWS::Partition}:ec2:${AWS::Region}::snapshot/snap-0123"
+    own = {"aws:ResourceTag/pilotlight:stack": "${AWS::StackName}", "aws:ResourceTag/pilotlight:site": "${SenderSite}"}
+    problems = []
+    for action in ["ebs:ListChangedBlocks", "ebs:ListSnapshotBlocks", "ebs:GetSnapshotBlock"]:
+        if not allowed(stmts, action, snap, own):
+            problems.append(f"the sender cannot {action} its own site's snapshots")
+        for other in [{**own, "aws:ResourceTag/pilotlight:site": "othersite"},
+                      {**own, "aws:ResourceTag/pilotlight:stack": "otherstack"},
+                      {"aws:ResourceTag/pilotlight:stack": "${AWS::StackName}"}, {}]:
+            if allowed(stmts, action, snap, other):
+                problems.append(f"the sender may {action} a snapshot tagged {other}")
+    for action in ["ebs:StartSnapshot", "ebs:PutSnapshotBlock", "ec2:DeleteSnapshot", "ec2:CreateTags"]:
+        if allowed(stmts, action, snap, own):
+            problems.append(f"the sender may {action}")
+    return problems
+
+
 def ec2_creates_without_token(code: str) -> list[str]:
     """Amazon EC2 API Reference, "Ensuring idempotency": RunInstances and ImportImage are
     idempotent only with a ClientToken; without one a retried or repeated call creates a
@@ -542,6 +564,17 @@ class AwsRules(unittest.TestCase):
                         st["Condition"]["StringLike"]["s3:prefix"] = [{"Fn::Sub": "${Prefix}/*"}]
         problems = missing_keys_unknowable(self.mutated(narrow))
         self.assertTrue(any("pilotlight-dr/runs" in p for p in problems), problems)
+
+    def test_the_sender_reads_only_its_own_sites_snapshots(self):
+        self.assertEqual(sender_reads_other_snapshots(self.t), [])
+
+        def no_site(res, _):
+            for st in res["SenderPolicy"]["Properties"]["PolicyDocument"]["Statement"]:
+                if st.get("Sid") == "FailBackFromOwnSite":
+                    del st["Condition"]["StringEquals"]["aws:ResourceTag/pilotlight:site"]
+        self.assertTrue(sender_reads_other_snapshots(self.mutated(no_site)))
+        tf = (MODULE / "sender.tf").read_text()
+        self.assertIn('variable = "aws:ResourceTag/pilotlight:site"', tf)
 
     def test_the_sender_cannot_write_under_x(self):
         self.assertEqual(sender_writes_exports(self.t), [])

@@ -363,7 +363,11 @@ EXPECTED_ACTIONS = {
         "kms:Decrypt", "kms:GenerateDataKey",
         "kms:CreateGrant", "kms:DescribeKey", "kms:Encrypt", "kms:GenerateDataKey*", "kms:ReEncrypt*",
     },
-    "sender_role": {"s3:PutObject", "s3:GetObject", "s3:ListBucket", "kms:Decrypt", "kms:GenerateDataKey"},
+    "sender_role": {
+        "s3:PutObject", "s3:GetObject", "s3:ListBucket", "kms:Decrypt", "kms:GenerateDataKey",
+        # failback: its own site's snapshots, read
+        "ebs:ListChangedBlocks", "ebs:ListSnapshotBlocks", "ebs:GetSnapshotBlock",
+    },
 }
 
 

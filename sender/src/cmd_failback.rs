@@ -157,3 +157,38 @@ pub async fn run(a: FailbackArgs, shared: Shared) -> Result<()> {
     }
     Ok(())
 }
+
+/// The disk's failback, when there is one: what the target equals, the round under way,
+/// the rounds so far (for `pilotlight-sender status`).
+pub fn status(state_dir: &Path, disk: &DiskId) -> Result<()> {
+    let path = pilotlight_failback::state::path(state_dir, disk);
+    let Some(st) = pilotlight_failback::state::load(&path)? else {
+        return Ok(());
+    };
+    println!(
+        "failback into {} from point {}: the target equals {}",
+        st.target,
+        st.point,
+        st.applied
+            .as_deref()
+            .unwrap_or("the point (no round finished yet)")
+    );
+    if let Some(r) = &st.round {
+        println!(
+            "  round under way: {} -> {}, {} blocks written so far, resumes at block {} (run failback again)",
+            r.base, r.snapshot, r.done.blocks_written, r.next_index
+        );
+    }
+    let total = st.total();
+    println!(
+        "  {} rounds: {} blocks written ({}), {} zeroed",
+        st.rounds.len(),
+        total.blocks_written,
+        bytesize::ByteSize(total.bytes_written),
+        bytesize::ByteSize(total.bytes_zeroed)
+    );
+    for r in &st.rounds {
+        println!("  {}", line(disk, r));
+    }
+    Ok(())
+}

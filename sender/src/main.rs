@@ -507,6 +507,7 @@ async fn run(cli: Cli) -> Result<()> {
                     state_dir.display()
                 ),
             }
+            cmd_failback::status(&state_dir, &disk)?;
             Ok(())
         }
         Command::Vsphere(v) => {

@@ -295,6 +295,21 @@ async fn a_two_disk_vm_fails_back_in_two_rounds_into_a_raw_file_and_qemu_nbd() {
         last = (r0, r1);
     }
 
+    // `status` tells where the failback stands.
+    let out = run_ok(Command::new(bin("pilotlight-sender")).args([
+        "--state-dir",
+        s(&state),
+        "status",
+        "--disk-id",
+        "site1/vm1/disk0",
+    ]));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(&format!("the target equals {}", last.0)),
+        "{said}"
+    );
+    assert!(said.contains("2 rounds"), "{said}");
+
     // Without the site's changes the first round would have left them: a fresh target
     // with the site's writes, failed back to the first snapshot without the list, differs.
     let again = tmp.path().join("again.raw");

@@ -496,7 +496,11 @@ impl EbsApi for MemoryEbs {
         .await
     }
 
-    async fn get_snapshot_block(&self, id: &str, b: &BlockRef) -> Result<Bytes, CloudError> {
+    async fn get_snapshot_block_checked(
+        &self,
+        id: &str,
+        b: &BlockRef,
+    ) -> Result<(Bytes, [u8; 32]), CloudError> {
         const OP: &str = "GetSnapshotBlock";
         self.call(OP, id, |st| {
             let s = st.snapshots.get(id).ok_or_else(|| not_found(OP, id))?;
@@ -513,6 +517,10 @@ impl EbsApi for MemoryEbs {
             Ok(Bytes::from(data.as_ref().clone()))
         })
         .await
+        .map(|data| {
+            let digest = Sha256::digest(&data).into();
+            (data, digest)
+        })
     }
 
     async fn describe_snapshots(

@@ -249,12 +249,21 @@ pub trait EbsApi: Send + Sync {
         second: &str,
         start: PageStart<'_>,
     ) -> impl Future<Output = Result<BlockPage<ChangedBlock>, CloudError>> + Send;
+    /// One block's bytes and their SHA-256, checked against the checksum the service
+    /// sends with them (a caller that needs the digest does not hash the block again).
+    fn get_snapshot_block_checked(
+        &self,
+        id: &str,
+        block: &BlockRef,
+    ) -> impl Future<Output = Result<(Bytes, [u8; 32]), CloudError>> + Send;
     /// One block's bytes, checked against the checksum the service sends with them.
     fn get_snapshot_block(
         &self,
         id: &str,
         block: &BlockRef,
-    ) -> impl Future<Output = Result<Bytes, CloudError>> + Send;
+    ) -> impl Future<Output = Result<Bytes, CloudError>> + Send {
+        async move { Ok(self.get_snapshot_block_checked(id, block).await?.0) }
+    }
     /// The caller's snapshots matching `filter`, every page.
     fn describe_snapshots(
         &self,
@@ -322,8 +331,12 @@ impl<T: EbsApi> EbsApi for Arc<T> {
             .list_changed_blocks_page(first, second, start)
             .await
     }
-    async fn get_snapshot_block(&self, id: &str, b: &BlockRef) -> Result<Bytes, CloudError> {
-        (**self).get_snapshot_block(id, b).await
+    async fn get_snapshot_block_checked(
+        &self,
+        id: &str,
+        b: &BlockRef,
+    ) -> Result<(Bytes, [u8; 32]), CloudError> {
+        (**self).get_snapshot_block_checked(id, b).await
     }
     async fn describe_snapshots(
         &self,
@@ -410,7 +423,11 @@ impl EbsApi for NoEbs {
     ) -> Result<BlockPage<ChangedBlock>, CloudError> {
         Err(off("ListChangedBlocks"))
     }
-    async fn get_snapshot_block(&self, _: &str, _: &BlockRef) -> Result<Bytes, CloudError> {
+    async fn get_snapshot_block_checked(
+        &self,
+        _: &str,
+        _: &BlockRef,
+    ) -> Result<(Bytes, [u8; 32]), CloudError> {
         Err(off("GetSnapshotBlock"))
     }
     async fn describe_snapshots(

@@ -203,7 +203,11 @@ impl EbsApi for SdkEbs {
         })
     }
 
-    async fn get_snapshot_block(&self, id: &str, b: &BlockRef) -> Result<Bytes, CloudError> {
+    async fn get_snapshot_block_checked(
+        &self,
+        id: &str,
+        b: &BlockRef,
+    ) -> Result<(Bytes, [u8; 32]), CloudError> {
         const OP: &str = "GetSnapshotBlock";
         let index = i32::try_from(b.index).map_err(|_| invalid(OP, id, "BlockIndex too large"))?;
         let out = self
@@ -230,7 +234,7 @@ impl EbsApi for SdkEbs {
                 "the block's bytes do not match its checksum",
             ));
         }
-        Ok(data)
+        Ok((data, digest))
     }
 
     async fn describe_snapshots(

@@ -33,11 +33,30 @@ data "aws_iam_policy_document" "sender_policy" {
     actions   = ["s3:PutObject"]
     resources = ["${aws_s3_bucket.data_bucket.arn}/${var.prefix}/${var.sender_site}/*/*/x/*"]
   }
+  # Failback (pilotlight-sender failback) reads the recovered instance's return snapshots
+  # and the points they grew from, of its own site only: the EBS direct read APIs on
+  # snapshots tagged with this stack and this site (Service Authorization Reference,
+  # Amazon EBS: the snapshot resource, with aws:ResourceTag).
+  statement {
+    sid       = "FailBackFromOwnSite"
+    actions   = ["ebs:ListChangedBlocks", "ebs:ListSnapshotBlocks", "ebs:GetSnapshotBlock"]
+    resources = ["arn:${local.partition}:ec2:${local.region}::snapshot/*"]
+    condition {
+      test     = "StringEquals"
+      variable = "aws:ResourceTag/pilotlight:stack"
+      values   = [var.name]
+    }
+    condition {
+      test     = "StringEquals"
+      variable = "aws:ResourceTag/pilotlight:site"
+      values   = [var.sender_site]
+    }
+  }
 }
 
 resource "aws_iam_policy" "sender_policy" {
   name_prefix = "${var.name}-sender-"
-  description = "pilotlight sender - write replicated objects under its own site prefix, nothing else"
+  description = "pilotlight sender - write replicated objects under its own site prefix, read its own site's snapshots to fail back, nothing else"
   policy      = data.aws_iam_policy_document.sender_policy.json
 }
 
