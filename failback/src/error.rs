@@ -39,6 +39,8 @@ pub enum FailbackError {
         snapshot: String,
         index: u64,
     },
+    #[error("{disk}: cannot resume protection yet: {why}")]
+    NotFinished { disk: String, why: String },
     #[error("the site-change extent {offset}+{length} is not inside the {size}-byte disk")]
     SiteExtent { offset: u64, length: u64, size: u64 },
 }

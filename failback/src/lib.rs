@@ -16,6 +16,7 @@
 //!   than the target holds.
 
 pub mod error;
+pub mod resume;
 pub mod round;
 pub mod state;
 pub mod target;

@@ -268,6 +268,7 @@ impl<E: EbsApi> Runner<'_, E> {
             mode,
             counters: r.done,
             site_blocks,
+            site: r.site.clone(),
             started: r.started,
             finished: chrono::Utc::now(),
         };

@@ -88,6 +88,9 @@ pub struct RoundSummary {
     /// Blocks of the site's changes rewritten (already counted in `counters`).
     #[serde(default)]
     pub site_blocks: u64,
+    /// Those blocks, as index ranges `[start, end)` (protection resumes with them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub site: Vec<(u64, u64)>,
     pub started: DateTime<Utc>,
     pub finished: DateTime<Utc>,
 }

@@ -222,7 +222,9 @@ async fn a_two_disk_vm_fails_back_in_two_rounds_into_a_raw_file_and_qemu_nbd() {
     })
     .await;
     let nbd_uri = format!("nbd+unix:///disk1?socket={}", sock.display());
-    let state = tmp.path().join("failback-state");
+    // One state directory per disk, as a site runs it: protection, failback and resume.
+    let state = tmp.path().join("disk0-state");
+    let state1 = tmp.path().join("disk1-state");
 
     // Two rounds: each moves only what changed since the last.
     let mut last = (p0.clone(), p1.clone());
@@ -258,7 +260,7 @@ async fn a_two_disk_vm_fails_back_in_two_rounds_into_a_raw_file_and_qemu_nbd() {
 
         let out = run_ok(&mut failback(
             &stack,
-            &state,
+            &state1,
             "site1/vm1/disk1",
             &p1,
             &r1,
@@ -329,7 +331,7 @@ async fn a_two_disk_vm_fails_back_in_two_rounds_into_a_raw_file_and_qemu_nbd() {
     // SIGKILL mid-round: afterwards every block is the old round's or the new one's;
     // the next run finishes the round and the target equals the snapshot.
     let before = read_back(&ebs, &last.0).await;
-    let big = return_snapshot(&ebs, &last.0, &changes(99, BLOCKS as usize)).await;
+    let big = return_snapshot(&ebs, &last.0, &changes(99, 40)).await;
     let after = read_back(&ebs, &big).await;
     let one = |extra: &[&str]| {
         failback(
@@ -342,31 +344,29 @@ async fn a_two_disk_vm_fails_back_in_two_rounds_into_a_raw_file_and_qemu_nbd() {
             extra,
         )
     };
-    let t0 = std::time::Instant::now();
-    {
-        // How long a round of every block takes, on a scratch copy with its own state.
-        let scratch = tmp.path().join("scratch.raw");
-        std::fs::copy(&site[0], &scratch).unwrap();
-        run_ok(&mut failback(
-            &stack,
-            &tmp.path().join("state3"),
-            "site1/vm1/disk0",
-            &p0,
-            &last.0,
-            s(&scratch),
-            &[],
-        ));
-    }
-    let full = t0.elapsed();
+    let state_file = state.join("failback/site1/vm1/disk0.json");
+    let under_way = || {
+        std::fs::read_to_string(&state_file).is_ok_and(|st| {
+            st.contains(&format!("\"snapshot\": \"{big}\"")) && st.contains("\"round\": {")
+        })
+    };
     let mut rng = rand::thread_rng();
     let mut mid_round = 0;
-    for trial in 0..6 {
-        let mut child = one(&["--concurrency", "2"])
+    for trial in 0..4 {
+        let mut child = one(&["--concurrency", "1"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        tokio::time::sleep(full.mul_f64(rng.gen_range(0.05..1.2))).await;
+        // Once the round is under way (its state saved), kill at a random moment of it.
+        let child_ref = &mut child;
+        poll_until("the round to start", Duration::from_secs(30), || {
+            let started = under_way();
+            let done = child_ref.try_wait().ok().flatten().is_some();
+            async move { (started || done).then_some(()) }
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..250))).await;
         let _ = child.kill();
         child.wait().unwrap();
         let now = std::fs::read(&site[0]).unwrap();
@@ -377,16 +377,50 @@ async fn a_two_disk_vm_fails_back_in_two_rounds_into_a_raw_file_and_qemu_nbd() {
                 "trial {trial}: block {i} is neither the old round's nor the new one's"
             );
         }
-        let st = std::fs::read_to_string(state.join("failback/site1/vm1/disk0.json")).unwrap();
-        if st.contains(&format!("\"snapshot\": \"{big}\"")) && st.contains("\"round\": {") {
-            mid_round += 1;
+        if !under_way() {
+            break; // the round finished before the kill: nothing left to cut
         }
+        mid_round += 1;
     }
     let out = run_ok(&mut one(&[]));
     assert!(rounds(&out).len() <= 1);
     assert_eq!(std::fs::read(&site[0]).unwrap(), after);
-    assert!(
-        mid_round > 0,
-        "no kill landed inside the round (round of all blocks took {full:?})"
+    assert!(mid_round > 0, "no kill landed inside the round");
+
+    // Cutover done: protection resumes with one incremental generation holding exactly
+    // what changed since the point (the instance's blocks of every round and the site's
+    // own), and the replica equals the site's disk again.
+    let mut changed: std::collections::BTreeSet<u64> = [5, BLOCKS - 1].into();
+    for (seed, n) in [(10, 12), (20, 3), (99, 40)] {
+        changed.extend(changes(seed, n).keys());
+    }
+    let out = run_ok(
+        Command::new(bin("pilotlight-sender"))
+            .args([
+                "--state-dir",
+                s(&state),
+                "resume",
+                "--point-generation",
+                "1",
+            ])
+            .args(["--disk-id", "site1/vm1/disk0", "--disk", s(&site[0])])
+            .args(["--json", "--no-progress"])
+            .envs(stack.env())
+            .env("RUST_LOG", "warn"),
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["generation"], 2, "{summary}");
+    assert_eq!(summary["parent"], 1, "{summary}");
+    let covered = summary["bytes_data"].as_u64().unwrap() + summary["bytes_zero"].as_u64().unwrap();
+    assert_eq!(covered, changed.len() as u64 * BLOCK_SIZE, "{summary}");
+    assert!(covered < SIZE, "{summary}");
+    run_ok(&mut receiver(&stack, "sync", &rx, &["--stack", "e2e"]));
+    let image = pilotlight_tests::cli::image_path(
+        &rx,
+        &pilotlight_protocol::DiskId::parse("site1/vm1/disk0").unwrap(),
+    );
+    assert_eq!(
+        std::fs::read(image).unwrap(),
+        std::fs::read(&site[0]).unwrap()
     );
 }
