@@ -37,38 +37,47 @@ fn block(byte: u8) -> Vec<u8> {
     v
 }
 
-/// A completed snapshot on `parent` with `blocks` written.
-async fn snapshot(ebs: &MemoryEbs, parent: Option<&str>, blocks: &[(u64, u8)]) -> String {
+/// A new pending snapshot on `parent` (1 GiB).
+async fn start(ebs: &MemoryEbs, parent: Option<&str>) -> String {
     let token = format!("t{}", ebs.state.lock().unwrap().snapshots.len());
-    let id = ebs
-        .start_snapshot(&StartSnapshot {
-            volume_size_gib: 1,
-            parent: parent.map(String::from),
-            description: "test".into(),
-            tags: vec![],
-            client_token: token,
-            encrypted: None,
-            kms_key_arn: None,
-            timeout_minutes: 60,
-        })
-        .await
-        .unwrap();
+    ebs.start_snapshot(&StartSnapshot {
+        volume_size_gib: 1,
+        parent: parent.map(String::from),
+        description: "test".into(),
+        tags: vec![],
+        client_token: token,
+        encrypted: None,
+        kms_key_arn: None,
+        timeout_minutes: 60,
+    })
+    .await
+    .unwrap()
+}
+
+/// Writes `blocks` (index, bytes) into `id` and completes it.
+async fn put_all(ebs: &MemoryEbs, id: &str, blocks: Vec<(u64, Vec<u8>)>) {
     let mut digests = BTreeMap::new();
-    for &(i, byte) in blocks {
-        let data = block(byte);
+    for (i, data) in blocks {
         let d: [u8; 32] = Sha256::digest(&data).into();
-        ebs.put_snapshot_block(&id, i, Bytes::from(data), &block_checksum(&d))
+        ebs.put_snapshot_block(id, i, Bytes::from(data), &block_checksum(&d))
             .await
             .unwrap();
         digests.insert(i, d);
     }
-    ebs.complete_snapshot(
+    ebs.complete_snapshot(id, digests.len() as u64, &linear_checksum(digests.values()))
+        .await
+        .unwrap();
+}
+
+/// A completed snapshot on `parent` with `blocks` written.
+async fn snapshot(ebs: &MemoryEbs, parent: Option<&str>, blocks: &[(u64, u8)]) -> String {
+    let id = start(ebs, parent).await;
+    put_all(
+        ebs,
         &id,
-        digests.len() as u64,
-        &linear_checksum(digests.values()),
+        blocks.iter().map(|&(i, b)| (i, block(b))).collect(),
     )
-    .await
-    .unwrap();
+    .await;
     id
 }
 
@@ -168,27 +177,8 @@ async fn two_rounds_make_the_target_equal_each_snapshot_moving_only_what_changed
 
 /// Writes one raw block (any bytes) into a new snapshot on `parent`.
 async fn put_raw(ebs: &MemoryEbs, parent: Option<&str>, index: u64, data: Vec<u8>) -> String {
-    let token = format!("raw{}", ebs.state.lock().unwrap().snapshots.len());
-    let id = ebs
-        .start_snapshot(&StartSnapshot {
-            volume_size_gib: 1,
-            parent: parent.map(String::from),
-            description: "test".into(),
-            tags: vec![],
-            client_token: token,
-            encrypted: None,
-            kms_key_arn: None,
-            timeout_minutes: 60,
-        })
-        .await
-        .unwrap();
-    let d: [u8; 32] = Sha256::digest(&data).into();
-    ebs.put_snapshot_block(&id, index, Bytes::from(data), &block_checksum(&d))
-        .await
-        .unwrap();
-    ebs.complete_snapshot(&id, 1, &linear_checksum([&d]))
-        .await
-        .unwrap();
+    let id = start(ebs, parent).await;
+    put_all(ebs, &id, vec![(index, data)]).await;
     id
 }
 

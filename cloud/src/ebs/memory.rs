@@ -409,23 +409,6 @@ impl EbsApi for MemoryEbs {
         .await
     }
 
-    async fn list_snapshot_blocks(&self, id: &str) -> Result<Vec<BlockRef>, CloudError> {
-        // One call per page, as the service pages.
-        let mut out = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let start = token
-                .as_deref()
-                .map_or(PageStart::Index(0), PageStart::Token);
-            let page = self.list_snapshot_blocks_page(id, start).await?;
-            out.extend(page.blocks);
-            match page.next_token {
-                Some(t) => token = Some(t),
-                None => return Ok(out),
-            }
-        }
-    }
-
     async fn list_snapshot_blocks_page(
         &self,
         id: &str,

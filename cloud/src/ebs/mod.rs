@@ -233,7 +233,23 @@ pub trait EbsApi: Send + Sync {
     fn list_snapshot_blocks(
         &self,
         id: &str,
-    ) -> impl Future<Output = Result<Vec<BlockRef>, CloudError>> + Send;
+    ) -> impl Future<Output = Result<Vec<BlockRef>, CloudError>> + Send {
+        async move {
+            let mut out = Vec::new();
+            let mut token: Option<String> = None;
+            loop {
+                let start = token
+                    .as_deref()
+                    .map_or(PageStart::Index(0), PageStart::Token);
+                let page = self.list_snapshot_blocks_page(id, start).await?;
+                out.extend(page.blocks);
+                match page.next_token {
+                    Some(t) => token = Some(t),
+                    None => return Ok(out),
+                }
+            }
+        }
+    }
     /// One page of the blocks a completed snapshot holds.
     fn list_snapshot_blocks_page(
         &self,
@@ -310,9 +326,6 @@ impl<T: EbsApi> EbsApi for Arc<T> {
         checksum: &str,
     ) -> Result<SnapshotStatus, CloudError> {
         (**self).complete_snapshot(id, n, checksum).await
-    }
-    async fn list_snapshot_blocks(&self, id: &str) -> Result<Vec<BlockRef>, CloudError> {
-        (**self).list_snapshot_blocks(id).await
     }
     async fn list_snapshot_blocks_page(
         &self,
@@ -404,9 +417,6 @@ impl EbsApi for NoEbs {
         _: &str,
     ) -> Result<SnapshotStatus, CloudError> {
         Err(off("CompleteSnapshot"))
-    }
-    async fn list_snapshot_blocks(&self, _: &str) -> Result<Vec<BlockRef>, CloudError> {
-        Err(off("ListSnapshotBlocks"))
     }
     async fn list_snapshot_blocks_page(
         &self,
