@@ -405,7 +405,8 @@ async fn the_cloudformation_stack_deploys_and_the_sender_replicates_through_it()
     assert!(env.get("PILOTLIGHT_DR_DRILL_SECURITY_GROUPS").is_none());
 
     // IAM as deployed: the sender may only put under its site (and read back its own
-    // manifests, list its own site); the receiver gets exactly what it calls.
+    // manifests, list its own site, read its own site's snapshots to fail back); the
+    // receiver gets exactly what it calls.
     let policy_arn = d.out("SenderPolicyArn");
     let p = stack.aws_cli(&["iam", "get-policy", "--policy-arn", policy_arn]);
     let v = stack.aws_cli(&[
@@ -419,7 +420,14 @@ async fn the_cloudformation_stack_deploys_and_the_sender_replicates_through_it()
     let doc = &v["PolicyVersion"]["Document"];
     assert_eq!(
         actions(doc),
-        set(&["s3:PutObject", "s3:GetObject", "s3:ListBucket"])
+        set(&[
+            "s3:PutObject",
+            "s3:GetObject",
+            "s3:ListBucket",
+            "ebs:ListChangedBlocks",
+            "ebs:ListSnapshotBlocks",
+            "ebs:GetSnapshotBlock"
+        ])
     );
     assert_eq!(
         doc["Statement"][0]["Resource"],
