@@ -227,11 +227,13 @@ impl<E: EbsApi> Runner<'_, E> {
         mut r: RoundState,
     ) -> Result<RoundSummary, FailbackError> {
         if r.mode.is_none() {
-            let mode = match self
-                .ebs
-                .list_changed_blocks_page(&r.base, &r.snapshot, PageStart::Index(0))
-                .await
-            {
+            let probe = self
+                .retrying(|| {
+                    self.ebs
+                        .list_changed_blocks_page(&r.base, &r.snapshot, PageStart::Index(0))
+                })
+                .await;
+            let mode = match probe {
                 Ok(_) => Mode::Changed,
                 Err(e) if e.code.as_deref() == Some(UNRELATED_SNAPSHOTS) => {
                     tracing::warn!(
