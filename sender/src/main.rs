@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 mod cmd_failback;
+mod cmd_resume;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -91,19 +92,7 @@ enum Command {
     /// After failback's cutover: one incremental generation that brings the replica to
     /// the site's disk (what the instance and the site changed since the point, and the
     /// generations sent after it), read from --disk or --nbd; protection goes on from it.
-    Resume(Box<ResumeArgs>),
-}
-
-/// Settings of `resume` (plus those of `send`: --disk-id, and --disk or --nbd, the site's
-/// disk after the cutover; its --source is decided here).
-#[derive(Args, Debug)]
-struct ResumeArgs {
-    /// The generation of the recovery point the instance was launched from
-    /// (`pilotlight-dr points --json` and the run's report name it).
-    #[arg(long)]
-    point_generation: u64,
-    #[command(flatten)]
-    send: SendArgs,
+    Resume(Box<cmd_resume::ResumeArgs>),
 }
 
 /// Settings of `vsphere` (plus the S3 and tuning settings of `send`; its --source,
@@ -496,40 +485,7 @@ async fn send_once(r: &Resolved, target: &Target, store: &LazyS3) -> Result<()> 
 async fn run(cli: Cli) -> Result<()> {
     let shared = cli.shared;
     match cli.command {
-        Command::Resume(a) => {
-            let a = *a;
-            let disk_file = a.send.disk.clone();
-            let nbd = a.send.nbd.clone();
-            let disk_id = a
-                .send
-                .disk_id
-                .clone()
-                .context("--disk-id site/vm/disk is required")?;
-            let disk = DiskId::parse(&disk_id).with_context(|| format!("--disk-id {disk_id:?}"))?;
-            let change_id = a.send.change_id.clone();
-            let r = resolve(shared.into_send(a.send), false)?;
-            let store = s3_store(&r);
-            let source = cmd_failback::resume_source(
-                &disk,
-                disk_file,
-                nbd,
-                a.point_generation,
-                &r.upload.state_dir,
-                &r.upload.prefix,
-                store.get().await,
-                &AwsSettings::new(r.region.clone(), r.endpoint_url.clone())
-                    .max_attempts(r.max_attempts),
-            )
-            .await?;
-            let target = Target {
-                disk,
-                source,
-                change_id,
-                snapshot_time: None,
-                consistency: Consistency::Crash,
-            };
-            send_once(&r, &target, &store).await
-        }
+        Command::Resume(a) => cmd_resume::run(*a, shared).await,
         Command::Failback(a) => {
             let s = shared.into_send(SendArgs::default()).with_file()?;
             let shared = cmd_failback::Shared {
