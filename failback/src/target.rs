@@ -185,3 +185,35 @@ fn punch_or_zero(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
         Err(e) => Err(e.into()),
     }
 }
+
+/// A drill's target: a new sparse copy of the site's disk at `to` (never over an existing
+/// file), its data segments copied and its holes left holes, fsynced. The rounds then
+/// write into the copy and the site's disk is never touched. Returns the bytes copied.
+pub fn sparse_copy(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let src = File::open(from)?;
+    let size = (&src).seek(SeekFrom::End(0))?;
+    let dst = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(to)?;
+    dst.set_len(size)?;
+    let mut copied = 0;
+    let mut buf = vec![0u8; 1 << 20];
+    let range = pilotlight_protocol::Extent::new(0, size);
+    for seg in pilotlight_durable::sparse::data_segments(&src, range)? {
+        let mut pos = seg.offset;
+        while pos < seg.end() {
+            let n = (seg.end() - pos).min(buf.len() as u64) as usize;
+            src.read_exact_at(&mut buf[..n], pos)?;
+            dst.write_all_at(&buf[..n], pos)?;
+            pos += n as u64;
+            copied += n as u64;
+        }
+    }
+    dst.sync_all()?;
+    if let Some(dir) = to.parent().filter(|d| !d.as_os_str().is_empty()) {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(copied)
+}

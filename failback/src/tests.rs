@@ -422,6 +422,52 @@ async fn throttled_calls_are_retried() {
     assert!(e.to_string().contains("throttled"), "{e}");
 }
 
+/// A drill fails back into a sparse copy of the site's disk: the copy ends equal to the
+/// snapshot, the site's disk is untouched, and the copy kept its holes.
+#[tokio::test]
+async fn a_drill_fails_back_into_a_sparse_copy_and_leaves_the_site_alone() {
+    use std::os::unix::fs::MetadataExt;
+    let ebs = ebs();
+    let tmp = tempfile::tempdir().unwrap();
+    let point = snapshot(&ebs, None, &[(0, 1), (9, 1)]).await;
+    let r1 = snapshot(&ebs, Some(&point), &[(3, 2)]).await;
+    let site = tmp.path().join("site.raw");
+    {
+        let f = std::fs::File::create(&site).unwrap();
+        f.set_len(SIZE).unwrap();
+        use std::os::unix::fs::FileExt;
+        for i in [0u64, 9] {
+            f.write_all_at(&block(1), i * BLOCK_SIZE).unwrap();
+        }
+    }
+    let before = std::fs::read(&site).unwrap();
+    let drill = tmp.path().join("drill.raw");
+    let copied = crate::target::sparse_copy(&site, &drill).unwrap();
+    assert_eq!(copied, 2 * BLOCK_SIZE);
+    assert!(
+        crate::target::sparse_copy(&site, &drill).is_err(),
+        "never over a file"
+    );
+    let target = Target::open(drill.to_str().unwrap()).await.unwrap();
+    apply(
+        &ebs,
+        &target,
+        &tmp.path().join("s"),
+        &request(&point, &r1, vec![]),
+        &Options::default(),
+        &(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(std::fs::read(&drill).unwrap(), content(&ebs, &r1, SIZE));
+    assert_eq!(std::fs::read(&site).unwrap(), before);
+    let allocated = std::fs::metadata(&drill).unwrap().blocks() * 512;
+    assert!(
+        allocated <= 4 * BLOCK_SIZE,
+        "the copy kept its holes ({allocated} bytes allocated)"
+    );
+}
+
 /// The state's first format loads (golden file: fields only ever grow).
 #[test]
 fn the_first_state_format_loads() {

@@ -33,6 +33,11 @@ pub struct FailbackArgs {
     /// snapshot in the first round.
     #[arg(long)]
     site_changes: Option<PathBuf>,
+    /// A drill: make --target (which must not exist yet) a sparse copy of this disk, and
+    /// fail back into the copy; the site's disk is never written. Later rounds of the
+    /// same drill give the same --target without --drill-from.
+    #[arg(long)]
+    drill_from: Option<PathBuf>,
     /// GetSnapshotBlock calls in flight.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
@@ -102,6 +107,22 @@ pub async fn run(a: FailbackArgs, shared: Shared) -> Result<()> {
     let disk = DiskId::parse(&a.disk_id).with_context(|| format!("--disk-id {:?}", a.disk_id))?;
     if a.concurrency == 0 || a.concurrency > 256 {
         anyhow::bail!("--concurrency {} must be 1 to 256", a.concurrency);
+    }
+    if let Some(from) = &a.drill_from {
+        let copied = pilotlight_failback::target::sparse_copy(from, Path::new(&a.target))
+            .with_context(|| {
+                format!(
+                    "--drill-from {}: cannot make {} a copy of it (it must not exist yet)",
+                    from.display(),
+                    a.target
+                )
+            })?;
+        tracing::info!(
+            "drill: {} is a copy of {} ({} of data)",
+            a.target,
+            from.display(),
+            bytesize::ByteSize(copied)
+        );
     }
     let target = Target::open(&a.target).await?;
     let site_changes = match &a.site_changes {

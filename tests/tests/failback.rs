@@ -314,8 +314,10 @@ async fn a_two_disk_vm_fails_back_in_two_rounds_into_a_raw_file_and_qemu_nbd() {
 
     // Without the site's changes the first round would have left them: a fresh target
     // with the site's writes, failed back to the first snapshot without the list, differs.
+    // (As a drill: the rounds write into a sparse copy, the site's disk stays as it was.)
+    let site_copy = tmp.path().join("site-as-it-was.raw");
+    std::fs::write(&site_copy, &disk0).unwrap();
     let again = tmp.path().join("again.raw");
-    std::fs::write(&again, &disk0).unwrap();
     let r = return_snapshot(&ebs, &p0, &changes(10, 12)).await;
     run_ok(&mut failback(
         &stack,
@@ -324,9 +326,10 @@ async fn a_two_disk_vm_fails_back_in_two_rounds_into_a_raw_file_and_qemu_nbd() {
         &p0,
         &r,
         s(&again),
-        &[],
+        &["--drill-from", s(&site_copy)],
     ));
     assert_ne!(std::fs::read(&again).unwrap(), read_back(&ebs, &r).await);
+    assert_eq!(std::fs::read(&site_copy).unwrap(), disk0);
 
     // SIGKILL mid-round: afterwards every block is the old round's or the new one's;
     // the next run finishes the round and the target equals the snapshot.
