@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 #[derive(Args, Debug)]
 pub struct ResumeArgs {
     /// The generation of the recovery point the instance was launched from
-    /// (`pilotlight-dr points --json` and the run's report name it).
+    /// (`pilotlight-dr points --json` and the run's report name it). Give that one: a
+    /// higher one would leave out what the generations between changed.
     #[arg(long)]
     point_generation: u64,
     #[command(flatten)]
@@ -79,13 +80,30 @@ pub async fn resume_source(
         )
     })?;
     let size = match (&file, &nbd) {
-        (Some(f), None) => FailbackTarget::open(&f.display().to_string()).await?.size(),
+        // Read only: resume never writes the site's disk.
+        (Some(f), None) => {
+            use std::io::Seek;
+            let mut disk = std::fs::File::open(f)
+                .with_context(|| format!("cannot open --disk {}", f.display()))?;
+            disk.seek(std::io::SeekFrom::End(0))?
+        }
         (None, Some(u)) => FailbackTarget::open(u).await?.size(),
         _ => anyhow::bail!("give the site's disk as --disk FILE or --nbd URI (one of them)"),
     };
     let ebs = aws.load().await.ebs();
     let mut extents = pilotlight_failback::resume::changed_since_point(&ebs, &st, size).await?;
     let generations = pilotlight_store::manifests::list(store, prefix, disk).await?;
+    // A generation that is not there is a mistake; one too high would leave out what
+    // changed after the real point, so say which it takes.
+    if !generations.contains(&point_generation) {
+        anyhow::bail!(
+            "--point-generation {point_generation}: {disk} has no such generation in the bucket (it has {}); `pilotlight-dr points --json` names each point's generation",
+            match (generations.first(), generations.last()) {
+                (Some(a), Some(b)) => format!("{a} to {b}"),
+                _ => "none".into(),
+            }
+        );
+    }
     let later: Vec<u64> = generations
         .into_iter()
         .filter(|g| *g > point_generation)

@@ -397,20 +397,29 @@ async fn a_two_disk_vm_fails_back_in_two_rounds_into_a_raw_file_and_qemu_nbd() {
     for (seed, n) in [(10, 12), (20, 3), (99, 40)] {
         changed.extend(changes(seed, n).keys());
     }
-    let out = run_ok(
-        Command::new(bin("pilotlight-sender"))
-            .args([
-                "--state-dir",
-                s(&state),
-                "resume",
-                "--point-generation",
-                "1",
-            ])
-            .args(["--disk-id", "site1/vm1/disk0", "--disk", s(&site[0])])
-            .args(["--json", "--no-progress"])
-            .envs(stack.env())
-            .env("RUST_LOG", "warn"),
+    let resume = |generation: &str| {
+        let mut c = Command::new(bin("pilotlight-sender"));
+        c.args([
+            "--state-dir",
+            s(&state),
+            "resume",
+            "--point-generation",
+            generation,
+        ])
+        .args(["--disk-id", "site1/vm1/disk0", "--disk", s(&site[0])])
+        .args(["--json", "--no-progress"])
+        .envs(stack.env())
+        .env("RUST_LOG", "warn");
+        c
+    };
+    // A point generation the bucket does not have is refused, nothing sent.
+    let out = resume("7").output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("no such generation"),
+        "{said}"
     );
+    let out = run_ok(&mut resume("1"));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["generation"], 2, "{summary}");
     assert_eq!(summary["parent"], 1, "{summary}");
