@@ -29,12 +29,15 @@ Sources (EBS direct APIs API reference unless said otherwise):
 - A child snapshot holds its parent's blocks as they were when it started, and keeps
   them when the parent is deleted (EBS User Guide, "How incremental snapshots work").
 
-And two EC2 calls the DR function relies on (EC2 API reference):
+And EC2 calls the DR function relies on (EC2 API reference):
 - RegisterImage keeps its BlockDeviceMappings, RootDeviceName, BootMode, EnaSupport and
   Architecture (moto keeps only name and description), and a snapshot an AMI maps is
   in use: DeleteSnapshot answers InvalidSnapshot.InUse until the AMI is deregistered.
 - RunInstances ClientToken: "If you repeat the request with the same client token, the
   same response is returned" (EC2 User Guide, "Ensure idempotency"): one instance.
+- CreateSnapshot(s) of a volume created from a snapshot: of that snapshot's lineage and
+  readable with the EBS direct APIs (failback's return snapshots; see
+  install_restored_volume_snapshots).
 """
 
 from __future__ import annotations
@@ -364,3 +367,41 @@ def install_ec2() -> None:
     AmisResponse.register_image = register_image
     Ami.block_device_mappings = property(block_device_mappings)
     InstanceBackend.run_instances = run_instances
+    install_restored_volume_snapshots()
+
+
+def install_restored_volume_snapshots() -> None:
+    """CreateSnapshot (and CreateSnapshots) of a volume created from a snapshot: the new
+    snapshot is of that snapshot's lineage, readable with the EBS direct APIs.
+
+    EBS direct APIs reference, ListChangedBlocks: "blocks that are different between two
+    ... snapshots of the same volume/snapshot lineage"; EBS User Guide, "How incremental
+    snapshots work": a snapshot of a volume restored from a snapshot is incremental
+    relative to it. moto's volumes hold no data, so the new snapshot holds exactly the
+    source's blocks: ListChangedBlocks from the source finds none. (What a recovered
+    instance wrote is stood for, in the tests, by snapshots written through EBS direct.)"""
+    from moto.ebs.models import EBSSnapshot, ebs_backends
+    from moto.ec2.models.elastic_block_store import EBSBackend as Ec2VolumeBackend
+
+    original = Ec2VolumeBackend.create_snapshot
+
+    def create_snapshot(self, volume_id, description, owner_id=None, from_ami=None):
+        snap = original(self, volume_id, description, owner_id=owner_id, from_ami=from_ami)
+        source_id = getattr(snap.volume, "snapshot_id", None)
+        ebs = ebs_backends[self.account_id][self.region_name]
+        source = ebs.snapshots.get(source_id) if source_id else None
+        if source is not None and hasattr(source, "_pl_lineage") and source.status == "completed":
+            child = EBSSnapshot(account_id=self.account_id, snapshot=snap)
+            child.status = "completed"
+            child.block_size = BLOCK_SIZE
+            child.volume_size = max(snap.volume.size, source.volume_size)
+            child.blocks = dict(source.blocks)
+            child._pl_written = {}
+            child._pl_parent = source_id
+            child._pl_lineage = source._pl_lineage
+            child._pl_kms = getattr(source, "_pl_kms", None)
+            child._pl_encrypted = getattr(source, "_pl_encrypted", False)
+            ebs.snapshots[snap.id] = child
+        return snap
+
+    Ec2VolumeBackend.create_snapshot = create_snapshot

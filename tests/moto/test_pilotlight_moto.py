@@ -164,6 +164,27 @@ class Ebs(Mocked):
         finally:
             pilotlight_moto.PAGE_CAP = cap
 
+    def test_a_snapshot_of_a_restored_volume_is_of_the_source_lineage(self):
+        point = self.write({0: 1, 3: 2})
+        vol = self.ec2.create_volume(SnapshotId=point, AvailabilityZone="us-east-1a")["VolumeId"]
+        back = self.ec2.create_snapshot(VolumeId=vol)["SnapshotId"]
+        changed = self.ebs.list_changed_blocks(FirstSnapshotId=point, SecondSnapshotId=back)
+        self.assertEqual(changed["ChangedBlocks"], [])
+        listed = self.ebs.list_snapshot_blocks(SnapshotId=back)["Blocks"]
+        self.assertEqual([b["BlockIndex"] for b in listed], [0, 3])
+        data = self.ebs.get_snapshot_block(SnapshotId=back, BlockIndex=3, BlockToken=listed[1]["BlockToken"])
+        self.assertEqual(data["BlockData"].read(), block(2)[0])
+        # Its children grow the same lineage; an unrelated snapshot is refused.
+        child = self.write({5: 9}, ParentSnapshotId=back)
+        changed = self.ebs.list_changed_blocks(FirstSnapshotId=point, SecondSnapshotId=child)
+        self.assertEqual([b["BlockIndex"] for b in changed["ChangedBlocks"]], [5])
+        other = self.write({0: 1})
+        self.assertEqual(self.code(self.ebs.list_changed_blocks, FirstSnapshotId=point, SecondSnapshotId=other),
+                         "ValidationException")
+        # A volume from nothing: its snapshot is not EBS-direct readable here (no data).
+        plain = self.ec2.create_volume(Size=1, AvailabilityZone="us-east-1a")["VolumeId"]
+        self.ec2.create_snapshot(VolumeId=plain)
+
     def test_client_tokens_make_start_idempotent(self):
         a = self.start(ClientToken="t-1")
         self.assertEqual(self.start(ClientToken="t-1"), a)
