@@ -67,6 +67,29 @@ pub fn holes(range: Extent, data: &[Extent]) -> Vec<Extent> {
     out
 }
 
+/// Makes `[offset, offset+len)` of `file` read as zeroes: a punched hole (its blocks
+/// freed), or, where the file system or device cannot punch (EOPNOTSUPP, ENODEV), zeroes
+/// written in bounded pieces.
+pub fn punch_or_zero(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    use std::os::unix::fs::FileExt;
+    let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    match fallocate(file.as_raw_fd(), flags, to_off(offset)?, to_off(len)?) {
+        Ok(()) => Ok(()),
+        Err(Errno::EOPNOTSUPP | Errno::ENODEV) => {
+            let zeroes = vec![0u8; len.min(1 << 20) as usize];
+            let mut pos = offset;
+            while pos < offset + len {
+                let n = (offset + len - pos).min(zeroes.len() as u64) as usize;
+                file.write_all_at(&zeroes[..n], pos)?;
+                pos += n as u64;
+            }
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -199,6 +199,12 @@ async fn bench<E: EbsApi>(name: &str, ebs: &E, a: &Args) {
         }
         f.sync_all().unwrap();
     };
+    let req = RoundRequest {
+        disk: DiskId::parse("bench/vm/disk0").unwrap(),
+        point: point.clone(),
+        snapshot: back.clone(),
+        site_changes: vec![],
+    };
     let (mut reads, mut fbs, mut fbs_nv) = (Vec::new(), Vec::new(), Vec::new());
     let mut read = 0;
     let mut r = Default::default();
@@ -209,12 +215,7 @@ async fn bench<E: EbsApi>(name: &str, ebs: &E, a: &Args) {
         for verify in [true, false] {
             make_target();
             let target = Target::open(target_path.to_str().unwrap()).await.unwrap();
-            let req = RoundRequest {
-                disk: DiskId::parse("bench/vm/disk0").unwrap(),
-                point: point.clone(),
-                snapshot: back.clone(),
-                site_changes: vec![],
-            };
+
             let opts = Options {
                 concurrency: c,
                 verify,
@@ -241,12 +242,6 @@ async fn bench<E: EbsApi>(name: &str, ebs: &E, a: &Args) {
     let r: pilotlight_failback::state::Counters = r;
     make_target();
     let target = Target::open(target_path.to_str().unwrap()).await.unwrap();
-    let req = RoundRequest {
-        disk: DiskId::parse("bench/vm/disk0").unwrap(),
-        point: point.clone(),
-        snapshot: back.clone(),
-        site_changes: vec![],
-    };
     apply(
         ebs,
         &target,

@@ -6,26 +6,21 @@
 
 use crate::state::{FailbackState, Mode};
 use crate::FailbackError;
-use pilotlight_cloud::ebs::{EbsApi, PageStart, BLOCK_SIZE};
+use pilotlight_cloud::ebs::{EbsApi, BLOCK_SIZE};
+use pilotlight_protocol::extent::coalesce;
+use pilotlight_protocol::Extent;
 
 /// Byte extents `(offset, length)`, sorted and merged, clipped to `size`.
 pub fn merge(extents: impl IntoIterator<Item = (u64, u64)>, size: u64) -> Vec<(u64, u64)> {
-    let mut v: Vec<(u64, u64)> = extents
+    let mut v: Vec<Extent> = extents
         .into_iter()
-        .filter_map(|(o, l)| {
-            let end = o.saturating_add(l).min(size);
-            (o < end).then_some((o, end))
-        })
+        .map(|(o, l)| Extent::new(o.min(size), o.saturating_add(l).min(size) - o.min(size)))
         .collect();
     v.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for (s, e) in v {
-        match out.last_mut() {
-            Some(last) if s <= last.1 => last.1 = last.1.max(e),
-            _ => out.push((s, e)),
-        }
-    }
-    out.into_iter().map(|(s, e)| (s, e - s)).collect()
+    coalesce(v)
+        .into_iter()
+        .map(|e| (e.offset, e.length))
+        .collect()
 }
 
 /// Where the site's disk, after the failback's last round, may differ from the point:
@@ -57,19 +52,12 @@ pub async fn changed_since_point<E: EbsApi>(
     if st.rounds.iter().any(|r| r.mode == Mode::Full) {
         return Ok(merge([(0, size)], size));
     }
-    let mut blocks = Vec::new();
-    let mut token: Option<String> = None;
-    loop {
-        let start = token
-            .as_deref()
-            .map_or(PageStart::Index(0), PageStart::Token);
-        let page = ebs.list_changed_blocks_page(&st.point, last, start).await?;
-        blocks.extend(page.blocks.iter().map(|b| (b.index, b.index + 1)));
-        match page.next_token {
-            Some(t) => token = Some(t),
-            None => break,
-        }
-    }
+    let blocks: Vec<(u64, u64)> = ebs
+        .list_changed_blocks(&st.point, last)
+        .await?
+        .iter()
+        .map(|b| (b.index, b.index + 1))
+        .collect();
     Ok(merge(blocks.into_iter().map(to_bytes).chain(site), size))
 }
 

@@ -18,7 +18,8 @@ use pilotlight_cloud::ebs::{
     BlockPage, BlockRef, EbsApi, PageStart, BLOCK_SIZE, UNRELATED_SNAPSHOTS,
 };
 use pilotlight_cloud::error::CloudError;
-use pilotlight_protocol::DiskId;
+use pilotlight_protocol::extent::coalesce;
+use pilotlight_protocol::{DiskId, Extent};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -152,10 +153,8 @@ pub async fn apply<E: EbsApi>(
 
 /// Byte extents as sorted, merged block ranges `[start, end)`.
 pub fn block_ranges(extents: &[(u64, u64)], size: u64) -> Result<Vec<(u64, u64)>, FailbackError> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    let mut sorted = extents.to_vec();
-    sorted.sort_unstable();
-    for (offset, length) in sorted {
+    let mut blocks = Vec::with_capacity(extents.len());
+    for &(offset, length) in extents {
         match offset.checked_add(length) {
             Some(end) if end <= size => {}
             _ => {
@@ -166,16 +165,14 @@ pub fn block_ranges(extents: &[(u64, u64)], size: u64) -> Result<Vec<(u64, u64)>
                 })
             }
         }
-        if length == 0 {
-            continue;
-        }
         let (s, e) = (offset / BLOCK_SIZE, (offset + length).div_ceil(BLOCK_SIZE));
-        match out.last_mut() {
-            Some(last) if s <= last.1 => last.1 = last.1.max(e),
-            _ => out.push((s, e)),
-        }
+        blocks.push(Extent::new(s, if length == 0 { 0 } else { e - s }));
     }
-    Ok(out)
+    blocks.sort_unstable();
+    Ok(coalesce(blocks)
+        .into_iter()
+        .map(|b| (b.offset, b.end()))
+        .collect())
 }
 
 /// One thing to do to the target.

@@ -4,10 +4,8 @@
 
 use crate::FailbackError;
 use bytes::Bytes;
-use nix::fcntl::{fallocate, FallocateFlags};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -118,7 +116,7 @@ impl Target {
         match self {
             Target::File { file, .. } => {
                 let file = file.clone();
-                blocking(move || punch_or_zero(&file, offset, len))
+                blocking(move || pilotlight_durable::sparse::punch_or_zero(&file, offset, len))
                     .await
                     .map_err(|e| self.io(e))
             }
@@ -162,30 +160,6 @@ async fn blocking<T: Send + 'static>(
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
 }
-
-fn punch_or_zero(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-    let (o, l) = (
-        i64::try_from(offset).map_err(std::io::Error::other)?,
-        i64::try_from(len).map_err(std::io::Error::other)?,
-    );
-    match fallocate(file.as_raw_fd(), flags, o, l) {
-        Ok(()) => Ok(()),
-        // No hole punching here (some file systems, some block devices): zeroes written.
-        Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::ENODEV) => {
-            let zeroes = vec![0u8; (1 << 20).min(len as usize)];
-            let mut pos = offset;
-            while pos < offset + len {
-                let n = (offset + len - pos).min(zeroes.len() as u64) as usize;
-                file.write_all_at(&zeroes[..n], pos)?;
-                pos += n as u64;
-            }
-            Ok(())
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
 /// A drill's target: a new sparse copy of the site's disk at `to` (never over an existing
 /// file), its data segments copied and its holes left holes, fsynced. The rounds then
 /// write into the copy and the site's disk is never touched. Returns the bytes copied.

@@ -157,22 +157,7 @@ impl Image for FileImage {
 
     fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check(offset, len)?;
-        let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-        match fallocate(self.file.as_raw_fd(), flags, off(offset)?, off(len)?) {
-            Ok(()) => Ok(()),
-            // No hole punching here: write zeroes instead, in bounded pieces.
-            Err(nix::errno::Errno::EOPNOTSUPP) => {
-                let zeroes = vec![0u8; 1 << 20];
-                let mut pos = offset;
-                while pos < offset + len {
-                    let n = (offset + len - pos).min(zeroes.len() as u64) as usize;
-                    self.file.write_all_at(&zeroes[..n], pos)?;
-                    pos += n as u64;
-                }
-                Ok(())
-            }
-            Err(e) => Err(e.into()),
-        }
+        pilotlight_durable::sparse::punch_or_zero(&self.file, offset, len)
     }
 
     fn sync(&self) -> io::Result<()> {

@@ -486,10 +486,7 @@ impl EbsApi for MemoryEbs {
     ) -> Result<(Bytes, [u8; 32]), CloudError> {
         const OP: &str = "GetSnapshotBlock";
         self.call(OP, id, |st| {
-            let s = st.snapshots.get(id).ok_or_else(|| not_found(OP, id))?;
-            if s.status != SnapshotStatus::Completed {
-                return Err(invalid(OP, id, "the snapshot is not completed"));
-            }
+            let s = readable(st, OP, id)?;
             if b.token != format!("tok-{id}-{}", b.index) {
                 return Err(invalid(OP, id, "BlockToken is not this block's"));
             }

@@ -265,6 +265,29 @@ pub trait EbsApi: Send + Sync {
         second: &str,
         start: PageStart<'_>,
     ) -> impl Future<Output = Result<BlockPage<ChangedBlock>, CloudError>> + Send;
+    /// Every block that differs between two completed snapshots of one lineage, every
+    /// page (empty pages with a next token included).
+    fn list_changed_blocks(
+        &self,
+        first: &str,
+        second: &str,
+    ) -> impl Future<Output = Result<Vec<ChangedBlock>, CloudError>> + Send {
+        async move {
+            let mut out = Vec::new();
+            let mut token: Option<String> = None;
+            loop {
+                let start = token
+                    .as_deref()
+                    .map_or(PageStart::Index(0), PageStart::Token);
+                let page = self.list_changed_blocks_page(first, second, start).await?;
+                out.extend(page.blocks);
+                match page.next_token {
+                    Some(t) => token = Some(t),
+                    None => return Ok(out),
+                }
+            }
+        }
+    }
     /// One block's bytes and their SHA-256, checked against the checksum the service
     /// sends with them (a caller that needs the digest does not hash the block again).
     fn get_snapshot_block_checked(
