@@ -6,6 +6,8 @@
 //! {prefix}/{site}/{vm}/{disk}/x/{export-id}/request.json          export request (DR)
 //! {prefix}/{site}/{vm}/{disk}/x/{export-id}/image.raw             the exported image
 //! {prefix}/{site}/{vm}/{disk}/x/{export-id}/result.json           the export's outcome
+//! {prefix}/{site}/{vm}/{disk}/b/{run-id}/return.json               failback: return snapshots (DR)
+//! {prefix}/{site}/{vm}/{disk}/b/{run-id}/round.json                failback: the newest round (sender)
 //! ```
 
 use crate::names::{DiskId, Name, NameError, Prefix};
@@ -15,6 +17,8 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 pub const EXPORT_REQUEST_FILE: &str = "request.json";
 pub const EXPORT_IMAGE_FILE: &str = "image.raw";
 pub const EXPORT_RESULT_FILE: &str = "result.json";
+pub const FAILBACK_RETURN_FILE: &str = "return.json";
+pub const FAILBACK_ROUND_FILE: &str = "round.json";
 const DIGITS: usize = 20;
 /// Keys longer than this are rejected before any other parsing (S3's own limit).
 pub const MAX_KEY_LEN: usize = 1024;
@@ -26,7 +30,7 @@ pub enum KeyError {
     OutsidePrefix { key: String, prefix: String },
     #[error("key {key:?} is longer than {MAX_KEY_LEN} bytes")]
     TooLong { key: String },
-    #[error("key {key:?} does not have the shape site/vm/disk/g/<generation>/(manifest.json|d/<offset>) or site/vm/disk/x/<export-id>/(request.json|image.raw|result.json)")]
+    #[error("key {key:?} does not have the shape site/vm/disk/g/<generation>/(manifest.json|d/<offset>) or site/vm/disk/x/<export-id>/(request.json|image.raw|result.json) or site/vm/disk/b/<run-id>/(return.json|round.json)")]
     WrongShape { key: String },
     #[error("key {key:?}: bad {field} name: {source}")]
     BadName {
@@ -77,6 +81,16 @@ pub enum ObjectKey {
         disk: DiskId,
         id: Name,
     },
+    /// A failback's return snapshots of this disk (written by the DR function).
+    FailbackReturn {
+        disk: DiskId,
+        run: Name,
+    },
+    /// A failback's newest round into this disk (written by the sender).
+    FailbackRound {
+        disk: DiskId,
+        run: Name,
+    },
 }
 
 impl ObjectKey {
@@ -86,7 +100,9 @@ impl ObjectKey {
             | ObjectKey::Manifest { disk, .. }
             | ObjectKey::ExportRequest { disk, .. }
             | ObjectKey::ExportImage { disk, .. }
-            | ObjectKey::ExportResult { disk, .. } => disk,
+            | ObjectKey::ExportResult { disk, .. }
+            | ObjectKey::FailbackReturn { disk, .. }
+            | ObjectKey::FailbackRound { disk, .. } => disk,
         }
     }
 
@@ -127,6 +143,12 @@ impl ObjectKey {
             ObjectKey::ExportResult { disk, id } => {
                 format!("{}{id}/{EXPORT_RESULT_FILE}", export_prefix(prefix, disk))
             }
+            ObjectKey::FailbackReturn { disk, run } => {
+                format!("{}b/{run}/{FAILBACK_RETURN_FILE}", disk_prefix(prefix, disk))
+            }
+            ObjectKey::FailbackRound { disk, run } => {
+                format!("{}b/{run}/{FAILBACK_ROUND_FILE}", disk_prefix(prefix, disk))
+            }
         }
     }
 
@@ -145,7 +167,7 @@ impl ObjectKey {
                 })?;
         let parts: Vec<&str> = rest.split('/').collect();
         let (site, vm, disk, kind, gen, tail) = match parts.as_slice() {
-            [s, v, d, kind @ ("g" | "x"), g, tail @ ..] => (*s, *v, *d, *kind, *g, tail),
+            [s, v, d, kind @ ("g" | "x" | "b"), g, tail @ ..] => (*s, *v, *d, *kind, *g, tail),
             _ => return Err(KeyError::WrongShape { key: short() }),
         };
         let name = |field: &'static str, s: &str| {
@@ -160,6 +182,14 @@ impl ObjectKey {
             vm: name("vm", vm)?,
             disk: name("disk", disk)?,
         };
+        if kind == "b" {
+            let run = name("run id", gen)?;
+            return match tail {
+                [FAILBACK_RETURN_FILE] => Ok(ObjectKey::FailbackReturn { disk, run }),
+                [FAILBACK_ROUND_FILE] => Ok(ObjectKey::FailbackRound { disk, run }),
+                _ => Err(KeyError::WrongShape { key: short() }),
+            };
+        }
         if kind == "x" {
             let id = name("export id", gen)?;
             return match tail {
@@ -258,6 +288,34 @@ mod tests {
 
     fn disk() -> DiskId {
         DiskId::new("site1", "vm-a", "disk0").unwrap()
+    }
+
+    #[test]
+    fn failback_keys_round_trip_and_reject_bad_run_ids() {
+        let run = Name::new("dr-20261204t230000-ab12cd34").unwrap();
+        for k in [
+            ObjectKey::FailbackReturn {
+                disk: disk(),
+                run: run.clone(),
+            },
+            ObjectKey::FailbackRound {
+                disk: disk(),
+                run: run.clone(),
+            },
+        ] {
+            let s = k.to_key(&p("dr"));
+            assert!(s.starts_with("dr/site1/vm-a/disk0/b/dr-20261204t230000-ab12cd34/"), "{s}");
+            assert_eq!(ObjectKey::parse(&p("dr"), &s).unwrap(), k);
+            assert_eq!(k.generation(), None);
+        }
+        for bad in [
+            "dr/site1/vm-a/disk0/b/../return.json",
+            "dr/site1/vm-a/disk0/b/run/other.json",
+            "dr/site1/vm-a/disk0/b/return.json",
+            "dr/site1/vm-a/disk0/b/run/round.json/x",
+        ] {
+            assert!(ObjectKey::parse(&p("dr"), bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! - [`keys`]: object keys of data objects and manifests, built and parsed;
 //! - [`manifest`]: the commit record of a generation, with validation;
 //! - [`export`]: export requests and results (DR Lambda <-> receiver);
+//! - [`failback`]: return snapshots (DR Lambda -> sender) and rounds (sender -> DR Lambda);
 //! - [`event`]: S3 event notifications (real S3 and the emulator), parsed tolerantly;
 //! - [`extent`]: byte ranges and the alignment rules shared by all parts;
 //! - [`points`]: recovery points' snapshot tags, VM points, retention tiers.
@@ -15,6 +16,7 @@
 pub mod event;
 pub mod export;
 pub mod extent;
+pub mod failback;
 pub mod keys;
 pub mod manifest;
 pub mod names;
@@ -24,6 +26,9 @@ pub use event::{parse_notification, EventError, S3Notification, S3Record};
 pub use export::{
     ExportDocError, ExportFormat, ExportRequest, ExportResult, ExportStatus, EXPORT_VERSION,
     MAX_EXPORT_DOC_BYTES,
+};
+pub use failback::{
+    FailbackDocError, ReturnDoc, ReturnPoint, RoundDoc, FAILBACK_VERSION, MAX_FAILBACK_DOC_BYTES,
 };
 pub use extent::{Extent, SECTOR_SIZE, SPLIT_ALIGN};
 pub use keys::{KeyError, ObjectKey};

@@ -2,8 +2,8 @@
 //! and their results (`x/{id}/result.json`, written by the receiver), each at most
 //! [`MAX_EXPORT_DOC_BYTES`] and naming its own id.
 
-use crate::DocError;
-use pilotlight_cloud::{CloudError, ObjectStore, PutOptions};
+use crate::{put_json, DocError};
+use pilotlight_cloud::{CloudError, ObjectStore};
 use pilotlight_protocol::{
     DiskId, ExportRequest, ExportResult, Name, ObjectKey, Prefix, MAX_EXPORT_DOC_BYTES,
 };
@@ -92,20 +92,6 @@ pub async fn write_result<S: ObjectStore + ?Sized>(
     let key = result_key(prefix, disk, &r.id);
     put_json(store, &key, "the export result", r).await?;
     Ok(key)
-}
-
-async fn put_json<S: ObjectStore + ?Sized, T: serde::Serialize>(
-    store: &S,
-    key: &str,
-    what: &'static str,
-    doc: &T,
-) -> Result<(), WriteError> {
-    let body = serde_json::to_vec_pretty(doc).map_err(|e| WriteError::Encode {
-        what,
-        detail: e.to_string(),
-    })?;
-    store.put(key, body.into(), PutOptions::json()).await?;
-    Ok(())
 }
 
 #[cfg(test)]

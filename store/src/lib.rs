@@ -4,6 +4,7 @@
 //! - [`manifests`]: a disk's generation listing and its manifests (the sender numbering a
 //!   generation, the receiver applying one, the DR function resolving a point);
 //! - [`exports`]: export requests (DR → receiver) and their results (receiver → DR);
+//! - [`failback`]: return snapshots (DR → sender) and failback rounds (sender → DR);
 //! - [`points`]: recovery points, read from their EBS snapshots' tags (one query for the
 //!   receiver, the DR function and both CLIs).
 //!
@@ -13,11 +14,13 @@
 //! the DR function's own and live in its `runs` module.
 
 pub mod exports;
+pub mod failback;
 pub mod manifests;
 pub mod points;
 
 use bytes::Bytes;
-use pilotlight_cloud::{CloudError, ErrorKind, ObjectStore};
+use exports::WriteError;
+use pilotlight_cloud::{CloudError, ErrorKind, ObjectStore, PutOptions};
 
 /// Why a document could not be had.
 #[derive(Debug, thiserror::Error)]
@@ -67,4 +70,19 @@ async fn read<S: ObjectStore + ?Sized, T, E: std::fmt::Display>(
         key,
         detail: e.to_string(),
     })
+}
+
+/// Writes a document as pretty JSON.
+pub(crate) async fn put_json<S: ObjectStore + ?Sized, T: serde::Serialize>(
+    store: &S,
+    key: &str,
+    what: &'static str,
+    doc: &T,
+) -> Result<(), WriteError> {
+    let body = serde_json::to_vec_pretty(doc).map_err(|e| WriteError::Encode {
+        what,
+        detail: e.to_string(),
+    })?;
+    store.put(key, body.into(), PutOptions::json()).await?;
+    Ok(())
 }

@@ -33,6 +33,7 @@ pub fn classify(cfg: &EngineConfig, body: &str) -> Disposition {
     let mut data = Vec::new();
     let mut exports = Vec::new();
     let mut export_outputs = 0;
+    let mut failback_docs = 0;
     for r in records {
         if r.bucket != cfg.bucket {
             return Disposition::Leave(format!(
@@ -55,6 +56,10 @@ pub fn classify(cfg: &EngineConfig, body: &str) -> Disposition {
             Ok(ObjectKey::ExportImage { .. } | ObjectKey::ExportResult { .. }) => {
                 export_outputs += 1
             }
+            // Failback's documents (DR function <-> sender) are not the receiver's.
+            Ok(ObjectKey::FailbackReturn { .. } | ObjectKey::FailbackRound { .. }) => {
+                failback_docs += 1
+            }
             Err(e) => return Disposition::Leave(format!("rejected key: {e}")),
         }
     }
@@ -66,6 +71,8 @@ pub fn classify(cfg: &EngineConfig, body: &str) -> Disposition {
         Disposition::Data(data)
     } else if export_outputs > 0 {
         Disposition::Delete("export output written by a receiver")
+    } else if failback_docs > 0 {
+        Disposition::Delete("a failback document (DR function and sender)")
     } else {
         Disposition::Delete("no object-created records")
     }
@@ -162,6 +169,12 @@ mod tests {
                 Disposition::Delete("export output written by a receiver")
             );
         }
+        for doc in ["return.json", "round.json"] {
+            assert_eq!(
+                classify(&c, &event("b", &format!("dr/s/v/d/b/dr-1/{doc}"))),
+                Disposition::Delete("a failback document (DR function and sender)")
+            );
+        }
         for (body, why) in [
             ("{garbage".to_string(), "malformed"),
             (event("other", m), "bucket"),
@@ -172,6 +185,7 @@ mod tests {
             (event("b", "dr/s/v/d/g/2/manifest.json"), "rejected key"),
             (event("b", "dr/s/v/d/x/../request.json"), "rejected key"),
             (event("b", "dr/s/v/d/x/id/other.json"), "rejected key"),
+            (event("b", "dr/s/v/d/b/dr-1/other.json"), "rejected key"),
             (
                 event("b", "elsewhere/s/v/d/g/00000000000000000002/manifest.json"),
                 "rejected key",
