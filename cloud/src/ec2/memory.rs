@@ -35,6 +35,11 @@ pub struct MemoryEc2State {
     pub import_tokens: BTreeMap<String, String>,
     /// Make every import fail with this status message.
     pub fail_imports: Option<String>,
+    /// Instances stopped by StopInstances.
+    pub stopped: Vec<String>,
+    /// Snapshots made by CreateSnapshots: the volume, the DescribeSnapshots calls that
+    /// have seen it (pending on the first, completed after), its tags, when.
+    pub volume_snapshots: BTreeMap<String, (String, usize, BTreeMap<String, String>, chrono::DateTime<chrono::Utc>)>,
 }
 
 /// EC2 in memory (unit tests). `ImportImage` walks the documented task states
@@ -45,6 +50,11 @@ pub struct MemoryEc2State {
 pub struct MemoryEc2 {
     pub state: Mutex<MemoryEc2State>,
     pub faults: Faults,
+}
+
+/// The volume of an instance's `i`th mapping (this twin's volumes are named by both).
+fn volume_id(instance: &str, i: usize) -> String {
+    format!("vol-{}{i:02}", instance.trim_start_matches("i-"))
 }
 
 impl MemoryEc2 {
@@ -340,6 +350,105 @@ impl Ec2Api for MemoryEc2 {
     async fn ssm_ping(&self, id: &str) -> Result<Option<String>, CloudError> {
         self.call("DescribeInstanceInformation", |s| {
             s.ssm.get(id).or_else(|| s.ssm.get("*")).cloned()
+        })
+    }
+    async fn instance_volumes(&self, id: &str) -> Result<Option<InstanceVolumes>, CloudError> {
+        self.call("DescribeInstances", |s| {
+            let launch = s.instances.get(id)?;
+            let state = if s.terminated.iter().any(|t| t == id) {
+                "terminated"
+            } else if s.stopped.iter().any(|t| t == id) {
+                "stopped"
+            } else {
+                "running"
+            };
+            // The instance has a volume per mapping of its AMI (RegisterImage's), else a
+            // root volume.
+            let devices: Vec<String> = match s.registered.get(&launch.image_id) {
+                Some(r) => r.mappings.iter().map(|m| m.device_name.clone()).collect(),
+                None => vec!["/dev/xvda".into()],
+            };
+            Some(InstanceVolumes {
+                state: state.into(),
+                volumes: devices
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, d)| (d, volume_id(id, i)))
+                    .collect(),
+            })
+        })
+    }
+    async fn create_snapshots(
+        &self,
+        req: &SnapshotsRequest,
+    ) -> Result<Vec<VolumeSnapshot>, CloudError> {
+        const OP: &str = "CreateSnapshots";
+        let volumes = match self.instance_volumes(&req.instance_id).await? {
+            // A terminated instance has no volumes left to snapshot.
+            Some(v) if v.state != "terminated" => v.volumes,
+            _ => {
+                return Err(ec2_error(
+                    OP,
+                    ErrorKind::NotFound,
+                    Some("InvalidInstanceID.NotFound"),
+                    format!("The instance ID '{}' does not exist", req.instance_id),
+                ))
+            }
+        };
+        self.call(OP, |s| {
+            let now = chrono::Utc::now();
+            let tags: BTreeMap<String, String> = req.tags.iter().cloned().collect();
+            volumes
+                .into_iter()
+                .map(|(_, vol)| {
+                    let sid = format!("snap-{:017x}", s.snapshots.len() + 1);
+                    s.snapshots.push(sid.clone());
+                    s.volume_snapshots
+                        .insert(sid.clone(), (vol.clone(), 0, tags.clone(), now));
+                    VolumeSnapshot {
+                        snapshot_id: sid,
+                        volume_id: vol,
+                        state: "pending".into(),
+                        start_time: Some(now),
+                    }
+                })
+                .collect()
+        })
+    }
+    async fn snapshots_tagged(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> Result<Vec<VolumeSnapshot>, CloudError> {
+        self.call("DescribeSnapshots", |s| {
+            let live = s.snapshots.clone();
+            s.volume_snapshots
+                .iter_mut()
+                .filter(|(id, (_, _, tags, _))| {
+                    live.contains(id) && tags.get(key).is_some_and(|v| v == value)
+                })
+                .map(|(id, (vol, seen, _, at))| {
+                    // EBS User Guide, "Create Amazon EBS snapshots": "Snapshots occur
+                    // asynchronously ... the status of the snapshot is pending until the
+                    // snapshot is complete": pending when first seen, completed after.
+                    *seen += 1;
+                    VolumeSnapshot {
+                        snapshot_id: id.clone(),
+                        volume_id: vol.clone(),
+                        state: if *seen > 1 { "completed" } else { "pending" }.into(),
+                        start_time: Some(*at),
+                    }
+                })
+                .collect()
+        })
+    }
+    async fn stop_instances(&self, ids: &[String]) -> Result<(), CloudError> {
+        self.call("StopInstances", |s| {
+            for id in ids {
+                if !s.stopped.contains(id) {
+                    s.stopped.push(id.clone());
+                }
+            }
         })
     }
 }

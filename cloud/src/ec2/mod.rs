@@ -236,6 +236,41 @@ impl InstanceHealth {
     }
 }
 
+/// An instance's EBS volumes, as `DescribeInstances` reports its block device mappings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceVolumes {
+    /// `pending`, `running`, `stopping`, `stopped`, `shutting-down`, `terminated`.
+    pub state: String,
+    /// `(device name, volume id)`, as mapped.
+    pub volumes: Vec<(String, String)>,
+}
+
+/// A `CreateSnapshots` call: one crash-consistent snapshot of every EBS volume attached to
+/// the instance ("Each volume attached to the specified instance will produce one
+/// snapshot that is crash-consistent across the instance", EC2 API reference). It takes
+/// no client token: the caller tags the set with an id of its own and looks for that tag
+/// ([`Ec2Api::snapshots_tagged`]) before it calls again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotsRequest {
+    pub instance_id: String,
+    /// Propagated to every snapshot of the set.
+    pub description: String,
+    /// Put on every snapshot of the set at creation (TagSpecifications, resource type
+    /// `snapshot`).
+    pub tags: Vec<(String, String)>,
+}
+
+/// One snapshot of an instance's volume, as `CreateSnapshots` or `DescribeSnapshots`
+/// report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeSnapshot {
+    pub snapshot_id: String,
+    pub volume_id: String,
+    /// `pending`, `completed`, `error` (also `recoverable`, `recovering`).
+    pub state: String,
+    pub start_time: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 /// The EC2 calls of the DR flow.
 pub trait Ec2Api: Send + Sync {
     fn import_image(
@@ -295,6 +330,26 @@ pub trait Ec2Api: Send + Sync {
     /// instance (yet).
     fn ssm_ping(&self, id: &str)
         -> impl Future<Output = Result<Option<String>, CloudError>> + Send;
+    /// The instance's state and EBS volumes (`None`: not found, or not yet).
+    fn instance_volumes(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<InstanceVolumes>, CloudError>> + Send;
+    /// `CreateSnapshots` of every volume of the instance; returns what it started.
+    fn create_snapshots(
+        &self,
+        req: &SnapshotsRequest,
+    ) -> impl Future<Output = Result<Vec<VolumeSnapshot>, CloudError>> + Send;
+    /// This account's snapshots carrying the tag (DescribeSnapshots, OwnerIds self, a tag
+    /// filter; every page).
+    fn snapshots_tagged(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> impl Future<Output = Result<Vec<VolumeSnapshot>, CloudError>> + Send;
+    /// `StopInstances` (a clean shutdown: the guest gets an ACPI shutdown).
+    fn stop_instances(&self, ids: &[String])
+        -> impl Future<Output = Result<(), CloudError>> + Send;
 }
 
 #[cfg(feature = "ec2")]

@@ -393,4 +393,126 @@ impl Ec2Api for SdkEc2 {
             String::from_utf8_lossy(&bytes).into_owned()
         }))
     }
+
+    async fn instance_volumes(&self, id: &str) -> Result<Option<InstanceVolumes>, CloudError> {
+        let out = match self.client.describe_instances().instance_ids(id).send().await {
+            Ok(o) => o,
+            // Eventually consistent right after a launch: not found yet.
+            Err(e) => {
+                let e = ec2_err("DescribeInstances", &e);
+                return if e.is_not_found() { Ok(None) } else { Err(e) };
+            }
+        };
+        Ok(out
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .find(|i| i.instance_id() == Some(id))
+            .map(|i| InstanceVolumes {
+                state: i
+                    .state()
+                    .and_then(|s| s.name())
+                    .map_or("pending", |n| n.as_str())
+                    .to_string(),
+                volumes: i
+                    .block_device_mappings()
+                    .iter()
+                    .filter_map(|m| {
+                        Some((
+                            m.device_name()?.to_string(),
+                            m.ebs()?.volume_id()?.to_string(),
+                        ))
+                    })
+                    .collect(),
+            }))
+    }
+
+    async fn create_snapshots(
+        &self,
+        req: &SnapshotsRequest,
+    ) -> Result<Vec<VolumeSnapshot>, CloudError> {
+        use aws_sdk_ec2::types::{InstanceSpecification, ResourceType, Tag, TagSpecification};
+        let mut spec = TagSpecification::builder().resource_type(ResourceType::Snapshot);
+        for (k, v) in &req.tags {
+            spec = spec.tags(Tag::builder().key(k).value(v).build());
+        }
+        let out = self
+            .client
+            .create_snapshots()
+            .instance_specification(
+                InstanceSpecification::builder()
+                    .instance_id(&req.instance_id)
+                    .exclude_boot_volume(false)
+                    .build(),
+            )
+            .description(&req.description)
+            .tag_specifications(spec.build())
+            .send()
+            .await
+            .map_err(|e| ec2_err("CreateSnapshots", &e))?;
+        Ok(out
+            .snapshots()
+            .iter()
+            .filter_map(|s| {
+                Some(VolumeSnapshot {
+                    snapshot_id: s.snapshot_id()?.to_string(),
+                    volume_id: s.volume_id().unwrap_or_default().to_string(),
+                    state: s.state().map_or("pending", |x| x.as_str()).to_string(),
+                    start_time: s.start_time().and_then(to_chrono),
+                })
+            })
+            .collect())
+    }
+
+    async fn snapshots_tagged(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> Result<Vec<VolumeSnapshot>, CloudError> {
+        // Only our own snapshots: without OwnerIds, DescribeSnapshots pages through
+        // every public snapshot in the region too.
+        let mut pages = self
+            .client
+            .describe_snapshots()
+            .owner_ids("self")
+            .filters(
+                aws_sdk_ec2::types::Filter::builder()
+                    .name(format!("tag:{key}"))
+                    .values(value)
+                    .build(),
+            )
+            .into_paginator()
+            .send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| ec2_err("DescribeSnapshots", &e))?;
+            for s in page.snapshots() {
+                let Some(id) = s.snapshot_id() else { continue };
+                out.push(VolumeSnapshot {
+                    snapshot_id: id.to_string(),
+                    volume_id: s.volume_id().unwrap_or_default().to_string(),
+                    state: s.state().map_or("pending", |x| x.as_str()).to_string(),
+                    start_time: s.start_time().and_then(to_chrono),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn stop_instances(&self, ids: &[String]) -> Result<(), CloudError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.client
+            .stop_instances()
+            .set_instance_ids(Some(ids.to_vec()))
+            .send()
+            .await
+            .map_err(|e| ec2_err("StopInstances", &e))?;
+        Ok(())
+    }
+}
+
+fn to_chrono(t: &aws_smithy_types::DateTime) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::from_timestamp(t.secs(), t.subsec_nanos())
 }

@@ -12,8 +12,8 @@
 //! (`--simulate-import` / `PILOTLIGHT_DR_SIMULATE_IMPORT`).
 
 use pilotlight_cloud::ec2::{
-    Ec2Api, ImportRequest, ImportTask, InstanceHealth, LaunchRequest, MemoryEc2, RegisterRequest,
-    SdkEc2, IMPORT_FAILS_AFTER, IMPORT_STEPS,
+    Ec2Api, ImportRequest, ImportTask, InstanceHealth, InstanceVolumes, LaunchRequest, MemoryEc2, RegisterRequest,
+    SdkEc2, SnapshotsRequest, VolumeSnapshot, IMPORT_FAILS_AFTER, IMPORT_STEPS,
 };
 use pilotlight_cloud::s3::SdkS3;
 use pilotlight_cloud::{CloudError, ErrorKind, ObjectStore, PutOptions};
@@ -254,6 +254,21 @@ impl<E: Ec2Api + SimBackend, S: ObjectStore> Ec2Api for SimulatedImport<E, S> {
     async fn ssm_ping(&self, id: &str) -> Result<Option<String>, CloudError> {
         self.inner.ssm_ping(id).await
     }
+    async fn instance_volumes(&self, id: &str) -> Result<Option<InstanceVolumes>, CloudError> {
+        self.inner.instance_volumes(id).await
+    }
+    async fn create_snapshots(
+        &self,
+        req: &SnapshotsRequest,
+    ) -> Result<Vec<VolumeSnapshot>, CloudError> {
+        self.inner.create_snapshots(req).await
+    }
+    async fn snapshots_tagged(&self, k: &str, v: &str) -> Result<Vec<VolumeSnapshot>, CloudError> {
+        self.inner.snapshots_tagged(k, v).await
+    }
+    async fn stop_instances(&self, ids: &[String]) -> Result<(), CloudError> {
+        self.inner.stop_instances(ids).await
+    }
 }
 
 impl SimBackend for SdkEc2 {
@@ -401,5 +416,20 @@ impl Ec2Api for AnyEc2 {
     }
     async fn ssm_ping(&self, id: &str) -> Result<Option<String>, CloudError> {
         both!(self, e => e.ssm_ping(id).await)
+    }
+    async fn instance_volumes(&self, id: &str) -> Result<Option<InstanceVolumes>, CloudError> {
+        both!(self, e => e.instance_volumes(id).await)
+    }
+    async fn create_snapshots(
+        &self,
+        req: &SnapshotsRequest,
+    ) -> Result<Vec<VolumeSnapshot>, CloudError> {
+        both!(self, e => e.create_snapshots(req).await)
+    }
+    async fn snapshots_tagged(&self, k: &str, v: &str) -> Result<Vec<VolumeSnapshot>, CloudError> {
+        both!(self, e => e.snapshots_tagged(k, v).await)
+    }
+    async fn stop_instances(&self, ids: &[String]) -> Result<(), CloudError> {
+        both!(self, e => e.stop_instances(ids).await)
     }
 }
