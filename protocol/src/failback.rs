@@ -103,13 +103,15 @@ pub enum FailbackDocError {
 }
 
 fn snapshot_id_ok(id: &str) -> Result<(), FailbackDocError> {
-    let ok = id
-        .strip_prefix("snap-")
-        .is_some_and(|h| !h.is_empty() && h.len() <= 32 && h.bytes().all(|b| b.is_ascii_alphanumeric()));
+    let ok = id.strip_prefix("snap-").is_some_and(|h| {
+        !h.is_empty() && h.len() <= 32 && h.bytes().all(|b| b.is_ascii_alphanumeric())
+    });
     if ok {
         Ok(())
     } else {
-        Err(FailbackDocError::BadSnapshotId(id.chars().take(80).collect()))
+        Err(FailbackDocError::BadSnapshotId(
+            id.chars().take(80).collect(),
+        ))
     }
 }
 

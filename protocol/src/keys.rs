@@ -144,7 +144,10 @@ impl ObjectKey {
                 format!("{}{id}/{EXPORT_RESULT_FILE}", export_prefix(prefix, disk))
             }
             ObjectKey::FailbackReturn { disk, run } => {
-                format!("{}b/{run}/{FAILBACK_RETURN_FILE}", disk_prefix(prefix, disk))
+                format!(
+                    "{}b/{run}/{FAILBACK_RETURN_FILE}",
+                    disk_prefix(prefix, disk)
+                )
             }
             ObjectKey::FailbackRound { disk, run } => {
                 format!("{}b/{run}/{FAILBACK_ROUND_FILE}", disk_prefix(prefix, disk))
@@ -304,7 +307,10 @@ mod tests {
             },
         ] {
             let s = k.to_key(&p("dr"));
-            assert!(s.starts_with("dr/site1/vm-a/disk0/b/dr-20261204t230000-ab12cd34/"), "{s}");
+            assert!(
+                s.starts_with("dr/site1/vm-a/disk0/b/dr-20261204t230000-ab12cd34/"),
+                "{s}"
+            );
             assert_eq!(ObjectKey::parse(&p("dr"), &s).unwrap(), k);
             assert_eq!(k.generation(), None);
         }

@@ -27,10 +27,10 @@ pub use export::{
     ExportDocError, ExportFormat, ExportRequest, ExportResult, ExportStatus, EXPORT_VERSION,
     MAX_EXPORT_DOC_BYTES,
 };
+pub use extent::{Extent, SECTOR_SIZE, SPLIT_ALIGN};
 pub use failback::{
     FailbackDocError, ReturnDoc, ReturnPoint, RoundDoc, FAILBACK_VERSION, MAX_FAILBACK_DOC_BYTES,
 };
-pub use extent::{Extent, SECTOR_SIZE, SPLIT_ALIGN};
 pub use keys::{KeyError, ObjectKey};
 pub use manifest::{
     Consistency, DataObject, Encoding, Manifest, ManifestError, Sha256Hex, DEFAULT_MAX_OBJECT,

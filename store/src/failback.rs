@@ -32,9 +32,13 @@ pub async fn read_return<S: ObjectStore + ?Sized>(
     run: &Name,
 ) -> Result<ReturnDoc, DocError> {
     let key = return_key(prefix, disk, run);
-    crate::read(store, key, MAX_FAILBACK_DOC_BYTES, "a failback's return snapshots", |b| {
-        ReturnDoc::from_json(b, run, disk)
-    })
+    crate::read(
+        store,
+        key,
+        MAX_FAILBACK_DOC_BYTES,
+        "a failback's return snapshots",
+        |b| ReturnDoc::from_json(b, run, disk),
+    )
     .await
 }
 
@@ -45,9 +49,13 @@ pub async fn read_round<S: ObjectStore + ?Sized>(
     run: &Name,
 ) -> Result<RoundDoc, DocError> {
     let key = round_key(prefix, disk, run);
-    crate::read(store, key, MAX_FAILBACK_DOC_BYTES, "a failback round", |b| {
-        RoundDoc::from_json(b, run, disk)
-    })
+    crate::read(
+        store,
+        key,
+        MAX_FAILBACK_DOC_BYTES,
+        "a failback round",
+        |b| RoundDoc::from_json(b, run, disk),
+    )
     .await
 }
 
@@ -108,7 +116,10 @@ mod tests {
         };
         let key = write_return(&store, &prefix, &doc).await.unwrap();
         assert_eq!(key, "dr/s/v/d0/b/dr-1/return.json");
-        assert_eq!(read_return(&store, &prefix, &disk, &run).await.unwrap(), doc);
+        assert_eq!(
+            read_return(&store, &prefix, &disk, &run).await.unwrap(),
+            doc
+        );
         store.insert(&key, b"not json".to_vec());
         assert!(matches!(
             read_return(&store, &prefix, &disk, &run).await,

@@ -39,7 +39,15 @@ pub struct MemoryEc2State {
     pub stopped: Vec<String>,
     /// Snapshots made by CreateSnapshots: the volume, the DescribeSnapshots calls that
     /// have seen it (pending on the first, completed after), its tags, when.
-    pub volume_snapshots: BTreeMap<String, (String, usize, BTreeMap<String, String>, chrono::DateTime<chrono::Utc>)>,
+    pub volume_snapshots: BTreeMap<
+        String,
+        (
+            String,
+            usize,
+            BTreeMap<String, String>,
+            chrono::DateTime<chrono::Utc>,
+        ),
+    >,
 }
 
 /// EC2 in memory (unit tests). `ImportImage` walks the documented task states

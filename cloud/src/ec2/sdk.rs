@@ -395,7 +395,13 @@ impl Ec2Api for SdkEc2 {
     }
 
     async fn instance_volumes(&self, id: &str) -> Result<Option<InstanceVolumes>, CloudError> {
-        let out = match self.client.describe_instances().instance_ids(id).send().await {
+        let out = match self
+            .client
+            .describe_instances()
+            .instance_ids(id)
+            .send()
+            .await
+        {
             Ok(o) => o,
             // Eventually consistent right after a launch: not found yet.
             Err(e) => {

@@ -45,9 +45,11 @@ pub async fn handle<S: ObjectStore, E: Ec2Api, B: EbsApi>(
 ) -> Result<Value, DrError> {
     if is_scheduled(&event) {
         let runs = status(env, None).await?;
-        return Ok(
-            serde_json::json!({ "advanced": runs.iter().map(|r| &r.run_id).collect::<Vec<_>>() }),
-        );
+        let failbacks = crate::failback::status(env, None).await?;
+        return Ok(serde_json::json!({
+            "advanced": runs.iter().map(|r| &r.run_id).collect::<Vec<_>>(),
+            "failbacks": failbacks.iter().map(|f| &f.run_id).collect::<Vec<_>>(),
+        }));
     }
     let is_start = event.get("action").and_then(Value::as_str) == Some("start");
     match serde_json::from_value::<DrRequest>(event.clone()) {
@@ -55,13 +57,20 @@ pub async fn handle<S: ObjectStore, E: Ec2Api, B: EbsApi>(
         Ok(DrRequest::Start(_)) => to_json(&start(env, event).await?),
         Err(_) if is_start => to_json(&start(env, event).await?),
         Err(e) => Err(DrError::BadRequest(format!(
-            "{e} (expected {{\"action\": \"start\" | \"status\" | \"cleanup\" | \"configure\" | \"recover\" | \"report\", ...}})"
+            "{e} (expected {{\"action\": \"start\" | \"status\" | \"cleanup\" | \"configure\" | \"recover\" | \"report\" | \"failback_start\" | \"failback_status\" | \"failback_cutover\", ...}})"
         ))),
         Ok(DrRequest::Status { run_id }) => to_json(&status(env, run_id.as_deref()).await?),
         Ok(DrRequest::Cleanup { run_id }) => to_json(&cleanup(env, &run_id).await?),
         Ok(DrRequest::Configure(settings)) => to_json(&configure(env, *settings).await?),
         Ok(DrRequest::Recover(req)) => to_json(&recover(env, req).await?),
         Ok(DrRequest::Report { run_id }) => to_json(&report(env, &run_id).await?),
+        Ok(DrRequest::FailbackStart(req)) => to_json(&crate::failback::start(env, req).await?),
+        Ok(DrRequest::FailbackStatus { run_id }) => {
+            to_json(&crate::failback::status(env, run_id.as_deref()).await?)
+        }
+        Ok(DrRequest::FailbackCutover { run_id }) => {
+            to_json(&crate::failback::cutover(env, &run_id).await?)
+        }
     }
 }
 

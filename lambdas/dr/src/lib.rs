@@ -17,6 +17,7 @@
 
 pub mod config;
 pub mod error;
+pub mod failback;
 pub mod handler;
 pub mod model;
 pub mod plan;

@@ -30,6 +30,27 @@ pub enum DrRequest {
     /// A run's HTML report: the one written when it ended, or rendered now from its
     /// record (a run still going, or one whose report could not be written).
     Report { run_id: String },
+    /// Start failing a real recovery back: return snapshots of its instance on a schedule
+    /// for the site's sender (`crate::failback`).
+    FailbackStart(FailbackStart),
+    /// Advance and show one failback, or every unfinished one.
+    FailbackStatus { run_id: Option<String> },
+    /// Cut over: stop the instance, take the final return snapshot, wait for the sender's
+    /// final round.
+    FailbackCutover { run_id: String },
+}
+
+/// A start request's settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailbackStart {
+    pub run_id: String,
+    /// Seconds between return snapshots (at least 300).
+    #[serde(default)]
+    pub every_seconds: Option<u64>,
+    /// Return sets to keep (2 to 16).
+    #[serde(default)]
+    pub keep: Option<usize>,
 }
 
 /// A recovery of several VMs as kept beside the runs (`{runs_prefix}groups/{group}.json`):

@@ -12,8 +12,8 @@
 //! (`--simulate-import` / `PILOTLIGHT_DR_SIMULATE_IMPORT`).
 
 use pilotlight_cloud::ec2::{
-    Ec2Api, ImportRequest, ImportTask, InstanceHealth, InstanceVolumes, LaunchRequest, MemoryEc2, RegisterRequest,
-    SdkEc2, SnapshotsRequest, VolumeSnapshot, IMPORT_FAILS_AFTER, IMPORT_STEPS,
+    Ec2Api, ImportRequest, ImportTask, InstanceHealth, InstanceVolumes, LaunchRequest, MemoryEc2,
+    RegisterRequest, SdkEc2, SnapshotsRequest, VolumeSnapshot, IMPORT_FAILS_AFTER, IMPORT_STEPS,
 };
 use pilotlight_cloud::s3::SdkS3;
 use pilotlight_cloud::{CloudError, ErrorKind, ObjectStore, PutOptions};

@@ -2,6 +2,7 @@
 
 use super::*;
 use chrono::{DateTime, Utc};
+use pilotlight_cloud::PutOptions;
 use pilotlight_cloud::{Fault, MemoryStore};
 use pilotlight_protocol::{ExportFormat, ExportStatus, EXPORT_VERSION};
 

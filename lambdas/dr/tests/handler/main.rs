@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod commands;
+mod failback;
 mod plan;
 mod snapshot;
 mod steps;
