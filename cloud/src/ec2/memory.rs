@@ -37,17 +37,18 @@ pub struct MemoryEc2State {
     pub fail_imports: Option<String>,
     /// Instances stopped by StopInstances.
     pub stopped: Vec<String>,
-    /// Snapshots made by CreateSnapshots: the volume, the DescribeSnapshots calls that
-    /// have seen it (pending on the first, completed after), its tags, when.
-    pub volume_snapshots: BTreeMap<
-        String,
-        (
-            String,
-            usize,
-            BTreeMap<String, String>,
-            chrono::DateTime<chrono::Utc>,
-        ),
-    >,
+    /// Snapshots made by CreateSnapshots, by id.
+    pub volume_snapshots: BTreeMap<String, MadeSnapshot>,
+}
+
+/// A snapshot [`MemoryEc2`] made with CreateSnapshots.
+#[derive(Debug, Clone)]
+pub struct MadeSnapshot {
+    pub volume_id: String,
+    /// DescribeSnapshots calls that have seen it (pending on the first, completed after).
+    pub seen: usize,
+    pub tags: BTreeMap<String, String>,
+    pub at: chrono::DateTime<chrono::Utc>,
 }
 
 /// EC2 in memory (unit tests). `ImportImage` walks the documented task states
@@ -411,8 +412,15 @@ impl Ec2Api for MemoryEc2 {
                 .map(|(_, vol)| {
                     let sid = format!("snap-{:017x}", s.snapshots.len() + 1);
                     s.snapshots.push(sid.clone());
-                    s.volume_snapshots
-                        .insert(sid.clone(), (vol.clone(), 0, tags.clone(), now));
+                    s.volume_snapshots.insert(
+                        sid.clone(),
+                        MadeSnapshot {
+                            volume_id: vol.clone(),
+                            seen: 0,
+                            tags: tags.clone(),
+                            at: now,
+                        },
+                    );
                     VolumeSnapshot {
                         snapshot_id: sid,
                         volume_id: vol,
@@ -432,19 +440,17 @@ impl Ec2Api for MemoryEc2 {
             let live = s.snapshots.clone();
             s.volume_snapshots
                 .iter_mut()
-                .filter(|(id, (_, _, tags, _))| {
-                    live.contains(id) && tags.get(key).is_some_and(|v| v == value)
-                })
-                .map(|(id, (vol, seen, _, at))| {
+                .filter(|(id, m)| live.contains(id) && m.tags.get(key).is_some_and(|v| v == value))
+                .map(|(id, m)| {
                     // EBS User Guide, "Create Amazon EBS snapshots": "Snapshots occur
                     // asynchronously ... the status of the snapshot is pending until the
                     // snapshot is complete": pending when first seen, completed after.
-                    *seen += 1;
+                    m.seen += 1;
                     VolumeSnapshot {
                         snapshot_id: id.clone(),
-                        volume_id: vol.clone(),
-                        state: if *seen > 1 { "completed" } else { "pending" }.into(),
-                        start_time: Some(*at),
+                        volume_id: m.volume_id.clone(),
+                        state: if m.seen > 1 { "completed" } else { "pending" }.into(),
+                        start_time: Some(m.at),
                     }
                 })
                 .collect()

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::sync::Mutex;
 
 mod memory;
-pub use memory::{MemoryEc2, MemoryEc2State};
+pub use memory::{MadeSnapshot, MemoryEc2, MemoryEc2State};
 #[cfg(test)]
 mod tests;
 

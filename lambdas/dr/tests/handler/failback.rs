@@ -112,7 +112,7 @@ async fn return_sets_follow_the_schedule_reach_the_sender_and_are_pruned() {
     // Tagged at creation: the run, the set, and the stack and site the sender's policy
     // reads by.
     let ec2 = env.ec2.inner.snapshot();
-    let (_, _, tags, _) = &ec2.volume_snapshots[&fb.sets[0].snapshots[0].1];
+    let tags = &ec2.volume_snapshots[&fb.sets[0].snapshots[0].1].tags;
     assert_eq!(tags[TAG_RETURN], run.run_id);
     assert_eq!(tags[TAG_RETURN_SET], fb.sets[0].set_id);
     assert_eq!(tags["pilotlight:stack"], "stack-1");
