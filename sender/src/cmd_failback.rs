@@ -3,9 +3,13 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
+use pilotlight_cloud::s3::SdkS3;
 use pilotlight_cloud::AwsSettings;
 use pilotlight_failback::{Mode, Options, Progress, RoundRequest, RoundSummary, Target};
-use pilotlight_protocol::DiskId;
+use pilotlight_protocol::{
+    DiskId, Name, Prefix, ReturnDoc, ReturnPoint, RoundDoc, FAILBACK_VERSION,
+};
+use pilotlight_store::DocError;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,13 +21,19 @@ pub struct FailbackArgs {
     /// The disk: site/vm/disk (names the state file of this failback).
     #[arg(long, env = "PILOTLIGHT_DISK_ID")]
     disk_id: String,
-    /// The recovery point the instance was launched from (its EBS snapshot id).
-    #[arg(long)]
-    point: String,
-    /// The return snapshot to make the target equal (a snapshot of the recovered
-    /// instance's volume, newest first round by round).
-    #[arg(long)]
-    snapshot: String,
+    /// The DR run being failed back (`pilotlight-dr failback start RUN_ID`): the point and
+    /// the newest return snapshot of this disk come from the bucket, and the round is
+    /// reported there for `pilotlight-dr failback status` and cutover.
+    #[arg(long, required_unless_present_all = ["point", "snapshot"], conflicts_with_all = ["point", "snapshot"])]
+    run: Option<String>,
+    /// Without --run: the recovery point the instance was launched from (its EBS
+    /// snapshot id).
+    #[arg(long, requires = "snapshot")]
+    point: Option<String>,
+    /// Without --run: the return snapshot to make the target equal (a snapshot of the
+    /// recovered instance's volume).
+    #[arg(long, requires = "point")]
+    snapshot: Option<String>,
     /// Where to write: a file or block device, or a writable NBD export
     /// (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH). Power the VM off first.
     #[arg(long)]
@@ -55,6 +65,9 @@ pub struct FailbackArgs {
 /// Where the shared settings put things.
 #[derive(Debug)]
 pub struct Shared {
+    /// The replication bucket and prefix (for --run).
+    pub bucket: Option<String>,
+    pub prefix: String,
     pub region: Option<String>,
     pub endpoint_url: Option<String>,
     pub max_attempts: u32,
@@ -117,6 +130,12 @@ pub async fn run(a: FailbackArgs, shared: Shared) -> Result<()> {
                     a.target
                 )
             })?;
+        let marker = drill_marker(&shared.state_dir, &disk);
+        if let Some(dir) = marker.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        std::fs::write(&marker, &a.target)
+            .with_context(|| format!("writing {}", marker.display()))?;
         tracing::info!(
             "drill: {} is a copy of {} ({} of data)",
             a.target,
@@ -134,10 +153,27 @@ pub async fn run(a: FailbackArgs, shared: Shared) -> Result<()> {
         .load()
         .await;
     let ebs = aws.ebs();
+    // With --run: what the DR function offers this disk, and where to report.
+    let from_run = match &a.run {
+        Some(run) => Some(returns_of(&aws, &shared.bucket, &shared.prefix, &disk, run).await?),
+        None => None,
+    };
+    let (point, snapshot, is_final) = match &from_run {
+        Some((_, _, doc, newest)) => (
+            doc.point_snapshot.clone(),
+            newest.snapshot_id.clone(),
+            newest.r#final,
+        ),
+        None => (
+            a.point.clone().unwrap_or_default(),
+            a.snapshot.clone().unwrap_or_default(),
+            false,
+        ),
+    };
     let req = RoundRequest {
         disk: disk.clone(),
-        point: a.point,
-        snapshot: a.snapshot,
+        point,
+        snapshot,
         site_changes,
     };
     let opts = Options {
@@ -176,7 +212,80 @@ pub async fn run(a: FailbackArgs, shared: Shared) -> Result<()> {
             println!("{}", line(&disk, r));
         }
     }
+    if let Some((store, prefix, doc, _)) = &from_run {
+        // The target equals req.snapshot now (apply returns only then): say so, with
+        // whether every written block was read back and compared.
+        let written: (u64, u64, f64) = rounds.iter().fold((0, 0, 0.0), |t, r| {
+            (
+                t.0 + r.counters.blocks_written,
+                t.1 + r.counters.bytes_written,
+                t.2 + r.seconds(),
+            )
+        });
+        let round = RoundDoc {
+            version: FAILBACK_VERSION,
+            run_id: doc.run_id.clone(),
+            disk: disk.clone(),
+            snapshot_id: req.snapshot.clone(),
+            r#final: is_final,
+            verified: !a.no_verify,
+            blocks_written: written.0,
+            bytes_written: written.1,
+            target: a.target.clone(),
+            drill: drill_target(&shared.state_dir, &disk, &a.target),
+            seconds: written.2,
+            finished_at: chrono::Utc::now(),
+        };
+        let key = pilotlight_store::failback::write_round(store, prefix, &round)
+            .await
+            .context("the round is done, but reporting it to the bucket failed (run failback again to report it)")?;
+        tracing::info!(key, "round reported for `pilotlight-dr failback status`");
+        if is_final && !a.json {
+            println!(
+                "{disk}: final round done{}: `pilotlight-dr failback status {}` completes the cutover once every disk reports",
+                if round.verified { ", every written block verified" } else { " (NOT verified: --no-verify)" },
+                doc.run_id
+            );
+        }
+    }
     Ok(())
+}
+
+/// Where a drill remembers its scratch target: later rounds into it are the drill's too.
+fn drill_marker(state_dir: &Path, disk: &DiskId) -> PathBuf {
+    pilotlight_failback::state::path(state_dir, disk).with_extension("drill")
+}
+
+/// The target is the scratch copy the first round's --drill-from made.
+fn drill_target(state_dir: &Path, disk: &DiskId, target: &str) -> bool {
+    std::fs::read_to_string(drill_marker(state_dir, disk)).is_ok_and(|t| t == target)
+}
+
+/// The DR function's return document of this disk and its newest return snapshot.
+async fn returns_of(
+    aws: &pilotlight_cloud::Aws,
+    bucket: &Option<String>,
+    prefix: &str,
+    disk: &DiskId,
+    run: &str,
+) -> Result<(SdkS3, Prefix, ReturnDoc, ReturnPoint)> {
+    let bucket = bucket.clone().context(
+        "--run reads the failback from the bucket: give --bucket (or a --config with bucket)",
+    )?;
+    let prefix = Prefix::new(prefix).with_context(|| format!("--prefix {prefix:?}"))?;
+    let run_id = Name::new(run).with_context(|| format!("--run {run:?} is not a DR run id"))?;
+    let store = aws.s3(bucket);
+    let doc = match pilotlight_store::failback::read_return(&store, &prefix, disk, &run_id).await {
+        Ok(d) => d,
+        Err(DocError::Missing { key }) => anyhow::bail!(
+            "no return snapshots of {disk} for run {run} ({key}): start the failback (`pilotlight-dr failback start {run}`) and wait for its first set to complete (`pilotlight-dr failback status {run}`); is {disk} a disk of that run?"
+        ),
+        Err(e) => return Err(e).context(format!("the return snapshots of {disk} for run {run}")),
+    };
+    let newest = doc.newest().cloned().with_context(|| {
+        format!("run {run} offers no completed return snapshot of {disk} yet: wait (`pilotlight-dr failback status {run}`)")
+    })?;
+    Ok((store, prefix, doc, newest))
 }
 
 /// The disk's failback, when there is one: what the target equals, the round under way,

@@ -489,6 +489,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Failback(a) => {
             let s = shared.into_send(SendArgs::default()).with_file()?;
             let shared = cmd_failback::Shared {
+                bucket: s.bucket,
+                prefix: s.prefix.unwrap_or_else(|| "pilotlight".into()),
                 region: s.region,
                 endpoint_url: s.endpoint_url,
                 max_attempts: s.max_attempts.unwrap_or(6).max(1),

@@ -355,6 +355,16 @@ def install_ec2() -> None:
     original_run = InstanceBackend.run_instances
 
     def run_instances(self, image_id, count, user_data, security_group_names, **kwargs):
+        # EC2 User Guide, "Block device mappings for volumes on Amazon EC2 instances":
+        # an instance launched from an AMI gets the AMI's block device mappings (a volume
+        # per mapping, created from its snapshot); moto gives every instance one blank
+        # root volume instead.
+        image = self.amis.get(image_id) if hasattr(self, "amis") else None
+        mine = getattr(image, "_pl_mappings", None) if image is not None else None
+        if mine and "block_device_mappings" not in kwargs:
+            kwargs["block_device_mappings"] = [
+                {**m, "Ebs": {**(m.get("Ebs") or {})}} for m in mine if m.get("Ebs")
+            ]
         token = kwargs.get("client_token")
         # moto's response fills in "ABCDE" when the request has no token.
         if not token or token == "ABCDE":
@@ -396,6 +406,7 @@ def install_restored_volume_snapshots() -> None:
             child.block_size = BLOCK_SIZE
             child.volume_size = max(snap.volume.size, source.volume_size)
             child.blocks = dict(source.blocks)
+            child.blocks.update(volume_writes(self, snap.volume))
             child._pl_written = {}
             child._pl_parent = source_id
             child._pl_lineage = source._pl_lineage
@@ -405,3 +416,29 @@ def install_restored_volume_snapshots() -> None:
         return snap
 
     Ec2VolumeBackend.create_snapshot = create_snapshot
+
+
+WRITE_TAG = "pilotlight-test:write:"
+
+
+def volume_writes(backend, volume) -> dict:
+    """TEST KIT ONLY: what a recovered instance wrote to its volume, stood for by tags
+    on the volume, `pilotlight-test:write:<block index>` = `<byte>`: that 512 KiB block
+    now holds the byte repeated (moto's volumes hold no data; real EC2 keeps such tags as
+    plain tags). A block keeps its identity across snapshots until it is written again,
+    so ListChangedBlocks between two snapshots of the volume finds only what changed
+    between them, as on EBS."""
+    from moto.ebs.models import Block
+
+    written = volume.__dict__.setdefault("_pl_blocks", {})
+    for t in backend.describe_tags(filters={"resource-id": [volume.id]}):
+        key = t.get("key", "")
+        if not key.startswith(WRITE_TAG):
+            continue
+        index = int(key[len(WRITE_TAG):])
+        byte = int(t.get("value", "0")) & 0xFF
+        have = written.get(index)
+        if have is None or have[0] != byte:
+            data = bytes([byte]) * BLOCK_SIZE
+            written[index] = (byte, Block(data, _sha256_b64(data), "SHA256", BLOCK_SIZE))
+    return {i: b for i, (_, b) in written.items()}

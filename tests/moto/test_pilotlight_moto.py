@@ -185,6 +185,44 @@ class Ebs(Mocked):
         plain = self.ec2.create_volume(Size=1, AvailabilityZone="us-east-1a")["VolumeId"]
         self.ec2.create_snapshot(VolumeId=plain)
 
+    def test_an_instance_from_a_registered_image_has_its_mappings_and_snapshots_of_its_writes(self):
+        point0 = self.write({0: 1, 3: 2})
+        point1 = self.write({1: 5})
+        ami = self.ec2.register_image(
+            Name="failback", RootDeviceName="/dev/xvda", Architecture="x86_64",
+            BlockDeviceMappings=[
+                {"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": point0}},
+                {"DeviceName": "/dev/sdf", "Ebs": {"SnapshotId": point1}},
+            ])["ImageId"]
+        inst = self.ec2.run_instances(ImageId=ami, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+        desc = self.ec2.describe_instances(InstanceIds=[inst])["Reservations"][0]["Instances"][0]
+        devices = {m["DeviceName"]: m["Ebs"]["VolumeId"] for m in desc["BlockDeviceMappings"]}
+        self.assertEqual(sorted(devices), ["/dev/sdf", "/dev/xvda"])
+        vols = self.ec2.describe_volumes(VolumeIds=list(devices.values()))["Volumes"]
+        self.assertEqual({v["VolumeId"]: v["SnapshotId"] for v in vols},
+                         {devices["/dev/xvda"]: point0, devices["/dev/sdf"]: point1})
+        # The instance "writes" block 3 and block 7 of its boot volume.
+        self.ec2.create_tags(Resources=[devices["/dev/xvda"]], Tags=[
+            {"Key": "pilotlight-test:write:3", "Value": "9"},
+            {"Key": "pilotlight-test:write:7", "Value": "4"}])
+        first = self.ec2.create_snapshots(InstanceSpecification={"InstanceId": inst},
+                                          TagSpecifications=[{"ResourceType": "snapshot", "Tags": [{"Key": "set", "Value": "1"}]}])
+        by_volume = {s["VolumeId"]: s["SnapshotId"] for s in first["Snapshots"]}
+        back0 = by_volume[devices["/dev/xvda"]]
+        changed = self.ebs.list_changed_blocks(FirstSnapshotId=point0, SecondSnapshotId=back0)
+        self.assertEqual([b["BlockIndex"] for b in changed["ChangedBlocks"]], [3, 7])
+        self.assertEqual(self.read(back0), {0: 1, 3: 9, 7: 4})
+        back1 = by_volume[devices["/dev/sdf"]]
+        self.assertEqual(self.ebs.list_changed_blocks(FirstSnapshotId=point1, SecondSnapshotId=back1)["ChangedBlocks"], [])
+        # A second set: only what was written since differs from the first.
+        self.ec2.create_tags(Resources=[devices["/dev/xvda"]], Tags=[{"Key": "pilotlight-test:write:7", "Value": "6"}])
+        second = self.ec2.create_snapshots(InstanceSpecification={"InstanceId": inst})
+        again = {s["VolumeId"]: s["SnapshotId"] for s in second["Snapshots"]}[devices["/dev/xvda"]]
+        changed = self.ebs.list_changed_blocks(FirstSnapshotId=back0, SecondSnapshotId=again)
+        self.assertEqual([b["BlockIndex"] for b in changed["ChangedBlocks"]], [7])
+        tagged = self.ec2.describe_snapshots(OwnerIds=["self"], Filters=[{"Name": "tag:set", "Values": ["1"]}])["Snapshots"]
+        self.assertEqual(sorted(s["SnapshotId"] for s in tagged), sorted(by_volume.values()))
+
     def test_client_tokens_make_start_idempotent(self):
         a = self.start(ClientToken="t-1")
         self.assertEqual(self.start(ClientToken="t-1"), a)

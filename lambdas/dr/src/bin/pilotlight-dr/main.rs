@@ -12,6 +12,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+mod failback;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "pilotlight-dr",
@@ -69,6 +71,9 @@ enum Cmd {
         #[arg(long)]
         open: bool,
     },
+    /// Bring a real recovery home: return snapshots for the site's sender, then cutover.
+    #[command(subcommand)]
+    Failback(failback::FailbackCmd),
     /// Every VM recovery point (a snapshot time every disk of the VM has a point for),
     /// from the points' snapshot tags; `--json` for a machine-readable list.
     Points {
@@ -441,6 +446,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 open_in_browser(&path)?;
             }
         }
+        Cmd::Failback(f) => failback::run(&cli, f).await?,
         Cmd::Cleanup { run_id } => {
             let v = call(&cli, json!({"action": "cleanup", "run_id": run_id})).await?;
             let run: Run = serde_json::from_value(v).context("unexpected answer to cleanup")?;
