@@ -177,6 +177,54 @@ def dr_can_remove_points(template: dict) -> list[str]:
     return problems
 
 
+def failback_permissions(template: dict) -> list[str]:
+    """Failback. EC2 API reference, CreateSnapshots ("Volumes are chosen by specifying an
+    instance"; Service Authorization Reference, Amazon EC2: resource types instance,
+    snapshot and volume; tags on creation need ec2:CreateTags with ec2:CreateAction): the
+    DR function snapshots, stops and prunes only what its runs launched and made; a
+    recovery point stays beyond its reach even though return snapshots carry the stack
+    tag too (the sender's read policy needs it). The sender reads the DR function's
+    return document of its own site and never writes it."""
+    stmts = statements(template, "DrFunctionRole")
+    instance = "arn:${AWS::Partition}:ec2:${AWS::Region}:${AWS::AccountId}:instance/i-1"
+    volume = "arn:${AWS::Partition}:ec2:${AWS::Region}:${AWS::AccountId}:volume/vol-1"
+    ours = {"aws:ResourceTag/pilotlight:dr-run": "r"}
+    problems = []
+    for action in ("ec2:CreateSnapshots", "ec2:StopInstances"):
+        if not allowed(stmts, action, instance, ours):
+            problems.append(f"the DR function cannot {action} a recovered instance")
+        if allowed(stmts, action, instance, {}):
+            problems.append(f"the DR function may {action} any instance")
+    tagged = {"aws:RequestTag/pilotlight:return": "r"}
+    if not (allowed(stmts, "ec2:CreateSnapshots", volume) and allowed(stmts, "ec2:CreateSnapshots", SNAPSHOT, tagged)):
+        problems.append("the DR function cannot make tagged return snapshots")
+    if allowed(stmts, "ec2:CreateSnapshots", SNAPSHOT, {}):
+        problems.append("the DR function may make untagged snapshots")
+    if not allowed(stmts, "ec2:CreateTags", SNAPSHOT, {"ec2:CreateAction": "CreateSnapshots", "aws:TagKeys": ["pilotlight:return"]}):
+        problems.append("the DR function cannot tag return snapshots on creation")
+    ret = {"aws:ResourceTag/pilotlight:stack": STACK, "aws:ResourceTag/pilotlight:return": "r"}
+    if not allowed(stmts, "ec2:DeleteSnapshot", SNAPSHOT, ret):
+        problems.append("the DR function cannot prune return snapshots")
+    point = {"aws:ResourceTag/pilotlight:stack": STACK}
+    if allowed(stmts, "ec2:DeleteSnapshot", SNAPSHOT, point):
+        problems.append("the DR function may delete a recovery point")
+    if allowed(stmts, "ec2:CreateTags", SNAPSHOT, {**point, "aws:TagKeys": ["pilotlight:return"], "aws:RequestTag/pilotlight:dr-run": "r"}):
+        problems.append("the DR function may make a recovery point look like a return snapshot")
+    if not allowed(stmts, "s3:PutObject", f"{BUCKET}/${{Prefix}}/s1/vm1/disk0/b/dr-1/return.json"):
+        problems.append("the DR function cannot write return documents")
+    sender = template["Resources"]["SenderPolicy"]["Properties"]["PolicyDocument"]["Statement"]
+    site = "${Prefix}/${SenderSite}"
+    if not allowed(sender, "s3:GetObject", f"{BUCKET}/{site}/vm1/disk0/b/dr-1/return.json"):
+        problems.append("the sender cannot read its return documents")
+    if allowed(sender, "s3:GetObject", f"{BUCKET}/${{Prefix}}/othersite/vm1/disk0/b/dr-1/return.json"):
+        problems.append("the sender may read another site's return documents")
+    if allowed(sender, "s3:PutObject", f"{BUCKET}/{site}/vm1/disk0/b/dr-1/return.json"):
+        problems.append("the sender may write a return document")
+    if not allowed(sender, "s3:PutObject", f"{BUCKET}/{site}/vm1/disk0/b/dr-1/round.json"):
+        problems.append("the sender cannot report its rounds")
+    return problems
+
+
 def launch_needs_points_for_kms(template: dict) -> list[str]:
     """EC2 User Guide, "Amazon EBS encryption" (KMS key permissions): launching from an
     AMI whose snapshots a customer key encrypts needs kms:CreateGrant, kms:Decrypt,
@@ -382,8 +430,9 @@ def ec2_creates_without_token(code: str) -> list[str]:
 def deletes_not_tag_scoped(template: dict) -> list[str]:
     """IAM: ec2:DeregisterImage, ec2:DeleteSnapshot and ec2:TerminateInstances support
     `aws:ResourceTag` (Service Authorization Reference, Amazon EC2): the DR function may
-    remove only what a pilotlight run made (tagged `pilotlight:dr-run`), not any AMI,
-    snapshot or instance of the account. RunInstances only with the account's own images
+    remove only what a pilotlight run made (tagged `pilotlight:dr-run`) or a failback's
+    return snapshots (tagged `pilotlight:return`), not any AMI, snapshot or instance of
+    the account. RunInstances only with the account's own images
     (`ec2:Owner`)."""
     problems = []
     stmts = statements(template, "DrFunctionRole")
@@ -391,7 +440,9 @@ def deletes_not_tag_scoped(template: dict) -> list[str]:
         for st in stmts:
             if st.get("Effect") == "Allow" and grants(st, action):
                 cond = st.get("Condition", {})
-                if "aws:ResourceTag/pilotlight:dr-run" not in str(cond):
+                scoped = "aws:ResourceTag/pilotlight:dr-run" in str(cond) or (
+                    action == "ec2:DeleteSnapshot" and "aws:ResourceTag/pilotlight:return" in str(cond))
+                if not scoped:
                     problems.append(f"{action} ({st.get('Sid')}) is not scoped by the pilotlight:dr-run tag")
     for st in stmts:
         if st.get("Effect") == "Allow" and grants(st, "ec2:RunInstances"):
@@ -708,6 +759,24 @@ class AwsRules(unittest.TestCase):
         tf = (MODULE / "dr.tf").read_text()
         for sid in ("NeverDeletePoints", "NeverRunTagPoints"):
             self.assertIn(f'sid       = "{sid}"', tf)
+
+    def test_failback_snapshots_stops_and_prunes_only_what_runs_made(self):
+        self.assertEqual(failback_permissions(self.t), [])
+
+        def drop(sid):
+            return without_statement(lambda res: res["DrFunctionRole"]["Properties"]["Policies"][0]["PolicyDocument"], sid)
+        for sid in ("ReturnSnapshotsOfRecoveredInstances", "ReturnSnapshotsTagged", "TagReturnSnapshotsOnCreate",
+                    "PruneReturnSnapshots"):
+            self.assertTrue(failback_permissions(self.mutated(drop(sid))), sid)
+
+        def no_deny(res, _):
+            doc = res["SenderPolicy"]["Properties"]["PolicyDocument"]
+            doc["Statement"] = [s for s in doc["Statement"] if s.get("Sid") != "NeverReturnDocs"]
+        self.assertTrue(failback_permissions(self.mutated(no_deny)))
+        tf = (MODULE / "dr.tf").read_text() + (MODULE / "sender.tf").read_text()
+        for sid in ("ReturnSnapshotsOfRecoveredInstances", "ReturnSnapshotsOfTheirVolumes", "ReturnSnapshotsTagged",
+                    "TagReturnSnapshotsOnCreate", "PruneReturnSnapshots", "NeverReturnDocs", "ReadOwnReturnSnapshots"):
+            self.assertIn(f'"{sid}"', tf)
 
     def test_dr_may_launch_encrypted_images_whenever_the_stack_has_a_key(self):
         self.assertEqual(launch_needs_points_for_kms(self.t), [])

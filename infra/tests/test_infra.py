@@ -356,6 +356,8 @@ EXPECTED_ACTIONS = {
         "ssm:DescribeInstanceInformation",
         "kms:CreateGrant", "kms:DescribeKey", "kms:GenerateDataKeyWithoutPlaintext",
         "kms:ReEncrypt*",
+        # failback: return snapshots of recovered instances, cutover
+        "ec2:CreateSnapshots", "ec2:StopInstances",
     },
     "vm_import_role": {
         "s3:GetBucketLocation", "s3:ListBucket", "s3:GetObject",

@@ -107,6 +107,7 @@ data "aws_iam_policy_document" "dr_function_role" {
     actions = ["s3:PutObject"]
     resources = [
       "${aws_s3_bucket.data_bucket.arn}/${var.prefix}/*/x/*",
+      "${aws_s3_bucket.data_bucket.arn}/${var.prefix}/*/b/*/return.json",
       "${aws_s3_bucket.data_bucket.arn}/pilotlight-dr/*",
     ]
   }
@@ -253,6 +254,55 @@ data "aws_iam_policy_document" "dr_function_role" {
       values   = ["false"]
     }
   }
+  # Failback: return snapshots of a recovered instance (CreateSnapshots: Service
+  # Authorization Reference, Amazon EC2, resource types instance, snapshot and volume),
+  # tagged pilotlight:return on creation, stopped for cutover, pruned; only this stack's
+  # recovered instances.
+  statement {
+    sid       = "ReturnSnapshotsOfRecoveredInstances"
+    actions   = ["ec2:CreateSnapshots", "ec2:StopInstances"]
+    resources = ["arn:${local.partition}:ec2:${local.region}:${local.account}:instance/*"]
+    condition {
+      test     = "Null"
+      variable = "aws:ResourceTag/pilotlight:dr-run"
+      values   = ["false"]
+    }
+  }
+  statement {
+    sid       = "ReturnSnapshotsOfTheirVolumes"
+    actions   = ["ec2:CreateSnapshots"]
+    resources = ["arn:${local.partition}:ec2:${local.region}:${local.account}:volume/*"]
+  }
+  statement {
+    sid       = "ReturnSnapshotsTagged"
+    actions   = ["ec2:CreateSnapshots"]
+    resources = ["arn:${local.partition}:ec2:${local.region}::snapshot/*"]
+    condition {
+      test     = "Null"
+      variable = "aws:RequestTag/pilotlight:return"
+      values   = ["false"]
+    }
+  }
+  statement {
+    sid       = "TagReturnSnapshotsOnCreate"
+    actions   = ["ec2:CreateTags"]
+    resources = ["arn:${local.partition}:ec2:${local.region}::snapshot/*"]
+    condition {
+      test     = "StringEquals"
+      variable = "ec2:CreateAction"
+      values   = ["CreateSnapshots"]
+    }
+  }
+  statement {
+    sid       = "PruneReturnSnapshots"
+    actions   = ["ec2:DeleteSnapshot"]
+    resources = ["arn:${local.partition}:ec2:${local.region}::snapshot/*"]
+    condition {
+      test     = "Null"
+      variable = "aws:ResourceTag/pilotlight:return"
+      values   = ["false"]
+    }
+  }
   statement {
     sid = "TagImportedImages"
     # ImportImage tags only its task: the Lambda tags the AMI and snapshots the task
@@ -299,6 +349,13 @@ data "aws_iam_policy_document" "dr_function_role" {
       variable = "aws:ResourceTag/pilotlight:stack"
       values   = ["false"]
     }
+    # Return snapshots carry pilotlight:stack too (the sender's read policy): told apart
+    # by pilotlight:return, which no statement lets the function put on a snapshot.
+    condition {
+      test     = "Null"
+      variable = "aws:ResourceTag/pilotlight:return"
+      values   = ["true"]
+    }
   }
   statement {
     sid       = "NeverRunTagPoints"
@@ -313,7 +370,7 @@ data "aws_iam_policy_document" "dr_function_role" {
     condition {
       test     = "ForAnyValue:StringEquals"
       variable = "aws:TagKeys"
-      values   = ["pilotlight:dr-run", "pilotlight:drill"]
+      values   = ["pilotlight:dr-run", "pilotlight:drill", "pilotlight:return"]
     }
   }
   dynamic "statement" {

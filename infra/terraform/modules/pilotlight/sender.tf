@@ -15,6 +15,11 @@ data "aws_iam_policy_document" "sender_policy" {
     resources = ["${aws_s3_bucket.data_bucket.arn}/${var.prefix}/${var.sender_site}/*/g/*/manifest.json"]
   }
   statement {
+    sid       = "ReadOwnReturnSnapshots"
+    actions   = ["s3:GetObject"]
+    resources = ["${aws_s3_bucket.data_bucket.arn}/${var.prefix}/${var.sender_site}/*/b/*/return.json"]
+  }
+  statement {
     sid       = "ListOwnSite"
     actions   = ["s3:ListBucket"]
     resources = [aws_s3_bucket.data_bucket.arn]
@@ -32,6 +37,13 @@ data "aws_iam_policy_document" "sender_policy" {
     effect    = "Deny"
     actions   = ["s3:PutObject"]
     resources = ["${aws_s3_bucket.data_bucket.arn}/${var.prefix}/${var.sender_site}/*/*/x/*"]
+  }
+  # The DR function's word on which return snapshots to fail back from.
+  statement {
+    sid       = "NeverReturnDocs"
+    effect    = "Deny"
+    actions   = ["s3:PutObject"]
+    resources = ["${aws_s3_bucket.data_bucket.arn}/${var.prefix}/${var.sender_site}/*/*/b/*/return.json"]
   }
   # Failback (pilotlight-sender failback) reads the recovered instance's return snapshots
   # and the points they grew from, of its own site only: the EBS direct read APIs on
