@@ -436,3 +436,230 @@ async fn a_two_disk_vm_fails_back_in_two_rounds_into_a_raw_file_and_qemu_nbd() {
         std::fs::read(&site[0]).unwrap()
     );
 }
+
+/// `pilotlight-dr` with the e2e stack's tag, JSON out.
+fn dr_json(stack: &LocalStack, args: &[&str]) -> serde_json::Value {
+    let out = run_ok(&mut pilotlight_tests::cli::dr(
+        stack,
+        "ok",
+        &[&["--stack", "e2e", "--json"], args].concat(),
+    ));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    match v {
+        serde_json::Value::Array(mut all) if all.len() == 1 => all.pop().unwrap(),
+        v => v,
+    }
+}
+
+/// What the recovered instance "writes" to a volume: the test kit's moto extension turns
+/// `pilotlight-test:write:<block>` = `<byte>` tags into the volume's blocks.
+async fn instance_writes(ec2: &aws_sdk_ec2::Client, volume: &str, blocks: &[(u64, u8)]) {
+    let mut req = ec2.create_tags().resources(volume);
+    for (i, b) in blocks {
+        req = req.tags(
+            aws_sdk_ec2::types::Tag::builder()
+                .key(format!("pilotlight-test:write:{i}"))
+                .value(b.to_string())
+                .build(),
+        );
+    }
+    req.send().await.unwrap();
+}
+
+/// The whole way home through the binaries: a real snapshot-method recovery of a two-disk
+/// VM, `pilotlight-dr failback start` (return snapshots of the instance's volumes, with
+/// what it wrote), `pilotlight-sender failback --run` per disk (the point and the newest
+/// return snapshot from the bucket), `failback cutover` (instance stopped, final set),
+/// the final rounds, and `returned`: each site disk equals its final return snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_recovery_fails_back_through_return_snapshots_and_cutover() {
+    let stack = LocalStack::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let ebs = emulator(&stack.endpoint).await.ebs();
+    let ec2 = stack.ec2().await;
+    let t = (chrono::Utc::now() - chrono::Duration::hours(1))
+        .format("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    let mut site = Vec::new();
+    for (n, name) in ["disk0", "disk1"].iter().enumerate() {
+        let disk = tmp.path().join(format!("{name}.raw"));
+        let f = create_sparse(&disk, SIZE);
+        scribble(&f, SIZE, 30, 21 + n as u64);
+        drop(f);
+        let state = tmp.path().join(format!("{name}-state"));
+        let id = format!("site1/vm1/{name}");
+        let mut args = disk_args(&id, &state, &disk).to_vec();
+        args.extend(["--source", "full", "--snapshot-time", &t]);
+        send_ok(&stack, &args);
+        site.push(disk);
+    }
+    run_ok(&mut receiver(
+        &stack,
+        "sync",
+        &tmp.path().join("rx"),
+        &["--stack", "e2e"],
+    ));
+    let vm = [
+        "--site", "site1", "--vm", "vm1", "--disk", "disk0", "--disk", "disk1",
+    ];
+    let run = dr_json(
+        &stack,
+        &[
+            &[
+                "start",
+                "--method",
+                "snapshot",
+                "--wait",
+                "--poll-every",
+                "200ms",
+            ][..],
+            &vm,
+        ]
+        .concat(),
+    );
+    assert_eq!(run["phase"], "done", "{run:#}");
+    assert_eq!(run["drill"], false);
+    let id = run["run_id"].as_str().unwrap().to_string();
+
+    // A sender cannot fail back before the DR side offers anything.
+    let early = Command::new(bin("pilotlight-sender"))
+        .args(["failback", "--run", &id, "--disk-id", "site1/vm1/disk0"])
+        .args(["--target", s(&site[0]), "--no-progress"])
+        .envs(stack.env())
+        .output()
+        .unwrap();
+    assert!(!early.status.success());
+    let why = String::from_utf8_lossy(&early.stderr);
+    assert!(
+        why.contains("no return snapshots") && why.contains("failback start"),
+        "{why}"
+    );
+    assert_eq!(std::fs::read(&site[0]).unwrap().len() as u64, SIZE);
+
+    let fb = dr_json(
+        &stack,
+        &["failback", "start", &id, "--every", "5m", "--keep", "2"],
+    );
+    assert_eq!(fb["phase"], "returning", "{fb:#}");
+    let volumes: Vec<String> = fb["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["volume_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(fb["disks"][1]["device"], "/dev/sdf");
+    // That first set was taken before the instance wrote anything. It writes now; the
+    // set the rounds use is taken at cutover below, and a second round brings it home.
+    let fb = dr_json(&stack, &["failback", "status", &id]);
+    assert_eq!(fb["sets"][0]["state"], "completed", "{fb:#}");
+
+    let round = |disk: &str, target: &Path| {
+        let out = run_ok(
+            Command::new(bin("pilotlight-sender"))
+                .args(["--state-dir", s(&tmp.path().join(format!("{disk}-fb")))])
+                .args([
+                    "failback",
+                    "--run",
+                    &id,
+                    "--disk-id",
+                    &format!("site1/vm1/{disk}"),
+                ])
+                .args(["--target", s(target), "--json", "--no-progress"])
+                .envs(stack.env())
+                .env("RUST_LOG", "warn"),
+        );
+        rounds(&out)
+    };
+    // Round 1: to the first set (nothing written yet: the site already holds it).
+    for (n, disk) in ["disk0", "disk1"].iter().enumerate() {
+        let before = std::fs::read(&site[n]).unwrap();
+        let done = round(disk, &site[n]);
+        assert!(done.len() <= 1, "{done:?}");
+        assert_eq!(
+            std::fs::read(&site[n]).unwrap(),
+            before,
+            "nothing changed yet"
+        );
+    }
+    let fb = dr_json(&stack, &["failback", "status", &id]);
+    assert!(
+        fb["disks"][0]["round"]["verified"].as_bool().unwrap(),
+        "{fb:#}"
+    );
+
+    // The instance writes; cutover stops it and takes the final set.
+    instance_writes(&ec2, &volumes[0], &[(3, 0x33), (40, 0x40), (95, 0x95)]).await;
+    instance_writes(&ec2, &volumes[1], &[(7, 0x07)]).await;
+    let fb = dr_json(&stack, &["failback", "cutover", &id]);
+    assert!(
+        ["stopping", "final_snapshot", "final_round"].contains(&fb["phase"].as_str().unwrap()),
+        "{fb:#}"
+    );
+    let fb = poll_until(
+        "final snapshot complete",
+        Duration::from_secs(60),
+        || async {
+            let fb = dr_json(&stack, &["failback", "status", &id]);
+            (fb["phase"] == "final_round").then_some(fb)
+        },
+    )
+    .await;
+    let inst = ec2
+        .describe_instances()
+        .instance_ids(run["instance_ids"][0].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let state = inst.reservations()[0].instances()[0]
+        .state()
+        .unwrap()
+        .name()
+        .unwrap()
+        .as_str()
+        .to_string();
+    assert_eq!(state, "stopped");
+    let fin = fb["sets"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(fin["final"], true);
+
+    // The final rounds: exactly the instance's writes move; each site disk equals its
+    // final return snapshot, block for block.
+    for (n, (disk, writes)) in [("disk0", 3u64), ("disk1", 1)].iter().enumerate() {
+        let done = round(disk, &site[n]);
+        assert_eq!(done.len(), 1, "{done:?}");
+        assert_eq!(done[0]["blocks_written"], *writes, "{done:?}");
+        let snap = fin["snapshots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p[0] == volumes[n].as_str())
+            .unwrap()[1]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            std::fs::read(&site[n]).unwrap(),
+            read_back(&ebs, &snap).await,
+            "{disk}"
+        );
+    }
+    let disk0 = std::fs::read(&site[0]).unwrap();
+    assert!(disk0[40 * B..41 * B].iter().all(|b| *b == 0x40));
+    let fb = dr_json(&stack, &["failback", "status", &id]);
+    assert_eq!(fb["phase"], "returned", "{fb:#}");
+    assert!(fb["log"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|l| l.as_str().unwrap().contains("final round")));
+    // The text view says what comes next.
+    let out = run_ok(&mut pilotlight_tests::cli::dr(
+        &stack,
+        "ok",
+        &["failback", "status", &id],
+    ));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Returned") && text.contains("pilotlight-sender resume"),
+        "{text}"
+    );
+}
