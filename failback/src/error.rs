@@ -39,6 +39,13 @@ pub enum FailbackError {
         snapshot: String,
         index: u64,
     },
+    #[error("another failback round of this disk is running (it holds {path}); let it finish, or stop it, then run again")]
+    Busy { path: String },
+    #[error("{path}: {source}")]
+    Lock {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{disk}: cannot resume protection yet: {why}")]
     NotFinished { disk: String, why: String },
     #[error("the site-change extent {offset}+{length} is not inside the {size}-byte disk")]

@@ -91,6 +91,9 @@ pub async fn apply<E: EbsApi>(
     progress: &dyn Progress,
 ) -> Result<Vec<RoundSummary>, FailbackError> {
     let path = state::path(state_dir, &req.disk);
+    // One round of a disk at a time: two would write the same target from different
+    // snapshots (a round still running when the final one starts, say).
+    let _lock = state::lock(&path)?;
     let mut st = match state::load(&path)? {
         Some(st) => {
             if st.point != req.point || st.target != target.name() {

@@ -147,6 +147,32 @@ pub fn path(state_dir: &Path, disk: &DiskId) -> PathBuf {
         .join(format!("{}.json", disk.disk.as_str()))
 }
 
+/// Takes the disk's round lock (`{state}.lock`, released when the file is dropped or
+/// the process dies) without waiting.
+pub fn lock(path: &Path) -> Result<std::fs::File, crate::FailbackError> {
+    let lock_path = path.with_extension("lock");
+    let err = |source| crate::FailbackError::Lock {
+        path: lock_path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = lock_path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(err)?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(crate::FailbackError::Busy {
+            path: lock_path.display().to_string(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(err(e)),
+    }
+}
+
 pub fn load(path: &Path) -> Result<Option<FailbackState>, pilotlight_durable::DurableError> {
     pilotlight_durable::load(path, STATE_VERSION)
 }

@@ -533,3 +533,42 @@ mod model {
         }
     }
 }
+
+#[tokio::test]
+async fn a_second_round_of_the_same_disk_is_refused_while_one_runs() {
+    let ebs = ebs();
+    let tmp = tempfile::tempdir().unwrap();
+    let point = snapshot(&ebs, None, &[(0, 1)]).await;
+    let r1 = snapshot(&ebs, Some(&point), &[(1, 2)]).await;
+    let path = tmp.path().join("site.raw");
+    let target = file_target(&path, &content(&ebs, &point, SIZE)).await;
+    let state = tmp.path().join("state");
+    // A round under way holds the disk's lock.
+    let held = crate::state::lock(&crate::state::path(&state, &disk())).unwrap();
+    let before = std::fs::read(&path).unwrap();
+    let e = apply(
+        &ebs,
+        &target,
+        &state,
+        &request(&point, &r1, vec![]),
+        &Options::default(),
+        &(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, FailbackError::Busy { .. }), "{e}");
+    assert!(e.to_string().contains("another failback round"), "{e}");
+    assert_eq!(std::fs::read(&path).unwrap(), before, "nothing written");
+    drop(held);
+    apply(
+        &ebs,
+        &target,
+        &state,
+        &request(&point, &r1, vec![]),
+        &Options::default(),
+        &(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), content(&ebs, &r1, SIZE));
+}
