@@ -117,6 +117,12 @@ pub struct Failback {
     pub log: Vec<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// When cutover was asked (the instance stops then).
+    #[serde(default)]
+    pub cutover_at: Option<DateTime<Utc>>,
+    /// When every disk's final round had been reported.
+    #[serde(default)]
+    pub returned_at: Option<DateTime<Utc>>,
     #[serde(skip)]
     pub etag: Etag,
 }
@@ -310,6 +316,8 @@ pub async fn start<S: ObjectStore, E: Ec2Api, B: EbsApi>(
         log: Vec::new(),
         created_at: now,
         updated_at: now,
+        cutover_at: None,
+        returned_at: None,
         etag: Etag::default(),
     };
     fb.note(format!(
@@ -331,6 +339,7 @@ pub async fn cutover<S: ObjectStore, E: Ec2Api, B: EbsApi>(
         .ok_or_else(|| DrError::Refused(format!("run {run_id} has no failback: start one first (`pilotlight-dr failback start {run_id}`)")))?;
     if fb.phase == FailbackPhase::Returning {
         fb.phase = FailbackPhase::Stopping;
+        fb.cutover_at = Some(Utc::now());
         fb.note(format!("cutover: stopping instance {}", fb.instance_id));
         save(env, &mut fb).await?;
     }
@@ -382,8 +391,26 @@ pub async fn advance<S: ObjectStore, E: Ec2Api, B: EbsApi>(
     let result = step(env, fb).await;
     if *fb != before {
         save(env, fb).await?;
+        if fb.phase.is_final() {
+            // After the record (the record is the truth); a report that cannot be
+            // written now is rendered again by `failback report`.
+            let html = crate::report::failback::render(fb, Utc::now());
+            let key = report_key(env, &fb.run_id);
+            let opts = PutOptions {
+                content_type: Some("text/html; charset=utf-8"),
+                ..Default::default()
+            };
+            if let Err(e) = env.store.put(&key, html.into_bytes().into(), opts).await {
+                tracing::warn!(key, error = %e, "the failback report was not written");
+            }
+        }
     }
     result
+}
+
+/// Where a finished failback's report is kept.
+pub fn report_key<S, E, B>(env: &DrEnv<S, E, B>, run_id: &str) -> String {
+    format!("{}failback/{run_id}.html", env.cfg.runs_prefix)
 }
 
 async fn step<S: ObjectStore, E: Ec2Api, B: EbsApi>(
@@ -461,6 +488,7 @@ async fn step<S: ObjectStore, E: Ec2Api, B: EbsApi>(
             });
             if done {
                 fb.phase = FailbackPhase::Returned;
+                fb.returned_at = Some(Utc::now());
                 fb.note("every disk's final round wrote and verified the final snapshot: the site holds the instance's disks; resume protection (`pilotlight-sender resume`)");
             }
         }

@@ -9,6 +9,8 @@
 //! Everything in a run record can come from a request or from AWS: every string is
 //! escaped before it reaches the page.
 
+pub mod failback;
+
 use crate::model::{Created, Phase, Run};
 use chrono::{DateTime, Utc};
 use serde_json::Value;

@@ -294,6 +294,23 @@ async fn cutover_stops_the_instance_takes_a_final_set_and_ends_when_every_disk_v
         .unwrap()
         .remove(0);
     assert_eq!(fb.phase, FailbackPhase::Returned, "{:?}", fb.log);
+    assert!(fb.cutover_at.is_some() && fb.returned_at >= fb.cutover_at);
+    // Its report is kept beside the record: the outcome, each disk's final round.
+    let html = String::from_utf8(
+        store
+            .object(&format!("pilotlight-dr/runs/failback/{}.html", run.run_id))
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(html.contains("Returned: every disk"), "{html}");
+    assert!(html.contains("Cutover took"));
+    assert!(html.contains(&fin.snapshots[1].1) && html.contains("site1/db-01/disk1"));
+    // What the sender reported is escaped.
+    let mut evil = fb.clone();
+    evil.disks[0].round.as_mut().unwrap().target = "<script>alert(1)</script>".into();
+    let html = pilotlight_dr::report::failback::render(&evil, chrono::Utc::now());
+    assert!(!html.contains("<script>") && html.contains("&lt;script&gt;"));
     // Cutover of a returned failback changes nothing; it is no longer unfinished.
     let again = failback::cutover(&env, &run.run_id).await.unwrap();
     assert_eq!(again.phase, FailbackPhase::Returned);

@@ -36,6 +36,14 @@ pub enum FailbackCmd {
     /// Cut over: stop the instance, take the final return snapshot (instance stopped);
     /// the failback is returned once the sender's final round of every disk verified it.
     Cutover { run_id: String },
+    /// Write the failback's HTML report (return sets, each disk's newest round, the
+    /// cutover's duration, what happened), rendered from its record now.
+    Report {
+        run_id: String,
+        /// Where [default: RUN_ID-failback.html in the current directory].
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
 }
 
 pub async fn run(cli: &Cli, cmd: &FailbackCmd) -> anyhow::Result<()> {
@@ -53,6 +61,19 @@ pub async fn run(cli: &Cli, cmd: &FailbackCmd) -> anyhow::Result<()> {
             let fb: Failback =
                 serde_json::from_value(v).context("unexpected answer to failback start")?;
             show(cli, &fb);
+        }
+        FailbackCmd::Report { run_id, out } => {
+            let v = call(cli, json!({"action": "failback_status", "run_id": run_id})).await?;
+            let mut all: Vec<Failback> =
+                serde_json::from_value(v).context("unexpected answer to failback status")?;
+            let fb = all.pop().context("no failback in the answer")?;
+            let html = pilotlight_dr::report::failback::render(&fb, chrono::Utc::now());
+            let path = out
+                .clone()
+                .unwrap_or_else(|| format!("{run_id}-failback.html").into());
+            std::fs::write(&path, html)
+                .with_context(|| format!("writing the report to {}", path.display()))?;
+            println!("failback report of {run_id} written to {}", path.display());
         }
         FailbackCmd::Cutover { run_id } => {
             let v = call(cli, json!({"action": "failback_cutover", "run_id": run_id})).await?;
