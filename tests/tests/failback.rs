@@ -662,4 +662,15 @@ async fn a_real_recovery_fails_back_through_return_snapshots_and_cutover() {
         text.contains("Returned") && text.contains("pilotlight-sender resume"),
         "{text}"
     );
+    let html = tmp.path().join("fb.html");
+    run_ok(&mut pilotlight_tests::cli::dr(
+        &stack,
+        "ok",
+        &["failback", "report", &id, "--out", s(&html)],
+    ));
+    let html = std::fs::read_to_string(&html).unwrap();
+    assert!(
+        html.contains("Returned: every disk") && html.contains("site1/vm1/disk0"),
+        "{html}"
+    );
 }
