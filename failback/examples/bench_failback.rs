@@ -204,6 +204,7 @@ async fn bench<E: EbsApi>(name: &str, ebs: &E, a: &Args) {
         point: point.clone(),
         snapshot: back.clone(),
         site_changes: vec![],
+        compare: false,
     };
     let (mut reads, mut fbs, mut fbs_nv) = (Vec::new(), Vec::new(), Vec::new());
     let mut read = 0;

@@ -36,6 +36,9 @@ pub struct RoundRequest {
     /// Byte extents `(offset, length)` the site wrote after the point (its change
     /// tracking since the point's change id); first round only.
     pub site_changes: Vec<(u64, u64)>,
+    /// The site ran after the point and has no change tracking to say where it wrote:
+    /// the first round compares every block ([`Mode::Compared`]) instead.
+    pub compare: bool,
 }
 
 /// How to run.
@@ -136,11 +139,13 @@ pub async fn apply<E: EbsApi>(
         } else {
             Vec::new()
         };
+        let compare = first && req.compare;
         st.round = Some(RoundState {
             snapshot: req.snapshot.clone(),
             base: st.applied.clone().unwrap_or_else(|| st.point.clone()),
-            mode: None,
-            phase: if site.is_empty() {
+            // Compared rounds cover every block: the site's changes are among them.
+            mode: compare.then_some(Mode::Compared),
+            phase: if site.is_empty() || compare {
                 Phase::Delta
             } else {
                 Phase::Site
@@ -331,7 +336,7 @@ impl<E: EbsApi> Runner<'_, E> {
                     .collect();
                 Ok(work(actions, page.next_token, cursor))
             }
-            (Phase::Delta, Mode::Full) => {
+            (Phase::Delta, Mode::Full | Mode::Compared) => {
                 let page = self.snapshot_page(&r.snapshot, start(cursor)).await?;
                 let mut actions = Vec::new();
                 let mut at = cursor;
@@ -449,6 +454,7 @@ impl<E: EbsApi> Runner<'_, E> {
         w: &Work,
     ) -> Result<(), FailbackError> {
         let snapshot = r.snapshot.clone();
+        let compare = r.mode == Some(Mode::Compared);
         // Fetching and writing run ahead while a mark is taken (flush, read back, save):
         // the producer keeps `concurrency` blocks in flight, the consumer takes what they
         // did in order and marks. The channel holds only those small records (the bytes
@@ -461,7 +467,7 @@ impl<E: EbsApi> Runner<'_, E> {
         let (tx, mut rx) = tokio::sync::mpsc::channel(ahead);
         let produce = async {
             let mut results = futures::stream::iter(w.actions.iter().cloned())
-                .map(|a| self.act(&snapshot, a))
+                .map(|a| self.act(&snapshot, a, compare))
                 .buffered(self.opts.concurrency.max(1));
             while let Some(did) = results.next().await {
                 if tx.send(did).await.is_err() {
@@ -480,6 +486,7 @@ impl<E: EbsApi> Runner<'_, E> {
                 since.blocks_written += did.counters.blocks_written;
                 since.bytes_written += did.counters.bytes_written;
                 since.bytes_zeroed += did.counters.bytes_zeroed;
+                since.blocks_same += did.counters.blocks_same;
                 written.extend(did.written);
                 mark = mark.max(did.end);
                 if written.len() >= self.opts.checkpoint_blocks.max(1) {
@@ -526,13 +533,16 @@ impl<E: EbsApi> Runner<'_, E> {
         r.done.bytes_written += since.bytes_written;
         r.done.bytes_zeroed += since.bytes_zeroed;
         r.done.blocks_verified += since.blocks_verified;
+        r.done.blocks_same += since.blocks_same;
         *since = Counters::default();
         st.round = Some(r.clone());
         state::save(&self.path, st)?;
         Ok(())
     }
 
-    async fn act(&self, snapshot: &str, a: Action) -> Result<Did, FailbackError> {
+    /// Writes (or zeroes) one action's blocks; with `compare`, only where the target's
+    /// bytes differ from the snapshot's (a Compared round).
+    async fn act(&self, snapshot: &str, a: Action, compare: bool) -> Result<Did, FailbackError> {
         let size = self.target.size();
         let end = a.end();
         match a {
@@ -575,6 +585,20 @@ impl<E: EbsApi> Runner<'_, E> {
                 } else {
                     Sha256::digest(&part).into()
                 };
+                if compare {
+                    let have = self.target.read(offset, len).await?;
+                    if <[u8; 32]>::from(Sha256::digest(&have)) == digest {
+                        self.progress.advance(len as u64);
+                        return Ok(Did {
+                            end,
+                            counters: Counters {
+                                blocks_same: 1,
+                                ..Counters::default()
+                            },
+                            written: None,
+                        });
+                    }
+                }
                 self.target.write(offset, part).await?;
                 self.progress.advance(len as u64);
                 Ok(Did {
@@ -590,14 +614,36 @@ impl<E: EbsApi> Runner<'_, E> {
             Action::Zero { start, end } => {
                 let from = (start * BLOCK_SIZE).min(size);
                 let to = (end * BLOCK_SIZE).min(size);
-                self.target.write_zeroes(from, to - from).await?;
-                self.progress.advance(to - from);
+                if !compare {
+                    self.target.write_zeroes(from, to - from).await?;
+                    self.progress.advance(to - from);
+                    return Ok(Did {
+                        end,
+                        counters: Counters {
+                            bytes_zeroed: to - from,
+                            ..Counters::default()
+                        },
+                        written: None,
+                    });
+                }
+                // Block by block: zeroed only where the target holds something else.
+                let mut counters = Counters::default();
+                let mut at = from;
+                while at < to {
+                    let n = (to - at).min(BLOCK_SIZE);
+                    let have = self.target.read(at, n as usize).await?;
+                    if have.iter().any(|b| *b != 0) {
+                        self.target.write_zeroes(at, n).await?;
+                        counters.bytes_zeroed += n;
+                    } else {
+                        counters.blocks_same += 1;
+                    }
+                    self.progress.advance(n);
+                    at += n;
+                }
                 Ok(Did {
                     end,
-                    counters: Counters {
-                        bytes_zeroed: to - from,
-                        ..Counters::default()
-                    },
+                    counters,
                     written: None,
                 })
             }

@@ -22,6 +22,11 @@ pub enum Mode {
     /// The two are not of one lineage (UNRELATED_SNAPSHOTS, e.g. an instance launched by
     /// the import method): every block of the snapshot, zeroes everywhere else.
     Full,
+    /// The site ran after the point without change tracking (first round, `--compare`):
+    /// every block of the snapshot read and its SHA-256 compared with the target's block,
+    /// written only where they differ; blocks the snapshot does not hold zeroed only where
+    /// the target's are not zero.
+    Compared,
 }
 
 /// Which pass of a round is under way.
@@ -47,6 +52,9 @@ pub struct Counters {
     /// Blocks read back and compared after each flush.
     #[serde(default)]
     pub blocks_verified: u64,
+    /// Blocks found equal on the target and left alone (`Compared` rounds).
+    #[serde(default)]
+    pub blocks_same: u64,
 }
 
 impl Counters {
@@ -55,6 +63,7 @@ impl Counters {
         self.bytes_written += o.bytes_written;
         self.bytes_zeroed += o.bytes_zeroed;
         self.blocks_verified += o.blocks_verified;
+        self.blocks_same += o.blocks_same;
     }
 }
 

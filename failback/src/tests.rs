@@ -99,6 +99,7 @@ fn request(point: &str, snapshot: &str, site: Vec<(u64, u64)>) -> RoundRequest {
         point: point.into(),
         snapshot: snapshot.into(),
         site_changes: site,
+        compare: false,
     }
 }
 
@@ -528,6 +529,67 @@ mod model {
                     apply(&ebs, &target, &state, &request(&point, &snap, site.clone()), &opts, &()).await.unwrap();
                     assert_eq!(std::fs::read(&path).unwrap(), content(&ebs, &snap, size));
                     parent = Some(snap);
+                }
+            });
+        }
+
+        /// A site that ran after the point without change tracking (`compare`): its
+        /// unknown writes (some equal to what was there, some zeroes) are found by
+        /// comparing every block, and only differing blocks are written or zeroed.
+        #[test]
+        fn a_compared_first_round_writes_exactly_the_differing_blocks(
+            point in proptest::collection::btree_map(0u64..12, 1u8..4, 0..8),
+            unknown in proptest::collection::btree_map(0u64..12, 0u8..4, 0..6),
+            instance in proptest::collection::btree_map(0u64..12, 0u8..6, 0..6),
+            cut in proptest::option::of(1u64..12),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let ebs = ebs();
+                let tmp = tempfile::tempdir().unwrap();
+                let size = 12 * BLOCK_SIZE;
+                let p: Vec<(u64, u8)> = point.into_iter().collect();
+                let point = snapshot(&ebs, None, &p).await;
+                let mut site_disk = content(&ebs, &point, size);
+                for (&i, &b) in &unknown {
+                    let at = (i * BLOCK_SIZE) as usize;
+                    site_disk[at..at + B].copy_from_slice(&block(b));
+                }
+                let b: Vec<(u64, u8)> = instance.into_iter().collect();
+                let snap = snapshot(&ebs, Some(&point), &b).await;
+                let want = content(&ebs, &snap, size);
+                let held: std::collections::BTreeSet<u64> =
+                    ebs.list_snapshot_blocks(&snap).await.unwrap().iter().map(|b| b.index).collect();
+                let differs = |i: u64| {
+                    let r = (i * BLOCK_SIZE) as usize..((i + 1) * BLOCK_SIZE) as usize;
+                    site_disk[r.clone()] != want[r]
+                };
+                let written = (0..12).filter(|&i| held.contains(&i) && differs(i)).count() as u64;
+                let zeroed = (0..12).filter(|&i| !held.contains(&i) && differs(i)).count() as u64 * BLOCK_SIZE;
+                let path = tmp.path().join("t.raw");
+                let target = file_target(&path, &site_disk).await;
+                let state = tmp.path().join("state");
+                let opts = Options { concurrency: 3, checkpoint_blocks: 2, call_attempts: 1, ..Options::default() };
+                let mut req = request(&point, &snap, vec![]);
+                req.compare = true;
+                let mut rounds = Vec::new();
+                if let Some(n) = cut {
+                    ebs.faults.add(Fault::on("GetSnapshotBlock").nth(ebs.faults.calls("GetSnapshotBlock") + n));
+                    if let Ok(r) = apply(&ebs, &target, &state, &req, &opts, &()).await {
+                        rounds.extend(r);
+                    }
+                    ebs.faults.clear();
+                }
+                rounds.extend(apply(&ebs, &target, &state, &req, &opts, &()).await.unwrap());
+                assert_eq!(std::fs::read(&path).unwrap(), want);
+                assert_eq!(rounds.len(), 1, "{rounds:?}");
+                assert_eq!(rounds[0].mode, Mode::Compared);
+                if cut.is_none() {
+                    // Resumed rounds may rewrite blocks past their last mark.
+                    assert_eq!(rounds[0].counters.blocks_written, written);
+                    assert_eq!(rounds[0].counters.bytes_zeroed, zeroed);
+                    let c = &rounds[0].counters;
+                    assert_eq!(c.blocks_written + c.blocks_same + c.bytes_zeroed / BLOCK_SIZE, 12, "every block looked at once");
                 }
             });
         }

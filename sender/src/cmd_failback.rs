@@ -43,6 +43,12 @@ pub struct FailbackArgs {
     /// snapshot in the first round.
     #[arg(long)]
     site_changes: Option<PathBuf>,
+    /// The site's disk ran after the point but has no change tracking to say where it
+    /// wrote: the first round reads every block of the snapshot and compares its SHA-256
+    /// with the target's, writing only where they differ (every block crosses the
+    /// network once; the target is written only where needed).
+    #[arg(long, conflicts_with = "site_changes")]
+    compare: bool,
     /// A drill: make --target (which must not exist yet) a sparse copy of this disk, and
     /// fail back into the copy; the site's disk is never written. Later rounds of the
     /// same drill give the same --target without --drill-from.
@@ -90,6 +96,7 @@ fn mode_name(m: Mode) -> &'static str {
     match m {
         Mode::Changed => "changed blocks",
         Mode::Full => "every block: not one lineage",
+        Mode::Compared => "every block compared: the site's changes are unknown",
     }
 }
 
@@ -97,7 +104,7 @@ fn mode_name(m: Mode) -> &'static str {
 pub fn line(disk: &DiskId, r: &RoundSummary) -> String {
     let c = &r.counters;
     format!(
-        "{disk}: {} -> {} ({}): {} blocks written ({}), {} zeroed, {} read back, {} site blocks, {:.1} s",
+        "{disk}: {} -> {} ({}): {} blocks written ({}), {} zeroed, {} read back, {} site blocks, {} found equal, {:.1} s",
         r.base,
         r.snapshot,
         mode_name(r.mode),
@@ -106,6 +113,7 @@ pub fn line(disk: &DiskId, r: &RoundSummary) -> String {
         bytesize::ByteSize(c.bytes_zeroed),
         c.blocks_verified,
         r.site_blocks,
+        c.blocks_same,
         r.seconds()
     )
 }
@@ -175,6 +183,7 @@ pub async fn run(a: FailbackArgs, shared: Shared) -> Result<()> {
         point,
         snapshot,
         site_changes,
+        compare: a.compare,
     };
     let opts = Options {
         concurrency: a.concurrency,
