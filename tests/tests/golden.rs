@@ -152,3 +152,19 @@ fn ready_marks_vm_settings_and_groups_load() {
     let group: GroupRecord = serde_json::from_slice(&bytes("dr-group.json")).unwrap();
     assert_eq!(group.runs.len(), 2);
 }
+
+#[test]
+fn failback_documents_load() {
+    use pilotlight_dr::failback::{Failback, FailbackPhase};
+    use pilotlight_protocol::{DiskId, ReturnDoc, RoundDoc};
+    let fb: Failback = serde_json::from_slice(&bytes("failback-v1.json")).unwrap();
+    assert_eq!(fb.phase, FailbackPhase::FinalRound);
+    assert_eq!(fb.disks[0].round.as_ref().unwrap().blocks_written, 12);
+    assert!(fb.sets[1].r#final);
+    let run = Name::new("dr-20261204t231934-61b0c6f8").unwrap();
+    let disk = DiskId::parse("site1/db-01/disk0").unwrap();
+    let ret = ReturnDoc::from_json(&bytes("failback-return-v1.json"), &run, &disk).unwrap();
+    assert_eq!(ret.newest().unwrap().snapshot_id, "snap-0ddddddddddddddd1");
+    let round = RoundDoc::from_json(&bytes("failback-round-v1.json"), &run, &disk).unwrap();
+    assert!(round.r#final && round.verified);
+}
