@@ -82,6 +82,15 @@ pub struct RoundDoc {
     pub drill: bool,
     pub seconds: f64,
     pub finished_at: DateTime<Utc>,
+    /// The target's size in bytes.
+    #[serde(default)]
+    pub disk_bytes: Option<u64>,
+    /// Rounds finished into this target so far, this one included.
+    #[serde(default)]
+    pub rounds: Option<u64>,
+    /// Bytes written (and zeroed) by all of them: what failing back moved.
+    #[serde(default)]
+    pub total_bytes_written: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -252,6 +261,9 @@ mod tests {
             drill: false,
             seconds: 1.5,
             finished_at: Utc::now(),
+            disk_bytes: Some(1 << 30),
+            rounds: Some(2),
+            total_bytes_written: Some(5 << 19),
         };
         let json = serde_json::to_vec(&round).unwrap();
         assert_eq!(RoundDoc::from_json(&json, &run, &d.disk).unwrap(), round);

@@ -224,6 +224,12 @@ pub async fn run(a: FailbackArgs, shared: Shared) -> Result<()> {
     if let Some((store, prefix, doc, _)) = &from_run {
         // The target equals req.snapshot now (apply returns only then): say so, with
         // whether every written block was read back and compared.
+        let so_far = pilotlight_failback::state::load(&pilotlight_failback::state::path(
+            &shared.state_dir,
+            &disk,
+        ))
+        .ok()
+        .flatten();
         let written: (u64, u64, f64) = rounds.iter().fold((0, 0, 0.0), |t, r| {
             (
                 t.0 + r.counters.blocks_written,
@@ -244,6 +250,12 @@ pub async fn run(a: FailbackArgs, shared: Shared) -> Result<()> {
             drill: drill_target(&shared.state_dir, &disk, &a.target),
             seconds: written.2,
             finished_at: chrono::Utc::now(),
+            disk_bytes: Some(target.size()),
+            rounds: so_far.as_ref().map(|st| st.rounds.len() as u64),
+            total_bytes_written: so_far.as_ref().map(|st| {
+                let t = st.total();
+                t.bytes_written + t.bytes_zeroed
+            }),
         };
         let key = pilotlight_store::failback::write_round(store, prefix, &round)
             .await

@@ -659,7 +659,10 @@ async fn a_real_recovery_fails_back_through_return_snapshots_and_cutover() {
     ));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("Returned") && text.contains("pilotlight-sender resume"),
+        text.contains("Returned")
+            && text.contains("pilotlight-sender resume")
+            && text.contains("the final snapshot")
+            && text.contains("% of the disk"),
         "{text}"
     );
     let html = tmp.path().join("fb.html");

@@ -73,7 +73,15 @@ pub fn render(fb: &Failback, now: DateTime<Utc>) -> String {
                     if r.drill { ", a drill" } else { "" },
                     duration(r.seconds)
                 ),
-                format!("{} blocks, {} bytes", r.blocks_written, r.bytes_written),
+                match (r.rounds, r.total_bytes_written, r.disk_bytes) {
+                    (Some(n), Some(moved), Some(size)) if size > 0 => format!(
+                        "{} blocks, {} bytes this round; {n} rounds moved {moved} bytes, {:.2} % of the {size}-byte disk",
+                        r.blocks_written,
+                        r.bytes_written,
+                        moved as f64 * 100.0 / size as f64
+                    ),
+                    _ => format!("{} blocks, {} bytes", r.blocks_written, r.bytes_written),
+                },
                 if r.verified { "yes" } else { "NO" },
             ),
             None => ("none yet".into(), "-".into(), "-"),

@@ -65,6 +65,9 @@ async fn sender_round(
         drill: false,
         seconds: 1.0,
         finished_at: chrono::Utc::now(),
+        disk_bytes: Some(1 << 30),
+        rounds: Some(1),
+        total_bytes_written: Some(7 << 19),
     };
     pilotlight_store::failback::write_round(store, &Prefix::new("dr").unwrap(), &doc)
         .await

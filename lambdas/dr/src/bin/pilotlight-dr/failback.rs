@@ -147,18 +147,44 @@ fn show(cli: &Cli, fb: &Failback) {
             .and_then(|s| s.snapshots.iter().find(|(v, _)| *v == d.volume_id))
             .map_or("none yet", |(_, s)| s.as_str());
         let round = match &d.round {
-            Some(r) => format!(
-                "site at {}{} ({} blocks written, {}{})",
-                r.snapshot_id,
-                if r.r#final { ", final" } else { "" },
-                r.blocks_written,
-                if r.verified {
-                    "verified"
-                } else {
-                    "NOT verified"
-                },
-                if r.drill { ", drill" } else { "" }
-            ),
+            Some(r) => {
+                // How far the site is behind the instance: the age of the return
+                // snapshot its newest round reached (none once the final one is in).
+                let taken = fb
+                    .sets
+                    .iter()
+                    .find(|s| s.snapshots.iter().any(|(_, id)| *id == r.snapshot_id));
+                let lag = match taken {
+                    Some(s) if s.r#final => "the final snapshot".to_string(),
+                    Some(s) => format!(
+                        "{} behind the instance",
+                        humantime::format_duration(std::time::Duration::from_secs(
+                            (chrono::Utc::now() - s.requested_at).num_seconds().max(0) as u64
+                        ))
+                    ),
+                    None => "a snapshot no longer listed".into(),
+                };
+                let moved = match (r.total_bytes_written, r.disk_bytes) {
+                    (Some(m), Some(size)) if size > 0 => format!(
+                        ", {m} bytes moved in {} rounds ({:.2} % of the disk)",
+                        r.rounds.unwrap_or(1),
+                        m as f64 * 100.0 / size as f64
+                    ),
+                    _ => String::new(),
+                };
+                format!(
+                    "site at {} ({lag}; {} blocks written in {:.1} s, {}{}{moved})",
+                    r.snapshot_id,
+                    r.blocks_written,
+                    r.seconds,
+                    if r.verified {
+                        "verified"
+                    } else {
+                        "NOT verified"
+                    },
+                    if r.drill { ", drill" } else { "" }
+                )
+            }
             None => "no round yet".into(),
         };
         println!(
