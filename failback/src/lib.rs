@@ -20,11 +20,13 @@ pub mod resume;
 pub mod round;
 pub mod state;
 pub mod target;
+pub mod whole;
 
 pub use error::FailbackError;
 pub use round::{apply, block_ranges, Options, Progress, RoundRequest};
 pub use state::{FailbackState, Mode, RoundSummary};
 pub use target::Target;
+pub use whole::{whole_disk_sha256, WholeDisk};
 
 #[cfg(test)]
 mod tests;

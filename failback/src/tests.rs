@@ -634,3 +634,40 @@ async fn a_second_round_of_the_same_disk_is_refused_while_one_runs() {
     .unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), content(&ebs, &r1, SIZE));
 }
+
+#[tokio::test]
+async fn the_whole_disk_check_finds_a_change_no_round_knew_of() {
+    let ebs = ebs();
+    let tmp = tempfile::tempdir().unwrap();
+    let point = snapshot(&ebs, None, &[(0, 1), (4, 2)]).await;
+    let r1 = snapshot(&ebs, Some(&point), &[(1, 3), (4, 0)]).await;
+    let path = tmp.path().join("site.raw");
+    let target = file_target(&path, &content(&ebs, &point, SIZE)).await;
+    let state = tmp.path().join("state");
+    apply(
+        &ebs,
+        &target,
+        &state,
+        &request(&point, &r1, vec![]),
+        &Options::default(),
+        &(),
+    )
+    .await
+    .unwrap();
+    let w = crate::whole_disk_sha256(&ebs, &target, &r1).await.unwrap();
+    assert!(w.equal(), "{w:?}");
+    assert_eq!(
+        w.target,
+        hex::encode(Sha256::digest(content(&ebs, &r1, SIZE)))
+    );
+    // A write the rounds never heard of (the last, partial block too).
+    use std::os::unix::fs::FileExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .write_all_at(&[7], SIZE - 1)
+        .unwrap();
+    let w = crate::whole_disk_sha256(&ebs, &target, &r1).await.unwrap();
+    assert!(!w.equal());
+}

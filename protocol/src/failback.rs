@@ -91,6 +91,10 @@ pub struct RoundDoc {
     /// Bytes written (and zeroed) by all of them: what failing back moved.
     #[serde(default)]
     pub total_bytes_written: Option<u64>,
+    /// With `--whole-disk-sha256`: the SHA-256 of the whole target, found equal to the
+    /// snapshot's over the same bytes.
+    #[serde(default)]
+    pub whole_disk_sha256: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -264,6 +268,7 @@ mod tests {
             disk_bytes: Some(1 << 30),
             rounds: Some(2),
             total_bytes_written: Some(5 << 19),
+            whole_disk_sha256: None,
         };
         let json = serde_json::to_vec(&round).unwrap();
         assert_eq!(RoundDoc::from_json(&json, &run, &d.disk).unwrap(), round);

@@ -60,6 +60,11 @@ pub struct FailbackArgs {
     /// Do not read written blocks back to compare their SHA-256 (faster, less sure).
     #[arg(long)]
     no_verify: bool,
+    /// After the round, also compare the SHA-256 of the whole target with the snapshot's
+    /// over the same bytes (reads the whole target and every block of the snapshot: the
+    /// egress of a full copy; for the final round).
+    #[arg(long)]
+    whole_disk_sha256: bool,
     /// Print each finished round as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -221,6 +226,23 @@ pub async fn run(a: FailbackArgs, shared: Shared) -> Result<()> {
             println!("{}", line(&disk, r));
         }
     }
+    let whole = if a.whole_disk_sha256 {
+        let w = pilotlight_failback::whole_disk_sha256(&ebs, &target, &req.snapshot).await?;
+        if !a.json {
+            println!(
+                "{disk}: whole-disk SHA-256 {} the snapshot's: {} (target) {} {} ({})",
+                if w.equal() { "equals" } else { "DIFFERS FROM" },
+                w.target,
+                if w.equal() { "=" } else { "!=" },
+                w.snapshot,
+                req.snapshot
+            );
+        }
+        Some(w)
+    } else {
+        None
+    };
+    let whole_ok = whole.as_ref().is_none_or(|w| w.equal());
     if let Some((store, prefix, doc, _)) = &from_run {
         // The target equals req.snapshot now (apply returns only then): say so, with
         // whether every written block was read back and compared.
@@ -243,7 +265,7 @@ pub async fn run(a: FailbackArgs, shared: Shared) -> Result<()> {
             disk: disk.clone(),
             snapshot_id: req.snapshot.clone(),
             r#final: is_final,
-            verified: !a.no_verify,
+            verified: !a.no_verify && whole_ok,
             blocks_written: written.0,
             bytes_written: written.1,
             target: a.target.clone(),
@@ -256,6 +278,10 @@ pub async fn run(a: FailbackArgs, shared: Shared) -> Result<()> {
                 let t = st.total();
                 t.bytes_written + t.bytes_zeroed
             }),
+            whole_disk_sha256: whole
+                .as_ref()
+                .filter(|w| w.equal())
+                .map(|w| w.target.clone()),
         };
         let key = pilotlight_store::failback::write_round(store, prefix, &round)
             .await
@@ -268,6 +294,12 @@ pub async fn run(a: FailbackArgs, shared: Shared) -> Result<()> {
                 doc.run_id
             );
         }
+    }
+    if !whole_ok {
+        anyhow::bail!(
+            "{disk}: the target's whole-disk SHA-256 differs from {}'s although every written block matched: the target holds changes no round knew of (the site wrote after the point without change tracking?); run the round again with a fresh state directory and --compare",
+            req.snapshot
+        );
     }
     Ok(())
 }

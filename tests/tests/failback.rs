@@ -624,7 +624,21 @@ async fn a_real_recovery_fails_back_through_return_snapshots_and_cutover() {
     // The final rounds: exactly the instance's writes move; each site disk equals its
     // final return snapshot, block for block.
     for (n, (disk, writes)) in [("disk0", 3u64), ("disk1", 1)].iter().enumerate() {
-        let done = round(disk, &site[n]);
+        let done = if n == 1 {
+            // The optional whole-disk check: reported equal with the round.
+            let out = run_ok(
+                Command::new(bin("pilotlight-sender"))
+                    .args(["--state-dir", s(&tmp.path().join(format!("{disk}-fb")))])
+                    .args(["failback", "--run", &id, "--disk-id", "site1/vm1/disk1"])
+                    .args(["--target", s(&site[n]), "--json", "--no-progress"])
+                    .arg("--whole-disk-sha256")
+                    .envs(stack.env())
+                    .env("RUST_LOG", "warn"),
+            );
+            rounds(&out)
+        } else {
+            round(disk, &site[n])
+        };
         assert_eq!(done.len(), 1, "{done:?}");
         assert_eq!(done[0]["blocks_written"], *writes, "{done:?}");
         let snap = fin["snapshots"]
@@ -646,6 +660,13 @@ async fn a_real_recovery_fails_back_through_return_snapshots_and_cutover() {
     assert!(disk0[40 * B..41 * B].iter().all(|b| *b == 0x40));
     let fb = dr_json(&stack, &["failback", "status", &id]);
     assert_eq!(fb["phase"], "returned", "{fb:#}");
+    let whole = fb["disks"][1]["round"]["whole_disk_sha256"]
+        .as_str()
+        .unwrap();
+    assert_eq!(
+        whole,
+        hex::encode(Sha256::digest(std::fs::read(&site[1]).unwrap()))
+    );
     assert!(fb["log"]
         .as_array()
         .unwrap()

@@ -68,6 +68,7 @@ async fn sender_round(
         disk_bytes: Some(1 << 30),
         rounds: Some(1),
         total_bytes_written: Some(7 << 19),
+        whole_disk_sha256: None,
     };
     pilotlight_store::failback::write_round(store, &Prefix::new("dr").unwrap(), &doc)
         .await
