@@ -21,6 +21,7 @@ pub mod failback;
 pub mod handler;
 pub mod model;
 pub mod plan;
+pub mod plans;
 pub mod report;
 pub mod runs;
 #[cfg(feature = "sim")]
