@@ -202,6 +202,22 @@ impl Aws {
         }
     }
 
+    /// Systems Manager Run Command, through the SDK.
+    #[cfg(feature = "ssm")]
+    pub fn ssm(&self) -> crate::ssm::SdkSsm {
+        crate::ssm::SdkSsm {
+            client: aws_sdk_ssm::Client::new(&self.sdk),
+        }
+    }
+
+    /// Route 53, through the SDK.
+    #[cfg(feature = "route53")]
+    pub fn route53(&self) -> crate::route53::SdkRoute53 {
+        crate::route53::SdkRoute53 {
+            client: aws_sdk_route53::Client::new(&self.sdk),
+        }
+    }
+
     #[cfg(feature = "ebs")]
     pub fn ebs(&self) -> crate::ebs::SdkEbs {
         crate::ebs::SdkEbs {

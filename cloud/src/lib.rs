@@ -25,8 +25,10 @@ pub mod ec2;
 pub mod error;
 pub mod fault;
 pub mod metrics;
+pub mod route53;
 pub mod s3;
 pub mod sqs;
+pub mod ssm;
 
 #[cfg(feature = "s3")]
 pub use config::LazyS3;

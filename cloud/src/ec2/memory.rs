@@ -456,6 +456,19 @@ impl Ec2Api for MemoryEc2 {
                 .collect()
         })
     }
+    async fn instance_address(&self, id: &str) -> Result<Option<String>, CloudError> {
+        self.call("DescribeInstances", |s| {
+            let n = s.instances.keys().position(|k| k == id)?;
+            let launch = &s.instances[id];
+            // The address asked for at launch, else one of the subnet's.
+            Some(
+                launch
+                    .private_ip
+                    .clone()
+                    .unwrap_or_else(|| format!("10.0.{}.{}", n / 250, n % 250 + 4)),
+            )
+        })
+    }
     async fn stop_instances(&self, ids: &[String]) -> Result<(), CloudError> {
         self.call("StopInstances", |s| {
             for id in ids {

@@ -347,6 +347,11 @@ pub trait Ec2Api: Send + Sync {
         key: &str,
         value: &str,
     ) -> impl Future<Output = Result<Vec<VolumeSnapshot>, CloudError>> + Send;
+    /// The instance's primary private IPv4 address (`None`: not found, or none yet).
+    fn instance_address(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<String>, CloudError>> + Send;
     /// `StopInstances` (a clean shutdown: the guest gets an ACPI shutdown).
     fn stop_instances(&self, ids: &[String])
         -> impl Future<Output = Result<(), CloudError>> + Send;

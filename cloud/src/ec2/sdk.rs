@@ -505,6 +505,28 @@ impl Ec2Api for SdkEc2 {
         Ok(out)
     }
 
+    async fn instance_address(&self, id: &str) -> Result<Option<String>, CloudError> {
+        let out = match self
+            .client
+            .describe_instances()
+            .instance_ids(id)
+            .send()
+            .await
+        {
+            Ok(o) => o,
+            Err(e) => {
+                let e = ec2_err("DescribeInstances", &e);
+                return if e.is_not_found() { Ok(None) } else { Err(e) };
+            }
+        };
+        Ok(out
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .find(|i| i.instance_id() == Some(id))
+            .and_then(|i| i.private_ip_address().map(String::from)))
+    }
+
     async fn stop_instances(&self, ids: &[String]) -> Result<(), CloudError> {
         if ids.is_empty() {
             return Ok(());

@@ -149,6 +149,16 @@ impl DrSettings {
     }
 }
 
+/// The clients plans need beyond the DR environment (Route 53, SSM Run Command).
+pub async fn plan_clients(
+    aws: &Aws,
+) -> (
+    pilotlight_cloud::route53::SdkRoute53,
+    pilotlight_cloud::ssm::SdkSsm,
+) {
+    (aws.route53(), aws.ssm())
+}
+
 /// The EC2 client of the handler: the SDK's; in builds with the `sim` feature, the same
 /// with a simulated image import that `--simulate-import` switches on.
 #[cfg(feature = "sim")]

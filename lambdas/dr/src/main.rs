@@ -26,9 +26,15 @@ async fn main() -> Result<(), Error> {
     // Settings come from the function's environment variables.
     let settings = Lambda::try_parse_from(["pilotlight-dr-lambda"])?.settings;
     let env = settings.env().await?;
-    let env = &env;
+    let (dns, cmd) = pilotlight_dr::config::plan_clients(&settings.aws().await).await;
+    let plans = pilotlight_dr::plans::run::PlanEnv {
+        dr: &env,
+        dns: &dns,
+        cmd: &cmd,
+    };
+    let plans = &plans;
     run(service_fn(move |event: LambdaEvent<Value>| async move {
-        pilotlight_dr::handle(env, event.payload)
+        pilotlight_dr::plans::handle(plans, event.payload)
             .await
             .map_err(Error::from)
     }))

@@ -10,6 +10,7 @@
 //! escaped before it reaches the page.
 
 pub mod failback;
+pub mod plan;
 
 use crate::model::{Created, Phase, Run};
 use chrono::{DateTime, Utc};

@@ -269,6 +269,9 @@ impl<E: Ec2Api + SimBackend, S: ObjectStore> Ec2Api for SimulatedImport<E, S> {
     async fn stop_instances(&self, ids: &[String]) -> Result<(), CloudError> {
         self.inner.stop_instances(ids).await
     }
+    async fn instance_address(&self, id: &str) -> Result<Option<String>, CloudError> {
+        self.inner.instance_address(id).await
+    }
 }
 
 impl SimBackend for SdkEc2 {
@@ -431,5 +434,8 @@ impl Ec2Api for AnyEc2 {
     }
     async fn stop_instances(&self, ids: &[String]) -> Result<(), CloudError> {
         both!(self, e => e.stop_instances(ids).await)
+    }
+    async fn instance_address(&self, id: &str) -> Result<Option<String>, CloudError> {
+        both!(self, e => e.instance_address(id).await)
     }
 }

@@ -27,8 +27,12 @@
 //! [`parse`] reads a plan and [`Plan::problems`] says everything wrong with it, each with
 //! its line: a plan is refused whole, never half run.
 
+pub mod entry;
 pub mod run;
 pub mod store;
+mod vm;
+
+pub use entry::handle;
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

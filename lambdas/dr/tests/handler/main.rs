@@ -21,6 +21,7 @@ use std::time::Duration;
 mod commands;
 mod failback;
 mod plan;
+mod plans;
 mod snapshot;
 mod steps;
 

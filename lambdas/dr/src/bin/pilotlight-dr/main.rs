@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 mod failback;
+mod plan;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -71,6 +72,9 @@ enum Cmd {
         #[arg(long)]
         open: bool,
     },
+    /// Recovery plans: waves of VMs, steps, health checks and DNS, kept in git.
+    #[command(subcommand)]
+    Plan(plan::PlanCmd),
     /// Bring a real recovery home: return snapshots for the site's sender, then cutover.
     #[command(subcommand)]
     Failback(failback::FailbackCmd),
@@ -99,11 +103,15 @@ struct StartArgs {
     /// The whole request as a JSON file (the Lambda's input); the flags below are ignored.
     #[arg(long)]
     request: Option<PathBuf>,
-    #[arg(long, required_unless_present = "request")]
+    /// Run this stored recovery plan instead (`plan put`): its VMs wave by wave, one
+    /// point time for all; with --drill, --at and --wait.
+    #[arg(long, conflicts_with_all = ["request", "site", "vms", "disks", "generation", "point", "method", "dry_run"])]
+    plan: Option<String>,
+    #[arg(long, required_unless_present_any = ["request", "plan"])]
     site: Option<String>,
     /// The VM; repeat to recover several at once, each from its saved settings
     /// (`configure`), each independently.
-    #[arg(long = "vm", required_unless_present = "request")]
+    #[arg(long = "vm", required_unless_present_any = ["request", "plan"])]
     vms: Vec<String>,
     /// A disk of the VM; repeat, boot disk first. Without it, the VM's saved settings
     /// (`configure`) give the disks and launch settings.
@@ -290,7 +298,13 @@ async fn call(cli: &Cli, event: Value) -> anyhow::Result<Value> {
         Ok(v)
     } else {
         let env = cli.settings.env().await?;
-        Ok(pilotlight_dr::handle(&env, event).await?)
+        let (dns, cmd) = pilotlight_dr::config::plan_clients(&cli.settings.aws().await).await;
+        let plans = pilotlight_dr::plans::run::PlanEnv {
+            dr: &env,
+            dns: &dns,
+            cmd: &cmd,
+        };
+        Ok(pilotlight_dr::plans::handle(&plans, event).await?)
     }
 }
 
@@ -306,6 +320,17 @@ fn parse_time(s: &str) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.cmd {
+        Cmd::Start(a) if a.plan.is_some() => {
+            let cmd = plan::PlanCmd::Start {
+                name: a.plan.clone().unwrap_or_default(),
+                drill: a.drill,
+                at: a.at.clone(),
+                wait: a.wait,
+                poll_every: a.poll.poll_every,
+                wait_timeout: a.poll.wait_timeout,
+            };
+            plan::run(&cli, &cmd).await?
+        }
         Cmd::Start(a) => {
             let req = start_request(a)?;
             let v = call(&cli, req).await?;
@@ -447,6 +472,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Failback(f) => failback::run(&cli, f).await?,
+        Cmd::Plan(p) => plan::run(&cli, p).await?,
         Cmd::Cleanup { run_id } => {
             let v = call(&cli, json!({"action": "cleanup", "run_id": run_id})).await?;
             let run: Run = serde_json::from_value(v).context("unexpected answer to cleanup")?;

@@ -1,0 +1,129 @@
+//! The DR function's entry with plans: plan requests here, everything else to
+//! [`crate::handler::handle`]; the schedule advances unfinished plan runs too.
+
+use super::run::{self, load_plan_run, PlanEnv, PlanRun};
+use super::store::{self, PlanRefused};
+use crate::error::DrError;
+use chrono::{DateTime, Utc};
+use pilotlight_cloud::ebs::EbsApi;
+use pilotlight_cloud::ec2::Ec2Api;
+use pilotlight_cloud::route53::DnsApi;
+use pilotlight_cloud::ssm::RunCommandApi;
+use pilotlight_cloud::ObjectStore;
+use serde::Deserialize;
+use serde_json::Value;
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
+enum PlanRequest {
+    /// Check a plan (its text) against itself and the bucket; store nothing.
+    PlanCheck { text: String },
+    /// Check and store a plan.
+    PlanPut { text: String },
+    /// A stored plan's text.
+    PlanShow { name: String },
+    /// Run a stored plan (a drill, or a real recovery).
+    PlanStart {
+        plan: String,
+        #[serde(default)]
+        drill: bool,
+        #[serde(default)]
+        at: Option<DateTime<Utc>>,
+    },
+    /// Advance and show one plan run, or every unfinished one.
+    PlanStatus { plan_run_id: Option<String> },
+    /// Remove what a drill of a plan made, DNS records included.
+    PlanCleanup { plan_run_id: String },
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<Value, DrError> {
+    serde_json::to_value(v).map_err(|e| DrError::Encode {
+        what: "the answer",
+        detail: e.to_string(),
+    })
+}
+
+fn refused(e: PlanRefused) -> Result<Value, DrError> {
+    match e {
+        PlanRefused::Problems(p) => Ok(serde_json::json!({ "ok": false, "problems": p })),
+        PlanRefused::Dr(e) => Err(e),
+    }
+}
+
+/// The Lambda's entry with plans.
+pub async fn handle<S: ObjectStore, E: Ec2Api, B: EbsApi, D: DnsApi, R: RunCommandApi>(
+    p: &PlanEnv<'_, S, E, B, D, R>,
+    event: Value,
+) -> Result<Value, DrError> {
+    let action = event.get("action").and_then(Value::as_str).unwrap_or("");
+    if !action.starts_with("plan_") {
+        let mut out = crate::handler::handle(p.dr, event.clone()).await?;
+        if out.get("advanced").is_some() {
+            // The schedule: plan runs too.
+            let plans = status(p, None).await?;
+            out["plans"] = plans
+                .iter()
+                .map(|r| Value::from(r.plan_run_id.clone()))
+                .collect();
+        }
+        return Ok(out);
+    }
+    let req: PlanRequest = serde_json::from_value(event).map_err(|e| {
+        DrError::BadRequest(format!(
+            "{e} (plan actions: plan_check, plan_put, plan_show, plan_start, plan_status, plan_cleanup)"
+        ))
+    })?;
+    match req {
+        PlanRequest::PlanCheck { text } => match store::check(p.dr, &text).await {
+            Ok(plan) => Ok(serde_json::json!({ "ok": true, "plan": plan })),
+            Err(e) => refused(e),
+        },
+        PlanRequest::PlanPut { text } => match store::put(p.dr, &text).await {
+            Ok(plan) => Ok(serde_json::json!({ "ok": true, "plan": plan })),
+            Err(e) => refused(e),
+        },
+        PlanRequest::PlanShow { name } => Ok(Value::from(store::show(p.dr, &name).await?)),
+        PlanRequest::PlanStart { plan, drill, at } => {
+            let plan = store::get(p.dr, &plan).await?;
+            to_json(&run::start(p, plan, drill, at).await?)
+        }
+        PlanRequest::PlanStatus { plan_run_id } => {
+            to_json(&status(p, plan_run_id.as_deref()).await?)
+        }
+        PlanRequest::PlanCleanup { plan_run_id } => to_json(&run::cleanup(p, &plan_run_id).await?),
+    }
+}
+
+/// Advances one plan run, or every unfinished one (one that cannot be read or advanced
+/// now is logged and skipped).
+pub async fn status<S: ObjectStore, E: Ec2Api, B: EbsApi, D: DnsApi, R: RunCommandApi>(
+    p: &PlanEnv<'_, S, E, B, D, R>,
+    id: Option<&str>,
+) -> Result<Vec<PlanRun>, DrError> {
+    if let Some(id) = id {
+        let mut r = load_plan_run(p.dr, id).await?;
+        run::advance(p, &mut r).await?;
+        return Ok(vec![r]);
+    }
+    let prefix = format!("{}plans/", p.dr.cfg.runs_prefix);
+    let mut out = Vec::new();
+    for k in p.dr.store.list(&prefix, |_| true).await? {
+        let Some(id) = k
+            .strip_prefix(&prefix)
+            .and_then(|k| k.strip_suffix(".json"))
+        else {
+            continue;
+        };
+        match load_plan_run(p.dr, id).await {
+            Ok(mut r) if !r.phase.is_final() => {
+                if let Err(e) = run::advance(p, &mut r).await {
+                    tracing::warn!(plan_run = %id, error = %e, "cannot advance the plan run now");
+                }
+                out.push(r);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(plan_run = %id, error = %e, "unreadable plan run; skipped"),
+        }
+    }
+    Ok(out)
+}
