@@ -52,7 +52,7 @@ impl RunCommandApi for SdkSsm {
                 let mut output = o.standard_output_content().unwrap_or_default().to_string();
                 let err = o.standard_error_content().unwrap_or_default();
                 if !err.is_empty() {
-                    output.push_str("\n");
+                    output.push('\n');
                     output.push_str(err);
                 }
                 Ok(Some(Invocation {

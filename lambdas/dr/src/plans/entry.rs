@@ -17,13 +17,17 @@ use serde_json::Value;
 #[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
 enum PlanRequest {
     /// Check a plan (its text) against itself and the bucket; store nothing.
-    PlanCheck { text: String },
+    #[serde(rename = "plan_check")]
+    Check { text: String },
     /// Check and store a plan.
-    PlanPut { text: String },
+    #[serde(rename = "plan_put")]
+    Put { text: String },
     /// A stored plan's text.
-    PlanShow { name: String },
+    #[serde(rename = "plan_show")]
+    Show { name: String },
     /// Run a stored plan (a drill, or a real recovery).
-    PlanStart {
+    #[serde(rename = "plan_start")]
+    Start {
         plan: String,
         #[serde(default)]
         drill: bool,
@@ -31,9 +35,11 @@ enum PlanRequest {
         at: Option<DateTime<Utc>>,
     },
     /// Advance and show one plan run, or every unfinished one.
-    PlanStatus { plan_run_id: Option<String> },
+    #[serde(rename = "plan_status")]
+    Status { plan_run_id: Option<String> },
     /// Remove what a drill of a plan made, DNS records included.
-    PlanCleanup { plan_run_id: String },
+    #[serde(rename = "plan_cleanup")]
+    Cleanup { plan_run_id: String },
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> Result<Value, DrError> {
@@ -74,23 +80,21 @@ pub async fn handle<S: ObjectStore, E: Ec2Api, B: EbsApi, D: DnsApi, R: RunComma
         ))
     })?;
     match req {
-        PlanRequest::PlanCheck { text } => match store::check(p.dr, &text).await {
+        PlanRequest::Check { text } => match store::check(p.dr, &text).await {
             Ok(plan) => Ok(serde_json::json!({ "ok": true, "plan": plan })),
             Err(e) => refused(e),
         },
-        PlanRequest::PlanPut { text } => match store::put(p.dr, &text).await {
+        PlanRequest::Put { text } => match store::put(p.dr, &text).await {
             Ok(plan) => Ok(serde_json::json!({ "ok": true, "plan": plan })),
             Err(e) => refused(e),
         },
-        PlanRequest::PlanShow { name } => Ok(Value::from(store::show(p.dr, &name).await?)),
-        PlanRequest::PlanStart { plan, drill, at } => {
+        PlanRequest::Show { name } => Ok(Value::from(store::show(p.dr, &name).await?)),
+        PlanRequest::Start { plan, drill, at } => {
             let plan = store::get(p.dr, &plan).await?;
             to_json(&run::start(p, plan, drill, at).await?)
         }
-        PlanRequest::PlanStatus { plan_run_id } => {
-            to_json(&status(p, plan_run_id.as_deref()).await?)
-        }
-        PlanRequest::PlanCleanup { plan_run_id } => to_json(&run::cleanup(p, &plan_run_id).await?),
+        PlanRequest::Status { plan_run_id } => to_json(&status(p, plan_run_id.as_deref()).await?),
+        PlanRequest::Cleanup { plan_run_id } => to_json(&run::cleanup(p, &plan_run_id).await?),
     }
 }
 
