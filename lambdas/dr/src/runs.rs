@@ -133,6 +133,16 @@ pub async fn report<S: ObjectStore, E, B>(
     if run_id.starts_with("grp-") {
         return group_report(env, run_id).await;
     }
+    if run_id.starts_with("plan-") {
+        // A plan run's report, rendered from its record as it is now.
+        let r = crate::plans::run::load_plan_run(env, run_id).await?;
+        return Ok(crate::model::Report {
+            run_id: r.plan_run_id.clone(),
+            key: env.cfg.report_key(run_id),
+            stored: false,
+            html: crate::report::plan::render(&r, Utc::now()),
+        });
+    }
     let run = load(env, run_id).await?;
     let key = env.cfg.report_key(run_id);
     let stamp = crate::report::stamp(&run);
