@@ -225,6 +225,40 @@ def failback_permissions(template: dict) -> list[str]:
     return problems
 
 
+def plan_permissions(template: dict) -> list[str]:
+    """Recovery plans. Service Authorization Reference, AWS Systems Manager: SendCommand
+    takes the document and the instance (ssm:resourceTag), GetCommandInvocation no
+    resource; Amazon Route 53: ChangeResourceRecordSets takes the hosted zone, with
+    route53:ChangeResourceRecordSetsRecordTypes and ...Actions. The DR function runs
+    commands only on instances its runs launched, with AWS-RunShellScript or the
+    account's own documents, and changes only A records (UPSERT, DELETE) in the zones
+    the stack names."""
+    stmts = statements(template, "DrFunctionRole")
+    instance = "arn:${AWS::Partition}:ec2:${AWS::Region}:${AWS::AccountId}:instance/i-1"
+    problems = []
+    if not allowed(stmts, "ssm:SendCommand", instance, {"ssm:resourceTag/pilotlight:dr-run": "r"}):
+        problems.append("the DR function cannot run a plan's steps on a recovered instance")
+    if allowed(stmts, "ssm:SendCommand", instance, {}):
+        problems.append("the DR function may run commands on any instance")
+    shell = "arn:${AWS::Partition}:ssm:${AWS::Region}::document/AWS-RunShellScript"
+    if not allowed(stmts, "ssm:SendCommand", shell):
+        problems.append("the DR function cannot use AWS-RunShellScript")
+    if allowed(stmts, "ssm:SendCommand", "arn:${AWS::Partition}:ssm:${AWS::Region}::document/AWS-RunPatchBaseline"):
+        problems.append("the DR function may run any AWS-owned document")
+    dns = [st for st in stmts if any(grants(st, a) for a in ("route53:ChangeResourceRecordSets", "route53:ListResourceRecordSets"))]
+    if len(dns) != 1:
+        problems.append(f"expected one Route 53 statement, found {len(dns)}")
+    for st in dns:
+        cond = st.get("Condition", {}).get("ForAllValues:StringEquals", {})
+        if cond.get("route53:ChangeResourceRecordSetsRecordTypes") != ["A"]:
+            problems.append("plans may change records other than A")
+        if sorted(cond.get("route53:ChangeResourceRecordSetsActions", [])) != ["DELETE", "UPSERT"]:
+            problems.append("plans may do more than UPSERT and DELETE")
+        if "PlanHostedZoneId" not in str(st.get("Resource")) or st.get("_if") != "HasPlanZones":
+            problems.append("the Route 53 statement is not limited to the stack's plan zones")
+    return problems
+
+
 def launch_needs_points_for_kms(template: dict) -> list[str]:
     """EC2 User Guide, "Amazon EBS encryption" (KMS key permissions): launching from an
     AMI whose snapshots a customer key encrypts needs kms:CreateGrant, kms:Decrypt,
@@ -777,6 +811,25 @@ class AwsRules(unittest.TestCase):
         for sid in ("ReturnSnapshotsOfRecoveredInstances", "ReturnSnapshotsOfTheirVolumes", "ReturnSnapshotsTagged",
                     "TagReturnSnapshotsOnCreate", "PruneReturnSnapshots", "NeverReturnDocs", "ReadOwnReturnSnapshots"):
             self.assertIn(f'"{sid}"', tf)
+
+    def test_plans_run_commands_and_write_dns_only_where_they_should(self):
+        self.assertEqual(plan_permissions(self.t), [])
+
+        def drop(sid):
+            return without_statement(lambda res: res["DrFunctionRole"]["Properties"]["Policies"][0]["PolicyDocument"], sid)
+        for sid in ("RunPlanStepsOnOwnInstances", "RunPlanDocuments"):
+            self.assertTrue(plan_permissions(self.mutated(drop(sid))), sid)
+
+        def any_record(res, _):
+            for p in res["DrFunctionRole"]["Properties"]["Policies"]:
+                for st in p["PolicyDocument"]["Statement"]:
+                    if isinstance(st, dict) and "Fn::If" in st and st["Fn::If"][1].get("Sid") == "PlanRecordsInPlanZones":
+                        del st["Fn::If"][1]["Condition"]["ForAllValues:StringEquals"]["route53:ChangeResourceRecordSetsRecordTypes"]
+        self.assertTrue(plan_permissions(self.mutated(any_record)))
+        tf = (MODULE / "dr.tf").read_text()
+        for sid in ("RunPlanStepsOnOwnInstances", "RunPlanDocuments", "FollowPlanSteps", "PlanRecordsInPlanZones"):
+            self.assertIn(f'"{sid}"', tf)
+        self.assertIn('variable = "route53:ChangeResourceRecordSetsRecordTypes"', tf)
 
     def test_dr_may_launch_encrypted_images_whenever_the_stack_has_a_key(self):
         self.assertEqual(launch_needs_points_for_kms(self.t), [])

@@ -358,6 +358,9 @@ EXPECTED_ACTIONS = {
         "kms:ReEncrypt*",
         # failback: return snapshots of recovered instances, cutover
         "ec2:CreateSnapshots", "ec2:StopInstances",
+        # recovery plans: steps and probes, DNS
+        "ssm:SendCommand", "ssm:GetCommandInvocation",
+        "route53:ChangeResourceRecordSets", "route53:ListResourceRecordSets",
     },
     "vm_import_role": {
         "s3:GetBucketLocation", "s3:ListBucket", "s3:GetObject",

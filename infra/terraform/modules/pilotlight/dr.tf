@@ -234,6 +234,51 @@ data "aws_iam_policy_document" "dr_function_role" {
       }
     }
   }
+  # Recovery plans: post-launch steps and health probes through SSM Run Command on the
+  # instances runs launched (SendCommand takes the document and the instance, with
+  # ssm:resourceTag; GetCommandInvocation has no resource-level permissions: Service
+  # Authorization Reference, AWS Systems Manager), and A records in the plans' zones only.
+  statement {
+    sid       = "RunPlanStepsOnOwnInstances"
+    actions   = ["ssm:SendCommand"]
+    resources = ["arn:${local.partition}:ec2:${local.region}:${local.account}:instance/*"]
+    condition {
+      test     = "Null"
+      variable = "ssm:resourceTag/pilotlight:dr-run"
+      values   = ["false"]
+    }
+  }
+  statement {
+    sid     = "RunPlanDocuments"
+    actions = ["ssm:SendCommand"]
+    resources = [
+      "arn:${local.partition}:ssm:${local.region}::document/AWS-RunShellScript",
+      "arn:${local.partition}:ssm:${local.region}:${local.account}:document/*",
+    ]
+  }
+  statement {
+    sid       = "FollowPlanSteps"
+    actions   = ["ssm:GetCommandInvocation"]
+    resources = ["*"]
+  }
+  dynamic "statement" {
+    for_each = var.plan_hosted_zone_id != "" ? [1] : []
+    content {
+      sid       = "PlanRecordsInPlanZones"
+      actions   = ["route53:ChangeResourceRecordSets", "route53:ListResourceRecordSets"]
+      resources = [for z in compact([var.plan_hosted_zone_id, var.plan_drill_hosted_zone_id]) : "arn:${local.partition}:route53:::hostedzone/${z}"]
+      condition {
+        test     = "ForAllValues:StringEquals"
+        variable = "route53:ChangeResourceRecordSetsRecordTypes"
+        values   = ["A"]
+      }
+      condition {
+        test     = "ForAllValues:StringEquals"
+        variable = "route53:ChangeResourceRecordSetsActions"
+        values   = ["UPSERT", "DELETE"]
+      }
+    }
+  }
   statement {
     sid       = "ConsoleOfOwnInstances"
     actions   = ["ec2:GetConsoleOutput"]

@@ -137,6 +137,18 @@ variable "recovered_instance_role_arn" {
   default     = ""
 }
 
+variable "plan_hosted_zone_id" {
+  description = "The Route 53 hosted zone id (Z...) recovery plans write A records into; the DR function may change only A records, only there (and in plan_drill_hosted_zone_id). Empty means plans write no DNS."
+  type        = string
+  default     = ""
+}
+
+variable "plan_drill_hosted_zone_id" {
+  description = "The Route 53 hosted zone id plan drills write their A records into. Empty means drills write no DNS."
+  type        = string
+  default     = ""
+}
+
 variable "alert_email" {
   description = "Email subscribed to the alert topic (confirm the subscription mail); empty means none."
   type        = string
