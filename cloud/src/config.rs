@@ -218,6 +218,16 @@ impl Aws {
         }
     }
 
+    /// The witness and notifications of guarded automatic failover, through the SDK.
+    #[cfg(feature = "witness")]
+    pub fn witness(&self) -> crate::witness::SdkWitness {
+        crate::witness::SdkWitness {
+            cloudwatch: aws_sdk_cloudwatch::Client::new(&self.sdk),
+            route53: aws_sdk_route53::Client::new(&self.sdk),
+            sns: aws_sdk_sns::Client::new(&self.sdk),
+        }
+    }
+
     #[cfg(feature = "ebs")]
     pub fn ebs(&self) -> crate::ebs::SdkEbs {
         crate::ebs::SdkEbs {

@@ -29,6 +29,7 @@ pub mod route53;
 pub mod s3;
 pub mod sqs;
 pub mod ssm;
+pub mod witness;
 
 #[cfg(feature = "s3")]
 pub use config::LazyS3;

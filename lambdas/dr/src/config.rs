@@ -149,14 +149,16 @@ impl DrSettings {
     }
 }
 
-/// The clients plans need beyond the DR environment (Route 53, SSM Run Command).
+/// The clients plans need beyond the DR environment (Route 53, SSM Run Command, the
+/// automation's witness and SNS).
 pub async fn plan_clients(
     aws: &Aws,
 ) -> (
     pilotlight_cloud::route53::SdkRoute53,
     pilotlight_cloud::ssm::SdkSsm,
+    pilotlight_cloud::witness::SdkWitness,
 ) {
-    (aws.route53(), aws.ssm())
+    (aws.route53(), aws.ssm(), aws.witness())
 }
 
 /// The EC2 client of the handler: the SDK's; in builds with the `sim` feature, the same

@@ -26,11 +26,12 @@ async fn main() -> Result<(), Error> {
     // Settings come from the function's environment variables.
     let settings = Lambda::try_parse_from(["pilotlight-dr-lambda"])?.settings;
     let env = settings.env().await?;
-    let (dns, cmd) = pilotlight_dr::config::plan_clients(&settings.aws().await).await;
+    let (dns, cmd, witness) = pilotlight_dr::config::plan_clients(&settings.aws().await).await;
     let plans = pilotlight_dr::plans::run::PlanEnv {
         dr: &env,
         dns: &dns,
         cmd: &cmd,
+        witness: &witness,
     };
     let plans = &plans;
     run(service_fn(move |event: LambdaEvent<Value>| async move {

@@ -9,6 +9,7 @@ use pilotlight_cloud::ebs::EbsApi;
 use pilotlight_cloud::ec2::Ec2Api;
 use pilotlight_cloud::route53::DnsApi;
 use pilotlight_cloud::ssm::RunCommandApi;
+use pilotlight_cloud::witness::WitnessApi;
 use pilotlight_cloud::ObjectStore;
 use serde::Deserialize;
 use serde_json::Value;
@@ -57,8 +58,15 @@ fn refused(e: PlanRefused) -> Result<Value, DrError> {
 }
 
 /// The Lambda's entry with plans.
-pub async fn handle<S: ObjectStore, E: Ec2Api, B: EbsApi, D: DnsApi, R: RunCommandApi>(
-    p: &PlanEnv<'_, S, E, B, D, R>,
+pub async fn handle<
+    S: ObjectStore,
+    E: Ec2Api,
+    B: EbsApi,
+    D: DnsApi,
+    R: RunCommandApi,
+    W: WitnessApi,
+>(
+    p: &PlanEnv<'_, S, E, B, D, R, W>,
     event: Value,
 ) -> Result<Value, DrError> {
     let action = event.get("action").and_then(Value::as_str).unwrap_or("");
@@ -100,8 +108,15 @@ pub async fn handle<S: ObjectStore, E: Ec2Api, B: EbsApi, D: DnsApi, R: RunComma
 
 /// Advances one plan run, or every unfinished one (one that cannot be read or advanced
 /// now is logged and skipped).
-pub async fn status<S: ObjectStore, E: Ec2Api, B: EbsApi, D: DnsApi, R: RunCommandApi>(
-    p: &PlanEnv<'_, S, E, B, D, R>,
+pub async fn status<
+    S: ObjectStore,
+    E: Ec2Api,
+    B: EbsApi,
+    D: DnsApi,
+    R: RunCommandApi,
+    W: WitnessApi,
+>(
+    p: &PlanEnv<'_, S, E, B, D, R, W>,
     id: Option<&str>,
 ) -> Result<Vec<PlanRun>, DrError> {
     if let Some(id) = id {

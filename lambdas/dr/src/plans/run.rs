@@ -22,6 +22,7 @@ use pilotlight_cloud::ebs::EbsApi;
 use pilotlight_cloud::ec2::Ec2Api;
 use pilotlight_cloud::route53::{ARecord, DnsApi};
 use pilotlight_cloud::ssm::RunCommandApi;
+use pilotlight_cloud::witness::WitnessApi;
 use pilotlight_cloud::{ErrorKind, ObjectStore, PutOptions};
 use serde::{Deserialize, Serialize};
 
@@ -32,10 +33,12 @@ const MAX_PLAN_RUN: u64 = 4 << 20;
 
 /// The DR environment plus what plans need beyond it.
 #[derive(Debug)]
-pub struct PlanEnv<'a, S, E, B, D, R> {
+pub struct PlanEnv<'a, S, E, B, D, R, W> {
     pub dr: &'a DrEnv<S, E, B>,
     pub dns: &'a D,
     pub cmd: &'a R,
+    /// Guarded automatic failover's witness and notifications.
+    pub witness: &'a W,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -268,8 +271,15 @@ pub(crate) async fn common_point<S: ObjectStore, E, B>(
 }
 
 /// Starts a plan: its common point, the record, the first wave.
-pub async fn start<S: ObjectStore, E: Ec2Api, B: EbsApi, D: DnsApi, R: RunCommandApi>(
-    p: &PlanEnv<'_, S, E, B, D, R>,
+pub async fn start<
+    S: ObjectStore,
+    E: Ec2Api,
+    B: EbsApi,
+    D: DnsApi,
+    R: RunCommandApi,
+    W: WitnessApi,
+>(
+    p: &PlanEnv<'_, S, E, B, D, R, W>,
     plan: Plan,
     drill: bool,
     at: Option<DateTime<Utc>>,
@@ -337,8 +347,15 @@ pub async fn start<S: ObjectStore, E: Ec2Api, B: EbsApi, D: DnsApi, R: RunComman
 }
 
 /// Moves a plan run on by one look at each VM of its current wave; saves what changed.
-pub async fn advance<S: ObjectStore, E: Ec2Api, B: EbsApi, D: DnsApi, R: RunCommandApi>(
-    p: &PlanEnv<'_, S, E, B, D, R>,
+pub async fn advance<
+    S: ObjectStore,
+    E: Ec2Api,
+    B: EbsApi,
+    D: DnsApi,
+    R: RunCommandApi,
+    W: WitnessApi,
+>(
+    p: &PlanEnv<'_, S, E, B, D, R, W>,
     r: &mut PlanRun,
 ) -> Result<(), DrError> {
     let before = r.clone();
@@ -349,8 +366,8 @@ pub async fn advance<S: ObjectStore, E: Ec2Api, B: EbsApi, D: DnsApi, R: RunComm
     result
 }
 
-async fn step<S: ObjectStore, E: Ec2Api, B: EbsApi, D: DnsApi, R: RunCommandApi>(
-    p: &PlanEnv<'_, S, E, B, D, R>,
+async fn step<S: ObjectStore, E: Ec2Api, B: EbsApi, D: DnsApi, R: RunCommandApi, W: WitnessApi>(
+    p: &PlanEnv<'_, S, E, B, D, R, W>,
     r: &mut PlanRun,
 ) -> Result<(), DrError> {
     if r.phase != PlanPhase::Running {
@@ -414,8 +431,15 @@ async fn step<S: ObjectStore, E: Ec2Api, B: EbsApi, D: DnsApi, R: RunCommandApi>
 
 /// A wave's A records, once every VM of it is ready: each name at the instance's private
 /// address (a drill's in the drill zone, or none without one).
-async fn write_dns<S: ObjectStore, E: Ec2Api, B: EbsApi, D: DnsApi, R: RunCommandApi>(
-    p: &PlanEnv<'_, S, E, B, D, R>,
+async fn write_dns<
+    S: ObjectStore,
+    E: Ec2Api,
+    B: EbsApi,
+    D: DnsApi,
+    R: RunCommandApi,
+    W: WitnessApi,
+>(
+    p: &PlanEnv<'_, S, E, B, D, R, W>,
     r: &mut PlanRun,
     w: usize,
 ) -> Result<(), DrError> {
@@ -490,8 +514,15 @@ async fn write_dns<S: ObjectStore, E: Ec2Api, B: EbsApi, D: DnsApi, R: RunComman
 }
 
 /// Removes what a drill of a plan made: every run's resources and every record written.
-pub async fn cleanup<S: ObjectStore, E: Ec2Api, B: EbsApi, D: DnsApi, R: RunCommandApi>(
-    p: &PlanEnv<'_, S, E, B, D, R>,
+pub async fn cleanup<
+    S: ObjectStore,
+    E: Ec2Api,
+    B: EbsApi,
+    D: DnsApi,
+    R: RunCommandApi,
+    W: WitnessApi,
+>(
+    p: &PlanEnv<'_, S, E, B, D, R, W>,
     id: &str,
 ) -> Result<PlanRun, DrError> {
     let mut r = load_plan_run(p.dr, id).await?;

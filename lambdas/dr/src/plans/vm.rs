@@ -11,11 +11,19 @@ use pilotlight_cloud::ebs::EbsApi;
 use pilotlight_cloud::ec2::Ec2Api;
 use pilotlight_cloud::route53::DnsApi;
 use pilotlight_cloud::ssm::{CommandRequest, RunCommandApi};
+use pilotlight_cloud::witness::WitnessApi;
 use pilotlight_cloud::ObjectStore;
 
 /// One look at one VM.
-pub(super) async fn vm_step<S: ObjectStore, E: Ec2Api, B: EbsApi, D: DnsApi, R: RunCommandApi>(
-    p: &PlanEnv<'_, S, E, B, D, R>,
+pub(super) async fn vm_step<
+    S: ObjectStore,
+    E: Ec2Api,
+    B: EbsApi,
+    D: DnsApi,
+    R: RunCommandApi,
+    W: WitnessApi,
+>(
+    p: &PlanEnv<'_, S, E, B, D, R, W>,
     plan: &Plan,
     vp: &VmPlan,
     vm: &mut VmRun,

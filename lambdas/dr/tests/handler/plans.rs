@@ -6,6 +6,7 @@ use super::*;
 use pilotlight_cloud::ec2::Ec2Api;
 use pilotlight_cloud::route53::MemoryRoute53;
 use pilotlight_cloud::ssm::MemorySsm;
+use pilotlight_cloud::witness::MemoryWitness;
 use pilotlight_dr::plans::run::{PlanEnv, PlanPhase, PlanRun, VmStage};
 
 /// Points of `vm` (one disk) at the given minutes after 10:00.
@@ -82,11 +83,22 @@ steps = [{ document = "Start-Web" }]
 dns = ["www.example.com"]
 "#;
 
+pub(crate) type P<'a> = PlanEnv<
+    'a,
+    &'a MemoryStore,
+    SimulatedImport<MemoryEc2, &'a MemoryStore>,
+    Arc<MemoryEbs>,
+    MemoryRoute53,
+    MemorySsm,
+    MemoryWitness,
+>;
+
 struct World {
     store: MemoryStore,
     ebs: Arc<MemoryEbs>,
     dns: MemoryRoute53,
     ssm: MemorySsm,
+    witness: MemoryWitness,
 }
 
 async fn world() -> World {
@@ -103,36 +115,17 @@ async fn world() -> World {
             .with_zone("ZREAL", "example.com")
             .with_zone("ZDRILL", "drill.example.com"),
         ssm: MemorySsm::default(),
+        witness: MemoryWitness::default(),
     }
 }
 
-async fn call(
-    p: &PlanEnv<
-        '_,
-        &MemoryStore,
-        SimulatedImport<MemoryEc2, &MemoryStore>,
-        Arc<MemoryEbs>,
-        MemoryRoute53,
-        MemorySsm,
-    >,
-    v: Value,
-) -> Value {
+async fn call(p: &P<'_>, v: Value) -> Value {
     pilotlight_dr::plans::handle(p, v).await.unwrap()
 }
 
 /// Advances until the plan run ends, checking after each look that no VM of a later
 /// wave started before every VM of the earlier waves settled.
-async fn until_final(
-    p: &PlanEnv<
-        '_,
-        &MemoryStore,
-        SimulatedImport<MemoryEc2, &MemoryStore>,
-        Arc<MemoryEbs>,
-        MemoryRoute53,
-        MemorySsm,
-    >,
-    id: &str,
-) -> PlanRun {
+async fn until_final(p: &P<'_>, id: &str) -> PlanRun {
     for _ in 0..60 {
         let v = call(p, json!({"action": "plan_status", "plan_run_id": id})).await;
         let r: PlanRun = serde_json::from_value(v[0].clone()).unwrap();
@@ -160,6 +153,7 @@ async fn a_drill_of_a_plan_runs_its_waves_in_order_writes_drill_dns_and_cleans_u
         dr: &env,
         dns: &w.dns,
         cmd: &w.ssm,
+        witness: &w.witness,
     };
     let put = call(&p, json!({"action": "plan_put", "text": PLAN})).await;
     assert_eq!(put["ok"], true, "{put}");
@@ -271,6 +265,7 @@ async fn a_failing_vm_stops_the_plan_an_optional_one_does_not_and_real_dns_is_wr
         dr: &env,
         dns: &w.dns,
         cmd: &w.ssm,
+        witness: &w.witness,
     };
     call(&p, json!({"action": "plan_put", "text": PLAN})).await;
     // The optional web-01's step fails: the plan still ends done; its records are not
@@ -343,6 +338,7 @@ async fn plans_with_unknown_vms_are_refused_and_nothing_is_stored() {
         dr: &env,
         dns: &w.dns,
         cmd: &w.ssm,
+        witness: &w.witness,
     };
     let text = PLAN.replace("vms = [\"db-01\"]", "vms = [\"db-01\", \"mail-01\"]");
     for action in ["plan_check", "plan_put"] {

@@ -298,11 +298,13 @@ async fn call(cli: &Cli, event: Value) -> anyhow::Result<Value> {
         Ok(v)
     } else {
         let env = cli.settings.env().await?;
-        let (dns, cmd) = pilotlight_dr::config::plan_clients(&cli.settings.aws().await).await;
+        let (dns, cmd, witness) =
+            pilotlight_dr::config::plan_clients(&cli.settings.aws().await).await;
         let plans = pilotlight_dr::plans::run::PlanEnv {
             dr: &env,
             dns: &dns,
             cmd: &cmd,
+            witness: &witness,
         };
         Ok(pilotlight_dr::plans::handle(&plans, event).await?)
     }
