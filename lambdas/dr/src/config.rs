@@ -70,6 +70,9 @@ pub struct DrSettings {
     /// How long a launched instance may take to pass its status checks.
     #[arg(long, global = true, env = "PILOTLIGHT_DR_VERIFY_TIMEOUT", default_value = "20m", value_parser = humantime::parse_duration)]
     pub verify_timeout: Duration,
+    /// The SNS topic automatic failover notifies (a plan's own `topic` wins).
+    #[arg(long, global = true, env = "PILOTLIGHT_DR_ALERT_TOPIC")]
+    pub alert_topic: Option<String>,
     /// AWS endpoint URL (the local emulator).
     #[arg(long, global = true, env = "PILOTLIGHT_ENDPOINT_URL")]
     pub endpoint_url: Option<String>,
@@ -113,6 +116,7 @@ impl DrSettings {
         c.drill_security_group_ids = self.drill_security_groups.clone();
         c.kms_key_id = self.kms_key.clone().filter(|k| !k.is_empty());
         c.stack = self.stack.clone().filter(|k| !k.is_empty());
+        c.alert_topic = self.alert_topic.clone().filter(|k| !k.is_empty());
         c.verify_timeout = self.verify_timeout;
         c.register_timeout = self.register_timeout;
         Ok(c)
@@ -194,6 +198,8 @@ pub struct DrConfig {
     pub verify_timeout: Duration,
     /// How long RegisterImage may keep failing for now before the run fails.
     pub register_timeout: Duration,
+    /// The stack's alert topic: automatic failover notifies it unless a plan names one.
+    pub alert_topic: Option<String>,
 }
 
 impl DrConfig {
@@ -211,6 +217,7 @@ impl DrConfig {
             stack: None,
             verify_timeout: Duration::from_secs(20 * 60),
             register_timeout: Duration::from_secs(30 * 60),
+            alert_topic: None,
         }
     }
 

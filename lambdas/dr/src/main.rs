@@ -2,6 +2,9 @@
 //! Invoked with a DR request (`{"action": "start" | "status" | "cleanup", ...}`), or by
 //! an EventBridge schedule, which advances every unfinished run.
 
+// The handler's future (plans over runs over the SDK clients) is deep.
+#![recursion_limit = "256"]
+
 use clap::Parser;
 use lambda_runtime::{run, service_fn, Error, LambdaEvent};
 use pilotlight_dr::config::DrSettings;

@@ -1,6 +1,7 @@
 //! The DR function's entry with plans: plan requests here, everything else to
 //! [`crate::handler::handle`]; the schedule advances unfinished plan runs too.
 
+use super::automation;
 use super::run::{self, load_plan_run, PlanEnv, PlanRun};
 use super::store::{self, PlanRefused};
 use crate::error::DrError;
@@ -38,6 +39,18 @@ enum PlanRequest {
     /// Advance and show one plan run, or every unfinished one.
     #[serde(rename = "plan_status")]
     Status { plan_run_id: Option<String> },
+    /// Evaluate the automation of every plan that has it on (as the schedule does).
+    #[serde(rename = "plan_evaluate")]
+    Evaluate {},
+    /// Show a plan's automation: its phase and decisions.
+    #[serde(rename = "plan_automation")]
+    Automation { plan: String },
+    /// A person re-arms a plan's automation (the latch removed).
+    #[serde(rename = "plan_arm")]
+    Arm { plan: String },
+    /// A person cancels a plan's automatic failover (a countdown, or before one).
+    #[serde(rename = "plan_cancel")]
+    Cancel { plan: String },
     /// Remove what a drill of a plan made, DNS records included.
     #[serde(rename = "plan_cleanup")]
     Cleanup { plan_run_id: String },
@@ -70,6 +83,14 @@ pub async fn handle<
     event: Value,
 ) -> Result<Value, DrError> {
     let action = event.get("action").and_then(Value::as_str).unwrap_or("");
+    // An alarm changing state (EventBridge, "CloudWatch Alarm State Change"): evaluate
+    // the automations at once rather than at the next schedule.
+    if event.get("detail-type").and_then(Value::as_str) == Some("CloudWatch Alarm State Change") {
+        let states = automation::evaluate_all(p, Utc::now()).await?;
+        return Ok(
+            serde_json::json!({ "evaluated": states.iter().map(|s| s.plan.clone()).collect::<Vec<_>>() }),
+        );
+    }
     if !action.starts_with("plan_") {
         let mut out = crate::handler::handle(p.dr, event.clone()).await?;
         if out.get("advanced").is_some() {
@@ -84,7 +105,7 @@ pub async fn handle<
     }
     let req: PlanRequest = serde_json::from_value(event).map_err(|e| {
         DrError::BadRequest(format!(
-            "{e} (plan actions: plan_check, plan_put, plan_show, plan_start, plan_status, plan_cleanup)"
+            "{e} (plan actions: plan_check, plan_put, plan_show, plan_start, plan_status, plan_cleanup, plan_evaluate, plan_automation, plan_arm, plan_cancel)"
         ))
     })?;
     match req {
@@ -102,6 +123,16 @@ pub async fn handle<
             to_json(&run::start(p, plan, drill, at).await?)
         }
         PlanRequest::Status { plan_run_id } => to_json(&status(p, plan_run_id.as_deref()).await?),
+        PlanRequest::Evaluate {} => to_json(&automation::evaluate_all(p, Utc::now()).await?),
+        PlanRequest::Automation { plan } => to_json(&automation::load_state(p.dr, &plan).await?),
+        PlanRequest::Arm { plan } => {
+            store::get(p.dr, &plan).await?;
+            to_json(&automation::arm(p.dr, &plan, Utc::now()).await?)
+        }
+        PlanRequest::Cancel { plan } => {
+            store::get(p.dr, &plan).await?;
+            to_json(&automation::cancel(p.dr, &plan, Utc::now()).await?)
+        }
         PlanRequest::Cleanup { plan_run_id } => to_json(&run::cleanup(p, &plan_run_id).await?),
     }
 }

@@ -23,10 +23,24 @@
 //! steps = [{ document = "AWS-RunShellScript", parameters = { commands = ["systemctl start app"] } }]
 //! ```
 //!
+//! Guarded automatic failover, off unless a plan turns it on ([`automation`]):
+//!
+//! ```toml
+//! [automation]
+//! enabled = true
+//! site_silent = "30m"     # no generation of any VM of the plan for longer than this
+//! hold_down = "10m"       # ... and the witness says down, both continuously this long
+//! countdown = "15m"       # then a notification, and this long to cancel
+//! witness = { cloudwatch_alarm = "primary-dc-down" }   # or { route53_health_check = "..." }
+//! topic = "arn:aws:sns:us-east-1:123456789012:ops"     # the stack's alert topic by default
+//! fence = { ssm_document = "Fence-Primary", instance_id = "mi-0123456789abcdef0" }
+//! ```
+//!
 //! A VM's disks and launch settings are its saved settings (`pilotlight-dr configure`).
 //! [`parse`] reads a plan and [`Plan::problems`] says everything wrong with it, each with
 //! its line: a plan is refused whole, never half run.
 
+pub mod automation;
 pub mod entry;
 pub mod run;
 pub mod store;
@@ -50,6 +64,23 @@ struct PlanFile {
     waves: Vec<Spanned<WaveFile>>,
     #[serde(default)]
     vms: BTreeMap<String, Spanned<VmFile>>,
+    #[serde(default)]
+    automation: Option<Spanned<AutomationFile>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AutomationFile {
+    #[serde(default)]
+    enabled: bool,
+    site_silent: String,
+    hold_down: String,
+    countdown: String,
+    witness: pilotlight_cloud::witness::Witness,
+    #[serde(default)]
+    topic: Option<String>,
+    #[serde(default)]
+    fence: Option<Fence>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -97,6 +128,31 @@ pub struct Plan {
     /// VM names, wave by wave.
     pub waves: Vec<Vec<String>>,
     pub vms: BTreeMap<String, VmPlan>,
+    #[serde(default)]
+    pub automation: Option<Automation>,
+}
+
+/// Guarded automatic failover of a plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Automation {
+    pub enabled: bool,
+    pub site_silent_seconds: u64,
+    pub hold_down_seconds: u64,
+    pub countdown_seconds: u64,
+    pub witness: pilotlight_cloud::witness::Witness,
+    pub topic: Option<String>,
+    pub fence: Option<Fence>,
+}
+
+/// What must succeed before an automatic failover runs: an SSM document on a managed
+/// instance (e.g. one that shuts the primary's ports).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fence {
+    pub ssm_document: String,
+    pub instance_id: String,
+    #[serde(default)]
+    pub parameters: BTreeMap<String, Vec<String>>,
 }
 
 /// Where the plan's A records go.
@@ -354,6 +410,45 @@ pub fn parse(text: &str) -> Result<Plan, Vec<PlanProblem>> {
             },
         );
     }
+    let mut automation = None;
+    if let Some(a) = &file.automation {
+        let at = Some(a.span().start);
+        let f = a.get_ref();
+        let mut secs = |what: &str, v: &str, min: u64| match humantime::parse_duration(v) {
+            Ok(d) if d.as_secs() >= min => d.as_secs(),
+            Ok(_) => {
+                bad(
+                    at,
+                    format!("automation {what} {v:?}: at least {min} seconds"),
+                );
+                0
+            }
+            Err(e) => {
+                bad(at, format!("automation {what} {v:?}: {e} (like \"30m\")"));
+                0
+            }
+        };
+        let site_silent = secs("site_silent", &f.site_silent, 60);
+        let hold_down = secs("hold_down", &f.hold_down, 60);
+        let countdown = secs("countdown", &f.countdown, 60);
+        if let Some(t) = &f.topic {
+            if !t.starts_with("arn:") || !t.contains(":sns:") {
+                bad(
+                    at,
+                    format!("automation topic {t:?} is not an SNS topic ARN"),
+                );
+            }
+        }
+        automation = Some(Automation {
+            enabled: f.enabled,
+            site_silent_seconds: site_silent,
+            hold_down_seconds: hold_down,
+            countdown_seconds: countdown,
+            witness: f.witness.clone(),
+            topic: f.topic.clone(),
+            fence: f.fence.clone(),
+        });
+    }
     if !problems.is_empty() {
         problems.sort_by_key(|p| p.line);
         return Err(problems);
@@ -364,6 +459,7 @@ pub fn parse(text: &str) -> Result<Plan, Vec<PlanProblem>> {
         dns,
         waves,
         vms,
+        automation,
     })
 }
 

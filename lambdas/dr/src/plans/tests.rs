@@ -88,3 +88,40 @@ fn a_malformed_plan_is_refused_with_each_line_and_reason() {
     assert_eq!(many.len(), 2, "{many:?}");
     assert!(many[0].line < many[1].line);
 }
+
+#[test]
+fn automation_is_off_unless_on_and_its_durations_are_checked_with_their_line() {
+    assert_eq!(parse(GOOD).unwrap().automation, None);
+    let on = format!("{GOOD}\n[automation]\nenabled = true\nsite_silent = \"30m\"\nhold_down = \"10m\"\ncountdown = \"15m\"\nwitness = {{ route53_health_check = \"abcd\" }}\n");
+    let a = parse(&on).unwrap().automation.unwrap();
+    assert!(a.enabled);
+    assert_eq!(
+        (
+            a.site_silent_seconds,
+            a.hold_down_seconds,
+            a.countdown_seconds
+        ),
+        (1800, 600, 900)
+    );
+    assert_eq!(
+        a.witness,
+        pilotlight_cloud::witness::Witness::Route53HealthCheck("abcd".into())
+    );
+    let line = GOOD.lines().count() + 2;
+    for (bad, why) in [
+        (on.replace("\"10m\"", "\"soon\""), "hold_down \"soon\""),
+        (on.replace("\"15m\"", "\"5s\""), "at least 60 seconds"),
+        (
+            on.replace("route53_health_check", "pager"),
+            "unknown variant",
+        ),
+    ] {
+        let problems = parse(&bad).unwrap_err();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.message.contains(why) && p.line.is_some_and(|l| l >= line - 1)),
+            "{problems:?}"
+        );
+    }
+}

@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod automation;
 mod commands;
 mod failback;
 mod plan;

@@ -10,7 +10,7 @@ use pilotlight_cloud::witness::MemoryWitness;
 use pilotlight_dr::plans::run::{PlanEnv, PlanPhase, PlanRun, VmStage};
 
 /// Points of `vm` (one disk) at the given minutes after 10:00.
-async fn points_of(store: &MemoryStore, ebs: &MemoryEbs, vm: &str, minutes: &[i64]) {
+pub(crate) async fn points_of(store: &MemoryStore, ebs: &MemoryEbs, vm: &str, minutes: &[i64]) {
     use pilotlight_cloud::ebs::{SnapshotStatus, StartSnapshot};
     use pilotlight_protocol::points::PointInfo;
     let disk = DiskId::new("site1", vm, "disk0").unwrap();
@@ -52,7 +52,7 @@ async fn points_of(store: &MemoryStore, ebs: &MemoryEbs, vm: &str, minutes: &[i6
     );
 }
 
-const PLAN: &str = r#"name = "shop"
+pub(crate) const PLAN: &str = r#"name = "shop"
 site = "site1"
 
 [dns]
@@ -93,15 +93,15 @@ pub(crate) type P<'a> = PlanEnv<
     MemoryWitness,
 >;
 
-struct World {
-    store: MemoryStore,
-    ebs: Arc<MemoryEbs>,
-    dns: MemoryRoute53,
-    ssm: MemorySsm,
-    witness: MemoryWitness,
+pub(crate) struct World {
+    pub(crate) store: MemoryStore,
+    pub(crate) ebs: Arc<MemoryEbs>,
+    pub(crate) dns: MemoryRoute53,
+    pub(crate) ssm: MemorySsm,
+    pub(crate) witness: MemoryWitness,
 }
 
-async fn world() -> World {
+pub(crate) async fn world() -> World {
     let store = MemoryStore::default();
     let ebs = Arc::new(MemoryEbs::new());
     // app-01 has no point at 10:60: the plan's common point is 10:45.

@@ -39,6 +39,11 @@ pub enum PlanCmd {
     Status { plan_run_id: Option<String> },
     /// Remove what a drill of a plan made: every run's resources, every DNS record.
     Cleanup { plan_run_id: String },
+    /// A plan's guarded automatic failover: its phase and every decision it made.
+    Automation { name: String },
+    /// Re-arm a plan's automatic failover after it ran, was cancelled or its fence failed
+    /// (a person's decision: the latch is removed).
+    Arm { name: String },
 }
 
 fn problems(v: &Value, file: &std::path::Path) -> anyhow::Result<()> {
@@ -137,6 +142,15 @@ pub async fn run(cli: &Cli, cmd: &PlanCmd) -> anyhow::Result<()> {
                 show(cli, r);
             }
         }
+        PlanCmd::Automation { name } | PlanCmd::Arm { name } => {
+            let action = if matches!(cmd, PlanCmd::Arm { .. }) {
+                "plan_arm"
+            } else {
+                "plan_automation"
+            };
+            let v = call(cli, json!({"action": action, "plan": name})).await?;
+            show_automation(cli, &v);
+        }
         PlanCmd::Cleanup { plan_run_id } => {
             let v = call(
                 cli,
@@ -212,6 +226,33 @@ fn show(cli: &Cli, r: &PlanRun) {
             } else {
                 ""
             }
+        );
+    }
+}
+
+/// A plan's automation: where it is, then its decisions, oldest first.
+pub fn show_automation(cli: &Cli, v: &Value) {
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        return;
+    }
+    println!(
+        "automatic failover of plan {}: {}{}",
+        v["plan"].as_str().unwrap_or("?"),
+        v["phase"].as_str().unwrap_or("?"),
+        v["countdown_until"]
+            .as_str()
+            .map(|t| format!(" (countdown until {t})"))
+            .unwrap_or_default()
+    );
+    if let Some(id) = v["plan_run_id"].as_str() {
+        println!("  ran: plan run {id}");
+    }
+    for d in v["decisions"].as_array().into_iter().flatten() {
+        println!(
+            "  {} {}",
+            d["at"].as_str().unwrap_or(""),
+            d["what"].as_str().unwrap_or("")
         );
     }
 }
