@@ -259,6 +259,30 @@ def plan_permissions(template: dict) -> list[str]:
     return problems
 
 
+def automation_permissions(template: dict) -> list[str]:
+    """Guarded automatic failover: the fence hook runs only on instances the user tagged
+    pilotlight:fence=true (SendCommand with ssm:resourceTag), notifications go only to the
+    stack's topic, and the witness is read, never changed."""
+    stmts = statements(template, "DrFunctionRole")
+    problems = []
+    mi = "arn:${AWS::Partition}:ssm:${AWS::Region}:${AWS::AccountId}:managed-instance/mi-1"
+    if not allowed(stmts, "ssm:SendCommand", mi, {"ssm:resourceTag/pilotlight:fence": "true"}):
+        problems.append("the fence hook cannot run on a tagged managed instance")
+    if allowed(stmts, "ssm:SendCommand", mi, {}):
+        problems.append("the DR function may run commands on any managed instance")
+    if not any(grants(st, "sns:Publish") and st.get("Resource") == {"Ref": "AlertTopic"} for st in stmts):
+        problems.append("automation cannot notify the stack's topic")
+    if any(grants(st, "sns:Publish") and st.get("Resource") != {"Ref": "AlertTopic"} for st in stmts):
+        problems.append("the DR function may publish to other topics")
+    for action in ("cloudwatch:PutMetricAlarm", "cloudwatch:SetAlarmState", "route53:UpdateHealthCheck"):
+        if any(grants(st, action) for st in stmts):
+            problems.append(f"the DR function may {action}: a witness it could change is no witness")
+    rule = template["Resources"].get("AutomationAlarmRule", {})
+    if rule.get("Condition") != "HasAutomationAlarms":
+        problems.append("the alarm rule is not limited to the named witness alarms")
+    return problems
+
+
 def launch_needs_points_for_kms(template: dict) -> list[str]:
     """EC2 User Guide, "Amazon EBS encryption" (KMS key permissions): launching from an
     AMI whose snapshots a customer key encrypts needs kms:CreateGrant, kms:Decrypt,
@@ -830,6 +854,20 @@ class AwsRules(unittest.TestCase):
         for sid in ("RunPlanStepsOnOwnInstances", "RunPlanDocuments", "FollowPlanSteps", "PlanRecordsInPlanZones"):
             self.assertIn(f'"{sid}"', tf)
         self.assertIn('variable = "route53:ChangeResourceRecordSetsRecordTypes"', tf)
+
+    def test_automation_fences_only_tagged_instances_and_notifies_only_its_topic(self):
+        self.assertEqual(automation_permissions(self.t), [])
+
+        def untagged(res, _):
+            for p in res["DrFunctionRole"]["Properties"]["Policies"]:
+                for st in p["PolicyDocument"]["Statement"]:
+                    if isinstance(st, dict) and st.get("Sid") == "FenceTaggedInstances":
+                        del st["Condition"]
+        self.assertTrue(automation_permissions(self.mutated(untagged)))
+        tf = (MODULE / "dr.tf").read_text()
+        for sid in ("ReadWitness", "NotifyAutomation", "FenceTaggedInstances"):
+            self.assertIn(f'"{sid}"', tf)
+        self.assertIn('variable = "ssm:resourceTag/pilotlight:fence"', tf)
 
     def test_dr_may_launch_encrypted_images_whenever_the_stack_has_a_key(self):
         self.assertEqual(launch_needs_points_for_kms(self.t), [])

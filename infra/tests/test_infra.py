@@ -361,6 +361,8 @@ EXPECTED_ACTIONS = {
         # recovery plans: steps and probes, DNS
         "ssm:SendCommand", "ssm:GetCommandInvocation",
         "route53:ChangeResourceRecordSets", "route53:ListResourceRecordSets",
+        # guarded automatic failover: the witness, the notification
+        "cloudwatch:DescribeAlarms", "route53:GetHealthCheckStatus", "sns:Publish",
     },
     "vm_import_role": {
         "s3:GetBucketLocation", "s3:ListBucket", "s3:GetObject",

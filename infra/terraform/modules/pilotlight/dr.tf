@@ -279,6 +279,35 @@ data "aws_iam_policy_document" "dr_function_role" {
       }
     }
   }
+  # Guarded automatic failover: the witness (the user's alarm or Route 53 health check),
+  # the countdown's notification on the stack's topic, and the fence hook on instances
+  # the user tagged pilotlight:fence=true.
+  statement {
+    sid     = "ReadWitness"
+    actions = ["cloudwatch:DescribeAlarms", "route53:GetHealthCheckStatus"]
+    resources = [
+      "arn:${local.partition}:cloudwatch:${local.region}:${local.account}:alarm:*",
+      "arn:${local.partition}:route53:::healthcheck/*",
+    ]
+  }
+  statement {
+    sid       = "NotifyAutomation"
+    actions   = ["sns:Publish"]
+    resources = [aws_sns_topic.alert_topic.arn]
+  }
+  statement {
+    sid     = "FenceTaggedInstances"
+    actions = ["ssm:SendCommand"]
+    resources = [
+      "arn:${local.partition}:ssm:${local.region}:${local.account}:managed-instance/*",
+      "arn:${local.partition}:ec2:${local.region}:${local.account}:instance/*",
+    ]
+    condition {
+      test     = "StringEquals"
+      variable = "ssm:resourceTag/pilotlight:fence"
+      values   = ["true"]
+    }
+  }
   statement {
     sid       = "ConsoleOfOwnInstances"
     actions   = ["ec2:GetConsoleOutput"]
@@ -476,6 +505,7 @@ resource "aws_lambda_function" "dr_function" {
         PILOTLIGHT_PREFIX           = var.prefix
         PILOTLIGHT_DR_VMIMPORT_ROLE = aws_iam_role.vm_import_role.name
         PILOTLIGHT_DR_STACK         = var.name
+        PILOTLIGHT_DR_ALERT_TOPIC   = aws_sns_topic.alert_topic.arn
         RUST_LOG                    = "info"
       },
       local.use_kms ? { PILOTLIGHT_DR_KMS_KEY = var.kms_key_arn } : {},
@@ -503,4 +533,32 @@ resource "aws_lambda_permission" "dr_schedule_permission" {
   function_name = aws_lambda_function.dr_function.function_name
   principal     = "events.amazonaws.com"
   source_arn    = aws_cloudwatch_event_rule.dr_schedule.arn
+}
+
+# Guarded automatic failover: a witness alarm changing state evaluates at once.
+resource "aws_cloudwatch_event_rule" "automation_alarm_rule" {
+  count       = length(var.automation_alarm_names) > 0 ? 1 : 0
+  name_prefix = "${var.name}-automation-"
+  description = "Evaluate pilotlight plans' automatic failover when a witness alarm changes state"
+  event_pattern = jsonencode({
+    source        = ["aws.cloudwatch"]
+    "detail-type" = ["CloudWatch Alarm State Change"]
+    detail        = { alarmName = var.automation_alarm_names }
+  })
+  state = "ENABLED"
+}
+
+resource "aws_cloudwatch_event_target" "automation_alarm_rule" {
+  count     = length(var.automation_alarm_names) > 0 ? 1 : 0
+  rule      = aws_cloudwatch_event_rule.automation_alarm_rule[0].name
+  target_id = "dr"
+  arn       = aws_lambda_function.dr_function.arn
+}
+
+resource "aws_lambda_permission" "automation_alarm_permission" {
+  count         = length(var.automation_alarm_names) > 0 ? 1 : 0
+  action        = "lambda:InvokeFunction"
+  function_name = aws_lambda_function.dr_function.function_name
+  principal     = "events.amazonaws.com"
+  source_arn    = aws_cloudwatch_event_rule.automation_alarm_rule[0].arn
 }

@@ -149,6 +149,12 @@ variable "plan_drill_hosted_zone_id" {
   default     = ""
 }
 
+variable "automation_alarm_names" {
+  description = "CloudWatch alarms that are witnesses of plans' guarded automatic failover: their state changes make the DR function evaluate at once (it also does every minute). Empty means no such rule."
+  type        = list(string)
+  default     = []
+}
+
 variable "alert_email" {
   description = "Email subscribed to the alert topic (confirm the subscription mail); empty means none."
   type        = string
