@@ -353,8 +353,9 @@ async fn step<S: ObjectStore, E: Ec2Api, B: EbsApi, D: DnsApi, R: RunCommandApi,
             a,
             &format!("pilotlight: automatic failover of {} in {}s", plan.name, a.countdown_seconds),
             &format!(
-                "Plan {} will run as a REAL recovery at {} from the recovery point at {}: the site has sent nothing since {} and the witness says the primary is down.\n\nTo stop it: pilotlight-dr cancel {}\n",
+                "Plan {} will run as {} at {} from the recovery point at {}: the site has sent nothing since {} and the witness says the primary is down.\n\nTo stop it: pilotlight-dr cancel {}\n",
                 plan.name,
+                if a.drill { "a DRILL (automation drill = true)" } else { "a REAL recovery" },
                 s.countdown_until.map(|t| t.to_rfc3339()).unwrap_or_default(),
                 point.to_rfc3339(),
                 newest.map(|t| t.to_rfc3339()).unwrap_or_default(),
@@ -395,7 +396,7 @@ async fn step<S: ObjectStore, E: Ec2Api, B: EbsApi, D: DnsApi, R: RunCommandApi,
         Err(e) => return Err(e.into()),
     }
     s.decide(now, "latched");
-    match &a.fence {
+    match a.fence.as_ref().filter(|_| !a.drill) {
         Some(f) => {
             let req = CommandRequest {
                 instance_id: f.instance_id.clone(),
@@ -499,16 +500,18 @@ async fn run_plan<
     now: DateTime<Utc>,
 ) -> Result<(), DrError> {
     let at = s.point_time;
-    match run::start(p, plan.clone(), false, at).await {
+    let kind = if a.drill {
+        "a drill (automation drill = true)"
+    } else {
+        "a real recovery"
+    };
+    match run::start(p, plan.clone(), a.drill, at).await {
         Ok(r) => {
             s.phase = AutoPhase::Ran;
             s.plan_run_id = Some(r.plan_run_id.clone());
             s.decide(
                 now,
-                format!(
-                    "plan {} started as a real recovery: {}",
-                    plan.name, r.plan_run_id
-                ),
+                format!("plan {} started as {kind}: {}", plan.name, r.plan_run_id),
             );
             notify(p, plan, a, &format!("pilotlight: plan {} is running", plan.name), &format!("Automatic failover started plan {} ({}). Follow it: pilotlight-dr plan status {}", plan.name, r.plan_run_id, r.plan_run_id)).await;
         }

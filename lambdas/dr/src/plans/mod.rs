@@ -34,6 +34,7 @@
 //! witness = { cloudwatch_alarm = "primary-dc-down" }   # or { route53_health_check = "..." }
 //! topic = "arn:aws:sns:us-east-1:123456789012:ops"     # the stack's alert topic by default
 //! fence = { ssm_document = "Fence-Primary", instance_id = "mi-0123456789abcdef0" }
+//! drill = false           # true: rehearse the trigger; the plan then runs as a drill
 //! ```
 //!
 //! A VM's disks and launch settings are its saved settings (`pilotlight-dr configure`).
@@ -81,6 +82,8 @@ struct AutomationFile {
     topic: Option<String>,
     #[serde(default)]
     fence: Option<Fence>,
+    #[serde(default)]
+    drill: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -142,6 +145,10 @@ pub struct Automation {
     pub witness: pilotlight_cloud::witness::Witness,
     pub topic: Option<String>,
     pub fence: Option<Fence>,
+    /// Rehearse the trigger: everything as for real, but the plan runs as a drill (and
+    /// no fence runs).
+    #[serde(default)]
+    pub drill: bool,
 }
 
 /// What must succeed before an automatic failover runs: an SSM document on a managed
@@ -447,6 +454,7 @@ pub fn parse(text: &str) -> Result<Plan, Vec<PlanProblem>> {
             witness: f.witness.clone(),
             topic: f.topic.clone(),
             fence: f.fence.clone(),
+            drill: f.drill,
         });
     }
     if !problems.is_empty() {

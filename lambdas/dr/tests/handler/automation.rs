@@ -282,3 +282,39 @@ async fn a_failing_fence_and_a_running_drill_keep_the_plan_from_running() {
         .any(|(_, c)| c.document == "Fence-Primary" && c.instance_id == "mi-0123456789abcdef0"));
     let _ = points_of; // (shared setup)
 }
+
+/// Rehearsing the trigger: `drill = true` goes through every step, and the plan runs as
+/// a drill, without the fence.
+#[tokio::test]
+async fn a_rehearsal_runs_the_plan_as_a_drill_without_the_fence() {
+    let w = world().await;
+    let env = setup(
+        &w,
+        "drill = true\nfence = { ssm_document = \"Fence-Primary\", instance_id = \"mi-0123456789abcdef0\" }\n",
+    )
+    .await;
+    let p = PlanEnv {
+        dr: &env,
+        dns: &w.dns,
+        cmd: &w.ssm,
+        witness: &w.witness,
+    };
+    w.witness.set_alarm("primary-down", "ALARM");
+    eval(&p, t(31)).await;
+    let s = eval(&p, t(41)).await;
+    assert_eq!(s.phase, AutoPhase::Countdown);
+    assert!(w.witness.snapshot().sent[0].2.contains("a DRILL"));
+    let s = eval(&p, t(57)).await;
+    assert_eq!(s.phase, AutoPhase::Ran, "{:?}", s.decisions);
+    assert!(logged(&s, "as a drill"));
+    let r = pilotlight_dr::plans::run::load_plan_run(&env, s.plan_run_id.as_deref().unwrap())
+        .await
+        .unwrap();
+    assert!(r.drill);
+    assert!(w
+        .ssm
+        .snapshot()
+        .sent
+        .iter()
+        .all(|(_, c)| c.document != "Fence-Primary"));
+}
