@@ -71,7 +71,7 @@ async fn a_plan_drill_runs_its_waves_in_order_writes_and_removes_dns() {
 
     // The zones, on the emulator's Route 53.
     let r53 = aws.route53();
-    let mut zone = |name: &'static str| {
+    let zone = |name: &'static str| {
         let c = r53.client.clone();
         async move {
             let out = c

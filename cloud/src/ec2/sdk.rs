@@ -395,42 +395,23 @@ impl Ec2Api for SdkEc2 {
     }
 
     async fn instance_volumes(&self, id: &str) -> Result<Option<InstanceVolumes>, CloudError> {
-        let out = match self
-            .client
-            .describe_instances()
-            .instance_ids(id)
-            .send()
-            .await
-        {
-            Ok(o) => o,
-            // Eventually consistent right after a launch: not found yet.
-            Err(e) => {
-                let e = ec2_err("DescribeInstances", &e);
-                return if e.is_not_found() { Ok(None) } else { Err(e) };
-            }
-        };
-        Ok(out
-            .reservations()
-            .iter()
-            .flat_map(|r| r.instances())
-            .find(|i| i.instance_id() == Some(id))
-            .map(|i| InstanceVolumes {
-                state: i
-                    .state()
-                    .and_then(|s| s.name())
-                    .map_or("pending", |n| n.as_str())
-                    .to_string(),
-                volumes: i
-                    .block_device_mappings()
-                    .iter()
-                    .filter_map(|m| {
-                        Some((
-                            m.device_name()?.to_string(),
-                            m.ebs()?.volume_id()?.to_string(),
-                        ))
-                    })
-                    .collect(),
-            }))
+        Ok(self.describe_instance(id).await?.map(|i| InstanceVolumes {
+            state: i
+                .state()
+                .and_then(|s| s.name())
+                .map_or("pending", |n| n.as_str())
+                .to_string(),
+            volumes: i
+                .block_device_mappings()
+                .iter()
+                .filter_map(|m| {
+                    Some((
+                        m.device_name()?.to_string(),
+                        m.ebs()?.volume_id()?.to_string(),
+                    ))
+                })
+                .collect(),
+        }))
     }
 
     async fn create_snapshots(
@@ -506,24 +487,9 @@ impl Ec2Api for SdkEc2 {
     }
 
     async fn instance_address(&self, id: &str) -> Result<Option<String>, CloudError> {
-        let out = match self
-            .client
-            .describe_instances()
-            .instance_ids(id)
-            .send()
-            .await
-        {
-            Ok(o) => o,
-            Err(e) => {
-                let e = ec2_err("DescribeInstances", &e);
-                return if e.is_not_found() { Ok(None) } else { Err(e) };
-            }
-        };
-        Ok(out
-            .reservations()
-            .iter()
-            .flat_map(|r| r.instances())
-            .find(|i| i.instance_id() == Some(id))
+        Ok(self
+            .describe_instance(id)
+            .await?
             .and_then(|i| i.private_ip_address().map(String::from)))
     }
 
@@ -543,4 +509,33 @@ impl Ec2Api for SdkEc2 {
 
 fn to_chrono(t: &aws_smithy_types::DateTime) -> Option<chrono::DateTime<chrono::Utc>> {
     chrono::DateTime::from_timestamp(t.secs(), t.subsec_nanos())
+}
+
+impl SdkEc2 {
+    /// One instance as DescribeInstances reports it (`None`: not found, or not yet:
+    /// EC2 is eventually consistent right after a launch).
+    async fn describe_instance(
+        &self,
+        id: &str,
+    ) -> Result<Option<aws_sdk_ec2::types::Instance>, CloudError> {
+        let out = match self
+            .client
+            .describe_instances()
+            .instance_ids(id)
+            .send()
+            .await
+        {
+            Ok(o) => o,
+            Err(e) => {
+                let e = ec2_err("DescribeInstances", &e);
+                return if e.is_not_found() { Ok(None) } else { Err(e) };
+            }
+        };
+        Ok(out
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .find(|i| i.instance_id() == Some(id))
+            .cloned())
+    }
 }

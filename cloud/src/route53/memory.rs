@@ -37,6 +37,15 @@ impl MemoryRoute53 {
     }
 }
 
+fn no_zone(op: &'static str, zone_id: &str) -> CloudError {
+    dns_error(
+        op,
+        ErrorKind::NotFound,
+        "NoSuchHostedZone",
+        format!("No hosted zone found with ID: {zone_id}"),
+    )
+}
+
 fn check_in_zone(op: &'static str, zone: &str, r: &ARecord) -> Result<(), CloudError> {
     // ChangeResourceRecordSets: a name outside the hosted zone is InvalidChangeBatch
     // ("RRSet with DNS name ... is not permitted in zone ...").
@@ -66,14 +75,10 @@ impl DnsApi for MemoryRoute53 {
         self.faults.check("Route53", OP, zone_id)?;
         let mut s = lock(&self.state);
         let n = s.changes.len();
-        let (zone, records) = s.zones.get_mut(zone_id).ok_or_else(|| {
-            dns_error(
-                OP,
-                ErrorKind::NotFound,
-                "NoSuchHostedZone",
-                format!("No hosted zone found with ID: {zone_id}"),
-            )
-        })?;
+        let (zone, records) = s
+            .zones
+            .get_mut(zone_id)
+            .ok_or_else(|| no_zone(OP, zone_id))?;
         check_in_zone(OP, zone, record)?;
         records.insert(record.fqdn(), record.clone());
         s.changes
@@ -85,14 +90,10 @@ impl DnsApi for MemoryRoute53 {
         const OP: &str = "ChangeResourceRecordSets";
         self.faults.check("Route53", OP, zone_id)?;
         let mut s = lock(&self.state);
-        let (zone, records) = s.zones.get_mut(zone_id).ok_or_else(|| {
-            dns_error(
-                OP,
-                ErrorKind::NotFound,
-                "NoSuchHostedZone",
-                format!("No hosted zone found with ID: {zone_id}"),
-            )
-        })?;
+        let (zone, records) = s
+            .zones
+            .get_mut(zone_id)
+            .ok_or_else(|| no_zone(OP, zone_id))?;
         check_in_zone(OP, zone, record)?;
         match records.get(&record.fqdn()) {
             None => return Ok(()),
@@ -119,14 +120,10 @@ impl DnsApi for MemoryRoute53 {
         self.faults
             .check("Route53", "ListResourceRecordSets", zone_id)?;
         let s = lock(&self.state);
-        let (_, records) = s.zones.get(zone_id).ok_or_else(|| {
-            dns_error(
-                "ListResourceRecordSets",
-                ErrorKind::NotFound,
-                "NoSuchHostedZone",
-                zone_id.to_string(),
-            )
-        })?;
+        let (_, records) = s
+            .zones
+            .get(zone_id)
+            .ok_or_else(|| no_zone("ListResourceRecordSets", zone_id))?;
         let fqdn = format!("{}.", name.trim_end_matches('.').to_ascii_lowercase());
         Ok(records.get(&fqdn).cloned())
     }

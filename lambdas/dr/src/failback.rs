@@ -27,7 +27,7 @@ use crate::steps::register::device_name;
 use chrono::{DateTime, Utc};
 use pilotlight_cloud::ebs::EbsApi;
 use pilotlight_cloud::ec2::{Ec2Api, SnapshotsRequest, VolumeSnapshot};
-use pilotlight_cloud::{ErrorKind, ObjectStore, PutOptions};
+use pilotlight_cloud::{ObjectStore, PutOptions};
 use pilotlight_protocol::points::tag;
 use pilotlight_protocol::{DiskId, Name, ReturnDoc, ReturnPoint, RoundDoc, FAILBACK_VERSION};
 use pilotlight_store::{failback as docs, DocError};
@@ -175,25 +175,16 @@ async fn save<S: ObjectStore, E, B>(
     fb.updated_at = Utc::now();
     let key = key(env, &fb.run_id);
     let body = json_bytes("the failback record", fb)?;
-    let opts = match &fb.etag.0 {
-        Some(etag) => PutOptions::json().replacing(etag.clone()),
-        None => PutOptions::json().create_only(),
-    };
-    match env.store.put(&key, body.into(), opts).await {
-        Ok(Some(etag)) => fb.etag.0 = Some(etag),
-        Ok(None) => {
+    match crate::runs::put_versioned(&env.store, &key, body, fb.etag.0.as_deref(), &fb.run_id)
+        .await?
+    {
+        Some(etag) => fb.etag.0 = Some(etag),
+        None => {
             fb.etag = load_failback(env, &fb.run_id)
                 .await?
                 .ok_or_else(|| DrError::NoSuchRun(fb.run_id.clone()))?
                 .etag
         }
-        Err(e)
-            if e.kind == ErrorKind::PreconditionFailed
-                || (fb.etag.0.is_some() && e.is_not_found()) =>
-        {
-            return Err(DrError::Conflict(fb.run_id.clone()))
-        }
-        Err(e) => return Err(e.into()),
     }
     Ok(())
 }

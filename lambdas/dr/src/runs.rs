@@ -22,33 +22,45 @@ pub(crate) fn new_run_id(now: DateTime<Utc>, request: &Value) -> String {
     format!("dr-{}-{tag}", now.format("%Y%m%dt%H%M%S"))
 }
 
-/// Saves the run over exactly the version it was read as (`If-Match`), or as a new
-/// record (`If-None-Match: *`): a caller that lost a race gets [`DrError::Conflict`] and
-/// has changed nothing.
+/// Writes a record over exactly the version `etag` names (`If-Match`), or as a new one
+/// (`If-None-Match: *`) without: the new version's ETag (`None`: the store names none;
+/// read it back). A caller that lost a race gets [`DrError::Conflict`] naming `id`, and
+/// has changed nothing. Every record the DR function keeps (runs, failbacks, plan runs,
+/// automation states) is saved through this.
+pub(crate) async fn put_versioned<S: ObjectStore>(
+    store: &S,
+    key: &str,
+    body: Vec<u8>,
+    etag: Option<&str>,
+    id: &str,
+) -> Result<Option<String>, DrError> {
+    let opts = match etag {
+        Some(etag) => PutOptions::json().replacing(etag.to_string()),
+        None => PutOptions::json().create_only(),
+    };
+    match store.put(key, body.into(), opts).await {
+        Ok(e) => Ok(e),
+        // 412: another version was saved; 404 on If-Match: the record is gone.
+        Err(e)
+            if e.kind == ErrorKind::PreconditionFailed || (etag.is_some() && e.is_not_found()) =>
+        {
+            Err(DrError::Conflict(id.to_string()))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Saves the run over exactly the version it was read as (see [`put_versioned`]).
 pub(crate) async fn save<S: ObjectStore, E, B>(
     env: &DrEnv<S, E, B>,
     run: &mut Run,
 ) -> Result<(), DrError> {
     let key = env.cfg.run_key(&run.run_id);
     let body = json_bytes("the run record", run)?;
-    let opts = match &run.etag.0 {
-        Some(etag) => PutOptions::json().replacing(etag.clone()),
-        None => PutOptions::json().create_only(),
-    };
-    match env.store.put(&key, body.into(), opts).await {
-        Ok(Some(etag)) => run.etag.0 = Some(etag),
-        Ok(None) => {
-            // A store that names no version: read it back to learn it.
-            run.etag = load(env, &run.run_id).await?.etag;
-        }
-        // 412: another version was saved; 404 on If-Match: the record is gone.
-        Err(e)
-            if e.kind == ErrorKind::PreconditionFailed
-                || (run.etag.0.is_some() && e.is_not_found()) =>
-        {
-            return Err(DrError::Conflict(run.run_id.clone()))
-        }
-        Err(e) => return Err(e.into()),
+    match put_versioned(&env.store, &key, body, run.etag.0.as_deref(), &run.run_id).await? {
+        Some(etag) => run.etag.0 = Some(etag),
+        // A store that names no version: read it back to learn it.
+        None => run.etag = load(env, &run.run_id).await?.etag,
     }
     if run.phase.is_final() {
         write_report(env, &run.run_id, crate::report::render(run, Utc::now())).await;

@@ -144,24 +144,11 @@ async fn save_state<S: ObjectStore, E, B>(
     s: &mut AutomationState,
 ) -> Result<(), DrError> {
     let body = json_bytes("the automation state", s)?;
-    let opts = match &s.etag.0 {
-        Some(e) => PutOptions::json().replacing(e.clone()),
-        None => PutOptions::json().create_only(),
-    };
-    match env
-        .store
-        .put(&state_key(env, &s.plan), body.into(), opts)
-        .await
-    {
-        Ok(Some(etag)) => s.etag.0 = Some(etag),
-        Ok(None) => s.etag = load_state(env, &s.plan).await?.etag,
-        Err(e)
-            if e.kind == ErrorKind::PreconditionFailed
-                || (s.etag.0.is_some() && e.is_not_found()) =>
-        {
-            return Err(DrError::Conflict(format!("automation of {}", s.plan)))
-        }
-        Err(e) => return Err(e.into()),
+    let key = state_key(env, &s.plan);
+    let id = format!("automation of {}", s.plan);
+    match crate::runs::put_versioned(&env.store, &key, body, s.etag.0.as_deref(), &id).await? {
+        Some(etag) => s.etag.0 = Some(etag),
+        None => s.etag = load_state(env, &s.plan).await?.etag,
     }
     Ok(())
 }

@@ -23,7 +23,7 @@ use pilotlight_cloud::ec2::Ec2Api;
 use pilotlight_cloud::route53::{ARecord, DnsApi};
 use pilotlight_cloud::ssm::RunCommandApi;
 use pilotlight_cloud::witness::WitnessApi;
-use pilotlight_cloud::{ErrorKind, ObjectStore, PutOptions};
+use pilotlight_cloud::ObjectStore;
 use serde::{Deserialize, Serialize};
 
 pub const PLAN_RUN_VERSION: u32 = 1;
@@ -190,20 +190,11 @@ pub(crate) async fn save<S: ObjectStore, E, B>(
     r.updated_at = Utc::now();
     let key = key(env, &r.plan_run_id);
     let body = json_bytes("the plan run", r)?;
-    let opts = match &r.etag.0 {
-        Some(etag) => PutOptions::json().replacing(etag.clone()),
-        None => PutOptions::json().create_only(),
-    };
-    match env.store.put(&key, body.into(), opts).await {
-        Ok(Some(etag)) => r.etag.0 = Some(etag),
-        Ok(None) => r.etag = load_plan_run(env, &r.plan_run_id).await?.etag,
-        Err(e)
-            if e.kind == ErrorKind::PreconditionFailed
-                || (r.etag.0.is_some() && e.is_not_found()) =>
-        {
-            return Err(DrError::Conflict(r.plan_run_id.clone()))
-        }
-        Err(e) => return Err(e.into()),
+    match crate::runs::put_versioned(&env.store, &key, body, r.etag.0.as_deref(), &r.plan_run_id)
+        .await?
+    {
+        Some(etag) => r.etag.0 = Some(etag),
+        None => r.etag = load_plan_run(env, &r.plan_run_id).await?.etag,
     }
     if r.phase.is_final() {
         let html = crate::report::plan::render(r, Utc::now());

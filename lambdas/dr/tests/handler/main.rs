@@ -198,40 +198,57 @@ pub(crate) async fn points_of_db01(
     store: &MemoryStore,
     ebs: &MemoryEbs,
 ) -> std::collections::BTreeMap<(String, u64), String> {
-    use pilotlight_cloud::ebs::{SnapshotStatus, StartSnapshot};
-    use pilotlight_protocol::points::PointInfo;
     let mut ids = std::collections::BTreeMap::new();
     for d in ["disk0", "disk1"] {
         let disk = DiskId::new("site1", "db-01", d).unwrap();
-        let mut parent: Option<String> = None;
-        for g in 1..=4u64 {
-            commit(store, &disk, g, 15 * g as i64);
-            let info = PointInfo {
-                disk: disk.clone(),
-                generation: g,
-                snapshot_time: at(15 * g as i64),
-                consistency: "crash".into(),
-                change_id: None,
-                stack: "stack-1".into(),
-                parent: parent.clone(),
-            };
-            let id = ebs
-                .start_snapshot(&StartSnapshot {
-                    volume_size_gib: 1,
-                    parent: parent.clone(),
-                    description: format!("{disk} g{g}"),
-                    tags: info.tags(),
-                    client_token: format!("{disk}-{g}"),
-                    encrypted: None,
-                    kms_key_arn: None,
-                    timeout_minutes: 60,
-                })
-                .await
-                .unwrap();
-            ebs.set_status(&id, SnapshotStatus::Completed);
-            ids.insert((d.to_string(), g), id.clone());
-            parent = Some(id);
+        let made = write_points(store, ebs, &disk, &[15, 30, 45, 60]).await;
+        for (i, id) in made.into_iter().enumerate() {
+            ids.insert((d.to_string(), i as u64 + 1), id);
         }
+    }
+    ids
+}
+
+/// Generations 1.. of `disk`, committed at the given minutes after 10:00, each with its
+/// completed recovery point (parented on the previous one); their snapshot ids in order.
+pub(crate) async fn write_points(
+    store: &MemoryStore,
+    ebs: &MemoryEbs,
+    disk: &DiskId,
+    minutes: &[i64],
+) -> Vec<String> {
+    use pilotlight_cloud::ebs::{SnapshotStatus, StartSnapshot};
+    use pilotlight_protocol::points::PointInfo;
+    let mut ids = Vec::new();
+    let mut parent: Option<String> = None;
+    for (i, m) in minutes.iter().enumerate() {
+        let g = i as u64 + 1;
+        commit(store, disk, g, *m);
+        let info = PointInfo {
+            disk: disk.clone(),
+            generation: g,
+            snapshot_time: at(*m),
+            consistency: "crash".into(),
+            change_id: None,
+            stack: "stack-1".into(),
+            parent: parent.clone(),
+        };
+        let id = ebs
+            .start_snapshot(&StartSnapshot {
+                volume_size_gib: 1,
+                parent: parent.clone(),
+                description: format!("{disk} g{g}"),
+                tags: info.tags(),
+                client_token: format!("{disk}-{g}"),
+                encrypted: None,
+                kms_key_arn: None,
+                timeout_minutes: 60,
+            })
+            .await
+            .unwrap();
+        ebs.set_status(&id, SnapshotStatus::Completed);
+        ids.push(id.clone());
+        parent = Some(id);
     }
     ids
 }

@@ -11,38 +11,8 @@ use pilotlight_dr::plans::run::{PlanEnv, PlanPhase, PlanRun, VmStage};
 
 /// Points of `vm` (one disk) at the given minutes after 10:00.
 pub(crate) async fn points_of(store: &MemoryStore, ebs: &MemoryEbs, vm: &str, minutes: &[i64]) {
-    use pilotlight_cloud::ebs::{SnapshotStatus, StartSnapshot};
-    use pilotlight_protocol::points::PointInfo;
     let disk = DiskId::new("site1", vm, "disk0").unwrap();
-    let mut parent: Option<String> = None;
-    for (i, m) in minutes.iter().enumerate() {
-        let g = i as u64 + 1;
-        commit(store, &disk, g, *m);
-        let info = PointInfo {
-            disk: disk.clone(),
-            generation: g,
-            snapshot_time: at(*m),
-            consistency: "crash".into(),
-            change_id: None,
-            stack: "stack-1".into(),
-            parent: parent.clone(),
-        };
-        let id = ebs
-            .start_snapshot(&StartSnapshot {
-                volume_size_gib: 1,
-                parent: parent.clone(),
-                description: format!("{disk} g{g}"),
-                tags: info.tags(),
-                client_token: format!("{disk}-{g}"),
-                encrypted: None,
-                kms_key_arn: None,
-                timeout_minutes: 60,
-            })
-            .await
-            .unwrap();
-        ebs.set_status(&id, SnapshotStatus::Completed);
-        parent = Some(id);
-    }
+    write_points(store, ebs, &disk, minutes).await;
     let settings = json!({"site": "site1", "vm": vm, "disks": ["disk0"], "method": "snapshot",
         "launch": {"instance_type": "t3.medium", "subnet_id": null, "private_ip": null,
                    "boot_mode": "uefi", "license_type": null}});
