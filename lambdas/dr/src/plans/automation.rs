@@ -493,7 +493,19 @@ async fn run_plan<
         "a real recovery"
     };
     match run::start(p, plan.clone(), a.drill, at).await {
-        Ok(r) => {
+        Ok(mut r) => {
+            // The run says why it started: the decisions since the watch began.
+            r.automation = s
+                .decisions
+                .iter()
+                .rev()
+                .take(20)
+                .rev()
+                .map(|d| format!("{}: {}", d.at.to_rfc3339(), d.what))
+                .collect();
+            if let Err(e) = run::save(p.dr, &mut r).await {
+                tracing::warn!(plan_run = %r.plan_run_id, error = %e, "the run's automation decisions were not recorded");
+            }
             s.phase = AutoPhase::Ran;
             s.plan_run_id = Some(r.plan_run_id.clone());
             s.decide(

@@ -131,6 +131,9 @@ pub struct PlanRun {
     pub reason: Option<String>,
     #[serde(default)]
     pub log: Vec<String>,
+    /// Started by guarded automatic failover: the decisions that led to it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub automation: Vec<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     #[serde(skip)]
@@ -322,6 +325,7 @@ pub async fn start<
         dns: Vec::new(),
         reason: None,
         log: Vec::new(),
+        automation: Vec::new(),
         created_at: now,
         updated_at: now,
         etag: Etag::default(),

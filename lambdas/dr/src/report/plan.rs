@@ -167,6 +167,14 @@ pub fn render(r: &PlanRun, now: DateTime<Utc>) -> String {
         }
         out.push_str("</table>");
     }
+    if !r.automation.is_empty() {
+        out.push_str("<h2>Started by guarded automatic failover</h2><pre>");
+        for l in &r.automation {
+            out.push_str(&esc(l));
+            out.push('\n');
+        }
+        out.push_str("</pre>");
+    }
     out.push_str("<h2>What happened</h2><pre>");
     for l in &r.log {
         out.push_str(&esc(l));

@@ -104,6 +104,16 @@ async fn silence_and_a_down_witness_held_then_a_countdown_run_the_plan_once() {
         .await
         .unwrap();
     assert!(!r.drill);
+    // The run (and its report) says why it started.
+    assert!(
+        r.automation
+            .iter()
+            .any(|d| d.contains("triggered: site silent")),
+        "{:?}",
+        r.automation
+    );
+    let html = pilotlight_dr::report::plan::render(&r, t(56));
+    assert!(html.contains("Started by guarded automatic failover") && html.contains("latched"));
     assert_eq!(r.point_time, at(45));
     // Never twice: later evaluations change nothing.
     for m in [60, 120, 600] {
