@@ -168,3 +168,22 @@ fn failback_documents_load() {
     let round = RoundDoc::from_json(&bytes("failback-round-v1.json"), &run, &disk).unwrap();
     assert!(round.r#final && round.verified);
 }
+
+#[test]
+fn plan_runs_and_automation_states_load() {
+    use pilotlight_dr::plans::automation::{AutoPhase, AutomationState};
+    use pilotlight_dr::plans::run::{PlanPhase, PlanRun};
+    let r: PlanRun = serde_json::from_slice(&bytes("plan-run-v1.json")).unwrap();
+    assert_eq!(r.plan.name, "shop");
+    assert_eq!(r.waves.len(), 2);
+    assert_eq!(r.phase, PlanPhase::Running);
+    assert!(!r.automation.is_empty());
+    let s: AutomationState = serde_json::from_slice(&bytes("plan-automation-v1.json")).unwrap();
+    assert_eq!(s.phase, AutoPhase::Ran);
+    assert_eq!(s.plan_run_id.as_deref(), Some(r.plan_run_id.as_str()));
+    // The plan files are kept as written: the example in docs/plans.md parses.
+    let doc = std::fs::read_to_string(golden("../../../docs/plans.md")).unwrap();
+    let toml = doc.split("```toml\n").nth(1).unwrap().split("```").next().unwrap();
+    let plan = pilotlight_dr::plans::parse(toml).unwrap();
+    assert_eq!(plan.waves, vec![vec!["db-01".to_string()], vec!["app-01".into(), "web-01".into()]]);
+}
