@@ -183,7 +183,19 @@ fn plan_runs_and_automation_states_load() {
     assert_eq!(s.plan_run_id.as_deref(), Some(r.plan_run_id.as_str()));
     // The plan files are kept as written: the example in docs/plans.md parses.
     let doc = std::fs::read_to_string(golden("../../../docs/plans.md")).unwrap();
-    let toml = doc.split("```toml\n").nth(1).unwrap().split("```").next().unwrap();
+    let toml = doc
+        .split("```toml\n")
+        .nth(1)
+        .unwrap()
+        .split("```")
+        .next()
+        .unwrap();
     let plan = pilotlight_dr::plans::parse(toml).unwrap();
-    assert_eq!(plan.waves, vec![vec!["db-01".to_string()], vec!["app-01".into(), "web-01".into()]]);
+    assert_eq!(
+        plan.waves,
+        vec![
+            vec!["db-01".to_string()],
+            vec!["app-01".into(), "web-01".into()]
+        ]
+    );
 }
