@@ -335,13 +335,13 @@ pub fn parse(text: &str) -> Result<Plan, Vec<PlanProblem>> {
     }
     let dns = file.dns.as_ref().map(|d| Dns {
         zone_id: d.zone_id.clone(),
-        zone: d.zone.get_ref().trim_end_matches('.').to_string(),
+        zone: d.zone.get_ref().trim_end_matches('.').to_ascii_lowercase(),
         ttl: d.ttl,
         drill_zone_id: d.drill_zone_id.clone(),
         drill_zone: d
             .drill_zone
             .as_ref()
-            .map(|z| z.get_ref().trim_end_matches('.').to_string()),
+            .map(|z| z.get_ref().trim_end_matches('.').to_ascii_lowercase()),
     });
     if let Some(d) = &file.dns {
         if !dns_name_ok(d.zone.get_ref()) {
@@ -410,7 +410,7 @@ pub fn parse(text: &str) -> Result<Plan, Vec<PlanProblem>> {
                 dns: v
                     .dns
                     .iter()
-                    .map(|n| n.get_ref().trim_end_matches('.').to_string())
+                    .map(|n| n.get_ref().trim_end_matches('.').to_ascii_lowercase())
                     .collect(),
                 health: v.health.clone(),
                 steps: v.steps.clone(),
