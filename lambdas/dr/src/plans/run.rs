@@ -63,6 +63,10 @@ impl PlanPhase {
 pub enum VmStage {
     /// Its wave has not started.
     Waiting,
+    /// Its DR run is being started: recorded before the start, so a crash between the
+    /// start and the record is found (a run of this VM in this plan run) instead of
+    /// starting a second one.
+    Starting,
     /// Its DR run is under way.
     Recovering,
     /// Running its post-launch steps.

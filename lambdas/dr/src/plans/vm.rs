@@ -34,6 +34,16 @@ pub(super) async fn vm_step<
     let env = p.dr;
     match vm.stage {
         VmStage::Waiting => {
+            // Recorded first (the caller saves it); the run starts on the next look.
+            vm.stage = VmStage::Starting;
+            vm.started_at = Some(Utc::now());
+        }
+        VmStage::Starting => {
+            if let Some(run) = started_before(env, group, &vm.vm, vm.started_at).await? {
+                vm.run_id = Some(run);
+                vm.stage = VmStage::Recovering;
+                return Ok(());
+            }
             let req =
                 match start_request(env, plan, &vm.vm, RecoveryPoint::Point(point), drill, group)
                     .await
@@ -47,7 +57,6 @@ pub(super) async fn vm_step<
                 };
             let run = crate::handler::start(env, req).await?;
             vm.run_id = Some(run.run_id.clone());
-            vm.started_at = Some(Utc::now());
             vm.stage = VmStage::Recovering;
             if run.phase == Phase::Failed {
                 vm.stage = VmStage::Failed;
@@ -201,6 +210,48 @@ pub(super) async fn vm_step<
         VmStage::Ready | VmStage::Done | VmStage::Failed => {}
     }
     Ok(())
+}
+
+/// A DR run of `vm` this plan run already started (its request names the plan run as its
+/// group): one a crash kept from being recorded. Only runs started since `since` are read.
+async fn started_before<S: ObjectStore, E, B>(
+    env: &crate::config::DrEnv<S, E, B>,
+    group: &str,
+    vm: &str,
+    since: Option<DateTime<Utc>>,
+) -> Result<Option<String>, DrError> {
+    let prefix = &env.cfg.runs_prefix;
+    let since = since.map(|t| t - chrono::Duration::minutes(1));
+    for k in env.store.list(prefix, |_| true).await? {
+        let Some(id) = k
+            .strip_prefix(prefix.as_str())
+            .and_then(|k| k.strip_suffix(".json"))
+        else {
+            continue;
+        };
+        // dr-YYYYMMDDtHHMMSS-...: older runs are not this plan run's.
+        let at = id
+            .get(3..18)
+            .and_then(|t| chrono::NaiveDateTime::parse_from_str(t, "%Y%m%dt%H%M%S").ok())
+            .map(|t| t.and_utc());
+        if id.contains('/') || at.zip(since).is_some_and(|(a, s)| a < s) {
+            continue;
+        }
+        let Ok(run) = load(env, id).await else {
+            continue;
+        };
+        let field = |k: &str| {
+            run.request
+                .get(k)
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_string()
+        };
+        if field("group") == group && field("vm") == vm {
+            return Ok(Some(run.run_id));
+        }
+    }
+    Ok(None)
 }
 
 /// A probe run on the instance itself (bash and curl, on the images pilotlight recovers).

@@ -350,3 +350,48 @@ async fn plans_with_unknown_vms_are_refused_and_nothing_is_stored() {
         "{e}"
     );
 }
+
+/// A crash between starting a VM's run and recording it: the next look finds the run
+/// (its group is the plan run) instead of starting a second instance of the VM.
+#[tokio::test]
+async fn a_run_started_but_not_recorded_is_found_not_started_twice() {
+    let w = world().await;
+    let env = snapshot_env(&w.store, &w.ebs);
+    let p = PlanEnv {
+        dr: &env,
+        dns: &w.dns,
+        cmd: &w.ssm,
+        witness: &w.witness,
+    };
+    call(&p, json!({"action": "plan_put", "text": PLAN})).await;
+    let v = call(
+        &p,
+        json!({"action": "plan_start", "plan": "shop", "drill": true}),
+    )
+    .await;
+    let r: PlanRun = serde_json::from_value(v).unwrap();
+    assert_eq!(r.waves[0].vms[0].stage, VmStage::Starting);
+    // The start that happened before the crash (the record never heard of it).
+    let settings: Value = serde_json::from_slice(
+        &w.store
+            .object("pilotlight-dr/vms/site1/db-01.json")
+            .unwrap(),
+    )
+    .unwrap();
+    let lost = start(
+        &env,
+        json!({"action": "start", "site": "site1", "vm": "db-01", "disks": settings["disks"],
+               "recovery_point": {"point": r.point_time}, "method": "snapshot",
+               "launch": settings["launch"], "drill": true, "group": r.plan_run_id}),
+    )
+    .await
+    .unwrap();
+    let r = until_final(&p, &r.plan_run_id).await;
+    assert_eq!(r.phase, PlanPhase::Done, "{:#?}", r.log);
+    assert_eq!(
+        r.waves[0].vms[0].run_id.as_deref(),
+        Some(lost.run_id.as_str())
+    );
+    let launched = env.ec2.inner.snapshot().instances.len();
+    assert_eq!(launched, 3, "one instance per VM, none twice");
+}
