@@ -156,15 +156,12 @@ pub async fn load_failback<S: ObjectStore, E, B>(
     if Name::new(run_id).is_err() {
         return Err(DrError::NoSuchRun(run_id.into()));
     }
-    let key = key(env, run_id);
-    let Some(found) = env.store.get_versioned(&key, MAX_FAILBACK_RECORD).await? else {
+    let found =
+        crate::runs::get_versioned(&env.store, &key(env, run_id), MAX_FAILBACK_RECORD).await?;
+    let Some((mut fb, etag)): Option<(Failback, String)> = found else {
         return Ok(None);
     };
-    let mut fb: Failback = serde_json::from_slice(&found.body).map_err(|e| DrError::BadRun {
-        key,
-        detail: e.to_string(),
-    })?;
-    fb.etag.0 = Some(found.etag);
+    fb.etag.0 = Some(etag);
     Ok(Some(fb))
 }
 

@@ -50,6 +50,24 @@ pub(crate) async fn put_versioned<S: ObjectStore>(
     }
 }
 
+/// Reads a record and the version it was read as (`None`: no such object); a record that
+/// does not parse is [`DrError::BadRun`] naming its key. The counterpart of
+/// [`put_versioned`] for every record the DR function keeps.
+pub(crate) async fn get_versioned<S: ObjectStore, T: serde::de::DeserializeOwned>(
+    store: &S,
+    key: &str,
+    cap: u64,
+) -> Result<Option<(T, String)>, DrError> {
+    let Some(found) = store.get_versioned(key, cap).await? else {
+        return Ok(None);
+    };
+    let record = serde_json::from_slice(&found.body).map_err(|e| DrError::BadRun {
+        key: key.to_string(),
+        detail: e.to_string(),
+    })?;
+    Ok(Some((record, found.etag)))
+}
+
 /// Saves the run over exactly the version it was read as (see [`put_versioned`]).
 pub(crate) async fn save<S: ObjectStore, E, B>(
     env: &DrEnv<S, E, B>,
@@ -196,17 +214,11 @@ pub(crate) async fn load<S: ObjectStore, E, B>(
     if Name::new(run_id).is_err() {
         return Err(DrError::NoSuchRun(run_id.into()));
     }
-    let key = env.cfg.run_key(run_id);
-    let found = env
-        .store
-        .get_versioned(&key, MAX_RUN_RECORD)
-        .await?
-        .ok_or_else(|| DrError::NoSuchRun(run_id.into()))?;
-    let mut run: Run = serde_json::from_slice(&found.body).map_err(|e| DrError::BadRun {
-        key,
-        detail: e.to_string(),
-    })?;
-    run.etag.0 = Some(found.etag);
+    let (mut run, etag): (Run, String) =
+        get_versioned(&env.store, &env.cfg.run_key(run_id), MAX_RUN_RECORD)
+            .await?
+            .ok_or_else(|| DrError::NoSuchRun(run_id.into()))?;
+    run.etag.0 = Some(etag);
     Ok(run.with_start())
 }
 

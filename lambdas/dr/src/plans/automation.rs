@@ -124,19 +124,15 @@ pub async fn load_state<S: ObjectStore, E, B>(
     env: &DrEnv<S, E, B>,
     plan: &str,
 ) -> Result<AutomationState, DrError> {
-    let key = state_key(env, plan);
-    match env.store.get_versioned(&key, 4 << 20).await? {
-        None => Ok(AutomationState::new(plan)),
-        Some(found) => {
-            let mut s: AutomationState =
-                serde_json::from_slice(&found.body).map_err(|e| DrError::BadRun {
-                    key,
-                    detail: e.to_string(),
-                })?;
-            s.etag.0 = Some(found.etag);
-            Ok(s)
+    let found: Option<(AutomationState, String)> =
+        crate::runs::get_versioned(&env.store, &state_key(env, plan), 4 << 20).await?;
+    Ok(match found {
+        None => AutomationState::new(plan),
+        Some((mut s, etag)) => {
+            s.etag.0 = Some(etag);
+            s
         }
-    }
+    })
 }
 
 async fn save_state<S: ObjectStore, E, B>(
@@ -292,7 +288,6 @@ async fn step<S: ObjectStore, E: Ec2Api, B: EbsApi, D: DnsApi, R: RunCommandApi,
             s.decide(now, format!("countdown stopped: {why}"));
             notify(
                 p,
-                plan,
                 a,
                 &format!("pilotlight: automatic failover of {} stopped", plan.name),
                 &format!(
@@ -334,10 +329,7 @@ async fn step<S: ObjectStore, E: Ec2Api, B: EbsApi, D: DnsApi, R: RunCommandApi,
         s.countdown_until = Some(now + Duration::seconds(a.countdown_seconds as i64));
         s.waiting_because = None;
         s.decide(now, format!("triggered: site silent and witness down for {held}s; countdown until {}, then plan {} runs as a real recovery from the point at {}", s.countdown_until.map(|t| t.to_rfc3339()).unwrap_or_default(), plan.name, point.to_rfc3339()));
-        notify(
-            p,
-            plan,
-            a,
+        notify(p, a,
             &format!("pilotlight: automatic failover of {} in {}s", plan.name, a.countdown_seconds),
             &format!(
                 "Plan {} will run as {} at {} from the recovery point at {}: the site has sent nothing since {} and the witness says the primary is down.\n\nTo stop it: pilotlight-dr cancel {}\n",
@@ -409,7 +401,6 @@ async fn step<S: ObjectStore, E: Ec2Api, B: EbsApi, D: DnsApi, R: RunCommandApi,
                     s.decide(now, format!("the fence could not be sent ({e}): no recovery; `pilotlight-dr plan arm` after fixing it"));
                     notify(
                         p,
-                        plan,
                         a,
                         &format!("pilotlight: automatic failover of {} NOT run", plan.name),
                         &format!("The fence hook failed: {e}. Nothing was recovered."),
@@ -457,7 +448,6 @@ async fn fencing<
             );
             notify(
                 p,
-                plan,
                 a,
                 &format!("pilotlight: automatic failover of {} NOT run", plan.name),
                 &format!(
@@ -512,7 +502,7 @@ async fn run_plan<
                 now,
                 format!("plan {} started as {kind}: {}", plan.name, r.plan_run_id),
             );
-            notify(p, plan, a, &format!("pilotlight: plan {} is running", plan.name), &format!("Automatic failover started plan {} ({}). Follow it: pilotlight-dr plan status {}", plan.name, r.plan_run_id, r.plan_run_id)).await;
+            notify(p, a, &format!("pilotlight: plan {} is running", plan.name), &format!("Automatic failover started plan {} ({}). Follow it: pilotlight-dr plan status {}", plan.name, r.plan_run_id, r.plan_run_id)).await;
         }
         Err(e) if matches!(e, DrError::Refused(_) | DrError::BadRequest(_)) => {
             s.phase = AutoPhase::FenceFailed;
@@ -528,7 +518,6 @@ async fn run_plan<
 
 async fn notify<S: ObjectStore, E, B, D, R, W: WitnessApi>(
     p: &PlanEnv<'_, S, E, B, D, R, W>,
-    _plan: &Plan,
     a: &super::Automation,
     subject: &str,
     message: &str,

@@ -176,17 +176,11 @@ pub async fn load_plan_run<S: ObjectStore, E, B>(
     if pilotlight_protocol::Name::new(id).is_err() {
         return Err(DrError::NoSuchRun(id.into()));
     }
-    let key = key(env, id);
-    let found = env
-        .store
-        .get_versioned(&key, MAX_PLAN_RUN)
-        .await?
-        .ok_or_else(|| DrError::NoSuchRun(id.into()))?;
-    let mut r: PlanRun = serde_json::from_slice(&found.body).map_err(|e| DrError::BadRun {
-        key,
-        detail: e.to_string(),
-    })?;
-    r.etag.0 = Some(found.etag);
+    let (mut r, etag): (PlanRun, String) =
+        crate::runs::get_versioned(&env.store, &key(env, id), MAX_PLAN_RUN)
+            .await?
+            .ok_or_else(|| DrError::NoSuchRun(id.into()))?;
+    r.etag.0 = Some(etag);
     Ok(r)
 }
 
