@@ -367,16 +367,7 @@ pub async fn status<S: ObjectStore, E: Ec2Api, B: EbsApi>(
 ) -> Result<Vec<Run>, DrError> {
     let ids: Vec<String> = match run_id {
         Some(id) => vec![id.to_string()],
-        None => env
-            .store
-            .list(&env.cfg.runs_prefix, |_| true)
-            .await?
-            .iter()
-            .filter_map(|k| k.strip_prefix(&env.cfg.runs_prefix))
-            .filter_map(|k| k.strip_suffix(".json"))
-            .filter(|k| !k.contains('/'))
-            .map(String::from)
-            .collect(),
+        None => crate::runs::run_ids(env).await?,
     };
     let mut out = Vec::new();
     for id in ids {

@@ -50,6 +50,24 @@ pub(crate) async fn put_versioned<S: ObjectStore>(
     }
 }
 
+/// The ids of every run record (the records directly under the runs prefix: failbacks,
+/// plan runs and groups live in folders beside them).
+pub(crate) async fn run_ids<S: ObjectStore, E, B>(
+    env: &DrEnv<S, E, B>,
+) -> Result<Vec<String>, DrError> {
+    let prefix = &env.cfg.runs_prefix;
+    Ok(env
+        .store
+        .list(prefix, |_| true)
+        .await?
+        .iter()
+        .filter_map(|k| k.strip_prefix(prefix.as_str()))
+        .filter_map(|k| k.strip_suffix(".json"))
+        .filter(|k| !k.contains('/'))
+        .map(String::from)
+        .collect())
+}
+
 /// Reads a record and the version it was read as (`None`: no such object); a record that
 /// does not parse is [`DrError::BadRun`] naming its key. The counterpart of
 /// [`put_versioned`] for every record the DR function keeps.

@@ -181,18 +181,8 @@ async fn drill_running<S: ObjectStore, E, B>(
     env: &DrEnv<S, E, B>,
     plan: &Plan,
 ) -> Result<Option<String>, DrError> {
-    let prefix = &env.cfg.runs_prefix;
-    for k in env.store.list(prefix, |_| true).await? {
-        let Some(id) = k
-            .strip_prefix(prefix.as_str())
-            .and_then(|k| k.strip_suffix(".json"))
-        else {
-            continue;
-        };
-        if id.contains('/') {
-            continue;
-        }
-        let Ok(run): Result<Run, _> = crate::runs::load(env, id).await else {
+    for id in crate::runs::run_ids(env).await? {
+        let Ok(run): Result<Run, _> = crate::runs::load(env, &id).await else {
             continue;
         };
         let vm = run.request.get("vm").and_then(|v| v.as_str()).unwrap_or("");

@@ -220,24 +220,17 @@ async fn started_before<S: ObjectStore, E, B>(
     vm: &str,
     since: Option<DateTime<Utc>>,
 ) -> Result<Option<String>, DrError> {
-    let prefix = &env.cfg.runs_prefix;
     let since = since.map(|t| t - chrono::Duration::minutes(1));
-    for k in env.store.list(prefix, |_| true).await? {
-        let Some(id) = k
-            .strip_prefix(prefix.as_str())
-            .and_then(|k| k.strip_suffix(".json"))
-        else {
-            continue;
-        };
+    for id in crate::runs::run_ids(env).await? {
         // dr-YYYYMMDDtHHMMSS-...: older runs are not this plan run's.
         let at = id
             .get(3..18)
             .and_then(|t| chrono::NaiveDateTime::parse_from_str(t, "%Y%m%dt%H%M%S").ok())
             .map(|t| t.and_utc());
-        if id.contains('/') || at.zip(since).is_some_and(|(a, s)| a < s) {
+        if at.zip(since).is_some_and(|(a, s)| a < s) {
             continue;
         }
-        let Ok(run) = load(env, id).await else {
+        let Ok(run) = load(env, &id).await else {
             continue;
         };
         let field = |k: &str| {
