@@ -8,6 +8,9 @@
 //! {prefix}/{site}/{vm}/{disk}/x/{export-id}/result.json           the export's outcome
 //! {prefix}/{site}/{vm}/{disk}/b/{run-id}/return.json               failback: return snapshots (DR)
 //! {prefix}/{site}/{vm}/{disk}/b/{run-id}/round.json                failback: the newest round (sender)
+//! {prefix}/{site}/{vm}/{disk}/r/head.json                          snapshots mode: the disk's chain head
+//! {prefix}/{site}/{vm}/{disk}/r/{generation:020}/{attempt:05}-{shard:06}.json
+//!                                                                  snapshots mode: one shard written
 //! ```
 
 use crate::names::{DiskId, Name, NameError, Prefix};
@@ -19,6 +22,7 @@ pub const EXPORT_IMAGE_FILE: &str = "image.raw";
 pub const EXPORT_RESULT_FILE: &str = "result.json";
 pub const FAILBACK_RETURN_FILE: &str = "return.json";
 pub const FAILBACK_ROUND_FILE: &str = "round.json";
+pub const REPLICA_HEAD_FILE: &str = "head.json";
 const DIGITS: usize = 20;
 /// Keys longer than this are rejected before any other parsing (S3's own limit).
 pub const MAX_KEY_LEN: usize = 1024;
@@ -91,6 +95,15 @@ pub enum ObjectKey {
         disk: DiskId,
         run: Name,
     },
+    /// Snapshots mode: the disk's chain head (its newest point, the point being written).
+    ReplicaHead { disk: DiskId },
+    /// Snapshots mode: one shard of a generation's point, written (attempt, shard).
+    ReplicaShard {
+        disk: DiskId,
+        generation: u64,
+        attempt: u32,
+        shard: u32,
+    },
 }
 
 impl ObjectKey {
@@ -102,7 +115,9 @@ impl ObjectKey {
             | ObjectKey::ExportImage { disk, .. }
             | ObjectKey::ExportResult { disk, .. }
             | ObjectKey::FailbackReturn { disk, .. }
-            | ObjectKey::FailbackRound { disk, .. } => disk,
+            | ObjectKey::FailbackRound { disk, .. }
+            | ObjectKey::ReplicaHead { disk }
+            | ObjectKey::ReplicaShard { disk, .. } => disk,
         }
     }
 
@@ -152,6 +167,18 @@ impl ObjectKey {
             ObjectKey::FailbackRound { disk, run } => {
                 format!("{}b/{run}/{FAILBACK_ROUND_FILE}", disk_prefix(prefix, disk))
             }
+            ObjectKey::ReplicaHead { disk } => {
+                format!("{}r/{REPLICA_HEAD_FILE}", disk_prefix(prefix, disk))
+            }
+            ObjectKey::ReplicaShard {
+                disk,
+                generation,
+                attempt,
+                shard,
+            } => format!(
+                "{}{generation:020}/{attempt:05}-{shard:06}.json",
+                replica_prefix(prefix, disk)
+            ),
         }
     }
 
@@ -170,7 +197,9 @@ impl ObjectKey {
                 })?;
         let parts: Vec<&str> = rest.split('/').collect();
         let (site, vm, disk, kind, gen, tail) = match parts.as_slice() {
-            [s, v, d, kind @ ("g" | "x" | "b"), g, tail @ ..] => (*s, *v, *d, *kind, *g, tail),
+            [s, v, d, kind @ ("g" | "x" | "b" | "r"), g, tail @ ..] => {
+                (*s, *v, *d, *kind, *g, tail)
+            }
             _ => return Err(KeyError::WrongShape { key: short() }),
         };
         let name = |field: &'static str, s: &str| {
@@ -185,6 +214,26 @@ impl ObjectKey {
             vm: name("vm", vm)?,
             disk: name("disk", disk)?,
         };
+        if kind == "r" {
+            return match tail {
+                [] if gen == REPLICA_HEAD_FILE => Ok(ObjectKey::ReplicaHead { disk }),
+                [file] => {
+                    let generation = parse_generation(key, gen)?;
+                    let (attempt, shard) = file
+                        .strip_suffix(".json")
+                        .and_then(|f| f.split_once('-'))
+                        .filter(|(a, s)| a.len() == 5 && s.len() == 6)
+                        .ok_or_else(|| KeyError::WrongShape { key: short() })?;
+                    Ok(ObjectKey::ReplicaShard {
+                        disk,
+                        generation,
+                        attempt: parse_small(key, "attempt", attempt)?,
+                        shard: parse_small(key, "shard", shard)?,
+                    })
+                }
+                _ => Err(KeyError::WrongShape { key: short() }),
+            };
+        }
         if kind == "b" {
             let run = name("run id", gen)?;
             return match tail {
@@ -248,6 +297,16 @@ pub fn export_prefix(prefix: &Prefix, disk: &DiskId) -> String {
     format!("{}x/", disk_prefix(prefix, disk))
 }
 
+/// `{prefix}/{site}/{vm}/{disk}/r/`: snapshots mode's documents of the disk.
+pub fn replica_prefix(prefix: &Prefix, disk: &DiskId) -> String {
+    format!("{}r/", disk_prefix(prefix, disk))
+}
+
+/// `.../r/{generation:020}/`: the shards written for one generation's point.
+pub fn replica_generation_prefix(prefix: &Prefix, disk: &DiskId, generation: u64) -> String {
+    format!("{}{generation:020}/", replica_prefix(prefix, disk))
+}
+
 /// `.../g/{generation:020}/`: list under this to find one generation's objects.
 pub fn one_generation_prefix(prefix: &Prefix, disk: &DiskId, generation: u64) -> String {
     format!("{}{:020}/", generation_prefix(prefix, disk), generation)
@@ -274,6 +333,22 @@ fn parse_digits(key: &str, field: &'static str, text: &str) -> Result<u64, KeyEr
         });
     }
     text.parse::<u64>().map_err(|_| KeyError::Overflow {
+        key: short(key),
+        field,
+        text: text.to_string(),
+    })
+}
+
+/// A fixed-width decimal of a replica shard's name (5 or 6 digits: fits a u32).
+fn parse_small(key: &str, field: &'static str, text: &str) -> Result<u32, KeyError> {
+    if !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(KeyError::BadDigits {
+            key: short(key),
+            field,
+            text: short(text),
+        });
+    }
+    text.parse::<u32>().map_err(|_| KeyError::Overflow {
         key: short(key),
         field,
         text: text.to_string(),
@@ -457,6 +532,37 @@ mod tests {
             ObjectKey::parse(&pre, &long),
             Err(KeyError::TooLong { .. })
         ));
+    }
+
+    #[test]
+    fn replica_keys_round_trip_and_reject_near_misses() {
+        let pre = p("dr");
+        let head = ObjectKey::ReplicaHead { disk: disk() };
+        assert_eq!(head.to_key(&pre), "dr/site1/vm-a/disk0/r/head.json");
+        assert_eq!(ObjectKey::parse(&pre, &head.to_key(&pre)).unwrap(), head);
+        let shard = ObjectKey::ReplicaShard {
+            disk: disk(),
+            generation: 7,
+            attempt: 2,
+            shard: 31,
+        };
+        let k = shard.to_key(&pre);
+        assert_eq!(
+            k,
+            "dr/site1/vm-a/disk0/r/00000000000000000007/00002-000031.json"
+        );
+        assert_eq!(ObjectKey::parse(&pre, &k).unwrap(), shard);
+        for bad in [
+            "dr/site1/vm-a/disk0/r/head.json/x",
+            "dr/site1/vm-a/disk0/r/heads.json",
+            "dr/site1/vm-a/disk0/r/00000000000000000007/2-31.json",
+            "dr/site1/vm-a/disk0/r/00000000000000000007/00002-000031",
+            "dr/site1/vm-a/disk0/r/00000000000000000007/0000a-000031.json",
+            "dr/site1/vm-a/disk0/r/00000000000000000000/00002-000031.json",
+            "dr/site1/vm-a/disk0/r/7/00002-000031.json",
+        ] {
+            assert!(ObjectKey::parse(&pre, bad).is_err(), "{bad}");
+        }
     }
 
     fn name_strategy() -> impl Strategy<Value = String> {

@@ -8,6 +8,7 @@
 //! - [`failback`]: return snapshots (DR Lambda -> sender) and rounds (sender -> DR Lambda);
 //! - [`event`]: S3 event notifications (real S3 and the emulator), parsed tolerantly;
 //! - [`extent`]: byte ranges and the alignment rules shared by all parts;
+//! - [`replica`]: snapshots mode's chain heads, shard records and shard tasks;
 //! - [`points`]: recovery points' snapshot tags, VM points, retention tiers.
 //!
 //! Nothing here does I/O. Everything that parses untrusted input returns a typed error
@@ -21,6 +22,7 @@ pub mod keys;
 pub mod manifest;
 pub mod names;
 pub mod points;
+pub mod replica;
 
 pub use event::{parse_notification, EventError, S3Notification, S3Record};
 pub use export::{

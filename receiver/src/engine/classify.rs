@@ -34,6 +34,7 @@ pub fn classify(cfg: &EngineConfig, body: &str) -> Disposition {
     let mut exports = Vec::new();
     let mut export_outputs = 0;
     let mut failback_docs = 0;
+    let mut replica_docs = 0;
     for r in records {
         if r.bucket != cfg.bucket {
             return Disposition::Leave(format!(
@@ -60,6 +61,10 @@ pub fn classify(cfg: &EngineConfig, body: &str) -> Disposition {
             Ok(ObjectKey::FailbackReturn { .. } | ObjectKey::FailbackRound { .. }) => {
                 failback_docs += 1
             }
+            // Snapshots mode's own documents (a stack switched between modes).
+            Ok(ObjectKey::ReplicaHead { .. } | ObjectKey::ReplicaShard { .. }) => {
+                replica_docs += 1
+            }
             Err(e) => return Disposition::Leave(format!("rejected key: {e}")),
         }
     }
@@ -73,6 +78,8 @@ pub fn classify(cfg: &EngineConfig, body: &str) -> Disposition {
         Disposition::Delete("export output written by a receiver")
     } else if failback_docs > 0 {
         Disposition::Delete("a failback document (DR function and sender)")
+    } else if replica_docs > 0 {
+        Disposition::Delete("a snapshots-mode document (the replica function's)")
     } else {
         Disposition::Delete("no object-created records")
     }
