@@ -40,6 +40,30 @@ pub trait Queue: Send + Sync {
         receipt: &str,
         secs: i32,
     ) -> impl Future<Output = Result<(), CloudError>> + Send;
+    /// Sends up to [`MAX_BATCH`] messages in one request (SendMessageBatch); returns why
+    /// each one it could not send was refused (the index and the reason).
+    fn send_batch(
+        &self,
+        bodies: &[String],
+    ) -> impl Future<Output = Result<Vec<(usize, String)>, CloudError>> + Send;
+}
+
+/// SendMessageBatch and DeleteMessageBatch: "a maximum of 10 messages" per request.
+pub const MAX_BATCH: usize = 10;
+/// SendMessageBatch: "The maximum allowed individual message size and the maximum total
+/// payload size (the sum of the individual lengths of all of the batched messages) are
+/// both 256 KiB" (SQS API reference).
+pub const MAX_BATCH_PAYLOAD: usize = 256 * 1024;
+
+/// Why a batch cannot be sent at all (checked before any message goes).
+fn batch_problem(bodies: &[String]) -> Option<&'static str> {
+    if bodies.is_empty() || bodies.len() > MAX_BATCH {
+        return Some("a batch holds 1 to 10 messages");
+    }
+    if bodies.iter().map(String::len).sum::<usize>() > MAX_BATCH_PAYLOAD {
+        return Some("the batch's total payload is over 256 KiB");
+    }
+    None
 }
 
 impl<T: Queue + ?Sized> Queue for Arc<T> {
@@ -62,6 +86,12 @@ impl<T: Queue + ?Sized> Queue for Arc<T> {
         secs: i32,
     ) -> impl Future<Output = Result<(), CloudError>> + Send {
         (**self).change_visibility(receipt, secs)
+    }
+    fn send_batch(
+        &self,
+        bodies: &[String],
+    ) -> impl Future<Output = Result<Vec<(usize, String)>, CloudError>> + Send {
+        (**self).send_batch(bodies)
     }
 }
 
@@ -169,6 +199,22 @@ impl MemoryQueue {
 }
 
 impl Queue for MemoryQueue {
+    async fn send_batch(&self, bodies: &[String]) -> Result<Vec<(usize, String)>, CloudError> {
+        self.faults.check("SQS", "SendMessageBatch", "memory-queue")?;
+        if let Some(why) = batch_problem(bodies) {
+            return Err(self.err(
+                "SendMessageBatch",
+                ErrorKind::Invalid,
+                "AWS.SimpleQueueService.BatchRequestTooLong",
+                why,
+            ));
+        }
+        for b in bodies {
+            self.send(b.clone());
+        }
+        Ok(vec![])
+    }
+
     async fn receive(&self, max: i32, _wait: Duration) -> Result<Vec<Message>, CloudError> {
         self.faults.check("SQS", "ReceiveMessage", "memory-queue")?;
         // ReceiveMessage API reference, MaxNumberOfMessages: "Valid values: 1 to 10."
@@ -311,6 +357,45 @@ mod sdk {
     }
 
     impl Queue for SdkSqs {
+        async fn send_batch(
+            &self,
+            bodies: &[String],
+        ) -> Result<Vec<(usize, String)>, CloudError> {
+            let op = "SendMessageBatch";
+            if let Some(why) = batch_problem(bodies) {
+                return Err(CloudError::new("SQS", op, &self.url, ErrorKind::Invalid, why));
+            }
+            let entries = bodies
+                .iter()
+                .enumerate()
+                .map(|(i, b)| {
+                    aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .message_body(b)
+                        .build()
+                        .map_err(|e| {
+                            CloudError::new("SQS", op, &self.url, ErrorKind::Invalid, e.to_string())
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let out = self
+                .client
+                .send_message_batch()
+                .queue_url(&self.url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| from_sdk("SQS", op, &self.url, &e))?;
+            Ok(out
+                .failed()
+                .iter()
+                .map(|f| {
+                    let i = f.id().parse().unwrap_or(usize::MAX);
+                    (i, format!("{}: {}", f.code(), f.message().unwrap_or_default()))
+                })
+                .collect())
+        }
+
         async fn receive(&self, max: i32, wait: Duration) -> Result<Vec<Message>, CloudError> {
             let out = self
                 .client
@@ -392,6 +477,22 @@ mod sdk {
 mod tests {
     use super::*;
     use futures::executor::block_on;
+
+    #[test]
+    fn a_batch_sends_1_to_10_messages_of_at_most_256_kib_in_all() {
+        let q = MemoryQueue::default();
+        block_on(async {
+            let ten: Vec<String> = (0..10).map(|i| i.to_string()).collect();
+            assert!(q.send_batch(&ten).await.unwrap().is_empty());
+            assert_eq!(q.len(), 10);
+            let eleven: Vec<String> = (0..11).map(|i| i.to_string()).collect();
+            assert!(q.send_batch(&eleven).await.is_err());
+            assert!(q.send_batch(&[]).await.is_err());
+            let big = vec!["x".repeat(200 * 1024), "y".repeat(100 * 1024)];
+            assert!(q.send_batch(&big).await.is_err());
+            assert_eq!(q.len(), 10, "a refused batch sends nothing");
+        });
+    }
 
     #[test]
     fn visibility_redelivery_newest_receipt_and_redrive() {

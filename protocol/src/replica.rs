@@ -54,13 +54,17 @@ pub struct PendingPoint {
     pub token_salt: String,
     /// Set once StartSnapshot answered.
     pub snapshot_id: Option<String>,
-    /// Blocks in each shard (the last may hold fewer) and how many shards.
+    /// How the point was cut into shards (at most this many blocks, about this many
+    /// bytes of objects each) and into how many: every invocation plans the same shards.
     pub shard_blocks: u64,
+    pub shard_bytes: u64,
     pub shards: u32,
     /// Set, by a conditional write, just before CompleteSnapshot: from then on the
     /// snapshot is waited for, never written again.
-    pub sealed: bool,
+    pub sealed_at: Option<DateTime<Utc>>,
     pub claimed_at: DateTime<Utc>,
+    /// When shard tasks were last sent (a shard not recorded long after is asked again).
+    pub dispatched_at: Option<DateTime<Utc>>,
 }
 
 /// A disk's chain head (`r/head.json`).

@@ -18,7 +18,7 @@ use crate::image::Image;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use pilotlight_cloud::{CloudError, ObjectStore};
-use pilotlight_protocol::{DataObject, Encoding, Extent, Manifest, ObjectKey, Prefix};
+use pilotlight_protocol::{DataObject, Extent, Manifest, ObjectKey, Prefix};
 use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -386,44 +386,24 @@ pub fn store_prefetched(dir: &Path, offset: u64, stored: &[u8]) -> std::io::Resu
 
 /// Checks one object's stored bytes against the manifest; returns the decoded bytes.
 fn verify(key: &str, o: &DataObject, stored: &Bytes) -> Result<Bytes, ApplyError> {
-    if stored.len() as u64 != o.stored_length {
-        return Err(ApplyError::StoredLength {
-            key: key.into(),
-            expected: o.stored_length,
-            got: stored.len() as u64,
-        });
-    }
-    let data = decode(key, o, stored.clone())?;
-    if data.len() as u64 != o.length {
-        return Err(ApplyError::DecodedLength {
-            key: key.into(),
-            expected: o.length,
-            got: data.len() as u64,
-        });
-    }
-    let sha: [u8; 32] = Sha256::digest(&data).into();
-    if sha != o.sha256.0 {
-        return Err(ApplyError::Checksum {
-            key: key.into(),
-            expected: o.sha256.to_string(),
-            got: pilotlight_protocol::Sha256Hex(sha).to_string(),
-        });
-    }
-    Ok(data)
-}
-
-/// Decodes stored bytes per the manifest's encoding.
-fn decode(key: &str, o: &DataObject, stored: Bytes) -> Result<Bytes, ApplyError> {
-    match o.encoding {
-        Encoding::Raw => Ok(stored),
-        // Capacity is the manifest's length: a bomb that inflates further fails here.
-        Encoding::Zstd => zstd::bulk::decompress(&stored, o.length as usize)
-            .map(Bytes::from)
-            .map_err(|e| ApplyError::Decode {
-                key: key.into(),
-                detail: e.to_string(),
-            }),
-    }
+    use pilotlight_store::objects::{self, ObjectError};
+    objects::verify(o, stored).map_err(|e| {
+        let key = key.to_string();
+        match e {
+            ObjectError::StoredLength { expected, got } => ApplyError::StoredLength {
+                key,
+                expected,
+                got,
+            },
+            ObjectError::Decode(detail) => ApplyError::Decode { key, detail },
+            ObjectError::DecodedLength { expected, got } => ApplyError::DecodedLength {
+                key,
+                expected,
+                got,
+            },
+            ObjectError::Checksum { expected, got } => ApplyError::Checksum { key, expected, got },
+        }
+    })
 }
 
 /// The parts of `[0, size)` no object covers. Objects' parts are disjoint (validated);

@@ -5,6 +5,7 @@
 //!   generation, the receiver applying one, the DR function resolving a point);
 //! - [`exports`]: export requests (DR → receiver) and their results (receiver → DR);
 //! - [`failback`]: return snapshots (DR → sender) and failback rounds (sender → DR);
+//! - [`objects`]: a data object's stored bytes checked against its manifest entry;
 //! - [`points`]: recovery points, read from their EBS snapshots' tags (one query for the
 //!   receiver, the DR function and both CLIs).
 //!
@@ -16,6 +17,7 @@
 pub mod exports;
 pub mod failback;
 pub mod manifests;
+pub mod objects;
 pub mod points;
 
 use bytes::Bytes;
