@@ -200,7 +200,8 @@ impl MemoryQueue {
 
 impl Queue for MemoryQueue {
     async fn send_batch(&self, bodies: &[String]) -> Result<Vec<(usize, String)>, CloudError> {
-        self.faults.check("SQS", "SendMessageBatch", "memory-queue")?;
+        self.faults
+            .check("SQS", "SendMessageBatch", "memory-queue")?;
         if let Some(why) = batch_problem(bodies) {
             return Err(self.err(
                 "SendMessageBatch",
@@ -357,13 +358,16 @@ mod sdk {
     }
 
     impl Queue for SdkSqs {
-        async fn send_batch(
-            &self,
-            bodies: &[String],
-        ) -> Result<Vec<(usize, String)>, CloudError> {
+        async fn send_batch(&self, bodies: &[String]) -> Result<Vec<(usize, String)>, CloudError> {
             let op = "SendMessageBatch";
             if let Some(why) = batch_problem(bodies) {
-                return Err(CloudError::new("SQS", op, &self.url, ErrorKind::Invalid, why));
+                return Err(CloudError::new(
+                    "SQS",
+                    op,
+                    &self.url,
+                    ErrorKind::Invalid,
+                    why,
+                ));
             }
             let entries = bodies
                 .iter()
@@ -391,7 +395,10 @@ mod sdk {
                 .iter()
                 .map(|f| {
                     let i = f.id().parse().unwrap_or(usize::MAX);
-                    (i, format!("{}: {}", f.code(), f.message().unwrap_or_default()))
+                    (
+                        i,
+                        format!("{}: {}", f.code(), f.message().unwrap_or_default()),
+                    )
                 })
                 .collect())
         }

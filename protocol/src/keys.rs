@@ -96,7 +96,9 @@ pub enum ObjectKey {
         run: Name,
     },
     /// Snapshots mode: the disk's chain head (its newest point, the point being written).
-    ReplicaHead { disk: DiskId },
+    ReplicaHead {
+        disk: DiskId,
+    },
     /// Snapshots mode: one shard of a generation's point, written (attempt, shard).
     ReplicaShard {
         disk: DiskId,

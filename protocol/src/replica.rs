@@ -265,7 +265,9 @@ fn snapshot_id_ok(id: &str) -> Result<(), ReplicaDocError> {
     if ok {
         Ok(())
     } else {
-        Err(ReplicaDocError::BadSnapshotId(id.chars().take(80).collect()))
+        Err(ReplicaDocError::BadSnapshotId(
+            id.chars().take(80).collect(),
+        ))
     }
 }
 
@@ -319,12 +321,16 @@ mod tests {
             ChainHead::from_json(&j, &other),
             Err(ReplicaDocError::Mismatch { .. })
         ));
-        let bad = String::from_utf8(j.clone()).unwrap().replace("snap-0abc", "vol-1");
+        let bad = String::from_utf8(j.clone())
+            .unwrap()
+            .replace("snap-0abc", "vol-1");
         assert!(matches!(
             ChainHead::from_json(bad.as_bytes(), &disk()),
             Err(ReplicaDocError::BadSnapshotId(_))
         ));
-        let newer = String::from_utf8(j).unwrap().replace("\"version\": 1", "\"version\": 2");
+        let newer = String::from_utf8(j)
+            .unwrap()
+            .replace("\"version\": 1", "\"version\": 2");
         assert_eq!(
             ChainHead::from_json(newer.as_bytes(), &disk()),
             Err(ReplicaDocError::UnsupportedVersion(2))

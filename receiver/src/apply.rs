@@ -390,17 +390,13 @@ fn verify(key: &str, o: &DataObject, stored: &Bytes) -> Result<Bytes, ApplyError
     objects::verify(o, stored).map_err(|e| {
         let key = key.to_string();
         match e {
-            ObjectError::StoredLength { expected, got } => ApplyError::StoredLength {
-                key,
-                expected,
-                got,
-            },
+            ObjectError::StoredLength { expected, got } => {
+                ApplyError::StoredLength { key, expected, got }
+            }
             ObjectError::Decode(detail) => ApplyError::Decode { key, detail },
-            ObjectError::DecodedLength { expected, got } => ApplyError::DecodedLength {
-                key,
-                expected,
-                got,
-            },
+            ObjectError::DecodedLength { expected, got } => {
+                ApplyError::DecodedLength { key, expected, got }
+            }
             ObjectError::Checksum { expected, got } => ApplyError::Checksum { key, expected, got },
         }
     })

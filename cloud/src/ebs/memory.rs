@@ -25,6 +25,10 @@ pub struct MemorySnapshot {
     /// A lock and its days: DeleteSnapshot is refused while it is set (the twin has no
     /// clock: a test lifts it with [`MemoryEbs::expire_lock`]).
     pub lock: Option<(LockMode, u32)>,
+    /// StartSnapshot's Timeout, and when the snapshot was started or last written (the
+    /// tokio clock): a `pending` snapshot idle longer than that goes to `error`.
+    pub timeout: Duration,
+    pub last_activity: tokio::time::Instant,
 }
 
 /// What [`MemoryEbs`] holds.
@@ -84,7 +88,20 @@ impl MemoryEbs {
             tokio::time::sleep(d).await;
         }
         self.faults.check("EBS", op, id)?;
-        f(&mut lock(&self.state))
+        let mut st = lock(&self.state);
+        // StartSnapshot API reference, Timeout: "The amount of time (in minutes) after
+        // which the snapshot is automatically cancelled if: No blocks are written to the
+        // snapshot. The snapshot is not completed after writing the last block of data."
+        let now = tokio::time::Instant::now();
+        for s in st.snapshots.values_mut() {
+            if s.status == SnapshotStatus::Pending
+                && s.settling == 0
+                && now.duration_since(s.last_activity) >= s.timeout
+            {
+                s.status = SnapshotStatus::Error;
+            }
+        }
+        f(&mut st)
     }
 
     /// A copy of one snapshot (tests).
@@ -317,6 +334,8 @@ impl EbsApi for MemoryEbs {
                     written: BTreeMap::new(),
                     settling: 0,
                     lock: None,
+                    timeout: Duration::from_secs(u64::from(req.timeout_minutes) * 60),
+                    last_activity: tokio::time::Instant::now(),
                 },
             );
             Ok(id)
@@ -357,6 +376,7 @@ impl EbsApi for MemoryEbs {
             }
             s.written.insert(index, digest);
             s.blocks.insert(index, Arc::new(data.to_vec()));
+            s.last_activity = tokio::time::Instant::now();
             Ok(())
         })
         .await

@@ -425,3 +425,40 @@ async fn list_changed_blocks_follows_the_api_reference() {
         assert_eq!(ebs.list_snapshot_blocks(&back2).await.unwrap().len(), 6);
     }
 }
+
+/// StartSnapshot's Timeout: a pending snapshot idle (no block written, not completed)
+/// for that long is cancelled: it reads as `error`, and accepts no more blocks.
+#[tokio::test(start_paused = true)]
+async fn an_idle_pending_snapshot_times_out_into_error() {
+    let ebs = MemoryEbs::new();
+    let id = ebs.start_snapshot(&start(None, "t1")).await.unwrap();
+    let (data, sum, _) = block(1);
+    tokio::time::advance(Duration::from_secs(59 * 60)).await;
+    // A write within the timeout keeps it alive ...
+    ebs.put_snapshot_block(&id, 0, data.clone(), &sum)
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(59 * 60)).await;
+    assert_eq!(ebs.get(&id).unwrap().status, SnapshotStatus::Pending);
+    tokio::time::advance(Duration::from_secs(61)).await;
+    // ... an hour after the last one, it is cancelled.
+    let listed = ebs
+        .describe_snapshots(&SnapshotFilter::id(&id))
+        .await
+        .unwrap();
+    assert_eq!(listed[0].status, SnapshotStatus::Error);
+    assert!(ebs.put_snapshot_block(&id, 1, data, &sum).await.is_err());
+    // A completed one never times out.
+    let done = ebs.start_snapshot(&start(None, "t2")).await.unwrap();
+    let (d, s, digest) = block(2);
+    ebs.put_snapshot_block(&done, 0, d, &s).await.unwrap();
+    ebs.complete_snapshot(&done, 1, &linear_checksum([&digest]))
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(3 * 3600)).await;
+    let listed = ebs
+        .describe_snapshots(&SnapshotFilter::id(&done))
+        .await
+        .unwrap();
+    assert_eq!(listed[0].status, SnapshotStatus::Completed);
+}

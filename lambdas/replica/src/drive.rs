@@ -92,7 +92,9 @@ pub async fn generation<S: ObjectStore, E: EbsApi, Q: Queue>(
             Progress::Wait(why) => return Ok(Step::Wait(why)),
         }
     }
-    Ok(Step::Wait("the chain head kept changing; tried again later".into()))
+    Ok(Step::Wait(
+        "the chain head kept changing; tried again later".into(),
+    ))
 }
 
 /// Claims generation `g` when its parent's point is the head's (or it is a full one).
@@ -223,8 +225,10 @@ async fn advance<S: ObjectStore, E: EbsApi, Q: Queue>(
     }
     if p.shards == 1 {
         // A small point is written here, by the invocation that claimed it.
-        shard::write(r, &m, &p, &plan, 0).await?;
-        return Ok(Progress::Again);
+        return match shard::write(r, &m, &p, &plan, 0).await {
+            Ok(_) | Err(ReplicaError::Stale(_)) => Ok(Progress::Again),
+            Err(e) => Err(e),
+        };
     }
     let since = p.dispatched_at.unwrap_or(p.claimed_at);
     if p.dispatched_at.is_none() || now() - since > r.cfg.redispatch_after {
@@ -249,22 +253,21 @@ async fn recorded_shards<S: ObjectStore, E, Q>(
     disk: &DiskId,
     p: &PendingPoint,
 ) -> Result<Vec<u32>, ReplicaError> {
-    let under = pilotlight_protocol::keys::replica_generation_prefix(
-        &r.cfg.prefix,
-        disk,
-        p.generation,
-    );
+    let under =
+        pilotlight_protocol::keys::replica_generation_prefix(&r.cfg.prefix, disk, p.generation);
     let keys = r.store.list(&under, |k| k.ends_with(".json")).await?;
     Ok(keys
         .iter()
-        .filter_map(|k| match pilotlight_protocol::ObjectKey::parse(&r.cfg.prefix, k) {
-            Ok(pilotlight_protocol::ObjectKey::ReplicaShard { attempt, shard, .. })
-                if attempt == p.attempt && shard < p.shards =>
-            {
-                Some(shard)
-            }
-            _ => None,
-        })
+        .filter_map(
+            |k| match pilotlight_protocol::ObjectKey::parse(&r.cfg.prefix, k) {
+                Ok(pilotlight_protocol::ObjectKey::ReplicaShard { attempt, shard, .. })
+                    if attempt == p.attempt && shard < p.shards =>
+                {
+                    Some(shard)
+                }
+                _ => None,
+            },
+        )
         .collect())
 }
 
@@ -341,7 +344,12 @@ async fn start<S: ObjectStore, E: EbsApi, Q: Queue>(
         kms_key_arn,
         timeout_minutes: r.cfg.timeout_minutes,
     };
-    let sid = match r.cfg.retry.run(m.generation, None, || r.ebs.start_snapshot(&req)).await {
+    let sid = match r
+        .cfg
+        .retry
+        .run(m.generation, None, || r.ebs.start_snapshot(&req))
+        .await
+    {
         Ok(s) => s,
         Err(e) if e.is_not_found() && parent.is_some() => {
             let id = parent.unwrap_or_default();
@@ -426,7 +434,8 @@ async fn seal<S: ObjectStore, E: EbsApi, Q: Queue>(
         .cfg
         .retry
         .run(m.generation, Some(visible_by), || {
-            r.ebs.complete_snapshot(sid, digests.len() as u64, &aggregate)
+            r.ebs
+                .complete_snapshot(sid, digests.len() as u64, &aggregate)
         })
         .await;
     match status {
@@ -457,7 +466,12 @@ async fn settle<S: ObjectStore, E: EbsApi, Q: Queue>(
     let mut wait = r.cfg.retry.base;
     let status = loop {
         let filter = SnapshotFilter::id(sid);
-        let found = match r.cfg.retry.run(0, None, || r.ebs.describe_snapshots(&filter)).await {
+        let found = match r
+            .cfg
+            .retry
+            .run(0, None, || r.ebs.describe_snapshots(&filter))
+            .await
+        {
             Ok(v) => v.into_iter().find(|s| s.id == sid).map(|s| s.status),
             Err(e) if e.is_not_found() => None,
             Err(e) => return Err(e.into()),
@@ -507,8 +521,16 @@ async fn finish<S: ObjectStore, E: EbsApi, Q: Queue>(
         let blocks = count_blocks(r, &read.head.disk, &p).await;
         if let Some(n) = blocks {
             let tags = [(tag::BLOCKS.to_string(), n.to_string())];
-            if let Err(e) = r.cfg.retry.run(0, None, || r.ebs.create_tags(sid, &tags)).await {
-                tracing::warn!(snapshot = sid, "cannot tag the point with its block count: {e}");
+            if let Err(e) = r
+                .cfg
+                .retry
+                .run(0, None, || r.ebs.create_tags(sid, &tags))
+                .await
+            {
+                tracing::warn!(
+                    snapshot = sid,
+                    "cannot tag the point with its block count: {e}"
+                );
             }
         }
         tracing::info!(disk = %read.head.disk, generation = p.generation, snapshot = sid, "point completed");
@@ -540,9 +562,17 @@ async fn retry_attempt<S: ObjectStore, E: EbsApi, Q: Queue>(
     sid: &str,
     now: &impl Fn() -> DateTime<Utc>,
 ) -> Result<Progress, ReplicaError> {
-    if let Err(e) = r.cfg.retry.run(0, None, || r.ebs.delete_snapshot(sid)).await {
+    if let Err(e) = r
+        .cfg
+        .retry
+        .run(0, None, || r.ebs.delete_snapshot(sid))
+        .await
+    {
         if !e.is_not_found() {
-            tracing::warn!(snapshot = sid, "cannot delete a failed attempt's snapshot: {e}");
+            tracing::warn!(
+                snapshot = sid,
+                "cannot delete a failed attempt's snapshot: {e}"
+            );
         }
     }
     let why = format!(

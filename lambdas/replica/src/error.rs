@@ -32,6 +32,10 @@ pub enum ReplicaError {
         disk_size: u64,
         parent_gib: u64,
     },
+    /// The point moved on (sealed, or a new attempt) while this invocation worked: read
+    /// the head again.
+    #[error("{0}")]
+    Stale(String),
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -42,7 +46,7 @@ impl ReplicaError {
         match self {
             ReplicaError::Cloud(e) => e.is_transient(),
             ReplicaError::Manifest(e) => e.is_transient(),
-            ReplicaError::BadShard { .. } => true,
+            ReplicaError::BadShard { .. } | ReplicaError::Stale(_) => true,
             _ => false,
         }
     }

@@ -125,8 +125,10 @@ async fn shard_task<S: ObjectStore, E: EbsApi, Q: Queue>(
         Err(e) => return failed(e.into()),
     };
     let plan = PointPlan::new(&m, p.parent.is_none(), p.shard_blocks, p.shard_bytes);
-    if let Err(e) = shard::write(r, &m, p, &plan, t.shard).await {
-        return failed(e);
+    match shard::write(r, &m, p, &plan, t.shard).await {
+        Ok(_) => {}
+        Err(ReplicaError::Stale(why)) => return Outcome::Delete(why),
+        Err(e) => return failed(e),
     }
     match drive::generation(r, &t.disk, t.generation, now).await {
         // The shard is written; what is left is another invocation's (or the manifest

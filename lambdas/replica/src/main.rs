@@ -26,14 +26,20 @@ async fn main() -> Result<(), Error> {
         &std::env::var("PILOTLIGHT_PREFIX").unwrap_or_else(|_| "pilotlight".into()),
     )?;
     let mut cfg = ReplicaConfig::new(&bucket, prefix, var("PILOTLIGHT_STACK")?);
-    cfg.kms_key_arn = std::env::var("PILOTLIGHT_POINTS_KMS_KEY").ok().filter(|k| !k.is_empty());
+    cfg.kms_key_arn = std::env::var("PILOTLIGHT_POINTS_KMS_KEY")
+        .ok()
+        .filter(|k| !k.is_empty());
     if let Ok(n) = std::env::var("PILOTLIGHT_PUT_CONCURRENCY") {
         cfg.put_concurrency = n.parse()?;
     }
     // The function's region and role come from the Lambda environment; an endpoint only
     // for local runs against the emulator.
-    let endpoint = std::env::var("PILOTLIGHT_ENDPOINT").ok().filter(|e| !e.is_empty());
-    let aws = pilotlight_cloud::AwsSettings::new(None, endpoint).load().await;
+    let endpoint = std::env::var("PILOTLIGHT_ENDPOINT")
+        .ok()
+        .filter(|e| !e.is_empty());
+    let aws = pilotlight_cloud::AwsSettings::new(None, endpoint)
+        .load()
+        .await;
     let r = Replica {
         store: aws.s3(&bucket),
         ebs: aws.ebs(),

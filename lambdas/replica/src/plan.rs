@@ -250,17 +250,26 @@ mod tests {
         assert!(b[4096..8192].iter().all(|&x| x == 7));
         assert!(b[8192..(BLOCK_SIZE / 2) as usize].iter().all(|&x| x == 1));
         assert!(b[(BLOCK_SIZE / 2) as usize..].iter().all(|&x| x == 0));
-        assert_eq!(compose(&l, 1, None, |_| None), Err(0), "a missing object is reported");
+        assert_eq!(
+            compose(&l, 1, None, |_| None),
+            Err(0),
+            "a missing object is reported"
+        );
     }
 
     #[test]
     fn shards_close_at_the_block_count_or_the_bytes_an_invocation_holds() {
-        let objects: Vec<DataObject> = (0..8).map(|i| obj(&[(i * BLOCK_SIZE, BLOCK_SIZE)])).collect();
+        let objects: Vec<DataObject> = (0..8)
+            .map(|i| obj(&[(i * BLOCK_SIZE, BLOCK_SIZE)]))
+            .collect();
         let m = manifest(8 * BLOCK_SIZE, objects, vec![]);
         let l = Layout::of(&m);
         let blocks = touched_blocks(&l, false);
         assert_eq!(shards(&l, &m, &blocks, 3, u64::MAX), vec![0..3, 3..6, 6..8]);
-        assert_eq!(shards(&l, &m, &blocks, 100, 2 * BLOCK_SIZE), vec![0..2, 2..4, 4..6, 6..8]);
+        assert_eq!(
+            shards(&l, &m, &blocks, 100, 2 * BLOCK_SIZE),
+            vec![0..2, 2..4, 4..6, 6..8]
+        );
         let one = shards(&l, &m, &blocks, 100, u64::MAX);
         assert_eq!(one, vec![0..8]);
         assert!(shards(&l, &m, &[], 3, 10).is_empty());

@@ -51,7 +51,9 @@ impl Retry {
             };
             match f().await {
                 Ok(v) => return Ok(v),
-                Err(e) if not_visible_yet(&e) || (e.is_transient() && attempt + 1 < self.attempts) => {
+                Err(e)
+                    if not_visible_yet(&e) || (e.is_transient() && attempt + 1 < self.attempts) =>
+                {
                     tracing::debug!("{e}; retrying");
                     tokio::time::sleep(self.wait(attempt, salt)).await;
                     attempt = attempt.saturating_add(1);

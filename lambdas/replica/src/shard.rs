@@ -17,7 +17,13 @@ use pilotlight_protocol::{DiskId, Manifest, ObjectKey, Sha256Hex};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 
-pub fn shard_key<S, E, Q>(r: &Replica<S, E, Q>, disk: &DiskId, g: u64, attempt: u32, shard: u32) -> String {
+pub fn shard_key<S, E, Q>(
+    r: &Replica<S, E, Q>,
+    disk: &DiskId,
+    g: u64,
+    attempt: u32,
+    shard: u32,
+) -> String {
     ObjectKey::ReplicaShard {
         disk: disk.clone(),
         generation: g,
@@ -57,7 +63,11 @@ pub async fn recorded<S: ObjectStore, E, Q>(
     shard: u32,
 ) -> Result<Option<ShardDoc>, ReplicaError> {
     let key = shard_key(r, disk, g, attempt, shard);
-    match r.store.get_if_exists(&key, MAX_SHARD_DOC_BYTES as u64).await {
+    match r
+        .store
+        .get_if_exists(&key, MAX_SHARD_DOC_BYTES as u64)
+        .await
+    {
         Ok(Some(b)) => ShardDoc::from_json(&b, disk, g, attempt, shard)
             .map(Some)
             .map_err(|e| ReplicaError::BadShard {
@@ -76,6 +86,40 @@ pub async fn recorded<S: ObjectStore, E, Q>(
 /// Writes shard `shard` of `pending` (its snapshot started) and records it; returns the
 /// record (the existing one when it was already written).
 pub async fn write<S: ObjectStore, E: EbsApi, Q>(
+    r: &Replica<S, E, Q>,
+    m: &Manifest,
+    pending: &PendingPoint,
+    plan: &PointPlan,
+    shard: u32,
+) -> Result<ShardDoc, ReplicaError> {
+    match write_once(r, m, pending, plan, shard).await {
+        Ok(doc) => Ok(doc),
+        Err(e) => {
+            // Another invocation may have written and recorded this shard meanwhile, and
+            // even sealed the snapshot (PutSnapshotBlock: "The target snapshot must be in
+            // the pending state"): then this one's work is moot, not failed.
+            let (g, attempt) = (pending.generation, pending.attempt);
+            if let Ok(Some(doc)) = recorded(r, &m.disk, g, attempt, shard).await {
+                return Ok(doc);
+            }
+            if let Ok(read) =
+                crate::chain::read(&r.store, &r.cfg.prefix, &m.disk, chrono::Utc::now()).await
+            {
+                let current = read.head.pending.as_ref().is_some_and(|p| {
+                    p.generation == g && p.attempt == attempt && p.sealed_at.is_none()
+                });
+                if !current {
+                    return Err(ReplicaError::Stale(format!(
+                        "generation {g} attempt {attempt} moved on while shard {shard} was written ({e})"
+                    )));
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn write_once<S: ObjectStore, E: EbsApi, Q>(
     r: &Replica<S, E, Q>,
     m: &Manifest,
     pending: &PendingPoint,
@@ -111,10 +155,7 @@ pub async fn write<S: ObjectStore, E: EbsApi, Q>(
         .buffer_unordered(r.cfg.fetch_concurrency.max(1))
         .try_collect()
         .await?;
-    let bytes_fetched = objects
-        .keys()
-        .map(|&o| m.objects[o].stored_length)
-        .sum();
+    let bytes_fetched = objects.keys().map(|&o| m.objects[o].stored_length).sum();
 
     // 2. Where the generation touches a block only partly, the parent's block.
     let full = pending.parent.is_none();
@@ -247,7 +288,9 @@ async fn parent_listing<S, E: EbsApi, Q>(
         let page = r
             .cfg
             .retry
-            .run(first, None, || r.ebs.list_snapshot_blocks_page(parent, start))
+            .run(first, None, || {
+                r.ebs.list_snapshot_blocks_page(parent, start)
+            })
             .await?;
         let mut past = false;
         for b in page.blocks {

@@ -1,0 +1,199 @@
+#![allow(clippy::unwrap_used)]
+//! Snapshots mode against a byte model: random generations (partial blocks, zero ranges,
+//! packed and compressed objects, a last block past the disk's end) published into the
+//! in-memory bucket, their events delivered shuffled and twice, handled by several
+//! "invocations" at once, some of them killed at a random moment (a Lambda timeout),
+//! with transient EBS and S3 failures. Every generation must end with exactly one
+//! completed point that reads back equal to the model's disk.
+
+mod kit;
+
+use kit::*;
+use pilotlight_cloud::ebs::SnapshotStatus;
+use pilotlight_cloud::Fault;
+use proptest::prelude::*;
+
+fn check(case: &Case) -> Result<(), TestCaseError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let w = World::new(case.shard_blocks);
+        let model = w.publish(case);
+        if case.faults {
+            w.ebs
+                .faults
+                .add(Fault::on("PutSnapshotBlock").transient().nth(3));
+            w.ebs
+                .faults
+                .add(Fault::on("StartSnapshot").throttle().nth(2));
+            w.store
+                .faults
+                .add(Fault::on("GetObject").transient().nth(5));
+            w.store
+                .faults
+                .add(Fault::on("PutObject").transient().nth(7));
+        }
+        for _ in 0..case.duplicates {
+            w.deliver_all(case);
+        }
+        w.run(case.parallel, case.kill_every, 4000).await;
+        let stats = w.verify(&model).await;
+        prop_assert_eq!(stats.points, model.len());
+        Ok(())
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_point_reads_back_equal_to_its_disk(case in case_strategy()) {
+        check(&case)?;
+    }
+}
+
+#[test]
+fn a_sealed_snapshot_ebs_puts_in_error_is_written_again_as_a_new_attempt() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let case = Case::fixed(7, 3);
+        let w = World::new(2);
+        let model = w.publish(&case);
+        w.ebs
+            .fail_completions
+            .store(1, std::sync::atomic::Ordering::SeqCst);
+        w.deliver_all(&case);
+        w.run(1, None, 2000).await;
+        let stats = w.verify(&model).await;
+        assert_eq!(stats.points, 3);
+        let head = w.head(&case).await;
+        assert_eq!(head.attempts_failed, 1, "{head:?}");
+        // The failed attempt's snapshot is gone: one snapshot per generation is left.
+        let all = w.ebs_snapshots().await;
+        assert_eq!(all.len(), 3, "{all:?}");
+        assert!(all.iter().all(|s| s.1 == SnapshotStatus::Completed));
+    });
+}
+
+#[test]
+fn a_generation_whose_parent_point_is_not_written_waits_and_then_applies() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let case = Case::fixed(11, 3);
+        let w = World::new(4);
+        let model = w.publish(&case);
+        // Generation 3 first, alone: it must wait, writing nothing.
+        let out = w.handle(&w.manifest_event(&case, 3)).await;
+        assert!(
+            matches!(out, pilotlight_replica::Outcome::Retry(_)),
+            "{out:?}"
+        );
+        assert!(
+            w.ebs_snapshots().await.is_empty(),
+            "nothing written before its parent"
+        );
+        w.deliver_all(&case);
+        w.run(1, None, 2000).await;
+        assert_eq!(w.verify(&model).await.points, 3);
+        // A duplicate of an applied generation's event: done, nothing written.
+        let before = w.ebs.faults.calls("StartSnapshot");
+        let out = w.handle(&w.manifest_event(&case, 2)).await;
+        assert!(out.is_delete(), "{out:?}");
+        assert_eq!(w.ebs.faults.calls("StartSnapshot"), before);
+    });
+}
+
+#[test]
+fn a_tampered_object_writes_no_point_and_says_which_object() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let case = Case::fixed(5, 1);
+        let w = World::new(4);
+        w.publish(&case);
+        let key = w
+            .store
+            .keys()
+            .into_iter()
+            .find(|k| k.contains("/d/"))
+            .unwrap();
+        let mut body = w.store.object(&key).unwrap().to_vec();
+        body[0] ^= 1;
+        w.store.insert(&key, body);
+        let out = w.handle(&w.manifest_event(&case, 1)).await;
+        match out {
+            pilotlight_replica::Outcome::Reject(why) => {
+                assert!(why.contains(&key) && why.contains("SHA-256"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // The attempt's snapshot was started but never sealed: no completed point.
+        assert!(w
+            .ebs_snapshots()
+            .await
+            .iter()
+            .all(|s| s.1 != SnapshotStatus::Completed));
+    });
+}
+
+#[test]
+fn malformed_messages_are_refused_with_the_reason() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let w = World::new(4);
+        for (body, want) in [
+            ("not json", "malformed event"),
+            (
+                r#"{"kind":"pilotlight.replica.shard","disk":7}"#,
+                "malformed shard task",
+            ),
+            (
+                &event(
+                    "other-bucket",
+                    "pl/s/v/d/g/00000000000000000001/manifest.json",
+                ),
+                "not \"b\"",
+            ),
+            (
+                &event("b", "pl/s/v/../g/00000000000000000001/manifest.json"),
+                "rejected key",
+            ),
+        ] {
+            match w.handle(body).await {
+                pilotlight_replica::Outcome::Reject(why) => assert!(why.contains(want), "{why}"),
+                other => panic!("{body}: {other:?}"),
+            }
+        }
+        // A manifest that is not there: refused (the sender commits the manifest last, so
+        // an event for one that is missing does not become valid by waiting).
+        let out = w
+            .handle(&event("b", "pl/s/v/d/g/00000000000000000001/manifest.json"))
+            .await;
+        assert!(
+            matches!(out, pilotlight_replica::Outcome::Reject(_)),
+            "{out:?}"
+        );
+        let out = w
+            .handle(r#"{"Service":"Amazon S3","Event":"s3:TestEvent","Bucket":"b"}"#)
+            .await;
+        assert!(out.is_delete(), "{out:?}");
+    });
+}
