@@ -2,7 +2,7 @@ use super::*;
 use crate::image::FileImage;
 use chrono::DateTime;
 use pilotlight_cloud::MemoryStore;
-use pilotlight_protocol::{Consistency, DiskId, Sha256Hex, FORMAT_VERSION};
+use pilotlight_protocol::{Consistency, DiskId, Encoding, Sha256Hex, FORMAT_VERSION};
 
 fn setup(dir: &Path) -> (MemoryStore, Manifest, String, Vec<u8>) {
     let data = vec![7u8; 4096];

@@ -2,7 +2,7 @@ use super::*;
 use crate::image::FileImage;
 use chrono::DateTime;
 use pilotlight_cloud::MemoryStore;
-use pilotlight_protocol::{DiskId, Sha256Hex};
+use pilotlight_protocol::{DiskId, Encoding, Sha256Hex};
 use proptest::prelude::*;
 
 const SECTOR: u64 = 512;
