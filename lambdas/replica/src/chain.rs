@@ -69,3 +69,51 @@ pub async fn replace<S: ObjectStore>(
         Err(e) => Err(e.into()),
     }
 }
+
+/// Every disk's chain head under `prefix` (one listing of the bucket's head keys).
+pub async fn all<S: ObjectStore>(
+    store: &S,
+    prefix: &Prefix,
+    now: DateTime<Utc>,
+) -> Result<Vec<ChainHead>, ReplicaError> {
+    let keys = store
+        .list(&prefix.key_start(), |k| k.ends_with("/r/head.json"))
+        .await?;
+    let mut out = Vec::new();
+    for k in keys {
+        if let Ok(ObjectKey::ReplicaHead { disk }) = ObjectKey::parse(prefix, &k) {
+            out.push(read(store, prefix, &disk, now).await?.head);
+        }
+    }
+    Ok(out)
+}
+
+/// One line per disk: its newest point, the point being written, the last error.
+pub fn describe(h: &ChainHead) -> String {
+    let mut s = format!("{}:", h.disk);
+    match &h.point {
+        Some(p) => s.push_str(&format!(
+            " point generation {} ({}, {})",
+            p.generation,
+            p.snapshot_id,
+            p.snapshot_time.format("%Y-%m-%dT%H:%M:%SZ")
+        )),
+        None => s.push_str(" no point yet"),
+    }
+    if let Some(p) = &h.pending {
+        let state = match (&p.snapshot_id, p.sealed_at) {
+            (None, _) => "starting".to_string(),
+            (Some(id), None) => format!("writing {id} in {} shard(s)", p.shards),
+            (Some(id), Some(_)) => format!("sealed {id}, completing"),
+        };
+        s.push_str(&format!(
+            "; generation {} attempt {}: {state}",
+            p.generation, p.attempt
+        ));
+    }
+    s.push_str(&format!("; {} points written", h.points_written));
+    if let Some(e) = &h.last_error {
+        s.push_str(&format!("; last error: {e}"));
+    }
+    s
+}

@@ -20,6 +20,7 @@
 //! The Lambda function (`src/main.rs`) is fed by the stack's queue (manifest events) and
 //! its own task queue (shard tasks); [`handler`] decides per message.
 
+pub mod capacity;
 pub mod chain;
 pub mod drive;
 pub mod error;

@@ -34,7 +34,7 @@ async fn main() -> Result<(), Error> {
     }
     // The function's region and role come from the Lambda environment; an endpoint only
     // for local runs against the emulator.
-    let endpoint = std::env::var("PILOTLIGHT_ENDPOINT")
+    let endpoint = std::env::var("PILOTLIGHT_ENDPOINT_URL")
         .ok()
         .filter(|e| !e.is_empty());
     let aws = pilotlight_cloud::AwsSettings::new(None, endpoint)
