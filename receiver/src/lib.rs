@@ -14,7 +14,8 @@
 
 pub mod apply;
 pub mod engine;
-pub mod export;
+/// Exports (the image or a recovery point, uploaded import-ready): shared with snapshots mode.
+pub use pilotlight_store::upload as export;
 pub mod image;
 pub mod metrics;
 pub mod points;

@@ -6,6 +6,7 @@
 //! - [`exports`]: export requests (DR → receiver) and their results (receiver → DR);
 //! - [`failback`]: return snapshots (DR → sender) and failback rounds (sender → DR);
 //! - [`objects`]: a data object's stored bytes checked against its manifest entry;
+//! - [`upload`]: an image or a recovery point uploaded to the bucket, import-ready;
 //! - [`points`]: recovery points, read from their EBS snapshots' tags (one query for the
 //!   receiver, the DR function and both CLIs).
 //!
@@ -19,6 +20,7 @@ pub mod failback;
 pub mod manifests;
 pub mod objects;
 pub mod points;
+pub mod upload;
 
 use bytes::Bytes;
 use exports::WriteError;

@@ -82,7 +82,10 @@ pub fn estimate(a: &Args) -> Result<Estimate, CapacityError> {
         ("--put-latency-ms", a.put_latency_ms),
         ("--lambda-mb", a.lambda_mb),
     ];
-    if let Some((name, _)) = positive.iter().find(|(_, v)| !(*v > 0.0) || !v.is_finite()) {
+    if let Some((name, _)) = positive
+        .iter()
+        .find(|(_, v)| v.is_nan() || *v <= 0.0 || !v.is_finite())
+    {
         return Err(CapacityError(format!("{name} must be more than 0")));
     }
     if !(0.0..=100.0).contains(&a.daily_change_pct) || a.block_amplification < 1.0 {

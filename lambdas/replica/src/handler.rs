@@ -79,8 +79,15 @@ pub async fn handle_body<S: ObjectStore, E: EbsApi, Q: Queue>(
                     Err(e) => return failed(e),
                 }
             }
-            // Everything else under the prefix (data objects, exports, failback and our
-            // own documents) needs nothing from this function.
+            Ok(ObjectKey::ExportRequest { disk, id }) => {
+                match crate::export::request(r, &disk, &id).await {
+                    Ok(Step::Done(why)) => done.push(format!("{disk}: {why}")),
+                    Ok(Step::Wait(why)) => waits.push(format!("{disk}: {why}")),
+                    Err(e) => return failed(e),
+                }
+            }
+            // Everything else under the prefix (data objects, export outputs, failback and
+            // our own documents) needs nothing from this function.
             Ok(_) => {}
             Err(e) => return Outcome::Reject(format!("rejected key: {e}")),
         }

@@ -24,6 +24,7 @@ pub mod capacity;
 pub mod chain;
 pub mod drive;
 pub mod error;
+pub mod export;
 pub mod handler;
 pub mod plan;
 pub mod retry;

@@ -1,0 +1,246 @@
+//! Snapshots mode end to end against the emulator: no receiver, no image. The real sender
+//! uploads a two-disk VM over several generations; the replica function's handler (fed
+//! from the stack's queue and its task queue by `pilotlight-replica run`, as Lambda's
+//! event source mapping feeds it on AWS) writes each generation straight into an EBS
+//! snapshot parented on the previous point, through the AWS SDK, into moto with the test
+//! kit's EBS extension. Every point reads back equal to its disk; a snapshot drill and an
+//! import drill (the export from a point, by the replica function) from past points.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use chrono::{DateTime, DurationRound, Utc};
+use pilotlight_cloud::ebs::{EbsApi, SdkEbs};
+use pilotlight_tests::cli::{disk_args, dr, run_ok, s, send_ok, Running};
+use pilotlight_tests::disk::{create_sparse, powercli_list, scribble, MIB};
+use pilotlight_tests::stack::{emulator, LocalStack};
+use pilotlight_tests::{bin, poll_until};
+use sha2::{Digest, Sha256};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const SIZE: u64 = 16 * MIB;
+const WAIT: Duration = Duration::from_secs(120);
+const RFC3339: &str = "%Y-%m-%dT%H:%M:%SZ";
+
+/// Two whole hours before now: every point is within retention's keep-everything day
+/// whatever date the test runs on.
+fn hour() -> DateTime<Utc> {
+    (Utc::now() - chrono::Duration::hours(2))
+        .duration_trunc(chrono::Duration::hours(1))
+        .unwrap()
+}
+
+fn send_disk(stack: &LocalStack, dir: &Path, name: &str, k: u64, count: usize, t: &str) -> Vec<u8> {
+    let disk = dir.join(format!("{name}.raw"));
+    let f = create_sparse(&disk, SIZE);
+    let w = scribble(
+        &f,
+        SIZE,
+        count,
+        11 * k + name.len() as u64 + (name == "disk1") as u64,
+    );
+    drop(f);
+    let state = dir.join(format!("{name}-state"));
+    let id = format!("site1/vm1/{name}");
+    let mut args = disk_args(&id, &state, &disk).to_vec();
+    args.extend(["--snapshot-time", t]);
+    let list = dir.join(format!("{name}-{k}.txt"));
+    if k == 1 {
+        args.extend(["--source", "full"]);
+    } else {
+        std::fs::write(&list, powercli_list(&w)).unwrap();
+        args.extend(["--source", "extent-list", "--extents", s(&list)]);
+    }
+    assert_eq!(send_ok(stack, &args)["generation"], k);
+    std::fs::read(&disk).unwrap()
+}
+
+fn replica(stack: &LocalStack, args: &[&str]) -> Command {
+    let mut c = Command::new(bin("pilotlight-replica"));
+    c.args(args)
+        .envs(stack.env())
+        .env("PILOTLIGHT_STACK", "e2e")
+        .env("RUST_LOG", "info");
+    c
+}
+
+fn dr_run(stack: &LocalStack, args: &[&str]) -> serde_json::Value {
+    let out = run_ok(&mut dr(
+        stack,
+        "ok",
+        &[&["--stack", "e2e", "--json"], args].concat(),
+    ));
+    match serde_json::from_slice(&out.stdout).unwrap() {
+        serde_json::Value::Array(mut runs) => runs.pop().unwrap(),
+        v => v,
+    }
+}
+
+async fn read_back(ebs: &SdkEbs, snapshot: &str) -> Vec<u8> {
+    let mut out = vec![0u8; SIZE as usize];
+    for b in ebs.list_snapshot_blocks(snapshot).await.unwrap() {
+        let data = ebs.get_snapshot_block(snapshot, &b).await.unwrap();
+        let at = b.index as usize * 512 * 1024;
+        out[at..at + data.len()].copy_from_slice(&data);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_disk_vm_in_snapshots_mode_has_every_point_and_drills_from_past_ones() {
+    let stack = LocalStack::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (tasks, _dlq) = stack.extra_queue("replica-tasks", 30, 5).await;
+    let log = std::fs::File::create(tmp.path().join("replica.log")).unwrap();
+    // Shards of 4 blocks: the first (full) generation of each disk is written by several
+    // invocations into one pending snapshot.
+    let _runner = Running(
+        replica(
+            &stack,
+            &[
+                "run",
+                "--queue-url",
+                &stack.queue_url,
+                "--task-queue-url",
+                &tasks,
+                "--shard-blocks",
+                "4",
+                "--concurrency",
+                "4",
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap(),
+    );
+    let base = hour();
+    let mut history = vec![];
+    for k in 1..=3u64 {
+        let t = (base + chrono::Duration::minutes(5 * k as i64))
+            .format(RFC3339)
+            .to_string();
+        let d0 = send_disk(&stack, tmp.path(), "disk0", k, 40, &t);
+        let d1 = send_disk(&stack, tmp.path(), "disk1", k, 25, &t);
+        history.push((t, [d0, d1]));
+    }
+    let log_text = || std::fs::read_to_string(tmp.path().join("replica.log")).unwrap_or_default();
+    let heads = poll_until("both disks' chains at generation 3", WAIT, || async {
+        let out = replica(&stack, &["status", "--json"]).output().unwrap();
+        let heads: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
+        (heads.len() == 2
+            && heads
+                .iter()
+                .all(|h| h["point"]["generation"] == 3 && h["pending"].is_null()))
+        .then_some(heads)
+    })
+    .await;
+    assert!(
+        heads.iter().all(|h| h["points_written"] == 3),
+        "{heads:#?}\n{}",
+        log_text()
+    );
+    // The full generations were sharded: records of shard 1 and beyond exist.
+    let records = stack
+        .keys(&format!("{}/site1/vm1/disk0/r/", stack.prefix))
+        .await;
+    assert!(
+        records.iter().any(|k| k.ends_with("-000001.json")),
+        "{records:?}"
+    );
+    let text = String::from_utf8(replica(&stack, &["status"]).output().unwrap().stdout).unwrap();
+    assert!(
+        text.contains("site1/vm1/disk0: point generation 3"),
+        "{text}"
+    );
+
+    // Every point, as `pilotlight-dr points` lists them, reads back equal to its disk.
+    let out = run_ok(&mut dr(
+        &stack,
+        "ok",
+        &["points", "--site", "site1", "--vm", "vm1", "--json"],
+    ));
+    let points: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(points.len(), 3, "{points:#?}");
+    let ebs = emulator(&stack.endpoint).await.ebs();
+    for (p, (t, disks)) in points.iter().zip(history.iter().rev()) {
+        assert_eq!(p["snapshot_time"].as_str().unwrap(), t.as_str());
+        for (d, want) in p["disks"].as_array().unwrap().iter().zip(disks) {
+            let got = read_back(&ebs, d["snapshot_id"].as_str().unwrap()).await;
+            assert!(got == *want, "{} at {t} differs from the disk", d["disk"]);
+        }
+    }
+
+    let vm = [
+        "--site", "site1", "--vm", "vm1", "--disk", "disk0", "--disk", "disk1",
+    ];
+    // A snapshot drill from generation 2's point.
+    let at2 = (base + chrono::Duration::minutes(12))
+        .format("%Y-%m-%dT%H:%MZ")
+        .to_string();
+    let run = dr_run(
+        &stack,
+        &[
+            &[
+                "start",
+                "--drill",
+                "--method",
+                "snapshot",
+                "--at",
+                &at2,
+                "--wait",
+                "--poll-every",
+                "200ms",
+            ][..],
+            &vm,
+        ]
+        .concat(),
+    );
+    assert_eq!(run["phase"], "done", "{run:#}");
+    let gens: Vec<u64> = run["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["generation"].as_u64().unwrap())
+        .collect();
+    assert_eq!(gens, [2, 2]);
+    assert_eq!(run["verification"]["passed"], true, "{run:#}");
+    let cleaned = dr_run(&stack, &["cleanup", run["run_id"].as_str().unwrap()]);
+    assert_eq!(cleaned["phase"], "cleaned_up", "{cleaned:#}");
+
+    // An import drill from generation 1's point: the replica function exports the point.
+    let at1 = (base + chrono::Duration::minutes(7))
+        .format("%Y-%m-%dT%H:%MZ")
+        .to_string();
+    let run = dr_run(
+        &stack,
+        &[
+            &[
+                "start",
+                "--drill",
+                "--method",
+                "import",
+                "--at",
+                &at1,
+                "--wait",
+                "--poll-every",
+                "200ms",
+            ][..],
+            &vm,
+        ]
+        .concat(),
+    );
+    assert_eq!(run["phase"], "done", "{run:#}\n{}", log_text());
+    for (d, want) in run["disks"].as_array().unwrap().iter().zip(&history[0].1) {
+        assert_eq!(d["generation"], 1);
+        let image = stack.get(d["image_key"].as_str().unwrap()).await;
+        assert_eq!(
+            hex::encode(Sha256::digest(&image)),
+            hex::encode(Sha256::digest(want)),
+            "the export of {} differs from the disk at generation 1",
+            d["disk"]
+        );
+    }
+    let cleaned = dr_run(&stack, &["cleanup", run["run_id"].as_str().unwrap()]);
+    assert_eq!(cleaned["phase"], "cleaned_up", "{cleaned:#}");
+}
