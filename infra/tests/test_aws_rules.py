@@ -48,7 +48,10 @@ def statements(template: dict, role: str) -> list[dict]:
         if isinstance(arn, dict) and arn.get("Ref") in res:
             add(res[arn["Ref"]]["Properties"]["PolicyDocument"])
     for name, r in res.items():
-        if r["Type"] == "AWS::IAM::ManagedPolicy" and {"Ref": role} in r["Properties"].get("Roles", []):
+        # A role listed in one mode only: [!If [Cond, !Ref Role, !Ref AWS::NoValue]].
+        roles = [x["Fn::If"][1] if isinstance(x, dict) and "Fn::If" in x else x
+                 for x in r["Properties"].get("Roles", [])] if r["Type"] == "AWS::IAM::ManagedPolicy" else []
+        if {"Ref": role} in roles:
             add(r["Properties"]["PolicyDocument"])
     return out
 
@@ -421,7 +424,8 @@ def sender_writes_exports(template: dict) -> list[str]:
     site = "${Prefix}/${SenderSite}"
     problems = []
     for key in [f"{site}/vm1/disk0/x/run.d0/request.json", f"{site}/vm1/disk0/x/run.d0/result.json",
-                f"{site}/vm1/disk0/x/run.d0/image.raw"]:
+                f"{site}/vm1/disk0/x/run.d0/image.raw", f"{site}/vm1/disk0/r/head.json",
+                f"{site}/vm1/disk0/r/00000000000000000003/00001-000000.json"]:
         if allowed(stmts, "s3:PutObject", f"{BUCKET}/{key}"):
             problems.append(f"the sender may write {key}")
     # ...while every generation key stays writable, whatever the VM and disk are named.
@@ -445,6 +449,34 @@ def sender_writes_exports(template: dict) -> list[str]:
             problems.append(f"the sender may read {key}")
     if allowed(stmts, "s3:ListBucket", BUCKET, {"s3:prefix": "${Prefix}/othersite/"}):
         problems.append("the sender may list another site")
+    return problems
+
+
+def replica_beyond_its_own(template: dict) -> list[str]:
+    """Snapshots mode's function writes points only tagged with its stack, deletes and
+    reads only its stack's points, writes only its own documents and exports (never a
+    generation: those are the sender's), and reads the bucket only under the prefix."""
+    stmts = statements(template, "ReplicaFunctionRole")
+    snap = "arn:${AWS::Partition}:ec2:${AWS::Region}::snapshot/snap-1"
+    own = {"aws:ResourceTag/pilotlight:stack": "${AWS::StackName}"}
+    other = {"aws:ResourceTag/pilotlight:stack": "other"}
+    problems = []
+    if not allowed(stmts, "ebs:StartSnapshot", snap, {"aws:RequestTag/pilotlight:stack": "${AWS::StackName}"}):
+        problems.append("it cannot start its points")
+    if allowed(stmts, "ebs:StartSnapshot", snap, {"aws:RequestTag/pilotlight:stack": "other"}):
+        problems.append("it may start another stack's snapshots")
+    for action in ["ebs:PutSnapshotBlock", "ebs:CompleteSnapshot", "ebs:GetSnapshotBlock", "ec2:DeleteSnapshot"]:
+        if not allowed(stmts, action, snap, own):
+            problems.append(f"it may not {action} its own points")
+        if allowed(stmts, action, snap, other):
+            problems.append(f"it may {action} another stack's snapshots")
+    d = "${Prefix}/site1/vm1/disk0"
+    for key in [f"{d}/r/head.json", f"{d}/x/run.d0/image.raw", f"{d}/x/run.d0/result.json"]:
+        if not allowed(stmts, "s3:PutObject", f"{BUCKET}/{key}"):
+            problems.append(f"it cannot write {key}")
+    for key in [f"{d}/g/00000000000000000001/manifest.json", f"{d}/g/00000000000000000001/d/00000000000000000000"]:
+        if allowed(stmts, "s3:PutObject", f"{BUCKET}/{key}"):
+            problems.append(f"it may write {key}")
     return problems
 
 
@@ -702,6 +734,21 @@ class AwsRules(unittest.TestCase):
         tf = (MODULE / "sender.tf").read_text()
         self.assertIn('"${aws_s3_bucket.data_bucket.arn}/${var.prefix}/${var.sender_site}/*/*/x/*"', tf)
         self.assertIn('effect    = "Deny"', tf)
+
+    def test_the_replica_function_writes_only_its_stacks_points_and_its_own_documents(self):
+        self.assertEqual(replica_beyond_its_own(self.t), [])
+
+        def any_snapshot(res, _):
+            for st in res["ReplicaFunctionRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]:
+                if isinstance(st, dict) and st.get("Sid") in ("WriteOwnPoints", "DeleteFailedAndTagOwnPoints"):
+                    st.pop("Condition", None)
+        self.assertTrue(replica_beyond_its_own(self.mutated(any_snapshot)))
+
+        def whole_prefix(res, _):
+            for st in res["ReplicaFunctionRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]:
+                if isinstance(st, dict) and st.get("Sid") == "WriteChainsAndExports":
+                    st["Resource"] = {"Fn::Sub": "${DataBucket.Arn}/${Prefix}/*"}
+        self.assertTrue(replica_beyond_its_own(self.mutated(whole_prefix)))
 
     def test_every_ec2_create_call_in_the_code_passes_a_client_token(self):
         code = EC2_CODE.read_text()

@@ -46,6 +46,7 @@ PRIMARY = {
     "AWS::CloudWatch::Alarm": "aws_cloudwatch_metric_alarm",
     "AWS::CloudWatch::Dashboard": "aws_cloudwatch_dashboard",
     "AWS::Logs::MetricFilter": "aws_cloudwatch_log_metric_filter",
+    "AWS::Lambda::EventSourceMapping": "aws_lambda_event_source_mapping",
 }
 # Terraform types that are properties (or inline policies) of a primary resource in
 # CloudFormation. Each must be named after the primary it belongs to.
@@ -173,6 +174,9 @@ def cfn_model(template: dict) -> dict:
         if res["Type"] != "AWS::IAM::ManagedPolicy":
             continue
         for role in res["Properties"].get("Roles", []):
+            # A role present in one mode only: [!If [Cond, !Ref Role, !Ref AWS::NoValue]].
+            if "Fn::If" in role:
+                role = role["Fn::If"][1]
             p = model["principals"][snake(role["Ref"])]
             p["managed"].add(snake(name))
             p["actions"] |= managed_policies[name].get("Allow", set())
@@ -369,6 +373,18 @@ EXPECTED_ACTIONS = {
         "ec2:ModifySnapshotAttribute", "ec2:CopySnapshot", "ec2:RegisterImage", "ec2:Describe*",
         "kms:Decrypt", "kms:GenerateDataKey",
         "kms:CreateGrant", "kms:DescribeKey", "kms:Encrypt", "kms:GenerateDataKey*", "kms:ReEncrypt*",
+    },
+    # snapshots mode: points written straight from the bucket, shard tasks, exports
+    "replica_function_role": {
+        "s3:GetObject", "s3:ListBucket", "s3:PutObject", "s3:AbortMultipartUpload",
+        "sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility",
+        "sqs:GetQueueAttributes", "sqs:SendMessage",
+        "logs:CreateLogStream", "logs:PutLogEvents",
+        "ebs:StartSnapshot", "ebs:PutSnapshotBlock", "ebs:CompleteSnapshot",
+        "ebs:ListSnapshotBlocks", "ebs:GetSnapshotBlock",
+        "ec2:DescribeSnapshots", "ec2:DeleteSnapshot", "ec2:CreateTags",
+        "kms:CreateGrant", "kms:Decrypt", "kms:DescribeKey", "kms:GenerateDataKey",
+        "kms:GenerateDataKeyWithoutPlaintext", "kms:ReEncrypt*",
     },
     "sender_role": {
         "s3:PutObject", "s3:GetObject", "s3:ListBucket", "kms:Decrypt", "kms:GenerateDataKey",

@@ -709,3 +709,94 @@ async fn the_templates_alarms_as_deployed_page_on_missing_data_at_the_rpo_target
     );
     assert_eq!(dead["TreatMissingData"], "notBreaching");
 }
+
+/// `ReplicaMode=snapshots` deploys no receiver (no auto scaling group, no image volume,
+/// no receiver role) but the replica function, fed by the stack's queue and its own task
+/// queue through event source mappings, and its role (the emulator's CloudFormation
+/// does not list alarms among a stack's resources: the template tests check those).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_snapshots_mode_the_stack_has_the_replica_function_and_no_receiver() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stack = LocalStack::start_empty().await;
+    let d = deploy(
+        &stack,
+        tmp.path(),
+        "pl-snap",
+        &[
+            ("ReplicaMode", "snapshots"),
+            ("ReplicaLambdaArtifactKey", LAMBDA_KEY),
+        ],
+    )
+    .await;
+    let r = stack.aws_cli(&[
+        "cloudformation",
+        "list-stack-resources",
+        "--stack-name",
+        "pl-snap",
+    ]);
+    let logical: BTreeSet<String> = r["StackResourceSummaries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["LogicalResourceId"].as_str().unwrap().to_string())
+        .collect();
+    for absent in [
+        "ReceiverGroup",
+        "ImageVolume",
+        "ReceiverLaunchTemplate",
+        "ReceiverRole",
+        "RpoAlarm",
+    ] {
+        assert!(
+            !logical.contains(absent),
+            "{absent} deployed in snapshots mode: {logical:?}"
+        );
+    }
+    for present in [
+        "ReplicaFunction",
+        "ReplicaFunctionRole",
+        "ReplicaTaskQueue",
+        "ReplicaTaskDeadLetterQueue",
+        "ReplicaEventsMapping",
+        "ReplicaTasksMapping",
+    ] {
+        assert!(logical.contains(present), "{present} missing: {logical:?}");
+    }
+    assert!(d.outputs.get("ReceiverGroupName").is_none());
+    let function = d.out("ReplicaFunctionName").to_string();
+    let f = stack.aws_cli(&[
+        "lambda",
+        "get-function-configuration",
+        "--function-name",
+        &function,
+    ]);
+    assert_eq!(f["Timeout"], 300, "{f}");
+    let env = &f["Environment"]["Variables"];
+    assert_eq!(env["PILOTLIGHT_STACK"], "pl-snap");
+    assert_eq!(
+        env["PILOTLIGHT_TASK_QUEUE_URL"],
+        d.out("ReplicaTaskQueueUrl")
+    );
+    let maps = stack.aws_cli(&[
+        "lambda",
+        "list-event-source-mappings",
+        "--function-name",
+        &function,
+    ]);
+    let maps = maps["EventSourceMappings"].as_array().unwrap();
+    assert_eq!(maps.len(), 2, "{maps:?}");
+    let sources: BTreeSet<&str> = maps
+        .iter()
+        .map(|m| m["EventSourceArn"].as_str().unwrap())
+        .collect();
+    assert!(
+        sources.iter().any(|a| a.ends_with(
+            &d.physical_id(&stack, "EventsQueue")
+                .rsplit('/')
+                .next()
+                .unwrap()
+                .to_string()
+        )),
+        "{sources:?}"
+    );
+}

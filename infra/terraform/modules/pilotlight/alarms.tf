@@ -32,6 +32,7 @@ resource "aws_cloudwatch_metric_alarm" "dead_letter_alarm" {
 }
 
 resource "aws_cloudwatch_metric_alarm" "lag_alarm" {
+  count               = local.image_mode ? 1 : 0
   alarm_name          = "${var.name}-replication-lag"
   alarm_description   = "pilotlight replication lag - the oldest unprocessed event is older than lag_alarm_seconds (receiver down or stuck)."
   namespace           = "AWS/SQS"
@@ -65,6 +66,7 @@ resource "aws_cloudwatch_metric_alarm" "dr_errors_alarm" {
 # be declared before the VMs are known). A silent site makes the lag grow; a silent
 # receiver publishes nothing: missing data breaches.
 resource "aws_cloudwatch_metric_alarm" "rpo_alarm" {
+  count               = local.image_mode ? 1 : 0
   alarm_name          = "${var.name}-rpo"
   alarm_description   = "pilotlight RPO breach - a disk's replication lag is over rpo_target_seconds, or the receiver publishes no metrics (site or receiver silent)."
   namespace           = "Pilotlight"
@@ -80,6 +82,7 @@ resource "aws_cloudwatch_metric_alarm" "rpo_alarm" {
 }
 
 resource "aws_cloudwatch_metric_alarm" "receiver_heartbeat_alarm" {
+  count               = local.image_mode ? 1 : 0
   alarm_name          = "${var.name}-receiver-heartbeat"
   alarm_description   = "pilotlight receiver heartbeat missing - no metrics from the receiver for 10 minutes (stopped, crashed, or cut off from CloudWatch)."
   namespace           = "Pilotlight"

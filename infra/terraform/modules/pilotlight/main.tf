@@ -10,6 +10,10 @@ locals {
   region    = data.aws_region.current.name
   partition = data.aws_partition.current.partition
   use_kms   = var.kms_key_arn != ""
+  # image: the receiver instance and its image volume; snapshots: the replica function.
+  image_mode     = var.replica_mode == "image"
+  snapshots_mode = var.replica_mode == "snapshots"
+  image_points   = var.recovery_points && var.replica_mode == "image"
 }
 
 # ---- replication bucket -------------------------------------------------------------

@@ -26,13 +26,13 @@ output "dr_function_name" {
 }
 
 output "receiver_group_name" {
-  description = "The receiver's auto scaling group"
-  value       = aws_autoscaling_group.receiver_group.name
+  description = "The receiver's auto scaling group (image mode)"
+  value       = local.image_mode ? aws_autoscaling_group.receiver_group[0].name : null
 }
 
 output "image_volume_id" {
-  description = "The receiver's image volume"
-  value       = aws_ebs_volume.image_volume.id
+  description = "The receiver's image volume (image mode)"
+  value       = local.image_mode ? aws_ebs_volume.image_volume[0].id : null
 }
 
 output "sender_role_arn" {
@@ -58,4 +58,14 @@ output "vm_import_role_name" {
 output "alert_topic_arn" {
   description = "Alarms publish here"
   value       = aws_sns_topic.alert_topic.arn
+}
+
+output "replica_function_name" {
+  description = "The replica function (snapshots mode)"
+  value       = local.snapshots_mode ? aws_lambda_function.replica_function[0].function_name : null
+}
+
+output "replica_task_queue_url" {
+  description = "The replica function's shard tasks (snapshots mode)"
+  value       = local.snapshots_mode ? aws_sqs_queue.replica_task_queue[0].id : null
 }

@@ -73,15 +73,15 @@ data "aws_iam_policy_document" "receiver_points_policy" {
 }
 
 resource "aws_iam_policy" "receiver_points_policy" {
-  count       = var.recovery_points ? 1 : 0
+  count       = local.image_points ? 1 : 0
   name_prefix = "${var.name}-receiver-points-"
   description = "pilotlight receiver - write and prune this stack's recovery points (EBS snapshots)"
   policy      = data.aws_iam_policy_document.receiver_points_policy.json
 }
 
 resource "aws_iam_role_policy_attachment" "receiver_points_policy" {
-  count      = var.recovery_points ? 1 : 0
-  role       = aws_iam_role.receiver_role.name
+  count      = local.image_points ? 1 : 0
+  role       = aws_iam_role.receiver_role[0].name
   policy_arn = aws_iam_policy.receiver_points_policy[0].arn
 }
 
@@ -101,15 +101,15 @@ data "aws_iam_policy_document" "receiver_point_lock_policy" {
 }
 
 resource "aws_iam_policy" "receiver_point_lock_policy" {
-  count       = var.recovery_points && var.point_lock != "off" ? 1 : 0
+  count       = local.image_points && var.point_lock != "off" ? 1 : 0
   name_prefix = "${var.name}-receiver-point-lock-"
   description = "pilotlight receiver - lock this stack's daily recovery points (EBS Snapshot Lock)"
   policy      = data.aws_iam_policy_document.receiver_point_lock_policy.json
 }
 
 resource "aws_iam_role_policy_attachment" "receiver_point_lock_policy" {
-  count      = var.recovery_points && var.point_lock != "off" ? 1 : 0
-  role       = aws_iam_role.receiver_role.name
+  count      = local.image_points && var.point_lock != "off" ? 1 : 0
+  role       = aws_iam_role.receiver_role[0].name
   policy_arn = aws_iam_policy.receiver_point_lock_policy[0].arn
 }
 
@@ -124,15 +124,15 @@ data "aws_iam_policy_document" "kms_points_policy" {
 }
 
 resource "aws_iam_policy" "kms_points_policy" {
-  count       = var.recovery_points && local.use_kms ? 1 : 0
+  count       = local.image_points && local.use_kms ? 1 : 0
   name_prefix = "${var.name}-kms-points-"
   description = "pilotlight receiver - write recovery points with the customer KMS key"
   policy      = data.aws_iam_policy_document.kms_points_policy.json
 }
 
 resource "aws_iam_role_policy_attachment" "kms_points_policy" {
-  count      = var.recovery_points && local.use_kms ? 1 : 0
-  role       = aws_iam_role.receiver_role.name
+  count      = local.image_points && local.use_kms ? 1 : 0
+  role       = aws_iam_role.receiver_role[0].name
   policy_arn = aws_iam_policy.kms_points_policy[0].arn
 }
 
@@ -164,9 +164,9 @@ resource "aws_iam_role_policy_attachment" "kms_launch_policy" {
 # an unreadable image, EBS failing for long): replication goes on, points do not, so it
 # pages.
 resource "aws_cloudwatch_log_metric_filter" "points_failing_metric_filter" {
-  count          = var.recovery_points ? 1 : 0
+  count          = local.image_points ? 1 : 0
   name           = "${var.name}-points-failed"
-  log_group_name = aws_cloudwatch_log_group.receiver_log_group.name
+  log_group_name = aws_cloudwatch_log_group.receiver_log_group[0].name
   pattern        = "\"recovery point failed\""
   metric_transformation {
     namespace     = "pilotlight"
@@ -177,7 +177,7 @@ resource "aws_cloudwatch_log_metric_filter" "points_failing_metric_filter" {
 }
 
 resource "aws_cloudwatch_metric_alarm" "points_failing_alarm" {
-  count               = var.recovery_points ? 1 : 0
+  count               = local.image_points ? 1 : 0
   alarm_name          = "${var.name}-points-failing"
   alarm_description   = "pilotlight recovery points are failing (replication continues; see the receiver's log and `pilotlight-receiver status`)."
   namespace           = "pilotlight"

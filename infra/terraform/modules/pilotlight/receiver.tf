@@ -20,6 +20,7 @@ data "aws_iam_policy_document" "receiver_role_trust" {
 }
 
 resource "aws_iam_role" "receiver_role" {
+  count              = local.image_mode ? 1 : 0
   name_prefix        = "${var.name}-receiver-"
   description        = "pilotlight receiver on EC2"
   assume_role_policy = data.aws_iam_policy_document.receiver_role_trust.json
@@ -27,7 +28,8 @@ resource "aws_iam_role" "receiver_role" {
 
 # Session Manager instead of SSH.
 resource "aws_iam_role_policy_attachment" "receiver_role_ssm" {
-  role       = aws_iam_role.receiver_role.name
+  count      = local.image_mode ? 1 : 0
+  role       = aws_iam_role.receiver_role[0].name
   policy_arn = "arn:${local.partition}:iam::aws:policy/AmazonSSMManagedInstanceCore"
 }
 
@@ -65,7 +67,7 @@ data "aws_iam_policy_document" "receiver_role" {
   statement {
     sid       = "AttachImageVolume"
     actions   = ["ec2:AttachVolume"]
-    resources = [aws_ebs_volume.image_volume.arn]
+    resources = [aws_ebs_volume.image_volume[0].arn]
   }
   statement {
     sid       = "AttachToOwnInstances"
@@ -85,7 +87,7 @@ data "aws_iam_policy_document" "receiver_role" {
   statement {
     sid       = "ShipLogs"
     actions   = ["logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"]
-    resources = ["${aws_cloudwatch_log_group.receiver_log_group.arn}:*"]
+    resources = ["${aws_cloudwatch_log_group.receiver_log_group[0].arn}:*"]
   }
   statement {
     sid = "ReportUnhealthy"
@@ -115,6 +117,7 @@ data "aws_iam_policy_document" "receiver_role" {
 # The receiver's journal, shipped by the CloudWatch agent: it outlives the instance the
 # alarms point at.
 resource "aws_cloudwatch_log_group" "receiver_log_group" {
+  count             = local.image_mode ? 1 : 0
   name              = "/pilotlight/${var.name}/receiver"
   retention_in_days = var.log_retention_days
   # With kms_key_arn, the key policy must admit logs.REGION.amazonaws.com
@@ -123,17 +126,20 @@ resource "aws_cloudwatch_log_group" "receiver_log_group" {
 }
 
 resource "aws_iam_role_policy" "receiver_role" {
+  count  = local.image_mode ? 1 : 0
   name   = "receiver"
-  role   = aws_iam_role.receiver_role.id
+  role   = aws_iam_role.receiver_role[0].id
   policy = data.aws_iam_policy_document.receiver_role.json
 }
 
 resource "aws_iam_instance_profile" "receiver_instance_profile" {
+  count       = local.image_mode ? 1 : 0
   name_prefix = "${var.name}-receiver-"
-  role        = aws_iam_role.receiver_role.name
+  role        = aws_iam_role.receiver_role[0].name
 }
 
 resource "aws_security_group" "receiver_security_group" {
+  count       = local.image_mode ? 1 : 0
   name_prefix = "${var.name}-receiver-"
   description = "pilotlight receiver - no inbound (Session Manager), HTTPS out to AWS APIs"
   vpc_id      = var.receiver_vpc_id
@@ -148,6 +154,7 @@ resource "aws_security_group" "receiver_security_group" {
 
 # The images outlive any one instance: a replaced receiver attaches this volume again.
 resource "aws_ebs_volume" "image_volume" {
+  count             = local.image_mode ? 1 : 0
   availability_zone = data.aws_subnet.receiver.availability_zone
   size              = var.image_volume_size
   type              = "gp3"
@@ -161,13 +168,14 @@ resource "aws_ebs_volume" "image_volume" {
 }
 
 resource "aws_launch_template" "receiver_launch_template" {
+  count         = local.image_mode ? 1 : 0
   name_prefix   = "${var.name}-receiver-"
   image_id      = data.aws_ssm_parameter.receiver_ami.value
   instance_type = var.receiver_instance_type
   iam_instance_profile {
-    arn = aws_iam_instance_profile.receiver_instance_profile.arn
+    arn = aws_iam_instance_profile.receiver_instance_profile[0].arn
   }
-  vpc_security_group_ids = [aws_security_group.receiver_security_group.id]
+  vpc_security_group_ids = [aws_security_group.receiver_security_group[0].id]
   ebs_optimized          = true
   monitoring {
     enabled = true
@@ -196,14 +204,14 @@ resource "aws_launch_template" "receiver_launch_template" {
   # Keep in step with the CloudFormation template's UserData (infra/tests compares them).
   user_data = base64encode(templatefile("${path.module}/receiver-user-data.sh.tftpl", {
     region                = local.region
-    volume                = aws_ebs_volume.image_volume.id
+    volume                = aws_ebs_volume.image_volume[0].id
     artifact_bucket       = var.artifact_bucket
     receiver_artifact_key = var.receiver_artifact_key
     queue_url             = aws_sqs_queue.events_queue.id
     bucket                = aws_s3_bucket.data_bucket.id
     prefix                = var.prefix
     visibility_timeout    = var.visibility_timeout
-    log_group             = aws_cloudwatch_log_group.receiver_log_group.name
+    log_group             = aws_cloudwatch_log_group.receiver_log_group[0].name
     recovery_points       = var.recovery_points
     name                  = var.name
     kms_key_arn           = var.kms_key_arn
@@ -216,6 +224,7 @@ resource "aws_launch_template" "receiver_launch_template" {
 }
 
 resource "aws_autoscaling_group" "receiver_group" {
+  count = local.image_mode ? 1 : 0
   # A group of one: a dead or impaired receiver is replaced and re-attaches image_volume.
   name_prefix               = "${var.name}-receiver-"
   min_size                  = 1
@@ -225,8 +234,8 @@ resource "aws_autoscaling_group" "receiver_group" {
   health_check_grace_period = 300
   vpc_zone_identifier       = [var.receiver_subnet_id]
   launch_template {
-    id      = aws_launch_template.receiver_launch_template.id
-    version = aws_launch_template.receiver_launch_template.latest_version
+    id      = aws_launch_template.receiver_launch_template[0].id
+    version = aws_launch_template.receiver_launch_template[0].latest_version
   }
   tag {
     key                 = "pilotlight:receiver"

@@ -38,6 +38,13 @@ data "aws_iam_policy_document" "sender_policy" {
     actions   = ["s3:PutObject"]
     resources = ["${aws_s3_bucket.data_bucket.arn}/${var.prefix}/${var.sender_site}/*/*/x/*"]
   }
+  # Snapshots mode's chain heads and shard records are the replica function's state.
+  statement {
+    sid       = "NeverChains"
+    effect    = "Deny"
+    actions   = ["s3:PutObject"]
+    resources = ["${aws_s3_bucket.data_bucket.arn}/${var.prefix}/${var.sender_site}/*/*/r/*"]
+  }
   # The DR function's word on which return snapshots to fail back from.
   statement {
     sid       = "NeverReturnDocs"
@@ -113,12 +120,13 @@ resource "aws_iam_policy" "kms_use_policy" {
 }
 
 resource "aws_iam_role_policy_attachment" "kms_use_policy" {
-  for_each = local.use_kms ? {
-    receiver  = aws_iam_role.receiver_role.name
+  for_each = local.use_kms ? merge(local.image_mode ? {
+    receiver = aws_iam_role.receiver_role[0].name
+    } : {}, {
     dr        = aws_iam_role.dr_function_role.name
     vm_import = aws_iam_role.vm_import_role.name
     sender    = aws_iam_role.sender_role.name
-  } : {}
+  }) : {}
   role       = each.value
   policy_arn = aws_iam_policy.kms_use_policy[0].arn
 }
@@ -137,15 +145,15 @@ data "aws_iam_policy_document" "kms_volume_policy" {
 }
 
 resource "aws_iam_policy" "kms_volume_policy" {
-  count       = local.use_kms ? 1 : 0
+  count       = local.use_kms && local.image_mode ? 1 : 0
   name_prefix = "${var.name}-kms-volume-"
   description = "pilotlight receiver - attach the image volume encrypted with the customer KMS key"
   policy      = data.aws_iam_policy_document.kms_volume_policy.json
 }
 
 resource "aws_iam_role_policy_attachment" "kms_volume_policy" {
-  count      = local.use_kms ? 1 : 0
-  role       = aws_iam_role.receiver_role.name
+  count      = local.use_kms && local.image_mode ? 1 : 0
+  role       = aws_iam_role.receiver_role[0].name
   policy_arn = aws_iam_policy.kms_volume_policy[0].arn
 }
 

@@ -75,6 +75,32 @@ variable "dr_lambda_artifact_key" {
   default     = "pilotlight/pilotlight-dr-lambda-x86_64.zip"
 }
 
+variable "replica_mode" {
+  description = "image - a receiver instance keeps a raw image per disk and writes a point after each generation; snapshots - no instance and no volume: the replica function writes each generation into an EBS snapshot parented on the previous point (docs/replica-modes.md)."
+  type        = string
+  default     = "image"
+  validation {
+    condition     = contains(["image", "snapshots"], var.replica_mode)
+    error_message = "replica_mode is image or snapshots."
+  }
+}
+
+variable "replica_lambda_artifact_key" {
+  description = "Key of the replica function's zip (bootstrap), snapshots mode."
+  type        = string
+  default     = "pilotlight/pilotlight-replica-lambda-x86_64.zip"
+}
+
+variable "replica_max_concurrency" {
+  description = "Snapshots mode - the most replica function invocations each queue feeds at once (2 to 1 000); pilotlight-replica plan-capacity sizes it."
+  type        = number
+  default     = 10
+  validation {
+    condition     = var.replica_max_concurrency >= 2 && var.replica_max_concurrency <= 1000
+    error_message = "replica_max_concurrency is 2 to 1 000 (the event source mapping's maximum concurrency)."
+  }
+}
+
 variable "receiver_vpc_id" {
   description = "VPC of the receiver."
   type        = string
