@@ -38,6 +38,39 @@ pub struct MemoryEbsState {
     /// StartSnapshot client tokens and the snapshot each started.
     pub tokens: BTreeMap<String, String>,
     next: u64,
+    /// Rate windows: the first call's time, the current second, and the calls in it
+    /// (per operation, and PutSnapshotBlock per snapshot).
+    epoch: Option<tokio::time::Instant>,
+    second: u64,
+    in_second: BTreeMap<String, u32>,
+    /// Calls refused by [`Limits`], per operation.
+    pub throttled: BTreeMap<&'static str, u64>,
+}
+
+/// The documented EBS direct API quotas (AWS General Reference, "Amazon EBS endpoints and
+/// quotas"), enforced per second on the tokio clock when [`MemoryEbs::limits`] is set.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// PutSnapshotBlock requests per second per account, and per snapshot.
+    pub put_per_account: u32,
+    pub put_per_snapshot: u32,
+    /// StartSnapshot and CompleteSnapshot requests per second per account (each).
+    pub start_per_second: u32,
+    pub complete_per_second: u32,
+    /// Snapshots pending (started, not completed) at once per account.
+    pub pending: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            put_per_account: 1000,
+            put_per_snapshot: 1000,
+            start_per_second: 10,
+            complete_per_second: 10,
+            pending: 100,
+        }
+    }
 }
 
 /// EBS in memory, faithful to AWS's documented behaviour (see the module doc).
@@ -62,6 +95,10 @@ pub struct MemoryEbs {
     /// The next this-many sealed snapshots go to `error` instead of `completed` (as EBS
     /// does when it fails to process one).
     pub fail_completions: std::sync::atomic::AtomicU32,
+    /// The documented request-rate and pending-snapshot quotas, when set: a call over
+    /// them is refused as EBS refuses it (RequestThrottledException,
+    /// ServiceQuotaExceededException), and counted in `state.throttled`.
+    pub limits: Option<Limits>,
 }
 
 impl MemoryEbs {
@@ -89,6 +126,12 @@ impl MemoryEbs {
         }
         self.faults.check("EBS", op, id)?;
         let mut st = lock(&self.state);
+        if let Some(l) = self.limits {
+            if let Err(e) = Self::within_limits(&mut st, &l, op, id) {
+                *st.throttled.entry(op).or_default() += 1;
+                return Err(e);
+            }
+        }
         // StartSnapshot API reference, Timeout: "The amount of time (in minutes) after
         // which the snapshot is automatically cancelled if: No blocks are written to the
         // snapshot. The snapshot is not completed after writing the last block of data."
@@ -102,6 +145,71 @@ impl MemoryEbs {
             }
         }
         f(&mut st)
+    }
+
+    /// Counts the call in the current second; refuses it over a quota.
+    fn within_limits(
+        st: &mut MemoryEbsState,
+        l: &Limits,
+        op: &'static str,
+        id: &str,
+    ) -> Result<(), CloudError> {
+        let now = tokio::time::Instant::now();
+        let epoch = *st.epoch.get_or_insert(now);
+        let second = now.duration_since(epoch).as_secs();
+        if second != st.second {
+            st.second = second;
+            st.in_second.clear();
+        }
+        let throttled = |what: &str| {
+            CloudError::new("EBS", op, id, ErrorKind::Throttled, what)
+                .with_code("RequestThrottledException")
+        };
+        let mut count = |key: String, max: u32| {
+            let n = st.in_second.entry(key).or_default();
+            *n += 1;
+            *n <= max
+        };
+        match op {
+            "StartSnapshot" => {
+                if !count(op.into(), l.start_per_second) {
+                    return Err(throttled("StartSnapshot rate exceeded"));
+                }
+                let pending = st
+                    .snapshots
+                    .values()
+                    .filter(|s| s.status == SnapshotStatus::Pending && s.settling == 0)
+                    .count();
+                if pending >= l.pending {
+                    return Err(CloudError::new(
+                        "EBS",
+                        op,
+                        id,
+                        ErrorKind::Throttled,
+                        "Your current service quotas do not allow you to perform this action (pending snapshots)",
+                    )
+                    .with_code("ServiceQuotaExceededException"));
+                }
+            }
+            "CompleteSnapshot" if !count(op.into(), l.complete_per_second) => {
+                return Err(throttled("CompleteSnapshot rate exceeded"));
+            }
+            "PutSnapshotBlock" => {
+                if !count(op.into(), l.put_per_account) {
+                    return Err(throttled("PutSnapshotBlock account rate exceeded"));
+                }
+                if !count(format!("{op} {id}"), l.put_per_snapshot) {
+                    return Err(throttled("PutSnapshotBlock rate for the snapshot exceeded"));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Calls refused by the limits so far, per operation.
+    pub fn throttled(&self) -> BTreeMap<&'static str, u64> {
+        lock(&self.state).throttled.clone()
     }
 
     /// A copy of one snapshot (tests).

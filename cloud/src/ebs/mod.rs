@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 mod memory;
-pub use memory::{MemoryEbs, MemoryEbsState, MemorySnapshot};
+pub use memory::{Limits, MemoryEbs, MemoryEbsState, MemorySnapshot};
 #[cfg(test)]
 mod tests;
 

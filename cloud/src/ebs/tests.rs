@@ -462,3 +462,64 @@ async fn an_idle_pending_snapshot_times_out_into_error() {
         .unwrap();
     assert_eq!(listed[0].status, SnapshotStatus::Completed);
 }
+
+/// The documented quotas (AWS General Reference, Amazon EBS endpoints and quotas):
+/// StartSnapshot 10 per second, 100 pending snapshots, PutSnapshotBlock 1 000 per second
+/// per snapshot; over them a call is refused as throttled, and succeeds a second later.
+#[tokio::test(start_paused = true)]
+async fn the_twin_enforces_the_documented_quotas_when_asked() {
+    let ebs = MemoryEbs {
+        limits: Some(Limits::default()),
+        ..MemoryEbs::new()
+    };
+    let mut ids = vec![];
+    for i in 0..10 {
+        ids.push(
+            ebs.start_snapshot(&start(None, &format!("a{i}")))
+                .await
+                .unwrap(),
+        );
+    }
+    let e = ebs.start_snapshot(&start(None, "a10")).await.unwrap_err();
+    assert!(e.is_transient(), "{e}");
+    tokio::time::advance(Duration::from_secs(1)).await;
+    ids.push(ebs.start_snapshot(&start(None, "a10")).await.unwrap());
+    // Up to 100 pending, 10 a second.
+    let mut n = 11;
+    while n < 100 {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        for _ in 0..10.min(100 - n) {
+            ids.push(
+                ebs.start_snapshot(&start(None, &format!("a{n}")))
+                    .await
+                    .unwrap(),
+            );
+            n += 1;
+        }
+    }
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let e = ebs.start_snapshot(&start(None, "over")).await.unwrap_err();
+    assert_eq!(
+        e.code.as_deref(),
+        Some("ServiceQuotaExceededException"),
+        "{e}"
+    );
+    assert!(e.is_transient());
+    // 1 000 blocks a second into one snapshot, then refused until the next second.
+    let (data, sum, _) = block(3);
+    for i in 0..1000 {
+        ebs.put_snapshot_block(&ids[0], i, data.clone(), &sum)
+            .await
+            .unwrap();
+    }
+    assert!(ebs
+        .put_snapshot_block(&ids[0], 1000, data.clone(), &sum)
+        .await
+        .is_err());
+    tokio::time::advance(Duration::from_secs(1)).await;
+    ebs.put_snapshot_block(&ids[0], 1000, data, &sum)
+        .await
+        .unwrap();
+    assert_eq!(ebs.throttled().get("PutSnapshotBlock"), Some(&1));
+    assert_eq!(ebs.throttled().get("StartSnapshot"), Some(&2));
+}

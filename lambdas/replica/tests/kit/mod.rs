@@ -38,6 +38,8 @@ pub struct Case {
     pub parallel: usize,
     pub kill_every: Option<u32>,
     pub faults: bool,
+    /// Disks under one block (for fleets of many disks: small in memory).
+    pub tiny: bool,
 }
 
 impl Case {
@@ -51,6 +53,7 @@ impl Case {
             parallel: 1,
             kill_every: None,
             faults: false,
+            tiny: false,
         }
     }
 }
@@ -76,6 +79,7 @@ pub fn case_strategy() -> impl Strategy<Value = Case> {
                 parallel,
                 kill_every,
                 faults,
+                tiny: false,
             },
         )
 }
@@ -180,6 +184,14 @@ impl World {
         }
     }
 
+    /// Generation `g`'s event of every disk.
+    pub fn deliver_generation(&self, case: &Case, g: u64) {
+        for d in 0..case.disks {
+            self.events
+                .send(event("b", &self.manifest_key(&disk_id(d), g)));
+        }
+    }
+
     /// Writes every generation of every disk as the sender would; returns the model.
     pub fn publish(&self, case: &Case) -> Model {
         let mut model = Model::new();
@@ -187,7 +199,11 @@ impl World {
         for d in 0..case.disks {
             let disk = disk_id(d);
             // 1-6 blocks and a part of one: the last block is short.
-            let size = rng.gen_range(1..=6) * BLOCK_SIZE + rng.gen_range(0..1024) * SECTOR;
+            let size = if case.tiny {
+                rng.gen_range(16..=256) * SECTOR
+            } else {
+                rng.gen_range(1..=6) * BLOCK_SIZE + rng.gen_range(0..1024) * SECTOR
+            };
             let mut bytes = vec![0u8; size as usize];
             for g in 1..=case.gens {
                 let m = self.publish_generation(&mut rng, &disk, g, &mut bytes);
@@ -331,11 +347,14 @@ impl World {
         for _ in 0..max_rounds {
             let mut batch = Vec::new();
             for q in [&self.tasks, &self.events] {
-                if batch.len() < parallel {
-                    let want = (parallel - batch.len()) as i32;
-                    for m in q.receive(want, Duration::ZERO).await.unwrap() {
-                        batch.push((q.clone(), m));
+                while batch.len() < parallel {
+                    // ReceiveMessage takes at most 10.
+                    let want = (parallel - batch.len()).min(10) as i32;
+                    let got = q.receive(want, Duration::ZERO).await.unwrap();
+                    if got.is_empty() {
+                        break;
                     }
+                    batch.extend(got.into_iter().map(|m| (q.clone(), m)));
                 }
             }
             if batch.is_empty() {
