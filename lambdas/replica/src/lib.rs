@@ -27,6 +27,7 @@ pub mod error;
 pub mod export;
 pub mod handler;
 pub mod plan;
+pub mod prune;
 pub mod retry;
 pub mod shard;
 
@@ -68,6 +69,8 @@ pub struct ReplicaConfig {
     /// How long an invocation waits for a sealed snapshot to become `completed` before it
     /// leaves the rest to the next delivery of the manifest's message.
     pub settle_wait: Duration,
+    /// Retention (the function's schedule prunes).
+    pub tiers: pilotlight_protocol::points::Tiers,
 }
 
 impl ReplicaConfig {
@@ -86,6 +89,7 @@ impl ReplicaConfig {
             visibility_window: Duration::from_secs(120),
             redispatch_after: chrono::Duration::minutes(16),
             settle_wait: Duration::from_secs(20),
+            tiers: Default::default(),
         }
     }
 }

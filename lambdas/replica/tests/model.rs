@@ -197,3 +197,67 @@ fn malformed_messages_are_refused_with_the_reason() {
         assert!(out.is_delete(), "{out:?}");
     });
 }
+
+#[test]
+fn pruning_keeps_the_tiers_the_chain_head_and_held_points_and_the_chain_goes_on() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use chrono::TimeZone;
+        use pilotlight_cloud::ebs::EbsApi;
+        use pilotlight_protocol::points::{tag, Point};
+        let case = Case::fixed(23, 5);
+        let w = World::new(4);
+        let model = w.publish(&case);
+        w.deliver_all(&case);
+        w.run(1, None, 2000).await;
+        assert_eq!(w.verify(&model).await.points, 5);
+        // Generations 1-5 are an hour apart on 2026-12-01; a DR run holds generation 3.
+        let points: Vec<Point> = w
+            .ebs_snapshots()
+            .await
+            .iter()
+            .filter_map(|(id, _, tags)| Point::from_tags(id, tags))
+            .collect();
+        let id_of = |g: u64| {
+            points
+                .iter()
+                .find(|p| p.generation == g)
+                .unwrap()
+                .snapshot_id
+                .clone()
+        };
+        w.ebs
+            .create_tags(&id_of(3), &[(tag::hold("run-1"), "1".into())])
+            .await
+            .unwrap();
+        // Nine days later only the first point of the day (1), the newest (5, the chain
+        // head) and the held one (3) are kept.
+        let now = chrono::Utc.with_ymd_and_hms(2026, 12, 10, 0, 0, 0).unwrap();
+        let pruned = pilotlight_replica::prune::prune(&w.r, &w.r.cfg.tiers, now)
+            .await
+            .unwrap();
+        let mut deleted = pruned.deleted.clone();
+        deleted.sort();
+        let mut want = vec![id_of(2), id_of(4)];
+        want.sort();
+        assert_eq!(deleted, want, "{pruned:?}");
+        // Pruning again deletes nothing more.
+        let again = pilotlight_replica::prune::prune(&w.r, &w.r.cfg.tiers, now)
+            .await
+            .unwrap();
+        assert!(again.deleted.is_empty(), "{again:?}");
+        // The kept points still read back whole (their parents are gone).
+        for g in [1, 3, 5] {
+            let disk = disk_id(0);
+            let want = &model[&(disk, g)];
+            assert!(
+                w.read_point(&id_of(g), want.len() as u64).await == *want,
+                "generation {g}"
+            );
+        }
+    });
+}

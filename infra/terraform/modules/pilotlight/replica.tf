@@ -195,15 +195,42 @@ resource "aws_lambda_function" "replica_function" {
   environment {
     variables = merge(
       {
-        PILOTLIGHT_BUCKET         = aws_s3_bucket.data_bucket.id
-        PILOTLIGHT_PREFIX         = var.prefix
-        PILOTLIGHT_STACK          = var.name
-        PILOTLIGHT_TASK_QUEUE_URL = aws_sqs_queue.replica_task_queue[0].id
-        RUST_LOG                  = "info"
+        PILOTLIGHT_BUCKET           = aws_s3_bucket.data_bucket.id
+        PILOTLIGHT_PREFIX           = var.prefix
+        PILOTLIGHT_STACK            = var.name
+        PILOTLIGHT_TASK_QUEUE_URL   = aws_sqs_queue.replica_task_queue[0].id
+        PILOTLIGHT_KEEP_ALL_HOURS   = var.keep_all_hours
+        PILOTLIGHT_KEEP_HOURLY_DAYS = var.keep_hourly_days
+        PILOTLIGHT_KEEP_DAILY_DAYS  = var.keep_daily_days
+        RUST_LOG                    = "info"
       },
       local.use_kms ? { PILOTLIGHT_POINTS_KMS_KEY = var.kms_key_arn } : {},
     )
   }
+}
+
+# Retention: the schedule prunes the stack's points (the receiver does it in image mode).
+resource "aws_cloudwatch_event_rule" "replica_schedule" {
+  count               = local.snapshots_mode ? 1 : 0
+  name_prefix         = "${var.name}-replica-"
+  description         = "Apply retention to pilotlight's recovery points (snapshots mode)"
+  schedule_expression = "rate(1 hour)"
+  state               = "ENABLED"
+}
+
+resource "aws_cloudwatch_event_target" "replica_schedule" {
+  count     = local.snapshots_mode ? 1 : 0
+  rule      = aws_cloudwatch_event_rule.replica_schedule[0].name
+  target_id = "replica"
+  arn       = aws_lambda_function.replica_function[0].arn
+}
+
+resource "aws_lambda_permission" "replica_schedule_permission" {
+  count         = local.snapshots_mode ? 1 : 0
+  action        = "lambda:InvokeFunction"
+  function_name = aws_lambda_function.replica_function[0].function_name
+  principal     = "events.amazonaws.com"
+  source_arn    = aws_cloudwatch_event_rule.replica_schedule[0].arn
 }
 
 resource "aws_lambda_event_source_mapping" "replica_events_mapping" {

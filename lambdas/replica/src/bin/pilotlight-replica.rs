@@ -75,6 +75,11 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Apply retention to the stack's points now (the function's schedule does this).
+    Prune {
+        #[arg(long)]
+        json: bool,
+    },
     /// Sizing: EBS direct request rates, pending snapshots, Lambda concurrency, cost.
     PlanCapacity(capacity::Args),
 }
@@ -130,6 +135,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 for h in &heads {
                     println!("{}", pilotlight_replica::chain::describe(h));
                 }
+            }
+            Ok(())
+        }
+        Cmd::Prune { json } => {
+            let r = Replica {
+                store: aws.s3(&bucket),
+                ebs: aws.ebs(),
+                tasks: (),
+                cfg: ReplicaConfig::new(&bucket, prefix, &cli.stack),
+            };
+            let pruned =
+                pilotlight_replica::prune::prune(&r, &r.cfg.tiers, chrono::Utc::now()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&pruned)?);
+            } else {
+                println!(
+                    "{} points, {} deleted{}",
+                    pruned.points,
+                    pruned.deleted.len(),
+                    if pruned.failed > 0 {
+                        format!(
+                            ", {} could not be deleted (tried again next run)",
+                            pruned.failed
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
             }
             Ok(())
         }
