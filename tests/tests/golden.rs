@@ -199,3 +199,18 @@ fn plan_runs_and_automation_states_load() {
         ]
     );
 }
+
+#[test]
+fn replica_chain_heads_and_shard_records_load() {
+    use pilotlight_protocol::replica::{ChainHead, ShardDoc};
+    use pilotlight_protocol::DiskId;
+    let disk = DiskId::parse("site1/vm1/disk0").unwrap();
+    let h = ChainHead::from_json(&bytes("replica-head-v1.json"), &disk).unwrap();
+    assert_eq!(h.point.as_ref().unwrap().generation, 4);
+    let p = h.pending.unwrap();
+    assert_eq!((p.generation, p.attempt, p.shards), (5, 2, 3));
+    assert!(p.sealed_at.is_none());
+    let s = ShardDoc::from_json(&bytes("replica-shard-v1.json"), &disk, 5, 2, 1).unwrap();
+    assert_eq!(s.blocks.len(), 2);
+    assert_eq!(s.blocks[1].index, 2051);
+}
