@@ -4,7 +4,9 @@
 //! then a one-click DR drill (`pilotlight-dr start --drill`): the
 //! receiver exports the image, an EC2 image import (simulated: the emulator has none)
 //! makes an AMI, an instance is launched in the emulator's EC2, and the drill is cleaned
-//! up.
+//! up. Last, the other replica mode (`ReplicaMode=snapshots`): a second emulator, no
+//! receiver and no image, the replica function's handler writing the disk straight into
+//! a recovery point, read back and compared.
 
 use anyhow::{bail, Context, Result};
 use pilotlight_protocol::DiskId;
@@ -197,6 +199,8 @@ async fn main() -> Result<()> {
     println!("== drill cleanup: pilotlight-dr cleanup {run_id}: its AMI and instance removed, the point kept and released; web-01 is now snapshot-ready, so `auto` chooses the snapshot method");
     report(&stack, &run_id, &work.join("snapshot-drill-report.html"))?;
 
+    snapshots_mode(&work, disk_arg)?;
+
     println!("== summary");
     println!("   generation   changed MiB   uploaded MiB   send s   commit-to-applied s");
     for (g, data, up, send, lag) in rows {
@@ -284,4 +288,92 @@ fn drill(stack: &LocalStack, extra: &[&str]) -> anyhow::Result<(String, String)>
         .unwrap_or_default()
         .to_string();
     Ok((last, run_id))
+}
+
+/// The snapshots replica mode on a second emulator: the disk sent in full, the replica
+/// function's handler (fed from the queues by `pilotlight-replica run`, as Lambda's event
+/// source mapping feeds it on AWS) writing it straight into a point, no instance, no
+/// image; the point read back and compared with the disk.
+fn snapshots_mode(work: &std::path::Path, disk_arg: &str) -> Result<()> {
+    let rt = tokio::runtime::Handle::current();
+    let stack = tokio::task::block_in_place(|| rt.block_on(LocalStack::start()));
+    println!("== snapshots mode (ReplicaMode=snapshots): no receiver, no image volume; a second emulator at {}", stack.endpoint);
+    let (tasks, _) =
+        tokio::task::block_in_place(|| rt.block_on(stack.extra_queue("replica-tasks", 60, 5)));
+    let state = work.join("sender-state-snapshots");
+    let t0 = Instant::now();
+    send_ok(
+        &stack,
+        &[
+            "--disk-id",
+            "site1/web-01/disk0",
+            "--state-dir",
+            state.to_str().context("state path")?,
+            "--source",
+            "full",
+            "--disk",
+            disk_arg,
+        ],
+    );
+    let replica = |args: &[&str]| {
+        let mut c = Command::new(pilotlight_tests::bin("pilotlight-replica"));
+        c.args(args)
+            .envs(stack.env())
+            .env("PILOTLIGHT_STACK", "demo");
+        c
+    };
+    let out = replica(&[
+        "run",
+        "--queue-url",
+        &stack.queue_url,
+        "--task-queue-url",
+        &tasks,
+        "--until-idle",
+        "3s",
+        "--shard-blocks",
+        "128",
+    ])
+    .stderr(std::fs::File::create(work.join("replica.log"))?)
+    .output()?;
+    if !out.status.success() {
+        bail!(
+            "pilotlight-replica run failed: see {}",
+            work.join("replica.log").display()
+        );
+    }
+    let status = replica(&["status"]).output()?;
+    println!(
+        "   pilotlight-replica status ({:.1} s after the send started):",
+        t0.elapsed().as_secs_f64()
+    );
+    for line in String::from_utf8_lossy(&status.stdout).lines() {
+        println!("   {line}");
+    }
+    let heads: serde_json::Value =
+        serde_json::from_slice(&replica(&["status", "--json"]).output()?.stdout)?;
+    let sid = heads[0]["point"]["snapshot_id"]
+        .as_str()
+        .context("no point written")?
+        .to_string();
+    let size = std::fs::metadata(disk_arg)?.len();
+    let got = tokio::task::block_in_place(|| {
+        rt.block_on(async {
+            use pilotlight_cloud::ebs::EbsApi;
+            let ebs = pilotlight_tests::stack::emulator(&stack.endpoint)
+                .await
+                .ebs();
+            let mut out = vec![0u8; size as usize];
+            for b in ebs.list_snapshot_blocks(&sid).await? {
+                let data = ebs.get_snapshot_block(&sid, &b).await?;
+                let at = b.index as usize * 512 * 1024;
+                out[at..at + data.len()].copy_from_slice(&data);
+            }
+            Ok::<_, pilotlight_cloud::CloudError>(out)
+        })
+    })?;
+    if got != std::fs::read(disk_arg)? {
+        bail!("the point {sid} differs from the disk");
+    }
+    println!("   point {sid} read back (ListSnapshotBlocks, GetSnapshotBlock): byte-identical to the disk");
+    Ok(())
 }
