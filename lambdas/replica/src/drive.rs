@@ -49,6 +49,8 @@ enum Progress {
     /// The head changed (or another invocation changed it): read it again.
     Again,
     Wait(String),
+    /// The generation's parent (committed) has no point yet: write that one first.
+    Parent(u64),
 }
 
 /// Moves `disk`'s chain until generation `g` has its point, or says why not yet.
@@ -58,20 +60,28 @@ pub async fn generation<S: ObjectStore, E: EbsApi, Q: Queue>(
     g: u64,
     now: impl Fn() -> DateTime<Utc>,
 ) -> Result<Step, ReplicaError> {
+    // The generations to write, `g` last: a parent whose point is missing (its own event
+    // lost, or gone to the dead-letter queue) is written first, by whoever needs it.
+    let mut targets = vec![g];
     // Each round either returns or saw the head change; a bounded number of rounds keeps
     // one invocation from chasing a disk forever.
-    for _ in 0..32 {
+    for _ in 0..64 {
+        let Some(&t) = targets.last() else { break };
         let read = chain::read(&r.store, &r.cfg.prefix, disk, now()).await?;
         let head = &read.head;
         let newest = head.point.as_ref().map_or(0, |p| p.generation);
         if let Some(p) = head.pending.clone() {
-            if p.generation > g && newest < g {
+            if p.generation > t && newest < t {
+                if t != g {
+                    targets.pop();
+                    continue;
+                }
                 return Ok(Step::Done(format!(
                     "generation {g} was superseded by full generation {}",
                     p.generation
                 )));
             }
-            if p.generation <= g {
+            if p.generation <= t {
                 match advance(r, &read, p.clone(), &now).await? {
                     Progress::Again => continue,
                     Progress::Wait(why) if p.generation == g => return Ok(Step::Wait(why)),
@@ -81,19 +91,36 @@ pub async fn generation<S: ObjectStore, E: EbsApi, Q: Queue>(
                             p.generation
                         )))
                     }
+                    Progress::Parent(_) => unreachable_parent()?,
                 }
             }
         }
-        if newest >= g {
-            return Ok(Step::Done(format!("generation {g} has its point")));
+        if newest >= t {
+            if t == g {
+                return Ok(Step::Done(format!("generation {g} has its point")));
+            }
+            targets.pop();
+            continue;
         }
-        match claim(r, &read, g, &now).await? {
+        match claim(r, &read, t, &now).await? {
             Progress::Again => continue,
             Progress::Wait(why) => return Ok(Step::Wait(why)),
+            Progress::Parent(pg) if targets.len() < 32 => targets.push(pg),
+            Progress::Parent(pg) => {
+                return Ok(Step::Wait(format!(
+                    "generation {g} waits for a long chain of unwritten parents (down to {pg})"
+                )))
+            }
         }
     }
     Ok(Step::Wait(
         "the chain head kept changing; tried again later".into(),
+    ))
+}
+
+fn unreachable_parent() -> Result<(), ReplicaError> {
+    Err(ReplicaError::Internal(
+        "a pending point asked for its parent".into(),
     ))
 }
 
@@ -140,9 +167,7 @@ async fn claim<S: ObjectStore, E: EbsApi, Q: Queue>(
                 }
             }
             return match manifests::read(&r.store, &r.cfg.prefix, &head.disk, pg).await {
-                Ok(_) => Ok(Progress::Wait(format!(
-                    "parent generation {pg}'s point is not written yet"
-                ))),
+                Ok(_) => Ok(Progress::Parent(pg)),
                 Err(DocError::Missing { .. }) if newest.is_none() => Err(ReplicaError::NoBase {
                     generation: g,
                     parent: pg,
@@ -599,4 +624,30 @@ async fn retry_attempt<S: ObjectStore, E: EbsApi, Q: Queue>(
     next.updated_at = now();
     chain::replace(&r.store, &r.cfg.prefix, read, &next).await?;
     Ok(Progress::Again)
+}
+
+/// The schedule's sweep: every disk with a chain is moved to its newest committed
+/// generation (one LIST of its manifests each), so a point whose events were all lost or
+/// dead-lettered is still written. Returns (disk, step) for each disk that had work.
+pub async fn sweep<S: ObjectStore, E: EbsApi, Q: Queue>(
+    r: &Replica<S, E, Q>,
+    now: impl Fn() -> DateTime<Utc> + Copy,
+) -> Result<Vec<(DiskId, Result<Step, String>)>, ReplicaError> {
+    let mut out = Vec::new();
+    for h in chain::all(&r.store, &r.cfg.prefix, now()).await? {
+        let newest = h.point.as_ref().map_or(0, |p| p.generation);
+        let Some(&last) = manifests::list(&r.store, &r.cfg.prefix, &h.disk)
+            .await?
+            .last()
+        else {
+            continue;
+        };
+        if last > newest || h.pending.is_some() {
+            let step = generation(r, &h.disk, last.max(newest), now)
+                .await
+                .map_err(|e| e.to_string());
+            out.push((h.disk.clone(), step));
+        }
+    }
+    Ok(out)
 }

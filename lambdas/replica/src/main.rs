@@ -6,8 +6,13 @@
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use lambda_runtime::{run, service_fn, Error, LambdaEvent};
+use pilotlight_cloud::sqs::Queue;
 use pilotlight_replica::{handle_body, Outcome, Replica, ReplicaConfig};
 use serde_json::Value;
+
+/// Deliveries of a waiting message before it is left to the schedule's sweep (below
+/// the queue's MaxReceiveCount, 5 by default).
+const WAITS_BEFORE_SWEEP: u32 = 4;
 
 fn var(name: &str) -> Result<String, Error> {
     std::env::var(name).map_err(|_| Error::from(format!("{name} is not set")))
@@ -59,10 +64,29 @@ async fn main() -> Result<(), Error> {
         tasks: aws.sqs(var("PILOTLIGHT_TASK_QUEUE_URL")?),
         cfg,
     };
-    let r = &r;
+    // Both queues' URLs: a message that must wait is made visible again soon (its queue's
+    // own visibility timeout is minutes), found by its event source ARN's queue name.
+    let queues: Vec<(String, pilotlight_cloud::sqs::SdkSqs)> = [
+        std::env::var("PILOTLIGHT_QUEUE_URL").ok(),
+        std::env::var("PILOTLIGHT_TASK_QUEUE_URL").ok(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|url| {
+        (
+            url.rsplit('/').next().unwrap_or_default().to_string(),
+            aws.sqs(&url),
+        )
+    })
+    .collect();
+    let (r, queues) = (&r, &queues);
     run(service_fn(move |event: LambdaEvent<Value>| async move {
         // The schedule (EventBridge "Scheduled Event"): retention.
         if event.payload.get("detail-type").and_then(Value::as_str) == Some("Scheduled Event") {
+            // Chains whose events were lost first, then retention.
+            for (disk, step) in pilotlight_replica::drive::sweep(r, chrono::Utc::now).await? {
+                tracing::info!(%disk, "sweep: {step:?}");
+            }
             let pruned =
                 pilotlight_replica::prune::prune(r, &r.cfg.tiers, chrono::Utc::now()).await?;
             tracing::info!(
@@ -78,13 +102,41 @@ async fn main() -> Result<(), Error> {
         for m in batch.records {
             let id = m.message_id.clone().unwrap_or_default();
             let outcome = handle_body(r, m.body.as_deref().unwrap_or(""), chrono::Utc::now).await;
+            let received: u32 = m
+                .attributes
+                .get("ApproximateReceiveCount")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1);
             match &outcome {
                 Outcome::Delete(why) => tracing::info!(message = %id, "done: {why}"),
-                Outcome::Retry(why) => tracing::info!(message = %id, "later: {why}"),
-                Outcome::Reject(why) => tracing::error!(message = %id, "refused: {why}"),
-            }
-            if !outcome.is_delete() {
-                response.add_failure(id);
+                // Waiting is not failing: after a few tries the schedule's sweep (every
+                // chain to its newest generation) takes over, so a slow parent never
+                // sends a good event to the dead-letter queue.
+                Outcome::Retry(why) if received >= WAITS_BEFORE_SWEEP => {
+                    tracing::info!(message = %id, "left to the schedule's sweep: {why}");
+                }
+                Outcome::Retry(why) => {
+                    tracing::info!(message = %id, "later: {why}");
+                    let name = m
+                        .event_source_arn
+                        .as_deref()
+                        .and_then(|a| a.rsplit(':').next())
+                        .unwrap_or_default();
+                    if let (Some((_, q)), Some(receipt)) = (
+                        queues.iter().find(|(n, _)| n == name),
+                        m.receipt_handle.as_deref(),
+                    ) {
+                        let secs = (15i32 << received.min(4)).min(300);
+                        if let Err(e) = q.change_visibility(receipt, secs).await {
+                            tracing::warn!(message = %id, "cannot shorten its wait: {e}");
+                        }
+                    }
+                    response.add_failure(id);
+                }
+                Outcome::Reject(why) => {
+                    tracing::error!(message = %id, "refused: {why}");
+                    response.add_failure(id);
+                }
             }
         }
         Ok::<_, Error>(serde_json::to_value(response)?)

@@ -83,29 +83,34 @@ fn a_sealed_snapshot_ebs_puts_in_error_is_written_again_as_a_new_attempt() {
 }
 
 #[test]
-fn a_generation_whose_parent_point_is_not_written_waits_and_then_applies() {
+fn a_generations_event_writes_its_unwritten_parents_first_and_waits_for_an_uncommitted_one() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
         .build()
         .unwrap();
     rt.block_on(async {
-        let case = Case::fixed(11, 3);
+        let case = Case::fixed(11, 4);
         let w = World::new(4);
         let model = w.publish(&case);
-        // Generation 3 first, alone: it must wait, writing nothing.
+        // Generation 1 alone: its point.
+        assert!(w.handle(&w.manifest_event(&case, 1)).await.is_delete());
+        // Generation 3's manifest before generation 2's was committed (a sender mid-run
+        // cannot do this, a hand-copied bucket can): it waits, writing nothing.
+        let key2 = w.manifest_key(&disk_id(0), 2);
+        let m2 = w.store.remove(&key2).unwrap();
+        let before = w.ebs.faults.calls("StartSnapshot");
         let out = w.handle(&w.manifest_event(&case, 3)).await;
         assert!(
-            matches!(out, pilotlight_replica::Outcome::Retry(_)),
+            matches!(&out, pilotlight_replica::Outcome::Retry(why) if why.contains("not committed")),
             "{out:?}"
         );
-        assert!(
-            w.ebs_snapshots().await.is_empty(),
-            "nothing written before its parent"
-        );
-        w.deliver_all(&case);
-        w.run(1, None, 2000).await;
-        assert_eq!(w.verify(&model).await.points, 3);
+        assert_eq!(w.ebs.faults.calls("StartSnapshot"), before, "nothing started");
+        // Generation 2 committed, its event lost: generation 4's event writes 2, 3 and 4.
+        w.store.insert(&key2, m2);
+        let out = w.handle(&w.manifest_event(&case, 4)).await;
+        assert!(out.is_delete(), "{out:?}");
+        assert_eq!(w.verify(&model).await.points, 4);
         // A duplicate of an applied generation's event: done, nothing written.
         let before = w.ebs.faults.calls("StartSnapshot");
         let out = w.handle(&w.manifest_event(&case, 2)).await;
@@ -259,5 +264,34 @@ fn pruning_keeps_the_tiers_the_chain_head_and_held_points_and_the_chain_goes_on(
                 "generation {g}"
             );
         }
+    });
+}
+
+#[test]
+fn the_schedules_sweep_writes_points_whose_events_were_all_lost() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let case = Case::fixed(31, 3);
+        let w = World::new(4);
+        let model = w.publish(&case);
+        // Only generation 1's event arrives; 2 and 3's are lost.
+        assert!(w.handle(&w.manifest_event(&case, 1)).await.is_delete());
+        let start = w.start;
+        let now = move || {
+            chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2026, 12, 5, 0, 0, 0).unwrap()
+                + chrono::Duration::from_std(start.elapsed()).unwrap_or_default()
+        };
+        let swept = pilotlight_replica::drive::sweep(&w.r, now).await.unwrap();
+        assert_eq!(swept.len(), 1, "{swept:?}");
+        assert_eq!(w.verify(&model).await.points, 3);
+        // Nothing left to do: the next sweep touches nothing.
+        assert!(pilotlight_replica::drive::sweep(&w.r, now)
+            .await
+            .unwrap()
+            .is_empty());
     });
 }

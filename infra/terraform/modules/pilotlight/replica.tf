@@ -209,12 +209,13 @@ resource "aws_lambda_function" "replica_function" {
   }
 }
 
-# Retention: the schedule prunes the stack's points (the receiver does it in image mode).
+# The schedule sweeps every chain to its newest generation (points whose events were lost,
+# or left waiting), then prunes the stack's points (the receiver does both in image mode).
 resource "aws_cloudwatch_event_rule" "replica_schedule" {
   count               = local.snapshots_mode ? 1 : 0
   name_prefix         = "${var.name}-replica-"
-  description         = "Apply retention to pilotlight's recovery points (snapshots mode)"
-  schedule_expression = "rate(1 hour)"
+  description         = "Write points whose events were lost, then apply retention (snapshots mode)"
+  schedule_expression = "rate(10 minutes)"
   state               = "ENABLED"
 }
 
