@@ -544,6 +544,16 @@ async fn finish<S: ObjectStore, E: EbsApi, Q: Queue>(
     next.updated_at = now();
     if chain::replace(&r.store, &r.cfg.prefix, read, &next).await? {
         let blocks = count_blocks(r, &read.head.disk, &p).await;
+        if r.cfg.emf {
+            let line = crate::emf::point_line(
+                &r.cfg.stack,
+                &read.head.disk,
+                m.snapshot_time,
+                now(),
+                blocks.unwrap_or(0),
+            );
+            println!("{line}");
+        }
         if let Some(n) = blocks {
             let tags = [(tag::BLOCKS.to_string(), n.to_string())];
             if let Err(e) = r

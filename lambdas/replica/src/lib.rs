@@ -23,6 +23,7 @@
 pub mod capacity;
 pub mod chain;
 pub mod drive;
+pub mod emf;
 pub mod error;
 pub mod export;
 pub mod handler;
@@ -71,6 +72,9 @@ pub struct ReplicaConfig {
     pub settle_wait: Duration,
     /// Retention (the function's schedule prunes).
     pub tiers: pilotlight_protocol::points::Tiers,
+    /// Print each completed point's lag as an embedded-metric log line (Lambda: its
+    /// stdout is the function's log, from which CloudWatch takes the metrics).
+    pub emf: bool,
 }
 
 impl ReplicaConfig {
@@ -90,6 +94,7 @@ impl ReplicaConfig {
             redispatch_after: chrono::Duration::minutes(16),
             settle_wait: Duration::from_secs(20),
             tiers: Default::default(),
+            emf: false,
         }
     }
 }

@@ -33,6 +33,7 @@ async fn main() -> Result<(), Error> {
         &std::env::var("PILOTLIGHT_PREFIX").unwrap_or_else(|_| "pilotlight".into()),
     )?;
     let mut cfg = ReplicaConfig::new(&bucket, prefix, var("PILOTLIGHT_STACK")?);
+    cfg.emf = true;
     cfg.kms_key_arn = std::env::var("PILOTLIGHT_POINTS_KMS_KEY")
         .ok()
         .filter(|k| !k.is_empty());
