@@ -208,6 +208,22 @@ async fn claim<S: ObjectStore, E: EbsApi, Q: Queue>(
     Ok(Progress::Again)
 }
 
+/// Replaces the head read as `read` with its pending point changed by `f`; false when
+/// another invocation changed the head first.
+async fn replace_pending<S: ObjectStore, E, Q>(
+    r: &Replica<S, E, Q>,
+    read: &Read,
+    now: DateTime<Utc>,
+    f: impl FnOnce(&mut PendingPoint),
+) -> Result<bool, ReplicaError> {
+    let mut next = read.head.clone();
+    if let Some(np) = next.pending.as_mut() {
+        f(np);
+    }
+    next.updated_at = now;
+    chain::replace(&r.store, &r.cfg.prefix, read, &next).await
+}
+
 /// The disk size of generation `pg` (its manifest), for a point found in EBS.
 async fn parent_size<S: ObjectStore, E, Q>(
     r: &Replica<S, E, Q>,
@@ -258,12 +274,7 @@ async fn advance<S: ObjectStore, E: EbsApi, Q: Queue>(
     let since = p.dispatched_at.unwrap_or(p.claimed_at);
     if p.dispatched_at.is_none() || now() - since > r.cfg.redispatch_after {
         dispatch(r, disk, &p, &missing).await?;
-        let mut next = read.head.clone();
-        if let Some(np) = next.pending.as_mut() {
-            np.dispatched_at = Some(now());
-        }
-        next.updated_at = now();
-        chain::replace(&r.store, &r.cfg.prefix, read, &next).await?;
+        replace_pending(r, read, now(), |np| np.dispatched_at = Some(now())).await?;
     }
     Ok(Progress::Wait(format!(
         "{} of {} shards written",
@@ -397,12 +408,7 @@ async fn start<S: ObjectStore, E: EbsApi, Q: Queue>(
         }
         Err(e) => return Err(e.into()),
     };
-    let mut next = read.head.clone();
-    if let Some(np) = next.pending.as_mut() {
-        np.snapshot_id = Some(sid);
-    }
-    next.updated_at = now();
-    chain::replace(&r.store, &r.cfg.prefix, read, &next).await?;
+    replace_pending(r, read, now(), |np| np.snapshot_id = Some(sid)).await?;
     Ok(Progress::Again)
 }
 
@@ -444,13 +450,8 @@ async fn seal<S: ObjectStore, E: EbsApi, Q: Queue>(
             m.generation
         )));
     }
-    let mut next = read.head.clone();
     let sealed_at = now();
-    if let Some(np) = next.pending.as_mut() {
-        np.sealed_at = Some(sealed_at);
-    }
-    next.updated_at = sealed_at;
-    if !chain::replace(&r.store, &r.cfg.prefix, read, &next).await? {
+    if !replace_pending(r, read, sealed_at, |np| np.sealed_at = Some(sealed_at)).await? {
         return Ok(Progress::Again);
     }
     let aggregate = linear_checksum(digests.iter().map(|d| &d.1));

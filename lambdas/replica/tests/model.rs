@@ -14,12 +14,7 @@ use pilotlight_cloud::Fault;
 use proptest::prelude::*;
 
 fn check(case: &Case) -> Result<(), TestCaseError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    paused(async {
         let w = World::new(case.shard_blocks);
         let model = w.publish(case);
         if case.faults {
@@ -57,12 +52,7 @@ proptest! {
 
 #[test]
 fn a_sealed_snapshot_ebs_puts_in_error_is_written_again_as_a_new_attempt() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    paused(async {
         let case = Case::fixed(7, 3);
         let w = World::new(2);
         let model = w.publish(&case);
@@ -84,12 +74,7 @@ fn a_sealed_snapshot_ebs_puts_in_error_is_written_again_as_a_new_attempt() {
 
 #[test]
 fn a_generations_event_writes_its_unwritten_parents_first_and_waits_for_an_uncommitted_one() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    paused(async {
         let case = Case::fixed(11, 4);
         let w = World::new(4);
         let model = w.publish(&case);
@@ -105,7 +90,11 @@ fn a_generations_event_writes_its_unwritten_parents_first_and_waits_for_an_uncom
             matches!(&out, pilotlight_replica::Outcome::Retry(why) if why.contains("not committed")),
             "{out:?}"
         );
-        assert_eq!(w.ebs.faults.calls("StartSnapshot"), before, "nothing started");
+        assert_eq!(
+            w.ebs.faults.calls("StartSnapshot"),
+            before,
+            "nothing started"
+        );
         // Generation 2 committed, its event lost: generation 4's event writes 2, 3 and 4.
         w.store.insert(&key2, m2);
         let out = w.handle(&w.manifest_event(&case, 4)).await;
@@ -121,12 +110,7 @@ fn a_generations_event_writes_its_unwritten_parents_first_and_waits_for_an_uncom
 
 #[test]
 fn a_tampered_object_writes_no_point_and_says_which_object() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    paused(async {
         let case = Case::fixed(5, 1);
         let w = World::new(4);
         w.publish(&case);
@@ -157,12 +141,7 @@ fn a_tampered_object_writes_no_point_and_says_which_object() {
 
 #[test]
 fn malformed_messages_are_refused_with_the_reason() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    paused(async {
         let w = World::new(4);
         for (body, want) in [
             ("not json", "malformed event"),
@@ -205,12 +184,7 @@ fn malformed_messages_are_refused_with_the_reason() {
 
 #[test]
 fn pruning_keeps_the_tiers_the_chain_head_and_held_points_and_the_chain_goes_on() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    paused(async {
         use chrono::TimeZone;
         use pilotlight_cloud::ebs::EbsApi;
         use pilotlight_protocol::points::{tag, Point};
@@ -269,12 +243,7 @@ fn pruning_keeps_the_tiers_the_chain_head_and_held_points_and_the_chain_goes_on(
 
 #[test]
 fn the_schedules_sweep_writes_points_whose_events_were_all_lost() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    paused(async {
         let case = Case::fixed(31, 3);
         let w = World::new(4);
         let model = w.publish(&case);

@@ -15,12 +15,7 @@ use std::time::Duration;
 
 #[test]
 fn a_thousand_disks_at_the_documented_limits_all_have_their_points() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    paused(async {
         let case = Case {
             disks: 1000,
             gens: 2,
@@ -61,6 +56,9 @@ fn a_thousand_disks_at_the_documented_limits_all_have_their_points() {
         // 2 000 StartSnapshot and 2 000 CompleteSnapshot at 10 a second each cannot take
         // less than 200 s of simulated time per round of 1 000; the quota binds.
         assert!(rounds.iter().all(|r| r.as_secs() >= 100), "{rounds:?}");
-        assert!(throttled.get("StartSnapshot").copied().unwrap_or(0) > 0, "{throttled:?}");
+        assert!(
+            throttled.get("StartSnapshot").copied().unwrap_or(0) > 0,
+            "{throttled:?}"
+        );
     });
 }

@@ -84,6 +84,16 @@ pub fn case_strategy() -> impl Strategy<Value = Case> {
         )
 }
 
+/// Runs `f` on a runtime whose clock is simulated: sleeps and timeouts take no real time.
+pub fn paused<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("a runtime")
+        .block_on(f)
+}
+
 pub fn event(bucket: &str, key: &str) -> String {
     serde_json::json!({"Records": [{"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
         "eventTime": "2026-12-05T02:00:00.000Z", "s3": {"bucket": {"name": bucket}, "object": {"key": key, "size": 1}}}]})
