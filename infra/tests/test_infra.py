@@ -472,10 +472,17 @@ class SameStack(unittest.TestCase):
 
     def test_notification_prefix_keeps_dr_run_records_out_of_the_queue(self):
         bucket = self.template["Resources"]["DataBucket"]["Properties"]
-        (qc,) = bucket["NotificationConfiguration"]["QueueConfigurations"]
-        self.assertEqual(qc["Filter"]["S3Key"]["Rules"][0]["Value"], {"Fn::Sub": "${Prefix}/"})
+        cond, snapshots, image = bucket["NotificationConfiguration"]["QueueConfigurations"]["Fn::If"]
+        self.assertEqual(cond, "SnapshotsMode")
+        (qc,) = image
+        self.assertEqual(qc["Filter"]["S3Key"]["Rules"], [{"Name": "prefix", "Value": {"Fn::Sub": "${Prefix}/"}}])
+        # Snapshots mode: manifests and export requests only, under the same prefix.
+        rules = [q["Filter"]["S3Key"]["Rules"] for q in snapshots]
+        self.assertEqual([r[0]["Value"] for r in rules], [{"Fn::Sub": "${Prefix}/"}] * 2)
+        self.assertEqual(sorted(r[1]["Value"] for r in rules), ["/manifest.json", "/request.json"])
         tf = (MODULE / "main.tf").read_text()
         self.assertIn('filter_prefix = "${var.prefix}/"', tf)
+        self.assertIn('["/manifest.json", "/request.json"]', tf)
 
 
 class ComparisonCatchesDrift(unittest.TestCase):

@@ -89,11 +89,17 @@ resource "aws_s3_bucket_lifecycle_configuration" "data_bucket" {
 
 resource "aws_s3_bucket_notification" "data_bucket" {
   bucket = aws_s3_bucket.data_bucket.id
-  queue {
-    # The trailing slash keeps DR run records (pilotlight-dr/runs/) out of the queue.
-    queue_arn     = aws_sqs_queue.events_queue.arn
-    events        = ["s3:ObjectCreated:*"]
-    filter_prefix = "${var.prefix}/"
+  # The trailing slash keeps DR run records (pilotlight-dr/runs/) out of the queue.
+  # Snapshots mode needs only manifests and export requests (not its own documents nor
+  # the data objects): two rules whose suffixes do not overlap.
+  dynamic "queue" {
+    for_each = local.snapshots_mode ? ["/manifest.json", "/request.json"] : [""]
+    content {
+      queue_arn     = aws_sqs_queue.events_queue.arn
+      events        = ["s3:ObjectCreated:*"]
+      filter_prefix = "${var.prefix}/"
+      filter_suffix = queue.value != "" ? queue.value : null
+    }
   }
   depends_on = [aws_sqs_queue_policy.events_queue_policy]
 }
