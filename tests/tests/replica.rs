@@ -369,3 +369,126 @@ async fn a_hundred_disks_against_the_emulator_all_have_their_points() {
         applied.as_secs_f64()
     );
 }
+
+/// The packaged function itself (`pilotlight-replica-lambda`, its thin `main`), run under
+/// `cargo lambda`'s runtime emulator: an SQS batch (JSON fixture) with a manifest's event
+/// and a malformed body writes the point and reports exactly the malformed message as a
+/// batch item failure; the schedule's event (fixture) sweeps and prunes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replica_lambda_binary_answers_an_sqs_batch_and_its_schedule_under_cargo_lambda() {
+    let root = pilotlight_tests::repo_root();
+    let cargo_lambda = root.join(".venv/lambda/bin/cargo-lambda");
+    assert!(
+        cargo_lambda.exists(),
+        "cargo-lambda missing: run scripts/setup"
+    );
+    let stack = LocalStack::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (tasks, _) = stack.extra_queue("replica-tasks-lambda", 30, 5).await;
+    let t = (hour() + chrono::Duration::minutes(5))
+        .format(RFC3339)
+        .to_string();
+    let want = send_disk(&stack, tmp.path(), "disk0", 1, 20, &t);
+
+    let port = pilotlight_tests::stack::free_port().to_string();
+    let lambda = |args: &[&str]| {
+        let mut c = Command::new("timeout");
+        c.arg("60")
+            .arg(&cargo_lambda)
+            .arg("lambda")
+            .args(args)
+            .args(["-A", "127.0.0.1", "-P", &port])
+            .current_dir(&root);
+        c
+    };
+    let _emulator = Running(
+        lambda(&["watch", "--only-lambda-apis"])
+            .stdout(std::fs::File::create(tmp.path().join("watch.log")).unwrap())
+            .stderr(std::fs::File::create(tmp.path().join("watch.err")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    poll_until(
+        "the Lambda emulator listens",
+        Duration::from_secs(60),
+        || {
+            let up = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_ok();
+            async move { up.then_some(()) }
+        },
+    )
+    .await;
+    let _function = Running(
+        Command::new(bin("pilotlight-replica-lambda"))
+            .envs(stack.env())
+            .env("PILOTLIGHT_STACK", "e2e")
+            .env("PILOTLIGHT_QUEUE_URL", &stack.queue_url)
+            .env("PILOTLIGHT_TASK_QUEUE_URL", &tasks)
+            .env("AWS_LAMBDA_FUNCTION_NAME", "_")
+            .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
+            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1769")
+            .env(
+                "AWS_LAMBDA_RUNTIME_API",
+                format!("http://127.0.0.1:{port}/.rt"),
+            )
+            .stdout(std::fs::File::create(tmp.path().join("function.log")).unwrap())
+            .stderr(std::fs::File::create(tmp.path().join("function.err")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let fixture = |name: &str| {
+        std::fs::read_to_string(root.join("lambdas/replica/tests/fixtures").join(name)).unwrap()
+    };
+    let key = format!(
+        "{}/site1/vm1/disk0/g/00000000000000000001/manifest.json",
+        stack.prefix
+    );
+    let batch = fixture("sqs-manifest-event.json")
+        .replace("BUCKET", &stack.bucket)
+        .replace("KEY", &key);
+    let invoke = |data: &str| {
+        let out = lambda(&["invoke", "--data-ascii", data]).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, out) = invoke(&batch);
+    let function_log =
+        || std::fs::read_to_string(tmp.path().join("function.log")).unwrap_or_default();
+    assert!(ok, "{out}\n{}", function_log());
+    let answer: serde_json::Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let failures: Vec<&str> = answer["batchItemFailures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["itemIdentifier"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        failures,
+        ["0c1f5a52-7d0e-4c52-9a57-a6a1f3b5c002"],
+        "{answer}"
+    );
+    // The point is written (it may complete on a later delivery: the sweep finishes it).
+    let (ok, out) = invoke(&fixture("scheduled.json"));
+    assert!(ok, "{out}");
+    let pruned: serde_json::Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(pruned["points"], 1, "{pruned}");
+    assert_eq!(pruned["deleted"].as_array().unwrap().len(), 0);
+    // The lag line CloudWatch turns into metrics.
+    assert!(
+        function_log().contains("\"ReplicationLagSeconds\""),
+        "{}",
+        function_log()
+    );
+    let out = replica(&stack, &["status", "--json"]).output().unwrap();
+    let heads: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let sid = heads[0]["point"]["snapshot_id"].as_str().unwrap();
+    let ebs = emulator(&stack.endpoint).await.ebs();
+    assert!(
+        read_back(&ebs, sid).await == want,
+        "the point differs from the disk"
+    );
+}
