@@ -25,6 +25,7 @@ pub mod ec2;
 pub mod error;
 pub mod fault;
 pub mod metrics;
+pub mod retry;
 pub mod route53;
 pub mod s3;
 pub mod sqs;

@@ -569,32 +569,13 @@ where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = Result<T, CloudError>>,
 {
-    let mut attempt = 0u32;
-    loop {
-        let not_visible_yet = |e: &CloudError| {
-            e.is_snapshot_not_visible()
-                && visible_by.is_some_and(|t| tokio::time::Instant::now() < t)
-        };
-        match f().await {
-            Ok(v) => return Ok(v),
-            Err(e) if not_visible_yet(&e) => {
-                let wait = (cfg.retry_base * 2u32.saturating_pow(attempt.min(10)))
-                    .min(Duration::from_secs(20));
-                tracing::debug!("{e}; not visible yet, retrying in {wait:?}");
-                tokio::time::sleep(wait).await;
-                attempt = attempt.saturating_add(1);
-            }
-            Err(e) if e.is_transient() && attempt + 1 < cfg.call_attempts.max(1) => {
-                let wait = (cfg.retry_base * 2u32.saturating_pow(attempt.min(10)))
-                    .min(Duration::from_secs(20))
-                    + Duration::from_millis(salt % 50);
-                tracing::debug!("{e}; retrying in {wait:?}");
-                tokio::time::sleep(wait).await;
-                attempt += 1;
-            }
-            Err(e) => return Err(e),
-        }
+    pilotlight_cloud::retry::Retry {
+        base: cfg.retry_base,
+        max_wait: Duration::from_secs(20),
+        attempts: cfg.call_attempts.max(1),
     }
+    .run(salt, visible_by, f)
+    .await
 }
 
 /// Block `i` of the image, zero-padded past the disk's end, with its SHA-256.

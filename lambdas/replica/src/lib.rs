@@ -29,7 +29,6 @@ pub mod export;
 pub mod handler;
 pub mod plan;
 pub mod prune;
-pub mod retry;
 pub mod shard;
 
 pub use error::ReplicaError;
@@ -60,7 +59,7 @@ pub struct ReplicaConfig {
     /// (10 to 4 320 minutes); also what ends an attempt sealed by an invocation that died
     /// before CompleteSnapshot.
     pub timeout_minutes: u32,
-    pub retry: retry::Retry,
+    pub retry: pilotlight_cloud::retry::Retry,
     /// How long after StartSnapshot or CompleteSnapshot "no such snapshot" is taken for
     /// eventual consistency.
     pub visibility_window: Duration,
@@ -89,7 +88,7 @@ impl ReplicaConfig {
             put_concurrency: 16,
             fetch_concurrency: 8,
             timeout_minutes: 60,
-            retry: retry::Retry::default(),
+            retry: pilotlight_cloud::retry::Retry::default(),
             visibility_window: Duration::from_secs(120),
             redispatch_after: chrono::Duration::minutes(16),
             settle_wait: Duration::from_secs(20),

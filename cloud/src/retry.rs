@@ -1,10 +1,10 @@
-//! Calls retried with exponential back-off: throttling and 5xx always (EBS direct APIs:
-//! "You should always retry requests that receive server (5xx) error responses, and
+//! Calls retried with exponential back-off (the receiver's points and the replica
+//! function): throttling and 5xx always (EBS direct APIs: "You should always retry requests that receive server (5xx) error responses, and
 //! ThrottlingException and RequestThrottledException client error responses"), and "no
 //! such snapshot" for a while after a snapshot was started or sealed (EC2 and EBS reads
 //! are eventually consistent).
 
-use pilotlight_cloud::CloudError;
+use crate::CloudError;
 use std::future::Future;
 use std::time::Duration;
 
