@@ -111,6 +111,52 @@ impl ExportRequest {
 }
 
 impl ExportResult {
+    /// The image of `generation` is at `image_key`: `size` bytes whose SHA-256 is `sha256`.
+    pub fn done(
+        id: &Name,
+        generation: u64,
+        image_key: String,
+        size: u64,
+        sha256: Sha256Hex,
+        seconds: f64,
+        finished_at: DateTime<Utc>,
+    ) -> Self {
+        ExportResult {
+            version: EXPORT_VERSION,
+            id: id.clone(),
+            status: ExportStatus::Done,
+            generation: Some(generation),
+            image_key: Some(image_key),
+            size: Some(size),
+            sha256: Some(sha256),
+            reason: None,
+            seconds,
+            finished_at,
+        }
+    }
+
+    /// The export failed: `reason` says why and what to do.
+    pub fn failed(
+        id: &Name,
+        generation: Option<u64>,
+        reason: String,
+        seconds: f64,
+        finished_at: DateTime<Utc>,
+    ) -> Self {
+        ExportResult {
+            version: EXPORT_VERSION,
+            id: id.clone(),
+            status: ExportStatus::Failed,
+            generation,
+            image_key: None,
+            size: None,
+            sha256: None,
+            reason: Some(reason),
+            seconds,
+            finished_at,
+        }
+    }
+
     /// Parses and checks a result read from the key naming `id`.
     pub fn from_json(bytes: &[u8], id: &Name) -> Result<Self, ExportDocError> {
         parse(bytes, id, |r: &Self| (r.version, &r.id))

@@ -11,7 +11,7 @@ use crate::Replica;
 use chrono::Utc;
 use pilotlight_cloud::ebs::EbsApi;
 use pilotlight_cloud::ObjectStore;
-use pilotlight_protocol::{DiskId, ExportResult, ExportStatus, Name, EXPORT_VERSION};
+use pilotlight_protocol::{DiskId, ExportResult, Name};
 use pilotlight_store::upload::{export_point, ExportOptions};
 use pilotlight_store::{exports, manifests, DocError};
 use std::time::Instant;
@@ -81,18 +81,15 @@ pub async fn request<S: ObjectStore, E: EbsApi, Q>(
     )
     .await
     {
-        Ok(rep) => ExportResult {
-            version: EXPORT_VERSION,
-            id: id.clone(),
-            status: ExportStatus::Done,
-            generation: Some(g),
-            image_key: Some(key),
-            size: Some(rep.size),
-            sha256: Some(rep.sha256),
-            reason: None,
-            seconds: started.elapsed().as_secs_f64(),
-            finished_at: Utc::now(),
-        },
+        Ok(rep) => ExportResult::done(
+            id,
+            g,
+            key,
+            rep.size,
+            rep.sha256,
+            started.elapsed().as_secs_f64(),
+            Utc::now(),
+        ),
         Err(e) => failed(
             id,
             Some(g),
@@ -104,18 +101,7 @@ pub async fn request<S: ObjectStore, E: EbsApi, Q>(
 }
 
 fn failed(id: &Name, generation: Option<u64>, why: String, seconds: f64) -> ExportResult {
-    ExportResult {
-        version: EXPORT_VERSION,
-        id: id.clone(),
-        status: ExportStatus::Failed,
-        generation,
-        image_key: None,
-        size: None,
-        sha256: None,
-        reason: Some(why),
-        seconds,
-        finished_at: Utc::now(),
-    }
+    ExportResult::failed(id, generation, why, seconds, Utc::now())
 }
 
 async fn answer<S: ObjectStore, E, Q>(

@@ -11,7 +11,7 @@ use crate::points::PointWriter;
 use chrono::Utc;
 use pilotlight_cloud::ebs::EbsApi;
 use pilotlight_cloud::{Message, ObjectStore, Queue};
-use pilotlight_protocol::{DiskId, ExportResult, ExportStatus, Name, Prefix, EXPORT_VERSION};
+use pilotlight_protocol::{DiskId, ExportResult, ExportStatus, Name, Prefix};
 use pilotlight_store::{exports, DocError};
 use std::time::Instant;
 
@@ -120,33 +120,11 @@ fn superseded(wanted: u64, applied: Option<u64>) -> String {
 }
 
 fn done_result(id: &Name, generation: u64, key: String, r: &ExportReport) -> ExportResult {
-    ExportResult {
-        version: EXPORT_VERSION,
-        id: id.clone(),
-        status: ExportStatus::Done,
-        generation: Some(generation),
-        image_key: Some(key),
-        size: Some(r.size),
-        sha256: Some(r.sha256),
-        reason: None,
-        seconds: r.seconds,
-        finished_at: Utc::now(),
-    }
+    ExportResult::done(id, generation, key, r.size, r.sha256, r.seconds, Utc::now())
 }
 
 fn failed_result(id: &Name, generation: Option<u64>, why: String, seconds: f64) -> ExportResult {
-    ExportResult {
-        version: EXPORT_VERSION,
-        id: id.clone(),
-        status: ExportStatus::Failed,
-        generation,
-        image_key: None,
-        size: None,
-        sha256: None,
-        reason: Some(why),
-        seconds,
-        finished_at: Utc::now(),
-    }
+    ExportResult::failed(id, generation, why, seconds, Utc::now())
 }
 
 /// Writes an export's outcome. A failure to write it is logged: the request stays
