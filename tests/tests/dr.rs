@@ -416,7 +416,18 @@ async fn the_lambda_binary_runs_the_flow_under_cargo_lambda() {
         c
     };
     let _emulator = Running(
-        lambda(&["watch", "--only-lambda-apis"])
+        // Not under `timeout`: killing the wrapper would leave the emulator running.
+        Command::new(&cargo_lambda)
+            .args([
+                "lambda",
+                "watch",
+                "--only-lambda-apis",
+                "-A",
+                "127.0.0.1",
+                "-P",
+                &port,
+            ])
+            .current_dir(&root)
             .stdout(std::fs::File::create(tmp.path().join("watch.log")).unwrap())
             .stderr(std::fs::File::create(tmp.path().join("watch.err")).unwrap())
             .spawn()

@@ -402,7 +402,18 @@ async fn the_replica_lambda_binary_answers_an_sqs_batch_and_its_schedule_under_c
         c
     };
     let _emulator = Running(
-        lambda(&["watch", "--only-lambda-apis"])
+        // Not under `timeout`: killing the wrapper would leave the emulator running.
+        Command::new(&cargo_lambda)
+            .args([
+                "lambda",
+                "watch",
+                "--only-lambda-apis",
+                "-A",
+                "127.0.0.1",
+                "-P",
+                &port,
+            ])
+            .current_dir(&root)
             .stdout(std::fs::File::create(tmp.path().join("watch.log")).unwrap())
             .stderr(std::fs::File::create(tmp.path().join("watch.err")).unwrap())
             .spawn()
