@@ -8,6 +8,7 @@
 pub mod browser;
 pub mod cli;
 pub mod disk;
+pub mod lambda;
 pub mod proxy;
 pub mod reassemble;
 pub mod stack;

@@ -391,89 +391,16 @@ async fn bad_dr_starts_and_export_requests_fail_clearly() {
 /// EventBridge schedule, status, cleanup, the run's report, and a bad request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lambda_binary_runs_the_flow_under_cargo_lambda() {
-    use pilotlight_tests::cli::Running;
-    use std::process::Command;
     let root = pilotlight_tests::repo_root();
-    let cargo_lambda = root.join(".venv/lambda/bin/cargo-lambda");
-    assert!(
-        cargo_lambda.exists(),
-        "cargo-lambda missing: run scripts/setup"
-    );
     let stack = LocalStack::start().await;
     let tmp = tempfile::tempdir().unwrap();
     replicate(&stack, tmp.path(), 1);
 
-    let port = pilotlight_tests::stack::free_port().to_string();
-    // Every cargo-lambda call under a deadline: an invoke nobody serves waits forever.
-    let lambda = |args: &[&str]| {
-        let mut c = Command::new("timeout");
-        c.arg("60")
-            .arg(&cargo_lambda)
-            .arg("lambda")
-            .args(args)
-            .args(["-A", "127.0.0.1", "-P", &port])
-            .current_dir(&root);
-        c
-    };
-    let _emulator = Running(
-        // Not under `timeout`: killing the wrapper would leave the emulator running.
-        Command::new(&cargo_lambda)
-            .args([
-                "lambda",
-                "watch",
-                "--only-lambda-apis",
-                "-A",
-                "127.0.0.1",
-                "-P",
-                &port,
-            ])
-            .current_dir(&root)
-            .stdout(std::fs::File::create(tmp.path().join("watch.log")).unwrap())
-            .stderr(std::fs::File::create(tmp.path().join("watch.err")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    // The function's runtime client gives up if the emulator is not listening yet.
-    poll_until(
-        "the Lambda emulator listens",
-        Duration::from_secs(60),
-        || {
-            let up = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_ok();
-            async move { up.then_some(()) }
-        },
-    )
-    .await;
-    // The variables the emulator asks the function to run with (`_`: the function name
-    // it serves when it does not start the function itself).
-    let mut function = Running(
-        Command::new(pilotlight_tests::bin("pilotlight-dr-lambda"))
-            .envs(stack.env())
-            .env("PILOTLIGHT_DR_SIMULATE_IMPORT", "ok")
-            .env("AWS_LAMBDA_FUNCTION_NAME", "_")
-            .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
-            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
-            .env(
-                "AWS_LAMBDA_RUNTIME_API",
-                format!("http://127.0.0.1:{port}/.rt"),
-            )
-            .stdout(std::fs::File::create(tmp.path().join("function.log")).unwrap())
-            .stderr(std::fs::File::create(tmp.path().join("function.err")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let invoke = |data: &str| {
-        let how = if data.starts_with('{') {
-            "--data-ascii"
-        } else {
-            "--data-file"
-        };
-        let out = lambda(&["invoke", how, data]).output().unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).to_string()
-                + &String::from_utf8_lossy(&out.stderr),
-        )
-    };
+    let emulator = pilotlight_tests::lambda::LambdaEmulator::start(tmp.path()).await;
+    let mut env = stack.env();
+    env.push(("PILOTLIGHT_DR_SIMULATE_IMPORT".into(), "ok".into()));
+    let mut function = emulator.function("pilotlight-dr-lambda", &env, tmp.path());
+    let invoke = |data: &str| emulator.invoke(data);
     let fixture = |name: &str| {
         root.join("lambdas/dr/tests/fixtures")
             .join(name)

@@ -11,6 +11,7 @@ use chrono::{DateTime, DurationRound, Utc};
 use pilotlight_cloud::ebs::{EbsApi, SdkEbs};
 use pilotlight_tests::cli::{disk_args, dr, run_ok, s, send_ok, Running};
 use pilotlight_tests::disk::{create_sparse, powercli_list, scribble, Written, MIB};
+use pilotlight_tests::lambda::LambdaEmulator;
 use pilotlight_tests::stack::{emulator, LocalStack};
 use pilotlight_tests::{bin, poll_until};
 use sha2::{Digest, Sha256};
@@ -377,11 +378,6 @@ async fn a_hundred_disks_against_the_emulator_all_have_their_points() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_replica_lambda_binary_answers_an_sqs_batch_and_its_schedule_under_cargo_lambda() {
     let root = pilotlight_tests::repo_root();
-    let cargo_lambda = root.join(".venv/lambda/bin/cargo-lambda");
-    assert!(
-        cargo_lambda.exists(),
-        "cargo-lambda missing: run scripts/setup"
-    );
     let stack = LocalStack::start().await;
     let tmp = tempfile::tempdir().unwrap();
     let (tasks, _) = stack.extra_queue("replica-tasks-lambda", 30, 5).await;
@@ -390,62 +386,16 @@ async fn the_replica_lambda_binary_answers_an_sqs_batch_and_its_schedule_under_c
         .to_string();
     let want = send_disk(&stack, tmp.path(), "disk0", 1, 20, &t);
 
-    let port = pilotlight_tests::stack::free_port().to_string();
-    let lambda = |args: &[&str]| {
-        let mut c = Command::new("timeout");
-        c.arg("60")
-            .arg(&cargo_lambda)
-            .arg("lambda")
-            .args(args)
-            .args(["-A", "127.0.0.1", "-P", &port])
-            .current_dir(&root);
-        c
-    };
-    let _emulator = Running(
-        // Not under `timeout`: killing the wrapper would leave the emulator running.
-        Command::new(&cargo_lambda)
-            .args([
-                "lambda",
-                "watch",
-                "--only-lambda-apis",
-                "-A",
-                "127.0.0.1",
-                "-P",
-                &port,
-            ])
-            .current_dir(&root)
-            .stdout(std::fs::File::create(tmp.path().join("watch.log")).unwrap())
-            .stderr(std::fs::File::create(tmp.path().join("watch.err")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    poll_until(
-        "the Lambda emulator listens",
-        Duration::from_secs(60),
-        || {
-            let up = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_ok();
-            async move { up.then_some(()) }
-        },
-    )
-    .await;
-    let _function = Running(
-        Command::new(bin("pilotlight-replica-lambda"))
-            .envs(stack.env())
-            .env("PILOTLIGHT_STACK", "e2e")
-            .env("PILOTLIGHT_QUEUE_URL", &stack.queue_url)
-            .env("PILOTLIGHT_TASK_QUEUE_URL", &tasks)
-            .env("AWS_LAMBDA_FUNCTION_NAME", "_")
-            .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
-            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1769")
-            .env(
-                "AWS_LAMBDA_RUNTIME_API",
-                format!("http://127.0.0.1:{port}/.rt"),
-            )
-            .stdout(std::fs::File::create(tmp.path().join("function.log")).unwrap())
-            .stderr(std::fs::File::create(tmp.path().join("function.err")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let lambda = LambdaEmulator::start(tmp.path()).await;
+    let mut env = stack.env();
+    for (k, v) in [
+        ("PILOTLIGHT_STACK", "e2e"),
+        ("PILOTLIGHT_QUEUE_URL", stack.queue_url.as_str()),
+        ("PILOTLIGHT_TASK_QUEUE_URL", tasks.as_str()),
+    ] {
+        env.push((k.into(), v.into()));
+    }
+    let _function = lambda.function("pilotlight-replica-lambda", &env, tmp.path());
     let fixture = |name: &str| {
         std::fs::read_to_string(root.join("lambdas/replica/tests/fixtures").join(name)).unwrap()
     };
@@ -456,14 +406,7 @@ async fn the_replica_lambda_binary_answers_an_sqs_batch_and_its_schedule_under_c
     let batch = fixture("sqs-manifest-event.json")
         .replace("BUCKET", &stack.bucket)
         .replace("KEY", &key);
-    let invoke = |data: &str| {
-        let out = lambda(&["invoke", "--data-ascii", data]).output().unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).to_string()
-                + &String::from_utf8_lossy(&out.stderr),
-        )
-    };
+    let invoke = |data: &str| lambda.invoke(data);
     let (ok, out) = invoke(&batch);
     let function_log =
         || std::fs::read_to_string(tmp.path().join("function.log")).unwrap_or_default();
