@@ -10,6 +10,8 @@
 //!
 //!   bench_points --work DIR [--endpoint URL] [--latency-ms 20] [--concurrency 16]
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
+// The point writer's future (phases timed inside) is deeper than the default limit.
+#![recursion_limit = "256"]
 
 use pilotlight_cloud::ebs::{EbsApi, MemoryEbs, BLOCK_SIZE};
 use pilotlight_cloud::AwsSettings;

@@ -12,7 +12,8 @@
 //!
 //! The caller persists "applied N" only after this returns. A crash anywhere leaves the
 //! state at N-1 and re-applying N gives the same image (idempotent). Memory stays bounded
-//! by concurrency x 2 x max_object, whatever the disk or generation size.
+//! by the bytes-in-flight budget ([`crate::budget`]), whatever the disk, generation or
+//! object size.
 
 use crate::image::Image;
 use bytes::Bytes;
@@ -110,6 +111,8 @@ pub struct ApplyOptions {
     /// engine's prefetch). Each is verified like a fetched one; one that fails is
     /// fetched again.
     pub prefetch_dir: Option<PathBuf>,
+    /// Bytes of objects held in memory at once (shared with the prefetch).
+    pub budget: crate::budget::Budget,
 }
 
 /// Applies `m` to `image`. The manifest must already be validated (it is, when it comes
@@ -223,6 +226,14 @@ async fn apply_inner<S: ObjectStore, I: Image + 'static>(
             let staging_path = staging_path.to_path_buf();
             let write_lock = write_lock.clone();
             async move {
+                // The stored bytes, and the decoded ones when they are a second copy, are
+                // held until staged.
+                let held = o.stored_length
+                    + match o.encoding {
+                        pilotlight_protocol::Encoding::Raw => 0,
+                        pilotlight_protocol::Encoding::Zstd => o.length,
+                    };
+                let _bytes = opts.budget.acquire(held).await;
                 let stored = src.get(&key, o.stored_length).await?;
                 let n = o.stored_length;
                 tokio::task::spawn_blocking(move || {
@@ -361,10 +372,16 @@ fn prefetched_name(offset: u64, sha256_hex: &str) -> String {
 /// (the sender's do) is decoded, anything else kept as is. The name carries the hash of
 /// what the file holds, so the apply uses it only when that equals the manifest's
 /// SHA-256 of the object's bytes: a wrong guess, another upload of the same offset, or
-/// a bomb is simply not used. Returns the file's path.
-pub fn store_prefetched(dir: &Path, offset: u64, stored: &[u8]) -> std::io::Result<PathBuf> {
+/// a bomb is simply not used. A frame that states more than `max_decoded` bytes is kept
+/// as is (memory: the caller budgets that much). Returns the file's path.
+pub fn store_prefetched(
+    dir: &Path,
+    offset: u64,
+    stored: &[u8],
+    max_decoded: u64,
+) -> std::io::Result<PathBuf> {
     let decoded = match zstd::zstd_safe::get_frame_content_size(stored) {
-        Ok(Some(n)) if n <= pilotlight_protocol::MAX_OBJECT_LIMIT => {
+        Ok(Some(n)) if n <= max_decoded.min(pilotlight_protocol::MAX_OBJECT_LIMIT) => {
             zstd::bulk::decompress(stored, n as usize).ok()
         }
         _ => None,

@@ -3,6 +3,7 @@
 //!
 //! - [`image`]: sparse raw images (pwrite, hole punching, space reservation);
 //! - [`apply`]: one generation onto one image, verify-then-write;
+//! - [`budget`]: the bytes of objects held in memory at once (apply and prefetch);
 //! - [`state`]: what each image holds, saved atomically after fsync;
 //! - [`export`]: an image to the bucket, import-ready (DR);
 //! - [`points`]: recovery points: each applied generation as an EBS snapshot, pruned by tiers;
@@ -13,6 +14,7 @@
 //! `Queue` and `EbsApi` (the SDK against AWS or the emulator, or in-memory twins in tests).
 
 pub mod apply;
+pub mod budget;
 pub mod engine;
 /// Exports (the image or a recovery point, uploaded import-ready): shared with snapshots mode.
 pub use pilotlight_store::upload as export;

@@ -99,6 +99,10 @@ struct Settings {
     /// Objects fetched and written at once per disk [default: 8].
     #[arg(long, global = true)]
     concurrency: Option<usize>,
+    /// MiB of object data held in memory at once, fetches and prefetches together; an
+    /// object larger than this is fetched alone [default: 32].
+    #[arg(long, global = true)]
+    in_flight_mib: Option<u64>,
     /// SQS long-poll wait in seconds, 0 to 20 [default: 20].
     #[arg(long, global = true)]
     wait_seconds: Option<u64>,
@@ -137,6 +141,13 @@ struct Settings {
     /// PutSnapshotBlock requests in flight per disk [default: 16].
     #[arg(long, global = true)]
     point_concurrency: Option<usize>,
+    /// 512 KiB blocks held in memory by all disks' points at once [default: 64].
+    #[arg(long, global = true)]
+    point_blocks_in_flight: Option<usize>,
+    /// How often `run` applies the retention tiers and deletes what a crash left
+    /// unfinished, for every disk in one listing of the stack's points [default: 10m].
+    #[arg(long, global = true)]
+    prune_every: Option<String>,
     /// Lock each day's kept point against deletion until it leaves the daily tier (EBS
     /// Snapshot Lock): governance, compliance or off [default: off].
     #[arg(long, global = true)]
@@ -175,6 +186,11 @@ impl Settings {
         if concurrency == 0 || concurrency > 64 {
             bail!("--concurrency {concurrency} must be 1 to 64");
         }
+        let in_flight = match self.in_flight_mib {
+            None => pilotlight_receiver::budget::DEFAULT_IN_FLIGHT,
+            Some(m @ 1..=4096) => m << 20,
+            Some(m) => bail!("--in-flight-mib {m} must be 1 to 4096"),
+        };
         Ok(EngineConfig {
             bucket: self
                 .bucket
@@ -189,6 +205,7 @@ impl Settings {
             reconcile_every,
             prefetch: self.prefetch.unwrap_or(true),
             retry_base: Duration::from_secs(1),
+            budget: pilotlight_receiver::budget::Budget::new(in_flight),
         })
     }
 
@@ -221,6 +238,14 @@ impl Settings {
         cfg.kms_key_arn = self.points_kms_key.clone().filter(|k| !k.is_empty());
         cfg.tiers = tiers;
         cfg.concurrency = concurrency;
+        cfg.blocks_in_flight = match self.point_blocks_in_flight.unwrap_or(64) {
+            n @ 1..=1024 => n,
+            n => bail!("--point-blocks-in-flight {n} must be 1 to 1024"),
+        };
+        cfg.prune_every = self.duration("prune-every", self.prune_every.as_deref(), "10m")?;
+        if cfg.prune_every < Duration::from_secs(1) {
+            bail!("--prune-every must be at least 1s");
+        }
         cfg.lock = match self.point_lock.as_deref().unwrap_or("off") {
             "off" => None,
             "governance" => Some(LockMode::Governance),

@@ -11,6 +11,9 @@
 //! only once EBS reports it `completed`; pruning deletes what a crash orphaned.
 
 mod retention;
+mod settle;
+
+pub use settle::{Phase, PointCalls, PointPhases};
 
 use crate::state::{self, DiskPaths, DiskState};
 pub use crate::state::{PointDue, PointRecord};
@@ -18,8 +21,8 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 use pilotlight_cloud::ebs::{
-    block_checksum, linear_checksum, EbsApi, LockMode, SnapshotFilter, SnapshotStatus,
-    StartSnapshot, BLOCK_SIZE,
+    block_checksum, linear_checksum, EbsApi, LockMode, SnapshotFilter, SnapshotInfo,
+    SnapshotStatus, StartSnapshot, BLOCK_SIZE,
 };
 use pilotlight_cloud::CloudError;
 use pilotlight_protocol::points::{retained, tag, Point, PointInfo, Tiers};
@@ -60,6 +63,12 @@ pub struct PointsConfig {
     /// How long after StartSnapshot or CompleteSnapshot "no such snapshot" is taken for
     /// eventual consistency and retried, not believed (coldsnap: about 2 minutes).
     pub visibility_window: Duration,
+    /// How often the engine prunes (one listing of the stack's points for every disk).
+    pub prune_every: Duration,
+    /// 512 KiB blocks held in memory at once by all the disks' points together (each
+    /// read from the image until its PutSnapshotBlock returns): points of many disks
+    /// run at once, and `concurrency` alone would let 100 disks hold 800 MiB.
+    pub blocks_in_flight: usize,
 }
 
 impl PointsConfig {
@@ -75,6 +84,8 @@ impl PointsConfig {
             call_attempts: 8,
             lock: None,
             visibility_window: Duration::from_secs(120),
+            prune_every: Duration::from_secs(600),
+            blocks_in_flight: 64,
         }
     }
 }
@@ -178,10 +189,29 @@ impl PointError {
 }
 
 /// Writes, resumes and prunes recovery points.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct PointWriter<E> {
     pub ebs: Arc<E>,
     pub cfg: PointsConfig,
+    /// Sealed snapshots whose status is polled together (clones share it).
+    settling: Arc<settle::Settling>,
+    /// The calls points have made since this writer was made (clones share them).
+    pub calls: Arc<PointCalls>,
+    /// Permits for [`PointsConfig::blocks_in_flight`] (clones share them).
+    blocks: Arc<tokio::sync::Semaphore>,
+}
+
+// Not derived: that would ask `E: Clone`, and the client is shared, not cloned.
+impl<E> Clone for PointWriter<E> {
+    fn clone(&self) -> Self {
+        PointWriter {
+            ebs: self.ebs.clone(),
+            cfg: self.cfg.clone(),
+            settling: self.settling.clone(),
+            calls: self.calls.clone(),
+            blocks: self.blocks.clone(),
+        }
+    }
 }
 
 fn client_token(stack: &str, id: &DiskId, due: &PointDue) -> String {
@@ -199,7 +229,10 @@ impl<E: EbsApi + 'static> PointWriter<E> {
     pub fn new(ebs: E, cfg: PointsConfig) -> Self {
         PointWriter {
             ebs: Arc::new(ebs),
+            blocks: Arc::new(tokio::sync::Semaphore::new(cfg.blocks_in_flight.max(1))),
             cfg,
+            settling: Default::default(),
+            calls: Default::default(),
         }
     }
 
@@ -219,6 +252,18 @@ impl<E: EbsApi + 'static> PointWriter<E> {
         id: &DiskId,
         st: &mut DiskState,
         paths: &DiskPaths,
+    ) -> Result<Option<PointRecord>, PointError> {
+        self.write_due_timed(id, st, paths, &PointPhases::default())
+            .await
+    }
+
+    /// [`Self::write_due`], counting the calls and time of each phase into `ph`.
+    pub async fn write_due_timed(
+        &self,
+        id: &DiskId,
+        st: &mut DiskState,
+        paths: &DiskPaths,
+        ph: &PointPhases,
     ) -> Result<Option<PointRecord>, PointError> {
         let Some(mut due) = st.point_due.clone() else {
             return Ok(None);
@@ -243,7 +288,11 @@ impl<E: EbsApi + 'static> PointWriter<E> {
                 // is waited for within the visibility window, never deleted: just after
                 // CompleteSnapshot, EC2 may not list it. Still not listed after that: gone.
                 (true, Some(SnapshotStatus::Pending) | None) => {
-                    match self.settle(&sid, self.visible_by()).await? {
+                    match ph
+                        .settle
+                        .time(self.settle(&sid, self.visible_by(), &ph.settle))
+                        .await?
+                    {
                         Sealed::Completed => {
                             return self.record(st, paths, &due, sid, None).map(Some)
                         }
@@ -291,7 +340,12 @@ impl<E: EbsApi + 'static> PointWriter<E> {
             kms_key_arn,
             timeout_minutes: self.cfg.timeout_minutes,
         };
-        let sid = match self.retrying(|| self.ebs.start_snapshot(&req)).await {
+        let started = ph.start.time(self.retrying(|| {
+            ph.start.call();
+            PointCalls::add(&self.calls.start_snapshot, 1);
+            self.ebs.start_snapshot(&req)
+        }));
+        let sid = match started.await {
             Ok(s) => s,
             Err(e) if e.is_not_found() && parent.is_some() => {
                 let gone = info.parent.clone().unwrap_or_default();
@@ -307,15 +361,19 @@ impl<E: EbsApi + 'static> PointWriter<E> {
         st.point_due = Some(due.clone());
         save(paths, st)?;
 
-        let digests = self
-            .put_blocks(&sid, paths, &due, parent.is_none(), visible_by)
+        let digests = ph
+            .puts
+            .time(self.put_blocks(&sid, paths, &due, parent.is_none(), visible_by, &ph.puts))
             .await?;
         let aggregate = linear_checksum(digests.values());
-        let status = retrying_with(&self.cfg, 0, Some(visible_by), || {
-            self.ebs
-                .complete_snapshot(&sid, digests.len() as u64, &aggregate)
-        })
-        .await?;
+        let status = ph
+            .complete
+            .time(retrying_with(&self.cfg, 0, Some(visible_by), || {
+                ph.complete.call();
+                self.ebs
+                    .complete_snapshot(&sid, digests.len() as u64, &aggregate)
+            }))
+            .await?;
         // Sealed: after a crash, it is waited for and recorded, not written again.
         due.sealed = true;
         st.point_due = Some(due.clone());
@@ -323,7 +381,11 @@ impl<E: EbsApi + 'static> PointWriter<E> {
         let settled = match status {
             SnapshotStatus::Completed => Sealed::Completed,
             SnapshotStatus::Error => Sealed::Failed,
-            SnapshotStatus::Pending => self.settle(&sid, self.visible_by()).await?,
+            SnapshotStatus::Pending => {
+                ph.settle
+                    .time(self.settle(&sid, self.visible_by(), &ph.settle))
+                    .await?
+            }
         };
         match settled {
             Sealed::Completed => {}
@@ -339,11 +401,13 @@ impl<E: EbsApi + 'static> PointWriter<E> {
         let n = digests.len() as u64;
         let tags = [(tag::BLOCKS.to_string(), n.to_string())];
         let visible_by = self.visible_by();
-        if let Err(e) = retrying_with(&self.cfg, 0, Some(visible_by), || {
-            self.ebs.create_tags(&sid, &tags)
-        })
-        .await
-        {
+        let tagged = ph
+            .tags
+            .time(retrying_with(&self.cfg, 0, Some(visible_by), || {
+                ph.tags.call();
+                self.ebs.create_tags(&sid, &tags)
+            }));
+        if let Err(e) = tagged.await {
             tracing::warn!(snapshot = %sid, "cannot tag the point with its block count: {e}");
         }
         self.record(st, paths, &due, sid, Some(n)).map(Some)
@@ -372,6 +436,7 @@ impl<E: EbsApi + 'static> PointWriter<E> {
         due: &PointDue,
         full: bool,
         visible_by: tokio::time::Instant,
+        phase: &Phase,
     ) -> Result<BTreeMap<u64, [u8; 32]>, PointError> {
         let path = paths.image.display().to_string();
         let image_err = |detail: String| PointError::Image {
@@ -403,6 +468,8 @@ impl<E: EbsApi + 'static> PointWriter<E> {
             .map(|i| {
                 let file = file.clone();
                 async move {
+                    // Held until the block is written (the semaphore is never closed).
+                    let _block = self.blocks.acquire().await.ok();
                     let read = tokio::task::spawn_blocking(move || read_block(&file, i, disk_size))
                         .await
                         .map_err(|e| image_err(e.to_string()))?
@@ -413,6 +480,8 @@ impl<E: EbsApi + 'static> PointWriter<E> {
                     }
                     let sum = block_checksum(&digest);
                     retrying_with(&self.cfg, i, Some(visible_by), || {
+                        phase.call();
+                        PointCalls::add(&self.calls.put_snapshot_block, 1);
                         self.ebs.put_snapshot_block(sid, i, data.clone(), &sum)
                     })
                     .await?;
@@ -427,7 +496,7 @@ impl<E: EbsApi + 'static> PointWriter<E> {
 
     async fn status_of(&self, sid: &str) -> Result<Option<SnapshotStatus>, PointError> {
         let filter = SnapshotFilter::id(sid);
-        match self.retrying(|| self.ebs.describe_snapshots(&filter)).await {
+        match self.describe(&filter).await {
             Ok(v) => Ok(v.into_iter().find(|s| s.id == sid).map(|s| s.status)),
             Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e.into()),
@@ -437,34 +506,6 @@ impl<E: EbsApi + 'static> PointWriter<E> {
     /// When "not listed" stops meaning "not visible yet" for a snapshot sealed now.
     fn visible_by(&self) -> tokio::time::Instant {
         tokio::time::Instant::now() + self.cfg.visibility_window
-    }
-
-    /// Waits until a sealed snapshot is `completed` or `error`. Not listed by
-    /// DescribeSnapshots (EC2 reads are eventually consistent) is waited for until
-    /// `visible_by`, and never deleted.
-    async fn settle(
-        &self,
-        sid: &str,
-        visible_by: tokio::time::Instant,
-    ) -> Result<Sealed, PointError> {
-        let deadline = tokio::time::Instant::now() + self.cfg.settle_timeout;
-        let mut wait = self.cfg.retry_base;
-        loop {
-            match self.status_of(sid).await? {
-                Some(SnapshotStatus::Completed) => return Ok(Sealed::Completed),
-                Some(SnapshotStatus::Error) => return Ok(Sealed::Failed),
-                None if tokio::time::Instant::now() >= visible_by => return Ok(Sealed::Vanished),
-                Some(SnapshotStatus::Pending) | None => {}
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(PointError::Unsettled {
-                    id: sid.into(),
-                    secs: self.cfg.settle_timeout.as_secs(),
-                });
-            }
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(Duration::from_secs(15));
-        }
     }
 
     /// A sealed snapshot EBS put in `error`: deleted, and forgotten by the due point (its
@@ -487,7 +528,7 @@ impl<E: EbsApi + 'static> PointWriter<E> {
     }
 
     async fn delete_quietly(&self, sid: &str) {
-        match self.retrying(|| self.ebs.delete_snapshot(sid)).await {
+        match self.delete(sid).await {
             Ok(()) => {}
             Err(e) if e.is_not_found() => {}
             Err(e) => tracing::warn!(
@@ -544,6 +585,17 @@ impl<E: EbsApi + 'static> PointWriter<E> {
         st.points_failed += 1;
         st.point_error = Some(why.to_string());
         save(paths, st)
+    }
+}
+
+impl<E: EbsApi + 'static> PointWriter<E> {
+    /// DeleteSnapshot, retried, counted.
+    async fn delete(&self, sid: &str) -> Result<(), CloudError> {
+        self.retrying(|| {
+            PointCalls::add(&self.calls.delete_snapshot, 1);
+            self.ebs.delete_snapshot(sid)
+        })
+        .await
     }
 }
 

@@ -70,57 +70,6 @@ fn engine(
     .with_points(PointWriter::new(ebs.clone(), cfg))
 }
 
-fn commit(store: &MemoryStore, chain: &Chain, i: usize) {
-    for (key, bytes) in &chain.objects[i] {
-        store.insert(key, bytes.clone());
-    }
-    let m = &chain.manifests[i];
-    let key = ObjectKey::Manifest {
-        disk: m.disk.clone(),
-        generation: m.generation,
-    }
-    .to_key(&prefix());
-    store.insert(&key, serde_json::to_vec(m).unwrap());
-}
-
-/// Completed points of a disk, by generation.
-async fn points_of(ebs: &MemoryEbs, id: &DiskId) -> BTreeMap<u64, Vec<Point>> {
-    let f = SnapshotFilter::default()
-        .tag(tag::POINT, "1")
-        .tag(tag::DISK, id.disk.as_str())
-        .tag(tag::VM, id.vm.as_str());
-    let mut out: BTreeMap<u64, Vec<Point>> = BTreeMap::new();
-    for s in ebs.describe_snapshots(&f).await.unwrap() {
-        if s.status == SnapshotStatus::Completed {
-            let p = Point::from_tags(&s.id, &s.tags).unwrap();
-            out.entry(p.generation).or_default().push(p);
-        }
-    }
-    out
-}
-
-/// A point's disk as the service serves it: every listed block, read with its token.
-async fn read_point(ebs: &MemoryEbs, id: &str, size: usize) -> Vec<u8> {
-    const BLOCK: usize = 512 * 1024;
-    let mut out = vec![0u8; size.div_ceil(BLOCK) * BLOCK];
-    for b in ebs.list_snapshot_blocks(id).await.unwrap() {
-        let data = ebs.get_snapshot_block(id, &b).await.unwrap();
-        let at = b.index as usize * BLOCK;
-        // Past the disk (the snapshot is whole GiB): must be zero.
-        if at >= out.len() {
-            assert!(
-                data.iter().all(|&x| x == 0),
-                "block {} past the disk",
-                b.index
-            );
-            continue;
-        }
-        out[at..at + data.len()].copy_from_slice(&data);
-    }
-    out.truncate(size);
-    out
-}
-
 /// Syncs until every committed generation is applied and no point is due.
 async fn settle(engine: &mut PointsEngine, root: &Path, disks: &[DiskId], want: &[u64]) {
     let cfg = config(root);
@@ -287,15 +236,6 @@ async fn each_fault_alone_still_ends_with_correct_points() {
         run_case(specs.clone(), troubles)
             .await
             .unwrap_or_else(|e| panic!("{t:?}: {e}"));
-    }
-}
-
-fn w(at: u64, len: u64, seed: u8) -> Write {
-    Write {
-        at,
-        len,
-        zero: false,
-        seed,
     }
 }
 

@@ -43,7 +43,8 @@ PY
 # changed, "half-zero" (half of the changed MiBs zero, a quarter random, a quarter text)
 # or "data" (half random, half text); or "scattered": extents of 64 or 128 KiB of random
 # bytes with gaps of 1 to 2 MiB between them, no zeroes (as changed-block tracking
-# reports scattered writes).
+# reports scattered writes); or "random" / "text": extents of 64 KiB to 2 MiB, gaps of
+# 1 to 2 MiB, of random bytes / log-like text.
 make_disk() { # work mib mix
   python3 - "$1" "$2" "$3" <<'PY'
 import random, sys
@@ -53,6 +54,25 @@ rng = random.Random(7)
 line = b"2026-11-23 INFO request served in 12 ms path=/api/v1/items id=%08d\n"
 with open(f"{work}/disk.raw", "wb") as d, open(f"{work}/changes.txt", "w") as lst:
     d.truncate(mib * M)
+    if mix in ("random", "text"):
+        # Extents of 64 KiB to 2 MiB with gaps of 1 to 2 MiB: random bytes (nothing to
+        # compress: media, archives, encrypted files) or log-like text.
+        off = 0
+        k = 0
+        while True:
+            off += rng.randrange(M, 2 * M, 64 * 1024)
+            n = rng.randrange(64 * 1024, 2 * M + 1, 64 * 1024)
+            if off + n > mib * M:
+                break
+            if mix == "random":
+                data = rng.randbytes(n)
+            else:
+                data = b"".join(line % (k * 100000 + j) for j in range(n // len(line) + 1))[:n]
+            k += 1
+            d.seek(off); d.write(data)
+            lst.write(f"{off} {n}\n")
+            off += n
+        sys.exit(0)
     if mix == "scattered":
         off = 0
         while True:
@@ -77,3 +97,15 @@ with open(f"{work}/disk.raw", "wb") as d, open(f"{work}/changes.txt", "w") as ls
         lst.write(f"{off:>15} {M:>15}  \n\n")
 PY
 }
+
+# Runs a command, its CPU time (user + sys, seconds) into $cpu. Output as the command's.
+cpu_timed() {
+  local f; f=$(mktemp)
+  /usr/bin/time -f "%U %S" -o "$f" "$@"
+  local rc=$?
+  cpu=$(awk '{print $1 + $2}' "$f"); rm -f "$f"
+  return $rc
+}
+
+# CPU-seconds per GiB of changed bytes: cpu_per_gib SECONDS BYTES.
+cpu_per_gib() { printf "%.2f" "$(echo "scale=4; $1 * 1073741824 / $2" | bc -l)"; }

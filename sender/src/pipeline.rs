@@ -128,17 +128,20 @@ pub async fn run<S: ObjectStore>(
         .collect();
     let groups = group_chunks(chunks, opts.max_object, opts.pack);
     let pack = opts.pack;
+    let buffers = Buffers::new(opts.concurrency.max(1) + 1);
+    let buffers = &buffers;
     let results: Vec<(Vec<DataObject>, Vec<Extent>, u64)> = futures::stream::iter(groups)
         .map(|group| {
             let source = source.clone();
             async move {
                 let level = opts.zstd_level;
-                let buf = source.read_chunks(&group).await?;
+                let buf = source.read_chunks(&group, buffers.take()).await?;
                 let read: u64 = group.iter().map(|c| c.length).sum();
                 let (encoded, zeros) =
                     tokio::task::spawn_blocking(move || encode_group(&group, buf, level, pack))
                         .await??;
                 let mut objects = Vec::with_capacity(encoded.len());
+                let mut bodies = Vec::with_capacity(encoded.len());
                 let mut stored = 0;
                 for e in encoded {
                     if let Some(bw) = bandwidth {
@@ -152,8 +155,9 @@ pub async fn run<S: ObjectStore>(
                     .to_key(&opts.prefix);
                     stored += e.body.len() as u64;
                     store
-                        .put(&key, e.body, PutOptions::checksum(e.body_sha256))
+                        .put(&key, e.body.clone(), PutOptions::checksum(e.body_sha256))
                         .await?;
+                    bodies.push(e.body);
                     tracing::debug!(
                         key,
                         length = e.object.length,
@@ -162,6 +166,7 @@ pub async fn run<S: ObjectStore>(
                     );
                     objects.push(e.object);
                 }
+                buffers.give_back(bodies);
                 progress.advance(read);
                 Ok::<_, PipelineError>((objects, zeros, stored))
             }
@@ -183,6 +188,46 @@ pub async fn run<S: ObjectStore>(
     zeros.sort();
     out.zero_ranges = coalesce(zeros);
     Ok(out)
+}
+
+/// Read buffers kept for the next group once their objects are uploaded: a new 8 MiB
+/// buffer's pages are faulted in and zeroed by the kernel, a fifth of the sender's CPU
+/// on incompressible data before (perf, scripts/bench-sender). At most `keep` are kept.
+struct Buffers {
+    free: std::sync::Mutex<Vec<Vec<u8>>>,
+    keep: usize,
+}
+
+impl Buffers {
+    fn new(keep: usize) -> Self {
+        Buffers {
+            free: std::sync::Mutex::new(Vec::new()),
+            keep,
+        }
+    }
+
+    fn take(&self) -> Vec<u8> {
+        self.free
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default()
+    }
+
+    /// Keeps the buffer behind uploaded bodies, when nothing else holds it any more (the
+    /// SDK has dropped its copies once the PUT returned; a compressed body is its own
+    /// buffer and goes too).
+    fn give_back(&self, bodies: Vec<Bytes>) {
+        for b in bodies {
+            if let Ok(m) = b.try_into_mut() {
+                let v = Vec::from(m);
+                let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+                if free.len() < self.keep {
+                    free.push(v);
+                }
+            }
+        }
+    }
 }
 
 /// Groups consecutive chunks (sorted, disjoint, each at most `max_object`) into reads of
@@ -286,6 +331,32 @@ pub fn is_zero(buf: &[u8]) -> bool {
     body && blocks.remainder().iter().all(|&b| b == 0)
 }
 
+/// Bytes sampled by [`worth_compressing`]: slices spread over the object, so a packed
+/// object whose pieces differ is judged on all of them.
+const PROBE_SLICES: usize = 8;
+const PROBE_SLICE: usize = 8 * 1024;
+
+/// Whether zstd is worth running over `data`: a sample of it (8 slices of 8 KiB spread
+/// evenly) must shrink by at least 1/32. Random and already-compressed data (most of
+/// a disk's changes that do not compress: media, archives, encrypted volumes) then
+/// costs a 64 KiB attempt instead of a whole one; measured in scripts/bench-sender. A
+/// small object is simply tried whole.
+pub fn worth_compressing(data: &[u8], level: i32) -> bool {
+    if data.len() < 4 * PROBE_SLICES * PROBE_SLICE {
+        return true;
+    }
+    let step = data.len() / PROBE_SLICES;
+    let mut sample = Vec::with_capacity(PROBE_SLICES * PROBE_SLICE);
+    for i in 0..PROBE_SLICES {
+        sample.extend_from_slice(&data[i * step..i * step + PROBE_SLICE]);
+    }
+    match zstd::bulk::compress(&sample, level) {
+        Ok(c) => c.len() < sample.len() - sample.len() / 32,
+        // Let the real attempt report the error.
+        Err(_) => true,
+    }
+}
+
 /// One object holding `data`, the bytes of `pieces` concatenated (one piece: a
 /// contiguous v1 object).
 fn encode(
@@ -296,11 +367,11 @@ fn encode(
     let extent = Extent::new(pieces[0].offset, data.len() as u64);
     let sha: [u8; 32] = Sha256::digest(&data).into();
     let compressed = match zstd_level {
-        Some(level) => Some(
+        Some(level) if worth_compressing(&data, level) => Some(
             zstd::bulk::compress(&data, level)
                 .map_err(|source| PipelineError::Compress { extent, source })?,
         ),
-        None => None,
+        _ => None,
     };
     // Keep the compressed form only when it is smaller.
     let (body, encoding, body_sha256) = match compressed {
@@ -383,6 +454,51 @@ mod tests {
         }
         let expect: [u8; 32] = Sha256::digest(&random).into();
         assert_eq!(e.object.sha256.0, expect, "hash is of the decoded bytes");
+    }
+
+    #[test]
+    fn the_probe_skips_zstd_on_random_bytes_only() {
+        // xorshift64*: incompressible enough for zstd.
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let random: Vec<u8> = (0..(4 << 20) / 8)
+            .flat_map(|_| {
+                x ^= x >> 12;
+                x ^= x << 25;
+                x ^= x >> 27;
+                x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes()
+            })
+            .collect();
+        assert!(!worth_compressing(&random, 3));
+        let e = encode(
+            vec![Extent::new(0, random.len() as u64)],
+            Bytes::from(random.clone()),
+            Some(3),
+        )
+        .unwrap();
+        assert_eq!(e.object.encoding, Encoding::Raw);
+        assert_eq!(
+            e.body_sha256, e.object.sha256.0,
+            "one hash: stored = decoded"
+        );
+        // Text, and a packed object that is random except for one text piece in the
+        // middle: both compressed.
+        let text: Vec<u8> = (0..(4 << 20) / 16)
+            .flat_map(|i: u32| format!("line {i:010}\n").into_bytes())
+            .collect();
+        assert!(worth_compressing(&text, 3));
+        let mut mixed = random.clone();
+        let third = mixed.len() / 3;
+        mixed[third..2 * third].copy_from_slice(&text[..third]);
+        assert!(worth_compressing(&mixed, 3));
+        let e = encode(
+            vec![Extent::new(0, mixed.len() as u64)],
+            Bytes::from(mixed),
+            Some(3),
+        )
+        .unwrap();
+        assert_eq!(e.object.encoding, Encoding::Zstd);
+        // Small objects are tried whole.
+        assert!(worth_compressing(&random[..64 * 1024], 3));
     }
 
     #[test]

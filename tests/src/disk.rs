@@ -87,6 +87,11 @@ pub fn powercli_list(written: &[Written]) -> String {
         .join("\n")
 }
 
+/// SHA-256 of bytes in memory.
+pub fn sha256_bytes(b: &[u8]) -> [u8; 32] {
+    Sha256::digest(b).into()
+}
+
 /// SHA-256 of a whole file, read in 4 MiB blocks.
 pub fn sha256_file(path: &Path) -> [u8; 32] {
     let f = File::open(path).expect("open for hashing");

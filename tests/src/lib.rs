@@ -9,6 +9,7 @@ pub mod browser;
 pub mod cli;
 pub mod disk;
 pub mod lambda;
+pub mod points;
 pub mod proxy;
 pub mod reassemble;
 pub mod stack;
@@ -42,7 +43,7 @@ pub fn bin(name: &str) -> PathBuf {
     let path = existing(dir.join(name));
     if let Some(src) = newer_source(&path) {
         panic!(
-            "{} is older than {}: rebuild with `cargo build --workspace --bins` (scripts/test does) so the test runs today's code",
+            "{} is older than {}: rebuild with `cargo build --workspace --all-targets` (scripts/test does) so the test runs today's code",
             path.display(),
             src.display()
         );

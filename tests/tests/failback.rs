@@ -75,19 +75,6 @@ fn changes(seed: u64, count: usize) -> BTreeMap<u64, Vec<u8>> {
     out
 }
 
-/// The first SIZE bytes of a snapshot, through ListSnapshotBlocks and GetSnapshotBlock.
-async fn read_back(ebs: &SdkEbs, snapshot: &str) -> Vec<u8> {
-    let mut out = vec![0u8; SIZE as usize];
-    for b in ebs.list_snapshot_blocks(snapshot).await.unwrap() {
-        let data = ebs.get_snapshot_block(snapshot, &b).await.unwrap();
-        let at = b.index as usize * B;
-        if at < out.len() {
-            out[at..at + B].copy_from_slice(&data);
-        }
-    }
-    out
-}
-
 fn failback(
     stack: &LocalStack,
     state: &Path,
@@ -254,7 +241,7 @@ async fn a_two_disk_vm_fails_back_in_two_rounds_into_a_raw_file_and_qemu_nbd() {
         assert_eq!(done[0]["blocks_verified"], written);
         assert_eq!(
             std::fs::read(&site[0]).unwrap(),
-            read_back(&ebs, &r0).await,
+            pilotlight_tests::points::read_back(&ebs, &r0, SIZE as usize).await,
             "disk0 round {round}"
         );
 
@@ -274,7 +261,11 @@ async fn a_two_disk_vm_fails_back_in_two_rounds_into_a_raw_file_and_qemu_nbd() {
             "{done:?}"
         );
         let want = tmp.path().join(format!("want1-{round}.raw"));
-        std::fs::write(&want, read_back(&ebs, &r1).await).unwrap();
+        std::fs::write(
+            &want,
+            pilotlight_tests::points::read_back(&ebs, &r1, SIZE as usize).await,
+        )
+        .unwrap();
         // qemu-img reads the qcow2 itself: an independent check of what reached it.
         let cmp = Command::new("qemu-img")
             .args([
@@ -328,14 +319,17 @@ async fn a_two_disk_vm_fails_back_in_two_rounds_into_a_raw_file_and_qemu_nbd() {
         s(&again),
         &["--drill-from", s(&site_copy)],
     ));
-    assert_ne!(std::fs::read(&again).unwrap(), read_back(&ebs, &r).await);
+    assert_ne!(
+        std::fs::read(&again).unwrap(),
+        pilotlight_tests::points::read_back(&ebs, &r, SIZE as usize).await
+    );
     assert_eq!(std::fs::read(&site_copy).unwrap(), disk0);
 
     // SIGKILL mid-round: afterwards every block is the old round's or the new one's;
     // the next run finishes the round and the target equals the snapshot.
-    let before = read_back(&ebs, &last.0).await;
+    let before = pilotlight_tests::points::read_back(&ebs, &last.0, SIZE as usize).await;
     let big = return_snapshot(&ebs, &last.0, &changes(99, 40)).await;
-    let after = read_back(&ebs, &big).await;
+    let after = pilotlight_tests::points::read_back(&ebs, &big, SIZE as usize).await;
     let one = |extra: &[&str]| {
         failback(
             &stack,
@@ -652,7 +646,7 @@ async fn a_real_recovery_fails_back_through_return_snapshots_and_cutover() {
             .to_string();
         assert_eq!(
             std::fs::read(&site[n]).unwrap(),
-            read_back(&ebs, &snap).await,
+            pilotlight_tests::points::read_back(&ebs, &snap, SIZE as usize).await,
             "{disk}"
         );
     }

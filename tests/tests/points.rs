@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use chrono::{DateTime, DurationRound, Utc};
-use pilotlight_cloud::ebs::{EbsApi, SdkEbs, SnapshotFilter, SnapshotStatus};
+use pilotlight_cloud::ebs::{EbsApi, SnapshotFilter, SnapshotStatus};
 use pilotlight_protocol::points::{tag, Point};
 use pilotlight_protocol::DiskId;
 use pilotlight_tests::cli::{applied, disk_args, dr, receiver, receiver_state, run_ok, s, send_ok};
@@ -71,20 +71,6 @@ fn sync(stack: &LocalStack, rx: &Path) {
     run_ok(&mut receiver(stack, "sync", rx, &["--stack", "e2e"]));
 }
 
-/// A point's disk as a user's tools read it: ListSnapshotBlocks (every page) and
-/// GetSnapshotBlock of that one snapshot, its inherited blocks included (the emulator
-/// keeps parent chains through the test kit's moto extension).
-async fn read_back(ebs: &SdkEbs, snapshot: &str) -> Vec<u8> {
-    let mut out = vec![0u8; SIZE as usize];
-    for b in ebs.list_snapshot_blocks(snapshot).await.unwrap() {
-        let data = ebs.get_snapshot_block(snapshot, &b).await.unwrap();
-        assert_eq!(data.len(), 512 * 1024);
-        let at = b.index as usize * 512 * 1024;
-        out[at..at + data.len()].copy_from_slice(&data);
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_generations_of_a_two_disk_vm_are_five_vm_points_that_read_back() {
     let stack = LocalStack::start().await;
@@ -120,7 +106,12 @@ async fn five_generations_of_a_two_disk_vm_are_five_vm_points_that_read_back() {
         let ds = p["disks"].as_array().unwrap();
         assert_eq!(ds.len(), 2);
         for (d, want) in ds.iter().zip(disks) {
-            let got = read_back(&ebs, d["snapshot_id"].as_str().unwrap()).await;
+            let got = pilotlight_tests::points::read_back(
+                &ebs,
+                d["snapshot_id"].as_str().unwrap(),
+                SIZE as usize,
+            )
+            .await;
             let bad = differing_blocks(&got, want);
             assert!(
                 bad.is_empty(),
@@ -214,7 +205,7 @@ async fn sigkill_while_writing_points_leaves_no_incomplete_or_wrong_point() {
     }
     assert_eq!(by_gen.len(), 10);
     for (g, sid) in &by_gen {
-        let got = read_back(&ebs, sid).await;
+        let got = pilotlight_tests::points::read_back(&ebs, sid, SIZE as usize).await;
         let bad = differing_blocks(&got, &history[*g as usize - 1]);
         assert!(
             bad.is_empty(),

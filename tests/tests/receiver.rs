@@ -676,6 +676,23 @@ async fn the_first_hours_mistakes_fail_with_their_cause() {
     assert!(!out.status.success(), "{said}");
     assert!(said.contains("the bucket does not exist"), "{said}");
 
+    // Limits out of range are refused with the range, before any AWS call.
+    for (flag, value) in [
+        ("--in-flight-mib", "0"),
+        ("--in-flight-mib", "17592186044417"),
+        ("--concurrency", "0"),
+    ] {
+        let out = receiver(&stack, "sync", tmp.path(), &[flag, value])
+            .output()
+            .unwrap();
+        let said = text(&out);
+        assert!(!out.status.success(), "{said}");
+        assert!(
+            said.contains(&format!("{flag} {value} must be 1 to")),
+            "{said}"
+        );
+    }
+
     // The DR CLI's settings after the subcommand: accepted, and a missing bucket is an error.
     let out = pilotlight_tests::cli::dr(&stack, "ok", &["status", "--bucket", "no-such-bucket"])
         .output()

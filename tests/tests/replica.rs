@@ -8,7 +8,7 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use chrono::{DateTime, DurationRound, Utc};
-use pilotlight_cloud::ebs::{EbsApi, SdkEbs};
+use pilotlight_cloud::ebs::EbsApi;
 use pilotlight_tests::cli::{disk_args, dr, run_ok, s, send_ok, Running};
 use pilotlight_tests::disk::{create_sparse, powercli_list, scribble, Written, MIB};
 use pilotlight_tests::lambda::LambdaEmulator;
@@ -75,16 +75,6 @@ fn dr_run(stack: &LocalStack, args: &[&str]) -> serde_json::Value {
         serde_json::Value::Array(mut runs) => runs.pop().unwrap(),
         v => v,
     }
-}
-
-async fn read_back(ebs: &SdkEbs, snapshot: &str) -> Vec<u8> {
-    let mut out = vec![0u8; SIZE as usize];
-    for b in ebs.list_snapshot_blocks(snapshot).await.unwrap() {
-        let data = ebs.get_snapshot_block(snapshot, &b).await.unwrap();
-        let at = b.index as usize * 512 * 1024;
-        out[at..at + data.len()].copy_from_slice(&data);
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,7 +157,12 @@ async fn a_two_disk_vm_in_snapshots_mode_has_every_point_and_drills_from_past_on
     for (p, (t, disks)) in points.iter().zip(history.iter().rev()) {
         assert_eq!(p["snapshot_time"].as_str().unwrap(), t.as_str());
         for (d, want) in p["disks"].as_array().unwrap().iter().zip(disks) {
-            let got = read_back(&ebs, d["snapshot_id"].as_str().unwrap()).await;
+            let got = pilotlight_tests::points::read_back(
+                &ebs,
+                d["snapshot_id"].as_str().unwrap(),
+                SIZE as usize,
+            )
+            .await;
             assert!(got == *want, "{} at {t} differs from the disk", d["disk"]);
         }
     }
@@ -442,7 +437,7 @@ async fn the_replica_lambda_binary_answers_an_sqs_batch_and_its_schedule_under_c
     let sid = heads[0]["point"]["snapshot_id"].as_str().unwrap();
     let ebs = emulator(&stack.endpoint).await.ebs();
     assert!(
-        read_back(&ebs, sid).await == want,
+        pilotlight_tests::points::read_back(&ebs, sid, SIZE as usize).await == want,
         "the point differs from the disk"
     );
 }

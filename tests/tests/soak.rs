@@ -5,16 +5,25 @@
 //! runs the same code at full size (100 disks of 64-256 MiB across 10 VMs, 5
 //! generations; not in CI) through these environment variables:
 //! `PILOTLIGHT_SOAK_DISKS`, `_VMS`, `_GENERATIONS`, `_MIN_MIB`, `_MAX_MIB`, `_EXTENTS`
-//! (changed extents per generation), `_SENDERS` (senders at once). It prints one line of
-//! figures: disks, bytes sent, wall time, receiver peak RSS, per-disk lag spread.
+//! (changed extents per generation), `_SENDERS` (senders at once), `_POINTS` (`off`: the
+//! receiver without recovery points), `_LOG` (a path the receiver's log is copied to,
+//! for the per-point attribution lines). It prints one line of
+//! figures: disks, bytes sent, wall time, receiver peak RSS, per-disk lag spread, and
+//! the recovery points (on, as by default): when the last was written, the receiver's
+//! DescribeSnapshots calls per point. Every generation of a few sampled disks has exactly
+//! one point, reading back (ListSnapshotBlocks, GetSnapshotBlock) as the disk was then.
 //!
 //! Senders run several at once; the bucket's events go through a forwarder that sends
 //! each one twice, in shuffled batches, to the queue the receiver reads (duplicated and
 //! reordered delivery).
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
+use pilotlight_cloud::ebs::{EbsApi, SnapshotFilter, SnapshotStatus};
+use pilotlight_protocol::points::{tag, Point};
 use pilotlight_protocol::DiskId;
-use pilotlight_tests::cli::{applied, disk_args, image_path, running_receiver_with, s, sender};
+use pilotlight_tests::cli::{
+    applied, disk_args, image_path, receiver_state, running_receiver_with, s, sender,
+};
 use pilotlight_tests::disk::{create_sparse, sha256_file, MIB};
 use pilotlight_tests::stack::LocalStack;
 use rand::seq::SliceRandom;
@@ -157,21 +166,29 @@ async fn soak_many_disks_one_receiver_all_equal_none_dead_lettered_none_starved(
         })
     };
     let rx = tmp.path().join("rx");
-    let proc = running_receiver_with(
-        &stack,
-        &rx,
-        &[
-            "--queue-url",
-            &replay,
-            "--reconcile-every",
-            "off",
-            "--wait-seconds",
-            "1",
-        ],
-        &tmp.path().join("receiver.log"),
-    );
+    let points_on = std::env::var("PILOTLIGHT_SOAK_POINTS").map_or(true, |v| v != "off");
+    let mut args = vec![
+        "--queue-url",
+        &replay,
+        "--reconcile-every",
+        "off",
+        "--wait-seconds",
+        "1",
+    ];
+    if !points_on {
+        args.push("--points=false");
+    }
+    let proc = running_receiver_with(&stack, &rx, &args, &tmp.path().join("receiver.log"));
     let pid = proc.0.id();
 
+    // A few disks whose every generation's point is read back: each one's SHA-256 after
+    // each generation.
+    let sampled: Vec<usize> = {
+        let mut v = vec![0, disks.len() / 2, disks.len() - 1];
+        v.dedup();
+        v
+    };
+    let hashes = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
     let started = Instant::now();
     let bytes = Arc::new(AtomicU64::new(0));
     let mut committed_at: Vec<Instant> = vec![started; disks.len()];
@@ -183,18 +200,24 @@ async fn soak_many_disks_one_receiver_all_equal_none_dead_lettered_none_starved(
         let times = Arc::new(std::sync::Mutex::new(vec![None; disks.len()]));
         let mut workers = Vec::new();
         for _ in 0..senders {
-            let (stack, disks, order, times, bytes) = (
+            let (stack, disks, order, times, bytes, hashes, sampled) = (
                 stack.clone(),
                 disks.clone(),
                 order.clone(),
                 times.clone(),
                 bytes.clone(),
+                hashes.clone(),
+                sampled.clone(),
             );
             workers.push(tokio::task::spawn_blocking(move || loop {
                 let Some(i) = order.lock().unwrap().pop() else {
                     break;
                 };
                 bytes.fetch_add(send(&stack, &disks[i], k, extents), Ordering::SeqCst);
+                if sampled.contains(&i) {
+                    let h = sha256_file(&disks[i].dir.join("disk.raw"));
+                    hashes.lock().unwrap().insert((i, k), h);
+                }
                 times.lock().unwrap()[i] = Some(Instant::now());
             }));
         }
@@ -230,6 +253,23 @@ async fn soak_many_disks_one_receiver_all_equal_none_dead_lettered_none_starved(
         tokio::time::sleep(Duration::from_millis(20)).await; // polling with a deadline
     }
     let wall_s = started.elapsed().as_secs_f64();
+
+    // Every disk's last point written (none due any more), then the receiver's count of
+    // its calls from its log.
+    while points_on
+        && !disks.iter().all(|d| {
+            let st = receiver_state(&rx, &d.id);
+            st.point_due.is_none() && st.points.iter().any(|p| p.generation == generations)
+        })
+    {
+        assert!(
+            Instant::now() < deadline,
+            "points not written in time; receiver log in {}",
+            tmp.path().display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await; // polling with a deadline
+    }
+    let points_s = started.elapsed().as_secs_f64();
     let rss_kib = peak_rss_kib(pid);
     done.store(true, Ordering::SeqCst);
     forwarder.await.unwrap();
@@ -248,19 +288,93 @@ async fn soak_many_disks_one_receiver_all_equal_none_dead_lettered_none_starved(
         (0, 0),
         "dead-lettered messages"
     );
+    // Sampled disks: one completed point per generation, each reading back as the disk
+    // was at that generation.
+    let ebs = pilotlight_tests::stack::emulator(&stack.endpoint)
+        .await
+        .ebs();
+    let hashes = hashes.lock().unwrap().clone();
+    for &i in sampled.iter().filter(|_| points_on) {
+        let d = &disks[i];
+        let filter = SnapshotFilter::default()
+            .tag(tag::POINT, "1")
+            .tag(tag::SITE, d.id.site.as_str())
+            .tag(tag::VM, d.id.vm.as_str())
+            .tag(tag::DISK, d.id.disk.as_str());
+        let mut by_generation = std::collections::BTreeMap::new();
+        for snap in ebs.describe_snapshots(&filter).await.unwrap() {
+            assert_eq!(snap.status, SnapshotStatus::Completed, "{}", d.id);
+            let p = Point::from_tags(&snap.id, &snap.tags).unwrap();
+            assert!(
+                by_generation.insert(p.generation, snap.id).is_none(),
+                "{}: two points of generation {}",
+                d.id,
+                p.generation
+            );
+        }
+        assert_eq!(
+            by_generation.keys().copied().collect::<Vec<_>>(),
+            (1..=generations).collect::<Vec<_>>(),
+            "{}",
+            d.id
+        );
+        for (g, sid) in &by_generation {
+            let got = pilotlight_tests::points::read_back(&ebs, sid, d.size as usize).await;
+            let got = pilotlight_tests::disk::sha256_bytes(&got);
+            assert_eq!(Some(&got), hashes.get(&(i, *g)), "{} generation {g}", d.id);
+        }
+    }
+    let log = std::fs::read_to_string(tmp.path().join("receiver.log")).unwrap_or_default();
+    if let Ok(keep) = std::env::var("PILOTLIGHT_SOAK_LOG") {
+        std::fs::write(&keep, &log).unwrap();
+    }
+    let (points, describes) = point_calls(&log);
+
+    let points_line = if points_on {
+        format!(
+            "points on: last point written at {points_s:.1} s, {points} points, {:.2} DescribeSnapshots per point, {} sampled disks' points all read back equal",
+            describes as f64 / points.max(1) as f64,
+            sampled.len()
+        )
+    } else {
+        "points off".to_string()
+    };
     let mut lags: Vec<f64> = lag.into_iter().map(Option::unwrap).collect();
     lags.sort_by(f64::total_cmp);
     let total: u64 = disks.iter().map(|d| d.size).sum();
     println!(
-        "soak: {} disks ({} VMs, {:.0} MiB of disks), {} generations each, {:.1} MiB uploaded, {} event deliveries (every event twice); senders done in {:.1} s, all applied in {:.1} s; receiver peak RSS {:.1} MiB; lag from a disk's last commit to applied: min {:.2} s, median {:.2} s, max {:.2} s; all images equal, dead-letter queue empty",
+        "soak: {} disks ({} VMs, {:.0} MiB of disks), {} generations each, {:.1} MiB uploaded, {} event deliveries (every event twice); senders done in {:.1} s, all applied in {:.1} s; receiver peak RSS {:.1} MiB; lag from a disk's last commit to applied: min {:.2} s, median {:.2} s, max {:.2} s; {}; all images equal, dead-letter queue empty",
         disks.len(), vms, total as f64 / MIB as f64, generations,
         bytes.load(Ordering::SeqCst) as f64 / MIB as f64, forwarded.load(Ordering::SeqCst),
         sent_s, wall_s, rss_kib as f64 / 1024.0,
         lags[0], lags[lags.len() / 2], lags[lags.len() - 1],
+        points_line,
     );
     // Bounded memory whatever the number of disks (the receiver holds no disk's data).
     assert!(
         rss_kib > 0 && rss_kib < 512 * 1024,
         "peak RSS {rss_kib} KiB"
     );
+}
+
+/// The receiver's totals from its log's last point or pruning line: points written and
+/// DescribeSnapshots calls made.
+fn point_calls(log: &str) -> (u64, u64) {
+    let field = |line: &str, name: &str| -> Option<u64> {
+        let at = line.find(&format!("{name}="))? + name.len() + 1;
+        line[at..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
+    log.lines()
+        .rev()
+        .find_map(|l| {
+            Some((
+                field(l, "points_total")?,
+                field(l, "describe_snapshots_total")?,
+            ))
+        })
+        .unwrap_or((0, 0))
 }

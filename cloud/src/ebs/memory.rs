@@ -45,6 +45,8 @@ pub struct MemoryEbsState {
     in_second: BTreeMap<String, u32>,
     /// Calls refused by [`Limits`], per operation.
     pub throttled: BTreeMap<&'static str, u64>,
+    /// Every call made, per operation (refused ones too).
+    pub calls: BTreeMap<&'static str, u64>,
 }
 
 /// The documented EBS direct API quotas (AWS General Reference, "Amazon EBS endpoints and
@@ -95,6 +97,9 @@ pub struct MemoryEbs {
     /// The next this-many sealed snapshots go to `error` instead of `completed` (as EBS
     /// does when it fails to process one).
     pub fail_completions: std::sync::atomic::AtomicU32,
+    /// StartSnapshot calls whose description contains the text wait for a permit of
+    /// the semaphore first (a test holds one disk's points back while others go on).
+    pub held_starts: Mutex<Option<(String, Arc<tokio::sync::Semaphore>)>>,
     /// The documented request-rate and pending-snapshot quotas, when set: a call over
     /// them is refused as EBS refuses it (RequestThrottledException,
     /// ServiceQuotaExceededException), and counted in `state.throttled`.
@@ -124,6 +129,7 @@ impl MemoryEbs {
         if let Some(d) = self.latency {
             tokio::time::sleep(d).await;
         }
+        *lock(&self.state).calls.entry(op).or_default() += 1;
         self.faults.check("EBS", op, id)?;
         let mut st = lock(&self.state);
         if let Some(l) = self.limits {
@@ -208,6 +214,11 @@ impl MemoryEbs {
     }
 
     /// Calls refused by the limits so far, per operation.
+    /// Calls made so far, per operation.
+    pub fn calls(&self, op: &str) -> u64 {
+        lock(&self.state).calls.get(op).copied().unwrap_or(0)
+    }
+
     pub fn throttled(&self) -> BTreeMap<&'static str, u64> {
         lock(&self.state).throttled.clone()
     }
@@ -325,6 +336,14 @@ fn one_page<T>(
 impl EbsApi for MemoryEbs {
     async fn start_snapshot(&self, req: &StartSnapshot) -> Result<String, CloudError> {
         const OP: &str = "StartSnapshot";
+        let gate = lock(&self.held_starts)
+            .as_ref()
+            .filter(|(text, _)| req.description.contains(text.as_str()))
+            .map(|(_, g)| g.clone());
+        if let Some(g) = gate {
+            // Closed: let it through.
+            let _permit = g.acquire().await;
+        }
         self.call(OP, "", |st| {
             if req.client_token.is_empty() || req.client_token.len() > 64 {
                 return Err(invalid(OP, "", "ClientToken must be 1 to 64 characters"));

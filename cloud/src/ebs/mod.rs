@@ -120,11 +120,16 @@ pub struct SnapshotInfo {
 }
 
 /// Which snapshots DescribeSnapshots returns: those with every one of `tags` (and, when
-/// given, one of `ids`). Always only the caller's own snapshots.
+/// given, one of `ids`, and one of `any_id`). Always only the caller's own snapshots.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SnapshotFilter {
+    /// `SnapshotIds`: "If you specify an invalid snapshot ID, an error is returned"
+    /// (DescribeSnapshots API reference), so one id not visible yet fails the call.
     pub ids: Vec<String>,
     pub tags: Vec<(String, String)>,
+    /// The `snapshot-id` filter: an id that does not exist (or is not visible yet) just
+    /// matches nothing, so many snapshots are asked about in one call.
+    pub any_id: Vec<String>,
 }
 
 impl SnapshotFilter {
@@ -135,11 +140,19 @@ impl SnapshotFilter {
     pub fn id(id: impl Into<String>) -> Self {
         SnapshotFilter {
             ids: vec![id.into()],
-            tags: vec![],
+            ..Default::default()
+        }
+    }
+    /// Those of `ids` that exist (the `snapshot-id` filter; never "not found").
+    pub fn any_of(ids: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        SnapshotFilter {
+            any_id: ids.into_iter().map(Into::into).collect(),
+            ..Default::default()
         }
     }
     fn matches(&self, id: &str, tags: &BTreeMap<String, String>) -> bool {
         (self.ids.is_empty() || self.ids.iter().any(|i| i == id))
+            && (self.any_id.is_empty() || self.any_id.iter().any(|i| i == id))
             && self
                 .tags
                 .iter()

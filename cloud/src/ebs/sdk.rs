@@ -231,6 +231,14 @@ impl EbsApi for SdkEbs {
         for id in &f.ids {
             req = req.snapshot_ids(id);
         }
+        if !f.any_id.is_empty() {
+            req = req.filters(
+                aws_sdk_ec2::types::Filter::builder()
+                    .name("snapshot-id")
+                    .set_values(Some(f.any_id.clone()))
+                    .build(),
+            );
+        }
         for (k, v) in &f.tags {
             req = req.filters(
                 aws_sdk_ec2::types::Filter::builder()

@@ -523,3 +523,35 @@ async fn the_twin_enforces_the_documented_quotas_when_asked() {
     assert_eq!(ebs.throttled().get("PutSnapshotBlock"), Some(&1));
     assert_eq!(ebs.throttled().get("StartSnapshot"), Some(&2));
 }
+
+/// DescribeSnapshots API reference: "If you specify an invalid snapshot ID, an error is
+/// returned" (SnapshotIds); the `snapshot-id` filter instead matches what exists, so the
+/// points that settle together are asked about in one call, whichever is not visible yet.
+#[tokio::test]
+async fn snapshot_ids_fail_on_an_unknown_id_where_the_snapshot_id_filter_does_not() {
+    let ebs = MemoryEbs::new();
+    let a = ebs.start_snapshot(&start(None, "a")).await.unwrap();
+    let b = ebs.start_snapshot(&start(None, "b")).await.unwrap();
+    let err = ebs
+        .describe_snapshots(&SnapshotFilter::id("snap-0000000000000000"))
+        .await
+        .unwrap_err();
+    assert!(err.is_not_found(), "{err}");
+    let mut found: Vec<String> = ebs
+        .describe_snapshots(&SnapshotFilter::any_of([
+            &a,
+            &b,
+            &"snap-0000000000000000".to_string(),
+        ]))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    found.sort();
+    let mut want = vec![a, b];
+    want.sort();
+    assert_eq!(found, want);
+    assert_eq!(ebs.calls("DescribeSnapshots"), 2);
+    assert_eq!(ebs.calls("StartSnapshot"), 2);
+}

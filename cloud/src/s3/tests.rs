@@ -182,3 +182,61 @@ fn discarding_store_keeps_no_bytes() {
     block_on(s.put("k", Bytes::from(vec![1u8; 1 << 20]), PutOptions::default())).unwrap();
     assert_eq!(s.object("k").unwrap().len(), 0);
 }
+
+/// What the SDK sends for a PutObject, read off the wire by a one-shot HTTP server.
+#[cfg(feature = "s3")]
+fn put_headers(opts: PutOptions) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 65536];
+        // Headers, then the 5-byte body.
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") || !got.ends_with(b"hello") {
+            let n = conn.read(&mut buf).unwrap();
+            assert!(n > 0, "connection closed early");
+            got.extend_from_slice(&buf[..n]);
+        }
+        conn.write_all(b"HTTP/1.1 200 OK\r\nETag: \"e\"\r\nContent-Length: 0\r\n\r\n")
+            .unwrap();
+        String::from_utf8_lossy(&got).to_lowercase()
+    });
+    let settings = crate::config::AwsSettings {
+        static_credentials: Some(("AKIDEXAMPLE".into(), "secret".into())),
+        region: Some("us-east-1".into()),
+        endpoint_url: Some(format!("http://127.0.0.1:{port}")),
+        ..Default::default()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let s3 = settings.load().await.s3("b");
+        s3.put("k", Bytes::from_static(b"hello"), opts)
+            .await
+            .unwrap();
+    });
+    server.join().unwrap()
+}
+
+#[cfg(feature = "s3")]
+#[test]
+fn a_put_with_its_checksum_is_not_hashed_again_for_the_signature() {
+    use sha2::Digest;
+    let sum: [u8; 32] = sha2::Sha256::digest(b"hello").into();
+    let with = put_headers(PutOptions::checksum(sum));
+    assert!(
+        with.contains("x-amz-content-sha256: unsigned-payload"),
+        "{with}"
+    );
+    assert!(with.contains("x-amz-checksum-sha256: "), "{with}");
+    // Without a checksum of ours, the payload stays signed.
+    let without = put_headers(PutOptions::json());
+    assert!(
+        without.contains(&format!("x-amz-content-sha256: {}", hex(&sum))),
+        "{without}"
+    );
+}

@@ -2,7 +2,9 @@ use super::*;
 use crate::image::FileImage;
 use chrono::DateTime;
 use pilotlight_cloud::MemoryStore;
-use pilotlight_protocol::{Consistency, DiskId, Encoding, Sha256Hex, FORMAT_VERSION};
+use pilotlight_protocol::{
+    Consistency, DiskId, Encoding, Sha256Hex, FORMAT_VERSION, MAX_OBJECT_LIMIT,
+};
 
 fn setup(dir: &Path) -> (MemoryStore, Manifest, String, Vec<u8>) {
     let data = vec![7u8; 4096];
@@ -46,6 +48,7 @@ fn opts(dir: &Path) -> ApplyOptions {
         staging_dir: dir.to_path_buf(),
         image_name: "test".into(),
         prefetch_dir: Some(dir.join("prefetch")),
+        budget: Default::default(),
     }
 }
 
@@ -58,7 +61,7 @@ async fn a_prefetched_copy_is_used_and_a_bad_one_is_fetched_again() {
     let pf = dir.path().join("prefetch");
 
     // A good copy is used, neither fetched nor staged: the object can be gone.
-    store_prefetched(&pf, 8192, &data).unwrap();
+    store_prefetched(&pf, 8192, &data, MAX_OBJECT_LIMIT).unwrap();
     src.remove(&key);
     let r = apply(&src, &prefix, &m, image.clone(), &opts(dir.path()))
         .await
@@ -75,7 +78,7 @@ async fn a_prefetched_copy_is_used_and_a_bad_one_is_fetched_again() {
     // Another upload of the same offset (other bytes) is not the manifest's: the
     // object is fetched.
     std::fs::remove_dir_all(&pf).unwrap();
-    store_prefetched(&pf, 8192, &[9u8; 4096]).unwrap();
+    store_prefetched(&pf, 8192, &[9u8; 4096], MAX_OBJECT_LIMIT).unwrap();
     src.insert(&key, data.clone());
     let r = apply(&src, &prefix, &m, image.clone(), &opts(dir.path()))
         .await
@@ -97,16 +100,16 @@ fn a_prefetched_zstd_frame_is_stored_decoded_and_anything_else_as_is() {
     let sha = |b: &[u8]| Sha256Hex(Sha256::digest(b).into()).to_string();
 
     let frame = zstd::bulk::compress(&data, 3).unwrap();
-    let p = store_prefetched(dir.path(), 0, &frame).unwrap();
+    let p = store_prefetched(dir.path(), 0, &frame, MAX_OBJECT_LIMIT).unwrap();
     assert_eq!(std::fs::read(&p).unwrap(), data);
     assert!(p.ends_with(format!("{:020}.{}", 0, sha(&data))));
 
     // Not a frame, or a broken one: kept as is (the apply then fetches the object).
-    let p = store_prefetched(dir.path(), 512, &data).unwrap();
+    let p = store_prefetched(dir.path(), 512, &data, MAX_OBJECT_LIMIT).unwrap();
     assert_eq!(std::fs::read(&p).unwrap(), data);
     let mut broken = frame.clone();
     broken.truncate(frame.len() - 1);
-    let p = store_prefetched(dir.path(), 1024, &broken).unwrap();
+    let p = store_prefetched(dir.path(), 1024, &broken, MAX_OBJECT_LIMIT).unwrap();
     assert_eq!(std::fs::read(&p).unwrap(), broken);
     // Only complete files: no temp file left behind.
     let names: Vec<String> = std::fs::read_dir(dir.path())
@@ -115,4 +118,15 @@ fn a_prefetched_zstd_frame_is_stored_decoded_and_anything_else_as_is() {
         .collect();
     assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
     assert_eq!(names.len(), 3);
+}
+
+#[test]
+fn a_prefetched_frame_larger_than_the_budgeted_size_is_kept_as_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = b"pilotlight ".repeat(1000);
+    let frame = zstd::bulk::compress(&data, 3).unwrap();
+    // The frame states 11 000 bytes; only 4 096 were budgeted: not decoded (so never
+    // used: its name carries the frame's hash, not the data's).
+    let p = store_prefetched(dir.path(), 0, &frame, 4096).unwrap();
+    assert_eq!(std::fs::read(&p).unwrap(), frame);
 }

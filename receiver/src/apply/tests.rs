@@ -2,7 +2,7 @@ use super::*;
 use crate::image::FileImage;
 use chrono::DateTime;
 use pilotlight_cloud::MemoryStore;
-use pilotlight_protocol::{DiskId, Encoding, Sha256Hex};
+use pilotlight_protocol::{DiskId, Encoding, Sha256Hex, MAX_OBJECT_LIMIT};
 use proptest::prelude::*;
 
 const SECTOR: u64 = 512;
@@ -158,6 +158,7 @@ fn opts(dir: &Path) -> ApplyOptions {
         staging_dir: dir.to_path_buf(),
         image_name: "test".into(),
         prefetch_dir: None,
+        budget: Default::default(),
     }
 }
 
@@ -219,8 +220,8 @@ proptest! {
                 let mut stored = src.object(&key).unwrap().to_vec();
                 match (g + j as u64) % 3 {
                     0 => {}
-                    1 => { store_prefetched(&pf, obj.offset, &stored).unwrap(); }
-                    _ => { stored[0] ^= 1; store_prefetched(&pf, obj.offset, &stored).unwrap(); }
+                    1 => { store_prefetched(&pf, obj.offset, &stored, MAX_OBJECT_LIMIT).unwrap(); }
+                    _ => { stored[0] ^= 1; store_prefetched(&pf, obj.offset, &stored, MAX_OBJECT_LIMIT).unwrap(); }
                 }
             }
             rt.block_on(apply(&src, &prefix(), &m, image.clone(), &o)).unwrap();
@@ -410,4 +411,38 @@ async fn disk_full_fails_before_any_byte_changes() {
     assert!(err.to_string().contains("disk full"), "{err}");
     assert!(err.is_transient());
     assert_eq!(std::fs::read(dir.path().join("img.raw")).unwrap(), before);
+}
+
+#[tokio::test]
+async fn objects_are_fetched_only_within_the_bytes_in_flight_budget() {
+    let (dir, src, image, m, _) = setup().await;
+    let mut o = opts(dir.path());
+    // The whole budget held elsewhere (a prefetch, another disk): nothing is fetched.
+    o.budget = crate::budget::Budget::new(64 * 1024);
+    let held = o.budget.acquire(u64::MAX).await;
+    let gets_before = src.faults.calls("GetObject");
+    let pfx = prefix();
+    let run = apply(&src, &pfx, &m, image, &o);
+    tokio::pin!(run);
+    // Polled in this task while the budget is held: it cannot finish.
+    for _ in 0..50 {
+        assert!(futures::FutureExt::now_or_never(&mut run).is_none());
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        src.faults.calls("GetObject"),
+        gets_before,
+        "waits for the budget"
+    );
+    drop(held);
+    run.await.unwrap();
+    assert_eq!(
+        src.faults.calls("GetObject"),
+        gets_before + m.objects.len() as u64
+    );
+    assert_eq!(
+        o.budget.available(),
+        o.budget.bytes(),
+        "every byte given back"
+    );
 }

@@ -110,6 +110,7 @@ mod tests {
             reconcile_every: None,
             prefetch: true,
             retry_base: Duration::from_secs(1),
+            budget: Default::default(),
         }
     }
 

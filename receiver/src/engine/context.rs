@@ -34,6 +34,9 @@ pub struct EngineConfig {
     /// First back-off after a failure (a transient read, a failed apply); it doubles
     /// with each failure in a row, up to 5 minutes.
     pub retry_base: Duration,
+    /// Bytes of objects held in memory at once, by every disk's apply and the prefetch
+    /// together (one budget: clones share it).
+    pub budget: crate::budget::Budget,
 }
 
 /// Why a manifest could not be taken up.
@@ -108,6 +111,8 @@ pub struct Disk {
     pub prefetched: std::collections::BTreeSet<(u64, u64)>,
     /// Bytes written and seconds spent applying since the metrics last took them.
     pub applied_since: ApplyTotals,
+    /// The applied generation's recovery point, while its task runs.
+    pub point_task: Option<super::point_task::PointTask>,
 }
 
 impl Disk {
@@ -133,6 +138,7 @@ impl Disk {
             prefetch_floor: Arc::new(AtomicU64::new(0)),
             prefetched: Default::default(),
             applied_since: Default::default(),
+            point_task: None,
         })
     }
 
@@ -198,4 +204,6 @@ pub struct Turn<'a, S, Q, E> {
     pub src: &'a S,
     pub queue: &'a Q,
     pub points: Option<&'a PointWriter<E>>,
+    /// Notified when a point task ends.
+    pub point_done: &'a Arc<tokio::sync::Notify>,
 }

@@ -1,18 +1,19 @@
 //! One disk's turn: which generation comes next (its parent applied, else the newest
-//! base), applying it, saving the state, and only then deleting its messages.
+//! base), applying it, saving the state, and only then deleting its messages; the
+//! applied generation's recovery point is started before the next ([`super::point_task`]).
 
 use super::context::{Disk, Turn};
 use super::exports::run_exports;
 use super::lifetime::{delete_messages, KeepAlive};
+use super::point_task::{point_turn, PointTurn};
 use super::prefetch::{prefetch_dir, remove_prefetched_up_to};
 use crate::apply::{apply, ApplyOptions};
 use crate::image::FileImage;
-use crate::points::{PointDue, PointWriter, MAX_POINT_ATTEMPTS};
+use crate::points::PointDue;
 use crate::state::{self};
 use chrono::Utc;
 use pilotlight_cloud::ebs::EbsApi;
 use pilotlight_cloud::{ObjectStore, Queue};
-use pilotlight_protocol::DiskId;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -29,11 +30,16 @@ pub async fn drive_disk<S: ObjectStore, Q: Queue + Clone + 'static, E: EbsApi + 
         return 0;
     }
     loop {
-        // The applied generation's recovery point comes before anything newer.
+        // The applied generation's recovery point comes before anything newer on this
+        // disk; it is written by a task of its own while the engine goes on.
         if let Some(pw) = points {
-            if d.state.point_due.is_some() && !write_point(id, d, pw).await {
-                d.backoff(cfg.retry_base);
-                break;
+            match point_turn(id, d, pw, t.point_done) {
+                PointTurn::Free => {}
+                PointTurn::Busy => break,
+                PointTurn::Failed => {
+                    d.backoff(cfg.retry_base);
+                    break;
+                }
             }
         }
         // Exports at this boundary run before anything newer is applied.
@@ -65,6 +71,7 @@ pub async fn drive_disk<S: ObjectStore, Q: Queue + Clone + 'static, E: EbsApi + 
             staging_dir: d.paths.staging_dir.clone(),
             image_name: d.paths.image.display().to_string(),
             prefetch_dir: Some(prefetch_dir(&d.paths, g)),
+            budget: cfg.budget.clone(),
         };
         tracing::info!(disk = %id, generation = g, parent = ?m.parent, objects = m.objects.len(), "applying");
         d.prefetch_floor.fetch_max(g, Ordering::Relaxed);
@@ -123,39 +130,4 @@ pub async fn drive_disk<S: ObjectStore, Q: Queue + Clone + 'static, E: EbsApi + 
         }
     }
     applied
-}
-
-/// Writes the disk's due recovery point, then prunes its points. Returns false when the
-/// point must be tried again before the next generation is applied (a transient failure);
-/// a permanent one (no permission, the image unreadable, too many attempts) gives the
-/// point up, so replication goes on, and says so in the log and the disk's status.
-async fn write_point<E: EbsApi + 'static>(id: &DiskId, d: &mut Disk, pw: &PointWriter<E>) -> bool {
-    let generation = d.state.point_due.as_ref().map(|p| p.generation);
-    match pw.write_due(id, &mut d.state, &d.paths).await {
-        Ok(Some(p)) => {
-            tracing::info!(disk = %id, generation = p.generation, snapshot = %p.snapshot_id, parent = ?p.parent, blocks = ?p.blocks_written, "recovery point written");
-            match pw.prune(id, &mut d.state, &d.paths, Utc::now()).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(disk = %id, deleted = n, "recovery points pruned"),
-                Err(e) => {
-                    tracing::warn!(disk = %id, "pruning recovery points failed, tried again after the next point: {e}")
-                }
-            }
-            true
-        }
-        Ok(None) => true,
-        Err(e) => {
-            let attempts = d.state.point_due.as_ref().map_or(0, |p| p.attempt);
-            if e.is_transient() && attempts < MAX_POINT_ATTEMPTS {
-                tracing::warn!(disk = %id, generation, attempts, "recovery point not written yet, tried again before the next generation: {e}");
-                return false;
-            }
-            tracing::error!(disk = %id, generation, attempts, "recovery point failed: {e}; given up: replication goes on, the next point is written in full");
-            if let Err(e) = pw.give_up(&mut d.state, &d.paths, &e).await {
-                tracing::error!(disk = %id, "cannot record the failed point: {e}");
-                return false;
-            }
-            true
-        }
-    }
 }

@@ -15,7 +15,8 @@
 //! message is held and the manifest read again after a back-off.
 //!
 //! The jobs, one file each: [`classify`] (what a message is), [`disk`] (per-disk order
-//! and the apply), [`prefetch`], [`exports`], [`lifetime`] (holding, extending and
+//! and the apply), [`point_task`] (each disk's recovery point as a task of its own, and
+//! pruning rounds), [`prefetch`], [`exports`], [`lifetime`] (holding, extending and
 //! deleting messages).
 
 pub mod classify;
@@ -23,6 +24,7 @@ pub mod context;
 pub mod disk;
 pub mod exports;
 pub mod lifetime;
+pub mod point_task;
 pub mod prefetch;
 
 pub use crate::status::{disk_status, known_disks, local_status, DiskStatus};
@@ -52,6 +54,9 @@ pub struct Engine<S, Q, E = NoEbs> {
     prefetcher: Prefetcher,
     /// Handled messages to delete (`flush_deletes`).
     to_delete: Vec<String>,
+    /// Notified when a disk's point task ends.
+    point_done: Arc<tokio::sync::Notify>,
+    last_prune: Option<Instant>,
 }
 
 impl<S, Q, E> std::fmt::Debug for Engine<S, Q, E> {
@@ -66,7 +71,7 @@ impl<S, Q, E> std::fmt::Debug for Engine<S, Q, E> {
 impl<S: ObjectStore + Clone + 'static, Q: Queue + Clone + 'static> Engine<S, Q> {
     /// An engine without recovery points (see [`Engine::with_points`]).
     pub fn new(cfg: EngineConfig, src: S, queue: Q) -> Self {
-        let prefetcher = Prefetcher::new(cfg.concurrency);
+        let prefetcher = Prefetcher::new(cfg.concurrency, cfg.budget.clone());
         Self {
             cfg,
             src,
@@ -76,6 +81,8 @@ impl<S: ObjectStore + Clone + 'static, Q: Queue + Clone + 'static> Engine<S, Q> 
             last_reconcile: None,
             prefetcher,
             to_delete: Vec::new(),
+            point_done: Default::default(),
+            last_prune: None,
         }
     }
 
@@ -100,6 +107,8 @@ impl<S: ObjectStore + Clone + 'static, Q: Queue + Clone + 'static> Engine<S, Q> 
             last_reconcile: self.last_reconcile,
             prefetcher: self.prefetcher,
             to_delete: self.to_delete,
+            point_done: self.point_done,
+            last_prune: self.last_prune,
         }
     }
 }
@@ -297,15 +306,23 @@ impl<S: ObjectStore + Clone + 'static, Q: Queue + Clone + 'static, E: EbsApi + '
     /// Applies every generation that can be applied now; disks in parallel, each disk's
     /// generations in order. Returns how many generations were applied.
     pub async fn drive(&mut self) -> usize {
+        self.drive_except(&Default::default()).await
+    }
+
+    /// [`Self::drive`], leaving out the disks in `skip`.
+    async fn drive_except(&mut self, skip: &std::collections::BTreeSet<DiskId>) -> usize {
         let (src, queue, cfg) = (&self.src, &self.queue, &self.cfg);
         let points = self.points.as_ref();
-        let results = futures::future::join_all(self.disks.iter_mut().map(|(id, d)| async move {
+        let point_done = &self.point_done;
+        let disks = self.disks.iter_mut().filter(|(id, _)| !skip.contains(*id));
+        let results = futures::future::join_all(disks.map(|(id, d)| async move {
             let turn = Turn {
                 id,
                 cfg,
                 src,
                 queue,
                 points,
+                point_done,
             };
             drive_disk(&turn, d).await
         }))
@@ -329,14 +346,34 @@ impl<S: ObjectStore + Clone + 'static, Q: Queue + Clone + 'static, E: EbsApi + '
         }
         let mut total = 0;
         let mut retries = 0;
+        // A disk that fails (an apply, a point) is tried once per sync, as before points
+        // were tasks: its back-off is for `run`, and `sync` does not hammer.
+        let mut failed = std::collections::BTreeSet::new();
         loop {
-            let n = self.drive().await;
+            let before: BTreeMap<DiskId, u32> = self
+                .disks
+                .iter()
+                .map(|(id, d)| (id.clone(), d.failures))
+                .collect();
+            let n = self.drive_except(&failed).await;
+            failed.extend(
+                self.disks
+                    .iter()
+                    .filter(|(id, d)| before.get(*id).is_some_and(|f| d.failures > *f))
+                    .map(|(id, _)| id.clone()),
+            );
             total += n;
             if n > 0 {
                 continue;
             }
+            // Points under way: the disks behind them go on when they end.
+            if self.points_under_way() {
+                point_task::any_point_done(&self.point_done).await;
+                continue;
+            }
             let unread = self.disks.values().any(|d| !d.unread.is_empty());
             if !unread || retries >= 5 {
+                self.prune().await;
                 return total;
             }
             retries += 1;
@@ -354,9 +391,24 @@ impl<S: ObjectStore + Clone + 'static, Q: Queue + Clone + 'static, E: EbsApi + '
                 }
             }
         }
+        if self.points.as_ref().is_some_and(|pw| {
+            self.last_prune
+                .is_none_or(|t| t.elapsed() >= pw.cfg.prune_every)
+        }) {
+            self.prune().await;
+        }
         self.prefetcher.reap();
         self.retry_unread(false).await;
-        let msgs = self.queue.receive(10, self.cfg.wait).await?;
+        // While points are written, the loop comes back soon for the disks behind them
+        // (at once when one has ended), rather than after a whole long poll.
+        let wait = if self.points_ended() {
+            Duration::ZERO
+        } else if self.points_under_way() {
+            self.cfg.wait.min(Duration::from_secs(1))
+        } else {
+            self.cfg.wait
+        };
+        let msgs = self.queue.receive(10, wait).await?;
         for m in &msgs {
             self.handle(m).await;
         }
@@ -364,6 +416,37 @@ impl<S: ObjectStore + Clone + 'static, Q: Queue + Clone + 'static, E: EbsApi + '
         let applied = self.drive().await;
         self.keep_waiting_invisible().await;
         Ok(applied)
+    }
+
+    fn points_under_way(&self) -> bool {
+        self.disks.values().any(|d| d.point_task.is_some())
+    }
+
+    fn points_ended(&self) -> bool {
+        self.disks
+            .values()
+            .any(|d| d.point_task.as_ref().is_some_and(|t| t.is_finished()))
+    }
+
+    /// One pruning round over every disk with a state (see [`point_task::prune_round`]).
+    pub async fn prune(&mut self) {
+        let Some(pw) = self.points.as_ref() else {
+            return;
+        };
+        self.last_prune = Some(Instant::now());
+        for id in known_disks(&self.cfg.state_dir) {
+            if !self.disks.contains_key(&id) {
+                match Disk::open(&self.cfg, &id) {
+                    Ok(d) => {
+                        self.disks.insert(id, d);
+                    }
+                    Err(e) => tracing::warn!(disk = %id, "not pruned: {e}"),
+                }
+            }
+        }
+        if let Err(e) = point_task::prune_round(&mut self.disks, pw).await {
+            tracing::warn!("pruning recovery points failed, tried again at the next round: {e}");
+        }
     }
 
     pub fn status(&self) -> Vec<DiskStatus> {

@@ -3,26 +3,34 @@
 
 use super::context::Disk;
 use crate::apply::store_prefetched;
+use crate::budget::Budget;
 use crate::state::DiskPaths;
 use pilotlight_cloud::ObjectStore;
-use pilotlight_protocol::{DiskId, ObjectKey, Prefix, MAX_OBJECT_LIMIT};
+use pilotlight_protocol::{DiskId, ObjectKey, Prefix, DEFAULT_MAX_OBJECT};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-/// The prefetches under way, at most `concurrency` fetching at once (memory: that many
-/// objects at most).
+/// The prefetches under way, at most `concurrency` fetching at once, within the
+/// engine's bytes-in-flight budget.
 #[derive(Debug)]
 pub struct Prefetcher {
     tasks: tokio::task::JoinSet<()>,
     permits: Arc<tokio::sync::Semaphore>,
+    budget: Budget,
 }
 
+/// What one prefetch holds: an object of up to the default size and its decoded copy.
+/// The encoding and size are not known before the manifest, so a larger object is not
+/// prefetched (the GET refuses it; the apply fetches it, budgeted by its real size).
+const PREFETCH_MAX: u64 = DEFAULT_MAX_OBJECT;
+
 impl Prefetcher {
-    pub fn new(concurrency: usize) -> Self {
+    pub fn new(concurrency: usize, budget: Budget) -> Self {
         Prefetcher {
             tasks: tokio::task::JoinSet::new(),
             permits: Arc::new(tokio::sync::Semaphore::new(concurrency.max(1))),
+            budget,
         }
     }
 
@@ -57,16 +65,17 @@ impl Prefetcher {
         }
         .to_key(prefix);
         let floor = d.prefetch_floor.clone();
-        let (src, permits) = (src.clone(), self.permits.clone());
+        let (src, permits, budget) = (src.clone(), self.permits.clone(), self.budget.clone());
         self.tasks.spawn(async move {
             let Ok(_permit) = permits.acquire_owned().await else {
                 return;
             };
+            let _bytes = budget.acquire(2 * PREFETCH_MAX).await;
             // The apply has started (or passed) this generation: it fetches what it needs.
             if floor.load(Ordering::Relaxed) >= generation {
                 return;
             }
-            let body = match src.get(&key, MAX_OBJECT_LIMIT).await {
+            let body = match src.get(&key, PREFETCH_MAX).await {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::debug!(%key, "prefetch failed, the apply will fetch it: {e}");
@@ -75,7 +84,11 @@ impl Prefetcher {
             };
             // Decoding and hashing here, while the sender still uploads, is what makes
             // the apply a plain copy once the manifest arrives.
-            match tokio::task::spawn_blocking(move || store_prefetched(&dir, offset, &body)).await {
+            match tokio::task::spawn_blocking(move || {
+                store_prefetched(&dir, offset, &body, PREFETCH_MAX)
+            })
+            .await
+            {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
                     tracing::debug!(%key, "prefetch not stored, the apply will fetch it: {e}")

@@ -13,15 +13,51 @@ impl<E: EbsApi + 'static> PointWriter<E> {
         paths: &DiskPaths,
         now: DateTime<Utc>,
     ) -> Result<usize, PointError> {
-        let filter = SnapshotFilter::default()
-            .tag(tag::POINT, "1")
-            .tag(tag::STACK, &self.cfg.stack)
+        let filter = self
+            .stack_filter()
             .tag(tag::SITE, id.site.as_str())
             .tag(tag::VM, id.vm.as_str())
             .tag(tag::DISK, id.disk.as_str());
-        let found = self
-            .retrying(|| self.ebs.describe_snapshots(&filter))
-            .await?;
+        let found = self.describe(&filter).await?;
+        self.prune_listed(st, paths, now, found).await
+    }
+
+    /// This stack's points.
+    fn stack_filter(&self) -> SnapshotFilter {
+        SnapshotFilter::default()
+            .tag(tag::POINT, "1")
+            .tag(tag::STACK, &self.cfg.stack)
+    }
+
+    /// Every point of this stack, by disk, in one listing (DescribeSnapshots, paged):
+    /// pruning all disks costs one listing, not one per disk or per point. Snapshots
+    /// whose disk tags do not name a disk are left out (never deleted).
+    pub async fn list_stack_points(
+        &self,
+    ) -> Result<BTreeMap<DiskId, Vec<SnapshotInfo>>, PointError> {
+        PointCalls::add(&self.calls.prune_rounds, 1);
+        let found = self.describe(&self.stack_filter()).await?;
+        let mut by_disk: BTreeMap<DiskId, Vec<SnapshotInfo>> = BTreeMap::new();
+        for s in found {
+            let name = |k: &str| s.tags.get(k).cloned().unwrap_or_default();
+            let id = format!("{}/{}/{}", name(tag::SITE), name(tag::VM), name(tag::DISK));
+            if let Ok(id) = DiskId::parse(&id) {
+                by_disk.entry(id).or_default().push(s);
+            }
+        }
+        Ok(by_disk)
+    }
+
+    /// [`Self::prune`] over this disk's points as listed (`found`: the disk's snapshots of
+    /// this stack, whatever their state). The caller makes sure no point of the disk is
+    /// being written: a snapshot not completed and not the due one is deleted.
+    pub async fn prune_listed(
+        &self,
+        st: &mut DiskState,
+        paths: &DiskPaths,
+        now: DateTime<Utc>,
+        found: Vec<SnapshotInfo>,
+    ) -> Result<usize, PointError> {
         let under_way = st.point_due.as_ref().and_then(|d| d.snapshot_id.clone());
         let mut doomed = Vec::new();
         let mut completed = Vec::new();
@@ -60,7 +96,7 @@ impl<E: EbsApi + 'static> PointWriter<E> {
         // the next pruning.
         let mut deleted = 0;
         for sid in &doomed {
-            match self.retrying(|| self.ebs.delete_snapshot(sid)).await {
+            match self.delete(sid).await {
                 Ok(()) => deleted += 1,
                 Err(e) if e.is_not_found() => {}
                 Err(e) => {

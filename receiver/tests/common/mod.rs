@@ -3,6 +3,9 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 use chrono::DateTime;
+use pilotlight_cloud::ebs::{EbsApi, MemoryEbs, SnapshotFilter, SnapshotStatus};
+use pilotlight_cloud::MemoryStore;
+use pilotlight_protocol::points::{tag, Point};
 use pilotlight_protocol::{
     DataObject, DiskId, Encoding, Extent, Manifest, ObjectKey, Prefix, Sha256Hex,
 };
@@ -189,5 +192,68 @@ pub fn config(root: &Path) -> EngineConfig {
         reconcile_every: None,
         prefetch: true,
         retry_base: Duration::ZERO,
+        budget: Default::default(),
+    }
+}
+
+/// Commits generation `i` of `chain` into the store: its objects, then its manifest.
+pub fn commit(store: &MemoryStore, chain: &Chain, i: usize) {
+    for (key, bytes) in &chain.objects[i] {
+        store.insert(key, bytes.clone());
+    }
+    let m = &chain.manifests[i];
+    let key = ObjectKey::Manifest {
+        disk: m.disk.clone(),
+        generation: m.generation,
+    }
+    .to_key(&prefix());
+    store.insert(&key, serde_json::to_vec(m).unwrap());
+}
+
+/// Completed points of a disk, by generation.
+pub async fn points_of(ebs: &MemoryEbs, id: &DiskId) -> BTreeMap<u64, Vec<Point>> {
+    let f = SnapshotFilter::default()
+        .tag(tag::POINT, "1")
+        .tag(tag::DISK, id.disk.as_str())
+        .tag(tag::VM, id.vm.as_str());
+    let mut out: BTreeMap<u64, Vec<Point>> = BTreeMap::new();
+    for s in ebs.describe_snapshots(&f).await.unwrap() {
+        if s.status == SnapshotStatus::Completed {
+            let p = Point::from_tags(&s.id, &s.tags).unwrap();
+            out.entry(p.generation).or_default().push(p);
+        }
+    }
+    out
+}
+
+/// A point's disk as the service serves it: every listed block, read with its token.
+pub async fn read_point(ebs: &MemoryEbs, id: &str, size: usize) -> Vec<u8> {
+    const BLOCK: usize = 512 * 1024;
+    let mut out = vec![0u8; size.div_ceil(BLOCK) * BLOCK];
+    for b in ebs.list_snapshot_blocks(id).await.unwrap() {
+        let data = ebs.get_snapshot_block(id, &b).await.unwrap();
+        let at = b.index as usize * BLOCK;
+        // Past the disk (the snapshot is whole GiB): must be zero.
+        if at >= out.len() {
+            assert!(
+                data.iter().all(|&x| x == 0),
+                "block {} past the disk",
+                b.index
+            );
+            continue;
+        }
+        out[at..at + data.len()].copy_from_slice(&data);
+    }
+    out.truncate(size);
+    out
+}
+
+/// A write of `len` sectors at sector `at`, of pattern `seed`.
+pub fn w(at: u64, len: u64, seed: u8) -> Write {
+    Write {
+        at,
+        len,
+        zero: false,
+        seed,
     }
 }

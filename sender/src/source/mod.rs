@@ -201,12 +201,15 @@ impl OpenSource {
 
     /// Reads `chunks` into one buffer, concatenated in order: files in one blocking task,
     /// NBD chunk by chunk.
+    /// `buf` is a buffer to reuse (a file's bytes are read into it: its pages are mapped
+    /// already, where a new buffer's are faulted in and zeroed).
     pub async fn read_chunks(
         self: &std::sync::Arc<Self>,
         chunks: &[Extent],
+        mut buf: Vec<u8>,
     ) -> Result<Vec<u8>, SourceError> {
         let total: u64 = chunks.iter().map(|c| c.length).sum();
-        if matches!(self.reader, Reader::Nbd { .. }) || chunks.len() == 1 {
+        if matches!(self.reader, Reader::Nbd { .. }) {
             let mut buf = Vec::with_capacity(total as usize);
             for &c in chunks {
                 let part = self.read_chunk(c).await?;
@@ -222,7 +225,9 @@ impl OpenSource {
         let list = chunks.to_vec();
         let first = chunks[0];
         tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; total as usize];
+            // Every byte is read over: only a longer buffer's new tail needs zeroing.
+            buf.truncate(total as usize);
+            buf.resize(total as usize, 0);
             let mut pos = 0usize;
             for c in list {
                 let end = pos + c.length as usize;
