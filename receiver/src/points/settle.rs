@@ -29,6 +29,13 @@ pub struct Settling {
     waiting: Mutex<(Waiters, bool)>,
 }
 
+impl Settling {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Waiters, bool)> {
+        // Nothing panics while it is held; a poisoned lock's data is still whole.
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// One phase of a point: calls made (retries included) and time spent.
 #[derive(Debug, Default)]
 pub struct Phase {
@@ -98,11 +105,7 @@ impl<E: EbsApi + 'static> PointWriter<E> {
     ) -> Result<Option<SnapshotStatus>, PointError> {
         let (tx, rx) = oneshot::channel();
         let lead = {
-            let mut w = self
-                .settling
-                .waiting
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut w = self.settling.lock();
             w.0.entry(sid.to_string()).or_default().push(tx);
             !std::mem::replace(&mut w.1, true)
         };
@@ -120,11 +123,7 @@ impl<E: EbsApi + 'static> PointWriter<E> {
         // Let the points settling now join this call.
         tokio::time::sleep(self.cfg.retry_base).await;
         let batch = {
-            let mut w = self
-                .settling
-                .waiting
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut w = self.settling.lock();
             w.1 = false;
             std::mem::take(&mut w.0)
         };
