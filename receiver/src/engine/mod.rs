@@ -430,20 +430,18 @@ impl<S: ObjectStore + Clone + 'static, Q: Queue + Clone + 'static, E: EbsApi + '
 
     /// One pruning round over every disk with a state (see [`point_task::prune_round`]).
     pub async fn prune(&mut self) {
+        if self.points.is_none() {
+            return;
+        }
+        self.last_prune = Some(Instant::now());
+        for id in known_disks(&self.cfg.state_dir) {
+            if let Err(e) = self.disk(&id) {
+                tracing::warn!(disk = %id, "not pruned: {e}");
+            }
+        }
         let Some(pw) = self.points.as_ref() else {
             return;
         };
-        self.last_prune = Some(Instant::now());
-        for id in known_disks(&self.cfg.state_dir) {
-            if !self.disks.contains_key(&id) {
-                match Disk::open(&self.cfg, &id) {
-                    Ok(d) => {
-                        self.disks.insert(id, d);
-                    }
-                    Err(e) => tracing::warn!(disk = %id, "not pruned: {e}"),
-                }
-            }
-        }
         if let Err(e) = point_task::prune_round(&mut self.disks, pw).await {
             tracing::warn!("pruning recovery points failed, tried again at the next round: {e}");
         }
