@@ -242,8 +242,15 @@ impl LocalStack {
 
     /// Receives and deletes every message now in `queue`; returns their bodies in order.
     pub async fn drain(&self, queue: &str) -> Vec<String> {
+        self.drain_up_to(queue, usize::MAX).await
+    }
+
+    /// Receives and deletes the messages now in `queue`, stopping after `max` of them
+    /// (one receive more at most): a pump that forwards while senders still produce
+    /// must not wait for the queue to run dry. Returns their bodies in order.
+    pub async fn drain_up_to(&self, queue: &str, max: usize) -> Vec<String> {
         let mut out = Vec::new();
-        loop {
+        while out.len() < max {
             let r = self
                 .sqs
                 .receive_message()
@@ -254,18 +261,40 @@ impl LocalStack {
                 .expect("receive");
             let msgs = r.messages();
             if msgs.is_empty() {
-                return out;
+                break;
             }
-            for m in msgs {
+            let mut delete = self.sqs.delete_message_batch().queue_url(queue);
+            for (i, m) in msgs.iter().enumerate() {
                 out.push(m.body().unwrap_or_default().to_string());
-                self.sqs
-                    .delete_message()
-                    .queue_url(queue)
-                    .receipt_handle(m.receipt_handle().unwrap_or_default())
-                    .send()
-                    .await
-                    .expect("delete");
+                delete = delete.entries(
+                    aws_sdk_sqs::types::DeleteMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(m.receipt_handle().unwrap_or_default())
+                        .build()
+                        .expect("delete entry"),
+                );
             }
+            let d = delete.send().await.expect("delete batch");
+            assert!(d.failed().is_empty(), "delete batch: {:?}", d.failed());
+        }
+        out
+    }
+
+    /// Sends every body, ten per SendMessageBatch request.
+    pub async fn send_all(&self, queue: &str, bodies: &[String]) {
+        for chunk in bodies.chunks(10) {
+            let mut req = self.sqs.send_message_batch().queue_url(queue);
+            for (i, b) in chunk.iter().enumerate() {
+                req = req.entries(
+                    aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .message_body(b)
+                        .build()
+                        .expect("send entry"),
+                );
+            }
+            let r = req.send().await.expect("send batch");
+            assert!(r.failed().is_empty(), "send batch: {:?}", r.failed());
         }
     }
 

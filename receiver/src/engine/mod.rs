@@ -33,6 +33,7 @@ pub use context::{read_manifest, Disk, EngineConfig, LearnError, PendingExport, 
 
 use crate::points::PointWriter;
 use disk::drive_disk;
+use futures::StreamExt;
 use lifetime::{delete_messages, extend_due, hold};
 use pilotlight_cloud::ebs::{EbsApi, NoEbs};
 use pilotlight_cloud::{CloudError, Message, ObjectStore, Queue};
@@ -42,6 +43,11 @@ use prefetch::Prefetcher;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Receives made at once, after a full one, when the queue is busy.
+const EXTRA_RECEIVES: usize = 3;
+/// Manifests of one batch read at once.
+const MANIFEST_READS: usize = 8;
 
 pub struct Engine<S, Q, E = NoEbs> {
     cfg: EngineConfig,
@@ -154,6 +160,48 @@ impl<S: ObjectStore + Clone + 'static, Q: Queue + Clone + 'static, E: EbsApi + '
         }
         d.pending.insert(generation, Arc::new(m));
         Ok(())
+    }
+
+    /// Reads the manifests a batch of messages names, several at once, and records
+    /// those that are new and valid as pending; `handle` then finds them known (one
+    /// manifest GET after another was the receiver's pace when the queue was busy). A
+    /// manifest that fails here is left to `handle`, which reads it again and decides
+    /// (held for later, or rejected) as it always did.
+    async fn learn_batch(&mut self, msgs: &[Message]) {
+        let mut wanted: Vec<(DiskId, u64)> = Vec::new();
+        for m in msgs {
+            if let Disposition::Manifests(refs) = classify(&self.cfg, &m.body) {
+                for (id, g) in refs {
+                    let Ok(d) = self.disk(&id) else { continue };
+                    let known = d.is_applied(g) || d.pending.contains_key(&g);
+                    if !known && !wanted.contains(&(id.clone(), g)) {
+                        wanted.push((id, g));
+                    }
+                }
+            }
+        }
+        if wanted.len() < 2 {
+            return;
+        }
+        let (src, prefix) = (&self.src, &self.cfg.prefix);
+        let read: Vec<_> = futures::stream::iter(wanted)
+            .map(|(id, g)| async move {
+                let r = read_manifest(src, prefix, &id, g).await;
+                (id, g, r)
+            })
+            .buffer_unordered(MANIFEST_READS)
+            .collect()
+            .await;
+        for (id, g, r) in read {
+            let Ok(m) = r else { continue };
+            if let Ok(d) = self.disk(&id) {
+                if m.parent.is_some() && m.parent != d.state.applied {
+                    tracing::info!(disk = %id, generation = g, parent = ?m.parent, applied = ?d.state.applied, "manifest waits for its parent");
+                }
+                d.unread.remove(&g);
+                d.pending.insert(g, Arc::new(m));
+            }
+        }
     }
 
     /// Reads again the manifests a transient failure left unread, once their back-off
@@ -408,7 +456,23 @@ impl<S: ObjectStore + Clone + 'static, Q: Queue + Clone + 'static, E: EbsApi + '
         } else {
             self.cfg.wait
         };
-        let msgs = self.queue.receive(10, wait).await?;
+        let mut msgs = self.queue.receive(10, wait).await?;
+        if msgs.len() == 10 {
+            // A full batch: the queue is busy; a few more receives at once (ten is
+            // ReceiveMessage's most per call), so a backlog of events drains at the pace
+            // of the applies, not of one request per ten messages.
+            let more = futures::future::join_all(
+                (0..EXTRA_RECEIVES).map(|_| self.queue.receive(10, Duration::ZERO)),
+            )
+            .await;
+            for r in more {
+                match r {
+                    Ok(m) => msgs.extend(m),
+                    Err(e) => tracing::warn!("receive: {e}"),
+                }
+            }
+        }
+        self.learn_batch(&msgs).await;
         for m in &msgs {
             self.handle(m).await;
         }
