@@ -132,6 +132,7 @@ async fn write_point<E: EbsApi + 'static>(
         sealed: false,
         parent_snapshot: None,
         token_salt: None,
+        staged: false,
     });
     let t = Instant::now();
     let p = pw.write_due(id, &mut st, &paths).await.unwrap().unwrap();

@@ -144,6 +144,17 @@ struct Settings {
     /// 512 KiB blocks held in memory by all disks' points at once [default: 64].
     #[arg(long, global = true)]
     point_blocks_in_flight: Option<usize>,
+    /// A generation's point has its blocks copied out of the image when applied (so the
+    /// image takes the next generation while the point is written) as long as the
+    /// disk's staged points hold at most this many MiB; other points (full ones, huge
+    /// changes, a long queue) hold the disk's next generation until written. 0: never
+    /// staged [default: 1024].
+    #[arg(long, global = true)]
+    point_stage_max_mib: Option<u64>,
+    /// 512 KiB blocks in flight for all points while replication has work at hand
+    /// (messages coming in, generations ready): replication comes first [default: 1].
+    #[arg(long, global = true)]
+    point_blocks_while_replicating: Option<usize>,
     /// How often `run` applies the retention tiers and deletes what a crash left
     /// unfinished, for every disk in one listing of the stack's points [default: 10m].
     #[arg(long, global = true)]
@@ -241,6 +252,14 @@ impl Settings {
         cfg.blocks_in_flight = match self.point_blocks_in_flight.unwrap_or(64) {
             n @ 1..=1024 => n,
             n => bail!("--point-blocks-in-flight {n} must be 1 to 1024"),
+        };
+        cfg.stage_max_bytes = match self.point_stage_max_mib.unwrap_or(1024) {
+            n @ 0..=1_048_576 => n << 20,
+            n => bail!("--point-stage-max-mib {n} must be 0 to 1048576"),
+        };
+        cfg.blocks_while_replicating = match self.point_blocks_while_replicating.unwrap_or(1) {
+            n @ 1..=1024 => n,
+            n => bail!("--point-blocks-while-replicating {n} must be 1 to 1024"),
         };
         cfg.prune_every = self.duration("prune-every", self.prune_every.as_deref(), "10m")?;
         if cfg.prune_every < Duration::from_secs(1) {

@@ -69,6 +69,18 @@ pub struct PointsConfig {
     /// read from the image until its PutSnapshotBlock returns): points of many disks
     /// run at once, and `concurrency` alone would let 100 disks hold 800 MiB.
     pub blocks_in_flight: usize,
+    /// A disk's staged points (queued, and the one being written) hold at most this many
+    /// bytes: a generation applied is staged (its blocks copied out of the image) when it
+    /// fits, so the image takes the next generation while the point is written; one that
+    /// does not (a base, a huge change, a long queue) is read from the image, and the
+    /// disk's next generation waits for it.
+    pub stage_max_bytes: u64,
+    /// Blocks in flight for all points together while replication has work at hand.
+    pub blocks_while_replicating: usize,
+    /// A staged point waits this long at most for replication to have nothing at hand
+    /// before it starts (then goes in the slow lane): a snapshot started is not left
+    /// pending for long (EBS puts one not completed within `timeout_minutes` in error).
+    pub yield_max: Duration,
 }
 
 impl PointsConfig {
@@ -86,6 +98,9 @@ impl PointsConfig {
             visibility_window: Duration::from_secs(120),
             prune_every: Duration::from_secs(600),
             blocks_in_flight: 64,
+            stage_max_bytes: 1 << 30,
+            blocks_while_replicating: 1,
+            yield_max: Duration::from_secs(60),
         }
     }
 }
@@ -111,6 +126,7 @@ impl PointDue {
             sealed: false,
             parent_snapshot: None,
             token_salt: Some(new_token_salt()),
+            staged: false,
         }
     }
 }
@@ -160,6 +176,10 @@ pub enum PointError {
     ParentGone { id: String },
     #[error("state: {0}")]
     State(String),
+    /// A staged point whose parent point is missing: it would have to be a full point,
+    /// and its generation is no longer whole in the image.
+    #[error("the point of generation {generation} was staged to be written on the point before it, which is missing; given up, and a full point is written of the image")]
+    Unbuildable { generation: u64 },
     #[error("snapshot {id} not completed within {secs} s of sealing it; waiting again later")]
     Unsettled { id: String, secs: u64 },
     /// Sealed, but DescribeSnapshots has not listed it within the visibility window.
@@ -182,7 +202,7 @@ impl PointError {
     pub fn is_transient(&self) -> bool {
         match self {
             PointError::Cloud(e) => e.is_transient(),
-            PointError::Image { .. } => false,
+            PointError::Image { .. } | PointError::Unbuildable { .. } => false,
             _ => true,
         }
     }
@@ -199,6 +219,11 @@ pub struct PointWriter<E> {
     pub calls: Arc<PointCalls>,
     /// Permits for [`PointsConfig::blocks_in_flight`] (clones share them).
     blocks: Arc<tokio::sync::Semaphore>,
+    /// Set by the engine while replication has work at hand (messages coming in, a
+    /// generation ready to apply): points then go in the slow lane (clones share it).
+    pub replicating: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Permits for [`PointsConfig::blocks_while_replicating`].
+    slow_lane: Arc<tokio::sync::Semaphore>,
 }
 
 // Not derived: that would ask `E: Clone`, and the client is shared, not cloned.
@@ -210,6 +235,8 @@ impl<E> Clone for PointWriter<E> {
             settling: self.settling.clone(),
             calls: self.calls.clone(),
             blocks: self.blocks.clone(),
+            replicating: self.replicating.clone(),
+            slow_lane: self.slow_lane.clone(),
         }
     }
 }
@@ -230,6 +257,10 @@ impl<E: EbsApi + 'static> PointWriter<E> {
         PointWriter {
             ebs: Arc::new(ebs),
             blocks: Arc::new(tokio::sync::Semaphore::new(cfg.blocks_in_flight.max(1))),
+            replicating: Arc::new(tokio::sync::watch::Sender::new(false)),
+            slow_lane: Arc::new(tokio::sync::Semaphore::new(
+                cfg.blocks_while_replicating.max(1),
+            )),
             cfg,
             settling: Default::default(),
             calls: Default::default(),
@@ -413,6 +444,18 @@ impl<E: EbsApi + 'static> PointWriter<E> {
         self.record(st, paths, &due, sid, Some(n)).map(Some)
     }
 
+    /// Waits while replication has work at hand, up to [`PointsConfig::yield_max`].
+    pub async fn yield_to_replication(&self) {
+        let mut rx = self.replicating.subscribe();
+        let _ = tokio::time::timeout(self.cfg.yield_max, rx.wait_for(|busy| !busy)).await;
+    }
+
+    /// Whether `due` would be written in full (no parent point to build on): a full
+    /// point reads the whole image, so a staged point cannot be one.
+    pub fn needs_full(&self, st: &DiskState, due: &PointDue) -> bool {
+        self.parent_for(st, due).is_none()
+    }
+
     /// The previous point, when this point can be written on top of it: it holds exactly
     /// this generation's parent and is not larger than the disk now is.
     fn parent_for(&self, st: &DiskState, due: &PointDue) -> Option<PointRecord> {
@@ -468,7 +511,17 @@ impl<E: EbsApi + 'static> PointWriter<E> {
             .map(|i| {
                 let file = file.clone();
                 async move {
-                    // Held until the block is written (the semaphore is never closed).
+                    // While replication has work, staged points take the slow lane:
+                    // they share the emulator's (or the account's) request rate and the
+                    // cores with replication, which comes first (#35). A point read from
+                    // the image holds its disk's replication: it does not. Held until
+                    // the block is written (the semaphores are never closed).
+                    let slow = due.staged && *self.replicating.borrow();
+                    let _slow = if slow {
+                        self.slow_lane.acquire().await.ok()
+                    } else {
+                        None
+                    };
                     let _block = self.blocks.acquire().await.ok();
                     // Allocated here, on a runtime thread, not on a blocking one: glibc
                     // gives each of the many blocking threads an arena of its own, and

@@ -36,6 +36,11 @@ pub struct DiskState {
     pub points_failed: u64,
     #[serde(default)]
     pub point_error: Option<String>,
+    /// Points of generations applied after `point_due`'s, oldest first, each staged
+    /// (its blocks copied out of the image before a newer generation wrote them), so
+    /// the image took those generations without waiting for the points (#35).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub points_queued: Vec<PointDue>,
 }
 
 impl DiskState {
@@ -51,7 +56,32 @@ impl DiskState {
             points_need_full: false,
             points_failed: 0,
             point_error: None,
+            points_queued: Vec::new(),
         }
+    }
+
+    /// The newest point due (queued last, else `point_due`): the applied generation's.
+    pub fn newest_due(&self) -> Option<&PointDue> {
+        self.points_queued.last().or(self.point_due.as_ref())
+    }
+
+    /// Takes the fields a point task owns from the state it saved (`from`): the points
+    /// written, the point under way, and the failures.
+    pub fn take_point_fields(&mut self, from: DiskState) {
+        self.points = from.points;
+        self.point_due = from.point_due;
+        self.points_need_full = from.points_need_full;
+        self.points_failed = from.points_failed;
+        self.point_error = from.point_error;
+    }
+
+    /// When no point is under way, the oldest queued one becomes due.
+    pub fn advance_point_queue(&mut self) -> bool {
+        if self.point_due.is_some() || self.points_queued.is_empty() {
+            return false;
+        }
+        self.point_due = Some(self.points_queued.remove(0));
+        true
     }
 }
 
@@ -73,6 +103,20 @@ impl DiskPaths {
         }
     }
 
+    /// Where a point task saves the disk's state while it writes a point: the engine
+    /// saves the state file meanwhile (it applies newer generations), so each has a
+    /// file of its own; the task's point fields are taken back when it ends, or when
+    /// the disk is opened after a crash ([`load`]).
+    pub fn point_progress(&self) -> PathBuf {
+        self.state.with_extension("point")
+    }
+
+    /// Where the blocks of generation `g`'s point are staged: a sparse file of the
+    /// disk's size holding them at their offsets.
+    pub fn staged_point(&self, g: u64) -> PathBuf {
+        self.staging_dir.join("points").join(format!("{g:020}.raw"))
+    }
+
     pub fn create_dirs(&self) -> std::io::Result<()> {
         for p in [&self.image, &self.state] {
             if let Some(d) = p.parent() {
@@ -83,9 +127,38 @@ impl DiskPaths {
     }
 }
 
+/// The disk's state, with the point fields of a point task's progress file when one is
+/// there (a task was writing a point; its file is newer for those fields).
 pub fn load(paths: &DiskPaths, disk: &DiskId) -> Result<DiskState, DurableError> {
-    Ok(pilotlight_durable::load(&paths.state, STATE_VERSION)?
-        .unwrap_or_else(|| DiskState::new(disk)))
+    let mut st: DiskState = pilotlight_durable::load(&paths.state, STATE_VERSION)?
+        .unwrap_or_else(|| DiskState::new(disk));
+    if let Some(progress) =
+        pilotlight_durable::load::<DiskState>(&paths.point_progress(), STATE_VERSION)?
+    {
+        st.take_point_fields(progress);
+    }
+    Ok(st)
+}
+
+/// [`load`], then the progress file folded into the state file and removed (by the
+/// engine, the state's one owner; `status` only reads).
+pub fn load_owned(paths: &DiskPaths, disk: &DiskId) -> Result<DiskState, DurableError> {
+    let st = load(paths, disk)?;
+    let progress = paths.point_progress();
+    if progress.exists() {
+        save(paths, &st)?;
+        remove_progress(paths);
+    }
+    Ok(st)
+}
+
+/// Removes a point task's progress file once its fields are in the state file.
+pub fn remove_progress(paths: &DiskPaths) {
+    match std::fs::remove_file(paths.point_progress()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!("cannot remove {}: {e}", paths.point_progress().display()),
+    }
 }
 
 pub fn save(paths: &DiskPaths, st: &DiskState) -> Result<(), DurableError> {
@@ -134,4 +207,8 @@ pub struct PointDue {
     /// made before the next attempt.
     #[serde(default)]
     pub token_salt: Option<String>,
+    /// Its blocks were copied to [`DiskPaths::staged_point`] when it was applied: the
+    /// point reads them there, and the image may take newer generations meanwhile.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub staged: bool,
 }

@@ -1,7 +1,8 @@
 //! Recovery points never hold replication back (#35): each disk's point is written by a
-//! task of its own, so a slow point holds back only its own disk's next generation (the
-//! point reads its blocks from the image), never the engine or another disk; pruning is
-//! a round on a timer, not a listing per point.
+//! task of its own, so a slow point read from the image holds back only its own disk's
+//! next generation, never the engine or another disk; a staged point (its blocks copied
+//! out of the image when applied) holds back nothing, and the disk's newer points queue
+//! behind it; pruning is a round on a timer, not a listing per point.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -64,7 +65,11 @@ async fn a_slow_point_holds_back_only_its_own_disk() {
     // disk0's points cannot start until the gate opens.
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     *ebs.held_starts.lock().unwrap() = Some((format!("{} generation", ids[0]), gate.clone()));
-    let pw = PointWriter::new(ebs.clone(), points_config());
+    // Nothing staged: every point reads the image, so disk0's next generation waits
+    // for its point (the test below stages).
+    let mut pc = points_config();
+    pc.stage_max_bytes = 0;
+    let pw = PointWriter::new(ebs.clone(), pc);
     let calls = pw.calls.clone();
     let mut eng = Engine::new(
         config(root),
@@ -131,4 +136,97 @@ async fn a_slow_point_holds_back_only_its_own_disk() {
     // No listing per point: pruning ran once per `sync` (the timer of `run` is 10 min).
     assert_eq!(PointCalls::get(&calls.points), 6);
     assert!(PointCalls::get(&calls.prune_rounds) <= 3, "{calls:?}");
+}
+
+/// A staged point holds back nothing, not even its own disk: while disk0's point of
+/// generation 2 is held, the image takes generations 3 and 4 and their points queue
+/// behind it; the receiver then dies (its point tasks with it) and a new one writes
+/// the three queued points from their staged blocks, each reading back as its
+/// generation, one per generation, and leaves no staged file behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_image_goes_on_while_its_own_points_queue_and_a_crash_keeps_the_queue() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let specs: Vec<GenSpec> = (0..4u64)
+        .map(|g| GenSpec {
+            base: false,
+            writes: vec![w(g * 1900, 1500, g as u8 + 1), w(8000, 100, g as u8 + 9)],
+        })
+        .collect();
+    let id = disk(0);
+    let chain = build_chain(0, &specs, DISK_SECTORS);
+    let store = Arc::new(MemoryStore::new("b"));
+    let ebs = Arc::new(MemoryEbs::new());
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    *ebs.held_starts.lock().unwrap() = Some((format!("{id} generation 2 at"), gate.clone()));
+    let engine = |ebs: &Arc<MemoryEbs>| {
+        Engine::new(
+            config(root),
+            store.clone(),
+            Arc::new(MemoryQueue::default()),
+        )
+        .with_points(PointWriter::new(ebs.clone(), points_config()))
+    };
+    let mut eng = engine(&ebs);
+    for g in 0..4 {
+        commit(&store, &chain, g);
+    }
+    eng.reconcile().await.unwrap();
+    let cfg = config(root);
+    let paths = DiskPaths::new(&cfg.image_dir, &cfg.state_dir, &id);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        tokio::time::timeout(Duration::from_secs(10), eng.drive())
+            .await
+            .expect("the engine waits for no point");
+        let st = state_of(root, &id);
+        if st.applied == Some(4) && st.points_queued.len() == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the image waited: {st:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await; // polling with a deadline
+    }
+    assert_eq!(std::fs::read(&paths.image).unwrap(), chain.images[3]);
+    let st = state_of(root, &id);
+    assert_eq!(st.point_due.as_ref().map(|p| p.generation), Some(2));
+    assert!(st
+        .point_due
+        .iter()
+        .chain(&st.points_queued)
+        .all(|p| p.staged));
+    for g in 2..=4 {
+        assert!(paths.staged_point(g).exists(), "generation {g} staged");
+    }
+    // The receiver dies with point 2 held; the next one writes the queue.
+    drop(eng);
+    gate.add_permits(1 << 20);
+    let mut eng = engine(&ebs);
+    while !caught_up(&state_of(root, &id), 4) || !state_of(root, &id).points_queued.is_empty() {
+        eng.sync_once().await;
+        assert!(
+            Instant::now() < deadline,
+            "the queue was not written: {:?}",
+            state_of(root, &id)
+        );
+    }
+    let points = points_of(&ebs, &id).await;
+    assert_eq!(points.keys().copied().collect::<Vec<_>>(), [1, 2, 3, 4]);
+    for (g, p) in &points {
+        assert_eq!(p.len(), 1, "one point per generation");
+        let image = &chain.images[*g as usize - 1];
+        assert_eq!(
+            &read_point(&ebs, &p[0].snapshot_id, image.len()).await,
+            image,
+            "generation {g}"
+        );
+    }
+    let st = state_of(root, &id);
+    assert_eq!(st.points_failed, 0, "{st:?}");
+    assert!(!paths.point_progress().exists());
+    for g in 1..=4 {
+        assert!(
+            !paths.staged_point(g).exists(),
+            "generation {g}'s staged blocks removed"
+        );
+    }
 }

@@ -113,6 +113,9 @@ pub struct Disk {
     pub applied_since: ApplyTotals,
     /// The applied generation's recovery point, while its task runs.
     pub point_task: Option<super::point_task::PointTask>,
+    /// A staged point that failed for now is tried again after this (the disk's
+    /// generations go on meanwhile).
+    pub point_retry_after: Option<Instant>,
 }
 
 impl Disk {
@@ -125,7 +128,8 @@ impl Disk {
         paths
             .create_dirs()
             .map_err(|e| local(format!("cannot create its directories: {e}")))?;
-        let state = state::load(&paths, id).map_err(|e| local(e.to_string()))?;
+        let state = state::load_owned(&paths, id).map_err(|e| local(e.to_string()))?;
+        super::point_task::remove_unreferenced_staged(&paths, &state);
         Ok(Disk {
             paths,
             exports: BTreeMap::new(),
@@ -139,6 +143,7 @@ impl Disk {
             prefetched: Default::default(),
             applied_since: Default::default(),
             point_task: None,
+            point_retry_after: None,
         })
     }
 

@@ -30,8 +30,9 @@ pub async fn drive_disk<S: ObjectStore, Q: Queue + Clone + 'static, E: EbsApi + 
         return 0;
     }
     loop {
-        // The applied generation's recovery point comes before anything newer on this
-        // disk; it is written by a task of its own while the engine goes on.
+        // The applied generation's recovery point is written by a task of its own while
+        // the engine goes on; one read from the image (not staged) holds this disk's
+        // next generation until it is written.
         if let Some(pw) = points {
             match point_turn(id, d, pw, t.point_done) {
                 PointTurn::Free => {}
@@ -85,7 +86,35 @@ pub async fn drive_disk<S: ObjectStore, Q: Queue + Clone + 'static, E: EbsApi + 
                 st.applied_at = Some(Utc::now());
                 st.disk_size = m.disk_size;
                 // Saved with "applied": a crash before the point is written still writes it.
-                st.point_due = points.map(|_| PointDue::for_manifest(&m));
+                if let Some(pw) = points {
+                    let mut due = PointDue::for_manifest(&m);
+                    let first = d.state.applied.is_none();
+                    if super::stage::should_stage(&st, &due, first, pw.cfg.stage_max_bytes) {
+                        let (image, staged, d2) =
+                            (d.paths.image.clone(), d.paths.staged_point(g), due.clone());
+                        let staged_ok = tokio::task::spawn_blocking(move || {
+                            super::stage::stage(&image, &staged, &d2)
+                        })
+                        .await;
+                        match staged_ok {
+                            Ok(Ok(())) => due.staged = true,
+                            Ok(Err(e)) => {
+                                tracing::warn!(disk = %id, generation = g, "point not staged, the disk's next generation waits for it: {e}")
+                            }
+                            Err(e) => {
+                                tracing::warn!(disk = %id, generation = g, "point not staged, the disk's next generation waits for it: {e}")
+                            }
+                        }
+                    }
+                    if st.point_due.is_none() && d.point_task.is_none() {
+                        st.point_due = Some(due);
+                    } else {
+                        st.points_queued.push(due);
+                    }
+                } else {
+                    st.point_due = None;
+                    st.points_queued.clear();
+                }
                 if let Err(e) = state::save(&d.paths, &st) {
                     tracing::error!(disk = %id, generation = g, "image written but state not saved: {e}; will re-apply");
                     d.backoff(cfg.retry_base);

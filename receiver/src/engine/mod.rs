@@ -26,6 +26,7 @@ pub mod exports;
 pub mod lifetime;
 pub mod point_task;
 pub mod prefetch;
+pub mod stage;
 
 pub use crate::status::{disk_status, known_disks, local_status, DiskStatus};
 pub use classify::{classify, is_control_key, Disposition};
@@ -46,6 +47,9 @@ use std::time::{Duration, Instant};
 
 /// Receives made at once, after a full one, when the queue is busy.
 const EXTRA_RECEIVES: usize = 3;
+/// Replication counts as busy (staged points wait) this long after a receive brought
+/// messages.
+const INTAKE_QUIET: Duration = Duration::from_secs(5);
 /// Manifests of one batch read at once.
 const MANIFEST_READS: usize = 8;
 
@@ -63,6 +67,8 @@ pub struct Engine<S, Q, E = NoEbs> {
     /// Notified when a disk's point task ends.
     point_done: Arc<tokio::sync::Notify>,
     last_prune: Option<Instant>,
+    /// When a receive last brought messages.
+    last_intake: Option<Instant>,
 }
 
 impl<S, Q, E> std::fmt::Debug for Engine<S, Q, E> {
@@ -89,6 +95,7 @@ impl<S: ObjectStore + Clone + 'static, Q: Queue + Clone + 'static> Engine<S, Q> 
             to_delete: Vec::new(),
             point_done: Default::default(),
             last_prune: None,
+            last_intake: None,
         }
     }
 
@@ -115,6 +122,7 @@ impl<S: ObjectStore + Clone + 'static, Q: Queue + Clone + 'static> Engine<S, Q> 
             to_delete: self.to_delete,
             point_done: self.point_done,
             last_prune: self.last_prune,
+            last_intake: self.last_intake,
         }
     }
 }
@@ -359,6 +367,7 @@ impl<S: ObjectStore + Clone + 'static, Q: Queue + Clone + 'static, E: EbsApi + '
 
     /// [`Self::drive`], leaving out the disks in `skip`.
     async fn drive_except(&mut self, skip: &std::collections::BTreeSet<DiskId>) -> usize {
+        self.mark_replicating();
         let (src, queue, cfg) = (&self.src, &self.queue, &self.cfg);
         let points = self.points.as_ref();
         let point_done = &self.point_done;
@@ -375,7 +384,20 @@ impl<S: ObjectStore + Clone + 'static, Q: Queue + Clone + 'static, E: EbsApi + '
             drive_disk(&turn, d).await
         }))
         .await;
+        self.mark_replicating();
         results.into_iter().sum()
+    }
+
+    /// Tells the point tasks whether replication has work at hand (a generation ready
+    /// to apply, or messages lately: an empty receive between two busy ones is not the
+    /// end of a burst): staged points then wait, or go in the slow lane (#35).
+    fn mark_replicating(&self) {
+        if let Some(pw) = self.points.as_ref() {
+            let lately = self.last_intake.is_some_and(|t| t.elapsed() < INTAKE_QUIET);
+            let ready = lately || self.disks.values().any(|d| d.next().is_some());
+            pw.replicating
+                .send_if_modified(|busy| std::mem::replace(busy, ready) != ready);
+        }
     }
 
     /// Keeps held messages invisible, so a manifest waiting for its parent (or for the
@@ -471,6 +493,9 @@ impl<S: ObjectStore + Clone + 'static, Q: Queue + Clone + 'static, E: EbsApi + '
                     Err(e) => tracing::warn!("receive: {e}"),
                 }
             }
+        }
+        if !msgs.is_empty() {
+            self.last_intake = Some(Instant::now());
         }
         self.learn_batch(&msgs).await;
         for m in &msgs {

@@ -59,6 +59,9 @@ enum Verdict {
     Retry(PointError),
     /// Given up for good (recorded in the state): replication goes on.
     GaveUp,
+    /// Staged, but it must be a full point: written from the image if the image still
+    /// holds its generation, else given up.
+    NeedsImage,
 }
 
 /// What the disk may do now.
@@ -74,6 +77,11 @@ pub enum PointTurn {
 
 /// Reaps the disk's finished point task, and starts one when a point is due. `done` is
 /// notified when a task ends, so the engine wakes for the disk's next generation.
+///
+/// A staged point (its blocks copied out of the image when it was applied) holds nothing
+/// back: the disk applies newer generations while it is written, and their points queue
+/// behind it (each written on the one before). A point read from the image (a full one,
+/// or one too large to stage) holds the disk's next generation until it is written.
 pub fn point_turn<E: EbsApi + 'static>(
     id: &DiskId,
     d: &mut Disk,
@@ -82,24 +90,27 @@ pub fn point_turn<E: EbsApi + 'static>(
 ) -> PointTurn {
     if let Some(task) = d.point_task.as_mut() {
         if !task.handle.is_finished() {
-            return PointTurn::Busy;
+            return held(&d.state);
         }
         // Unconstrained: a finished task's result is taken even when this task has used
         // its cooperative budget (the handle would answer "pending" then).
         let Some(joined) = tokio::task::unconstrained(&mut task.handle).now_or_never() else {
-            return PointTurn::Busy;
+            return held(&d.state);
         };
         d.point_task = None;
+        let started = d.state.point_due.as_ref().map(|p| (p.generation, p.staged));
+        let mut failed = false;
         match joined {
             Ok(outcome) => {
-                d.state = outcome.state;
+                d.state.take_point_fields(outcome.state);
                 match outcome.verdict {
                     Verdict::Done(p, ph, seconds) => log_written(id, p.as_ref(), &ph, seconds, pw),
                     Verdict::GaveUp => {}
+                    Verdict::NeedsImage => from_the_image_or_given_up(id, &mut d.state),
                     Verdict::Retry(e) => {
                         let attempts = d.state.point_due.as_ref().map_or(0, |p| p.attempt);
-                        tracing::warn!(disk = %id, attempts, "recovery point not written yet, tried again before the next generation: {e}");
-                        return PointTurn::Failed;
+                        tracing::warn!(disk = %id, attempts, "recovery point not written yet, tried again: {e}");
+                        failed = true;
                     }
                 }
             }
@@ -107,30 +118,176 @@ pub fn point_turn<E: EbsApi + 'static>(
                 // A panic or an abort: what the task saved is on disk; read it back.
                 tracing::error!(disk = %id, "the recovery point task failed: {e}; tried again");
                 match state::load(&d.paths, id) {
-                    Ok(st) => d.state = st,
+                    Ok(st) => d.state.take_point_fields(st),
                     Err(e) => tracing::error!(disk = %id, "cannot read the state back: {e}"),
                 }
-                return PointTurn::Failed;
+                failed = true;
             }
         }
+        // A staged point no longer due (or now read from the image): its staged blocks go.
+        if let Some((g, true)) = started {
+            if !d
+                .state
+                .point_due
+                .as_ref()
+                .is_some_and(|p| p.generation == g && p.staged)
+            {
+                remove_staged(&d.paths, g);
+            }
+        }
+        replan_after_a_lost_point(id, &mut d.state, &d.paths);
+        d.state.advance_point_queue();
+        // The task's point fields into the state file, then its progress file goes.
+        match state::save(&d.paths, &d.state) {
+            Ok(()) => state::remove_progress(&d.paths),
+            Err(e) => tracing::error!(disk = %id, "cannot save the state: {e}"),
+        }
+        if failed {
+            if d.state.point_due.as_ref().is_some_and(|p| p.staged) {
+                // The disk goes on; only its points wait.
+                let attempts = d.state.point_due.as_ref().map_or(0, |p| p.attempt);
+                d.point_retry_after =
+                    Some(Instant::now() + point_backoff(pw.cfg.retry_base, attempts));
+                return held(&d.state);
+            }
+            return PointTurn::Failed;
+        }
     }
-    if d.state.point_due.is_none() {
+    if d.state.advance_point_queue() {
+        if let Err(e) = state::save(&d.paths, &d.state) {
+            tracing::error!(disk = %id, "cannot save the state: {e}");
+        }
+    }
+    let Some(due) = d.state.point_due.as_ref() else {
         return PointTurn::Free;
+    };
+    if d.point_retry_after.is_some_and(|t| Instant::now() < t) {
+        return held(&d.state);
     }
-    let (id2, st, paths, pw2, done2) = (
-        id.clone(),
-        d.state.clone(),
-        d.paths.clone(),
-        pw.clone(),
-        done.clone(),
-    );
+    d.point_retry_after = None;
+    // The task saves into a progress file of its own (the engine saves the state file
+    // meanwhile); a staged point reads its staged blocks, which hold its generation.
+    let mut st = d.state.clone();
+    let mut paths = d.paths.clone();
+    paths.state = d.paths.point_progress();
+    if due.staged {
+        paths.image = d.paths.staged_point(due.generation);
+        st.applied = Some(due.generation);
+    }
+    let (id2, pw2, done2) = (id.clone(), pw.clone(), done.clone());
     let handle = tokio::spawn(async move {
         let out = write_point(&id2, st, &paths, &pw2).await;
         done2.notify_one();
         out
     });
     d.point_task = Some(PointTask { handle });
-    PointTurn::Busy
+    held(&d.state)
+}
+
+/// A staged point that failed for now is tried again after `base` doubled per attempt,
+/// up to a minute.
+fn point_backoff(base: std::time::Duration, attempts: u32) -> std::time::Duration {
+    base.saturating_mul(1 << attempts.min(8))
+        .min(std::time::Duration::from_secs(60))
+}
+
+/// Busy while a due point reads the image (not staged), else free.
+fn held(st: &DiskState) -> PointTurn {
+    let reads_image = |p: &crate::state::PointDue| !p.staged;
+    if st
+        .point_due
+        .iter()
+        .chain(&st.points_queued)
+        .any(reads_image)
+    {
+        PointTurn::Busy
+    } else {
+        PointTurn::Free
+    }
+}
+
+fn remove_staged(paths: &DiskPaths, g: u64) {
+    let f = paths.staged_point(g);
+    match std::fs::remove_file(&f) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!("cannot remove {}: {e}", f.display()),
+    }
+}
+
+/// A staged point that has to be a full point (its parent point is missing): written
+/// from the image when the image still holds its generation (nothing newer applied),
+/// else given up; the points queued behind it then follow [`replan_after_a_lost_point`].
+fn from_the_image_or_given_up(id: &DiskId, st: &mut DiskState) {
+    let Some(due) = st.point_due.as_mut() else {
+        return;
+    };
+    if st.applied == Some(due.generation) && st.points_queued.is_empty() {
+        due.staged = false;
+        return;
+    }
+    let why = PointError::Unbuildable {
+        generation: due.generation,
+    };
+    tracing::error!(disk = %id, generation = due.generation, "recovery point given up: {why}");
+    // A snapshot an earlier attempt left unsealed is deleted by the next pruning round.
+    st.point_due = None;
+    st.points_need_full = true;
+    st.points_failed += 1;
+    st.point_error = Some(why.to_string());
+}
+
+/// A point was given up, so the points queued behind it have no parent to be written
+/// on: they are given up too, except the newest (the applied generation's), which is
+/// written in full from the image (a full point reads the whole image).
+fn replan_after_a_lost_point(id: &DiskId, st: &mut DiskState, paths: &DiskPaths) {
+    if !st.points_need_full || st.point_due.is_some() || st.points_queued.is_empty() {
+        return;
+    }
+    let Some(mut newest) = st.points_queued.pop() else {
+        return;
+    };
+    let lost = std::mem::take(&mut st.points_queued);
+    for p in &lost {
+        remove_staged(paths, p.generation);
+    }
+    remove_staged(paths, newest.generation);
+    if !lost.is_empty() {
+        st.points_failed += lost.len() as u64;
+        let generations: Vec<u64> = lost.iter().map(|p| p.generation).collect();
+        let why = format!("the points of generations {generations:?} were given up: the point before them failed, and the image has moved on");
+        tracing::error!(disk = %id, "{why}; the point of generation {} is written in full", newest.generation);
+        st.point_error = Some(why);
+    }
+    newest.staged = false;
+    st.point_due = Some(newest);
+}
+
+/// Removes staged blocks no due point refers to (a crash between staging and saving
+/// the state, or between a point's end and its cleanup).
+pub fn remove_unreferenced_staged(paths: &DiskPaths, st: &DiskState) {
+    let dir = paths.staged_point(0);
+    let Some(dir) = dir.parent() else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let wanted: std::collections::BTreeSet<u64> = st
+        .point_due
+        .iter()
+        .chain(&st.points_queued)
+        .filter(|p| p.staged)
+        .map(|p| p.generation)
+        .collect();
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let g = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".raw"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if g.is_none_or(|g| !wanted.contains(&g)) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 fn log_written<E>(
@@ -166,6 +323,24 @@ async fn write_point<E: EbsApi + 'static>(
     let generation = st.point_due.as_ref().map(|p| p.generation);
     let ph = PointPhases::default();
     let t = Instant::now();
+    // Staged as a child of the point before it, which is now missing (given up, or
+    // deleted outside pilotlight): a full point needs the whole image; the engine
+    // decides (it knows whether the image still holds this generation).
+    // (A staged first generation is a full point by design: its staged blocks are all
+    // the image held.)
+    let child_without_parent = |due: &crate::state::PointDue| {
+        due.staged && due.parent_generation.is_some() && pw.needs_full(&st, due)
+    };
+    if st.point_due.as_ref().is_some_and(child_without_parent) {
+        return Outcome {
+            state: st,
+            verdict: Verdict::NeedsImage,
+        };
+    }
+    // Staged: nothing waits for it, so replication's work at hand goes first.
+    if st.point_due.as_ref().is_some_and(|p| p.staged) {
+        pw.yield_to_replication().await;
+    }
     let verdict = match pw.write_due_timed(id, &mut st, paths, &ph).await {
         Ok(p) => {
             if p.is_some() {
