@@ -88,6 +88,35 @@ fn todays_state_is_written_as_the_golden_file() {
     );
 }
 
+/// Staged points (#35): a point under way and two queued behind it, each staged. Loads,
+/// and is written back byte for byte.
+#[test]
+fn a_state_with_staged_points_queued_loads_and_is_written_as_the_golden_file() {
+    use pilotlight_receiver::state::{DiskState, STATE_VERSION};
+    let path = golden("receiver-state-v1-staged.json");
+    let st: DiskState = pilotlight_durable::load(&path, STATE_VERSION)
+        .unwrap()
+        .unwrap();
+    assert_eq!(st.applied, Some(9));
+    assert_eq!(
+        st.point_due.as_ref().map(|p| (p.generation, p.staged)),
+        Some((7, true))
+    );
+    assert_eq!(
+        st.points_queued
+            .iter()
+            .map(|p| (p.generation, p.staged))
+            .collect::<Vec<_>>(),
+        [(8, true), (9, true)]
+    );
+    assert_eq!(st.newest_due().map(|p| p.generation), Some(9));
+    let again = pilotlight_durable::encode(&path, STATE_VERSION, &st).unwrap();
+    assert_eq!(
+        String::from_utf8(again).unwrap(),
+        String::from_utf8(bytes("receiver-state-v1-staged.json")).unwrap()
+    );
+}
+
 #[test]
 fn manifests_v1_and_v2_load() {
     let v1 = Manifest::from_json(&bytes("manifest-v1.json")).unwrap();
