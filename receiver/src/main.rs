@@ -155,6 +155,11 @@ struct Settings {
     /// (messages coming in, generations ready): replication comes first [default: 1].
     #[arg(long, global = true)]
     point_blocks_while_replicating: Option<usize>,
+    /// Points written at once by all disks (each a pending snapshot: the account's
+    /// quota of 100 pending snapshots is shared with its other snapshot tools)
+    /// [default: 32].
+    #[arg(long, global = true)]
+    points_at_once: Option<usize>,
     /// How often `run` applies the retention tiers and deletes what a crash left
     /// unfinished, for every disk in one listing of the stack's points [default: 10m].
     #[arg(long, global = true)]
@@ -260,6 +265,12 @@ impl Settings {
         cfg.blocks_while_replicating = match self.point_blocks_while_replicating.unwrap_or(1) {
             n @ 1..=1024 => n,
             n => bail!("--point-blocks-while-replicating {n} must be 1 to 1024"),
+        };
+        cfg.points_at_once = match self.points_at_once.unwrap_or(32) {
+            n @ 1..=100 => n,
+            n => bail!(
+                "--points-at-once {n} must be 1 to 100 (EBS: 100 pending snapshots per account)"
+            ),
         };
         cfg.prune_every = self.duration("prune-every", self.prune_every.as_deref(), "10m")?;
         if cfg.prune_every < Duration::from_secs(1) {

@@ -81,6 +81,11 @@ pub struct PointsConfig {
     /// before it starts (then goes in the slow lane): a snapshot started is not left
     /// pending for long (EBS puts one not completed within `timeout_minutes` in error).
     pub yield_max: Duration,
+    /// Points written at once by all disks together: each is a snapshot pending until
+    /// completed, and the account's quota of pending snapshots (100, "Amazon EBS
+    /// endpoints and quotas": EBS direct APIs) is shared with everything else that
+    /// snapshots in it (AWS Backup, Data Lifecycle Manager, the user's own).
+    pub points_at_once: usize,
 }
 
 impl PointsConfig {
@@ -101,6 +106,7 @@ impl PointsConfig {
             stage_max_bytes: 1 << 30,
             blocks_while_replicating: 1,
             yield_max: Duration::from_secs(60),
+            points_at_once: 32,
         }
     }
 }
@@ -224,6 +230,8 @@ pub struct PointWriter<E> {
     pub replicating: Arc<tokio::sync::watch::Sender<bool>>,
     /// Permits for [`PointsConfig::blocks_while_replicating`].
     slow_lane: Arc<tokio::sync::Semaphore>,
+    /// Permits for [`PointsConfig::points_at_once`].
+    at_once: Arc<tokio::sync::Semaphore>,
 }
 
 // Not derived: that would ask `E: Clone`, and the client is shared, not cloned.
@@ -237,6 +245,7 @@ impl<E> Clone for PointWriter<E> {
             blocks: self.blocks.clone(),
             replicating: self.replicating.clone(),
             slow_lane: self.slow_lane.clone(),
+            at_once: self.at_once.clone(),
         }
     }
 }
@@ -258,6 +267,7 @@ impl<E: EbsApi + 'static> PointWriter<E> {
             ebs: Arc::new(ebs),
             blocks: Arc::new(tokio::sync::Semaphore::new(cfg.blocks_in_flight.max(1))),
             replicating: Arc::new(tokio::sync::watch::Sender::new(false)),
+            at_once: Arc::new(tokio::sync::Semaphore::new(cfg.points_at_once.max(1))),
             slow_lane: Arc::new(tokio::sync::Semaphore::new(
                 cfg.blocks_while_replicating.max(1),
             )),
@@ -442,6 +452,12 @@ impl<E: EbsApi + 'static> PointWriter<E> {
             tracing::warn!(snapshot = %sid, "cannot tag the point with its block count: {e}");
         }
         self.record(st, paths, &due, sid, Some(n)).map(Some)
+    }
+
+    /// A turn among the [`PointsConfig::points_at_once`] points written at once (held
+    /// until the point ends; the semaphore is never closed).
+    pub async fn point_slot(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.at_once.acquire().await.ok()
     }
 
     /// Waits while replication has work at hand, up to [`PointsConfig::yield_max`].

@@ -230,3 +230,69 @@ async fn the_image_goes_on_while_its_own_points_queue_and_a_crash_keeps_the_queu
         );
     }
 }
+
+/// Points written at once are capped (`points_at_once`), so a receiver of many disks
+/// never asks for more pending snapshots than its share of the account's quota: with
+/// the twin holding 6 pending at most (EBS: 100 per account, here scaled down) and 24
+/// disks writing points, a cap of 4 is never refused; every point is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn points_at_once_stay_under_the_pending_snapshot_quota() {
+    use pilotlight_cloud::ebs::Limits;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let specs: Vec<GenSpec> = (0..2u64)
+        .map(|g| GenSpec {
+            base: false,
+            writes: vec![w(g * 1900, 1500, g as u8 + 1)],
+        })
+        .collect();
+    let ids: Vec<_> = (0..24).map(disk).collect();
+    let chains: Vec<Chain> = (0..ids.len())
+        .map(|d| build_chain(d, &specs, DISK_SECTORS))
+        .collect();
+    let store = Arc::new(MemoryStore::new("b"));
+    let ebs = Arc::new(MemoryEbs {
+        limits: Some(Limits {
+            pending: 6,
+            start_per_second: 10_000,
+            complete_per_second: 10_000,
+            ..Limits::default()
+        }),
+        ..MemoryEbs::new().with_latency(Duration::from_millis(2))
+    });
+    let mut pc = points_config();
+    pc.points_at_once = 4;
+    let mut eng = Engine::new(
+        config(root),
+        store.clone(),
+        Arc::new(MemoryQueue::default()),
+    )
+    .with_points(PointWriter::new(ebs.clone(), pc));
+    for g in 0..2 {
+        for c in &chains {
+            commit(&store, c, g);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ids.iter().all(|id| caught_up(&state_of(root, id), 2)) {
+        eng.sync_once().await;
+        assert!(Instant::now() < deadline, "points not written");
+    }
+    for id in &ids {
+        assert_eq!(
+            points_of(&ebs, id)
+                .await
+                .keys()
+                .copied()
+                .collect::<Vec<_>>(),
+            [1, 2]
+        );
+    }
+    let st = ebs.state.lock().unwrap();
+    assert_eq!(
+        st.throttled.get("StartSnapshot"),
+        None,
+        "{:?}",
+        st.throttled
+    );
+}

@@ -341,6 +341,7 @@ async fn write_point<E: EbsApi + 'static>(
     if st.point_due.as_ref().is_some_and(|p| p.staged) {
         pw.yield_to_replication().await;
     }
+    let _slot = pw.point_slot().await;
     let verdict = match pw.write_due_timed(id, &mut st, paths, &ph).await {
         Ok(p) => {
             if p.is_some() {
