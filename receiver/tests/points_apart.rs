@@ -180,7 +180,8 @@ async fn the_image_goes_on_while_its_own_points_queue_and_a_crash_keeps_the_queu
             .await
             .expect("the engine waits for no point");
         let st = state_of(root, &id);
-        if st.applied == Some(4) && st.points_queued.len() == 2 {
+        // ... and point 2 started (its progress saved), held at StartSnapshot.
+        if st.applied == Some(4) && st.points_queued.len() == 2 && paths.point_progress().exists() {
             break;
         }
         assert!(Instant::now() < deadline, "the image waited: {st:?}");
@@ -197,8 +198,18 @@ async fn the_image_goes_on_while_its_own_points_queue_and_a_crash_keeps_the_queu
     for g in 2..=4 {
         assert!(paths.staged_point(g).exists(), "generation {g} staged");
     }
-    // The receiver dies with point 2 held; the next one writes the queue.
+    // The receiver dies with point 2 held (its progress file left behind).
     drop(eng);
+    assert!(paths.point_progress().exists());
+    let stray = paths.staged_point(99);
+    std::fs::write(&stray, b"left by a crash").unwrap();
+    // `status` opens the disks and changes nothing: a running receiver may own them.
+    let mut looking = engine(&ebs);
+    looking.load_known_disks();
+    assert_eq!(looking.status()[0].point_due, Some(2));
+    drop(looking);
+    assert!(paths.point_progress().exists() && stray.exists());
+    // The next receiver takes the disk over and writes the queue.
     gate.add_permits(1 << 20);
     let mut eng = engine(&ebs);
     while !caught_up(&state_of(root, &id), 4) || !state_of(root, &id).points_queued.is_empty() {
@@ -229,6 +240,7 @@ async fn the_image_goes_on_while_its_own_points_queue_and_a_crash_keeps_the_queu
             "generation {g}'s staged blocks removed"
         );
     }
+    assert!(!stray.exists(), "staged blocks no point refers to removed");
 }
 
 /// Points written at once are capped (`points_at_once`), so a receiver of many disks

@@ -116,6 +116,8 @@ pub struct Disk {
     /// A staged point that failed for now is tried again after this (the disk's
     /// generations go on meanwhile).
     pub point_retry_after: Option<Instant>,
+    /// The engine has taken the disk's files over (see [`Disk::take_over`]).
+    pub owned: bool,
 }
 
 impl Disk {
@@ -128,8 +130,8 @@ impl Disk {
         paths
             .create_dirs()
             .map_err(|e| local(format!("cannot create its directories: {e}")))?;
-        let state = state::load_owned(&paths, id).map_err(|e| local(e.to_string()))?;
-        super::point_task::remove_unreferenced_staged(&paths, &state);
+        // Read only: `status` opens disks too, while `run` may own them.
+        let state = state::load(&paths, id).map_err(|e| local(e.to_string()))?;
         Ok(Disk {
             paths,
             exports: BTreeMap::new(),
@@ -144,7 +146,26 @@ impl Disk {
             applied_since: Default::default(),
             point_task: None,
             point_retry_after: None,
+            owned: false,
         })
+    }
+
+    /// Before the engine first changes anything of the disk: a point task's progress
+    /// file (left by a crash) folded into the state file, staged blocks no due point
+    /// refers to removed. Not at open: `status` opens disks while `run` may own them.
+    pub fn take_over(&mut self, id: &DiskId) {
+        if self.owned {
+            return;
+        }
+        match state::load_owned(&self.paths, id) {
+            Ok(st) => self.state = st,
+            Err(e) => {
+                tracing::error!(disk = %id, "cannot read the state: {e}");
+                return;
+            }
+        }
+        super::point_task::remove_unreferenced_staged(&self.paths, &self.state);
+        self.owned = true;
     }
 
     /// Whether generation `g` is already in the image.

@@ -29,6 +29,11 @@ pub async fn drive_disk<S: ObjectStore, Q: Queue + Clone + 'static, E: EbsApi + 
     if d.retry_after.is_some_and(|t| Instant::now() < t) {
         return 0;
     }
+    d.take_over(id);
+    if !d.owned {
+        d.backoff(cfg.retry_base);
+        return 0;
+    }
     loop {
         // The applied generation's recovery point is written by a task of its own while
         // the engine goes on; one read from the image (not staged) holds this disk's

@@ -390,6 +390,7 @@ pub async fn prune_round<E: EbsApi + 'static>(
         if d.point_task.is_some() {
             continue;
         }
+        d.take_over(id);
         let found = listed.remove(id).unwrap_or_default();
         if found.is_empty() {
             continue;
