@@ -2,8 +2,9 @@
 //! fsynced), the 512 KiB blocks its point needs are copied out of the image into a
 //! sparse file of the disk's size, at the same offsets, and fsynced, before the state
 //! says "applied". The point is then written from that file, and the image may take the
-//! next generation at once (#35). Only a child point is staged (a full point reads the
-//! whole image), and only up to `PointsConfig::stage_max_bytes`.
+//! next generation at once (#35). Only a child point, or a fresh image's first
+//! generation, is staged (a full point of an image with older generations reads the
+//! whole image), and only up to `PointsConfig::stage_max_bytes` per disk.
 
 use crate::points::PointDue;
 use crate::state::{DiskState, PointRecord};
@@ -28,15 +29,18 @@ pub fn should_stage(st: &DiskState, due: &PointDue, first: bool, max_bytes: u64)
         .chain(&st.points_queued)
         .filter(|p| p.staged)
         .map(bytes)
-        .sum();
+        .fold(0, u64::saturating_add);
     let first_point = first && st.points.is_empty() && st.newest_due().is_none();
     let child = due.parent_generation.is_some() && due.parent_generation == newest;
-    !st.points_need_full && (child || first_point) && staged + bytes(due) <= max_bytes
+    !st.points_need_full && (child || first_point) && staged.saturating_add(bytes(due)) <= max_bytes
 }
 
 /// The bytes of a point's blocks.
 fn bytes(due: &PointDue) -> u64 {
-    due.blocks.iter().map(|(s, e)| (e - s) * BLOCK_SIZE).sum()
+    due.blocks
+        .iter()
+        .map(|(s, e)| e.saturating_sub(*s).saturating_mul(BLOCK_SIZE))
+        .fold(0, u64::saturating_add)
 }
 
 /// Copies `due`'s blocks from `image` into `staged` (made anew) and fsyncs it and its
