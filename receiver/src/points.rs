@@ -83,8 +83,9 @@ pub struct PointsConfig {
     pub yield_max: Duration,
     /// Points written at once by all disks together: each is a snapshot pending until
     /// completed, and the account's quota of pending snapshots (100, "Amazon EBS
-    /// endpoints and quotas": EBS direct APIs) is shared with everything else that
-    /// snapshots in it (AWS Backup, Data Lifecycle Manager, the user's own).
+    /// endpoints and quotas", AWS General Reference) is shared with everything else that
+    /// snapshots in it (AWS Backup, Data Lifecycle Manager, the user's own; "take note
+    /// of other workloads that might be running in the account", EBS direct APIs FAQ).
     pub points_at_once: usize,
 }
 

@@ -140,18 +140,6 @@ pub fn load(paths: &DiskPaths, disk: &DiskId) -> Result<DiskState, DurableError>
     Ok(st)
 }
 
-/// [`load`], then the progress file folded into the state file and removed (by the
-/// engine, the state's one owner; `status` only reads).
-pub fn load_owned(paths: &DiskPaths, disk: &DiskId) -> Result<DiskState, DurableError> {
-    let st = load(paths, disk)?;
-    let progress = paths.point_progress();
-    if progress.exists() {
-        save(paths, &st)?;
-        remove_progress(paths);
-    }
-    Ok(st)
-}
-
 /// Removes a point task's progress file once its fields are in the state file.
 pub fn remove_progress(paths: &DiskPaths) {
     match std::fs::remove_file(paths.point_progress()) {

@@ -244,7 +244,10 @@ async fn the_image_goes_on_while_its_own_points_queue_and_a_crash_keeps_the_queu
 }
 
 /// Points written at once are capped (`points_at_once`), so a receiver of many disks
-/// never asks for more pending snapshots than its share of the account's quota: with
+/// never asks for more pending snapshots than its share of the account's quota (100
+/// pending snapshots per account: "Amazon Elastic Block Store endpoints and quotas",
+/// AWS General Reference; "take note of other workloads that might be running in the
+/// account", EBS direct APIs FAQ): with
 /// the twin holding 6 pending at most (EBS: 100 per account, here scaled down) and 24
 /// disks writing points, a cap of 4 is never refused; every point is written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

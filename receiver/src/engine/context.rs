@@ -157,12 +157,13 @@ impl Disk {
         if self.owned {
             return;
         }
-        match state::load_owned(&self.paths, id) {
-            Ok(st) => self.state = st,
-            Err(e) => {
-                tracing::error!(disk = %id, "cannot read the state: {e}");
+        // `open` read the progress file's point fields into the state already.
+        if self.paths.point_progress().exists() {
+            if let Err(e) = state::save(&self.paths, &self.state) {
+                tracing::error!(disk = %id, "cannot save the state: {e}");
                 return;
             }
+            state::remove_progress(&self.paths);
         }
         super::point_task::remove_unreferenced_staged(&self.paths, &self.state);
         self.owned = true;

@@ -100,12 +100,11 @@ pub async fn drive_disk<S: ObjectStore, Q: Queue + Clone + 'static, E: EbsApi + 
                         let staged_ok = tokio::task::spawn_blocking(move || {
                             super::stage::stage(&image, &staged, &d2)
                         })
-                        .await;
+                        .await
+                        .map_err(std::io::Error::other)
+                        .and_then(|r| r);
                         match staged_ok {
-                            Ok(Ok(())) => due.staged = true,
-                            Ok(Err(e)) => {
-                                tracing::warn!(disk = %id, generation = g, "point not staged, the disk's next generation waits for it: {e}")
-                            }
+                            Ok(()) => due.staged = true,
                             Err(e) => {
                                 tracing::warn!(disk = %id, generation = g, "point not staged, the disk's next generation waits for it: {e}")
                             }
