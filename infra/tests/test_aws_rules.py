@@ -465,7 +465,10 @@ def replica_beyond_its_own(template: dict) -> list[str]:
         problems.append("it cannot start its points")
     if allowed(stmts, "ebs:StartSnapshot", snap, {"aws:RequestTag/pilotlight:stack": "other"}):
         problems.append("it may start another stack's snapshots")
-    for action in ["ebs:PutSnapshotBlock", "ebs:CompleteSnapshot", "ebs:GetSnapshotBlock", "ec2:DeleteSnapshot"]:
+    # ec2:LockSnapshot: the Service Authorization Reference lists aws:ResourceTag for it
+    # (snapshot resource); granted only with PointLock on (the statement's Fn::If).
+    for action in ["ebs:PutSnapshotBlock", "ebs:CompleteSnapshot", "ebs:GetSnapshotBlock", "ec2:DeleteSnapshot",
+                   "ec2:LockSnapshot"]:
         if not allowed(stmts, action, snap, own):
             problems.append(f"it may not {action} its own points")
         if allowed(stmts, action, snap, other):
@@ -743,6 +746,13 @@ class AwsRules(unittest.TestCase):
                 if isinstance(st, dict) and st.get("Sid") in ("WriteOwnPoints", "DeleteFailedAndTagOwnPoints"):
                     st.pop("Condition", None)
         self.assertTrue(replica_beyond_its_own(self.mutated(any_snapshot)))
+
+        def lock_any(res, _):
+            for st in res["ReplicaFunctionRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]:
+                if isinstance(st, dict) and "Fn::If" in st and st["Fn::If"][1].get("Sid") == "LockOwnPoints":
+                    st["Fn::If"][1].pop("Condition")
+        problems = replica_beyond_its_own(self.mutated(lock_any))
+        self.assertIn("it may ec2:LockSnapshot another stack's snapshots", problems)
 
         def whole_prefix(res, _):
             for st in res["ReplicaFunctionRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]:

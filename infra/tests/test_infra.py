@@ -382,7 +382,7 @@ EXPECTED_ACTIONS = {
         "logs:CreateLogStream", "logs:PutLogEvents",
         "ebs:StartSnapshot", "ebs:PutSnapshotBlock", "ebs:CompleteSnapshot",
         "ebs:ListSnapshotBlocks", "ebs:GetSnapshotBlock",
-        "ec2:DescribeSnapshots", "ec2:DeleteSnapshot", "ec2:CreateTags",
+        "ec2:DescribeSnapshots", "ec2:DeleteSnapshot", "ec2:CreateTags", "ec2:LockSnapshot",
         "kms:CreateGrant", "kms:Decrypt", "kms:DescribeKey", "kms:GenerateDataKey",
         "kms:GenerateDataKeyWithoutPlaintext", "kms:ReEncrypt*",
     },
@@ -451,6 +451,16 @@ class SameStack(unittest.TestCase):
         self.assertEqual(rpo["Threshold"], {"Ref": "RpoTargetSeconds"})
         self.assertEqual(rpo["ComparisonOperator"], "GreaterThanThreshold")
         self.assertEqual(self.template["Parameters"]["RpoTargetSeconds"]["Default"], 1800)
+        # Both modes: in snapshots mode the replica function's schedule (every 10 minutes)
+        # publishes the lag, so each 15-minute period holds a run.
+        self.assertNotIn("Condition", self.template["Resources"]["RpoAlarm"])
+        self.assertEqual(rpo["Period"], {"Fn::If": ["SnapshotsMode", 900, 300]})
+        self.assertIn("period              = local.snapshots_mode ? 900 : 300", tf)
+        emf = (INFRA.parent / "lambdas/replica/src/emf.rs").read_text()
+        for metric in ("ReplicationLagSeconds", "MaxReplicationLagSeconds", "Heartbeat"):
+            self.assertIn(f'"{metric}"', emf)
+        schedule = self.template["Resources"]["ReplicaSchedule"]["Properties"]["ScheduleExpression"]
+        self.assertEqual(schedule, "rate(10 minutes)")
         self.assertIn('treat_missing_data  = "breaching"', tf)
         self.assertIn("threshold           = var.rpo_target_seconds", tf)
 

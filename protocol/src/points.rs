@@ -326,6 +326,50 @@ pub fn retained<'a>(
     keep
 }
 
+/// A daily point to lock (EBS Snapshot Lock) and for how long.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DailyLock {
+    pub snapshot_id: String,
+    /// Whole days (LockSnapshot's `LockDuration`: 1 to 36 500).
+    pub days: u32,
+    /// When the lock ends (tagged `pilotlight:locked-until`).
+    pub until: DateTime<Utc>,
+}
+
+/// Which points to lock at `now`: each UTC day's first point (the one the daily tier of
+/// [`retained`] keeps) that carries no lock yet, until it would leave the daily tier
+/// (`keep_daily` after its snapshot time), in whole days, at least one. A day's first
+/// point older than `keep_daily` is not locked (it is about to go).
+pub fn daily_locks(points: &[Point], now: DateTime<Utc>, keep_daily: Duration) -> Vec<DailyLock> {
+    let mut first_of_day: BTreeMap<chrono::NaiveDate, &Point> = BTreeMap::new();
+    for p in points {
+        let slot = first_of_day
+            .entry(p.snapshot_time.date_naive())
+            .or_insert(p);
+        if (p.snapshot_time, &p.snapshot_id) < (slot.snapshot_time, &slot.snapshot_id) {
+            *slot = p;
+        }
+    }
+    first_of_day
+        .values()
+        .filter(|p| p.locked_until.is_none())
+        .filter_map(|p| {
+            let left = keep_daily - (now - p.snapshot_time);
+            if left <= Duration::zero() {
+                return None;
+            }
+            let days = (left.num_seconds() as u64)
+                .div_ceil(86_400)
+                .clamp(1, 36_500) as u32;
+            Some(DailyLock {
+                snapshot_id: p.snapshot_id.clone(),
+                days,
+                until: now + Duration::days(days as i64),
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -468,5 +512,30 @@ mod tests {
         assert_eq!(common_step(&[]), None);
         assert_eq!(common_step(&[t(5), t(5)]), Some(Common::Agreed(t(5))));
         assert_eq!(common_step(&[t(5), t(3), t(9)]), Some(Common::Lower(t(3))));
+    }
+
+    #[test]
+    fn each_days_first_unlocked_point_is_locked_until_it_leaves_the_daily_tier() {
+        // Minutes from t0 (10:00): day 0 has points at 10:10 and 11:10, day 1 at 10:05
+        // (locked already), day 2 at 10:30.
+        let mut ps = vec![
+            point("vm", "d", 1, 70),
+            point("vm", "d", 2, 10),
+            point("vm", "d", 3, 24 * 60 + 5),
+            point("vm", "d", 4, 48 * 60 + 30),
+        ];
+        ps[2].locked_until = Some(t0() + Duration::days(40));
+        let now = t0() + Duration::days(2) + Duration::hours(1);
+        let locks = daily_locks(&ps, now, Duration::days(30));
+        let ids: Vec<&str> = locks.iter().map(|l| l.snapshot_id.as_str()).collect();
+        assert_eq!(ids, ["snap-vm-d-2", "snap-vm-d-4"]);
+        // Day 0's first point leaves the daily tier 30 days after its 10:10, 27 days
+        // 23 h 10 min from now: 28 whole days. Day 2's, 29 days 23.5 h from now: 30 days.
+        assert_eq!((locks[0].days, locks[1].days), (28, 30));
+        assert_eq!(locks[0].until, now + Duration::days(28));
+        // Past the daily tier: nothing to lock; a young tier still locks one day.
+        assert!(daily_locks(&ps, t0() + Duration::days(90), Duration::days(30)).is_empty());
+        let short = daily_locks(&ps[3..], now, Duration::hours(2));
+        assert_eq!(short[0].days, 1);
     }
 }

@@ -276,12 +276,8 @@ impl Settings {
         if cfg.prune_every < Duration::from_secs(1) {
             bail!("--prune-every must be at least 1s");
         }
-        cfg.lock = match self.point_lock.as_deref().unwrap_or("off") {
-            "off" => None,
-            "governance" => Some(LockMode::Governance),
-            "compliance" => Some(LockMode::Compliance),
-            other => bail!("--point-lock {other:?}: governance, compliance or off"),
-        };
+        cfg.lock = LockMode::from_setting(self.point_lock.as_deref().unwrap_or("off"))
+            .map_err(|e| anyhow::anyhow!("--point-lock {e}"))?;
         Ok(Some(cfg))
     }
 

@@ -426,12 +426,15 @@ async fn the_replica_lambda_binary_answers_an_sqs_batch_and_its_schedule_under_c
         serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
     assert_eq!(pruned["points"], 1, "{pruned}");
     assert_eq!(pruned["deleted"].as_array().unwrap().len(), 0);
-    // The lag line CloudWatch turns into metrics.
-    assert!(
-        function_log().contains("\"ReplicationLagSeconds\""),
-        "{}",
-        function_log()
-    );
+    // The lag lines CloudWatch turns into metrics: the disk's, and the stack's largest
+    // (what the RPO alarm watches in snapshots mode).
+    for metric in ["\"ReplicationLagSeconds\"", "\"MaxReplicationLagSeconds\""] {
+        assert!(
+            function_log().contains(metric),
+            "{metric}: {}",
+            function_log()
+        );
+    }
     let out = replica(&stack, &["status", "--json"]).output().unwrap();
     let heads: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     let sid = heads[0]["point"]["snapshot_id"].as_str().unwrap();

@@ -68,6 +68,16 @@ impl LockMode {
             LockMode::Compliance => "compliance",
         }
     }
+
+    /// The stack's `PointLock` setting: `off` (none), `governance` or `compliance`.
+    pub fn from_setting(s: &str) -> Result<Option<LockMode>, String> {
+        match s {
+            "off" => Ok(None),
+            "governance" => Ok(Some(LockMode::Governance)),
+            "compliance" => Ok(Some(LockMode::Compliance)),
+            other => Err(format!("{other:?}: governance, compliance or off")),
+        }
+    }
 }
 
 /// A `StartSnapshot` request.

@@ -29,6 +29,7 @@ pub mod export;
 pub mod handler;
 pub mod plan;
 pub mod prune;
+pub mod schedule;
 pub mod shard;
 
 pub use error::ReplicaError;
@@ -71,6 +72,9 @@ pub struct ReplicaConfig {
     pub settle_wait: Duration,
     /// Retention (the function's schedule prunes).
     pub tiers: pilotlight_protocol::points::Tiers,
+    /// EBS Snapshot Lock on each day's kept point, until it leaves the daily tier (the
+    /// stack's `PointLock`); none: no lock.
+    pub lock: Option<pilotlight_cloud::ebs::LockMode>,
     /// Print each completed point's lag as an embedded-metric log line (Lambda: its
     /// stdout is the function's log, from which CloudWatch takes the metrics).
     pub emf: bool,
@@ -93,6 +97,7 @@ impl ReplicaConfig {
             redispatch_after: chrono::Duration::minutes(16),
             settle_wait: Duration::from_secs(20),
             tiers: Default::default(),
+            lock: None,
             emf: false,
         }
     }

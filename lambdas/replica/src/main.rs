@@ -51,6 +51,10 @@ async fn main() -> Result<(), Error> {
         keep_hourly: hours("PILOTLIGHT_KEEP_HOURLY_DAYS", 7)? * 24,
         keep_daily: hours("PILOTLIGHT_KEEP_DAILY_DAYS", 30)? * 24,
     };
+    cfg.lock = pilotlight_cloud::ebs::LockMode::from_setting(
+        &std::env::var("PILOTLIGHT_POINT_LOCK").unwrap_or_else(|_| "off".into()),
+    )
+    .map_err(|e| format!("PILOTLIGHT_POINT_LOCK {e}"))?;
     // The function's region and role come from the Lambda environment; an endpoint only
     // for local runs against the emulator.
     let endpoint = std::env::var("PILOTLIGHT_ENDPOINT_URL")
@@ -82,20 +86,24 @@ async fn main() -> Result<(), Error> {
     .collect();
     let (r, queues) = (&r, &queues);
     run(service_fn(move |event: LambdaEvent<Value>| async move {
-        // The schedule (EventBridge "Scheduled Event"): retention.
+        // The schedule (EventBridge "Scheduled Event"): sweep, retention, lag metrics.
         if event.payload.get("detail-type").and_then(Value::as_str) == Some("Scheduled Event") {
-            // Chains whose events were lost first, then retention.
-            for (disk, step) in pilotlight_replica::drive::sweep(r, chrono::Utc::now).await? {
+            let tick = pilotlight_replica::schedule::tick(r, chrono::Utc::now).await?;
+            for (disk, step) in &tick.swept {
                 tracing::info!(%disk, "sweep: {step:?}");
             }
-            let pruned =
-                pilotlight_replica::prune::prune(r, &r.cfg.tiers, chrono::Utc::now()).await?;
+            let pruned = tick.pruned;
             tracing::info!(
                 points = pruned.points,
                 deleted = pruned.deleted.len(),
                 failed = pruned.failed,
+                locked = pruned.locked.len(),
                 "pruned"
             );
+            // The lag as metrics (the function's stdout is its log).
+            for line in &tick.lag_lines {
+                println!("{line}");
+            }
             return Ok::<_, Error>(serde_json::to_value(pruned)?);
         }
         let batch: SqsEvent = serde_json::from_value(event.payload)?;

@@ -241,6 +241,75 @@ fn pruning_keeps_the_tiers_the_chain_head_and_held_points_and_the_chain_goes_on(
     });
 }
 
+/// Snapshot Lock in snapshots mode (the stack's `PointLock`): each day's kept point is
+/// locked until it leaves the daily tier and tagged with the lock's end; while locked it
+/// is never offered for deletion, even when the tiers no longer keep it.
+#[test]
+fn daily_points_are_locked_and_never_pruned_while_locked() {
+    paused(async {
+        use chrono::TimeZone;
+        use pilotlight_cloud::ebs::LockMode;
+        use pilotlight_protocol::points::{tag, Point};
+        let case = Case::fixed(29, 5);
+        let mut w = World::new(4);
+        w.r.cfg.lock = Some(LockMode::Governance);
+        let model = w.publish(&case);
+        w.deliver_all(&case);
+        w.run(1, None, 2000).await;
+        assert_eq!(w.verify(&model).await.points, 5);
+        let points: Vec<Point> = w
+            .ebs_snapshots()
+            .await
+            .iter()
+            .filter_map(|(id, _, tags)| Point::from_tags(id, tags))
+            .collect();
+        let id_of = |g: u64| {
+            points
+                .iter()
+                .find(|p| p.generation == g)
+                .unwrap()
+                .snapshot_id
+                .clone()
+        };
+        // Nine days after 2026-12-01 (points an hour apart): generation 1 is the day's
+        // kept point, locked for what is left of its daily tier (30 days): 21 days and
+        // some hours, 22 whole days.
+        let now = chrono::Utc.with_ymd_and_hms(2026, 12, 10, 0, 0, 0).unwrap();
+        let pruned = pilotlight_replica::prune::prune(&w.r, &w.r.cfg.tiers, now)
+            .await
+            .unwrap();
+        assert_eq!(pruned.locked, vec![id_of(1)], "{pruned:?}");
+        let s = w.ebs.get(&id_of(1)).unwrap();
+        assert_eq!(s.lock, Some((LockMode::Governance, 22)));
+        assert_eq!(
+            s.tags.get(tag::LOCKED_UNTIL).map(String::as_str),
+            Some("2027-01-01T00:00:00Z")
+        );
+        let mut deleted = pruned.deleted.clone();
+        deleted.sort();
+        let mut want = vec![id_of(2), id_of(3), id_of(4)];
+        want.sort();
+        assert_eq!(deleted, want, "{pruned:?}");
+        // Locked once: the next run locks nothing again. With the daily tier cut to two
+        // days the tiers no longer keep generation 1, but its lock does (no delete tried).
+        let mut short = w.r.cfg.tiers;
+        short.keep_daily = chrono::Duration::days(2);
+        let again = pilotlight_replica::prune::prune(&w.r, &short, now)
+            .await
+            .unwrap();
+        assert!(again.locked.is_empty(), "{again:?}");
+        assert!(again.deleted.is_empty() && again.failed == 0, "{again:?}");
+        // After the lock's end it goes like any point the tiers drop.
+        w.ebs.expire_lock(&id_of(1));
+        let later = chrono::Utc.with_ymd_and_hms(2027, 1, 5, 0, 0, 0).unwrap();
+        let last = pilotlight_replica::prune::prune(&w.r, &short, later)
+            .await
+            .unwrap();
+        assert_eq!(last.deleted, vec![id_of(1)], "{last:?}");
+        assert!(last.locked.is_empty(), "{last:?}");
+    });
+}
+
 #[test]
 fn the_schedules_sweep_writes_points_whose_events_were_all_lost() {
     paused(async {
@@ -254,9 +323,29 @@ fn the_schedules_sweep_writes_points_whose_events_were_all_lost() {
             chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2026, 12, 5, 0, 0, 0).unwrap()
                 + chrono::Duration::from_std(start.elapsed()).unwrap_or_default()
         };
-        let swept = pilotlight_replica::drive::sweep(&w.r, now).await.unwrap();
-        assert_eq!(swept.len(), 1, "{swept:?}");
+        let tick = pilotlight_replica::schedule::tick(&w.r, now).await.unwrap();
+        assert_eq!(tick.swept.len(), 1, "{tick:?}");
         assert_eq!(w.verify(&model).await.points, 3);
+        // The same run publishes the disk's lag (from generation 3's snapshot time, not
+        // 1's) and the stack's largest.
+        let lines: Vec<serde_json::Value> = tick
+            .lag_lines
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let heads = pilotlight_replica::chain::all(&w.r.store, &w.r.cfg.prefix, now())
+            .await
+            .unwrap();
+        let newest = heads[0].point.as_ref().unwrap();
+        assert_eq!(newest.generation, 3);
+        let want = (now() - newest.snapshot_time).num_milliseconds() as f64 / 1000.0;
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        let lag = lines[0]["ReplicationLagSeconds"].as_f64().unwrap();
+        assert!(lag <= want && lag > want - 60.0, "{lag} vs {want}");
+        assert_eq!(
+            lines[1]["MaxReplicationLagSeconds"],
+            lines[0]["ReplicationLagSeconds"]
+        );
         // Nothing left to do: the next sweep touches nothing.
         assert!(pilotlight_replica::drive::sweep(&w.r, now)
             .await

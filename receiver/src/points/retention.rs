@@ -126,30 +126,16 @@ impl<E: EbsApi + 'static> PointWriter<E> {
         let Some(mode) = self.cfg.lock else {
             return Vec::new();
         };
-        let mut first_of_day: BTreeMap<chrono::NaiveDate, &Point> = BTreeMap::new();
-        for p in completed {
-            let slot = first_of_day
-                .entry(p.snapshot_time.date_naive())
-                .or_insert(p);
-            if p.snapshot_time < slot.snapshot_time {
-                *slot = p;
-            }
-        }
         let mut locked = Vec::new();
-        for p in first_of_day.values().filter(|p| p.locked_until.is_none()) {
-            let left = self.cfg.tiers.keep_daily - (now - p.snapshot_time);
-            if left <= chrono::Duration::zero() {
-                continue;
-            }
-            let days = (left.num_seconds() as u64)
-                .div_ceil(86_400)
-                .clamp(1, 36_500) as u32;
-            let until = now + chrono::Duration::days(days as i64);
+        for lock in
+            pilotlight_protocol::points::daily_locks(completed, now, self.cfg.tiers.keep_daily)
+        {
+            let days = lock.days;
             let tags = [(
                 tag::LOCKED_UNTIL.to_string(),
-                pilotlight_protocol::points::time_tag(until),
+                pilotlight_protocol::points::time_tag(lock.until),
             )];
-            let sid = p.snapshot_id.as_str();
+            let sid = lock.snapshot_id.as_str();
             let res = async {
                 self.retrying(|| self.ebs.lock_snapshot(sid, mode, days))
                     .await?;
@@ -164,7 +150,7 @@ impl<E: EbsApi + 'static> PointWriter<E> {
                         days,
                         "recovery point locked"
                     );
-                    locked.push(p.snapshot_id.clone());
+                    locked.push(lock.snapshot_id.clone());
                 }
                 Err(e) => tracing::warn!(
                     snapshot = sid,

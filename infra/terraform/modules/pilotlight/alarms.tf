@@ -62,18 +62,19 @@ resource "aws_cloudwatch_metric_alarm" "dr_errors_alarm" {
   alarm_actions       = [aws_sns_topic.alert_topic.arn]
 }
 
-# The receiver publishes each disk's lag and, per stack, the largest (per-VM alarms cannot
-# be declared before the VMs are known). A silent site makes the lag grow; a silent
-# receiver publishes nothing: missing data breaches.
+# Each disk's lag and, per stack, the largest are published by the receiver every minute
+# (image mode) or by the replica function's 10-minute schedule (snapshots mode); per-VM
+# alarms cannot be declared before the VMs are known. A silent site makes the lag grow; a
+# silent receiver or schedule publishes nothing: missing data breaches. In snapshots mode
+# a period of 15 minutes always holds one schedule run.
 resource "aws_cloudwatch_metric_alarm" "rpo_alarm" {
-  count               = local.image_mode ? 1 : 0
   alarm_name          = "${var.name}-rpo"
-  alarm_description   = "pilotlight RPO breach - a disk's replication lag is over rpo_target_seconds, or the receiver publishes no metrics (site or receiver silent)."
+  alarm_description   = "pilotlight RPO breach - a disk's replication lag is over rpo_target_seconds, or no lag is published (site, receiver or replica schedule silent)."
   namespace           = "Pilotlight"
   metric_name         = "MaxReplicationLagSeconds"
   dimensions          = { Stack = var.name }
   statistic           = "Maximum"
-  period              = 300
+  period              = local.snapshots_mode ? 900 : 300
   evaluation_periods  = 1
   threshold           = var.rpo_target_seconds
   comparison_operator = "GreaterThanThreshold"

@@ -145,6 +145,21 @@ data "aws_iam_policy_document" "replica_function_role" {
       values   = [var.name]
     }
   }
+  # Each day's kept point locked (point_lock; its end tagged with ec2:CreateTags above):
+  # only the stack's own points.
+  dynamic "statement" {
+    for_each = var.point_lock != "off" ? [1] : []
+    content {
+      sid       = "LockOwnPoints"
+      actions   = ["ec2:LockSnapshot"]
+      resources = [local.snapshot_arn]
+      condition {
+        test     = "StringEquals"
+        variable = "aws:ResourceTag/pilotlight:stack"
+        values   = [var.name]
+      }
+    }
+  }
   dynamic "statement" {
     for_each = local.use_kms ? [1] : []
     content {
@@ -202,6 +217,7 @@ resource "aws_lambda_function" "replica_function" {
         PILOTLIGHT_KEEP_ALL_HOURS   = var.keep_all_hours
         PILOTLIGHT_KEEP_HOURLY_DAYS = var.keep_hourly_days
         PILOTLIGHT_KEEP_DAILY_DAYS  = var.keep_daily_days
+        PILOTLIGHT_POINT_LOCK       = var.point_lock
         RUST_LOG                    = "info"
       },
       local.use_kms ? { PILOTLIGHT_POINTS_KMS_KEY = var.kms_key_arn } : {},
