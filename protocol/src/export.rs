@@ -56,6 +56,13 @@ pub struct ExportResult {
     pub image_key: Option<String>,
     pub size: Option<u64>,
     pub sha256: Option<Sha256Hex>,
+    /// For `done` by an export fanned out over invocations (snapshots mode), instead of
+    /// `sha256`, which no one invocation sees: the SHA-256 of the parts' SHA-256s in part
+    /// order, hex, `-{parts}` (S3's composite checksum form), parts of `part_size` bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parts_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part_size: Option<u64>,
     /// For `failed`: what went wrong and what to do.
     pub reason: Option<String>,
     pub seconds: f64,
@@ -129,9 +136,50 @@ impl ExportResult {
             image_key: Some(image_key),
             size: Some(size),
             sha256: Some(sha256),
+            parts_sha256: None,
+            part_size: None,
             reason: None,
             seconds,
             finished_at,
+        }
+    }
+
+    /// Like [`Self::done`], for an image uploaded in parts by many invocations: its
+    /// composite checksum `parts_sha256` over parts of `part_size` bytes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn done_in_parts(
+        id: &Name,
+        generation: u64,
+        image_key: String,
+        size: u64,
+        parts_sha256: String,
+        part_size: u64,
+        seconds: f64,
+        finished_at: DateTime<Utc>,
+    ) -> Self {
+        ExportResult {
+            sha256: None,
+            parts_sha256: Some(parts_sha256),
+            part_size: Some(part_size),
+            ..Self::done(
+                id,
+                generation,
+                image_key,
+                size,
+                Sha256Hex([0; 32]),
+                seconds,
+                finished_at,
+            )
+        }
+    }
+
+    /// What the image's bytes are checked against: the whole image's SHA-256, or the
+    /// composite of its parts' (`parts:` and the part size).
+    pub fn checksum(&self) -> Option<String> {
+        match (&self.sha256, &self.parts_sha256, self.part_size) {
+            (Some(s), _, _) => Some(s.to_string()),
+            (None, Some(c), Some(p)) => Some(format!("parts of {p} bytes: {c}")),
+            _ => None,
         }
     }
 
@@ -151,6 +199,8 @@ impl ExportResult {
             image_key: None,
             size: None,
             sha256: None,
+            parts_sha256: None,
+            part_size: None,
             reason: Some(reason),
             seconds,
             finished_at,

@@ -20,6 +20,9 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 pub const EXPORT_REQUEST_FILE: &str = "request.json";
 pub const EXPORT_IMAGE_FILE: &str = "image.raw";
 pub const EXPORT_RESULT_FILE: &str = "result.json";
+/// Snapshots mode: a fanned-out export's upload plan, and its ranges' records under `p/`.
+pub const EXPORT_PLAN_FILE: &str = "plan.json";
+pub const EXPORT_RANGE_DIR: &str = "p";
 pub const FAILBACK_RETURN_FILE: &str = "return.json";
 pub const FAILBACK_ROUND_FILE: &str = "round.json";
 pub const REPLICA_HEAD_FILE: &str = "head.json";
@@ -85,6 +88,17 @@ pub enum ObjectKey {
         disk: DiskId,
         id: Name,
     },
+    /// Snapshots mode: a fanned-out export's upload plan (written by the replica function).
+    ExportPlan {
+        disk: DiskId,
+        id: Name,
+    },
+    /// Snapshots mode: one range of a fanned-out export (its lease, then its parts).
+    ExportRange {
+        disk: DiskId,
+        id: Name,
+        range: u32,
+    },
     /// A failback's return snapshots of this disk (written by the DR function).
     FailbackReturn {
         disk: DiskId,
@@ -116,6 +130,8 @@ impl ObjectKey {
             | ObjectKey::ExportRequest { disk, .. }
             | ObjectKey::ExportImage { disk, .. }
             | ObjectKey::ExportResult { disk, .. }
+            | ObjectKey::ExportPlan { disk, .. }
+            | ObjectKey::ExportRange { disk, .. }
             | ObjectKey::FailbackReturn { disk, .. }
             | ObjectKey::FailbackRound { disk, .. }
             | ObjectKey::ReplicaHead { disk }
@@ -160,6 +176,13 @@ impl ObjectKey {
             ObjectKey::ExportResult { disk, id } => {
                 format!("{}{id}/{EXPORT_RESULT_FILE}", export_prefix(prefix, disk))
             }
+            ObjectKey::ExportPlan { disk, id } => {
+                format!("{}{id}/{EXPORT_PLAN_FILE}", export_prefix(prefix, disk))
+            }
+            ObjectKey::ExportRange { disk, id, range } => format!(
+                "{}{id}/{EXPORT_RANGE_DIR}/{range:05}.json",
+                export_prefix(prefix, disk)
+            ),
             ObjectKey::FailbackReturn { disk, run } => {
                 format!(
                     "{}b/{run}/{FAILBACK_RETURN_FILE}",
@@ -250,6 +273,18 @@ impl ObjectKey {
                 [EXPORT_REQUEST_FILE] => Ok(ObjectKey::ExportRequest { disk, id }),
                 [EXPORT_IMAGE_FILE] => Ok(ObjectKey::ExportImage { disk, id }),
                 [EXPORT_RESULT_FILE] => Ok(ObjectKey::ExportResult { disk, id }),
+                [EXPORT_PLAN_FILE] => Ok(ObjectKey::ExportPlan { disk, id }),
+                [EXPORT_RANGE_DIR, file] => {
+                    let range = file
+                        .strip_suffix(".json")
+                        .filter(|r| r.len() == 5)
+                        .ok_or_else(|| KeyError::WrongShape { key: short() })?;
+                    Ok(ObjectKey::ExportRange {
+                        disk,
+                        id,
+                        range: parse_small(key, "range", range)?,
+                    })
+                }
                 _ => Err(KeyError::WrongShape { key: short() }),
             };
         }
@@ -417,6 +452,15 @@ mod tests {
                 disk: disk(),
                 id: id.clone(),
             },
+            ObjectKey::ExportPlan {
+                disk: disk(),
+                id: id.clone(),
+            },
+            ObjectKey::ExportRange {
+                disk: disk(),
+                id: id.clone(),
+                range: 12,
+            },
         ] {
             let s = k.to_key(&p("dr"));
             assert!(s.starts_with("dr/site1/vm-a/disk0/x/run-1.disk0/"), "{s}");
@@ -429,6 +473,10 @@ mod tests {
             "dr/site1/vm-a/disk0/x/id/other.json",
             "dr/site1/vm-a/disk0/x/id/d/00000000000000000000",
             "dr/site1/vm-a/disk0/x/request.json",
+            "dr/site1/vm-a/disk0/x/id/p/12.json",
+            "dr/site1/vm-a/disk0/x/id/p/0001x.json",
+            "dr/site1/vm-a/disk0/x/id/p/00001",
+            "dr/site1/vm-a/disk0/x/id/p/99999.json/x",
         ] {
             assert!(ObjectKey::parse(&p("dr"), bad).is_err(), "{bad}");
         }

@@ -23,6 +23,7 @@ pub mod manifest;
 pub mod names;
 pub mod points;
 pub mod replica;
+pub mod replica_export;
 
 pub use event::{parse_notification, EventError, S3Notification, S3Record};
 pub use export::{

@@ -258,7 +258,7 @@ pub enum ReplicaDocError {
     Invalid(String),
 }
 
-fn snapshot_id_ok(id: &str) -> Result<(), ReplicaDocError> {
+pub(crate) fn snapshot_id_ok(id: &str) -> Result<(), ReplicaDocError> {
     let ok = id.strip_prefix("snap-").is_some_and(|h| {
         !h.is_empty() && h.len() <= 32 && h.bytes().all(|b| b.is_ascii_alphanumeric())
     });
@@ -271,7 +271,7 @@ fn snapshot_id_ok(id: &str) -> Result<(), ReplicaDocError> {
     }
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(
+pub(crate) fn parse<T: for<'de> Deserialize<'de>>(
     bytes: &[u8],
     cap: usize,
     version: impl Fn(&T) -> u32,

@@ -6,7 +6,7 @@
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use pilotlight_cloud::ebs::{BlockRef, EbsApi, BLOCK_SIZE};
+use pilotlight_cloud::ebs::{BlockRef, EbsApi, PageStart, BLOCK_SIZE};
 use pilotlight_cloud::{CloudError, ObjectStore, PutOptions};
 use pilotlight_protocol::Sha256Hex;
 use sha2::{Digest, Sha256};
@@ -110,54 +110,84 @@ pub async fn export_image<K: ObjectStore>(
 /// Blocks read at once from a recovery point.
 const POINT_READS: usize = 16;
 
-/// Uploads recovery point `snapshot` as a raw disk of `size` bytes to `key`: its blocks
-/// (ListSnapshotBlocks, GetSnapshotBlock) at their offsets, holes as zeroes (never read).
-pub async fn export_point<K: ObjectStore, E: EbsApi>(
-    sink: &K,
-    ebs: &E,
-    snapshot: &str,
-    size: u64,
-    key: &str,
-    opts: &ExportOptions,
-) -> Result<ExportReport, ExportError> {
-    let point_err = |source| ExportError::Point {
-        snapshot: snapshot.to_string(),
-        source: Box::new(source),
-    };
-    let blocks: BTreeMap<u64, BlockRef> = ebs
-        .list_snapshot_blocks(snapshot)
-        .await
-        .map_err(point_err)?
-        .into_iter()
-        .map(|b| (b.index, b))
-        .collect();
-    // A block wholly past the disk is not this disk's (the snapshot is whole GiB, the
-    // disk need not be); one that overlaps the end is cut.
-    if let Some((&index, _)) = blocks.range(size.div_ceil(BLOCK_SIZE)..).next() {
-        return Err(ExportError::PointTooLarge {
-            snapshot: snapshot.to_string(),
-            index,
-            size,
-        });
+/// A completed recovery point read as a raw disk of `size` bytes: its blocks at their
+/// offsets, holes as zeroes (never read).
+#[derive(Debug)]
+pub struct PointReader<'a, E> {
+    ebs: &'a E,
+    snapshot: &'a str,
+    blocks: BTreeMap<u64, BlockRef>,
+}
+
+impl<'a, E: EbsApi> PointReader<'a, E> {
+    /// Lists the point's blocks that overlap `bytes` (ListSnapshotBlocks from the
+    /// window's first block, paged, stopping past the window). A window that reaches the
+    /// disk's end lists to the end of the point: a block wholly past the disk is not this
+    /// disk's (the snapshot is whole GiB, the disk need not be) and refused.
+    pub async fn open(
+        ebs: &'a E,
+        snapshot: &'a str,
+        size: u64,
+        bytes: std::ops::Range<u64>,
+    ) -> Result<PointReader<'a, E>, ExportError> {
+        let first = bytes.start / BLOCK_SIZE;
+        let end = bytes.end.min(size).div_ceil(BLOCK_SIZE);
+        let to_the_end = bytes.end >= size;
+        let mut blocks = BTreeMap::new();
+        let mut token: Option<String> = None;
+        loop {
+            let start = token
+                .as_deref()
+                .map_or(PageStart::Index(first), PageStart::Token);
+            let page = ebs
+                .list_snapshot_blocks_page(snapshot, start)
+                .await
+                .map_err(|e| point_err(snapshot, e))?;
+            let past = page.blocks.last().is_some_and(|b| b.index >= end);
+            blocks.extend(
+                page.blocks
+                    .into_iter()
+                    .filter(|b| b.index >= first && (to_the_end || b.index < end))
+                    .map(|b| (b.index, b)),
+            );
+            match page.next_token {
+                Some(t) if to_the_end || !past => token = Some(t),
+                _ => break,
+            }
+        }
+        if let Some((&index, _)) = blocks.range(size.div_ceil(BLOCK_SIZE)..).next() {
+            return Err(ExportError::PointTooLarge {
+                snapshot: snapshot.to_string(),
+                index,
+                size,
+            });
+        }
+        Ok(PointReader {
+            ebs,
+            snapshot,
+            blocks,
+        })
     }
-    let blocks = &blocks;
-    let read_part = |at: u64, len: usize| async move {
+
+    /// The disk's bytes `[at, at + len)` (inside the window opened).
+    pub async fn read(&self, at: u64, len: usize) -> Result<Bytes, ExportError> {
         let mut buf = vec![0u8; len];
         let first = at / BLOCK_SIZE;
         let last = (at + len as u64).div_ceil(BLOCK_SIZE);
-        let fetched: Vec<(u64, Bytes)> = futures::stream::iter(blocks.range(first..last))
+        let (ebs, snapshot) = (self.ebs, self.snapshot);
+        let fetched: Vec<(u64, Bytes)> = futures::stream::iter(self.blocks.range(first..last))
             .map(|(&i, b)| async move {
                 let data = ebs
                     .get_snapshot_block(snapshot, b)
                     .await
-                    .map_err(point_err)?;
+                    .map_err(|e| point_err(snapshot, e))?;
                 Ok::<_, ExportError>((i, data))
             })
             .buffer_unordered(POINT_READS)
             .try_collect()
             .await?;
         for (i, data) in fetched {
-            // The part's window of this block (parts are whole blocks but the last).
+            // The window's part of this block (windows are whole blocks but the last).
             let start = i * BLOCK_SIZE;
             let from = start.max(at);
             let to = (start + data.len() as u64).min(at + len as u64);
@@ -166,9 +196,29 @@ pub async fn export_point<K: ObjectStore, E: EbsApi>(
                     .copy_from_slice(&data[(from - start) as usize..(to - start) as usize]);
             }
         }
-        Ok::<_, ExportError>(Bytes::from(buf))
-    };
-    upload_parts(sink, size, key, opts, read_part).await
+        Ok(Bytes::from(buf))
+    }
+}
+
+fn point_err(snapshot: &str, source: CloudError) -> ExportError {
+    ExportError::Point {
+        snapshot: snapshot.to_string(),
+        source: Box::new(source),
+    }
+}
+
+/// Uploads recovery point `snapshot` as a raw disk of `size` bytes to `key`.
+pub async fn export_point<K: ObjectStore, E: EbsApi>(
+    sink: &K,
+    ebs: &E,
+    snapshot: &str,
+    size: u64,
+    key: &str,
+    opts: &ExportOptions,
+) -> Result<ExportReport, ExportError> {
+    let reader = PointReader::open(ebs, snapshot, size, 0..size).await?;
+    let reader = &reader;
+    upload_parts(sink, size, key, opts, |at, len| reader.read(at, len)).await
 }
 
 /// The upload both exports share: parts of the whole disk read in order (two ahead),

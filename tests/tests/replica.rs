@@ -98,6 +98,11 @@ async fn a_two_disk_vm_in_snapshots_mode_has_every_point_and_drills_from_past_on
                 "4",
                 "--concurrency",
                 "4",
+                // Exports of these 16 MiB disks fan out: 5 MiB parts, one a range.
+                "--export-range-mib",
+                "5",
+                "--export-part-mib",
+                "5",
             ],
         )
         .stdout(Stdio::null())
@@ -235,6 +240,22 @@ async fn a_two_disk_vm_in_snapshots_mode_has_every_point_and_drills_from_past_on
             hex::encode(Sha256::digest(want)),
             "the export of {} differs from the disk at generation 1",
             d["disk"]
+        );
+        // Fanned out over invocations (four ranges of one 5 MiB part): the run reports
+        // the composite checksum of the parts' SHA-256s, computed here independently.
+        let mut parts = Sha256::new();
+        for chunk in want.chunks(5 * MIB as usize) {
+            parts.update(Sha256::digest(chunk));
+        }
+        let composite = format!(
+            "{}-{}",
+            hex::encode(parts.finalize()),
+            want.len().div_ceil(5 * MIB as usize)
+        );
+        assert_eq!(
+            d["sha256"].as_str().unwrap(),
+            format!("parts of {} bytes: {composite}", 5 * MIB),
+            "{d:#}"
         );
     }
     let cleaned = dr_run(&stack, &["cleanup", run["run_id"].as_str().unwrap()]);

@@ -3,7 +3,8 @@
 use super::*;
 
 /// A multipart upload in progress: its key and the parts uploaded so far.
-type Upload = (String, BTreeMap<i32, Bytes>);
+/// The key and each part's bytes and ETag.
+type Upload = (String, BTreeMap<i32, (Bytes, String)>);
 
 /// A bucket in memory, behaving as S3 does where pilotlight depends on it: capped reads,
 /// `If-None-Match: *`, multipart uploads (parts assembled in the order given, unknown
@@ -292,8 +293,15 @@ impl ObjectStore for MemoryStore {
         let mut up = lock(&self.uploads);
         match up.get_mut(upload_id) {
             Some((k, parts)) if k == key => {
-                let etag = Self::etag_of(&body);
-                parts.insert(number, body);
+                // Each upload of a part gets its own ETag, as with SSE-KMS ("Objects
+                // created ... encrypted by SSE-C or SSE-KMS, have ETags that are not an
+                // MD5 digest of their object data", S3 API Reference, Object): the same
+                // bytes uploaded twice are two ETags, and only the last one completes.
+                let n = self.next_upload.fetch_add(1, Ordering::Relaxed);
+                let mut salted = body.to_vec();
+                salted.extend_from_slice(&n.to_le_bytes());
+                let etag = Self::etag_of(&salted);
+                parts.insert(number, (body, etag.clone()));
                 Ok(etag)
             }
             _ => Err(self.err(
@@ -341,17 +349,35 @@ impl ObjectStore for MemoryStore {
                 "The list of parts was not in ascending order",
             ));
         }
+        // CompleteMultipartUpload API reference, errors: "InvalidPart: One or more of the
+        // specified parts could not be found. The part might not have been uploaded, or
+        // the specified ETag might not have matched the uploaded part's ETag";
+        // "EntityTooSmall: ... Each part must be at least 5 MB in size, except the last
+        // part."
         let mut body = bytes::BytesMut::new();
-        for (n, _) in &parts {
-            let b = stored.get(n).ok_or_else(|| {
-                self.err(
+        for (i, (n, etag)) in parts.iter().enumerate() {
+            let b = stored
+                .get(n)
+                .filter(|(_, e)| e == etag)
+                .map(|(b, _)| b)
+                .ok_or_else(|| {
+                    self.err(
+                        "CompleteMultipartUpload",
+                        key,
+                        ErrorKind::Invalid,
+                        "InvalidPart",
+                        "One or more of the specified parts could not be found, or its ETag did not match",
+                    )
+                })?;
+            if i + 1 < parts.len() && b.len() < 5 << 20 {
+                return Err(self.err(
                     "CompleteMultipartUpload",
                     key,
                     ErrorKind::Invalid,
-                    "InvalidPart",
-                    "One or more of the specified parts could not be found",
-                )
-            })?;
+                    "EntityTooSmall",
+                    "Each part must be at least 5 MB in size, except the last part",
+                ));
+            }
             body.extend_from_slice(b);
         }
         up.remove(upload_id);

@@ -51,21 +51,38 @@ fn memory_store_behaves_like_s3() {
             s.list("a/", |k| !k.contains("/d/")).await.unwrap(),
             vec!["a/1"]
         );
-        // Multipart: parts in order, an unknown upload refused.
+        // Multipart: parts in order, each but the last at least 5 MiB, each named by the
+        // ETag of its last upload; an unknown upload refused.
         let id = s.create_multipart("big").await.unwrap();
         let e2 = s
             .upload_part("big", &id, 2, Bytes::from_static(b"world"))
             .await
             .unwrap();
-        let e1 = s
+        let small = s
             .upload_part("big", &id, 1, Bytes::from_static(b"hello "))
             .await
             .unwrap();
+        let code = |e: CloudError| e.code.unwrap_or_default();
+        let e = s
+            .complete_multipart("big", &id, vec![(1, small.clone()), (2, e2.clone())])
+            .await
+            .unwrap_err();
+        assert_eq!(code(e), "EntityTooSmall");
+        let first = Bytes::from(vec![b'h'; 5 << 20]);
+        let e1 = s.upload_part("big", &id, 1, first.clone()).await.unwrap();
+        // The first upload's ETag no longer names part 1.
+        let e = s
+            .complete_multipart("big", &id, vec![(1, small), (2, e2.clone())])
+            .await
+            .unwrap_err();
+        assert_eq!(code(e), "InvalidPart");
         assert_eq!(s.open_uploads(), 1);
         s.complete_multipart("big", &id, vec![(1, e1), (2, e2)])
             .await
             .unwrap();
-        assert_eq!(s.object("big").unwrap(), Bytes::from_static(b"hello world"));
+        let mut whole = first.to_vec();
+        whole.extend_from_slice(b"world");
+        assert_eq!(s.object("big").unwrap(), Bytes::from(whole));
         assert_eq!(s.open_uploads(), 0);
         let e = s
             .upload_part("big", &id, 3, Bytes::new())

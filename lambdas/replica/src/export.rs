@@ -3,7 +3,8 @@
 //! bucket as a raw disk (ListSnapshotBlocks, GetSnapshotBlock, a parallel multipart
 //! upload: the receiver's own export from points), then `x/{id}/result.json`. There is
 //! no image to export from: a generation without a completed point waits until its point
-//! is written, and is refused once it can never have one.
+//! is written, and is refused once it can never have one. A point larger than one range
+//! (`export_range_bytes`) is fanned out over invocations ([`crate::export_fanout`]).
 
 use crate::drive::Step;
 use crate::error::ReplicaError;
@@ -16,10 +17,11 @@ use pilotlight_store::upload::{export_point, ExportOptions};
 use pilotlight_store::{exports, manifests, DocError};
 use std::time::Instant;
 
-pub async fn request<S: ObjectStore, E: EbsApi, Q>(
+pub async fn request<S: ObjectStore, E: EbsApi, Q: pilotlight_cloud::sqs::Queue>(
     r: &Replica<S, E, Q>,
     disk: &DiskId,
     id: &Name,
+    now: impl Fn() -> chrono::DateTime<Utc> + Copy,
 ) -> Result<Step, ReplicaError> {
     let p = &r.cfg.prefix;
     match exports::read_result(&r.store, p, disk, id).await {
@@ -46,9 +48,7 @@ pub async fn request<S: ObjectStore, E: EbsApi, Q>(
     let point =
         pilotlight_store::points::of_generation(&r.ebs, disk, g, Some(&r.cfg.stack)).await?;
     let Some(point) = point else {
-        let head = crate::chain::read(&r.store, p, disk, Utc::now())
-            .await?
-            .head;
+        let head = crate::chain::read(&r.store, p, disk, now()).await?.head;
         let newest = head.point.as_ref().map_or(0, |x| x.generation);
         let writing = head.pending.as_ref().is_some_and(|x| x.generation <= g);
         if newest < g || writing {
@@ -69,6 +69,25 @@ pub async fn request<S: ObjectStore, E: EbsApi, Q>(
             return answer(r, disk, failed(id, Some(g), why, 0.0)).await;
         }
     };
+    if m.disk_size > r.cfg.export_range_bytes {
+        return match crate::export_fanout::start(
+            r,
+            disk,
+            id,
+            g,
+            &point.snapshot_id,
+            m.disk_size,
+            now(),
+        )
+        .await
+        {
+            Err(e) if !e.is_transient() => {
+                let why = format!("export of point {}: {e}", point.snapshot_id);
+                answer(r, disk, failed(id, Some(g), why, 0.0)).await
+            }
+            other => other,
+        };
+    }
     let key = exports::image_key(p, disk, id);
     let opts = ExportOptions::default();
     let result = match export_point(

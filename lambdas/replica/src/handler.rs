@@ -1,5 +1,6 @@
 //! One queue message, decided: an S3 event (a manifest: move the disk's chain to that
-//! generation), a shard task (write one shard, then move the chain), or neither.
+//! generation; an export request), a shard task (write one shard, then move the chain),
+//! an export range task (upload one range of a fanned-out export), or neither.
 //!
 //! Every message is untrusted: a malformed one is refused with the reason (the queue's
 //! redrive takes it to the dead-letter queue after a few deliveries), never a panic.
@@ -13,6 +14,7 @@ use pilotlight_cloud::ebs::EbsApi;
 use pilotlight_cloud::sqs::Queue;
 use pilotlight_cloud::ObjectStore;
 use pilotlight_protocol::replica::ShardTask;
+use pilotlight_protocol::replica_export::ExportTask;
 use pilotlight_protocol::{parse_notification, ObjectKey, S3Notification};
 use pilotlight_store::manifests;
 
@@ -54,6 +56,16 @@ pub async fn handle_body<S: ObjectStore, E: EbsApi, Q: Queue>(
             Err(e) => Outcome::Reject(format!("malformed shard task: {e}")),
         };
     }
+    if let Some(task) = ExportTask::from_body(body) {
+        return match task {
+            Ok(t) => match crate::export_fanout::range_task(r, &t, now).await {
+                Ok(Step::Done(why)) => Outcome::Delete(why),
+                Ok(Step::Wait(why)) => Outcome::Retry(why),
+                Err(e) => failed(e),
+            },
+            Err(e) => Outcome::Reject(format!("malformed export task: {e}")),
+        };
+    }
     let records = match parse_notification(body.as_bytes()) {
         Ok(S3Notification::Test { .. }) => return Outcome::Delete("s3:TestEvent".into()),
         Ok(S3Notification::Records(r)) => r,
@@ -80,7 +92,7 @@ pub async fn handle_body<S: ObjectStore, E: EbsApi, Q: Queue>(
                 }
             }
             Ok(ObjectKey::ExportRequest { disk, id }) => {
-                match crate::export::request(r, &disk, &id).await {
+                match crate::export::request(r, &disk, &id, now).await {
                     Ok(Step::Done(why)) => done.push(format!("{disk}: {why}")),
                     Ok(Step::Wait(why)) => waits.push(format!("{disk}: {why}")),
                     Err(e) => return failed(e),

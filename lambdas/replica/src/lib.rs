@@ -26,6 +26,7 @@ pub mod drive;
 pub mod emf;
 pub mod error;
 pub mod export;
+pub mod export_fanout;
 pub mod handler;
 pub mod plan;
 pub mod prune;
@@ -72,6 +73,20 @@ pub struct ReplicaConfig {
     pub settle_wait: Duration,
     /// Retention (the function's schedule prunes).
     pub tiers: pilotlight_protocol::points::Tiers,
+    /// An export from a point larger than this is fanned out over invocations, a range
+    /// of this many bytes each (a whole number of parts); smaller ones are uploaded by
+    /// the invocation that reads the request.
+    pub export_range_bytes: u64,
+    /// The part size exports aim for (at least S3's 5 MiB; raised for disks past 10 000
+    /// parts).
+    pub export_part_bytes: u64,
+    /// Parts uploading at once per invocation (each part about 16 MiB in memory).
+    pub export_concurrency: usize,
+    /// How long a range's upload is leased to one invocation: longer than any invocation
+    /// lives (the function's timeout, 300 s), so a range is taken over only from one that
+    /// died. The holder starts no part in the last `export_margin` of its lease.
+    pub export_lease: chrono::Duration,
+    pub export_margin: chrono::Duration,
     /// EBS Snapshot Lock on each day's kept point, until it leaves the daily tier (the
     /// stack's `PointLock`); none: no lock.
     pub lock: Option<pilotlight_cloud::ebs::LockMode>,
@@ -98,6 +113,11 @@ impl ReplicaConfig {
             settle_wait: Duration::from_secs(20),
             tiers: Default::default(),
             lock: None,
+            export_range_bytes: 4 << 30,
+            export_part_bytes: 16 << 20,
+            export_concurrency: 4,
+            export_lease: chrono::Duration::minutes(8),
+            export_margin: chrono::Duration::minutes(2),
             emf: false,
         }
     }

@@ -92,6 +92,9 @@ async fn main() -> Result<(), Error> {
             for (disk, step) in &tick.swept {
                 tracing::info!(%disk, "sweep: {step:?}");
             }
+            for export in &tick.exports {
+                tracing::info!("export sweep: {export}");
+            }
             let pruned = tick.pruned;
             tracing::info!(
                 points = pruned.points,

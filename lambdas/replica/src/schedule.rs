@@ -1,6 +1,7 @@
 //! The function's schedule (EventBridge, every 10 minutes): chains whose events were lost
 //! move to their newest generation ([`crate::drive::sweep`]), retention and Snapshot Lock
-//! ([`crate::prune`]), then each disk's replication lag and the stack's largest as metric
+//! ([`crate::prune`]), fanned-out exports whose tasks were lost or whose invocations died
+//! ([`crate::export_fanout::sweep`]), then each disk's replication lag and the stack's largest as metric
 //! lines ([`crate::emf::lag_lines`]): between points a disk publishes nothing, so this is
 //! what makes a silent site's lag grow and the RPO alarm page.
 
@@ -21,6 +22,8 @@ pub struct Tick {
     pub pruned: Pruned,
     /// Embedded-metric lines (each disk's lag, then the stack's largest and a heartbeat).
     pub lag_lines: Vec<String>,
+    /// Fanned-out exports not answered yet, driven again.
+    pub exports: Vec<String>,
 }
 
 pub async fn tick<S: ObjectStore, E: EbsApi, Q: Queue>(
@@ -32,9 +35,11 @@ pub async fn tick<S: ObjectStore, E: EbsApi, Q: Queue>(
     let heads = crate::chain::all(&r.store, &r.cfg.prefix, now()).await?;
     let pruned = prune::prune_with_heads(r, &heads, &r.cfg.tiers, now()).await?;
     let lag_lines = crate::emf::lag_lines(&r.cfg.stack, &heads, now());
+    let exports = crate::export_fanout::sweep(r, now()).await?;
     Ok(Tick {
         swept,
         pruned,
         lag_lines,
+        exports,
     })
 }

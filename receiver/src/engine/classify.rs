@@ -62,7 +62,12 @@ pub fn classify(cfg: &EngineConfig, body: &str) -> Disposition {
                 failback_docs += 1
             }
             // Snapshots mode's own documents (a stack switched between modes).
-            Ok(ObjectKey::ReplicaHead { .. } | ObjectKey::ReplicaShard { .. }) => replica_docs += 1,
+            Ok(
+                ObjectKey::ReplicaHead { .. }
+                | ObjectKey::ReplicaShard { .. }
+                | ObjectKey::ExportPlan { .. }
+                | ObjectKey::ExportRange { .. },
+            ) => replica_docs += 1,
             Err(e) => return Disposition::Leave(format!("rejected key: {e}")),
         }
     }

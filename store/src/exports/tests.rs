@@ -48,6 +48,8 @@ async fn requests_and_results_round_trip_and_bad_ones_say_which_key_and_why() {
         image_key: Some(image_key(&p, &d, &id)),
         size: Some(1),
         sha256: None,
+        parts_sha256: None,
+        part_size: None,
         reason: None,
         seconds: 1.0,
         finished_at: Utc::now(),

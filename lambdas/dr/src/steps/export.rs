@@ -42,6 +42,7 @@ pub(crate) async fn exporting<S: ObjectStore, E: Ec2Api, B: EbsApi>(
             }
         };
         let expected = exports::image_key(p, &disk, &id);
+        let checksum = r.checksum();
         match (r.status, r.image_key) {
             // Only the key this run asked the receiver to write: a result naming another
             // object (anyone's, anywhere in the bucket) is not imported.
@@ -59,7 +60,7 @@ pub(crate) async fn exporting<S: ObjectStore, E: Ec2Api, B: EbsApi>(
                 let disk = &mut run.disks[i];
                 disk.image_key = Some(image_key);
                 disk.size = r.size;
-                disk.sha256 = r.sha256.map(|s| s.to_string());
+                disk.sha256 = checksum;
             }
             (ExportStatus::Done, _) => {
                 run.fail(

@@ -137,6 +137,8 @@ pub(crate) async fn receiver_answers(store: &MemoryStore, run: &Run, ok: bool) {
             image_key: ok.then(|| image_key.clone()),
             size: ok.then_some(4096),
             sha256: ok.then_some(Sha256Hex([1; 32])),
+            parts_sha256: None,
+            part_size: None,
             reason: (!ok).then(|| "disk full on the receiver".into()),
             seconds: 0.1,
             finished_at: chrono::Utc::now(),

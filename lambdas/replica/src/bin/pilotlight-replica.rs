@@ -69,6 +69,13 @@ enum Cmd {
         /// Blocks per shard (a generation larger than this is written by several invocations).
         #[arg(long, default_value_t = 2048)]
         shard_blocks: u64,
+        /// An export from a point larger than this (MiB) is fanned out over invocations,
+        /// a range of this many MiB each.
+        #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(5..))]
+        export_range_mib: u64,
+        /// Export part size in MiB (S3's smallest is 5; raised for disks past 10 000 parts).
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(5..=5120))]
+        export_part_mib: u64,
     },
     /// Each disk's chain: newest point, point being written, last error.
     Status {
@@ -109,10 +116,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             until_idle,
             concurrency,
             shard_blocks,
+            export_range_mib,
+            export_part_mib,
         } => {
             let mut cfg = ReplicaConfig::new(&bucket, prefix, &cli.stack);
             cfg.shard_blocks =
                 shard_blocks.clamp(1, pilotlight_protocol::replica::MAX_SHARD_BLOCKS);
+            cfg.export_range_bytes = export_range_mib << 20;
+            cfg.export_part_bytes = export_part_mib << 20;
             let r = Replica {
                 store: aws.s3(&bucket),
                 ebs: aws.ebs(),

@@ -40,6 +40,8 @@ pub struct Case {
     pub faults: bool,
     /// Disks under one block (for fleets of many disks: small in memory).
     pub tiny: bool,
+    /// Disks of 20-30 MiB (several S3 parts of 5 MiB: fanned-out exports).
+    pub big: bool,
 }
 
 impl Case {
@@ -54,6 +56,7 @@ impl Case {
             kill_every: None,
             faults: false,
             tiny: false,
+            big: false,
         }
     }
 }
@@ -80,6 +83,7 @@ pub fn case_strategy() -> impl Strategy<Value = Case> {
                 kill_every,
                 faults,
                 tiny: false,
+                big: false,
             },
         )
 }
@@ -211,6 +215,8 @@ impl World {
             // 1-6 blocks and a part of one: the last block is short.
             let size = if case.tiny {
                 rng.gen_range(16..=256) * SECTOR
+            } else if case.big {
+                rng.gen_range(40..=60) * BLOCK_SIZE + rng.gen_range(0..1024) * SECTOR
             } else {
                 rng.gen_range(1..=6) * BLOCK_SIZE + rng.gen_range(0..1024) * SECTOR
             };
