@@ -142,6 +142,27 @@ mod tests {
         assert_eq!(keys, vec![format!("{g}manifest.json")]);
     }
 
+    /// A stack switched between modes: snapshots mode's own documents (chain heads, shard
+    /// records, fanned-out exports' plans and ranges) are deleted from the queue, never
+    /// refused as bad keys, and reconcile does not list them.
+    #[test]
+    fn snapshots_mode_documents_are_not_the_receivers() {
+        let c = cfg();
+        for key in [
+            "dr/s/v/d/r/head.json",
+            "dr/s/v/d/r/00000000000000000002/00001-000000.json",
+            "dr/s/v/d/x/run-1.d0/plan.json",
+            "dr/s/v/d/x/run-1.d0/p/00003.json",
+        ] {
+            assert_eq!(
+                classify(&c, &event("b", key)),
+                Disposition::Delete("a snapshots-mode document (the replica function's)"),
+                "{key}"
+            );
+            assert!(!is_control_key(key), "{key}");
+        }
+    }
+
     #[test]
     fn dispositions() {
         let c = cfg();
