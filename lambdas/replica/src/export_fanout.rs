@@ -452,6 +452,23 @@ async fn finish<S: ObjectStore, E: EbsApi, Q: Queue>(
     if answered(r, disk, &plan.id).await? {
         return Ok(Step::Done(format!("export {} already answered", plan.id)));
     }
+    // One listing first: while some range has no record at all, nothing more to read
+    // (each range's completion does this; reading every record each time would be
+    // ranges squared GETs).
+    let under = format!(
+        "{}{}/{}/",
+        pilotlight_protocol::keys::export_prefix(&r.cfg.prefix, disk),
+        plan.id,
+        pilotlight_protocol::keys::EXPORT_RANGE_DIR
+    );
+    let recorded = r.store.list(&under, |_| true).await?.len();
+    if recorded < plan.ranges() as usize {
+        return Ok(Step::Done(format!(
+            "export {}: {recorded} of {} ranges under way or uploaded",
+            plan.id,
+            plan.ranges()
+        )));
+    }
     let mut parts = Vec::with_capacity(plan.parts as usize);
     for range in 0..plan.ranges() {
         match read_range(r, disk, plan, range).await? {
@@ -534,17 +551,20 @@ async fn write_result<S: ObjectStore, E, Q>(
     )))
 }
 
-/// The schedule's part: every fanned-out export not answered yet is driven again (ranges
-/// whose task was lost, or whose invocation died, are sent again; a finished one is
-/// completed).
+/// The schedule's part: every fanned-out export of these disks not answered yet is driven
+/// again (ranges whose task was lost, or whose invocation died, are sent again; a
+/// finished one is completed). One listing of each disk's `x/` (an export needs a point,
+/// so its disk has a chain head), never of the whole bucket.
 pub async fn sweep<S: ObjectStore, E: EbsApi, Q: Queue>(
     r: &Replica<S, E, Q>,
+    disks: impl IntoIterator<Item = &DiskId>,
     now: DateTime<Utc>,
 ) -> Result<Vec<String>, ReplicaError> {
-    let keys = r
-        .store
-        .list(&r.cfg.prefix.key_start(), |k| k.ends_with("/plan.json"))
-        .await?;
+    let mut keys = Vec::new();
+    for disk in disks {
+        let under = pilotlight_protocol::keys::export_prefix(&r.cfg.prefix, disk);
+        keys.extend(r.store.list(&under, |k| k.ends_with("/plan.json")).await?);
+    }
     let mut out = Vec::new();
     for k in keys {
         let Ok(ObjectKey::ExportPlan { disk, id }) = ObjectKey::parse(&r.cfg.prefix, &k) else {

@@ -35,7 +35,7 @@ pub async fn tick<S: ObjectStore, E: EbsApi, Q: Queue>(
     let heads = crate::chain::all(&r.store, &r.cfg.prefix, now()).await?;
     let pruned = prune::prune_with_heads(r, &heads, &r.cfg.tiers, now()).await?;
     let lag_lines = crate::emf::lag_lines(&r.cfg.stack, &heads, now());
-    let exports = crate::export_fanout::sweep(r, now()).await?;
+    let exports = crate::export_fanout::sweep(r, heads.iter().map(|h| &h.disk), now()).await?;
     Ok(Tick {
         swept,
         pruned,
