@@ -282,6 +282,14 @@ mod lazy {
         async fn get_range(&self, key: &str, start: u64, len: u64) -> Result<Bytes, CloudError> {
             self.get().await.get_range(key, start, len).await
         }
+        async fn get_chunks<E: Send, F: FnMut(&[u8]) -> Result<(), E> + Send>(
+            &self,
+            key: &str,
+            max_len: u64,
+            sink: F,
+        ) -> Result<u64, crate::ChunksError<E>> {
+            self.get().await.get_chunks(key, max_len, sink).await
+        }
         async fn head(&self, key: &str) -> Result<Option<u64>, CloudError> {
             self.get().await.head(key).await
         }

@@ -37,5 +37,5 @@ pub use config::LazyS3;
 pub use config::{Aws, AwsSettings};
 pub use error::{CloudError, ErrorKind};
 pub use fault::{Fault, Faults};
-pub use s3::{MemoryStore, ObjectStore, PutOptions, Versioned};
+pub use s3::{ChunksError, MemoryStore, ObjectStore, PutOptions, Versioned};
 pub use sqs::{MemoryQueue, Message, Queue};

@@ -16,10 +16,10 @@
 //! object size.
 
 use crate::image::Image;
-use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use pilotlight_cloud::{CloudError, ObjectStore};
+use pilotlight_cloud::{ChunksError, CloudError, ObjectStore};
 use pilotlight_protocol::{DataObject, Extent, Manifest, ObjectKey, Prefix};
+use pilotlight_store::objects::{ObjectError, StreamError, Streamed};
 use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -226,28 +226,39 @@ async fn apply_inner<S: ObjectStore, I: Image + 'static>(
             let staging_path = staging_path.to_path_buf();
             let write_lock = write_lock.clone();
             async move {
-                // The stored bytes, and the decoded ones when they are a second copy, are
-                // held until staged.
-                let held = o.stored_length
-                    + match o.encoding {
-                        pilotlight_protocol::Encoding::Raw => 0,
-                        pilotlight_protocol::Encoding::Zstd => o.length,
-                    };
-                let _bytes = opts.budget.acquire(held).await;
-                let stored = src.get(&key, o.stored_length).await?;
-                let n = o.stored_length;
-                tokio::task::spawn_blocking(move || {
-                    let data = verify(&key, &o, &stored)?;
-                    let _one_writer = write_lock.lock().unwrap_or_else(|p| p.into_inner());
-                    staging
-                        .write_all_at(&data, at)
-                        .map_err(|source| ApplyError::Staging {
-                            path: staging_path.display().to_string(),
-                            source,
-                        })
-                })
-                .await??;
-                Ok::<u64, ApplyError>(n)
+                // Streamed: the body is checked and decoded as it arrives and staged at
+                // its slot in batches; what is held is a batch, and for zstd the
+                // decoder's window, never the object (the budget counts that).
+                let _bytes = opts.budget.acquire(streaming_held(&o)).await;
+                let mut check = Streamed::new(&o).map_err(|e| object_error(&key, e))?;
+                let mut out = StagingWriter {
+                    file: &staging,
+                    at,
+                    batch: Vec::new(),
+                    batch_at: 0,
+                    one_writer: &write_lock,
+                };
+                let read = src
+                    .get_chunks(&key, o.stored_length, |chunk| {
+                        check.feed(chunk, |off, bytes| out.write(off, bytes))
+                    })
+                    .await;
+                let staging_err = |source| ApplyError::Staging {
+                    path: staging_path.display().to_string(),
+                    source,
+                };
+                match read {
+                    Ok(_) => {}
+                    Err(ChunksError::Read(e)) => return Err(e.into()),
+                    Err(ChunksError::Sink(StreamError::Object(e))) => {
+                        return Err(object_error(&key, e))
+                    }
+                    Err(ChunksError::Sink(StreamError::Sink(e))) => return Err(staging_err(e)),
+                }
+                out.flush().map_err(staging_err)?;
+                // Nothing staged is used unless the whole object checks out.
+                check.finish().map_err(|e| object_error(&key, e))?;
+                Ok::<u64, ApplyError>(o.stored_length)
             }
         })
         .buffer_unordered(conc)
@@ -402,21 +413,69 @@ pub fn store_prefetched(
 }
 
 /// Checks one object's stored bytes against the manifest; returns the decoded bytes.
-fn verify(key: &str, o: &DataObject, stored: &Bytes) -> Result<Bytes, ApplyError> {
-    use pilotlight_store::objects::{self, ObjectError};
-    objects::verify(o, stored).map_err(|e| {
-        let key = key.to_string();
-        match e {
-            ObjectError::StoredLength { expected, got } => {
-                ApplyError::StoredLength { key, expected, got }
-            }
-            ObjectError::Decode(detail) => ApplyError::Decode { key, detail },
-            ObjectError::DecodedLength { expected, got } => {
-                ApplyError::DecodedLength { key, expected, got }
-            }
-            ObjectError::Checksum { expected, got } => ApplyError::Checksum { key, expected, got },
+fn object_error(key: &str, e: ObjectError) -> ApplyError {
+    let key = key.to_string();
+    match e {
+        ObjectError::StoredLength { expected, got } => {
+            ApplyError::StoredLength { key, expected, got }
         }
-    })
+        ObjectError::Decode(detail) => ApplyError::Decode { key, detail },
+        ObjectError::DecodedLength { expected, got } => {
+            ApplyError::DecodedLength { key, expected, got }
+        }
+        ObjectError::Checksum { expected, got } => ApplyError::Checksum { key, expected, got },
+    }
+}
+
+/// Staged bytes are written in batches of this much (fewer, larger writes).
+const STAGE_BATCH: u64 = 1 << 20;
+/// What a body's chunk from the network holds at most, about.
+const CHUNK: u64 = 64 * 1024;
+
+/// Bytes an object holds while it is streamed: a staging batch and a chunk, and for zstd
+/// the decoder's window (at most the object's length) and its output buffer.
+fn streaming_held(o: &DataObject) -> u64 {
+    let batch = STAGE_BATCH.min(o.length) + CHUNK;
+    match o.encoding {
+        pilotlight_protocol::Encoding::Raw => batch,
+        pilotlight_protocol::Encoding::Zstd => batch + o.length.next_power_of_two() + (256 << 10),
+    }
+}
+
+/// An object's decoded bytes into its slot of the staging file, in batches.
+struct StagingWriter<'a> {
+    file: &'a File,
+    /// The slot's start.
+    at: u64,
+    batch: Vec<u8>,
+    /// Where `batch` starts in the object.
+    batch_at: u64,
+    one_writer: &'a std::sync::Mutex<()>,
+}
+
+impl StagingWriter<'_> {
+    fn write(&mut self, off: u64, bytes: &[u8]) -> std::io::Result<()> {
+        if self.batch.is_empty() {
+            self.batch_at = off;
+        }
+        self.batch.extend_from_slice(bytes);
+        if self.batch.len() as u64 >= STAGE_BATCH {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        // A page-cache write of at most a batch: short enough for the async task.
+        let _one = self.one_writer.lock().unwrap_or_else(|p| p.into_inner());
+        self.file
+            .write_all_at(&self.batch, self.at + self.batch_at)?;
+        self.batch.clear();
+        Ok(())
+    }
 }
 
 /// The parts of `[0, size)` no object covers. Objects' parts are disjoint (validated);

@@ -149,6 +149,23 @@ impl ObjectStore for MemoryStore {
         Ok(b)
     }
 
+    /// In 64 KiB chunks, as a body arrives from the network in pieces.
+    async fn get_chunks<E: Send, F: FnMut(&[u8]) -> Result<(), E> + Send>(
+        &self,
+        key: &str,
+        max_len: u64,
+        mut sink: F,
+    ) -> Result<u64, super::ChunksError<E>> {
+        let b = self
+            .get(key, max_len)
+            .await
+            .map_err(super::ChunksError::Read)?;
+        for c in b.chunks(64 * 1024) {
+            sink(c).map_err(super::ChunksError::Sink)?;
+        }
+        Ok(b.len() as u64)
+    }
+
     async fn get_range(&self, key: &str, start: u64, len: u64) -> Result<Bytes, CloudError> {
         self.check("GetObject", key)?;
         let b = self

@@ -32,6 +32,15 @@ pub struct PutOptions {
     pub content_type: Option<&'static str>,
 }
 
+/// Why [`ObjectStore::get_chunks`] stopped: the read failed, or the caller's sink did.
+#[derive(Debug, thiserror::Error)]
+pub enum ChunksError<E> {
+    #[error(transparent)]
+    Read(CloudError),
+    #[error(transparent)]
+    Sink(E),
+}
+
 /// An object and the ETag of the version read ([`ObjectStore::get_versioned`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Versioned {
@@ -74,6 +83,23 @@ pub trait ObjectStore: Send + Sync {
         key: &str,
         max_len: u64,
     ) -> impl Future<Output = Result<Bytes, CloudError>> + Send;
+
+    /// The whole object handed to `sink` chunk by chunk as it arrives (memory: a chunk,
+    /// not the object); more than `max_len` bytes is refused ([`ErrorKind::TooLarge`]).
+    /// A sink error stops the read and is returned. Returns the bytes read.
+    fn get_chunks<E: Send, F: FnMut(&[u8]) -> Result<(), E> + Send>(
+        &self,
+        key: &str,
+        max_len: u64,
+        sink: F,
+    ) -> impl Future<Output = Result<u64, ChunksError<E>>> + Send {
+        async move {
+            let mut sink = sink;
+            let b = self.get(key, max_len).await.map_err(ChunksError::Read)?;
+            sink(&b).map_err(ChunksError::Sink)?;
+            Ok(b.len() as u64)
+        }
+    }
 
     /// `len` bytes from `start` (fewer at the end of the object).
     fn get_range(
@@ -195,6 +221,7 @@ macro_rules! forward_store {
             fn bucket(&self) -> &str { (**self).bucket() }
             fn get(&self, key: &str, max_len: u64) -> impl Future<Output = Result<Bytes, CloudError>> + Send { (**self).get(key, max_len) }
             fn get_range(&self, key: &str, start: u64, len: u64) -> impl Future<Output = Result<Bytes, CloudError>> + Send { (**self).get_range(key, start, len) }
+            fn get_chunks<E: Send, F: FnMut(&[u8]) -> Result<(), E> + Send>(&self, key: &str, max_len: u64, sink: F) -> impl Future<Output = Result<u64, ChunksError<E>>> + Send { (**self).get_chunks(key, max_len, sink) }
             fn head(&self, key: &str) -> impl Future<Output = Result<Option<u64>, CloudError>> + Send { (**self).head(key) }
             fn list(&self, prefix: &str, keep: fn(&str) -> bool) -> impl Future<Output = Result<Vec<String>, CloudError>> + Send { (**self).list(prefix, keep) }
             fn put(&self, key: &str, body: Bytes, opts: PutOptions) -> impl Future<Output = Result<Option<String>, CloudError>> + Send { (**self).put(key, body, opts) }

@@ -85,6 +85,55 @@ impl ObjectStore for SdkS3 {
         &self.bucket
     }
 
+    async fn get_chunks<E: Send, F: FnMut(&[u8]) -> Result<(), E> + Send>(
+        &self,
+        key: &str,
+        max_len: u64,
+        mut sink: F,
+    ) -> Result<u64, ChunksError<E>> {
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| ChunksError::Read(self.err("GetObject", key, &e)))?;
+        if let Some(len) = out.content_length {
+            if len as u64 > max_len {
+                return Err(ChunksError::Read(too_large(
+                    &self.bucket,
+                    key,
+                    max_len,
+                    len as u64,
+                )));
+            }
+        }
+        let mut read = 0u64;
+        let mut body = out.body;
+        while let Some(chunk) = body.try_next().await.map_err(|e| {
+            ChunksError::Read(CloudError::new(
+                "S3",
+                "GetObject",
+                s3_resource(&self.bucket, key),
+                ErrorKind::Unreachable,
+                format!("reading the body: {e}"),
+            ))
+        })? {
+            read += chunk.len() as u64;
+            if read > max_len {
+                return Err(ChunksError::Read(too_large(
+                    &self.bucket,
+                    key,
+                    max_len,
+                    read,
+                )));
+            }
+            sink(&chunk).map_err(ChunksError::Sink)?;
+        }
+        Ok(read)
+    }
+
     async fn get(&self, key: &str, max_len: u64) -> Result<Bytes, CloudError> {
         let out = self
             .client

@@ -365,9 +365,18 @@ async fn short_and_long_objects_are_rejected() {
 async fn a_zstd_object_that_inflates_past_its_length_is_rejected() {
     let (dir, src, image, mut m, before) = setup().await;
     assert_eq!(m.objects[0].encoding, Encoding::Zstd);
-    // Claim a shorter decoded length than the object really has.
+    // Claim a shorter decoded length than the object really has: decoding stops at the
+    // manifest's length (streamed, nothing past the object's slot is staged).
     m.objects[0].length -= 512;
-    expect_rejected(&dir, &src, image, &m, &before, "cannot decode").await;
+    expect_rejected(
+        &dir,
+        &src,
+        image,
+        &m,
+        &before,
+        "decodes to 4096 bytes, the manifest says 3584",
+    )
+    .await;
 }
 
 /// An image whose space runs out at `reserve`, as a full filesystem does.
