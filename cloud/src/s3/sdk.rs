@@ -42,71 +42,19 @@ impl SdkS3 {
         e
     }
 
-    /// Reads a body, refusing more than `max_len` bytes whatever the headers said.
-    async fn read_capped(
+    /// A GET's body handed to `sink` chunk by chunk, refusing more than `max_len` bytes
+    /// (by its Content-Length before reading, or as it arrives) whatever the headers said.
+    async fn read_body<E>(
         &self,
         key: &str,
         out: aws_sdk_s3::operation::get_object::GetObjectOutput,
         max_len: u64,
-    ) -> Result<Bytes, CloudError> {
-        if let Some(len) = out.content_length {
-            if len as u64 > max_len {
-                return Err(too_large(&self.bucket, key, max_len, len as u64));
-            }
-        }
-        let hint = out.content_length.unwrap_or(0).clamp(0, max_len as i64) as usize;
-        let mut buf = bytes::BytesMut::with_capacity(hint);
-        let mut body = out.body;
-        while let Some(chunk) = body.try_next().await.map_err(|e| {
-            CloudError::new(
-                "S3",
-                "GetObject",
-                s3_resource(&self.bucket, key),
-                ErrorKind::Unreachable,
-                format!("reading the body: {e}"),
-            )
-        })? {
-            if (buf.len() + chunk.len()) as u64 > max_len {
-                return Err(too_large(
-                    &self.bucket,
-                    key,
-                    max_len,
-                    (buf.len() + chunk.len()) as u64,
-                ));
-            }
-            buf.extend_from_slice(&chunk);
-        }
-        Ok(buf.freeze())
-    }
-}
-
-impl ObjectStore for SdkS3 {
-    fn bucket(&self) -> &str {
-        &self.bucket
-    }
-
-    async fn get_chunks<E: Send, F: FnMut(&[u8]) -> Result<(), E> + Send>(
-        &self,
-        key: &str,
-        max_len: u64,
-        mut sink: F,
+        mut sink: impl FnMut(&[u8]) -> Result<(), E>,
     ) -> Result<u64, ChunksError<E>> {
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-            .map_err(|e| ChunksError::Read(self.err("GetObject", key, &e)))?;
         if let Some(len) = out.content_length {
             if len as u64 > max_len {
-                return Err(ChunksError::Read(too_large(
-                    &self.bucket,
-                    key,
-                    max_len,
-                    len as u64,
-                )));
+                let e = too_large(&self.bucket, key, max_len, len as u64);
+                return Err(ChunksError::Read(e));
             }
         }
         let mut read = 0u64;
@@ -132,6 +80,49 @@ impl ObjectStore for SdkS3 {
             sink(&chunk).map_err(ChunksError::Sink)?;
         }
         Ok(read)
+    }
+
+    /// Reads a whole body, capped as [`Self::read_body`].
+    async fn read_capped(
+        &self,
+        key: &str,
+        out: aws_sdk_s3::operation::get_object::GetObjectOutput,
+        max_len: u64,
+    ) -> Result<Bytes, CloudError> {
+        let hint = out.content_length.unwrap_or(0).clamp(0, max_len as i64) as usize;
+        let mut buf = bytes::BytesMut::with_capacity(hint);
+        let read = self.read_body(key, out, max_len, |chunk| {
+            buf.extend_from_slice(chunk);
+            Ok::<(), std::convert::Infallible>(())
+        });
+        match read.await {
+            Ok(_) => Ok(buf.freeze()),
+            Err(ChunksError::Read(e)) => Err(e),
+            Err(ChunksError::Sink(never)) => match never {},
+        }
+    }
+}
+
+impl ObjectStore for SdkS3 {
+    fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    async fn get_chunks<E: Send, F: FnMut(&[u8]) -> Result<(), E> + Send>(
+        &self,
+        key: &str,
+        max_len: u64,
+        sink: F,
+    ) -> Result<u64, ChunksError<E>> {
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| ChunksError::Read(self.err("GetObject", key, &e)))?;
+        self.read_body(key, out, max_len, sink).await
     }
 
     async fn get(&self, key: &str, max_len: u64) -> Result<Bytes, CloudError> {

@@ -123,7 +123,8 @@ fn failed(id: &Name, generation: Option<u64>, why: String, seconds: f64) -> Expo
     ExportResult::failed(id, generation, why, seconds, Utc::now())
 }
 
-async fn answer<S: ObjectStore, E, Q>(
+/// Writes the export's result (what the DR function waits for).
+pub(crate) async fn answer<S: ObjectStore, E, Q>(
     r: &Replica<S, E, Q>,
     disk: &DiskId,
     result: ExportResult,

@@ -517,7 +517,7 @@ async fn finish<S: ObjectStore, E: EbsApi, Q: Queue>(
         (now - plan.created_at).num_milliseconds().max(0) as f64 / 1000.0,
         now,
     );
-    write_result(r, disk, result).await
+    crate::export::answer(r, disk, result).await
 }
 
 async fn fail<S: ObjectStore, E, Q>(
@@ -532,23 +532,7 @@ async fn fail<S: ObjectStore, E, Q>(
     let _ = r.store.abort_multipart(&image, &plan.upload_id).await;
     let seconds = (now - plan.created_at).num_milliseconds().max(0) as f64 / 1000.0;
     let result = ExportResult::failed(&plan.id, Some(plan.generation), why, seconds, now);
-    write_result(r, disk, result).await
-}
-
-async fn write_result<S: ObjectStore, E, Q>(
-    r: &Replica<S, E, Q>,
-    disk: &DiskId,
-    result: ExportResult,
-) -> Result<Step, ReplicaError> {
-    exports::write_result(&r.store, &r.cfg.prefix, disk, &result)
-        .await
-        .map_err(|e| ReplicaError::Internal(format!("export result not written: {e}")))?;
-    Ok(Step::Done(format!(
-        "export {} {:?}{}",
-        result.id,
-        result.status,
-        result.reason.map(|r| format!(": {r}")).unwrap_or_default()
-    )))
+    crate::export::answer(r, disk, result).await
 }
 
 /// The schedule's part: every fanned-out export of these disks not answered yet is driven
