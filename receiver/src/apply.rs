@@ -1,9 +1,10 @@
 //! Applying one generation to an image.
 //!
 //! 1. Verify: every data object without a verified prefetched copy (see
-//!    [`store_prefetched`]) is fetched (bounded concurrency): check stored length, decode,
-//!    check decoded length and SHA-256; stage the decoded bytes in a local file. Nothing
-//!    touches the image until every object has passed.
+//!    [`store_prefetched`]) is fetched (bounded concurrency) and streamed as it arrives:
+//!    stored length, decoding (never past the manifest's length), decoded length and
+//!    SHA-256 checked on the way, the decoded bytes staged at the object's slot in a
+//!    local file. Nothing touches the image until every object has passed.
 //! 2. Reserve: size the image and allocate the object ranges, so a full disk fails here,
 //!    before any byte of the image changes.
 //! 3. Write: copy each object from its prefetched copy or the staging file to its offset
@@ -412,7 +413,7 @@ pub fn store_prefetched(
     written.map(|()| path)
 }
 
-/// Checks one object's stored bytes against the manifest; returns the decoded bytes.
+/// The apply's error for an object that failed its check against the manifest.
 fn object_error(key: &str, e: ObjectError) -> ApplyError {
     let key = key.to_string();
     match e {
