@@ -8,7 +8,44 @@
 use chrono::{DateTime, Utc};
 use pilotlight_protocol::replica::ChainHead;
 use pilotlight_protocol::DiskId;
-use serde_json::json;
+use serde_json::{json, Value};
+
+/// One embedded-metric line at `now`: the dimensions (name, value) and the metrics (name,
+/// unit, value), each a member of the root as the specification requires.
+fn line(now: DateTime<Utc>, dims: &[(&str, &str)], metrics: &[(&str, &str, Value)]) -> String {
+    let mut doc = serde_json::Map::new();
+    doc.insert(
+        "_aws".into(),
+        json!({
+            "Timestamp": now.timestamp_millis(),
+            "CloudWatchMetrics": [{
+                "Namespace": "Pilotlight",
+                "Dimensions": [dims.iter().map(|(n, _)| *n).collect::<Vec<_>>()],
+                "Metrics": metrics.iter().map(|(n, u, _)| json!({"Name": n, "Unit": u})).collect::<Vec<_>>()
+            }]
+        }),
+    );
+    for (n, v) in dims {
+        doc.insert((*n).into(), json!(v));
+    }
+    for (n, _, v) in metrics {
+        doc.insert((*n).into(), v.clone());
+    }
+    Value::Object(doc).to_string()
+}
+
+fn disk_dims<'a>(stack: &'a str, disk: &'a DiskId) -> [(&'static str, &'a str); 4] {
+    [
+        ("Stack", stack),
+        ("Site", disk.site.as_str()),
+        ("VM", disk.vm.as_str()),
+        ("Disk", disk.disk.as_str()),
+    ]
+}
+
+fn seconds(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
+    (to - from).num_milliseconds().max(0) as f64 / 1000.0
+}
 
 /// The log line for a point of `disk` taken at `snapshot_time`, completed at `now`.
 pub fn point_line(
@@ -18,29 +55,16 @@ pub fn point_line(
     now: DateTime<Utc>,
     blocks: u64,
 ) -> String {
-    let lag = (now - snapshot_time).num_milliseconds().max(0) as f64 / 1000.0;
-    json!({
-        "_aws": {
-            "Timestamp": now.timestamp_millis(),
-            "CloudWatchMetrics": [{
-                "Namespace": "Pilotlight",
-                "Dimensions": [["Stack", "Site", "VM", "Disk"]],
-                "Metrics": [
-                    {"Name": "ReplicationLagSeconds", "Unit": "Seconds"},
-                    {"Name": "PointLagSeconds", "Unit": "Seconds"},
-                    {"Name": "PointBlocks", "Unit": "Count"}
-                ]
-            }]
-        },
-        "Stack": stack,
-        "Site": disk.site.as_str(),
-        "VM": disk.vm.as_str(),
-        "Disk": disk.disk.as_str(),
-        "ReplicationLagSeconds": lag,
-        "PointLagSeconds": lag,
-        "PointBlocks": blocks,
-    })
-    .to_string()
+    let lag = seconds(snapshot_time, now);
+    line(
+        now,
+        &disk_dims(stack, disk),
+        &[
+            ("ReplicationLagSeconds", "Seconds", json!(lag)),
+            ("PointLagSeconds", "Seconds", json!(lag)),
+            ("PointBlocks", "Count", json!(blocks)),
+        ],
+    )
 }
 
 /// The schedule's lines: each disk's replication lag (`now` minus its newest point's
@@ -53,42 +77,19 @@ pub fn lag_lines(stack: &str, heads: &[ChainHead], now: DateTime<Utc>) -> Vec<St
     let mut max: Option<f64> = None;
     for h in heads {
         let Some(p) = &h.point else { continue };
-        let lag = (now - p.snapshot_time).num_milliseconds().max(0) as f64 / 1000.0;
+        let lag = seconds(p.snapshot_time, now);
         max = Some(max.map_or(lag, |m| m.max(lag)));
-        out.push(
-            json!({
-                "_aws": {
-                    "Timestamp": now.timestamp_millis(),
-                    "CloudWatchMetrics": [{
-                        "Namespace": "Pilotlight",
-                        "Dimensions": [["Stack", "Site", "VM", "Disk"]],
-                        "Metrics": [{"Name": "ReplicationLagSeconds", "Unit": "Seconds"}]
-                    }]
-                },
-                "Stack": stack,
-                "Site": h.disk.site.as_str(),
-                "VM": h.disk.vm.as_str(),
-                "Disk": h.disk.disk.as_str(),
-                "ReplicationLagSeconds": lag,
-            })
-            .to_string(),
-        );
+        out.push(line(
+            now,
+            &disk_dims(stack, &h.disk),
+            &[("ReplicationLagSeconds", "Seconds", json!(lag))],
+        ));
     }
-    let mut metrics = vec![json!({"Name": "Heartbeat", "Unit": "Count"})];
-    let mut line = json!({"Stack": stack, "Heartbeat": 1});
+    let mut metrics = vec![("Heartbeat", "Count", json!(1))];
     if let Some(m) = max {
-        metrics.push(json!({"Name": "MaxReplicationLagSeconds", "Unit": "Seconds"}));
-        line["MaxReplicationLagSeconds"] = json!(m);
+        metrics.push(("MaxReplicationLagSeconds", "Seconds", json!(m)));
     }
-    line["_aws"] = json!({
-        "Timestamp": now.timestamp_millis(),
-        "CloudWatchMetrics": [{
-            "Namespace": "Pilotlight",
-            "Dimensions": [["Stack"]],
-            "Metrics": metrics
-        }]
-    });
-    out.push(line.to_string());
+    out.push(line(now, &[("Stack", stack)], &metrics));
     out
 }
 
