@@ -7,6 +7,7 @@
 
 pub mod history;
 pub mod pipeline;
+pub mod read_buf;
 pub mod source;
 pub mod state;
 pub mod vsphere;

@@ -11,6 +11,7 @@
 //! most `concurrency` groups are in flight, so memory stays bounded by concurrency x
 //! max_object x 2.
 
+use crate::read_buf::{BufferPool, ReadBuf};
 use crate::source::{OpenSource, SourceError};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
@@ -128,20 +129,19 @@ pub async fn run<S: ObjectStore>(
         .collect();
     let groups = group_chunks(chunks, opts.max_object, opts.pack);
     let pack = opts.pack;
-    let buffers = Buffers::new(opts.concurrency.max(1) + 1);
+    let buffers = BufferPool::new(opts.concurrency.max(1) + 1, opts.max_object as usize);
     let buffers = &buffers;
     let results: Vec<(Vec<DataObject>, Vec<Extent>, u64)> = futures::stream::iter(groups)
         .map(|group| {
             let source = source.clone();
             async move {
                 let level = opts.zstd_level;
-                let buf = source.read_chunks(&group, buffers.take()).await?;
+                let buf = source.read_chunks(&group, buffers).await?;
                 let read: u64 = group.iter().map(|c| c.length).sum();
                 let (encoded, zeros) =
                     tokio::task::spawn_blocking(move || encode_group(&group, buf, level, pack))
                         .await??;
                 let mut objects = Vec::with_capacity(encoded.len());
-                let mut bodies = Vec::with_capacity(encoded.len());
                 let mut stored = 0;
                 for e in encoded {
                     if let Some(bw) = bandwidth {
@@ -155,9 +155,8 @@ pub async fn run<S: ObjectStore>(
                     .to_key(&opts.prefix);
                     stored += e.body.len() as u64;
                     store
-                        .put(&key, e.body.clone(), PutOptions::checksum(e.body_sha256))
+                        .put(&key, e.body, PutOptions::checksum(e.body_sha256))
                         .await?;
-                    bodies.push(e.body);
                     tracing::debug!(
                         key,
                         length = e.object.length,
@@ -166,7 +165,6 @@ pub async fn run<S: ObjectStore>(
                     );
                     objects.push(e.object);
                 }
-                buffers.give_back(bodies);
                 progress.advance(read);
                 Ok::<_, PipelineError>((objects, zeros, stored))
             }
@@ -190,46 +188,6 @@ pub async fn run<S: ObjectStore>(
     Ok(out)
 }
 
-/// Read buffers kept for the next group once their objects are uploaded: a new 8 MiB
-/// buffer's pages are faulted in and zeroed by the kernel, a fifth of the sender's CPU
-/// on incompressible data before (perf, scripts/bench-sender). At most `keep` are kept.
-struct Buffers {
-    free: std::sync::Mutex<Vec<Vec<u8>>>,
-    keep: usize,
-}
-
-impl Buffers {
-    fn new(keep: usize) -> Self {
-        Buffers {
-            free: std::sync::Mutex::new(Vec::new()),
-            keep,
-        }
-    }
-
-    fn take(&self) -> Vec<u8> {
-        self.free
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop()
-            .unwrap_or_default()
-    }
-
-    /// Keeps the buffer behind uploaded bodies, when nothing else holds it any more (the
-    /// SDK has dropped its copies once the PUT returned; a compressed body is its own
-    /// buffer and goes too).
-    fn give_back(&self, bodies: Vec<Bytes>) {
-        for b in bodies {
-            if let Ok(m) = b.try_into_mut() {
-                let v = Vec::from(m);
-                let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-                if free.len() < self.keep {
-                    free.push(v);
-                }
-            }
-        }
-    }
-}
-
 /// Groups consecutive chunks (sorted, disjoint, each at most `max_object`) into reads of
 /// at most `max_object` together; without packing, one chunk per group.
 fn group_chunks(chunks: Vec<Extent>, max_object: u64, pack: bool) -> Vec<Vec<Extent>> {
@@ -251,7 +209,7 @@ fn group_chunks(chunks: Vec<Extent>, max_object: u64, pack: bool) -> Vec<Vec<Ext
 /// object; else each run is an object.
 fn encode_group(
     group: &[Extent],
-    mut buf: Vec<u8>,
+    mut buf: ReadBuf,
     zstd_level: Option<i32>,
     pack: bool,
 ) -> Result<(Vec<Encoded>, Vec<Extent>), PipelineError> {
@@ -271,7 +229,7 @@ fn encode_group(
         at += len;
     }
     if !pack {
-        let buf = Bytes::from(buf);
+        let buf = buf.into_bytes();
         let objects = data_runs
             .into_iter()
             .map(|(run, start)| {
@@ -293,7 +251,9 @@ fn encode_group(
     let mut end = 0usize;
     for (run, start) in data_runs {
         let len = run.length as usize;
-        buf.copy_within(start..start + len, end);
+        if start != end {
+            buf.copy_within(start..start + len, end);
+        }
         end += len;
         match pieces.last_mut() {
             Some(p) if p.end() == run.offset => p.length += run.length,
@@ -301,7 +261,7 @@ fn encode_group(
         }
     }
     buf.truncate(end);
-    Ok((vec![encode(pieces, Bytes::from(buf), zstd_level)?], zeros))
+    Ok((vec![encode(pieces, buf.into_bytes(), zstd_level)?], zeros))
 }
 
 /// Splits a chunk into maximal runs of zero and non-zero 512 KiB-aligned blocks.
@@ -547,7 +507,7 @@ mod tests {
             for e in &group {
                 buf.extend_from_slice(&disk[e.offset as usize..e.end() as usize]);
             }
-            let (objects, zeros) = encode_group(&group, buf, None, true).unwrap();
+            let (objects, zeros) = encode_group(&group, ReadBuf::from_vec(buf), None, true).unwrap();
             prop_assert!(objects.len() <= 1);
             let mut model = vec![0u8; disk.len()];
             let mut covered = 0;

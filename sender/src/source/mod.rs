@@ -5,9 +5,12 @@
 //! allocation map), which are never read.
 
 pub mod alloc;
+pub mod direct;
 pub mod extent_list;
 pub mod nbd;
 
+use crate::read_buf::{BufferPool, ReadBuf};
+use direct::DirectFile;
 use pilotlight_protocol::extent::coalesce;
 use pilotlight_protocol::{Extent, SECTOR_SIZE};
 use std::fs::File;
@@ -113,6 +116,8 @@ enum Reader {
     File {
         path: PathBuf,
         file: File,
+        /// The same file opened for unbuffered reads, where the file system allows.
+        direct: Option<DirectFile>,
     },
     Spool {
         files: Vec<(Extent, PathBuf)>,
@@ -195,39 +200,36 @@ impl OpenSource {
             reader: Reader::File {
                 path: path.to_path_buf(),
                 file,
+                direct: DirectFile::open(path),
             },
         })
     }
 
-    /// Reads `chunks` into one buffer, concatenated in order: files in one blocking task,
-    /// NBD chunk by chunk.
-    /// `buf` is a buffer to reuse (a file's bytes are read into it: its pages are mapped
-    /// already, where a new buffer's are faulted in and zeroed).
+    /// Reads `chunks` into one buffer from `pool`, concatenated in order: files in one
+    /// blocking task (a reused buffer's pages are mapped already, where a new buffer's
+    /// are faulted in and zeroed), NBD chunk by chunk.
     pub async fn read_chunks(
         self: &std::sync::Arc<Self>,
         chunks: &[Extent],
-        mut buf: Vec<u8>,
-    ) -> Result<Vec<u8>, SourceError> {
+        pool: &std::sync::Arc<BufferPool>,
+    ) -> Result<ReadBuf, SourceError> {
         let total: u64 = chunks.iter().map(|c| c.length).sum();
         if matches!(self.reader, Reader::Nbd { .. }) {
-            let mut buf = Vec::with_capacity(total as usize);
+            let mut buf: Option<ReadBuf> = None;
             for &c in chunks {
                 let part = self.read_chunk(c).await?;
-                if buf.is_empty() {
-                    buf = part;
-                } else {
-                    buf.extend_from_slice(&part);
+                match buf.as_mut() {
+                    None => buf = Some(ReadBuf::from_vec(part)),
+                    Some(b) => b.extend_from_slice(&part),
                 }
             }
-            return Ok(buf);
+            return Ok(buf.unwrap_or_else(|| ReadBuf::from_vec(Vec::new())));
         }
         let me = self.clone();
         let list = chunks.to_vec();
         let first = chunks[0];
+        let mut buf = pool.take(total as usize);
         tokio::task::spawn_blocking(move || {
-            // Every byte is read over: only a longer buffer's new tail needs zeroing.
-            buf.truncate(total as usize);
-            buf.resize(total as usize, 0);
             let mut pos = 0usize;
             for c in list {
                 let end = pos + c.length as usize;
@@ -271,8 +273,10 @@ impl OpenSource {
         let extent = Extent::new(offset, buf.len() as u64);
         match &self.reader {
             Reader::Nbd { .. } => Err(SourceError::NeedsAsync { kind: self.kind }),
-            Reader::File { path, file } => {
-                file.read_exact_at(buf, offset)
+            Reader::File { path, file, direct } => {
+                let unbuffered = direct.as_ref().and_then(|d| d.read_exact_at(buf, offset));
+                unbuffered
+                    .unwrap_or_else(|| file.read_exact_at(buf, offset))
                     .map_err(|source| SourceError::Read {
                         path: path.display().to_string(),
                         extent,
@@ -429,6 +433,44 @@ fn open_spool(dir: &Path, disk_size: u64) -> Result<OpenSource, SourceError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        /// Whatever mix of page-aligned (unbuffered) and sector-aligned (buffered) chunks
+        /// a group holds, each lands at its place in the buffer with the disk's bytes.
+        #[test]
+        fn grouped_reads_return_the_disks_bytes(
+            picks in proptest::collection::vec((0u64..4096, 1u64..40), 1..6),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let disk = dir.path().join("disk.raw");
+            let bytes: Vec<u8> = (0..4u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+            std::fs::write(&disk, &bytes).unwrap();
+            // Disjoint, sorted chunks at sector offsets, of whole sectors.
+            let mut chunks = Vec::new();
+            let mut at = 0u64;
+            for (gap, len) in picks {
+                let c = Extent::new(at + gap * 512, len * 512);
+                at = c.end();
+                chunks.push(c);
+            }
+            proptest::prop_assume!(at <= bytes.len() as u64);
+            let source = std::sync::Arc::new(
+                OpenSource::open(&SourceSpec::Full { disk: disk.clone() }).unwrap(),
+            );
+            let pool = BufferPool::new(1, 1 << 20);
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            // Twice: the second read reuses the first one's buffer.
+            for _ in 0..2 {
+                let got = rt.block_on(source.read_chunks(&chunks, &pool)).unwrap();
+                let want: Vec<u8> = chunks
+                    .iter()
+                    .flat_map(|c| bytes[c.offset as usize..c.end() as usize].iter().copied())
+                    .collect();
+                proptest::prop_assert_eq!(&got[..], &want[..]);
+            }
+        }
+    }
 
     #[test]
     fn spool_reads_across_adjacent_files() {
