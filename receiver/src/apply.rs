@@ -313,6 +313,9 @@ async fn apply_inner<S: ObjectStore, I: Image + 'static>(
                         image.copy_from(file, pos, part.offset, part.length)?;
                         pos += part.length;
                     }
+                    // The device writes this object while the next ones are copied.
+                    let last = o.parts().last().map_or(o.offset, |p| p.end());
+                    image.start_writeback(o.offset, last - o.offset);
                     Ok(())
                 })();
                 copied.map_err(|source| ApplyError::Image {

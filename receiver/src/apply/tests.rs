@@ -422,6 +422,62 @@ async fn disk_full_fails_before_any_byte_changes() {
     assert_eq!(std::fs::read(dir.path().join("img.raw")).unwrap(), before);
 }
 
+/// An image that records what it was asked to write back early, and when it synced.
+struct Recording {
+    inner: Arc<FileImage>,
+    log: std::sync::Mutex<Vec<Option<Extent>>>,
+}
+
+impl Image for Recording {
+    fn size(&self) -> std::io::Result<u64> {
+        self.inner.size()
+    }
+    fn set_size(&self, s: u64) -> std::io::Result<()> {
+        self.inner.set_size(s)
+    }
+    fn reserve(&self, o: u64, l: u64) -> std::io::Result<()> {
+        self.inner.reserve(o, l)
+    }
+    fn write_at(&self, o: u64, d: &[u8]) -> std::io::Result<()> {
+        self.inner.write_at(o, d)
+    }
+    fn punch(&self, o: u64, l: u64) -> std::io::Result<()> {
+        self.inner.punch(o, l)
+    }
+    fn start_writeback(&self, o: u64, l: u64) {
+        self.inner.start_writeback(o, l);
+        self.log.lock().unwrap().push(Some(Extent::new(o, l)));
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.log.lock().unwrap().push(None);
+        self.inner.sync()
+    }
+}
+
+#[tokio::test]
+async fn every_written_range_is_sent_to_the_device_before_the_final_sync() {
+    let (dir, src, image, m, _) = setup().await;
+    let rec = Arc::new(Recording {
+        inner: image,
+        log: std::sync::Mutex::new(Vec::new()),
+    });
+    apply(&src, &prefix(), &m, rec.clone(), &opts(dir.path()))
+        .await
+        .unwrap();
+    let log = rec.log.lock().unwrap().clone();
+    assert_eq!(log.last(), Some(&None), "the sync comes last: {log:?}");
+    let kicked: Vec<Extent> = log.iter().flatten().copied().collect();
+    assert_eq!(kicked.len(), m.objects.len(), "one per object: {log:?}");
+    for part in m.objects.iter().flat_map(DataObject::parts) {
+        assert!(
+            kicked
+                .iter()
+                .any(|k| k.offset <= part.offset && part.end() <= k.end()),
+            "{part} was written but not sent early: {kicked:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn objects_are_fetched_only_within_the_bytes_in_flight_budget() {
     let (dir, src, image, m, _) = setup().await;
