@@ -198,6 +198,13 @@ fn discarding_store_keeps_no_bytes() {
     let s = MemoryStore::discarding();
     block_on(s.put("k", Bytes::from(vec![1u8; 1 << 20]), PutOptions::default())).unwrap();
     assert_eq!(s.object("k").unwrap().len(), 0);
+    // Nor does it hash them (a dry run's CPU is the sender's own): a checksum is not
+    // checked there, where a keeping store refuses a wrong one.
+    let wrong = PutOptions::checksum([9; 32]);
+    block_on(s.put("w", Bytes::from_static(b"x"), wrong.clone())).unwrap();
+    let keeping = MemoryStore::default();
+    let e = block_on(keeping.put("w", Bytes::from_static(b"x"), wrong)).unwrap_err();
+    assert!(e.to_string().contains("BadDigest"), "{e}");
 }
 
 /// What the SDK sends for a PutObject, read off the wire by a one-shot HTTP server.
