@@ -207,7 +207,7 @@ impl OpenSource {
 
     /// Reads `chunks` into one buffer from `pool`, concatenated in order: files in one
     /// blocking task (a reused buffer's pages are mapped already, where a new buffer's
-    /// are faulted in and zeroed), NBD chunk by chunk.
+    /// are faulted in by the read), NBD chunk by chunk.
     pub async fn read_chunks(
         self: &std::sync::Arc<Self>,
         chunks: &[Extent],
