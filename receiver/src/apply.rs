@@ -314,8 +314,9 @@ async fn apply_inner<S: ObjectStore, I: Image + 'static>(
                         pos += part.length;
                     }
                     // The device writes this object while the next ones are copied.
-                    let last = o.parts().last().map_or(o.offset, |p| p.end());
-                    image.start_writeback(o.offset, last - o.offset);
+                    // (Pieces are validated sorted from o.offset; saturating anyway.)
+                    let end = o.parts().map(|p| p.end()).max().unwrap_or(o.offset);
+                    image.start_writeback(o.offset, end.saturating_sub(o.offset));
                     Ok(())
                 })();
                 copied.map_err(|source| ApplyError::Image {

@@ -170,7 +170,8 @@ impl Image for FileImage {
     /// after an apply, `fincore`). Errors are ignored: the later fsync reports what
     /// matters.
     fn start_writeback(&self, offset: u64, len: u64) {
-        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        // A length of 0 would mean "to the end of the file".
+        let (Ok(offset), Ok(len @ 1..)) = (i64::try_from(offset), i64::try_from(len)) else {
             return;
         };
         let _ = nix::fcntl::posix_fadvise(
