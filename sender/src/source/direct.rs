@@ -35,6 +35,14 @@ pub struct DirectFile {
 }
 
 impl DirectFile {
+    /// The file `file` has open, opened again for unbuffered reads (through
+    /// `/proc/self/fd`, so it is the same file even if its path now names another);
+    /// `None` where that is refused.
+    pub fn reopen(file: &File) -> Option<Self> {
+        use std::os::fd::AsRawFd;
+        Self::open(Path::new(&format!("/proc/self/fd/{}", file.as_raw_fd())))
+    }
+
     /// Opens `path` for unbuffered reads; `None` where that is refused (tmpfs, some FUSE
     /// and network file systems).
     pub fn open(path: &Path) -> Option<Self> {
@@ -107,7 +115,11 @@ mod tests {
     fn aligned_reads_are_direct_and_return_the_files_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let path = disk(dir.path());
-        let Some(d) = DirectFile::open(&path) else {
+        let opened = File::open(&path).unwrap();
+        // The path now names another file: the reopened handle still reads the first.
+        std::fs::rename(&path, dir.path().join("moved")).unwrap();
+        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        let Some(d) = DirectFile::reopen(&opened) else {
             eprintln!("skipped: {} takes no O_DIRECT opens", dir.path().display());
             return;
         };

@@ -191,6 +191,7 @@ impl OpenSource {
                 to_read.push(range);
             }
         }
+        let direct = DirectFile::reopen(&file);
         Ok(Self {
             kind,
             disk_size,
@@ -200,7 +201,7 @@ impl OpenSource {
             reader: Reader::File {
                 path: path.to_path_buf(),
                 file,
-                direct: DirectFile::open(path),
+                direct,
             },
         })
     }
