@@ -86,9 +86,49 @@ enum Cmd {
     Prune {
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        retention: Retention,
     },
     /// Sizing: EBS direct request rates, pending snapshots, Lambda concurrency, cost.
     PlanCapacity(capacity::Args),
+}
+
+/// The stack's retention settings, under the names its function reads them from, so that
+/// a prune run by hand keeps what the schedule keeps (with defaults only, a stack keeping
+/// 90 days of daily points would lose the ones from day 30 on).
+#[derive(Debug, clap::Args)]
+struct Retention {
+    /// Every point younger than this is kept (the stack's KeepAllHours).
+    #[arg(long, env = "PILOTLIGHT_KEEP_ALL_HOURS", default_value_t = 24, value_parser = clap::value_parser!(i64).range(0..=87_600))]
+    keep_all_hours: i64,
+    /// Then the first point of each hour (the stack's KeepHourlyDays).
+    #[arg(long, env = "PILOTLIGHT_KEEP_HOURLY_DAYS", default_value_t = 7, value_parser = clap::value_parser!(i64).range(0..=3_650))]
+    keep_hourly_days: i64,
+    /// Then the first point of each UTC day (the stack's KeepDailyDays); older points go.
+    #[arg(long, env = "PILOTLIGHT_KEEP_DAILY_DAYS", default_value_t = 30, value_parser = clap::value_parser!(i64).range(0..=3_650))]
+    keep_daily_days: i64,
+    /// EBS Snapshot Lock for each day's kept point (the stack's PointLock): off,
+    /// governance or compliance.
+    #[arg(long, env = "PILOTLIGHT_POINT_LOCK", default_value = "off", value_parser = parse_lock)]
+    point_lock: PointLock,
+}
+
+/// `off`, `governance` or `compliance` (as the function reads `PILOTLIGHT_POINT_LOCK`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PointLock(Option<pilotlight_cloud::ebs::LockMode>);
+
+fn parse_lock(s: &str) -> Result<PointLock, String> {
+    pilotlight_cloud::ebs::LockMode::from_setting(s).map(PointLock)
+}
+
+impl Retention {
+    fn tiers(&self) -> pilotlight_protocol::points::Tiers {
+        pilotlight_protocol::points::Tiers {
+            keep_all: chrono::Duration::hours(self.keep_all_hours),
+            keep_hourly: chrono::Duration::days(self.keep_hourly_days),
+            keep_daily: chrono::Duration::days(self.keep_daily_days),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -149,12 +189,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Prune { json } => {
+        Cmd::Prune { json, retention } => {
+            let mut cfg = ReplicaConfig::new(&bucket, prefix, &cli.stack);
+            cfg.tiers = retention.tiers();
+            cfg.lock = retention.point_lock.0;
             let r = Replica {
                 store: aws.s3(&bucket),
                 ebs: aws.ebs(),
                 tasks: (),
-                cfg: ReplicaConfig::new(&bucket, prefix, &cli.stack),
+                cfg,
             };
             let pruned =
                 pilotlight_replica::prune::prune(&r, &r.cfg.tiers, chrono::Utc::now()).await?;
@@ -244,5 +287,54 @@ async fn feed<S: ObjectStore, E: pilotlight_cloud::ebs::EbsApi, T: Queue, Q: Que
             }
         }
         idle_since = tokio::time::Instant::now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prune_args(args: &[&str]) -> Result<Retention, clap::Error> {
+        let mut all = vec!["pilotlight-replica", "prune"];
+        all.extend_from_slice(args);
+        match Cli::try_parse_from(all)?.cmd {
+            Cmd::Prune { retention, .. } => Ok(retention),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn prune_keeps_what_the_stack_keeps() {
+        // The function's defaults (main.rs), in the absence of settings.
+        let d = prune_args(&[]).unwrap();
+        let t = d.tiers();
+        assert_eq!(t.keep_all, chrono::Duration::hours(24));
+        assert_eq!(t.keep_hourly, chrono::Duration::days(7));
+        assert_eq!(t.keep_daily, chrono::Duration::days(30));
+        assert_eq!(d.point_lock, PointLock(None));
+        // A stack's own settings.
+        let r = prune_args(&[
+            "--keep-daily-days",
+            "90",
+            "--keep-all-hours",
+            "48",
+            "--point-lock",
+            "governance",
+        ])
+        .unwrap();
+        assert_eq!(r.tiers().keep_daily, chrono::Duration::days(90));
+        assert_eq!(r.tiers().keep_all, chrono::Duration::hours(48));
+        assert_eq!(
+            r.point_lock,
+            PointLock(Some(pilotlight_cloud::ebs::LockMode::Governance))
+        );
+        // Nonsense is refused, not read as a default.
+        for bad in [
+            &["--keep-daily-days", "-1"][..],
+            &["--point-lock", "forever"][..],
+            &["--keep-hourly-days", "x"][..],
+        ] {
+            assert!(prune_args(bad).is_err(), "{bad:?}");
+        }
     }
 }
