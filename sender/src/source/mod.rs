@@ -216,15 +216,16 @@ impl OpenSource {
     ) -> Result<ReadBuf, SourceError> {
         let total: u64 = chunks.iter().map(|c| c.length).sum();
         if matches!(self.reader, Reader::Nbd { .. }) {
-            let mut buf: Option<ReadBuf> = None;
+            let mut buf = Vec::new();
             for &c in chunks {
                 let part = self.read_chunk(c).await?;
-                match buf.as_mut() {
-                    None => buf = Some(ReadBuf::from_vec(part)),
-                    Some(b) => b.extend_from_slice(&part),
+                if buf.is_empty() {
+                    buf = part;
+                } else {
+                    buf.extend_from_slice(&part);
                 }
             }
-            return Ok(buf.unwrap_or_else(|| ReadBuf::from_vec(Vec::new())));
+            return Ok(ReadBuf::from_vec(buf));
         }
         let me = self.clone();
         let list = chunks.to_vec();
